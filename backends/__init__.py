@@ -1,0 +1,1 @@
+"""Code generators (torch.distributed, MPI) and the runtime their programs import."""

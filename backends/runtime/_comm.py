@@ -1,0 +1,183 @@
+"""Backend communicators for one mesh axis (or the whole world).
+
+Every communicator works on *dim-0 layouts* only; the layout juggling for an
+arbitrary ``dim`` (movedim / chunk / stack) is done once in :mod:`.mesh`, so the
+torch.distributed and MPI paths are byte-for-byte the same algorithm:
+
+* ``allreduce_(t, op)``      in place, ``t`` contiguous.
+* ``allgather0(t)``          ``(s, *r) -> (n*s, *r)``, block ``j`` from coordinate ``j``.
+* ``reduce_scatter0(t, op)`` ``(n*c, *r) -> (c, *r)``, block ``j`` ends on coordinate ``j``.
+* ``alltoall0(t)``           ``(n, *r) -> (n, *r)``, ``out[j]`` is ``in[me]`` of coordinate ``j``.
+* ``broadcast_(t, root)``    in place, ``root`` is a coordinate along the axis.
+
+Only torch, numpy (through ``Tensor.numpy``) and, lazily, mpi4py are used.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_OPS = ("sum", "max", "min", "prod")
+
+
+def check_op(op: str) -> str:
+    if op not in _OPS:
+        raise ValueError(f"unsupported reduction op {op!r}; expected one of {_OPS}")
+    return op
+
+
+# --------------------------------------------------------------------------
+# torch.distributed
+# --------------------------------------------------------------------------
+def _torch_op(op: str):
+    R = dist.ReduceOp
+    return {"sum": R.SUM, "max": R.MAX, "min": R.MIN, "prod": R.PRODUCT}[op]
+
+
+# prefer the non-deprecated spellings when this torch has them
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class TorchComm:
+    """A torch.distributed process group restricted to ``ranks`` (coordinate order)."""
+
+    def __init__(self, group, ranks, coord):
+        self.group = group          # None means the default (world) group
+        self.ranks = list(ranks)    # global ranks, index == coordinate
+        self.size = len(self.ranks)
+        self.coord = coord
+
+    def allreduce_(self, t, op="sum"):
+        dist.all_reduce(t, op=_torch_op(op), group=self.group)
+        return t
+
+    def allgather0(self, t):
+        out = t.new_empty((self.size * t.shape[0],) + tuple(t.shape[1:]))
+        _ALL_GATHER(out, t, group=self.group)
+        return out
+
+    def reduce_scatter0(self, t, op="sum"):
+        out = t.new_empty((t.shape[0] // self.size,) + tuple(t.shape[1:]))
+        _REDUCE_SCATTER(out, t, op=_torch_op(op), group=self.group)
+        return out
+
+    def alltoall0(self, t):
+        out = torch.empty_like(t)
+        dist.all_to_all_single(out, t, group=self.group)
+        return out
+
+    def broadcast_(self, t, root):
+        dist.broadcast(t, src=self.ranks[root], group=self.group)
+        return t
+
+    def allreduce_scalar(self, value, op="sum", device=None):
+        t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=_torch_op(op), group=self.group)
+        return float(t.item())
+
+    def barrier(self):
+        dist.barrier(group=self.group)
+
+    def free(self):
+        if self.group is not None:
+            try:
+                dist.destroy_process_group(self.group)
+            except Exception:  # pragma: no cover - best effort on teardown
+                pass
+        self.group = None
+
+
+# --------------------------------------------------------------------------
+# MPI (mpi4py), through host numpy buffers
+# --------------------------------------------------------------------------
+_MPI_DIRECT = {torch.float32, torch.float64, torch.int32, torch.int64,
+               torch.complex64, torch.complex128}
+
+
+def _reduce_dtype(dt: torch.dtype) -> torch.dtype:
+    """dtype the MPI reduction is carried out in (numpy/MPI-representable)."""
+    if dt in _MPI_DIRECT:
+        return dt
+    if dt.is_floating_point:          # float16, bfloat16, float8 ...
+        return torch.float32
+    if dt == torch.bool:
+        return torch.int32            # sum -> nonzero -> True (logical or)
+    return torch.int64                # small ints
+
+
+def _bytes(t: torch.Tensor):
+    """numpy uint8 view sharing memory with a contiguous CPU tensor."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+class MpiComm:
+    """An mpi4py communicator whose rank equals the coordinate along the axis."""
+
+    def __init__(self, MPI, comm, ranks, coord, owned=True):
+        self.MPI = MPI
+        self.comm = comm
+        self.ranks = list(ranks)
+        self.size = len(self.ranks)
+        self.coord = coord
+        self._owned = owned
+        if comm.Get_size() != self.size or comm.Get_rank() != coord:
+            raise RuntimeError("MPI communicator does not match the mesh layout")
+
+    def _op(self, op):
+        M = self.MPI
+        return {"sum": M.SUM, "max": M.MAX, "min": M.MIN, "prod": M.PROD}[op]
+
+    def allreduce_(self, t, op="sum"):
+        rd = _reduce_dtype(t.dtype)
+        if t.device.type == "cpu" and t.is_contiguous() and rd == t.dtype:
+            self.comm.Allreduce(self.MPI.IN_PLACE, t.detach().numpy(), op=self._op(op))
+            return t
+        work = t.detach().to(device="cpu", dtype=rd, copy=True).contiguous()
+        self.comm.Allreduce(self.MPI.IN_PLACE, work.numpy(), op=self._op(op))
+        t.copy_(work)
+        return t
+
+    def allgather0(self, t):
+        src = t.detach().cpu().contiguous()
+        out = torch.empty((self.size * src.shape[0],) + tuple(src.shape[1:]), dtype=src.dtype)
+        B = self.MPI.BYTE
+        self.comm.Allgather([_bytes(src), B], [_bytes(out), B])
+        return out.to(t.device)
+
+    def reduce_scatter0(self, t, op="sum"):
+        rd = _reduce_dtype(t.dtype)
+        src = t.detach().to(device="cpu", dtype=rd).contiguous()
+        out = torch.empty((src.shape[0] // self.size,) + tuple(src.shape[1:]), dtype=rd)
+        self.comm.Reduce_scatter_block(src.numpy(), out.numpy(), op=self._op(op))
+        return out.to(device=t.device, dtype=t.dtype)
+
+    def alltoall0(self, t):
+        src = t.detach().cpu().contiguous()
+        out = torch.empty_like(src)
+        B = self.MPI.BYTE
+        self.comm.Alltoall([_bytes(src), B], [_bytes(out), B])
+        return out.to(t.device)
+
+    def broadcast_(self, t, root):
+        if t.device.type == "cpu" and t.is_contiguous():
+            self.comm.Bcast([_bytes(t.detach()), self.MPI.BYTE], root=root)
+            return t
+        work = t.detach().cpu().contiguous().clone()
+        self.comm.Bcast([_bytes(work), self.MPI.BYTE], root=root)
+        t.copy_(work)
+        return t
+
+    def allreduce_scalar(self, value, op="sum", device=None):
+        return float(self.comm.allreduce(float(value), op=self._op(op)))
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def free(self):
+        if self._owned and self.comm is not None:
+            try:
+                self.comm.Free()
+            except Exception:  # pragma: no cover
+                pass
+        self.comm = None

@@ -1,0 +1,1 @@
+"""The IR, front ends, device/cluster specs, cost model, Plan, compile() and CLI."""

@@ -1,0 +1,1 @@
+"""The plan DSL: grammar, parser, AST, semantic checks and error catalogue."""
