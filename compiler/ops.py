@@ -418,6 +418,9 @@ register(aten.tril.default, ew(), elementwise=False)
 register(aten.triu.default, ew(), elementwise=False)
 for _t in VIEWS:
     register(_t, a_view, view=True)
+# A `view` after pruning removed a `contiguous` may see a non-contiguous tensor: run
+# views as reshapes (identical values; a copy only where a view is impossible).
+REGISTRY["view"].target = lambda x, size: aten.reshape.default(x, size)
 register(aten.expand.default, a_expand, view=True)
 register(aten.transpose.int, a_transpose, view=True)
 register(aten.permute.default, a_permute, view=True)

@@ -179,7 +179,7 @@ class Llama(nn.Module):
 def build(config: LlamaConfig = None, batch: int = 4, seq: int = 32):
     """Return (model, (tokens, targets)) for a tiny deterministic Llama."""
     config = config or LlamaConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                                   ffn_hidden=192, max_seq_len=64)
+                                   ffn_hidden=192, max_seq_len=32)
     torch.manual_seed(0)
     model = Llama(config)
     model.train()

@@ -1,0 +1,241 @@
+"""The placement algebra shared by the search, the cost model and the code generators.
+
+A mesh is an ordered mapping of axis names to sizes (`{"dp": 2, "tp": 4}`). A layout is
+one placement per axis in mesh order: `"R"` (replicate), `"P"` (partial sum) or `"S(d)"`
+(shard on dim d). A strategy of a node is one dim label (or None) per axis: the label
+that axis splits.
+
+    >>> anno = dims.parse("b k+, n k+, n -> b n")
+    >>> input_layout(anno, ("b", "n"), 0)      # dp splits the batch, tp the output features
+    ('S(0)', 'R')
+    >>> output_layout(anno, (None, "k"), 0)    # tp splits the contraction: partial sums
+    ('R', 'P')
+
+Resharding a value from the layout its producer gives to the layout a consumer needs is a
+list of collectives, one per axis that differs. Their backward is fixed by the same
+algebra (Megatron's conjugate pairs): all_gather <-> reduce_scatter / slice, all_reduce
+<-> identity, slice <-> all_gather, all_to_all <-> all_to_all. An operand consumed as `R`
+on an axis that the consumer splits gets a partial-sum gradient there: an all_reduce in
+backward (data-parallel gradient reduction is this rule applied to parameters).
+
+Byte convention (the runtime counts the same): S = bytes of the tensor unsharded along
+the collective's axis (sharded as the layout says along the others); all_reduce,
+all_gather and reduce_scatter move S, all_to_all moves S/n.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from math import prod
+from typing import Iterable, Sequence
+
+from autopar.compiler.dims import DimAnno
+
+Mesh = dict  # ordered: axis -> size
+Layout = tuple  # tuple[str, ...], one placement per axis
+Strategy = tuple  # tuple[str | None, ...], one label per axis
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """`"dp=2,tp=4"` -> {"dp": 2, "tp": 4}."""
+    mesh = {}
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        if "=" not in part:
+            raise ValueError(f"mesh axis '{part}' needs a size: write it as {part}=N (e.g. dp=2,tp=4)")
+        name, size = part.split("=", 1)
+        if not name.isidentifier():
+            raise ValueError(f"mesh axis name '{name}' must be an identifier like dp or tp")
+        if not size.isdigit() or int(size) < 1:
+            raise ValueError(f"mesh axis {name}={size}: the size must be a positive integer")
+        if name in mesh:
+            raise ValueError(f"mesh axis '{name}' is given twice")
+        mesh[name] = int(size)
+    if not mesh:
+        raise ValueError("empty mesh: give axes like dp=2,tp=4")
+    return mesh
+
+
+def format_mesh(mesh: dict[str, int]) -> str:
+    return ",".join(f"{a}={n}" for a, n in mesh.items())
+
+
+def shard(d: int) -> str:
+    return f"S({d})"
+
+
+def shard_dim(p: str) -> int | None:
+    return int(p[2:-1]) if p.startswith("S(") else None
+
+
+def replicated_layout(mesh: dict[str, int]) -> Layout:
+    return tuple("R" for _ in mesh)
+
+
+def format_layout(mesh: dict[str, int], layout: Layout) -> str:
+    return "{" + ", ".join(f"{a}:{p}" for a, p in zip(mesh, layout)) + "}"
+
+
+# ---- strategies -----------------------------------------------------------------------
+
+def enumerate_strategies(anno: DimAnno, in_shapes, out_shapes, mesh: dict[str, int]) -> list[Strategy]:
+    """Every assignment of at most one splittable label per axis such that each label is
+    split by at most one axis and the axis size divides every size the label takes.
+    Axes of size 1 never split. The all-replicated strategy comes first."""
+    sizes = anno.label_sizes(in_shapes, out_shapes)
+    cand = [lab for lab in anno.splittable()]
+    per_axis = []
+    for axis, n in mesh.items():
+        opts: list = [None]
+        if n > 1:
+            opts += [lab for lab in cand if all(s % n == 0 and s >= n for s in sizes.get(lab, [0]))]
+        per_axis.append(opts)
+    out = []
+    for combo in itertools.product(*per_axis):
+        labs = [c for c in combo if c is not None]
+        if len(labs) != len(set(labs)):
+            continue
+        out.append(tuple(combo))
+    return out
+
+
+def source_annotation(shape: Sequence[int]) -> DimAnno:
+    """Inputs and parameters: any dim may be split, the value is its own output."""
+    labs = tuple(f"d{i}" for i in range(len(shape)))
+    return DimAnno((), (labs,))
+
+
+def input_layout(anno: DimAnno, strategy: Strategy, i: int) -> Layout:
+    labs = anno.inputs[i]
+    return tuple("R" if lab is None or lab not in labs else shard(labs.index(lab)) for lab in strategy)
+
+
+def output_layout(anno: DimAnno, strategy: Strategy, j: int) -> Layout:
+    labs = anno.outputs[j]
+    out = []
+    for lab in strategy:
+        if lab is None:
+            out.append("R")
+        elif lab in labs:
+            out.append(shard(labs.index(lab)))
+        elif lab in anno.reduce:
+            out.append("P")
+        else:
+            out.append("R")   # a label only on inputs that is not contracted: cannot occur
+    return tuple(out)
+
+
+def split_axes(strategy: Strategy) -> frozenset[int]:
+    """Mesh axis positions this strategy splits (the op's work is divided over them)."""
+    return frozenset(i for i, lab in enumerate(strategy) if lab is not None)
+
+
+def local_shape(shape: Sequence[int], layout: Layout, mesh: dict[str, int]) -> tuple[int, ...]:
+    out = list(shape)
+    for p, n in zip(layout, mesh.values()):
+        d = shard_dim(p)
+        if d is not None:
+            out[d] //= n
+    return tuple(out)
+
+
+# ---- resharding -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective on one axis. `bytes` per the module's convention."""
+    kind: str            # all_reduce | all_gather | reduce_scatter | all_to_all | slice
+    axis: str
+    bytes: int
+    phase: str           # forward | backward
+    dim: int | None = None
+    dim2: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}({self.axis}) {self.bytes}B {self.phase}"
+
+
+def reshard(src: Layout, dst: Layout, shape: Sequence[int], itemsize: int,
+            mesh: dict[str, int], consumer_splits: frozenset[int] = frozenset(),
+            needs_grad: bool = True) -> list[Collective]:
+    """Collectives turning `src` into `dst` (forward) and the gradient back (backward).
+
+    Axes are converted one at a time in mesh order; the bytes of each step are measured
+    on the layout reached so far. `consumer_splits` are the axes the consuming op
+    divides its work over: an `R` operand there gets a partial gradient."""
+    axes = list(mesh)
+    cur = list(src)
+    out: list[Collective] = []
+    for i, (a, n) in enumerate(mesh.items()):
+        s, d = cur[i], dst[i]
+        if n == 1:
+            cur[i] = d
+            continue
+        full = prod(local_shape(shape, tuple(cur[:i] + ["R"] + cur[i + 1:]), mesh)) * itemsize
+        sd, dd = shard_dim(s), shard_dim(d)
+        split_here = i in consumer_splits
+        if s == d:
+            if d == "R" and split_here and needs_grad:
+                out.append(Collective("all_reduce", a, full, "backward"))
+        elif s == "R" and dd is not None:
+            if needs_grad:
+                out.append(Collective("all_gather", a, full, "backward", dd))
+        elif sd is not None and d == "R":
+            out.append(Collective("all_gather", a, full, "forward", sd))
+            if needs_grad and split_here:
+                out.append(Collective("reduce_scatter", a, full, "backward", sd))
+        elif sd is not None and dd is not None:
+            out.append(Collective("all_to_all", a, full // n, "forward", sd, dd))
+            if needs_grad:
+                out.append(Collective("all_to_all", a, full // n, "backward", dd, sd))
+        elif s == "P" and d == "R":
+            out.append(Collective("all_reduce", a, full, "forward"))
+            if needs_grad and split_here:
+                out.append(Collective("all_reduce", a, full, "backward"))
+        elif s == "P" and dd is not None:
+            out.append(Collective("reduce_scatter", a, full, "forward", dd))
+            if needs_grad:
+                out.append(Collective("all_gather", a, full, "backward", dd))
+        elif d == "P":
+            raise ValueError("no consumer takes a partial-sum operand")
+        else:
+            raise ValueError(f"cannot reshard {s} -> {d} on axis {a}")
+        cur[i] = d
+    return out
+
+
+def collective_bytes(cols: Iterable[Collective]) -> dict[tuple[str, str], int]:
+    out: dict[tuple[str, str], int] = {}
+    for c in cols:
+        out[(c.kind, c.axis)] = out.get((c.kind, c.axis), 0) + c.bytes
+    return out
+
+
+# ---- whole-graph derivation -------------------------------------------------------------
+
+def producer_key(node) -> str:
+    """Plans key a node's strategy by its first output's name."""
+    return node.outputs[0].name
+
+
+def node_annotations(graph) -> dict:
+    from autopar.compiler.ops import node_anno
+    return {producer_key(n): node_anno(n) for n in graph.nodes}
+
+
+def derive_layouts(graph, mesh: dict[str, int], strategies: dict[str, Strategy],
+                   annos: dict | None = None) -> dict[str, Layout]:
+    """Value name -> layout, given a strategy for every producer. Sources (inputs,
+    parameters) use `source_annotation`; a missing strategy means all-replicated."""
+    annos = annos or node_annotations(graph)
+    rep = tuple(None for _ in mesh)
+    out: dict[str, Layout] = {}
+    for v in (*graph.inputs, *graph.params):
+        out[v.name] = output_layout(source_annotation(v.shape), tuple(strategies.get(v.name, rep)), 0)
+    for n in graph.nodes:
+        key = producer_key(n)
+        s = tuple(strategies.get(key, rep))
+        for j, v in enumerate(n.outputs):
+            out[v.name] = output_layout(annos[key], s, j)
+    return out

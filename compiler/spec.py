@@ -1,0 +1,68 @@
+"""SPEC loading: `path/to/file.py:function`, where the function returns
+`(model, example_inputs)`. Every failure is a `SpecError` with one paragraph naming the
+cause and the fix.
+
+    >>> model, inputs, name = load_spec("examples/gpt.py:build")   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import traceback
+
+import torch.nn as nn
+
+
+class SpecError(Exception):
+    pass
+
+
+def load_spec(spec: str):
+    """Import the file, call the function, check its result. Returns (model, inputs, name)."""
+    if ":" not in spec:
+        raise SpecError(f"SPEC '{spec}' must be path/to/file.py:function, e.g. "
+                        "examples/gpt.py:build (the function returns (model, example_inputs))")
+    path, func = spec.rsplit(":", 1)
+    if not os.path.isfile(path):
+        raise SpecError(f"SPEC '{spec}': no file '{path}' (from {os.getcwd()}). Check the path.")
+    name = os.path.splitext(os.path.basename(path))[0]
+    mod_name = f"autopar_spec_{name}"
+    try:
+        loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[mod_name] = module
+        loader_spec.loader.exec_module(module)
+    except Exception as e:
+        raise SpecError(f"SPEC '{spec}': importing {path} failed: {where(e, path)}"
+                        f"{type(e).__name__}: {e}. Fix the file so `python {path}` imports.") from e
+    fn = getattr(module, func, None)
+    if fn is None or not callable(fn):
+        names = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")
+                 and getattr(getattr(module, n), "__module__", None) == mod_name]
+        raise SpecError(f"SPEC '{spec}': {path} has no function '{func}'. "
+                        f"Functions defined there: {', '.join(sorted(names)) or 'none'}.")
+    try:
+        result = fn()
+    except Exception as e:
+        raise SpecError(f"SPEC '{spec}': calling {func}() failed: {where(e, path)}"
+                        f"{type(e).__name__}: {e}") from e
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
+        raise SpecError(f"SPEC '{spec}': {func}() must return (model, example_inputs) with model an "
+                        f"nn.Module; it returned {describe(result)}.")
+    model, inputs = result
+    if not isinstance(inputs, (tuple, list)):
+        inputs = (inputs,)
+    return model, tuple(inputs), name
+
+
+def where(e: BaseException, path: str) -> str:
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if os.path.abspath(f.filename) == os.path.abspath(path)]
+    return f"{path}:{frames[-1].lineno}: " if frames else ""
+
+
+def describe(x) -> str:
+    if isinstance(x, tuple):
+        return "a tuple of " + ", ".join(type(v).__name__ for v in x)
+    return f"a {type(x).__name__}"
