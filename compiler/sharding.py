@@ -239,3 +239,13 @@ def derive_layouts(graph, mesh: dict[str, int], strategies: dict[str, Strategy],
         for j, v in enumerate(n.outputs):
             out[v.name] = output_layout(annos[key], s, j)
     return out
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A user's hard constraint on one value's layout: per mesh axis "R", "S(d)" or None
+    (leave that axis to the search). `origin` names where it was written
+    (`plans/gpt.plan:12:5`) so infeasibility reports can point at it."""
+    value: str
+    layout: tuple
+    origin: str = ""

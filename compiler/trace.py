@@ -8,6 +8,10 @@ for models larger than this machine are made.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import re
 import time
 import warnings
 
@@ -32,14 +36,16 @@ def trace(model: nn.Module, example_inputs: tuple, mode: str = "export",
     name = name or type(model).__name__.lower()
     t0 = time.perf_counter()
     if mode == "export":
+        captured = io.StringIO()
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", category=FutureWarning)
+            with quiet_torch(captured):
                 ep = torch.export.export(model, example_inputs)
-        except Exception as e:  # torch raises many kinds; the user needs the first line
-            raise TraceError(f"torch.export could not trace {type(model).__name__}: "
-                             f"{first_line(e)}. Fix the model code at the line torch names "
-                             "above, or try trace='fx' for simple modules.") from e
+        except Exception as e:  # torch raises many kinds; the user needs the cause and line
+            at = user_location(str(e) + "\n" + captured.getvalue())
+            raise TraceError(f"torch.export could not trace {type(model).__name__}"
+                             f"{' at ' + at if at else ''}: {first_line(e)}. Rewrite that "
+                             "line without data-dependent Python control flow (or try "
+                             "trace='fx' for simple modules).") from e
         graph = lower_export(ep, model, name)
     elif mode == "fx":
         try:
@@ -53,6 +59,29 @@ def trace(model: nn.Module, example_inputs: tuple, mode: str = "export",
         raise TraceError(f"unknown trace mode '{mode}': use 'export' or 'fx'")
     graph.trace_seconds = time.perf_counter() - t0   # type: ignore[attr-defined]
     return graph
+
+
+@contextlib.contextmanager
+def quiet_torch(sink: io.StringIO):
+    """torch.export prints graphs and warnings while it fails; keep them for the error."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), \
+                contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore", category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def user_location(text: str) -> str:
+    """`file.py:12 (if x.sum() > 0:)` from torch's `# File: ...:12 in forward, code: ...`."""
+    for m in re.finditer(r"File: ([^\s:]+):(\d+) in \w+, code: (.*)", text):
+        if "site-packages" not in m.group(1):
+            return f"{m.group(1)}:{m.group(2)} ({m.group(3).strip()})"
+    return ""
 
 
 def first_line(e: BaseException) -> str:

@@ -51,7 +51,10 @@ def remove_noops(graph: Graph) -> Graph:
     dropout with p=0 or in eval mode; their users read the input instead."""
     subst, kept = {}, []
     for n in graph.nodes:
-        if is_noop(n):
+        if n.op == "broadcast_tensors" and all(
+                a.shape == b.shape for a, b in zip(n.inputs, n.outputs)):
+            subst.update(zip(n.outputs, n.inputs))      # nothing to broadcast
+        elif is_noop(n):
             subst[n.outputs[0]] = n.inputs[0]
         else:
             kept.append(n)

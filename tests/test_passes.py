@@ -1,0 +1,167 @@
+"""Pruning passes, the verifier, the printer and the annotations on hand-built graphs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autopar.compiler import dims
+from autopar.compiler.interpret import interpret
+from autopar.compiler.ir import Graph, Node, NodeMeta, Value
+from autopar.compiler.ops import node_anno
+from autopar.compiler.verify import VerifyError, verify
+from autopar.passes.prune import (eliminate_common_subexpressions, eliminate_dead_code,
+                                  grad_info, prune, remove_noops)
+
+
+def V(name, shape, kind="act", rg=False):
+    return Value(name, tuple(shape), torch.float32, kind, rg)
+
+
+def N(op, ins, outs, module="", **attrs):
+    return Node(op, tuple(ins), tuple(attrs.items()), tuple(outs), NodeMeta(module))
+
+
+def small_graph():
+    """x -> linear -> dropout(p=0) -> gelu -> (gelu again: CSE) -> add -> out, plus a dead relu."""
+    x = V("x", (4, 8), "input")
+    w = V("fc.weight", (16, 8), "param", True)
+    b = V("fc.bias", (16,), "param", False)
+    unused = V("other.weight", (3,), "param", True)
+    h = V("h", (4, 16))
+    d = V("d", (4, 16))
+    g1, g2 = V("g1", (4, 16)), V("g2", (4, 16))
+    s = V("s", (4, 16))
+    dead = V("dead", (4, 16))
+    nodes = [
+        N("linear", [x, w, b], [h], "fc"),
+        N("dropout", [h], [d], "drop", p=0.0, train=True),
+        N("gelu", [d], [g1], "act"),
+        N("gelu", [d], [g2], "act"),
+        N("relu", [h], [dead], "act"),
+        N("add", [g1, g2], [s]),
+    ]
+    return Graph("small", [x], [w, b, unused], nodes, [s])
+
+
+def run(g, x, w, b):
+    return interpret(g, {"fc.weight": w, "fc.bias": b, "other.weight": torch.zeros(3)}, (x,))[0]
+
+
+def test_each_pass_removes_what_it_should_and_keeps_values():
+    g = verify(small_graph())
+    x, w, b = torch.randn(4, 8), torch.randn(16, 8), torch.randn(16)
+    ref = run(g, x, w, b)
+
+    g1 = verify(remove_noops(g))
+    assert [n.op for n in g1.nodes] == ["linear", "gelu", "gelu", "relu", "add"]
+    assert g1.nodes[1].inputs[0].name == "h"          # users now read the dropout's input
+
+    g2 = verify(eliminate_common_subexpressions(g1))
+    assert [n.op for n in g2.nodes] == ["linear", "gelu", "relu", "add"]
+    assert g2.nodes[-1].inputs[0] is g2.nodes[-1].inputs[1]
+
+    g3 = verify(eliminate_dead_code(g2))
+    assert [n.op for n in g3.nodes] == ["linear", "gelu", "add"]
+    assert [p.name for p in g3.params] == ["fc.weight", "fc.bias"]
+    assert any("other.weight" in note for note in g3.notes)   # said, not silently dropped
+
+    for gg in (g1, g2, g3):
+        torch.testing.assert_close(run(gg, x, w, b), ref, rtol=0, atol=0)
+
+
+def test_prune_notes_counts_per_pass():
+    g = prune(small_graph())
+    line = next(n for n in g.notes if n.startswith("prune:"))
+    assert "remove_noops -1" in line and "eliminate_common_subexpressions -1" in line
+    assert "eliminate_dead_code -1" in line and "(6 -> 3 nodes)" in line
+
+
+def test_dropout_with_p_is_not_removed_and_not_merged():
+    x = V("x", (4, 4), "input")
+    a, b2, s = V("a", (4, 4)), V("b", (4, 4)), V("s", (4, 4))
+    g = Graph("drop", [x], [], [N("dropout", [x], [a], p=0.1, train=True),
+                                 N("dropout", [x], [b2], p=0.1, train=True),
+                                 N("add", [a, b2], [s])], [s])
+    assert len(prune(g).nodes) == 3
+
+
+def test_same_dtype_cast_removed_but_real_cast_kept():
+    x = V("x", (4,), "input")
+    y = Value("y", (4,), torch.float32)
+    z = Value("z", (4,), torch.float16)
+    g = Graph("cast", [x], [], [N("to.dtype", [x], [y], dtype=torch.float32),
+                                 N("to.dtype", [y], [z], dtype=torch.float16)], [z])
+    assert [n.outputs[0].name for n in remove_noops(g).nodes] == ["z"]
+
+
+def test_grad_info_frozen_params_and_integer_values():
+    g = small_graph()
+    info = grad_info(g)
+    assert info.trainable == ["fc.weight", "other.weight"]
+    assert info.frozen == ["fc.bias"]
+    assert {"h", "d", "g1", "s"} <= info.needs_grad
+    assert "x" not in info.needs_grad and "fc.bias" not in info.needs_grad
+    # nothing downstream of a frozen-only path needs a gradient
+    x = V("x", (4, 8), "input")
+    w = V("w", (16, 8), "param", False)
+    h = V("h", (4, 16))
+    g2 = Graph("frozen", [x], [w], [N("linear", [x, w], [h])], [h])
+    assert grad_info(g2).needs_grad == set()
+
+
+def test_verifier_rejects_broken_graphs():
+    g = small_graph()
+    bad = g.copy(nodes=list(reversed(g.nodes)))
+    with pytest.raises(VerifyError, match="used before it is defined"):
+        verify(bad)
+    h = g.nodes[0].outputs[0]
+    dup = g.copy(nodes=g.nodes + [N("relu", [h], [V("h", (4, 16))])])
+    with pytest.raises(VerifyError, match="defined twice"):
+        verify(dup)
+    unknown = g.copy(nodes=[N("no_such_op", [g.inputs[0]], [V("q", (4, 8))])])
+    with pytest.raises(VerifyError, match="not registered"):
+        verify(unknown)
+    wrong_rank = g.copy(nodes=[N("linear", [V("x", (4, 8), "input"), g.params[0]], [V("q", (4,))])])
+    with pytest.raises(VerifyError):
+        verify(wrong_rank)
+
+
+def test_printer_is_deterministic_and_shows_flags():
+    a, b = str(small_graph()), str(small_graph())
+    assert a == b
+    assert "param %fc.weight: f32[16,8] trainable" in a
+    assert "param %fc.bias: f32[16] frozen" in a
+    assert "%h: f32[4,16] = linear(%x, %fc.weight, %fc.bias)" in a
+    assert "0x" not in a
+
+
+@pytest.mark.parametrize("src,dst,want", [
+    ((2, 8, 16), (2, 8, 2, 8), "d0 d1 d2 -> d0 d1 d2 d3^"),
+    ((2, 8, 16), (16, 16), "d0 d1^ d2 -> d0 d2"),
+    ((4, 1, 8), (4, 8), "d0 d2^ d1 -> d0 d1"),
+    ((6,), (2, 3), "d0 -> d0 d1^"),
+])
+def test_reshape_annotation(src, dst, want):
+    assert str(dims.reshape(src, dst)) == want
+
+
+def test_linear_and_softmax_annotations():
+    x, w, b, y = V("x", (4, 8)), V("w", (16, 8)), V("b", (16,)), V("y", (4, 16))
+    anno = node_anno(N("linear", [x, w, b], [y]))
+    assert str(anno) == "b0 k+, n k+, n -> b0 n"
+    s = node_anno(N("softmax", [y], [V("p", (4, 16))], dim=-1))
+    assert s.frozen == {"d1"} and s.splittable() == ["d0"]
+    assert str(dims.parse("m k+, k+ n -> m n")) == "m k+, k+ n -> m n"
+
+
+def test_pass_manager_verifies_times_and_names_failures():
+    from autopar.passes.manager import PassError, run_passes
+    timings = {}
+    g = run_passes(small_graph(), [remove_noops, eliminate_dead_code], verify_each=True,
+                   timings=timings)
+    assert set(timings) == {"remove_noops", "eliminate_dead_code"} and len(g.nodes) == 4
+
+    def scramble(graph):
+        return graph.copy(nodes=list(reversed(graph.nodes)))
+    with pytest.raises(PassError, match="pass 'scramble' failed \\(after remove_noops\\)"):
+        run_passes(small_graph(), [remove_noops, scramble], verify_each=True)
