@@ -136,6 +136,31 @@ class Builder:
         self.nodes.append(node)
         self.env[fxn] = outs if multi else outs[0]
 
+    def emit_op(self, target, args: list, kwargs: dict, name: str, module: str):
+        """Append one ATen op whose operands are already IR Values; output shapes come
+        from running the op on `meta` tensors. Returns the output Value(s)."""
+        d = opdef_for_target(target)
+
+        def meta(a):
+            if isinstance(a, Value):
+                return torch.empty(a.shape, dtype=a.dtype, device="meta")
+            if isinstance(a, (list, tuple)):
+                return type(a)(meta(x) for x in a)
+            return a
+        kw = dict(kwargs)
+        if "device" in {a.name for a in d.args}:
+            kw["device"] = "meta"
+        try:
+            val = target(*[meta(a) for a in args], **{k: meta(v) for k, v in kw.items()})
+        except Exception as e:
+            raise LoweringError(f"{d.name} at {name} (module {module or 'root'}): "
+                                f"{type(e).__name__}: {e}") from e
+        fake = _Stub(name, val)
+        if "device" in kwargs or "device" in kw:
+            kwargs = {**kwargs, "device": torch.device("cpu")} if "device" in kw else kwargs
+        self.emit(d, fake, args, kwargs, module)
+        return self.env.pop(fake)
+
     def value(self, v, fxn: fx.Node, d: OpDef) -> Value:
         if isinstance(v, Value):
             return v
@@ -161,6 +186,13 @@ class Builder:
         g = Graph(self.name, self.inputs, self.params, self.nodes, outputs, self.aliases)
         g.constants = self.constants   # type: ignore[attr-defined]
         return g
+
+
+class _Stub:
+    """Stands in for an fx node when one fx call lowers to several ATen ops."""
+
+    def __init__(self, name, val):
+        self.name, self.meta = name, {"val": val}
 
 
 def module_path(fxn: fx.Node) -> str:
@@ -234,14 +266,49 @@ def lower_export(ep: "torch.export.ExportedProgram", model: nn.Module, name: str
 
 
 # ---- torch.fx.symbolic_trace front end ---------------------------------------------------
+#
+# fx records torch-level calls (modules, torch functions, tensor methods). Each maps to
+# one or a few ATen overloads; output shapes come from running those on `meta` tensors.
 
-def _module_call(b: Builder, fxn: fx.Node, mod: nn.Module, path: str):
+_FUNCS = {
+    operator.add: aten.add.Tensor, operator.sub: aten.sub.Tensor, operator.mul: aten.mul.Tensor,
+    operator.truediv: aten.div.Tensor, operator.neg: aten.neg.default,
+    operator.matmul: aten.matmul.default, operator.lt: aten.lt.Tensor, operator.gt: aten.gt.Tensor,
+    torch.add: aten.add.Tensor, torch.sub: aten.sub.Tensor, torch.mul: aten.mul.Tensor,
+    torch.div: aten.div.Tensor, torch.matmul: aten.matmul.default, torch.bmm: aten.bmm.default,
+    torch.tanh: aten.tanh.default, torch.exp: aten.exp.default, torch.rsqrt: aten.rsqrt.default,
+    torch.sigmoid: aten.sigmoid.default, torch.cat: aten.cat.default, torch.relu: aten.relu.default,
+    torch.zeros_like: aten.zeros_like.default, torch.ones_like: aten.ones_like.default,
+    torch.where: aten.where.self, torch.transpose: aten.transpose.int, torch.neg: aten.neg.default,
+    torch.sin: aten.sin.default, torch.cos: aten.cos.default, torch.stack: aten.stack.default,
+    F.relu: aten.relu.default, F.gelu: aten.gelu.default, F.silu: aten.silu.default,
+    F.linear: aten.linear.default, F.embedding: aten.embedding.default,
+    F.scaled_dot_product_attention: aten.scaled_dot_product_attention.default,
+    F.dropout: aten.dropout.default, F.layer_norm: aten.layer_norm.default,
+}
+_METHODS = {
+    "view": aten.view.default, "reshape": aten.reshape.default, "transpose": aten.transpose.int,
+    "permute": aten.permute.default, "contiguous": aten.contiguous.default,
+    "split": aten.split.Tensor, "pow": aten.pow.Tensor_Scalar, "mean": aten.mean.dim,
+    "sum": aten.sum.dim_IntList, "exp": aten.exp.default, "tanh": aten.tanh.default,
+    "softmax": aten.softmax.int, "relu": aten.relu.default, "neg": aten.neg.default,
+    "unsqueeze": aten.unsqueeze.default, "flatten": aten.flatten.using_ints,
+    "expand": aten.expand.default, "t": aten.t.default, "masked_fill": aten.masked_fill.Scalar,
+    "type_as": aten.type_as.default, "sqrt": aten.sqrt.default, "rsqrt": aten.rsqrt.default,
+    "add": aten.add.Tensor, "mul": aten.mul.Tensor, "sub": aten.sub.Tensor, "div": aten.div.Tensor,
+    "matmul": aten.matmul.default, "chunk": aten.chunk.default, "squeeze": aten.squeeze.dim,
+}
+_VARARG_METHODS = {"view", "reshape", "permute", "expand"}
+_REDUCTION = {"none": 0, "mean": 1, "sum": 2}
+_DTYPE_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16,
+                  "long": torch.int64, "int": torch.int32, "bool": torch.bool, "double": torch.float64}
+
+
+def _module_call(b: Builder, mod: nn.Module, path: str, x):
     """(aten overload, args, kwargs) for a leaf module call."""
-    x = fxn.args[0] if fxn.args else None
-    pv = lambda name: b.param(f"{path}.{name}" if path else name, "param")  # noqa: E731
-
     def p(name):
-        return ("__value__", pv(name)) if getattr(mod, name, None) is not None else None
+        return b.param(f"{path}.{name}" if path else name, "param") \
+            if getattr(mod, name, None) is not None else None
     if isinstance(mod, nn.Linear):
         return aten.linear.default, [x, p("weight"), p("bias")], {}
     if isinstance(mod, nn.LayerNorm):
@@ -252,6 +319,8 @@ def _module_call(b: Builder, fxn: fx.Node, mod: nn.Module, path: str):
         return aten.gelu.default, [x], {"approximate": mod.approximate}
     if isinstance(mod, nn.Dropout):
         return aten.dropout.default, [x, mod.p, mod.training], {}
+    if isinstance(mod, nn.Softmax):
+        return aten.softmax.int, [x, mod.dim], {}
     simple = {nn.ReLU: aten.relu.default, nn.SiLU: aten.silu.default, nn.Tanh: aten.tanh.default,
               nn.Sigmoid: aten.sigmoid.default, nn.Identity: aten.alias.default}
     for cls, op in simple.items():
@@ -262,57 +331,50 @@ def _module_call(b: Builder, fxn: fx.Node, mod: nn.Module, path: str):
         "use trace='export' (the default), which handles any module")
 
 
-_FUNCS = {
-    operator.add: aten.add.Tensor, operator.sub: aten.sub.Tensor, operator.mul: aten.mul.Tensor,
-    operator.truediv: aten.div.Tensor, operator.neg: aten.neg.default,
-    operator.matmul: aten.matmul.default, torch.add: aten.add.Tensor, torch.sub: aten.sub.Tensor,
-    torch.mul: aten.mul.Tensor, torch.div: aten.div.Tensor, torch.matmul: aten.matmul.default,
-    torch.tanh: aten.tanh.default, torch.exp: aten.exp.default, torch.rsqrt: aten.rsqrt.default,
-    torch.sigmoid: aten.sigmoid.default, torch.cat: aten.cat.default, torch.relu: aten.relu.default,
-    F.relu: aten.relu.default, F.gelu: aten.gelu.default, F.silu: aten.silu.default,
-    F.linear: aten.linear.default, F.scaled_dot_product_attention: aten.scaled_dot_product_attention.default,
-    F.dropout: aten.dropout.default, torch.transpose: aten.transpose.int,
-}
-_METHODS = {
-    "view": aten.view.default, "reshape": aten.reshape.default, "transpose": aten.transpose.int,
-    "permute": aten.permute.default, "contiguous": aten.contiguous.default,
-    "split": aten.split.Tensor, "pow": aten.pow.Tensor_Scalar, "mean": aten.mean.dim,
-    "sum": aten.sum.dim_IntList, "exp": aten.exp.default, "tanh": aten.tanh.default,
-    "softmax": aten.softmax.int, "relu": aten.relu.default, "neg": aten.neg.default,
-    "unsqueeze": aten.unsqueeze.default, "flatten": aten.flatten.using_ints,
-    "expand": aten.expand.default, "t": aten.t.default,
-}
-_VARARG_METHODS = {"view", "reshape", "permute", "expand"}
-_REDUCTION = {"none": 0, "mean": 1, "sum": 2}
-
-
-def _scalar_binop(op, a, bval):
-    table = {aten.add.Tensor: aten.add.Tensor, aten.sub.Tensor: aten.sub.Tensor,
-             aten.mul.Tensor: aten.mul.Tensor, aten.div.Tensor: aten.div.Tensor}
-    return table.get(op, op)
+def _index(b: Builder, x: Value, idx, name: str, module: str) -> Value:
+    """`x[:, None, 2:5, 0]` as unsqueeze/slice/select ops."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(i is Ellipsis for i in idx):
+        k = idx.index(Ellipsis)
+        fill = len(x.shape) - (len(idx) - 1 - sum(i is None for i in idx))
+        idx = idx[:k] + (slice(None),) * fill + idx[k + 1:]
+    d, step = 0, 0
+    for i in idx:
+        step += 1
+        nm = f"{name}_{step}"
+        if i is None:
+            x = b.emit_op(aten.unsqueeze.default, [x, d], {}, nm, module)
+            d += 1
+        elif isinstance(i, slice):
+            if i != slice(None):
+                x = b.emit_op(aten.slice.Tensor, [x, d, i.start, i.stop, i.step or 1], {}, nm, module)
+            d += 1
+        elif isinstance(i, int):
+            x = b.emit_op(aten.select.int, [x, d, i], {}, nm, module)
+        else:
+            raise LoweringError(f"fx front end: tensor index {i!r} at {name}; use trace='export'")
+    return x
 
 
 def lower_fx(gm: fx.GraphModule, model: nn.Module, example_inputs, name: str) -> Graph:
-    """Lower a `torch.fx.symbolic_trace` graph: shapes by running it once (ShapeProp,
-    which also works on `meta` tensors), modules and torch functions mapped to ATen."""
+    """Lower a `torch.fx.symbolic_trace` graph (works on `meta` models too)."""
     from torch.fx.passes.shape_prop import ShapeProp
     ShapeProp(gm).propagate(*example_inputs)
     b = Builder(name, model)
     modules = dict(gm.named_modules())
 
     def resolve(a):
-        if isinstance(a, tuple) and len(a) == 2 and a[0] == "__value__":
-            return a[1]
         if isinstance(a, fx.Node):
             return b.env[a]
         if isinstance(a, (list, tuple)):
             return type(a)(resolve(x) for x in a)
+        if isinstance(a, slice):
+            return slice(resolve(a.start), resolve(a.stop), resolve(a.step))
         return a
 
     for fxn in gm.graph.nodes:
-        tm = fxn.meta.get("tensor_meta")
         if fxn.op == "placeholder":
-            shape, dtype = _shape_of(tm)
+            shape, dtype = _shape_of(fxn.meta["tensor_meta"])
             v = Value(b.fresh(fxn.name), shape, dtype, "input")
             b.inputs.append(v)
             b.env[fxn] = v
@@ -324,72 +386,87 @@ def lower_fx(gm: fx.GraphModule, model: nn.Module, example_inputs, name: str) ->
             out = fxn.args[0]
             outs = [b.env[o] for o in (out if isinstance(out, (list, tuple)) else [out])]
             return b.graph(outs)
-        path = ""
-        if fxn.op == "call_module":
-            path = fxn.target
-            target, args, kwargs = _module_call(b, fxn, modules[fxn.target], path)
-        elif fxn.op == "call_method":
-            m = fxn.target
-            if m == "size" or m == "dim":
-                src = b.env[fxn.args[0]]
-                b.env[fxn] = (src.shape if len(fxn.args) == 1 else src.shape[fxn.args[1]]) \
-                    if m == "size" else len(src.shape)
-                continue
-            if m not in _METHODS:
-                raise LoweringError(f"fx front end: method '.{m}()' at {fxn.name} has no "
-                                    "lowering; use trace='export'")
-            target = _METHODS[m]
-            args, kwargs = list(fxn.args), dict(fxn.kwargs)
-            if m in _VARARG_METHODS and len(args) > 1 and not isinstance(args[1], (list, tuple)):
-                args = [args[0], list(args[1:])]
-            if m in ("mean", "sum") and len(args) > 1 and not isinstance(args[1], (list, tuple)):
-                args[1] = [args[1]]
-        elif fxn.op == "call_function":
-            f = fxn.target
-            args, kwargs = list(fxn.args), dict(fxn.kwargs)
-            if f is getattr and isinstance(b.env.get(fxn.args[0]), Value) and fxn.args[1] in ("shape", "dtype", "device"):
-                v = b.env[fxn.args[0]]
-                b.env[fxn] = {"shape": v.shape, "dtype": v.dtype, "device": None}[fxn.args[1]]
-                continue
-            if f is operator.getitem:
-                src = b.env[fxn.args[0]]
-                if isinstance(src, (list, tuple)):
-                    b.env[fxn] = src[fxn.args[1]]
-                    continue
-                raise LoweringError(f"fx front end: tensor indexing at {fxn.name}; use trace='export'")
-            if f in (F.mse_loss, F.cross_entropy):
-                red = _REDUCTION[kwargs.pop("reduction", "mean")]
-                target = aten.mse_loss.default if f is F.mse_loss else aten.cross_entropy_loss.default
-                args = args[:2] + ([None] if f is F.cross_entropy else [])
-                kwargs = {"reduction": red}
-            elif f in (F.softmax, torch.softmax):
-                target = aten.softmax.int
-                kwargs.pop("_stacklevel", None)
-                if "dim" in kwargs:
-                    args = [args[0], kwargs.pop("dim")]
-                kwargs.pop("dtype", None)
-            elif f in _FUNCS:
-                target = _FUNCS[f]
-            else:
-                raise LoweringError(f"fx front end: function {getattr(f, '__name__', f)} at "
-                                    f"{fxn.name} has no lowering; use trace='export'")
-        else:
-            raise LoweringError(f"fx front end: node kind {fxn.op} unsupported")
-        args = [resolve(a) for a in args]
-        kwargs = {k: resolve(v) for k, v in kwargs.items()}
-        # python scalars on either side of a binary op
-        if target in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor):
-            if not isinstance(args[0], Value):
-                if target in (aten.add.Tensor, aten.mul.Tensor):
-                    args = [args[1], args[0]]
-                elif target is aten.sub.Tensor:
-                    target, args = aten.rsub.Scalar, [args[1], args[0]]
-                else:
-                    raise LoweringError(f"fx front end: scalar / tensor at {fxn.name}; use trace='export'")
-        if not path:
-            caller = fxn.meta.get("nn_module_stack")
-            path = clean_path(list(caller.values())[-1][0]) if caller else ""
-        if "val" not in fxn.meta:
-            fxn.meta["val"] = tm
-        b.emit(opdef_for_target(target), fxn, args, kwargs, path)
+        args, kwargs = resolve(list(fxn.args)), resolve(dict(fxn.kwargs))
+        caller = fxn.meta.get("nn_module_stack")
+        path = clean_path(list(caller.values())[-1][0]) if caller else ""
+        result = _lower_fx_call(b, fxn, modules, args, kwargs, path)
+        b.env[fxn] = result
     raise LoweringError("fx graph has no output node")
+
+
+def _lower_fx_call(b: Builder, fxn: fx.Node, modules, args, kwargs, path):
+    """One fx call -> the IR value(s) (or a python value for size/shape queries)."""
+    nm = b.fresh(fxn.name)
+    b.used_names.discard(nm)
+    if fxn.op == "call_module":
+        target, a, k = _module_call(b, modules[fxn.target], fxn.target, args[0])
+        return b.emit_op(target, a, k, nm, fxn.target)
+    if fxn.op == "call_method":
+        m, self_ = fxn.target, args[0]
+        if m == "size":
+            return self_.shape if len(args) == 1 else self_.shape[args[1]]
+        if m == "dim":
+            return len(self_.shape)
+        if m in _DTYPE_METHODS or m == "to":
+            dtype = _DTYPE_METHODS.get(m) or next(
+                (a for a in (*args[1:], *kwargs.values()) if isinstance(a, torch.dtype)), None)
+            if dtype is None:
+                return self_                         # .to(device): nothing to do here
+            return b.emit_op(aten.to.dtype, [self_, dtype], {}, nm, path)
+        if m not in _METHODS:
+            raise LoweringError(f"fx front end: method '.{m}()' at {fxn.name} has no lowering; "
+                                "use trace='export'")
+        if m in _VARARG_METHODS and len(args) > 1 and not isinstance(args[1], (list, tuple)):
+            args = [args[0], list(args[1:])]
+        if m in ("mean", "sum") and len(args) > 1 and not isinstance(args[1], (list, tuple)):
+            args[1] = [args[1]]
+        if m == "softmax" and "dim" in kwargs:
+            args = [args[0], kwargs.pop("dim")]
+        return _binop(b, _METHODS[m], args, kwargs, nm, path)
+    f = fxn.target
+    if f is getattr:
+        v, attr = args
+        if attr in ("shape", "dtype", "device"):
+            return {"shape": getattr(v, "shape", None), "dtype": getattr(v, "dtype", None),
+                    "device": None}[attr]
+        raise LoweringError(f"fx front end: attribute .{attr} at {fxn.name}; use trace='export'")
+    if f is operator.getitem:
+        src, idx = args
+        if isinstance(src, (list, tuple)):
+            return src[idx]
+        return _index(b, src, idx, nm, path)
+    if f in (F.mse_loss, F.cross_entropy):
+        red = _REDUCTION[kwargs.pop("reduction", "mean")]
+        if f is F.mse_loss:
+            return b.emit_op(aten.mse_loss.default, args[:2], {"reduction": red}, nm, path)
+        return b.emit_op(aten.cross_entropy_loss.default, args[:2] + [kwargs.get("weight")],
+                         {"reduction": red, "ignore_index": kwargs.get("ignore_index", -100),
+                          "label_smoothing": kwargs.get("label_smoothing", 0.0)}, nm, path)
+    if f in (F.softmax, torch.softmax):
+        dim = kwargs.pop("dim", args[1] if len(args) > 1 else None)
+        return b.emit_op(aten.softmax.int, [args[0], dim], {}, nm, path)
+    if f is torch.arange:
+        kw = {k: v for k, v in kwargs.items() if k in ("dtype",)}
+        if len(args) == 1:
+            return b.emit_op(aten.arange.default, [args[0]], kw, nm, path)
+        return b.emit_op(aten.arange.start, list(args[:2]), kw, nm, path)
+    if f in _FUNCS:
+        return _binop(b, _FUNCS[f], list(args), kwargs, nm, path)
+    raise LoweringError(f"fx front end: function {getattr(f, '__name__', f)} at {fxn.name} "
+                        "has no lowering; use trace='export'")
+
+
+def _binop(b: Builder, target, args, kwargs, nm, path):
+    """Binary arithmetic with python scalars on either side."""
+    if target in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor) \
+            and not isinstance(args[0], Value):
+        if target in (aten.add.Tensor, aten.mul.Tensor):
+            args = [args[1], args[0]]
+        elif target is aten.sub.Tensor:
+            target, args = aten.rsub.Scalar, [args[1], args[0]]
+        else:
+            target, args = aten.mul.Tensor, [b.emit_op(aten.reciprocal.default, [args[1]], {},
+                                                       nm + "_recip", path), args[0]]
+    if target is aten.masked_fill.Scalar and isinstance(args[2] if len(args) > 2 else None, Value):
+        target = aten.masked_fill.Tensor
+    return b.emit_op(target, args, kwargs, nm, path)

@@ -16,7 +16,7 @@ from autopar.compiler.verify import verify
 from autopar.passes.prune import prune
 
 EXAMPLES = ["mlp", "gpt", "llama", "lora", "bert"]
-FX_TRACEABLE = ["mlp"]
+FX_TRACEABLE = ["mlp", "bert"]
 
 
 def exact(model, graph, inputs):
