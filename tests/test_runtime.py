@@ -1,0 +1,424 @@
+"""Tests for autopar.backends.runtime.
+
+Each backend is exercised by ONE 4-rank launch (process-group start-up is the
+expensive part): this file doubles as the worker script -- run as
+``python tests/test_runtime.py <torch|mpi>`` under torchrun / mpiexec it checks
+forward values, gradients and byte counters of every collective on a
+{"dp": 2, "tp": 2} mesh against single-process references and prints
+``RANK <r> ok``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUNTIME_DIR = REPO / "backends" / "runtime"
+WORLD = 4
+LAUNCH_TIMEOUT_S = 120
+
+
+# ==========================================================================
+# worker (runs inside each rank)
+# ==========================================================================
+def _worker(backend: str) -> None:  # noqa: C901 - one long scripted check
+    import torch
+    from torch.testing import assert_close
+
+    from autopar.backends import runtime as rt
+
+    rt.one_thread()
+    rt.set_seed(0)
+    mesh = rt.init_mesh({"dp": 2, "tp": 2}, backend=backend)
+    r = mesh.rank
+    assert mesh.backend == backend
+    assert mesh.world_size == WORLD and list(mesh.axes.items()) == [("dp", 2), ("tp", 2)]
+    assert (mesh.coord("dp"), mesh.coord("tp")) == (r // 2, r % 2)  # last axis fastest
+    assert mesh.size("dp") == mesh.size("tp") == 2 and mesh.size(None) == WORLD
+    assert mesh.axis_ranks("tp") == [r - r % 2, r - r % 2 + 1]
+    assert mesh.axis_ranks("dp") == [r % 2, r % 2 + 2]
+    assert mesh.rank_of(mesh.coords) == r
+    if backend == "torch":
+        import torch.distributed as dist
+        assert dist.get_process_group_ranks(mesh.group("tp")) == mesh.axis_ranks("tp")
+        assert dist.get_process_group_ranks(mesh.group("dp")) == mesh.axis_ranks("dp")
+    else:
+        assert mesh.group("tp").Get_rank() == mesh.coord("tp")
+        assert mesh.group("dp").Get_rank() == mesh.coord("dp")
+
+    def gen(*key, shape, dtype=torch.float64):
+        g = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    def nb(t):
+        return t.numel() * t.element_size()
+
+    cursor = [0]
+
+    def expect(events):
+        new = [tuple(e) for e in mesh.events[cursor[0]:]]
+        assert new == events, f"rank {r}: events {new} != expected {events}"
+        cursor[0] = len(mesh.events)
+
+    def chunk(t, d, c):
+        return t.chunk(2, d)[c]
+
+    shape = (4, 6, 8)
+    for axis in ("dp", "tp"):
+        peers = mesh.axis_ranks(axis)
+        base = peers[0]            # identifies this rank's slice along `axis`
+        c = mesh.coord(axis)
+
+        # -- copy_to: identity / all_reduce(grad)
+        x = gen("cp_x", base, shape=shape).requires_grad_()
+        y = rt.copy_to(x, mesh, axis)
+        assert_close(y, x.detach())
+        expect([])
+        (y * gen("cp_w", r, shape=shape)).sum().backward()
+        assert_close(x.grad, sum(gen("cp_w", p, shape=shape) for p in peers))
+        expect([("all_reduce", axis, nb(x), "backward")])
+
+        # -- all_reduce: all_reduce / identity
+        x = gen("ar_x", r, shape=shape).requires_grad_()
+        y = rt.all_reduce(x, mesh, axis)
+        assert_close(y, sum(gen("ar_x", p, shape=shape) for p in peers))
+        assert_close(x.detach(), gen("ar_x", r, shape=shape))  # input untouched
+        expect([("all_reduce", axis, nb(x), "forward")])
+        (y * gen("ar_w", r, shape=shape)).sum().backward()
+        assert_close(x.grad, gen("ar_w", r, shape=shape))
+        expect([])
+
+        for d in (0, 1, -1):
+            # -- all_gather, replicated grad: gather / own slice
+            full = gen("ag_F", base, d, shape=shape)
+            x = chunk(full, d, c).clone().requires_grad_()
+            y = rt.all_gather(x, mesh, axis, dim=d)
+            assert_close(y, full)
+            expect([("all_gather", axis, nb(full), "forward")])
+            w = gen("ag_W", base, d, shape=shape)
+            (y * w).sum().backward()
+            assert_close(x.grad, chunk(w, d, c))
+            expect([])
+
+            # -- all_gather, partial grad: gather / reduce_scatter
+            x = chunk(full, d, c).clone().requires_grad_()
+            y = rt.all_gather(x, mesh, axis, dim=d, partial_grad=True)
+            assert_close(y, full)
+            expect([("all_gather", axis, nb(full), "forward")])
+            (y * gen("agp_W", r, d, shape=shape)).sum().backward()
+            wsum = sum(gen("agp_W", p, d, shape=shape) for p in peers)
+            assert_close(x.grad, chunk(wsum, d, c))
+            expect([("reduce_scatter", axis, nb(full), "backward")])
+
+            # -- scatter: own chunk / all_gather
+            full = gen("sc_F", base, d, shape=shape)
+            x = full.clone().requires_grad_()
+            y = rt.scatter(x, mesh, axis, dim=d)
+            assert_close(y, chunk(full, d, c))
+            expect([])
+            cshape = chunk(full, d, 0).shape
+            (y * gen("sc_W", r, d, shape=cshape)).sum().backward()
+            assert_close(x.grad, torch.cat([gen("sc_W", p, d, shape=cshape) for p in peers], d))
+            expect([("all_gather", axis, nb(full), "backward")])
+
+            # -- reduce_scatter: reduce_scatter / all_gather
+            x = gen("rs_X", r, d, shape=shape).requires_grad_()
+            y = rt.reduce_scatter(x, mesh, axis, dim=d)
+            assert_close(y, chunk(sum(gen("rs_X", p, d, shape=shape) for p in peers), d, c))
+            expect([("reduce_scatter", axis, nb(x), "forward")])
+            (y * gen("rs_W", r, d, shape=cshape)).sum().backward()
+            assert_close(x.grad, torch.cat([gen("rs_W", p, d, shape=cshape) for p in peers], d))
+            expect([("all_gather", axis, nb(x), "backward")])
+
+        for sd, cd in ((0, 2), (2, 1), (-1, 0)):
+            # -- all_to_all: G sharded on cd -> G sharded on sd; backward inverse
+            G = gen("a2a_G", base, sd, cd, shape=shape)
+            x = chunk(G, cd, c).clone().requires_grad_()
+            y = rt.all_to_all(x, mesh, axis, split_dim=sd, concat_dim=cd)
+            assert_close(y, chunk(G, sd, c))
+            expect([("all_to_all", axis, nb(x), "forward")])
+            (y * gen("a2a_W", r, sd, cd, shape=y.shape)).sum().backward()
+            wfull = torch.cat([gen("a2a_W", p, sd, cd, shape=y.shape) for p in peers], sd)
+            assert_close(x.grad, chunk(wfull, cd, c))
+            expect([("all_to_all", axis, nb(x), "backward")])
+
+    # -- Megatron MLP on tp (column- then row-parallel) vs a single-process reference
+    b, h, f = 3, 8, 12
+    X, A, B = gen("mlp_X", shape=(b, h)), gen("mlp_A", shape=(h, f)), gen("mlp_B", shape=(f, h))
+    Wout = gen("mlp_W", shape=(b, h))
+    Xr, Ar, Br = (t.clone().requires_grad_() for t in (X, A, B))
+    (torch.nn.functional.gelu(Xr @ Ar) @ Br * Wout).sum().backward()
+    tc = mesh.coord("tp")
+    xs = X.clone().requires_grad_()
+    a_s = chunk(A, 1, tc).clone().requires_grad_()
+    b_s = chunk(B, 0, tc).clone().requires_grad_()
+    out = rt.all_reduce(torch.nn.functional.gelu(rt.copy_to(xs, mesh, "tp") @ a_s) @ b_s, mesh, "tp")
+    assert_close(out, torch.nn.functional.gelu(X @ A) @ B)
+    (out * Wout).sum().backward()
+    assert_close(xs.grad, Xr.grad)
+    assert_close(a_s.grad, chunk(Ar.grad, 1, tc))
+    assert_close(b_s.grad, chunk(Br.grad, 0, tc))
+    expect([("all_reduce", "tp", b * h * 8, "forward"), ("all_reduce", "tp", b * h * 8, "backward")])
+
+    # -- dtypes are kept (MPI: byte path for bf16, upcast path for half/bool)
+    tpeers = mesh.axis_ranks("tp")
+    xb = gen("bf", r, shape=(2, 4), dtype=torch.bfloat16)
+    yb = rt.all_gather(xb, mesh, "tp", dim=0)
+    assert yb.dtype == torch.bfloat16
+    assert torch.equal(yb, torch.cat([gen("bf", p, shape=(2, 4), dtype=torch.bfloat16) for p in tpeers]))
+    xh = torch.full((4,), float(r), dtype=torch.float16)
+    yh = rt.reduce_scatter(xh, mesh, "tp", dim=0)
+    assert yh.dtype == torch.float16 and torch.equal(yh, torch.full((2,), float(sum(tpeers)), dtype=torch.float16))
+    ti = torch.arange(6, dtype=torch.int64) * (r + 1)
+    mesh.all_reduce_(ti, "dp")
+    assert torch.equal(ti, torch.arange(6) * sum(p + 1 for p in mesh.axis_ranks("dp")))
+    tb = torch.tensor([r == 0, False])
+    mesh.all_reduce_(tb, None, op="max")
+    assert tb.dtype == torch.bool and tb.tolist() == [True, False]
+    expect([("all_gather", "tp", 32, "forward"), ("reduce_scatter", "tp", 8, "forward"),
+            ("all_reduce", "dp", 48, "optimizer"), ("all_reduce", None, 2, "optimizer")])
+
+    # -- utility (non-autograd) ops, on both axes and on the whole world
+    for axis in ("dp", "tp", None):
+        peers = mesh.axis_ranks(axis)
+        c = mesh.coord(axis)
+        n = len(peers)
+        t = gen("u_ar", r, shape=(4, 6))
+        assert mesh.all_reduce_(t, axis) is t
+        assert_close(t, sum(gen("u_ar", p, shape=(4, 6)) for p in peers))
+        t = gen("u_ar", r, shape=(4, 6))
+        mesh.all_reduce_(t, axis, op="max")
+        assert_close(t, torch.stack([gen("u_ar", p, shape=(4, 6)) for p in peers]).amax(0))
+        t = gen("u_ar", r, shape=(4, 6))
+        mesh.all_reduce_(t, axis, op="mean")
+        assert_close(t, sum(gen("u_ar", p, shape=(4, 6)) for p in peers) / n)
+        tnc = gen("u_nc", r, shape=(6, 4)).t()           # non-contiguous, in place
+        mesh.all_reduce_(tnc, axis)
+        assert_close(tnc, sum(gen("u_nc", p, shape=(6, 4)) for p in peers).t())
+        g = mesh.all_gather_flat(gen("u_ag", r, shape=(2, 3)), axis, dim=1)
+        assert_close(g, torch.cat([gen("u_ag", p, shape=(2, 3)) for p in peers], 1))
+        s = mesh.reduce_scatter_flat(gen("u_rs", r, shape=(8, 3)), axis)
+        assert_close(s, sum(gen("u_rs", p, shape=(8, 3)) for p in peers).chunk(n, 0)[c])
+        a2 = mesh.all_to_all_flat(gen("u_a2a", r, shape=(4, 4)), axis, split_dim=0, concat_dim=1)
+        assert_close(a2, torch.cat([gen("u_a2a", p, shape=(4, 4)).chunk(n, 0)[c] for p in peers], 1))
+        t = gen("u_bc", r, shape=(5,))
+        assert mesh.broadcast_(t, axis, root_coord=n - 1) is t
+        assert_close(t, gen("u_bc", peers[-1], shape=(5,)))
+        assert mesh.all_reduce_scalar(float(r), axis) == float(sum(peers))
+        assert mesh.all_reduce_scalar(float(r), axis, op="max") == float(max(peers))
+        assert mesh.all_reduce_scalar(float(r), axis, op="mean") == sum(peers) / n
+        expect([("all_reduce", axis, 192, "optimizer")] * 4
+               + [("all_gather", axis, 48 * n, "optimizer"), ("reduce_scatter", axis, 192, "optimizer"),
+                  ("all_to_all", axis, 128, "optimizer"), ("broadcast", axis, 40, "optimizer")])
+    mesh.all_reduce_(torch.zeros(2), "tp", phase="forward")
+    expect([("all_reduce", "tp", 8, "forward")])
+
+    # -- a utility op called from a gradient hook is accounted as "backward"
+    a = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    a.register_hook(lambda grad: mesh.all_reduce_(grad.clone(), "dp"))
+    (a * gen("hook", r, shape=(3,))).sum().backward()
+    assert_close(a.grad, sum(gen("hook", p, shape=(3,)) for p in mesh.axis_ranks("dp")))
+    expect([("all_reduce", "dp", 24, "backward")])
+    assert not rt.in_backward()
+
+    # -- clear errors (raised locally, identically on every rank: no hang)
+    for bad in (lambda: rt.scatter(torch.zeros(3, 4), mesh, "tp", 0),
+                lambda: rt.reduce_scatter(torch.zeros(4, 3), mesh, "dp", 1),
+                lambda: rt.all_to_all(torch.zeros(3, 4), mesh, "tp", 0, 1),
+                lambda: mesh.reduce_scatter_flat(torch.zeros(5), None),
+                lambda: rt.all_gather(torch.zeros(2), mesh, "tp", dim=1),
+                lambda: rt.init_mesh({"dp": 3, "tp": 2}, backend=backend)):
+        try:
+            bad()
+        except ValueError as e:
+            assert "divisible" in str(e) or "range" in str(e) or "world size" in str(e), e
+        else:
+            raise AssertionError("expected ValueError")
+    try:
+        rt.copy_to(torch.zeros(2), mesh, "pp")
+    except KeyError:
+        pass
+    else:
+        raise AssertionError("expected KeyError for an unknown axis")
+    expect([])
+
+    # -- byte totals agree with the event log; reset clears both
+    totals = {}
+    for e in mesh.events:
+        totals[(e.kind, e.axis)] = totals.get((e.kind, e.axis), 0) + e.bytes
+    assert mesh.traffic == totals and all(k[0] in rt.KINDS for k in totals)
+    assert mesh.traffic_bytes(kind="all_to_all", axis="tp", phase="backward") == 3 * 1536 // 2
+    mesh.reset_traffic()
+    assert mesh.traffic == {} and mesh.events == []
+    cursor[0] = 0
+
+    # -- a second mesh over the same processes, with a size-1 axis
+    m2 = rt.init_mesh({"dp": 2, "one": 1, "tp": 2}, backend=backend)
+    assert (m2.coord("dp"), m2.coord("one"), m2.coord("tp")) == (r // 2, 0, r % 2)
+    assert m2.axis_ranks("one") == [r] and m2.group("one") is None
+    x = gen("one", r, shape=(2, 4)).requires_grad_()
+    y = rt.copy_to(x, m2, "one")
+    y = rt.all_reduce(y, m2, "one")
+    y = rt.all_gather(y, m2, "one", dim=0, partial_grad=True)
+    y = rt.scatter(y, m2, "one", dim=1)
+    y = rt.reduce_scatter(y, m2, "one", dim=1)
+    y = rt.all_to_all(y, m2, "one", 0, 1)
+    y.sum().backward()
+    assert y is x
+    assert_close(x.grad, torch.ones(2, 4, dtype=torch.float64))
+    t = torch.ones(4)
+    m2.all_reduce_(t, "one")
+    m2.broadcast_(t, "one")
+    assert torch.equal(m2.all_gather_flat(t, "one"), torch.ones(4))
+    assert torch.equal(m2.reduce_scatter_flat(t, "one"), torch.ones(4))
+    assert m2.all_reduce_scalar(2.5, "one") == 2.5
+    assert m2.traffic == {} and m2.events == []
+    yt = rt.all_gather(torch.full((1,), float(r)), m2, "tp", dim=0)   # m2's groups work too
+    assert yt.tolist() == [float(p) for p in m2.axis_ranks("tp")]
+    assert m2.traffic == {("all_gather", "tp"): 8}
+    m2.shutdown()
+
+    mesh.barrier()
+    assert mesh.all_reduce_scalar(1.0) == float(WORLD)
+    rt.log(mesh, "rank-0-only log line")
+    mesh.shutdown()
+    mesh.shutdown()  # idempotent
+    sys.stdout.flush()
+    os.write(1, f"RANK {r} ok\n".encode())  # one write: lines of different ranks can't interleave
+
+
+# ==========================================================================
+# pytest side
+# ==========================================================================
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Environment in which ``import autopar.backends.runtime`` resolves to this repo."""
+    e = dict(os.environ)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(var, None)
+    e["OMP_NUM_THREADS"] = "1"
+    e["PYTHONUNBUFFERED"] = "1"
+    e["PYTHONWARNINGS"] = "ignore::FutureWarning"
+    try:
+        spec = importlib.util.find_spec("autopar.backends.runtime")
+    except ImportError:
+        spec = None
+    if spec is None or spec.origin is None or Path(spec.origin).resolve().parent != RUNTIME_DIR:
+        shim = tmp_path_factory.mktemp("shim")
+        (shim / "autopar").mkdir()
+        (shim / "autopar" / "__init__.py").write_text("")
+        (shim / "autopar" / "backends").symlink_to(REPO / "backends", target_is_directory=True)
+        e["PYTHONPATH"] = os.pathsep.join([str(shim)] + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else []))
+    return e
+
+
+def _descendants(pid):
+    """All live descendants of ``pid`` (from /proc; torchrun puts its workers in
+    their own sessions, so killing the launcher's process group is not enough)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _kill_tree(proc):
+    """Kill ``proc`` (still alive / unreaped, so its pid cannot have been reused),
+    its process group and all its descendants."""
+    victims = _descendants(proc.pid) if os.path.isdir("/proc") else []
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _launch(cmd, env, timeout=LAUNCH_TIMEOUT_S):
+    """Run ``cmd`` in a new session; on timeout kill it and every descendant."""
+    proc = subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        try:
+            out, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # a pipe still held open somewhere
+            out = ""
+        pytest.fail(f"{' '.join(cmd[:4])} ... timed out after {timeout}s; output:\n{out[-6000:]}")
+    return proc.returncode, out
+
+
+def _assert_all_ok(rc, out):
+    missing = [r for r in range(WORLD) if f"RANK {r} ok" not in out]
+    assert rc == 0 and not missing, f"rc={rc}, ranks without ok: {missing}; output:\n{out[-8000:]}"
+    assert out.count("rank-0-only log line") == 1
+
+
+def test_import_is_light_and_single_process(env):
+    code = (
+        "import sys\n"
+        "from autopar.backends import runtime as rt\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('mpi4py', 'ortools', 'lark')"
+        " or m.startswith('autopar.compiler')]\n"
+        "assert not heavy, heavy\n"
+        "import torch\n"
+        "m = rt.init_mesh({'dp': 1, 'tp': 1})\n"
+        "assert (m.rank, m.world_size, m.coord('tp')) == (0, 1, 0)\n"
+        "x = torch.ones(2, 4, requires_grad=True)\n"
+        "y = rt.all_to_all(rt.all_gather(rt.copy_to(x, m, 'tp'), m, 'dp', dim=0), m, 'tp', 0, 1)\n"
+        "y.sum().backward()\n"
+        "assert torch.equal(x.grad, torch.ones(2, 4)) and m.traffic == {}\n"
+        "assert m.all_reduce_scalar(3.0) == 3.0\n"
+        "try:\n"
+        "    rt.init_mesh({'dp': 2}, backend='torch')\n"
+        "except ValueError as e:\n"
+        "    assert 'world size' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('expected ValueError')\n"
+        "m.shutdown()\n"
+        "print('light ok')\n"
+    )
+    rc, out = _launch([sys.executable, "-c", code], env, timeout=60)
+    assert rc == 0 and "light ok" in out, out[-4000:]
+
+
+def test_torch_backend_4_ranks(env):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+           str(Path(__file__).resolve()), "torch"]
+    _assert_all_ok(*_launch(cmd, env))
+
+
+def test_mpi_backend_4_ranks(env):
+    pytest.importorskip("mpi4py")
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        pytest.skip(f"no mpiexec next to {sys.executable}")
+    cmd = [str(mpiexec), "-n", str(WORLD), sys.executable, str(Path(__file__).resolve()), "mpi"]
+    _assert_all_ok(*_launch(cmd, env))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
