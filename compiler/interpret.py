@@ -21,6 +21,9 @@ def interpret(graph: Graph, state: dict[str, torch.Tensor], inputs: tuple) -> li
     consts = getattr(graph, "constants", {})
     for p in graph.params:
         t = state.get(p.name)
+        if t is None and p.name in graph.pieces:
+            pc = graph.pieces[p.name]
+            t = pc.cut(state[pc.source])
         if t is None:
             t = consts.get(p.name)
         if t is None:

@@ -96,6 +96,21 @@ class Node:
         return dataclasses.replace(self, **changes)
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Rows `start:stop` along `dim` of the state-dict tensor `source` (a fused QKV
+    weight cut into its q, k and v parts so each can be sharded on its own)."""
+    source: str
+    dim: int
+    start: int
+    stop: int
+    index: int
+    count: int
+
+    def cut(self, t):
+        return t.narrow(self.dim, self.start, self.stop - self.start)
+
+
 @dataclass
 class Graph:
     """A whole model step: inputs, params, nodes (topological order), outputs.
@@ -109,6 +124,8 @@ class Graph:
     outputs: list[Value]
     aliases: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # a parameter cut out of a fused state-dict tensor: name -> Piece
+    pieces: dict[str, "Piece"] = field(default_factory=dict)
 
     def values(self) -> Iterator[Value]:
         yield from self.inputs
@@ -136,7 +153,10 @@ class Graph:
 
     def copy(self, **changes) -> "Graph":
         g = Graph(self.name, list(self.inputs), list(self.params), list(self.nodes),
-                  list(self.outputs), dict(self.aliases), list(self.notes))
+                  list(self.outputs), dict(self.aliases), list(self.notes), dict(self.pieces))
+        for extra in ("constants", "pass_counts", "trace_seconds"):
+            if hasattr(self, extra):
+                setattr(g, extra, getattr(self, extra))
         for k, v in changes.items():
             setattr(g, k, v)
         return g
@@ -182,6 +202,9 @@ def print_graph(graph: Graph, node_note=None, value_note=None) -> str:
     for p in graph.params:
         flag = "" if p.kind == "buffer" else (" trainable" if p.requires_grad else " frozen")
         extra = f"  (tied: {', '.join(tied[p.name])})" if p.name in tied else ""
+        if p.name in graph.pieces:
+            pc = graph.pieces[p.name]
+            extra += f"  (piece {pc.index + 1}/{pc.count} of {pc.source}, dim {pc.dim} {pc.start}:{pc.stop})"
         note = value_note(p) if value_note else ""
         lines.append(f"  {p.kind} {p!r}{flag}{extra}{note}")
     for node in graph.nodes:

@@ -241,11 +241,20 @@ def derive_layouts(graph, mesh: dict[str, int], strategies: dict[str, Strategy],
     return out
 
 
+# ---- pins (hard constraints on layouts) ---------------------------------------------------
+
 @dataclass(frozen=True)
 class Pin:
-    """A user's hard constraint on one value's layout: per mesh axis "R", "S(d)" or None
-    (leave that axis to the search). `origin` names where it was written
-    (`plans/gpt.plan:12:5`) so infeasibility reports can point at it."""
+    """A hard constraint for the search: value `value` must have `layout` (one entry per
+    mesh axis: "R", "P", "S(d)" or None = free). `origin` says where it came from (a plan
+    file line, a CLI flag) so an infeasible set of pins can be named."""
     value: str
     layout: tuple
     origin: str = ""
+
+    def matches(self, layout: Sequence[str]) -> bool:
+        return all(want is None or want == got for want, got in zip(self.layout, layout))
+
+    def __str__(self) -> str:
+        lay = ", ".join("*" if p is None else p for p in self.layout)
+        return f"%{self.value} = ({lay})" + (f" [{self.origin}]" if self.origin else "")

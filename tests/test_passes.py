@@ -165,3 +165,28 @@ def test_pass_manager_verifies_times_and_names_failures():
         return graph.copy(nodes=list(reversed(graph.nodes)))
     with pytest.raises(PassError, match="pass 'scramble' failed \\(after remove_noops\\)"):
         run_passes(small_graph(), [remove_noops, scramble], verify_each=True)
+
+
+def test_split_fused_projections_cuts_weight_and_keeps_values():
+    from autopar.passes.unfuse import split_fused_projections
+    x = V("x", (4, 8), "input")
+    w = V("qkv.weight", (24, 8), "param", True)
+    b = V("qkv.bias", (24,), "param", True)
+    y = V("y", (4, 24))
+    q, k, v = V("q", (4, 8)), V("k", (4, 8)), V("v", (4, 8))
+    s = V("s", (4, 8))
+    g = verify(Graph("fused", [x], [w, b], [N("linear", [x, w, b], [y], "qkv"),
+                                            N("split", [y], [q, k, v], "", split_size=8, dim=-1),
+                                            N("add", [q, k], [s])], [s]))
+    u = verify(split_fused_projections(g))
+    assert [n.op for n in u.nodes] == ["linear", "linear", "linear", "add"]
+    assert [p.name for p in u.params] == ["qkv.weight.0", "qkv.weight.1", "qkv.weight.2",
+                                          "qkv.bias.0", "qkv.bias.1", "qkv.bias.2"]
+    assert u.pieces["qkv.weight.1"].start == 8 and u.pieces["qkv.weight.1"].source == "qkv.weight"
+    state = {"qkv.weight": torch.randn(24, 8), "qkv.bias": torch.randn(24)}
+    xx = torch.randn(4, 8)
+    # three small matmuls round differently from one big one: fp32 default tolerance
+    torch.testing.assert_close(interpret(u, state, (xx,))[0], interpret(g, state, (xx,))[0])
+    # a weight also used elsewhere (tied) is left fused
+    g2 = g.copy(nodes=g.nodes + [N("linear", [x, w], [V("z", (4, 24))])])
+    assert split_fused_projections(g2) is g2
