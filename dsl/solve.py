@@ -1,0 +1,45 @@
+"""A plan file to a solved `Plan`: load, check against the graph, search with its pins.
+
+    >>> plan = compile_plan("examples/plans/megatron_gpt.plan", graph)    # doctest: +SKIP
+
+This is what `autopar.compiler.api.load_plan(path, graph)` calls for a plan file (it
+looks for `autopar.dsl.compile_plan`), so `compile(..., plan="x.plan")` and
+`autopar emit/run --plan x.plan` take plan files.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+
+from autopar.compiler.ir import Graph
+from autopar.compiler.plan import Plan
+from autopar.dsl.check import PlanSpec, resolve
+from autopar.dsl.parser import load_plan
+
+
+def compile_plan(path: str, graph: Graph, mesh: dict[str, int] | None = None,
+                 device: str | None = None, memory: float | None = None, **search_kw) -> Plan:
+    """Search the best plan the file allows. The file's mesh / device / memory win over the
+    arguments, which fill in what the file leaves out (`mesh` must agree with the file's)."""
+    from autopar.dsl.cli import known_devices
+    spec = resolve(load_plan(path), graph, mesh=mesh, devices=known_devices())
+    return search_with(spec, graph, device=device, memory=memory, **search_kw)
+
+
+def search_with(spec: PlanSpec, graph: Graph, device: str | None = None, memory: float | None = None,
+                **search_kw) -> Plan:
+    """`passes.shard.search` under the spec's mesh, limits, pins and recompute regions."""
+    from autopar.passes.shard import search
+    kw = dict(memory_limit=spec.memory_limit if spec.memory_limit is not None else memory,
+              zero=spec.zero, pins=spec.pins, recompute=spec.recompute, dp_axis=spec.dp_axis)
+    params = inspect.signature(search).parameters
+    if spec.objective != "time":
+        if "minimize" in params:
+            kw["minimize"] = spec.objective
+        else:
+            warnings.warn(f"autopar: the search cannot minimize {spec.objective} yet; it "
+                          "minimizes step time under the memory limit", stacklevel=2)
+    kw.update(search_kw)
+    plan = search(graph, spec.mesh, spec.device or device or "cpu", **kw)
+    plan.constraints = list(spec.constraints)
+    return plan
