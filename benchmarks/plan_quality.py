@@ -1,0 +1,160 @@
+"""Searched plans against hand plans, on the cost model: GPT 1.7B / 3.6B / 7.5B / 18.4B
+(Megatron-LM SC21 weak-scaling configs: seq 2048, vocab 51200, full activation
+recompute of every block) on A100 meshes of 32 / 64 / 128 / 256 GPUs.
+
+Hand plans are what a person writes as layouts and the search completes (the layouts of
+activations follow from the pinned parameters by the same cost model):
+- DDP: mesh dp=N, every parameter replicated, ZeRO-0;
+- ZeRO-3: mesh dp=N, every parameter sharded on dp, ZeRO-3;
+- Megatron TP=t (t = 1, 2, 4, 8, inside a node): mesh dp=N/t, tp=t, MLP c_fc column- and
+  c_proj row-parallel, attention c_proj row-parallel, the rest replicated on tp, ZeRO-0.
+  (The fused c_attn is left to the search: its q/k/v split cuts the output features in
+  thirds, so a column split of it cannot feed the split op without an all_gather.)
+The searched plan is `search_devices(N)`: every dp x tp shape, free layouts, free ZeRO.
+It must never be worse than the best hand plan. TFLOP/s per GPU use Megatron's count
+96·B·s·l·h²·(1 + s/6h + V/16lh) (with recompute), comparable to the paper's 137-163.
+
+    python benchmarks/plan_quality.py [--models 1.7b 3.6b]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import time
+
+from autopar.compiler.cluster import load_profile
+from autopar.compiler.sharding import Pin
+from autopar.compiler.trace import trace
+from autopar.passes.prune import prune
+from autopar.passes.shard import PlanInfeasible, search, search_devices
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+# (preset, GPUs, global batch) as in Megatron-LM SC21 Table 1 (t=1,2,4,8; p=1)
+CONFIGS = [("1.7b", 32, 512, 137), ("3.6b", 64, 512, 138), ("7.5b", 128, 512, 142), ("18.4b", 256, 1024, 135)]
+RECOMPUTE = ["transformer.h.*"]
+
+
+def load_gpt():
+    spec = importlib.util.spec_from_file_location("autopar_bench_gpt", ROOT / "examples" / "gpt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def megatron_flops(cfg, batch: int) -> float:
+    s, l, h, v = cfg.block_size, cfg.n_layer, cfg.n_embd, cfg.vocab_size
+    return 96 * batch * s * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
+
+
+def dp_pins(graph, n: int, shard: bool, axes: int = 2) -> list[Pin]:
+    pins = []
+    for p in graph.params:
+        if not shard:
+            pins.append(Pin(p.name, ("R",) + (None,) * (axes - 1), "ddp"))
+            continue
+        dim = next((d for d, size in enumerate(p.shape) if size % n == 0), None)
+        if dim is not None:
+            pins.append(Pin(p.name, (f"S({dim})",) + (None,) * (axes - 1), "zero3"))
+    return pins
+
+
+def megatron_pins(graph, t: int) -> list[Pin]:
+    pins = []
+    for p in graph.params:
+        name = p.name
+        if name.endswith("mlp.c_fc.weight") or name.endswith("mlp.c_fc.bias"):
+            tp = "S(0)"
+        elif name.endswith("c_proj.weight"):
+            tp = "S(1)"
+        elif name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
+            tp = None
+        else:
+            tp = "R"
+        pins.append(Pin(name, ("R", tp if t > 1 else None), "megatron"))
+    return pins
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=[c[0] for c in CONFIGS])
+    ap.add_argument("--time-limit", type=float, default=10.0)
+    args = ap.parse_args()
+    gpt = load_gpt()
+    prof = load_profile("a100-80g")
+    out = []
+    for preset, n, batch, anchor in CONFIGS:
+        if preset not in args.models:
+            continue
+        cfg = gpt.GPTConfig.from_preset(preset)
+        model, inputs = gpt.build_meta(preset, batch=batch)
+        t0 = time.perf_counter()
+        graph = prune(trace(model, inputs, name=f"gpt-{preset}"))
+        t_trace = time.perf_counter() - t0
+        flops = megatron_flops(cfg, batch)
+        kw = dict(recompute=RECOMPUTE, time_limit=args.time_limit)
+        rows = []
+
+        def record(name, fn):
+            t = time.perf_counter()
+            try:
+                plan = fn()
+                c = plan.cost
+                rows.append({"plan": name, "mesh": ",".join(f"{a}={s}" for a, s in plan.mesh.items()),
+                             "zero": plan.zero, "step_time": c["step_time"], "compute": c["compute_time"],
+                             "communication": c["comm_time"], "memory_gib": c["memory"]["total"] / 2**30,
+                             "tflops_per_gpu": flops / n / c["step_time"] / 1e12,
+                             "search_s": time.perf_counter() - t, "status": plan.solver["status"]})
+            except PlanInfeasible as e:
+                rows.append({"plan": name, "status": "infeasible",
+                             "least_memory_gib": (getattr(e, "least_memory", 0) or 0) / 2**30,
+                             "search_s": time.perf_counter() - t})
+            r = rows[-1]
+            if r["status"] == "infeasible":
+                print(f"  {name:<14} infeasible (least memory {r['least_memory_gib']:.1f} GiB)", flush=True)
+            else:
+                print(f"  {name:<14} {r['mesh']:<12} ZeRO-{r['zero']} step {r['step_time']:.3f} s "
+                      f"(compute {r['compute']:.3f}, comm {r['communication']:.3f}) "
+                      f"{r['memory_gib']:.1f} GiB  {r['tflops_per_gpu']:.0f} TFLOP/s/GPU  "
+                      f"[{r['search_s']:.1f} s]", flush=True)
+        print(f"GPT {preset} on {n} A100s, batch {batch} (traced in {t_trace:.1f} s); "
+              f"Megatron-LM reports {anchor} TFLOP/s/GPU", flush=True)
+        record("DDP", lambda: search(graph, {"dp": n, "tp": 1}, prof, zero=0, pins=dp_pins(graph, n, False), **kw))
+        record("ZeRO-3", lambda: search(graph, {"dp": n, "tp": 1}, prof, zero=3, pins=dp_pins(graph, n, True), **kw))
+        for t in (1, 2, 4, 8):
+            record(f"Megatron TP={t}", lambda t=t: search(graph, {"dp": n // t, "tp": t}, prof, zero=0,
+                                                         pins=megatron_pins(graph, t), **kw))
+        record("searched", lambda: search_devices(graph, n, prof, **kw)[0])
+        hand = [r for r in rows if r["plan"] != "searched" and r["status"] != "infeasible"]
+        found = rows[-1]
+        best_hand = min(hand, key=lambda r: r["step_time"]) if hand else None
+        ok = (found["status"] != "infeasible" and
+              (best_hand is None or found["step_time"] <= best_hand["step_time"] * (1 + 1e-6)))
+        verdict = (f"searched {found.get('step_time', float('nan')):.4f} s vs best hand plan "
+                   f"{best_hand['plan'] if best_hand else '-'} {best_hand['step_time'] if best_hand else float('nan'):.4f} s: "
+                   + ("never worse: OK" if ok else "WORSE"))
+        print("  " + verdict, flush=True)
+        out.append({"model": preset, "gpus": n, "batch": batch, "megatron_tflops_per_gpu": anchor,
+                    "rows": rows, "ok": ok, "verdict": verdict})
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "plan_quality.json").write_text(json.dumps(out, indent=2) + "\n")
+    md = ["# Searched vs hand plans on the cost model (A100-80G profile, full recompute)", ""]
+    for m in out:
+        md += [f"## GPT {m['model']} on {m['gpus']} GPUs, batch {m['batch']} "
+               f"(Megatron-LM SC21: {m['megatron_tflops_per_gpu']} TFLOP/s/GPU)", "",
+               "| plan | mesh | ZeRO | step s | compute s | comm s | memory GiB | TFLOP/s/GPU | search s |",
+               "|---|---|---|---|---|---|---|---|---|"]
+        for r in m["rows"]:
+            if r["status"] == "infeasible":
+                md.append(f"| {r['plan']} | - | - | infeasible (needs {r['least_memory_gib']:.1f} GiB) | | | | | {r['search_s']:.1f} |")
+            else:
+                md.append(f"| {r['plan']} | {r['mesh']} | {r['zero']} | {r['step_time']:.4f} | {r['compute']:.4f} | "
+                          f"{r['communication']:.4f} | {r['memory_gib']:.1f} | {r['tflops_per_gpu']:.0f} | {r['search_s']:.1f} |")
+        md += ["", m["verdict"], ""]
+    (RESULTS / "plan_quality.md").write_text("\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()

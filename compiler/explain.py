@@ -1,0 +1,250 @@
+"""`autopar plan`: search a model's plan and explain it -- solver statistics, a table per
+module (parameter layouts, collectives with bytes and time), totals (compute,
+communication per axis, memory per device) and, for `--devices N`, the mesh shapes side by
+side.
+
+    $ autopar plan examples/gpt.py:build --mesh dp=2,tp=2 --device h100
+    $ autopar plan examples/gpt.py:build --devices 8 --json
+
+`explain(plan, graph)` renders the same text for a plan made elsewhere (compile()).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import json
+import os
+import re
+import sys
+
+from autopar.compiler import sharding
+from autopar.compiler.cluster import (Cluster, DeviceProfile, format_bytes, format_time, load_profile,
+                                      parse_bytes)
+from autopar.compiler.cost import CostModel, CostReport
+from autopar.compiler.plan import Plan
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", metavar="SPEC", help="path/to/file.py:function returning (model, example_inputs)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--mesh", help="mesh axes and sizes, e.g. dp=2,tp=4")
+    where.add_argument("--devices", type=int, metavar="N",
+                       help="device count: every dp x tp shape (tp within a node) is searched and compared")
+    p.add_argument("--device", default="cpu",
+                   help="device profile: a100-80g, h100, h200, mi250x, cpu (measured here, cached) "
+                        "or a .json/.toml profile file (default: cpu)")
+    p.add_argument("--memory", help="memory limit per device, e.g. 80GB or 24GiB (default: the device's)")
+    p.add_argument("--batch", type=int,
+                   help="batch size: passed as batch=N to the SPEC function (it must take a batch argument)")
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="fix the ZeRO stage (default: searched)")
+    p.add_argument("--time-limit", type=float, default=10.0, help="solver time limit in seconds per mesh (default 10)")
+    p.add_argument("--deterministic", action="store_true", help="one solver worker, fixed seed: same plan every run")
+    p.add_argument("--trace", choices=["export", "fx"], default="export", help="front end (default export)")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of tables")
+    p.add_argument("-o", "--output", metavar="PLAN.json", help="save the plan as JSON")
+
+
+def load_spec_with_batch(spec: str, batch: int | None):
+    """load_spec, passing `batch=N` to the SPEC function when given."""
+    from autopar.compiler.spec import SpecError, load_spec
+    if batch is None:
+        return load_spec(spec)
+    if batch < 1:
+        raise SpecError(f"--batch {batch}: give a positive batch size")
+    if ":" not in spec:
+        return load_spec(spec)              # load_spec words the error
+    path, func = spec.rsplit(":", 1)
+    if not os.path.isfile(path):
+        return load_spec(spec)
+    name = os.path.splitext(os.path.basename(path))[0]
+    mod_name = f"autopar_spec_{name}"
+    loader = importlib.util.spec_from_file_location(mod_name, path)
+    module = importlib.util.module_from_spec(loader)
+    sys.modules[mod_name] = module
+    try:
+        loader.loader.exec_module(module)
+    except Exception as e:
+        raise SpecError(f"SPEC '{spec}': importing {path} failed: {type(e).__name__}: {e}") from e
+    fn = getattr(module, func, None)
+    if fn is None or not callable(fn):
+        return load_spec(spec)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "batch" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        raise SpecError(f"--batch {batch}: {path}:{func}() takes no 'batch' argument "
+                        f"(its parameters: {', '.join(params) or 'none'}). Add `batch: int = ...` to "
+                        "it, or leave --batch out to use the example inputs as they are.")
+    try:
+        result = fn(batch=batch)
+    except Exception as e:
+        raise SpecError(f"SPEC '{spec}': calling {func}(batch={batch}) failed: {type(e).__name__}: {e}") from e
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise SpecError(f"SPEC '{spec}': {func}() must return (model, example_inputs)")
+    model, inputs = result
+    return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,), name
+
+
+# ---- the explanation -------------------------------------------------------------------------
+
+def module_rows(graph, plan: Plan, report: CostReport, model: CostModel) -> list[dict]:
+    """One row per module: its parameters' layouts and the collectives of its nodes.
+    Instances of a repeated block with identical rows collapse into one (`h.*`, count)."""
+    from autopar.passes.shard import block_of
+    mesh = dict(plan.mesh)
+    rows: dict[str, dict] = {}
+    for m in model.members:
+        if m.kind == "input":
+            continue
+        mod = m.module or "(root)"
+        row = rows.setdefault(mod, {"module": mod, "params": {}, "collectives": {}})
+        if m.kind in ("param", "buffer"):
+            short = m.key[len(m.module) + 1:] if m.module else m.key
+            row["params"][short] = sharding.format_layout(mesh, tuple(plan.layouts[m.key]))
+        for col, t in report.nodes[m.key].collectives:
+            k = f"{col.kind}({col.axis}) {col.phase}"
+            agg = row["collectives"].setdefault(k, {"bytes": 0, "time": 0.0, "count": 0})
+            agg["bytes"] += int(col.bytes)
+            agg["time"] += t
+            agg["count"] += 1
+    out: dict[tuple, dict] = {}
+    for mod, row in rows.items():
+        b = block_of(mod)
+        if b is not None:
+            pattern = b[0] + ".*" + mod[len(b[1]):]
+            content = json.dumps([row["params"], row["collectives"]], sort_keys=True)
+            key = (pattern, content)
+        else:
+            pattern, key = mod, (mod, "")
+        if key in out:
+            out[key]["count"] += 1
+            out[key]["module"] = pattern
+        else:
+            out[key] = dict(row, count=1)
+    return list(out.values())
+
+
+def plan_summary(graph, plan: Plan, profile: DeviceProfile | None = None) -> dict:
+    """The numbers `autopar plan` prints, as one JSON-able dict."""
+    profile = profile or load_profile(plan.device)
+    model = CostModel(graph, Cluster(dict(plan.mesh), profile), precision=plan.cost.get("precision"),
+                      recompute=plan.recompute, dp_axis=plan.dp_axis)
+    report = model.evaluate({k: tuple(v) for k, v in plan.strategies.items()}, plan.zero)
+    return {
+        "model": plan.model, "mesh": sharding.format_mesh(plan.mesh), "device": plan.device,
+        "devices": Cluster(dict(plan.mesh), profile).devices, "zero": plan.zero,
+        "dp_axis": plan.dp_axis,
+        "solver": {k: v for k, v in plan.solver.items() if k != "mesh_candidates"},
+        "cost": plan.cost,
+        "modules": module_rows(graph, plan, report, model),
+        "mesh_candidates": plan.solver.get("mesh_candidates"),
+    }
+
+
+def explain(plan: Plan, graph, profile: DeviceProfile | None = None) -> str:
+    """A plan in words: solver statistics, per-module table, totals, mesh candidates.
+
+        >>> print(explain(plan, graph))                      # doctest: +SKIP
+    """
+    return render(plan_summary(graph, plan, profile))
+
+
+def render(s: dict) -> str:
+    out = []
+    sv, c = s["solver"], s["cost"]
+    out.append(f"plan for {s['model']} on {s['mesh']} ({s['devices']} x {s['device']}), "
+               f"ZeRO-{s['zero']}" + (f" over {s['dp_axis']}" if s["dp_axis"] else "")
+               + f", {c.get('precision', '')} precision")
+    if sv:
+        out.append("")
+        out.append("solver:")
+        out.append(f"  strategy variables: {sv.get('variables_before')} for {sv.get('members')} sources and nodes"
+                   f" -> {sv.get('variables_after_merging')} after follow-merging ({sv.get('groups_after_merging')} groups)"
+                   f" -> {sv.get('variables_after_linking')} after block linking ({sv.get('classes_after_linking')} classes)"
+                   f" -> {sv.get('variables_after_dominance')} after dominance")
+        out.append(f"  model: {sv.get('bools')} choice booleans, {sv.get('pair_bools')} pair booleans, "
+                   f"{sv.get('tables')} table constraints, {sv.get('constraints')} constraints")
+        levels = ", ".join(f"ZeRO-{z}: {v['status']}" + (f" {format_time(v['step_time'])}" if v.get("step_time") else "")
+                           for z, v in (sv.get("zero_levels") or {}).items())
+        out.append(f"  status {sv.get('status')}, solve {sv.get('solve_time', 0):.2f} s, "
+                   f"wall {sv.get('wall_time', 0):.2f} s ({levels})")
+    out.append("")
+    out.append("per module (identical repeated blocks shown once):")
+    width = max([len(r["module"]) + 6 for r in s["modules"]] + [20])
+    for r in s["modules"]:
+        name = r["module"] + (f" (x{r['count']})" if r["count"] > 1 else "")
+        params = ", ".join(f"{k} {v}" for k, v in r["params"].items()) or "-"
+        out.append(f"  {name:<{width}} {params}")
+        for k, agg in r["collectives"].items():
+            out.append(f"  {'':<{width}}   {k}: {format_bytes(agg['bytes'])} {format_time(agg['time'])}"
+                       + (f" (x{r['count']} blocks)" if r["count"] > 1 else ""))
+    out.append("")
+    comp = c["compute"]
+    out.append("totals per training step:")
+    out.append(f"  step time      {format_time(c['step_time'])}  ({c['tflops_per_device']:.1f} TFLOP/s per device)")
+    out.append(f"  compute        {format_time(c['compute_time'])}  (forward {format_time(comp['forward'])}, "
+               f"backward {format_time(comp['backward'])}, recompute {format_time(comp['recompute'])})")
+    per_axis = ", ".join(f"{a} {format_time(t)} ({c['links'][a]['kind']})" for a, t in c["communication"].items())
+    out.append(f"  communication  {format_time(c['comm_time'])}  ({per_axis})")
+    m = c["memory"]
+    lim = c.get("memory_limit")
+    out.append(f"  memory/device  {format_bytes(m['total'])}" + (f" of {format_bytes(lim)}" if lim else "")
+               + f"  (params {format_bytes(m['params'])}, grads {format_bytes(m['grads'])}, "
+               f"optimizer {format_bytes(m['optimizer'])}, activations {format_bytes(m['activations'])})")
+    if c["bytes"]:
+        out.append("  bytes per rank " + ", ".join(f"{k} {format_bytes(v)}" for k, v in c["bytes"].items()))
+    cands = s.get("mesh_candidates")
+    if cands:
+        out.append("")
+        out.append(f"mesh shapes of {s['devices']} devices:")
+        out.append(f"  {'mesh':<14} {'status':<11} {'step time':>11} {'compute':>11} {'comm':>11} "
+                   f"{'memory':>11} {'zero':>4} {'TFLOP/s':>8}")
+        for r in cands:
+            if r["status"] == "infeasible":
+                least = f"needs {format_bytes(r['least_memory'])}" if r.get("least_memory") else r.get("reason", "")[:60]
+                out.append(f"  {r['mesh']:<14} {'infeasible':<11} {least}")
+                continue
+            out.append(f"  {r['mesh']:<14} {r['status']:<11} {format_time(r['step_time']):>11} "
+                       f"{format_time(r['compute']):>11} {format_time(r['communication']):>11} "
+                       f"{format_bytes(r['memory']):>11} {r['zero']:>4} {r['tflops_per_device']:>8.1f}"
+                       + ("  <- winner" if r.get("winner") else ""))
+    return "\n".join(out) + "\n"
+
+
+def plan_main(args) -> int:
+    from autopar.compiler.trace import trace
+    from autopar.passes.prune import prune
+    from autopar.passes.shard import search, search_devices
+
+    profile = load_profile(args.device)
+    limit = parse_bytes(args.memory) if args.memory else None
+    model, inputs, name = load_spec_with_batch(args.spec, args.batch)
+    graph = prune(trace(model, inputs, mode=args.trace, name=name))
+    kwargs = dict(memory_limit=limit, zero=args.zero, time_limit=args.time_limit,
+                  deterministic=args.deterministic)
+    if args.mesh:
+        plan = search(graph, sharding.parse_mesh(args.mesh), profile, **kwargs)
+    else:
+        plan, _ = search_devices(graph, args.devices, profile, **kwargs)
+    summary = plan_summary(graph, plan, profile)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=_json_default))
+    else:
+        sys.stdout.write(render(summary))
+    if args.output:
+        plan.save(args.output)
+        if not args.json:
+            print(f"plan saved to {args.output}")
+    return 0
+
+
+def _json_default(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+__all__ = ["add_plan_args", "plan_main", "explain", "plan_summary", "render", "module_rows"]

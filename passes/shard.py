@@ -1,0 +1,923 @@
+"""The sharding search: the fastest plan that fits, found with OR-Tools CP-SAT.
+
+The Alpa/XLA formulation: one strategy per node (and per source: input, parameter), a
+resharding cost on every edge that depends on both ends' strategies, a memory limit per
+device, minimise the estimated step time (compiler/cost.py). What keeps it small:
+
+1. follow-merging: an elementwise or view node whose operand arrives in a layout it can
+   take as is (for every choice of its producer) adopts its producer's choice -- it joins
+   the producer's group and adds no variable;
+2. repeated-block linking: module instances `X.N` (transformer.h.3, layers.7) with the
+   same structure (op sequence, attrs, shapes, gradient flags -- not names) share one set
+   of variables; their costs are summed with a multiplicity, so the model does not grow
+   with depth;
+3. dominated strategies are dropped (no worse in time, memory and every edge cost);
+4. costs are scaled to integers; edges are encoded with one boolean per non-zero cost
+   entry (after moving row/column minima into the unary costs) or, when that would be
+   larger, one table constraint (AddAllowedAssignments);
+5. a greedy hint, a time limit, and a deterministic mode (one worker, fixed seed).
+
+    >>> plan = search(graph, {"dp": 2, "tp": 4}, load_profile("h100"))   # doctest: +SKIP
+    >>> plan.cost["step_time"], plan.zero                                # doctest: +SKIP
+
+Pins (`sharding.Pin`) are hard constraints enforced through assumption literals, so an
+infeasible set is reported by name (`PlanInfeasible`). A memory limit no plan meets is
+reported with the least memory per device any plan needs (a second model minimising it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from math import prod
+from typing import Iterable, Sequence
+
+import numpy as np
+from ortools.sat.python import cp_model
+
+from autopar.compiler import sharding
+from autopar.compiler.cluster import Cluster, DeviceProfile, format_bytes, format_time, load_profile
+from autopar.compiler.cost import CostModel, CostReport, Edge
+from autopar.compiler.errors import register_user_error
+from autopar.compiler.ir import Graph, format_attr
+from autopar.compiler.ops import REGISTRY
+from autopar.compiler.plan import Plan
+from autopar.compiler.sharding import Collective, Pin, Strategy
+
+
+class PlanInfeasible(Exception):
+    """No plan satisfies the pins / memory limit; the message names which and why."""
+
+
+register_user_error(PlanInfeasible)
+
+PAIR_LIMIT = 400              # edges with more (row class x column class) pairs use a table
+
+
+# ---- groups: follow-merging ------------------------------------------------------------------
+
+@dataclass
+class Group:
+    """Members sharing one decision: the root's strategy index picks every member's."""
+    root: int
+    members: list[int]
+    strat: dict[int, list[Strategy]]       # member -> strategy for each root strategy
+
+    @property
+    def size(self) -> int:
+        return len(self.strat[self.root])
+
+
+def followed_operand(cm: CostModel, mi: int) -> int | None:
+    """Which operand an elementwise/view node follows: its first non-parameter operand."""
+    m = cm.members[mi]
+    od = REGISTRY[m.node.op]
+    if not (od.elementwise or od.view):
+        return None
+    for i, v in enumerate(m.inputs):
+        src = cm.members[cm.producer[v][0]]
+        if src.kind not in ("param", "buffer"):
+            return i
+    return None
+
+
+def build_groups(cm: CostModel, merge: bool, pinned: set[int]) -> tuple[list[Group], list[int]]:
+    """Groups and member -> group id. A follower joins only when every choice of its
+    producer gives it a layout it can take as is (never a partial sum)."""
+    groups: list[Group] = []
+    group_of = [-1] * len(cm.members)
+    greedy: dict = {}
+    for m in cm.members:
+        mi = m.index
+        i = None if (m.is_source or not merge or mi in pinned) else followed_operand(cm, mi)
+        if i is not None:
+            src, j = cm.producer[m.inputs[i]]
+            g = groups[group_of[src]]
+            by_layout: dict[tuple, Strategy] = {}
+            for s in cm.strategies(mi):          # fewest splits first: the plain follow
+                lay = cm.in_layout(mi, s, i)
+                old = by_layout.get(lay)
+                if old is None or sum(x is not None for x in s) < sum(x is not None for x in old):
+                    by_layout[lay] = s
+            edge = next(e for e in cm.in_edges[mi] if e.arg == i)
+            sig = (m.node.op, format_attr(list(m.node.attrs)), i,
+                   tuple((v.shape, str(v.dtype), v.name in cm.needs_grad) for v in (*m.inputs, *m.outputs)),
+                   m.key in cm.regions, cm.has_backward(mi))
+            chosen = []
+            for sp in g.strat[src]:
+                lay = cm.out_layouts(src, sp)[j]
+                s = None if "P" in lay else by_layout.get(lay)
+                if s is None:       # a partial sum or an unsplittable dim: cheapest conversion
+                    s = greedy.get((sig, lay))
+                    if s is None:
+                        s = greedy[(sig, lay)] = min(cm.strategies(mi), key=lambda sc: (
+                            sum(cm.time_of(c) for c in cm.edge_collectives(edge, sp, sc))
+                            + cm.compute(mi, sc).fwd_time + cm.compute(mi, sc).bwd_time))
+                chosen.append(s)
+            g.members.append(mi)
+            g.strat[mi] = chosen
+            group_of[mi] = group_of[src]
+            continue
+        group_of[mi] = len(groups)
+        groups.append(Group(mi, [mi], {mi: list(cm.strategies(mi))}))
+    return groups, group_of
+
+
+# ---- classes: repeated-block linking ---------------------------------------------------------
+
+BLOCK_RE = re.compile(r"^((?:[^.]+\.)*?[^.]+)\.(\d+)(?:\.|$)")
+
+
+def block_of(path: str) -> tuple[str, str] | None:
+    """`transformer.h.3.attn.c_attn` -> ("transformer.h", "transformer.h.3")."""
+    m = BLOCK_RE.match(path)
+    if not m:
+        return None
+    return m.group(1), f"{m.group(1)}.{m.group(2)}"
+
+
+def build_classes(cm: CostModel, groups: list[Group], group_of: list[int], link: bool,
+                  pinned_at: dict[int, list]) -> tuple[list[list[int]], list[int], dict]:
+    """Classes of linked groups (each a list of group ids) and group -> class id. Pins are
+    part of a block's signature: blocks pinned alike still link."""
+    class_of = [-1] * len(groups)
+    classes: list[list[int]] = []
+    info = {"blocks": 0, "block_classes": 0}
+    if link:
+        block = {}
+        for m in cm.members:
+            b = block_of(m.module)
+            if b is not None:
+                block[m.index] = b
+        instances: dict[str, list[int]] = {}
+        for mi, (_, inst) in block.items():
+            instances.setdefault(inst, []).append(mi)
+        sig_of: dict[str, tuple] = {}
+        for inst, mems in instances.items():
+            local = {mi: k for k, mi in enumerate(mems)}
+            sig = [block[mems[0]][0]]
+            for mi in mems:
+                m = cm.members[mi]
+                ins = []
+                for v in m.inputs:
+                    src, j = cm.producer[v]
+                    if src in local:
+                        ins.append(("L", local[src], j))
+                    else:
+                        ins.append(("X", v.shape, str(v.dtype), v.name in cm.needs_grad))
+                sig.append((m.kind, m.node.op if m.node else "", format_attr(list(m.node.attrs)) if m.node else "",
+                            tuple((v.shape, str(v.dtype), v.name in cm.needs_grad, v.requires_grad) for v in m.outputs),
+                            tuple(ins), m.key in cm.regions, tuple(sorted(pinned_at.get(mi, ())))))
+            # group shape inside the block: each member's group root and position, locally
+            for mi in mems:
+                g = groups[group_of[mi]]
+                inside = all(x in local for x in g.members)
+                sig.append(("G", local[g.root], g.members.index(mi)) if inside else ("G", "spans"))
+            sig_of[inst] = tuple(sig)
+        by_sig: dict[tuple, list[str]] = {}
+        for inst, sig in sig_of.items():
+            by_sig.setdefault(sig, []).append(inst)
+        inst_class = {}
+        for sig, insts in by_sig.items():
+            if len(insts) > 1:
+                info["block_classes"] += 1
+                for inst in insts:
+                    inst_class[inst] = (id(sig), instances[inst])
+        info["blocks"] = len(instances)
+        # a group links when all its members lie in one instance of a repeated block
+        key_to_class: dict[tuple, int] = {}
+        for gid, g in enumerate(groups):
+            insts = {block.get(mi, (None, None))[1] for mi in g.members}
+            if len(insts) != 1:
+                continue
+            inst = insts.pop()
+            if inst not in inst_class:
+                continue
+            cls_sig, mems = inst_class[inst]
+            local = {mi: k for k, mi in enumerate(mems)}
+            key = (sig_of[inst], tuple(local[mi] for mi in g.members))
+            cid = key_to_class.get(key)
+            if cid is None:
+                cid = key_to_class[key] = len(classes)
+                classes.append([])
+            classes[cid].append(gid)
+            class_of[gid] = cid
+    for gid in range(len(groups)):
+        if class_of[gid] < 0:
+            class_of[gid] = len(classes)
+            classes.append([gid])
+    return classes, class_of, info
+
+
+# ---- the search problem ------------------------------------------------------------------------
+
+@dataclass
+class Problem:
+    """The merged and linked problem of one mesh, shared by the ZeRO levels."""
+    cm: CostModel
+    groups: list[Group]
+    group_of: list[int]
+    classes: list[list[int]]
+    class_of: list[int]
+    pins: list[tuple[Pin, int, int]]               # (pin, member, output)
+    stats: dict = field(default_factory=dict)
+    edge_cache: dict = field(default_factory=dict)
+
+    def pos(self, mi: int) -> int:
+        return self.groups[self.group_of[mi]].members.index(mi)
+
+
+_EDGE_MEMO: dict = {}
+
+
+def edge_matrices(cm: CostModel, e: Edge, sps: Sequence[Strategy], scs: Sequence[Strategy],
+                  zero: int, fold_rs: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Time and saved-copy memory of edge `e` for every (producer, consumer) strategy pair.
+    `fold_rs`: the edge is its param's only use, so the ZeRO-2 reduce_scatter that replaces
+    its gradient all_reduce is priced here (exact, and a tighter model than the OR).
+    Entries depend only on the layouts at both ends, so they are computed once per
+    distinct layout pair and memoised across edges of the same kind."""
+    src_ids: dict = {}
+    row = []
+    for sp in sps:
+        lay = cm.out_layouts(e.src, sp)[e.out]
+        zapp = zero >= 2 and cm.zero_applies(e.src, sp, zero)
+        row.append(src_ids.setdefault((lay, zapp), len(src_ids)))
+    dst_ids: dict = {}
+    col = []
+    for sc in scs:
+        lay = cm.in_layout(e.dst, sc, e.arg)
+        splits = frozenset(i for i, lab in enumerate(sc) if lab is not None)
+        col.append(dst_ids.setdefault((lay, splits), len(dst_ids)))
+    v = e.value
+    src_m = cm.members[e.src]
+    kind = (id(cm), v.shape, cm.itemsize(v), v.name in cm.needs_grad, cm.has_backward(e.dst),
+            cm.members[e.dst].key in cm.regions, src_m.trainable, fold_rs,
+            src_m.outputs[0].shape if src_m.is_source else None)
+    T = np.zeros((len(src_ids), len(dst_ids)))
+    M = np.zeros((len(src_ids), len(dst_ids)))
+    dst_keys = list(dst_ids)
+    for a, (slay, zapp) in enumerate(src_ids):
+        for b, (dlay, splits) in enumerate(dst_keys):
+            mk = (kind, slay, zapp, dlay, splits)
+            hit = _EDGE_MEMO.get(mk)
+            if hit is None:
+                cols = cm.layout_collectives(e, slay, dlay, splits)
+                t = 0.0
+                replaced = False
+                for c in cols:
+                    if zapp and cm.is_param_grad_reduce(e, c):
+                        replaced = True
+                        continue
+                    t += cm.time_of(c)
+                if replaced and fold_rs:
+                    t += cm.time_of(Collective("reduce_scatter", cm.dp_axis,
+                                               cm.local_bytes(src_m.outputs[0], slay), "backward"))
+                hit = _EDGE_MEMO[mk] = (t, cm.layout_edge_memory(e, dlay, cols))
+            T[a, b], M[a, b] = hit
+    if len(_EDGE_MEMO) > 500_000:
+        _EDGE_MEMO.clear()
+    r, c = np.array(row), np.array(col)
+    return T[np.ix_(r, c)], M[np.ix_(r, c)]
+
+
+def build_problem(graph: Graph, cluster: Cluster, pins: Sequence[Pin], recompute, merge: bool,
+                  link: bool, precision: str | None, dp_axis: str | None) -> Problem:
+    cm = CostModel(graph, cluster, precision=precision, recompute=recompute, dp_axis=dp_axis)
+    pin_members = []
+    for pin in pins:
+        v = next((v for v in cm.producer if v.name == pin.value), None)
+        if v is None:
+            raise ValueError(f"pin {pin}: the graph has no value %{pin.value}")
+        if len(pin.layout) != len(cm.mesh):
+            raise ValueError(f"pin {pin}: {len(pin.layout)} placements for a mesh of "
+                             f"{len(cm.mesh)} axes ({sharding.format_mesh(cm.mesh)})")
+        mi, j = cm.producer[v]
+        pin_members.append((pin, mi, j))
+    pinned = {mi for _, mi, _ in pin_members}
+    groups, group_of = build_groups(cm, merge, pinned)
+    pinned_at: dict[int, list] = {}
+    for pin, mi, j in pin_members:
+        pinned_at.setdefault(mi, []).append((j, tuple(pin.layout)))
+    classes, class_of, info = build_classes(cm, groups, group_of, link, pinned_at)
+    stats = {
+        "members": len(cm.members),
+        "variables_before": sum(len(cm.strategies(m.index)) for m in cm.members),
+        "groups_after_merging": len(groups),
+        "variables_after_merging": sum(g.size for g in groups),
+        "classes_after_linking": len(classes),
+        "variables_after_linking": sum(groups[c[0]].size for c in classes),
+        "repeated_block_kinds": info["block_classes"],
+    }
+    return Problem(cm, groups, group_of, classes, class_of, pin_members, stats)
+
+
+@dataclass
+class Tables:
+    """One ZeRO level's costs per class over its remaining domain (indices into the
+    group's strategy lists)."""
+    dom: list[list[int]]
+    ut: list[np.ndarray]
+    um: list[np.ndarray]
+    pairs: dict[tuple[int, int], list[np.ndarray]]      # (C1, C2) -> [T, M]
+    rs: list[tuple[int, np.ndarray, list[tuple[int, np.ndarray]]]]   # param class, cost, consumers
+
+
+def allowed_root(prob: Problem, zero: int, gid: int) -> list[int]:
+    """Root strategies allowed at this ZeRO level: below 3, parameters never split dp."""
+    cm = prob.cm
+    g = prob.groups[gid]
+    d = cm.dp_index()
+    root = cm.members[g.root]
+    if zero >= 3 or d is None or root.kind != "param":
+        return list(range(g.size))
+    return [k for k, s in enumerate(g.strat[g.root]) if s[d] is None]
+
+
+def build_tables(prob: Problem, zero: int) -> Tables:
+    cm, groups = prob.cm, prob.groups
+    ncls = len(prob.classes)
+    full_dom = []
+    for cid, gids in enumerate(prob.classes):
+        full_dom.append(allowed_root(prob, zero, gids[0]))
+    ut = [np.zeros(len(full_dom[c])) for c in range(ncls)]
+    um = [np.zeros(len(full_dom[c])) for c in range(ncls)]
+    # unary: members' compute, activations, parameter state, optimizer gathers
+    for cid, gids in enumerate(prob.classes):
+        g = groups[gids[0]]
+        mult = len(gids)
+        for k_i, k in enumerate(full_dom[cid]):
+            t = mm = 0.0
+            for mi in g.members:
+                s = g.strat[mi][k]
+                c = cm.compute(mi, s)
+                t += c.fwd_time + c.bwd_time + c.recompute_time
+                mm += cm.activation_bytes(mi, s) + sum(cm.param_state(mi, s, zero))
+                col = cm.optimizer_gather(mi, s, zero)
+                if col is not None:
+                    t += cm.time_of(col)
+            ut[cid][k_i] += mult * t
+            um[cid][k_i] += mult * mm
+    # edges, deduplicated by (class, position) of both ends
+    edge_count: dict[tuple, list] = {}
+    for e in cm.edges:
+        ga, gb = prob.group_of[e.src], prob.group_of[e.dst]
+        key = (prob.class_of[ga], prob.pos(e.src), e.out, prob.class_of[gb], prob.pos(e.dst), e.arg,
+               ga == gb)
+        ent = edge_count.get(key)
+        if ent is None:
+            edge_count[key] = [e, 1]
+        else:
+            ent[1] += 1
+    pairs: dict[tuple[int, int], list[np.ndarray]] = {}
+    for key, (e, mult) in edge_count.items():
+        ca, cb, same_group = key[0], key[3], key[6]
+        ga, gb = groups[prob.group_of[e.src]], groups[prob.group_of[e.dst]]
+        fold = zero >= 2 and len(cm.out_edges[e.src]) == 1 and cm.members[e.src].trainable
+        ck = (key, zero >= 2)
+        if ck not in prob.edge_cache:
+            sps = [ga.strat[e.src][k] for k in range(ga.size)]
+            scs = [gb.strat[e.dst][k] for k in range(gb.size)]
+            prob.edge_cache[ck] = edge_matrices(cm, e, sps, scs, zero, fold)
+        T, M = prob.edge_cache[ck]
+        da, db = full_dom[ca], full_dom[cb]
+        if same_group or ca == cb:           # one decision: only the diagonal is reachable
+            idx = np.array(da)
+            ut[ca] += mult * T[idx, idx]
+            um[ca] += mult * M[idx, idx]
+            continue
+        sub_t, sub_m = T[np.ix_(da, db)], M[np.ix_(da, db)]
+        if ca > cb:
+            ca, cb, sub_t, sub_m = cb, ca, sub_t.T, sub_m.T
+        acc = pairs.get((ca, cb))
+        if acc is None:
+            pairs[(ca, cb)] = [mult * sub_t, mult * sub_m]
+        else:
+            acc[0] += mult * sub_t
+            acc[1] += mult * sub_m
+    # ZeRO-2/3: one reduce_scatter per param whose gradient is partial on dp
+    rs = []
+    d = cm.dp_index()
+    if zero >= 2 and d is not None:
+        seen = set()
+        for m in cm.members:
+            if not m.trainable or len(cm.out_edges[m.index]) <= 1:     # one use: folded
+                continue
+            gid = prob.group_of[m.index]
+            cid = prob.class_of[gid]
+            key = (cid, prob.pos(m.index))
+            if key in seen:
+                continue
+            seen.add(key)
+            g = groups[gid]
+            cost = np.array([cm.time_of(cm.grad_reduce_scatter(m.index, g.strat[m.index][k]))
+                             if cm.zero_applies(m.index, g.strat[m.index][k], zero) else 0.0
+                             for k in full_dom[cid]]) * len(prob.classes[cid])
+            if not cost.any():
+                continue
+            consumers = {}
+            for gid2 in prob.classes[cid]:
+                mi2 = groups[gid2].members[key[1]]
+                for e in cm.out_edges[mi2]:
+                    gc = prob.group_of[e.dst]
+                    cc = prob.class_of[gc]
+                    hk = (cc, prob.pos(e.dst))
+                    if hk not in consumers:
+                        gg = groups[gc]
+                        consumers[hk] = np.array([gg.strat[e.dst][k][d] is not None for k in full_dom[cc]])
+            rs.append((cid, cost, [(cc, mask) for (cc, _), mask in consumers.items()]))
+    return Tables(full_dom, ut, um, pairs, rs)
+
+
+def remove_dominated(prob: Problem, tab: Tables, protected: set[int]) -> int:
+    """Drop strategies no better than another in every cost; returns how many."""
+    ncls = len(tab.dom)
+    incident: list[list[tuple[tuple[int, int], int]]] = [[] for _ in range(ncls)]
+    for (a, b) in tab.pairs:
+        incident[a].append(((a, b), 0))
+        incident[b].append(((a, b), 1))
+    rs_feat: list[list[np.ndarray]] = [[] for _ in range(ncls)]
+    for cid, cost, consumers in tab.rs:
+        rs_feat[cid].append(cost)
+        for cc, mask in consumers:
+            rs_feat[cc].append(mask.astype(float))
+    removed = 0
+    for c in range(ncls):
+        n = len(tab.dom[c])
+        if n <= 1 or c in protected:
+            continue
+        feats = [tab.ut[c][:, None], tab.um[c][:, None]]
+        for key, side in incident[c]:
+            T, M = tab.pairs[key]
+            feats += [T, M] if side == 0 else [T.T, M.T]
+        feats += [f[:, None] for f in rs_feat[c]]
+        F = np.concatenate(feats, axis=1)
+        scale = np.abs(F).max(axis=0) + 1e-300
+        tol = 1e-9 * scale
+        keep = np.ones(n, dtype=bool)
+        for k1 in range(n):
+            le = np.all(F <= F[k1] + tol, axis=1)          # rows no worse than k1
+            lt = np.any(F < F[k1] - tol, axis=1)
+            dominators = keep & le & (lt | (np.arange(n) < k1))
+            dominators[k1] = False
+            if dominators.any():
+                keep[k1] = False
+        if keep.all():
+            continue
+        idx = np.nonzero(keep)[0]
+        removed += n - len(idx)
+        tab.dom[c] = [tab.dom[c][i] for i in idx]
+        tab.ut[c], tab.um[c] = tab.ut[c][idx], tab.um[c][idx]
+        for key, side in incident[c]:
+            P = tab.pairs[key]
+            tab.pairs[key] = [X[idx, :] if side == 0 else X[:, idx] for X in P]
+        tab.rs = [(cid, cost[idx] if cid == c else cost,
+                   [(cc, mask[idx] if cc == c else mask) for cc, mask in cons])
+                  for cid, cost, cons in tab.rs]
+        for i, f in enumerate(rs_feat[c]):
+            rs_feat[c][i] = f[idx]
+    return removed
+
+
+# ---- CP-SAT ------------------------------------------------------------------------------------
+
+@dataclass
+class Solved:
+    status: str
+    zero: int
+    choice: list[int] | None          # per class: index into the group domain
+    objective: float | None           # seconds (or bytes for memory minimisation)
+    solve_time: float
+    core: list[str] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+
+def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | None,
+                 time_limit: float, deterministic: bool, minimize: str = "time",
+                 hint: dict[int, int] | None = None, diagnose: bool = False) -> Solved:
+    """Build and solve the CP-SAT model of one ZeRO level. `hint`: class -> position in
+    its remaining domain."""
+    model = cp_model.CpModel()
+    ncls = len(tab.dom)
+    # integer scaling: the objective's upper bound maps to ~1e9
+    ub_t = sum(u.max() for u in tab.ut if len(u)) + sum(P[0].max() for P in tab.pairs.values() if P[0].size)
+    ub_t += sum(c.max() for _, c, _ in tab.rs)
+    ub_m = sum(u.max() for u in tab.um if len(u)) + sum(P[1].max() for P in tab.pairs.values() if P[1].size)
+    st = 1e9 / max(ub_t, 1e-30)
+    unit_m = max(ub_m / 1e9, 1.0)
+
+    def it(x):
+        return int(round(x * st))
+
+    def im(x):
+        return int(np.ceil(x / unit_m - 1e-9))
+    x = [[model.NewBoolVar(f"x{c}_{k}") for k in range(len(tab.dom[c]))] for c in range(ncls)]
+    for c in range(ncls):
+        model.AddExactlyOne(x[c])
+    obj_t, obj_m = [], []
+    ut = [u.copy() for u in tab.ut]
+    um = [u.copy() for u in tab.um]
+    index_var: dict[int, cp_model.IntVar] = {}
+
+    def index_of(c):
+        if c not in index_var:
+            v = model.NewIntVar(0, len(tab.dom[c]) - 1, f"i{c}")
+            model.Add(v == sum(k * b for k, b in enumerate(x[c])))
+            index_var[c] = v
+        return index_var[c]
+    n_pair_bools = n_tables = 0
+    for (a, b), (T, M) in tab.pairs.items():
+        T, M = T.copy(), M.copy()
+        for X, U in ((T, ut), (M, um)):
+            r = X.min(axis=1)
+            X -= r[:, None]
+            U[a] += r
+            cmin = X.min(axis=0)
+            X -= cmin[None, :]
+            U[b] += cmin
+        Ti = np.rint(T * st).astype(np.int64)
+        Mi = np.ceil(M / unit_m - 1e-9).astype(np.int64)
+        if not Ti.any() and not Mi.any():
+            continue
+        # strategies with identical rows (columns) are one "row class" for this edge:
+        # the pair variables live on classes, which keeps the encoding small
+        rows, row_of = np.unique(np.concatenate([Ti, Mi], axis=1), axis=0, return_inverse=True)
+        cols, col_of = np.unique(np.concatenate([Ti, Mi], axis=0).T, axis=0, return_inverse=True)
+        row_of, col_of = row_of.reshape(-1), col_of.reshape(-1)
+        ra = [np.nonzero(row_of == r)[0][0] for r in range(len(rows))]
+        cb = [np.nonzero(col_of == c)[0][0] for c in range(len(cols))]
+        if len(rows) * len(cols) <= PAIR_LIMIT:
+            # the local-marginal encoding (Alpa's): tight LP relaxation on chains and trees
+            y = [[model.NewBoolVar("") for _ in cb] for _ in ra]
+            n_pair_bools += len(ra) * len(cb)
+            for r in range(len(ra)):
+                model.Add(sum(y[r]) == sum(x[a][k] for k in np.nonzero(row_of == r)[0]))
+            for c in range(len(cb)):
+                model.Add(sum(y[r][c] for r in range(len(ra))) == sum(x[b][l] for l in np.nonzero(col_of == c)[0]))
+            for r, k in enumerate(ra):
+                for c, l in enumerate(cb):
+                    if Ti[k, l]:
+                        obj_t.append(int(Ti[k, l]) * y[r][c])
+                    if Mi[k, l]:
+                        obj_m.append(int(Mi[k, l]) * y[r][c])
+        else:
+            n_tables += 1
+            tv = model.NewIntVarFromDomain(cp_model.Domain.FromValues(sorted(set(Ti.flatten().tolist()))), "")
+            mv = model.NewIntVarFromDomain(cp_model.Domain.FromValues(sorted(set(Mi.flatten().tolist()))), "")
+            tuples = [(k, l, int(Ti[k, l]), int(Mi[k, l])) for k in range(Ti.shape[0]) for l in range(Ti.shape[1])]
+            model.AddAllowedAssignments([index_of(a), index_of(b), tv, mv], tuples)
+            obj_t.append(tv)
+            obj_m.append(mv)
+    for c in range(ncls):
+        for k, b in enumerate(x[c]):
+            if it(ut[c][k]):
+                obj_t.append(it(ut[c][k]) * b)
+            if im(um[c][k]):
+                obj_m.append(im(um[c][k]) * b)
+    n_rs = 0
+    for cid, cost, consumers in tab.rs:
+        bvar = model.NewBoolVar("")
+        for cc, mask in consumers:
+            lits = [x[cc][k] for k in range(len(mask)) if mask[k]]
+            if lits:
+                model.Add(bvar >= sum(lits))
+        for k, ck in enumerate(cost):
+            if it(ck):
+                z = model.NewBoolVar("")
+                model.AddBoolOr([x[cid][k].Not(), bvar.Not(), z])
+                obj_t.append(it(ck) * z)
+                n_rs += 1
+    # pins and the memory limit: hard constraints, or (diagnose=True, after an infeasible
+    # solve) each behind an assumption literal so the solver names a conflicting subset
+    # (assumptions also weaken presolve, hence two passes)
+    assumptions, names = [], {}
+    for pin, mi, j in prob.pins:
+        gid = prob.group_of[mi]
+        cid = prob.class_of[gid]
+        g = prob.groups[gid]
+        bad = [x[cid][kk] for kk, k in enumerate(tab.dom[cid])
+               if not pin.matches(prob.cm.out_layouts(mi, g.strat[mi][k])[j])]
+        if diagnose:
+            lit = model.NewBoolVar(f"pin {pin}")
+            for b in bad:
+                model.AddImplication(lit, b.Not())
+            assumptions.append(lit)
+            names[lit.Index()] = str(pin)
+        else:
+            for b in bad:
+                model.Add(b == 0)
+    mem_expr = sum(obj_m) if obj_m else 0
+    if memory_limit is not None and minimize == "time" and obj_m:
+        ct = model.Add(mem_expr <= int(memory_limit // unit_m))
+        if diagnose:
+            lit = model.NewBoolVar("memory")
+            ct.OnlyEnforceIf(lit)
+            assumptions.append(lit)
+            names[lit.Index()] = "memory"
+    model.Minimize(sum(obj_t) if minimize == "time" else mem_expr)
+    if assumptions:
+        model.AddAssumptions(assumptions)
+    if hint:
+        for c, k in hint.items():
+            for kk, b in enumerate(x[c]):
+                model.AddHint(b, kk == k)
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(time_limit, 0.05)
+    if deterministic or diagnose:
+        solver.parameters.num_workers = 1
+        solver.parameters.random_seed = 0
+    else:
+        solver.parameters.num_workers = max(os.cpu_count() or 1, 1)
+    # probing and symmetry detection cost more than they save on these models
+    solver.parameters.cp_model_probing_level = 0
+    solver.parameters.symmetry_level = 0
+    for k, v in json.loads(os.environ.get("AUTOPAR_CPSAT", "{}")).items():   # experiments
+        setattr(solver.parameters, k, v)
+    if os.environ.get("AUTOPAR_DUMP"):
+        with open(os.environ["AUTOPAR_DUMP"], "w") as f:
+            f.write(str(model.Proto()))
+    t0 = time.perf_counter()
+    status = solver.Solve(model)
+    dt = time.perf_counter() - t0
+    sname = solver.StatusName(status)
+    stats = {"bools": sum(len(v) for v in x), "pair_bools": n_pair_bools, "tables": n_tables,
+             "rs_bools": n_rs, "constraints": len(model.Proto().constraints)}
+    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        choice = [next(k for k, b in enumerate(x[c]) if solver.BooleanValue(b)) for c in range(ncls)]
+        choice = [tab.dom[c][k] for c, k in enumerate(choice)]
+        obj = solver.ObjectiveValue() / st if minimize == "time" else solver.ObjectiveValue() * unit_m
+        return Solved(sname, zero, choice, obj, dt, stats=stats)
+    core = []
+    if status == cp_model.INFEASIBLE and assumptions:
+        # shrink the solver's core until every assumption in it is needed (deletion filter)
+        lits = {lit.Index(): lit for lit in assumptions}
+        idx = list(solver.SufficientAssumptionsForInfeasibility()) or list(lits)
+        solver.parameters.stop_after_first_solution = True
+        i = 0
+        while i < len(idx) and len(idx) > 1:
+            trial = idx[:i] + idx[i + 1:]
+            model.ClearAssumptions()
+            model.AddAssumptions([lits[j] for j in trial])
+            if solver.Solve(model) == cp_model.INFEASIBLE:
+                idx = trial
+            else:
+                i += 1
+        core = [names.get(i, "?") for i in idx]
+    elif status == cp_model.INFEASIBLE and not diagnose and (prob.pins or memory_limit is not None):
+        again = solve_tables(prob, tab, zero, memory_limit, time_limit, deterministic, minimize,
+                             diagnose=True)
+        core = again.core
+    return Solved(sname, zero, None, None, dt, core, stats)
+
+
+def local_search_hint(tab: Tables, starts: list[list[int]], sweeps: int = 30) -> list[int]:
+    """Iterated conditional modes from each start (positions per class); the best by the
+    time objective (memory and ZeRO reduce_scatters ignored) -- a hint, nothing more."""
+    ncls = len(tab.dom)
+    nbr: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(ncls)]
+    for (a, b), (T, _) in tab.pairs.items():
+        nbr[a].append((b, T))
+        nbr[b].append((a, T.T))
+
+    def total(ch):
+        return (sum(tab.ut[c][ch[c]] for c in range(ncls))
+                + sum(T[ch[a], ch[b]] for (a, b), (T, _) in tab.pairs.items()))
+    best, best_cost = None, float("inf")
+    for start in starts:
+        ch = list(start)
+        for _ in range(sweeps):
+            changed = False
+            for c in range(ncls):
+                if len(tab.dom[c]) <= 1:
+                    continue
+                cost = tab.ut[c].copy()
+                for o, T in nbr[c]:
+                    cost += T[:, ch[o]]
+                k = int(np.argmin(cost))
+                if cost[k] < cost[ch[c]] - 1e-15:
+                    ch[c], changed = k, True
+            if not changed:
+                break
+        t = total(ch)
+        if t < best_cost:
+            best, best_cost = ch, t
+    return best
+
+
+def choice_strategies(prob: Problem, choice: list[int]) -> dict[str, Strategy]:
+    out = {}
+    for cid, gids in enumerate(prob.classes):
+        for gid in gids:
+            g = prob.groups[gid]
+            for mi in g.members:
+                out[prob.cm.members[mi].key] = g.strat[mi][choice[cid]]
+    return out
+
+
+# ---- the public entry points ---------------------------------------------------------------------
+
+def zero_levels(cm: CostModel, zero: int | None) -> list[int]:
+    """ZeRO stages to try. The automatic choice solves 0 and 3 only: stage 3's space holds
+    every stage-2 plan at the same cost (a param left R on dp is treated as stage 2; a
+    stage-3 answer that splits no param on dp is reported as stage 2), and stage 1 is
+    never faster than 2 (reduce_scatter + all_gather move what one all_reduce does, with
+    dp converted first) nor smaller in memory."""
+    if cm.dp_index() is None:
+        return [0]
+    if zero is not None:
+        return [zero]
+    return [0, 3]
+
+
+def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | str,
+           memory_limit: float | None = None, zero: int | None = None, pins: Iterable[Pin] = (),
+           time_limit: float = 10.0, deterministic: bool = False, recompute: Iterable[str] = (),
+           precision: str | None = None, merge: bool = True, link: bool = True,
+           dp_axis: str | None = None) -> Plan:
+    """The fastest plan for `graph` on `mesh` that fits `memory_limit` bytes per device
+    (default: the profile's memory). `zero=None` lets the search pick the ZeRO stage.
+    Raises `PlanInfeasible` naming the conflicting pins or the failing memory limit.
+
+        >>> plan = search(graph, "dp=2,tp=2", "h100", deterministic=True)   # doctest: +SKIP
+    """
+    t_start = time.perf_counter()
+    if isinstance(profile, str):
+        profile = load_profile(profile)
+    if isinstance(mesh, str):
+        mesh = sharding.parse_mesh(mesh)
+    if zero is not None and zero not in (0, 1, 2, 3):
+        raise ValueError(f"zero={zero}: the ZeRO stage is 0, 1, 2 or 3")
+    pins, recompute = list(pins), list(recompute)
+    cluster = Cluster(dict(mesh), profile)
+    limit = float(memory_limit) if memory_limit is not None else float(profile.memory)
+    prob = build_problem(graph, cluster, pins, recompute, merge, link, precision, dp_axis)
+    cm = prob.cm
+    levels = zero_levels(cm, zero)
+    protected = {prob.class_of[prob.group_of[mi]] for _, mi, _ in prob.pins}
+    results: list[tuple[Solved, Tables]] = []
+    hint = None
+    t_build = time.perf_counter() - t_start
+    for i, z in enumerate(levels):
+        tab = build_tables(prob, z)
+        before = sum(len(d) for d in tab.dom)
+        removed = remove_dominated(prob, tab, protected)
+        left = time_limit - (time.perf_counter() - t_start)
+        budget = max(left / (len(levels) - i), 0.1)
+        starts = [[int(np.argmin(u)) for u in tab.ut], [0] * len(tab.dom)]
+        if hint is not None:
+            starts.append([tab.dom[c].index(k) if k in tab.dom[c] else 0 for c, k in enumerate(hint)])
+        h = dict(enumerate(local_search_hint(tab, starts)))
+        res = solve_tables(prob, tab, z, limit, budget, deterministic, hint=h)
+        res.stats.update(variables_before_dominance=before, dominated_removed=removed,
+                         variables_after_dominance=before - removed)
+        results.append((res, tab))
+        if res.choice is not None:
+            hint = res.choice
+    ok = [(r, t) for r, t in results if r.choice is not None]
+    if not ok:
+        raise infeasible_error(prob, results, limit, deterministic)
+    # the exact cost of each candidate decides (the solver's objective is rounded)
+    best = None
+    exact = {}
+    for r, t in ok:
+        strategies = choice_strategies(prob, r.choice)
+        report = cm.evaluate(strategies, r.zero)
+        exact[r.zero] = report.step_time
+        if best is None or report.step_time < best[2].step_time * (1 - 1e-9):
+            best = (r, strategies, report, t)
+    r, strategies, report, tab = best
+    chosen_zero = r.zero
+    d = cm.dp_index()
+    if chosen_zero == 3 and not any(strategies[m.key][d] is not None for m in cm.members
+                                    if m.kind == "param"):
+        chosen_zero = 2             # nothing stored sharded on dp: the same plan as stage 2
+    wall = time.perf_counter() - t_start
+    solver_stats = dict(prob.stats)
+    solver_stats.update(r.stats)
+    solver_stats.update({
+        "status": r.status,
+        "objective": r.objective,
+        "solve_time": sum(x.solve_time for x, _ in results),
+        "build_time": t_build,
+        "wall_time": wall,
+        "zero_levels": {str(x.zero): {"status": x.status, "step_time": exact.get(x.zero),
+                                      "solve_time": x.solve_time} for x, _ in results},
+        "deterministic": deterministic,
+        "time_limit": time_limit,
+    })
+    return make_plan(graph, cm, strategies, report, chosen_zero, limit, recompute, solver_stats,
+                     [str(p) for p in pins])
+
+
+def make_plan(graph: Graph, cm: CostModel, strategies: dict[str, Strategy], report: CostReport,
+              zero: int, limit: float | None, recompute, solver_stats: dict, constraints=()) -> Plan:
+    mesh = dict(cm.mesh)
+    layouts = sharding.derive_layouts(graph, mesh, strategies)
+    cost = report.to_dict()
+    cost["memory_limit"] = limit
+    cost["fits"] = limit is None or report.memory["total"] <= limit
+    cost["links"] = {a: {"kind": cm.cluster.link_kind(a), "alpha": cm.cluster.link(a).alpha,
+                         "bandwidth": cm.cluster.link(a).bandwidth} for a in mesh}
+    cost["precision"] = cm.precision
+    return Plan(model=graph.name, mesh=mesh, device=cm.profile.name, memory_limit=limit,
+                strategies={k: list(v) for k, v in strategies.items()},
+                layouts={k: list(v) for k, v in layouts.items()}, zero=zero,
+                dp_axis=cm.dp_axis if cm.dp_index() is not None else None,
+                recompute=list(recompute), cost=cost, solver=solver_stats,
+                constraints=list(constraints))
+
+
+def infeasible_error(prob: Problem, results, limit: float, deterministic: bool) -> PlanInfeasible:
+    cm = prob.cm
+    mesh = sharding.format_mesh(cm.mesh)
+    cores = [r.core for r, _ in results if r.status == "INFEASIBLE"]
+    pin_cores = [c for c in cores if c and "memory" not in c]
+    if pin_cores and len(pin_cores) == len(results):
+        core = min(pin_cores, key=len)
+        return PlanInfeasible(f"the pins cannot all hold on mesh {mesh}: {'; '.join(core)}. "
+                              "No strategy gives these values those layouts together (a dim that "
+                              "no axis size divides, a dim the op cannot split, or two pins on "
+                              "one decision). Remove or change one of them.")
+    if not any(r.status == "INFEASIBLE" for r, _ in results):
+        return PlanInfeasible(f"the solver found no plan on mesh {mesh} within the time limit "
+                              f"(status {', '.join(r.status for r, _ in results)}); raise --time-limit")
+    pinned_memory = sorted({p for c in cores for p in c if p != "memory"})
+    # memory: the least memory any plan needs, from a model minimising it
+    best = None
+    for r, tab in results:
+        res = solve_tables(prob, tab, r.zero, None, 10.0, deterministic, minimize="memory")
+        if res.choice is None:
+            continue
+        rep = cm.evaluate(choice_strategies(prob, res.choice), r.zero)
+        if best is None or rep.memory["total"] < best[1].memory["total"]:
+            best = (r.zero, rep)
+    if best is None:
+        return PlanInfeasible(f"no plan exists on mesh {mesh} even without a memory limit")
+    z, rep = best
+    m = rep.memory
+    err = PlanInfeasible(
+        f"memory per device: no plan on mesh {mesh} fits the limit of {format_bytes(limit)}. "
+        f"The least any plan needs is {format_bytes(m['total'])} per device (ZeRO-{z}: params "
+        f"{format_bytes(m['params'])}, grads {format_bytes(m['grads'])}, optimizer "
+        f"{format_bytes(m['optimizer'])}, activations {format_bytes(m['activations'])}). "
+        "Use more devices, a smaller batch, recompute regions, or raise --memory."
+        + (f" The pins {'; '.join(pinned_memory)} take part in this." if pinned_memory else ""))
+    err.least_memory = m["total"]           # type: ignore[attr-defined]
+    err.memory_breakdown = dict(m)          # type: ignore[attr-defined]
+    return err
+
+
+def mesh_shapes(n: int, axes: Sequence[str] = ("dp", "tp"), max_inner: int | None = None) -> list[dict[str, int]]:
+    """Factorisations of `n` devices over two axes, the inner one at most `max_inner`
+    (tensor parallelism beyond a node is never the fastest with these links)."""
+    outer, inner = axes
+    out = []
+    for t in range(1, n + 1):
+        if n % t == 0 and (max_inner is None or t <= max_inner):
+            out.append({outer: n // t, inner: t})
+    return out
+
+
+def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Sequence[str] = ("dp", "tp"),
+                   max_inner: int | None = None, **kwargs) -> tuple[Plan, list[dict]]:
+    """Search every mesh shape of `n` devices and return the fastest plan and one row per
+    shape (mesh, status, step time, compute, communication, memory, ZeRO stage).
+
+        >>> plan, rows = search_devices(graph, 8, "h100")               # doctest: +SKIP
+    """
+    if isinstance(profile, str):
+        profile = load_profile(profile)
+    if n < 1:
+        raise ValueError(f"--devices {n}: give a positive device count")
+    rows, best = [], None
+    for mesh in mesh_shapes(n, axes, max_inner if max_inner is not None else profile.node_size):
+        row = {"mesh": sharding.format_mesh(mesh)}
+        try:
+            plan = search(graph, mesh, profile, **kwargs)
+        except PlanInfeasible as e:
+            row.update(status="infeasible", reason=str(e),
+                       least_memory=getattr(e, "least_memory", None))
+            rows.append(row)
+            continue
+        c = plan.cost
+        row.update(status=plan.solver["status"], step_time=c["step_time"], compute=c["compute_time"],
+                   communication=c["comm_time"], comm_by_axis=c["communication"],
+                   memory=c["memory"]["total"], zero=plan.zero,
+                   tflops_per_device=c["tflops_per_device"], solve_time=plan.solver["solve_time"],
+                   wall_time=plan.solver["wall_time"])
+        rows.append(row)
+        if best is None or c["step_time"] < best.cost["step_time"]:
+            best = plan
+    if best is None:
+        least = [r for r in rows if r.get("least_memory")]
+        detail = "; ".join(f"{r['mesh']}: {r['reason']}" for r in rows)
+        raise PlanInfeasible(f"no mesh shape of {n} devices has a plan. {detail}")
+    for r in rows:
+        r["winner"] = r["mesh"] == sharding.format_mesh(best.mesh)
+    best.solver["mesh_candidates"] = rows
+    return best, rows
+
+
+__all__ = ["search", "search_devices", "PlanInfeasible", "mesh_shapes", "block_of", "build_problem"]

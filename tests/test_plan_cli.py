@@ -1,0 +1,89 @@
+"""`autopar plan` through compiler.cli.main: the text report, --devices, --json (the same
+numbers), -o, --batch, and the errors a user can act on."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from autopar.compiler.cli import main
+from autopar.compiler.plan import Plan
+
+GPT = "examples/gpt.py:build"
+
+
+@pytest.fixture(autouse=True)
+def fake_cpu_profile(tmp_path, monkeypatch):
+    """The default device is `cpu`, measured once per machine; tests use a fixed one."""
+    monkeypatch.setenv("AUTOPAR_CACHE", str(tmp_path))
+    (tmp_path / "cpu.json").write_text(json.dumps({
+        "name": "cpu", "peak_flops": 5e10, "efficiency": 1.0, "hbm_bandwidth": 1e10, "memory": 8e9,
+        "node_size": 2, "intra": {"alpha": 5e-5, "bandwidth": 2e9},
+        "inter": {"alpha": 5e-5, "bandwidth": 2e9}, "precision": "fp32"}))
+
+
+@pytest.fixture(autouse=True)
+def repo_root(monkeypatch):
+    import pathlib
+    monkeypatch.chdir(pathlib.Path(__file__).resolve().parent.parent)
+
+
+def test_plan_mesh_text_and_saved_plan(capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["plan", GPT, "--mesh", "dp=2,tp=2", "--deterministic", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "plan for gpt on dp=2,tp=2 (4 x cpu)" in text
+    for part in ("solver:", "after follow-merging", "after block linking", "status OPTIMAL",
+                 "per module", "transformer.h.*.attn.c_attn (x2)", "totals per training step",
+                 "communication", "memory/device", "params", "grads", "optimizer", "activations"):
+        assert part in text, part
+    plan = Plan.load(out)
+    assert plan.mesh == {"dp": 2, "tp": 2} and plan.device == "cpu"
+    assert plan.layouts["transformer.h.0.attn.c_attn.weight"]
+
+
+def test_plan_json_has_the_same_numbers(capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    args = ["plan", GPT, "--mesh", "dp=2,tp=2", "--deterministic", "--device", "h100"]
+    assert main(args + ["--json", "-o", str(out)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    plan = Plan.load(out)
+    assert data["cost"]["step_time"] == plan.cost["step_time"]
+    assert data["cost"]["bytes"] == plan.cost["bytes"]
+    assert data["cost"]["memory"] == plan.cost["memory"]
+    assert data["solver"]["variables_after_linking"] == plan.solver["variables_after_linking"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    from autopar.compiler.cluster import format_bytes, format_time
+    assert format_time(data["cost"]["step_time"]) in text
+    assert format_bytes(data["cost"]["memory"]["total"]) in text
+    assert any(r["module"] == "transformer.h.*.mlp.c_fc" and r["count"] == 2 for r in data["modules"])
+
+
+def test_plan_devices_compares_mesh_shapes(capsys):
+    assert main(["plan", GPT, "--devices", "8", "--device", "a100-80g", "--deterministic",
+                 "--batch", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "mesh shapes of 8 devices:" in text and "<- winner" in text
+    for mesh in ("dp=8,tp=1", "dp=4,tp=2", "dp=2,tp=4", "dp=1,tp=8"):
+        assert mesh in text
+    assert main(["plan", GPT, "--devices", "8", "--device", "a100-80g", "--deterministic", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["mesh_candidates"]) == 4 and sum(r["winner"] for r in data["mesh_candidates"]) == 1
+
+
+def test_plan_user_errors(capsys, tmp_path):
+    assert main(["plan", "examples/mlp.py:build", "--mesh", "dp=2", "--batch", "4"]) == 2
+    assert "takes no 'batch' argument" in capsys.readouterr().err
+    bad = tmp_path / "dev.json"
+    bad.write_text("{}")
+    assert main(["plan", GPT, "--mesh", "dp=2", "--device", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "dev.json" in err and "peak_flops" in err
+    assert main(["plan", GPT, "--mesh", "dp=2", "--memory", "100KB", "--deterministic"]) == 2
+    err = capsys.readouterr().err
+    assert "memory per device" in err and "least any plan needs" in err
+    assert main(["plan", GPT, "--mesh", "dp2"]) == 2
+    assert "dp2=N" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plan", GPT, "--mesh", "dp=2", "--devices", "4"])

@@ -1,0 +1,279 @@
+"""The sharding search: CP-SAT against brute force on random small graphs, known optima
+(Megatron column/row, pure data parallelism, ZeRO when replicas do not fit), pins,
+infeasibility messages, block linking, determinism, mesh-shape comparison and the Plan's
+JSON round trip and diff. Deterministic mode everywhere; no timing asserts."""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+
+from autopar.compiler.cluster import Cluster, DeviceProfile, Link
+from autopar.compiler.cost import CostModel
+from autopar.compiler.ir import Graph, Node, NodeMeta, Value
+from autopar.compiler.plan import Plan, diff
+from autopar.compiler.sharding import Pin
+from autopar.compiler.verify import verify
+from autopar.passes.shard import PlanInfeasible, mesh_shapes, search, search_devices
+
+PROF = DeviceProfile("test", peak_flops=100e12, efficiency=0.5, hbm_bandwidth=1e12, memory=80e9,
+                     node_size=8, intra=Link(1e-6, 100e9), inter=Link(2e-6, 10e9), precision="fp32")
+# a slow device with fast links: communication is cheap next to compute
+SLOW = DeviceProfile("slow", peak_flops=1e9, efficiency=1.0, hbm_bandwidth=1e10, memory=80e9,
+                     node_size=8, intra=Link(1e-6, 100e9), inter=Link(1e-6, 100e9), precision="fp32")
+
+
+def mlp_graph(batch, d_in, hidden, d_out, act="gelu", bias=True, residual=False) -> Graph:
+    x = Value("x", (batch, d_in), kind="input")
+    t = Value("target", (batch, d_out), kind="input")
+    w1 = Value("fc1.weight", (hidden, d_in), kind="param", requires_grad=True)
+    b1 = Value("fc1.bias", (hidden,), kind="param", requires_grad=True)
+    w2 = Value("fc2.weight", (d_out, hidden), kind="param", requires_grad=True)
+    h, a, y = Value("h", (batch, hidden)), Value("a", (batch, hidden)), Value("y", (batch, d_out))
+    nodes = [Node("linear", (x, w1, b1) if bias else (x, w1), (), (h,), NodeMeta("fc1")),
+             Node(act, (h,), (), (a,), NodeMeta("act")),
+             Node("linear", (a, w2), (), (y,), NodeMeta("fc2"))]
+    out = y
+    if residual:
+        r = Value("r", (batch, d_out))
+        nodes.append(Node("add", (y, x), (), (r,), NodeMeta("")))
+        out = r
+    loss = Value("loss", ())
+    nodes.append(Node("mse_loss", (out, t), (("reduction", 1),), (loss,), NodeMeta("")))
+    return verify(Graph("mlp", [x, t], [w1, b1, w2] if bias else [w1, w2], nodes, [loss]))
+
+
+def strategy_space(graph, mesh, profile, zero):
+    cm = CostModel(graph, Cluster(mesh, profile))
+    d = cm.dp_index()
+    choices = []
+    for m in cm.members:
+        ss = cm.strategies(m.index)
+        if m.kind == "param" and zero < 3 and d is not None:
+            ss = [s for s in ss if s[d] is None]       # params keep dp replicated below ZeRO-3
+        choices.append(ss)
+    return cm, choices
+
+
+def brute_force(graph, mesh, profile, zero):
+    """(step time, memory) of every combination of strategies."""
+    cm, choices = strategy_space(graph, mesh, profile, zero)
+    out = []
+    for combo in itertools.product(*choices):
+        rep = cm.evaluate({m.key: s for m, s in zip(cm.members, combo)}, zero)
+        out.append((rep.step_time, rep.memory["total"]))
+    return out
+
+
+def space_size(graph, mesh, profile, zero):
+    return math.prod(len(c) for c in strategy_space(graph, mesh, profile, zero)[1])
+
+
+def random_graph(rng: random.Random):
+    sizes = [2, 3, 4, 6]
+    while True:
+        g = mlp_graph(rng.choice([2, 4, 6]), rng.choice(sizes), rng.choice(sizes), rng.choice(sizes),
+                      act=rng.choice(["gelu", "relu"]), bias=rng.random() < 0.5, residual=False)
+        if g.inputs[0].shape[1] == g.inputs[1].shape[1] and rng.random() < 0.5:
+            b, d = g.inputs[0].shape
+            g = mlp_graph(b, d, g.params[0].shape[0], d, residual=True, bias=False)
+        yield g
+
+
+@pytest.mark.parametrize("seed,mesh,zero", [
+    (0, {"x": 2}, 0), (1, {"x": 2}, 0), (2, {"dp": 2}, 0), (3, {"dp": 2}, 2), (4, {"dp": 2}, 3),
+    (5, {"dp": 2}, 1), (6, {"x": 3}, 0), (7, {"dp": 2}, 2),
+])
+def test_cpsat_equals_brute_force(seed, mesh, zero):
+    rng = random.Random(seed)
+    prof = SLOW if seed % 2 else PROF
+    g = next(g for g in random_graph(rng) if space_size(g, mesh, prof, zero) <= 3000)
+    best = min(t for t, _ in brute_force(g, mesh, prof, zero))
+    plan = search(g, mesh, prof, zero=zero, deterministic=True, merge=False, link=False)
+    assert math.isclose(plan.cost["step_time"], best, rel_tol=1e-6), (plan.strategies, best)
+    # the solver's (integer-scaled) objective is the cost model's number
+    assert math.isclose(plan.solver["objective"], plan.cost["step_time"], rel_tol=1e-4)
+
+
+def test_cpsat_equals_brute_force_under_a_memory_limit():
+    g = mlp_graph(4, 6, 6, 6, bias=True)
+    points = brute_force(g, {"dp": 2}, SLOW, 2)
+    fastest = min(t for t, _ in points)
+    m_fastest = min(m for t, m in points if t <= fastest * (1 + 1e-9))
+    limit = max(m for _, m in points if m < m_fastest)      # the fastest plan does not fit
+    best = min(t for t, m in points if m <= limit)
+    assert best > fastest
+    plan = search(g, {"dp": 2}, SLOW, zero=2, memory_limit=limit, deterministic=True, merge=False, link=False)
+    assert plan.cost["memory"]["total"] <= limit
+    assert math.isclose(plan.cost["step_time"], best, rel_tol=1e-6)
+
+
+def test_two_axis_mesh_against_brute_force():
+    g = mlp_graph(3, 2, 2, 3, bias=False)
+    assert space_size(g, {"dp": 2, "tp": 2}, SLOW, 0) > 1000
+    best = min(t for t, _ in brute_force(g, {"dp": 2, "tp": 2}, SLOW, 0))
+    plan = search(g, {"dp": 2, "tp": 2}, SLOW, zero=0, deterministic=True, merge=False, link=False)
+    assert math.isclose(plan.cost["step_time"], best, rel_tol=1e-6)
+
+
+# ---- known optima --------------------------------------------------------------------------------
+
+def test_megatron_column_then_row_with_one_forward_all_reduce():
+    """Column-parallel fc1, row-parallel fc2, one forward collective reducing y. When the
+    loss can split the batch, a reduce_scatter (Megatron-SP) with its backward all_gather
+    ties with the all_reduce under alpha-beta; when y must be whole (odd batch, softmax
+    over features) the forward moves y's bytes once as an all_reduce (or, equally fast,
+    reduce_scatter + all_gather)."""
+    g = mlp_graph(8, 1024, 16384, 1024, bias=False)
+    plan = search(g, {"tp": 2}, PROF, deterministic=True)
+    assert plan.layout("fc1.weight") == ("S(0)",) and plan.layout("fc2.weight") == ("S(1)",)
+    assert plan.strategy("h") == ("n",) and plan.strategy("y") == ("k",)
+    n = 8 * 1024 * 4
+    # one reduction of y: an all_reduce, or a reduce_scatter whose conjugate all_gather runs
+    # in backward (the same time under alpha-beta); x needs no gradient
+    assert plan.cost["bytes"] in ({"all_reduce:tp": n}, {"reduce_scatter:tp": n, "all_gather:tp": n})
+    assert plan.cost["bytes_by_phase"]["forward"] in ({"all_reduce:tp": n}, {"reduce_scatter:tp": n})
+    # a pure Megatron MLP: batch 3 and a softmax over features need y whole on every rank
+    x = Value("x", (3, 1024), kind="input")
+    w1 = Value("fc1.weight", (16384, 1024), kind="param", requires_grad=True)
+    w2 = Value("fc2.weight", (1024, 16384), kind="param", requires_grad=True)
+    h, a, y, p = (Value(n, sh) for n, sh in (("h", (3, 16384)), ("a", (3, 16384)), ("y", (3, 1024)),
+                                             ("p", (3, 1024))))
+    loss = Value("loss", ())
+    g = verify(Graph("mlp", [x], [w1, w2], [
+        Node("linear", (x, w1), (), (h,), NodeMeta("fc1")),
+        Node("gelu", (h,), (), (a,), NodeMeta("act")),
+        Node("linear", (a, w2), (), (y,), NodeMeta("fc2")),
+        Node("softmax", (y,), (("dim", 1),), (p,), NodeMeta("")),
+        Node("sum", (p,), (), (loss,), NodeMeta("")),
+    ], [loss]))
+    plan = search(g, {"tp": 2}, PROF, deterministic=True)
+    assert plan.strategy("h") == ("n",) and plan.strategy("y") == ("k",)
+    fwd = plan.cost["bytes_by_phase"]["forward"]
+    n = 3 * 1024 * 4
+    assert plan.cost["bytes_by_phase"]["backward"] == {}
+    assert fwd in ({"all_reduce:tp": n}, {"reduce_scatter:tp": n, "all_gather:tp": n})
+
+
+def test_small_model_large_batch_is_pure_data_parallel():
+    g = mlp_graph(65536, 64, 256, 64)
+    plan = search(g, {"dp": 8}, PROF, deterministic=True)
+    assert all(plan.layout(p.name) == ("R",) for p in g.params)
+    assert plan.layout("h") == ("S(0)",) and plan.layout("y") == ("S(0)",)
+    total = 4 * sum(p.numel for p in g.params)
+    assert sum(plan.cost["bytes"].values()) in (total, 2 * total)       # all_reduce, or RS + AG
+    assert plan.zero in (0, 2) and plan.cost["bytes_by_phase"]["forward"] == {}
+
+
+def test_replicas_that_do_not_fit_get_sharded_state():
+    g = mlp_graph(256, 4096, 4096, 4096)
+    replica = 16 * sum(p.numel for p in g.params)            # fp32 Adam: 4 + 4 + 8 bytes
+    limit = 0.9 * replica
+    plan = search(g, {"dp": 4}, PROF, memory_limit=limit, deterministic=True)
+    m = plan.cost["memory"]
+    assert m["total"] <= limit and plan.cost["fits"]
+    assert plan.zero >= 1 or any("S" in "".join(plan.layout(p.name)) for p in g.params)
+    assert m["params"] + m["grads"] + m["optimizer"] < 0.9 * replica
+
+
+def test_infeasible_memory_names_the_limit_and_the_least_memory():
+    g = mlp_graph(64, 4096, 4096, 4096)
+    with pytest.raises(PlanInfeasible) as info:
+        search(g, {"dp": 4}, PROF, memory_limit=1e6, deterministic=True)
+    msg = str(info.value)
+    assert "memory per device" in msg and "976.56 KiB" in msg and "least any plan needs" in msg
+    least = info.value.least_memory
+    plan = search(g, {"dp": 4}, PROF, memory_limit=least * 1.001, deterministic=True)
+    assert plan.cost["memory"]["total"] <= least * 1.001
+
+
+def test_pins_hold_and_conflicts_are_named():
+    g = mlp_graph(8, 1024, 16384, 1024, bias=False)
+    pinned = search(g, {"tp": 2}, PROF, deterministic=True,
+                    pins=[Pin("fc1.weight", ("R",), "test:1")])
+    assert pinned.layout("fc1.weight") == ("R",)
+    assert "%fc1.weight = (R) [test:1]" in pinned.constraints
+    free = search(g, {"tp": 2}, PROF, deterministic=True)
+    assert pinned.cost["step_time"] >= free.cost["step_time"]
+    with pytest.raises(PlanInfeasible) as info:
+        search(g, {"tp": 2}, PROF, deterministic=True,
+               pins=[Pin("h", ("S(1)",), "a.plan:3"), Pin("h", ("S(0)",), "a.plan:7"), Pin("y", ("R",), "a.plan:9")])
+    msg = str(info.value)
+    assert "a.plan:3" in msg and "a.plan:7" in msg and "a.plan:9" not in msg
+    with pytest.raises(PlanInfeasible, match=r"%x = \(S\(1\)\) \[odd\]"):     # 1023 is not even
+        search(mlp_graph(8, 1023, 64, 8), {"tp": 2}, PROF, deterministic=True,
+               pins=[Pin("x", ("S(1)",), "odd")])
+    with pytest.raises(ValueError, match="no value %nope"):
+        search(g, {"tp": 2}, PROF, pins=[Pin("nope", ("R",))])
+
+
+# ---- model-scale behaviour ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpts():
+    import importlib.util
+    import pathlib
+    from autopar.compiler.trace import trace
+    from autopar.passes.prune import prune
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "gpt.py"
+    spec = importlib.util.spec_from_file_location("autopar_test_shard_gpt", path)
+    gm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gm)
+    out = {}
+    for n in (2, 4):
+        cfg = gm.GPTConfig(block_size=32, vocab_size=128, n_layer=n, n_head=4, n_embd=64)
+        model, inputs = gm.build(cfg)
+        out[n] = verify(prune(trace(model, inputs, name="gpt")))
+    return out
+
+
+def test_block_linking_keeps_the_model_size_constant(gpts):
+    a = search(gpts[2], {"dp": 2, "tp": 2}, SLOW, deterministic=True)
+    b = search(gpts[4], {"dp": 2, "tp": 2}, SLOW, deterministic=True)
+    assert b.solver["variables_before"] > a.solver["variables_before"]
+    assert b.solver["variables_after_linking"] == a.solver["variables_after_linking"]
+    assert b.solver["classes_after_linking"] == a.solver["classes_after_linking"]
+    assert b.solver["repeated_block_kinds"] == 1
+    # every block got the same strategies
+    first = {k: v for k, v in b.strategies.items() if k.startswith("transformer.h.0.")}
+    for k, v in first.items():
+        assert b.strategies[k.replace(".h.0.", ".h.3.")] == v
+    assert b.solver["variables_after_merging"] < b.solver["variables_before"]
+
+
+def test_deterministic_mode_repeats_and_round_trips(gpts, tmp_path):
+    a = search(gpts[2], {"dp": 2, "tp": 2}, SLOW, deterministic=True)
+    b = search(gpts[2], {"dp": 2, "tp": 2}, SLOW, deterministic=True)
+    assert a.strategies == b.strategies and a.cost == b.cost
+    path = tmp_path / "plan.json"
+    a.save(path)
+    c = Plan.load(path)
+    assert c == a and diff(a, c) == []
+    for key in ("step_time", "compute_time", "comm_time", "memory", "bytes", "bytes_by_phase"):
+        assert key in c.cost
+    assert set(c.cost["memory"]) == {"params", "grads", "optimizer", "activations", "total"}
+    assert set(c.cost["bytes_by_phase"]) == {"forward", "backward", "recompute", "optimizer"}
+    for k in ("variables_before", "variables_after_merging", "variables_after_linking", "status",
+              "solve_time", "wall_time", "objective"):
+        assert k in c.solver
+
+
+def test_plan_diff_names_changes():
+    g = mlp_graph(8, 1024, 16384, 1024, bias=False)
+    tp = search(g, {"tp": 2}, PROF, deterministic=True)
+    rep = search(g, {"tp": 2}, PROF, deterministic=True, pins=[Pin("fc1.weight", ("R",))])
+    lines = diff(tp, rep)
+    assert any(l.startswith("layout %fc1.weight") for l in lines)
+    assert any(l.startswith("step_time") for l in lines)
+
+
+def test_search_devices_compares_mesh_shapes(gpts):
+    assert [m["tp"] for m in mesh_shapes(8)] == [1, 2, 4, 8]
+    assert [m["tp"] for m in mesh_shapes(16, max_inner=8)] == [1, 2, 4, 8]
+    best, rows = search_devices(gpts[2], 8, SLOW, deterministic=True)
+    assert [r["mesh"] for r in rows] == ["dp=8,tp=1", "dp=4,tp=2", "dp=2,tp=4", "dp=1,tp=8"]
+    feasible = [r for r in rows if r["status"] != "infeasible"]
+    assert best.cost["step_time"] == min(r["step_time"] for r in feasible)
+    assert sum(r["winner"] for r in rows) == 1
