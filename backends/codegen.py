@@ -488,8 +488,25 @@ def emit_program(g: Graph, backend: Backend, model_name: str, opts: EmitOptions 
         w(f"    {v.name!r}: {tuple(g.layouts[v.name])!r},", 0)   # type: ignore[attr-defined]
     w("}")
     w(f"INPUTS = {[v.name for v in g.inputs]!r}")
+    if g.pieces:
+        w()
+        w("# Fused weights cut into pieces that shard on their own (e.g. c_attn's q, k, v):")
+        w("# piece name -> (state-dict name, dim, start, stop).")
+        w("PIECES = {")
+        for name, pc in g.pieces.items():
+            w(f"    {name!r}: ({pc.source!r}, {pc.dim}, {pc.start}, {pc.stop}),", 0)
+        w("}")
     w()
     w()
+    if g.pieces:
+        w("def full_tensor(full, name):")
+        w('"""A tensor of the single-device state dict; a piece is cut out of its fused weight."""', 1)
+        w("if name in PIECES:", 1)
+        w("source, dim, start, stop = PIECES[name]", 2)
+        w("return full[source].narrow(dim, start, stop - start)", 2)
+        w("return full[name]", 1)
+        w()
+        w()
     w("def shard(full, layout, mesh):")
     w('"""This rank\'s block of a full tensor."""', 1)
     w("for axis, placement in zip(MESH, layout):", 1)
@@ -514,7 +531,7 @@ def emit_program(g: Graph, backend: Backend, model_name: str, opts: EmitOptions 
     w('"""Copy this rank\'s block of every tensor of a single-device state dict."""', 2)
     w("with torch.no_grad():", 2)
     w("for name, t in [*self.named_parameters(), *self.named_buffers()]:", 3)
-    w("t.copy_(shard(full[name], LAYOUTS[name], self.mesh))", 4)
+    w(f"t.copy_(shard({'full_tensor(full, name)' if g.pieces else 'full[name]'}, LAYOUTS[name], self.mesh))", 4)
     w()
     w()
     if zero.params:
@@ -529,6 +546,8 @@ def _emit_params(w: Writer, g: Graph, tree: ModuleTree, names, opts: EmitOptions
     mesh = g.mesh                                      # type: ignore[attr-defined]
 
     def init(child: ModuleTree) -> str:
+        if is_piece_list(child):
+            return "nn.ParameterList()"
         if child.kind == "list":
             return f"nn.ModuleList(nn.Module() for _ in range({len(child.children)}))"
         if child.kind == "dict":
@@ -541,7 +560,8 @@ def _emit_params(w: Writer, g: Graph, tree: ModuleTree, names, opts: EmitOptions
             name = prefix + key
             if child is None:
                 if name not in g.aliases:
-                    _emit_tensor(w, g, expr, key, by_name[name], opts, mesh)
+                    _emit_tensor(w, g, expr, key, by_name[name], opts, mesh,
+                                 append=is_piece_list(node))
                 continue
             sub = (f"{expr}[{key}]" if node.kind == "list" else
                    f"{expr}[{key!r}]" if node.kind == "dict" else f"{expr}.{key}")
@@ -553,7 +573,13 @@ def _emit_params(w: Writer, g: Graph, tree: ModuleTree, names, opts: EmitOptions
         w(f"{attr_path(alias, tree)} = {attr_path(canon, tree)}  # tied: one tensor, two names", 2)
 
 
-def _emit_tensor(w, g, holder, leaf, p: Value, opts, mesh) -> None:
+def is_piece_list(node: ModuleTree) -> bool:
+    """The pieces of a fused weight (`c_attn.weight.0`, `.1`, `.2`): a ParameterList, so
+    the state-dict names stay the fused name plus the piece index."""
+    return node.kind == "list" and all(c is None for c in node.children.values())
+
+
+def _emit_tensor(w, g, holder, leaf, p: Value, opts, mesh, append: bool = False) -> None:
     shape = ", ".join(str(s) for s in p.shape)
     note = f"{shape_comment(g, p)} {sharding.format_layout(mesh, g.layouts[p.name])}"
     dtype = "" if p.dtype == torch.float32 else f", dtype={p.dtype}"
@@ -564,8 +590,13 @@ def _emit_tensor(w, g, holder, leaf, p: Value, opts, mesh) -> None:
         return
     grad = "" if p.requires_grad else ", requires_grad=False"
     new = f"nn.Parameter(torch.empty({shape}{dtype}){grad})"
-    code = (f"{holder}.{leaf} = {new}" if leaf.isidentifier() and not keyword.iskeyword(leaf)
-            else f"{holder}.register_parameter({leaf!r}, {new})")
+    if append:
+        pc = g.pieces[p.name]
+        code = f"{holder}.append({new})"
+        note += f" piece {pc.index + 1}/{pc.count} of the fused weight"
+    else:
+        code = (f"{holder}.{leaf} = {new}" if leaf.isidentifier() and not keyword.iskeyword(leaf)
+                else f"{holder}.register_parameter({leaf!r}, {new})")
     w(comment_pad(code, note + ("" if p.requires_grad else " frozen")), 2)
 
 

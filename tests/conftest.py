@@ -44,17 +44,18 @@ _traced: dict = {}
 
 @pytest.fixture(scope="session")
 def traced():
-    """traced(name, mode="export") -> (model, inputs, lowered graph, pruned graph), cached."""
+    """traced(name, mode="export") -> (model, inputs, lowered graph, prepared graph), cached.
+    The prepared graph is what every entry point plans: pruned, fused projections cut."""
     from autopar.compiler.trace import trace
     from autopar.compiler.verify import verify
-    from autopar.passes.prune import prune
+    from autopar.passes.pipeline import prepare
 
     def get(name: str, mode: str = "export"):
         key = (name, mode)
         if key not in _traced:
             model, inputs = load_example(name).build()
             g = verify(trace(model, inputs, mode=mode, name=name))
-            _traced[key] = (model, inputs, g, verify(prune(g)))
+            _traced[key] = (model, inputs, g, verify(prepare(g)))
         return _traced[key]
     return get
 

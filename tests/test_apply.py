@@ -146,7 +146,8 @@ def test_generated_program_golden(traced, golden):
     prog = build_program(model, inputs, {"dp": 2, "tp": 2}, backend="torch", plan=plan, name="gpt", graph=g)
     compile(prog.source, "gpt_dp2_tp2_torch.py", "exec")
     assert "torchrun --nproc-per-node 4 gpt_dp2_tp2_torch.py" in prog.source
-    assert "self.transformer.h[0].attn.c_attn.weight = nn.Parameter(torch.empty(96, 64))" in prog.source
+    assert "self.transformer.h[0].attn.c_attn.weight = nn.ParameterList()" in prog.source
+    assert "self.transformer.h[0].attn.c_attn.weight.append(nn.Parameter(torch.empty(32, 64)))" in prog.source
     assert "self.lm_head.weight = self.transformer.wte.weight" in prog.source
     golden("sharded/gpt_dp2_tp2_torch.py", prog.source)
     mpi = build_program(model, inputs, {"dp": 2, "tp": 2}, backend="mpi", plan=plan, name="gpt", graph=g)
@@ -169,7 +170,12 @@ def test_local_module_state_dict_matches_model(traced):
     class FakeMesh:
         device = torch.device("cpu")
     local = ns[prog.opts.class_name](FakeMesh())
-    assert set(local.state_dict()) == set(model.state_dict())
+    # fused weights appear as their pieces (c_attn.weight.0, .1, .2); all else by its own name
+    want = {k for k in model.state_dict() if not any(pc.source == k for pc in g.pieces.values())}
+    assert set(local.state_dict()) == want | set(g.pieces)
+    assert any(".attn.c_attn.weight." in k for k in g.pieces)
+    full = model.state_dict()
     for name, t in local.state_dict().items():
         lay = prog.sharded.layouts[g.aliases.get(name, name)]
-        assert tuple(t.shape) == sharding.local_shape(model.state_dict()[name].shape, lay, {"tp": 2})
+        ref = g.pieces[name].cut(full[g.pieces[name].source]) if name in g.pieces else full[name]
+        assert tuple(t.shape) == sharding.local_shape(ref.shape, lay, {"tp": 2})

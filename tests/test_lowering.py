@@ -26,9 +26,11 @@ def exact(model, graph, inputs):
 
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_lowering_is_exact_and_prune_keeps_values(name, traced, golden):
-    model, inputs, lowered, pruned = traced(name)
+    model, inputs, lowered, prepared = traced(name)
+    pruned = verify(prune(lowered))
     exact(model, lowered, inputs)
     exact(model, pruned, inputs)
+    exact(model, prepared, inputs)
     golden(f"ir/{name}.lower.txt", str(lowered))
     golden(f"ir/{name}.prune.txt", str(pruned))
 
@@ -52,8 +54,8 @@ def test_printing_twice_is_byte_identical(example):
 
 def test_pruning_removes_nodes_on_gpt_and_llama(traced):
     for name in ("gpt", "llama"):
-        _, _, lowered, pruned = traced(name)
-        assert len(pruned.nodes) < len(lowered.nodes), name
+        _, _, lowered, _ = traced(name)
+        assert len(prune(lowered).nodes) < len(lowered.nodes), name
 
 
 def test_module_paths_and_state_dict_names(traced):
@@ -66,7 +68,8 @@ def test_module_paths_and_state_dict_names(traced):
 
 
 def test_lora_marks_base_weights_frozen(traced):
-    _, _, _, pruned = traced("lora")
+    _, _, lowered, _ = traced("lora")
+    pruned = prune(lowered)
     text = str(pruned)
     assert "param %transformer.h.0.attn.c_attn.base.weight: f32[192,64] frozen" in text
     assert "param %transformer.h.0.attn.c_attn.lora_A: f32[4,64] trainable" in text

@@ -2,8 +2,8 @@
 
 Plan:
     mesh dp=2,tp=2 (4 ranks), ZeRO stage 0
-    collectives in forward: all_gather x7, all_to_all x16, copy_to x43, reduce_scatter x4, scatter x1
-    bytes per step and rank: all_gather:dp 4 KiB, all_gather:tp 192 KiB, all_reduce:dp 229.2 KiB, all_reduce:tp 7.5 KiB, all_to_all:tp 520 KiB, reduce_scatter:dp 4 KiB, reduce_scatter:tp 160 KiB
+    collectives in forward: all_gather x11, all_to_all x8, copy_to x51, reduce_scatter x4, scatter x1
+    bytes per step and rank: all_gather:dp 4 KiB, all_gather:tp 256 KiB, all_reduce:dp 229.2 KiB, all_reduce:tp 7.5 KiB, all_to_all:tp 328 KiB, reduce_scatter:dp 4 KiB, reduce_scatter:tp 224 KiB
 
 Ranks: torchrun (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from the environment). Process groups: init_process_group (gloo on CPU, NCCL on GPU) and one dist.new_group per slice of each mesh axis, made by rt.init_mesh.
 Every rank runs this same file; it differs only by its mesh coordinates.
@@ -37,8 +37,12 @@ LAYOUTS = {
     'transformer.wpe.weight': ('S(1)', 'R'),
     'transformer.h.0.ln_1.weight': ('R', 'R'),
     'transformer.h.0.ln_1.bias': ('R', 'R'),
-    'transformer.h.0.attn.c_attn.weight': ('R', 'S(0)'),
-    'transformer.h.0.attn.c_attn.bias': ('R', 'S(0)'),
+    'transformer.h.0.attn.c_attn.weight.0': ('R', 'S(0)'),
+    'transformer.h.0.attn.c_attn.weight.1': ('R', 'S(0)'),
+    'transformer.h.0.attn.c_attn.weight.2': ('R', 'S(0)'),
+    'transformer.h.0.attn.c_attn.bias.0': ('R', 'S(0)'),
+    'transformer.h.0.attn.c_attn.bias.1': ('R', 'S(0)'),
+    'transformer.h.0.attn.c_attn.bias.2': ('R', 'S(0)'),
     'transformer.h.0.attn.c_proj.weight': ('R', 'S(1)'),
     'transformer.h.0.attn.c_proj.bias': ('R', 'R'),
     'transformer.h.0.ln_2.weight': ('R', 'R'),
@@ -49,8 +53,12 @@ LAYOUTS = {
     'transformer.h.0.mlp.c_proj.bias': ('R', 'R'),
     'transformer.h.1.ln_1.weight': ('R', 'R'),
     'transformer.h.1.ln_1.bias': ('R', 'R'),
-    'transformer.h.1.attn.c_attn.weight': ('R', 'S(0)'),
-    'transformer.h.1.attn.c_attn.bias': ('R', 'S(0)'),
+    'transformer.h.1.attn.c_attn.weight.0': ('R', 'S(0)'),
+    'transformer.h.1.attn.c_attn.weight.1': ('R', 'S(0)'),
+    'transformer.h.1.attn.c_attn.weight.2': ('R', 'S(0)'),
+    'transformer.h.1.attn.c_attn.bias.0': ('R', 'S(0)'),
+    'transformer.h.1.attn.c_attn.bias.1': ('R', 'S(0)'),
+    'transformer.h.1.attn.c_attn.bias.2': ('R', 'S(0)'),
     'transformer.h.1.attn.c_proj.weight': ('R', 'S(1)'),
     'transformer.h.1.attn.c_proj.bias': ('R', 'R'),
     'transformer.h.1.ln_2.weight': ('R', 'R'),
@@ -63,6 +71,31 @@ LAYOUTS = {
     'transformer.ln_f.bias': ('R', 'R'),
 }
 INPUTS = ['idx', 'targets']
+
+# Fused weights cut into pieces that shard on their own (e.g. c_attn's q, k, v):
+# piece name -> (state-dict name, dim, start, stop).
+PIECES = {
+    'transformer.h.0.attn.c_attn.weight.0': ('transformer.h.0.attn.c_attn.weight', 0, 0, 64),
+    'transformer.h.0.attn.c_attn.bias.0': ('transformer.h.0.attn.c_attn.bias', 0, 0, 64),
+    'transformer.h.0.attn.c_attn.weight.1': ('transformer.h.0.attn.c_attn.weight', 0, 64, 128),
+    'transformer.h.0.attn.c_attn.bias.1': ('transformer.h.0.attn.c_attn.bias', 0, 64, 128),
+    'transformer.h.0.attn.c_attn.weight.2': ('transformer.h.0.attn.c_attn.weight', 0, 128, 192),
+    'transformer.h.0.attn.c_attn.bias.2': ('transformer.h.0.attn.c_attn.bias', 0, 128, 192),
+    'transformer.h.1.attn.c_attn.weight.0': ('transformer.h.1.attn.c_attn.weight', 0, 0, 64),
+    'transformer.h.1.attn.c_attn.bias.0': ('transformer.h.1.attn.c_attn.bias', 0, 0, 64),
+    'transformer.h.1.attn.c_attn.weight.1': ('transformer.h.1.attn.c_attn.weight', 0, 64, 128),
+    'transformer.h.1.attn.c_attn.bias.1': ('transformer.h.1.attn.c_attn.bias', 0, 64, 128),
+    'transformer.h.1.attn.c_attn.weight.2': ('transformer.h.1.attn.c_attn.weight', 0, 128, 192),
+    'transformer.h.1.attn.c_attn.bias.2': ('transformer.h.1.attn.c_attn.bias', 0, 128, 192),
+}
+
+
+def full_tensor(full, name):
+    """A tensor of the single-device state dict; a piece is cut out of its fused weight."""
+    if name in PIECES:
+        source, dim, start, stop = PIECES[name]
+        return full[source].narrow(dim, start, stop - start)
+    return full[name]
 
 
 def shard(full, layout, mesh):
@@ -90,8 +123,14 @@ class GPTShard(nn.Module):
         self.transformer.h[0].ln_1.bias = nn.Parameter(torch.empty(64))           # (64,) {dp:R, tp:R}
         self.transformer.h[0].attn = nn.Module()
         self.transformer.h[0].attn.c_attn = nn.Module()
-        self.transformer.h[0].attn.c_attn.weight = nn.Parameter(torch.empty(96, 64))  # (192/tp, 64) {dp:R, tp:S(0)}
-        self.transformer.h[0].attn.c_attn.bias = nn.Parameter(torch.empty(96))    # (192/tp,) {dp:R, tp:S(0)}
+        self.transformer.h[0].attn.c_attn.weight = nn.ParameterList()
+        self.transformer.h[0].attn.c_attn.weight.append(nn.Parameter(torch.empty(32, 64)))  # (64/tp, 64) {dp:R, tp:S(0)} piece 1/3 of the fused weight
+        self.transformer.h[0].attn.c_attn.weight.append(nn.Parameter(torch.empty(32, 64)))  # (64/tp, 64) {dp:R, tp:S(0)} piece 2/3 of the fused weight
+        self.transformer.h[0].attn.c_attn.weight.append(nn.Parameter(torch.empty(32, 64)))  # (64/tp, 64) {dp:R, tp:S(0)} piece 3/3 of the fused weight
+        self.transformer.h[0].attn.c_attn.bias = nn.ParameterList()
+        self.transformer.h[0].attn.c_attn.bias.append(nn.Parameter(torch.empty(32)))  # (64/tp,) {dp:R, tp:S(0)} piece 1/3 of the fused weight
+        self.transformer.h[0].attn.c_attn.bias.append(nn.Parameter(torch.empty(32)))  # (64/tp,) {dp:R, tp:S(0)} piece 2/3 of the fused weight
+        self.transformer.h[0].attn.c_attn.bias.append(nn.Parameter(torch.empty(32)))  # (64/tp,) {dp:R, tp:S(0)} piece 3/3 of the fused weight
         self.transformer.h[0].attn.c_proj = nn.Module()
         self.transformer.h[0].attn.c_proj.weight = nn.Parameter(torch.empty(64, 32))  # (64, 64/tp) {dp:R, tp:S(1)}
         self.transformer.h[0].attn.c_proj.bias = nn.Parameter(torch.empty(64))    # (64,) {dp:R, tp:R}
@@ -110,8 +149,14 @@ class GPTShard(nn.Module):
         self.transformer.h[1].ln_1.bias = nn.Parameter(torch.empty(64))           # (64,) {dp:R, tp:R}
         self.transformer.h[1].attn = nn.Module()
         self.transformer.h[1].attn.c_attn = nn.Module()
-        self.transformer.h[1].attn.c_attn.weight = nn.Parameter(torch.empty(96, 64))  # (192/tp, 64) {dp:R, tp:S(0)}
-        self.transformer.h[1].attn.c_attn.bias = nn.Parameter(torch.empty(96))    # (192/tp,) {dp:R, tp:S(0)}
+        self.transformer.h[1].attn.c_attn.weight = nn.ParameterList()
+        self.transformer.h[1].attn.c_attn.weight.append(nn.Parameter(torch.empty(32, 64)))  # (64/tp, 64) {dp:R, tp:S(0)} piece 1/3 of the fused weight
+        self.transformer.h[1].attn.c_attn.weight.append(nn.Parameter(torch.empty(32, 64)))  # (64/tp, 64) {dp:R, tp:S(0)} piece 2/3 of the fused weight
+        self.transformer.h[1].attn.c_attn.weight.append(nn.Parameter(torch.empty(32, 64)))  # (64/tp, 64) {dp:R, tp:S(0)} piece 3/3 of the fused weight
+        self.transformer.h[1].attn.c_attn.bias = nn.ParameterList()
+        self.transformer.h[1].attn.c_attn.bias.append(nn.Parameter(torch.empty(32)))  # (64/tp,) {dp:R, tp:S(0)} piece 1/3 of the fused weight
+        self.transformer.h[1].attn.c_attn.bias.append(nn.Parameter(torch.empty(32)))  # (64/tp,) {dp:R, tp:S(0)} piece 2/3 of the fused weight
+        self.transformer.h[1].attn.c_attn.bias.append(nn.Parameter(torch.empty(32)))  # (64/tp,) {dp:R, tp:S(0)} piece 3/3 of the fused weight
         self.transformer.h[1].attn.c_proj = nn.Module()
         self.transformer.h[1].attn.c_proj.weight = nn.Parameter(torch.empty(64, 32))  # (64, 64/tp) {dp:R, tp:S(1)}
         self.transformer.h[1].attn.c_proj.bias = nn.Parameter(torch.empty(64))    # (64,) {dp:R, tp:R}
@@ -166,26 +211,31 @@ class GPTShard(nn.Module):
         h0_ln_1_bias = rt.copy_to(h0_ln_1_bias, mesh, "tp")               # (64,)
         h0_ln_1 = F.layer_norm(add_tp, (64,), h0_ln_1_weight, h0_ln_1_bias, 1e-05)  # (4/dp, 32/tp, 64)
         # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 16 KiB fwd, reduce_scatter 16 KiB bwd)
-        h0_ln_1 = rt.all_gather(h0_ln_1, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 24 KiB bwd)
-        h0_c_attn_weight = rt.copy_to(self.transformer.h[0].attn.c_attn.weight, mesh, "dp")  # (192/tp, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 384 B bwd)
-        h0_c_attn_bias = rt.copy_to(self.transformer.h[0].attn.c_attn.bias, mesh, "dp")  # (192/tp,)
-        h0_c_attn = F.linear(h0_ln_1, h0_c_attn_weight, h0_c_attn_bias)   # (4/dp, 32, 192/tp)
-        # {dp:S(0), tp:S(2)} -> {dp:S(0), tp:S(1)}: re-shard on another dim (all_to_all 24 KiB fwd, all_to_all 24 KiB bwd)
-        h0_c_attn = rt.all_to_all(h0_c_attn, mesh, "tp", split_dim=1, concat_dim=2)  # (4/dp, 32/tp, 192)
-        split_0, split_1, split_2 = h0_c_attn.split(64, dim=2)
-        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:S(2)}: re-shard on another dim (all_to_all 8 KiB fwd, all_to_all 8 KiB bwd)
-        split_1 = rt.all_to_all(split_1, mesh, "tp", split_dim=2, concat_dim=1)  # (4/dp, 32, 64/tp)
+        h0_ln_1_tp = rt.all_gather(h0_ln_1, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
+        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
+        h0_weight_0 = rt.copy_to(self.transformer.h[0].attn.c_attn.weight[0], mesh, "dp")  # (64/tp, 64)
+        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 128 B bwd)
+        h0_bias_0 = rt.copy_to(self.transformer.h[0].attn.c_attn.bias[0], mesh, "dp")  # (64/tp,)
+        split_0 = F.linear(h0_ln_1_tp, h0_weight_0, h0_bias_0)            # (4/dp, 32, 64/tp)
+        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 16 KiB fwd, reduce_scatter 16 KiB bwd)
+        h0_ln_1_tp_1 = rt.all_gather(h0_ln_1, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
+        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
+        h0_weight_1 = rt.copy_to(self.transformer.h[0].attn.c_attn.weight[1], mesh, "dp")  # (64/tp, 64)
+        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 128 B bwd)
+        h0_bias_1 = rt.copy_to(self.transformer.h[0].attn.c_attn.bias[1], mesh, "dp")  # (64/tp,)
+        split_1 = F.linear(h0_ln_1_tp_1, h0_weight_1, h0_bias_1)          # (4/dp, 32, 64/tp)
+        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 16 KiB fwd, reduce_scatter 16 KiB bwd)
+        h0_ln_1_tp_2 = rt.all_gather(h0_ln_1, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
+        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
+        h0_weight_2 = rt.copy_to(self.transformer.h[0].attn.c_attn.weight[2], mesh, "dp")  # (64/tp, 64)
+        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 128 B bwd)
+        h0_bias_2 = rt.copy_to(self.transformer.h[0].attn.c_attn.bias[2], mesh, "dp")  # (64/tp,)
+        h0_c_attn = F.linear(h0_ln_1_tp_2, h0_weight_2, h0_bias_2)        # (4/dp, 32, 64/tp)
         view = split_1.reshape(2, 32, 2, 16)                              # (4/dp, 32, 4/tp, 16)
         transpose = view.transpose(1, 2)                                  # (4/dp, 4/tp, 32, 16)
-        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:S(2)}: re-shard on another dim (all_to_all 8 KiB fwd, all_to_all 8 KiB bwd)
-        split_0 = rt.all_to_all(split_0, mesh, "tp", split_dim=2, concat_dim=1)  # (4/dp, 32, 64/tp)
         view_1 = split_0.reshape(2, 32, 2, 16)                            # (4/dp, 32, 4/tp, 16)
         transpose_1 = view_1.transpose(1, 2)                              # (4/dp, 4/tp, 32, 16)
-        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:S(2)}: re-shard on another dim (all_to_all 8 KiB fwd, all_to_all 8 KiB bwd)
-        split_2 = rt.all_to_all(split_2, mesh, "tp", split_dim=2, concat_dim=1)  # (4/dp, 32, 64/tp)
-        view_2 = split_2.reshape(2, 32, 2, 16)                            # (4/dp, 32, 4/tp, 16)
+        view_2 = h0_c_attn.reshape(2, 32, 2, 16)                          # (4/dp, 32, 4/tp, 16)
         transpose_2 = view_2.transpose(1, 2)                              # (4/dp, 4/tp, 32, 16)
         scaled_dot_product_attention = F.scaled_dot_product_attention(transpose_1, transpose, transpose_2, is_causal=True)  # (4/dp, 4/tp, 32, 16)
         transpose_3 = scaled_dot_product_attention.transpose(1, 2)        # (4/dp, 32, 4/tp, 16)
@@ -249,26 +299,31 @@ class GPTShard(nn.Module):
         h1_ln_1_bias = rt.copy_to(h1_ln_1_bias, mesh, "tp")               # (64,)
         h1_ln_1 = F.layer_norm(h0, (64,), h1_ln_1_weight, h1_ln_1_bias, 1e-05)  # (4/dp, 32/tp, 64)
         # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 16 KiB fwd, reduce_scatter 16 KiB bwd)
-        h1_ln_1 = rt.all_gather(h1_ln_1, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 24 KiB bwd)
-        h1_c_attn_weight = rt.copy_to(self.transformer.h[1].attn.c_attn.weight, mesh, "dp")  # (192/tp, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 384 B bwd)
-        h1_c_attn_bias = rt.copy_to(self.transformer.h[1].attn.c_attn.bias, mesh, "dp")  # (192/tp,)
-        h1_c_attn = F.linear(h1_ln_1, h1_c_attn_weight, h1_c_attn_bias)   # (4/dp, 32, 192/tp)
-        # {dp:S(0), tp:S(2)} -> {dp:S(0), tp:S(1)}: re-shard on another dim (all_to_all 24 KiB fwd, all_to_all 24 KiB bwd)
-        h1_c_attn = rt.all_to_all(h1_c_attn, mesh, "tp", split_dim=1, concat_dim=2)  # (4/dp, 32/tp, 192)
-        split_1_0, split_1_1, split_1_2 = h1_c_attn.split(64, dim=2)
-        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:S(2)}: re-shard on another dim (all_to_all 8 KiB fwd, all_to_all 8 KiB bwd)
-        split_1_1 = rt.all_to_all(split_1_1, mesh, "tp", split_dim=2, concat_dim=1)  # (4/dp, 32, 64/tp)
+        h1_ln_1_tp = rt.all_gather(h1_ln_1, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
+        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
+        h1_weight_0 = rt.copy_to(self.transformer.h[1].attn.c_attn.weight[0], mesh, "dp")  # (64/tp, 64)
+        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 128 B bwd)
+        h1_bias_0 = rt.copy_to(self.transformer.h[1].attn.c_attn.bias[0], mesh, "dp")  # (64/tp,)
+        split_1_0 = F.linear(h1_ln_1_tp, h1_weight_0, h1_bias_0)          # (4/dp, 32, 64/tp)
+        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 16 KiB fwd, reduce_scatter 16 KiB bwd)
+        h1_ln_1_tp_1 = rt.all_gather(h1_ln_1, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
+        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
+        h1_weight_1 = rt.copy_to(self.transformer.h[1].attn.c_attn.weight[1], mesh, "dp")  # (64/tp, 64)
+        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 128 B bwd)
+        h1_bias_1 = rt.copy_to(self.transformer.h[1].attn.c_attn.bias[1], mesh, "dp")  # (64/tp,)
+        split_1_1 = F.linear(h1_ln_1_tp_1, h1_weight_1, h1_bias_1)        # (4/dp, 32, 64/tp)
+        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 16 KiB fwd, reduce_scatter 16 KiB bwd)
+        h1_ln_1_tp_2 = rt.all_gather(h1_ln_1, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
+        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
+        h1_weight_2 = rt.copy_to(self.transformer.h[1].attn.c_attn.weight[2], mesh, "dp")  # (64/tp, 64)
+        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 128 B bwd)
+        h1_bias_2 = rt.copy_to(self.transformer.h[1].attn.c_attn.bias[2], mesh, "dp")  # (64/tp,)
+        h1_c_attn = F.linear(h1_ln_1_tp_2, h1_weight_2, h1_bias_2)        # (4/dp, 32, 64/tp)
         view_4 = split_1_1.reshape(2, 32, 2, 16)                          # (4/dp, 32, 4/tp, 16)
         transpose_4 = view_4.transpose(1, 2)                              # (4/dp, 4/tp, 32, 16)
-        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:S(2)}: re-shard on another dim (all_to_all 8 KiB fwd, all_to_all 8 KiB bwd)
-        split_1_0 = rt.all_to_all(split_1_0, mesh, "tp", split_dim=2, concat_dim=1)  # (4/dp, 32, 64/tp)
         view_5 = split_1_0.reshape(2, 32, 2, 16)                          # (4/dp, 32, 4/tp, 16)
         transpose_5 = view_5.transpose(1, 2)                              # (4/dp, 4/tp, 32, 16)
-        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:S(2)}: re-shard on another dim (all_to_all 8 KiB fwd, all_to_all 8 KiB bwd)
-        split_1_2 = rt.all_to_all(split_1_2, mesh, "tp", split_dim=2, concat_dim=1)  # (4/dp, 32, 64/tp)
-        view_6 = split_1_2.reshape(2, 32, 2, 16)                          # (4/dp, 32, 4/tp, 16)
+        view_6 = h1_c_attn.reshape(2, 32, 2, 16)                          # (4/dp, 32, 4/tp, 16)
         transpose_6 = view_6.transpose(1, 2)                              # (4/dp, 4/tp, 32, 16)
         scaled_dot_product_attention_1 = F.scaled_dot_product_attention(transpose_5, transpose_4, transpose_6, is_causal=True)  # (4/dp, 4/tp, 32, 16)
         transpose_7 = scaled_dot_product_attention_1.transpose(1, 2)      # (4/dp, 32, 4/tp, 16)
@@ -351,7 +406,7 @@ class GPTShard(nn.Module):
         """Copy this rank's block of every tensor of a single-device state dict."""
         with torch.no_grad():
             for name, t in [*self.named_parameters(), *self.named_buffers()]:
-                t.copy_(shard(full[name], LAYOUTS[name], self.mesh))
+                t.copy_(shard(full_tensor(full, name), LAYOUTS[name], self.mesh))
 
 
 def main():
