@@ -138,11 +138,16 @@ def mesh_tag(mesh: dict) -> str:
     return "_".join(f"{a}{n}" for a, n in mesh.items())
 
 
-def build_program(model, inputs, mesh, backend: str = "torch", plan=None, device: str = "cpu",
+def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, device: str = "cpu",
                   memory: float | None = None, optimizer: str = "adamw", lr: float = 1e-3,
                   steps: int = 10, name: str = "model", class_name: str | None = None,
-                  graph: Graph | None = None) -> Program:
-    """trace -> prune -> plan -> apply -> emit, in that order."""
+                  graph: Graph | None = None, devices: int | None = None,
+                  target: str = "cpu") -> Program:
+    """trace -> prepare -> plan -> apply -> emit, in that order.
+
+    `mesh` ("dp=2,tp=2"), or `devices` (a count: the search compares mesh shapes), or a plan
+    file that names its mesh. `device` is the cost model's profile (cpu, h100, a file);
+    `target` is where the generated program runs (cpu: gloo, cuda: NCCL)."""
     from autopar.compiler.api import load_plan, search_plan
     from autopar.compiler.trace import trace
     from autopar.passes.apply import apply_plan, predict_traffic
@@ -150,11 +155,19 @@ def build_program(model, inputs, mesh, backend: str = "torch", plan=None, device
 
     if graph is None:
         graph = prepare(trace(model, inputs, name=name))
-    mesh = sharding.parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
+    if isinstance(memory, str):
+        from autopar.compiler.cluster import parse_bytes
+        memory = parse_bytes(memory)
+    if mesh is not None:
+        mesh = sharding.parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
     if plan is None:
-        plan = search_plan(graph, mesh, device=device, memory=memory)
+        if mesh is None and devices is None:
+            raise ValueError("give a mesh (e.g. --mesh dp=2,tp=2), a device count (--devices 4) "
+                             "or a plan file that names its mesh (--plan FILE)")
+        plan = search_plan(graph, mesh, device=device, memory=memory, devices=devices)
     else:
         plan = load_plan(plan, graph, mesh=mesh, device=device, memory=memory)
+    mesh = mesh or dict(plan.mesh)
     if dict(plan.mesh) != mesh:
         raise ValueError(f"the plan is for mesh {sharding.format_mesh(plan.mesh)}, not "
                          f"{sharding.format_mesh(mesh)}: give --mesh {sharding.format_mesh(plan.mesh)}")
@@ -162,7 +175,7 @@ def build_program(model, inputs, mesh, backend: str = "torch", plan=None, device
     sharded = apply_plan(graph, plan)
     plan.cost.setdefault("bytes", predict_traffic(sharded))
     stem = f"{name}_{mesh_tag(mesh)}_{backend}"
-    opts = EmitOptions(steps=steps, optimizer=optimizer, lr=lr, device=device,
+    opts = EmitOptions(steps=steps, optimizer=optimizer, lr=lr, device=target,
                        init_file=f"{stem}.init.pt", class_name=class_name or _class_name(model),
                        state_keys=frozenset(model.state_dict().keys()))
     source = emit_program(sharded, backend_of(backend), type(model).__name__, opts, f"{stem}.py")
@@ -399,13 +412,30 @@ def compare(program: Program, stats: list[dict], shard_dir: Path, ref_losses, re
 
 # ---- CLI -----------------------------------------------------------------------------------------
 
+def parse_memory(text: str) -> float:
+    from autopar.compiler.cluster import parse_bytes
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", metavar="SPEC", help="path/to/file.py:function returning (model, example_inputs)")
-    p.add_argument("--mesh", required=True, help="mesh axes, e.g. dp=2,tp=2")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--mesh", help="mesh axes, e.g. dp=2,tp=2")
+    where.add_argument("--devices", type=int, metavar="N",
+                       help="device count: the search compares the mesh shapes (dp x tp)")
     p.add_argument("--backend", choices=["torch", "mpi"], default="torch")
-    p.add_argument("--plan", metavar="FILE", help="plan (JSON or plan file) instead of the search")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--memory", type=float, default=None, help="bytes per device for the search")
+    p.add_argument("--plan", metavar="FILE",
+                   help="a plan file (constraints, then the search) or a plan JSON (used as is)")
+    p.add_argument("--device", default="cpu",
+                   help="cost-model profile: cpu (this machine, measured), a100-80g, h100, h200, "
+                        "mi250x, or a JSON/TOML profile file")
+    p.add_argument("--target", choices=["cpu", "cuda"], default="cpu",
+                   help="where the generated program runs (gloo on cpu, NCCL on cuda)")
+    p.add_argument("--memory", type=parse_memory, default=None,
+                   help="memory per device for the search, e.g. 80GB, 2MiB")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
     p.add_argument("--lr", type=float, default=1e-3)
 
@@ -429,7 +459,8 @@ def _program_from_args(args) -> Program:
     model, inputs, name = load_spec(args.spec)
     return build_program(model, inputs, args.mesh, backend=args.backend, plan=args.plan,
                          device=args.device, memory=args.memory, optimizer=args.optimizer,
-                         lr=args.lr, steps=args.steps, name=name)
+                         lr=args.lr, steps=args.steps, name=name, devices=args.devices,
+                         target=args.target)
 
 
 def emit_main(args) -> int:
@@ -463,6 +494,25 @@ def traffic_table(predicted: dict, plan_bytes: dict, stats: list[dict]) -> tuple
     return ok, lines
 
 
+def plan_line(plan) -> str:
+    """One line on what the search chose and why it fits (`autopar plan` explains in full)."""
+    from autopar.compiler.cluster import format_bytes, format_time
+    cost, solver = plan.cost, plan.solver
+    parts = [f"plan: {sharding.format_mesh(plan.mesh)}, ZeRO-{plan.zero}"]
+    if "step_time" in cost:
+        parts.append(f"estimated step {format_time(cost['step_time'])}")
+    mem = cost.get("memory", {}).get("total")
+    if mem is not None:
+        limit = plan.memory_limit
+        parts.append(f"memory/device {format_bytes(mem)}" + (f" of {format_bytes(limit)}" if limit else ""))
+    cands = solver.get("mesh_candidates")
+    if cands:
+        parts.append(f"{len(cands)} mesh shapes compared")
+    if plan.recompute:
+        parts.append(f"recompute {', '.join(plan.recompute)}")
+    return "; ".join(parts)
+
+
 def run_main(args) -> int:
     from autopar.passes.apply import predict_traffic
     search_bytes = None
@@ -479,8 +529,9 @@ def run_main(args) -> int:
         state = prog.initial_state()
         print(f"autopar run: {prog.name} on {sharding.format_mesh(prog.plan.mesh)} "
               f"({prog.world} ranks, {args.backend}); program {prog.files['program']}", flush=True)
+        print(plan_line(prog.plan), flush=True)
         run_args = ["--steps", str(args.steps), "--optimizer", args.optimizer, "--lr", repr(args.lr),
-                    "--device", args.device, "--save", str(out / "shards"), "--stats", str(out / "stats")]
+                    "--device", args.target, "--save", str(out / "shards"), "--stats", str(out / "stats")]
         res = launch(prog.files["program"], prog.world, args.backend, run_args, args.timeout, out / "logs")
         if not res.ok:
             print(f"autopar run: FAILED: {res.message}", flush=True)

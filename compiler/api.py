@@ -114,20 +114,18 @@ def greedy_plan(graph: Graph, mesh: dict[str, int], seeds: dict | None = None,
                 solver={"method": "greedy"})
 
 
-def search_plan(graph: Graph, mesh: dict[str, int], device: str = "cpu", memory: float | None = None,
-                **kw) -> Plan:
-    """The sharding search (passes.shard, CP-SAT, deterministic); the greedy planner when the
-    search is not installed. `device` names the profile: cpu (this machine, measured once)
-    or a built-in accelerator (`h100`; `cuda` means h100)."""
-    try:
-        from autopar.passes.shard import search
-    except ImportError:
-        warnings.warn("autopar: passes.shard is not available; using the greedy planner", stacklevel=2)
-        return greedy_plan(graph, mesh)
-    profile = "h100" if device == "cuda" else device
+def search_plan(graph: Graph, mesh: dict[str, int] | None, device: str = "cpu",
+                memory: float | None = None, devices: int | None = None, **kw) -> Plan:
+    """The sharding search (passes.shard, CP-SAT, deterministic) on `mesh`, or over the mesh
+    shapes of `devices` when no mesh is given. `device` names the cost profile: cpu (this
+    machine, measured once), a built-in accelerator (`h100`) or a profile file."""
+    from autopar.passes.shard import search, search_devices
     kw.setdefault("deterministic", True)
     kw.setdefault("precision", "fp32")       # the generated programs train in fp32
-    return search(graph, dict(mesh), profile, memory_limit=memory, **kw)
+    if mesh is None:
+        plan, _ = search_devices(graph, int(devices), device, memory_limit=memory, **kw)
+        return plan
+    return search(graph, dict(mesh), device, memory_limit=memory, **kw)
 
 
 def load_plan(plan, graph: Graph | None = None, mesh: dict | None = None, device: str = "cpu",
@@ -144,11 +142,13 @@ def load_plan(plan, graph: Graph | None = None, mesh: dict | None = None, device
     return compile_plan(path, graph, mesh=mesh, device=None if device == "cpu" else device, memory=memory)
 
 
-def parse_mesh(mesh, devices: int | None) -> dict[str, int]:
+def parse_mesh(mesh, devices: int | None) -> dict[str, int] | None:
+    """The mesh as a dict, or None when only a device count is given (the search then
+    compares the mesh shapes)."""
     if mesh is None:
         if devices is None:
             raise ValueError("give mesh='dp=2,tp=2' or devices=N")
-        return {"dp": int(devices)}
+        return None
     if isinstance(mesh, str):
         return sharding.parse_mesh(mesh)
     return dict(mesh)
@@ -165,15 +165,17 @@ def in_launched_job() -> bool:
 class Compiled:
     """The result of `compile()`: plan, sharded IR, generated program, and a callable."""
 
-    def __init__(self, model: nn.Module, example_inputs: tuple, mesh: dict[str, int], device: str,
-                 memory, backend: str, plan, optimizer: str, lr: float, name: str | None):
+    def __init__(self, model: nn.Module, example_inputs: tuple, mesh: dict[str, int] | None, device: str,
+                 memory, backend: str, plan, optimizer: str, lr: float, name: str | None,
+                 devices: int | None = None, target: str = "cpu"):
         from autopar.backends.launch import build_program
         self.model = model
         self.example_inputs = tuple(example_inputs)
         self.backend = backend
         prog = build_program(model, self.example_inputs, mesh, backend=backend, plan=plan,
                              device=device, memory=memory, optimizer=optimizer, lr=lr,
-                             name=name or type(model).__name__.lower())
+                             name=name or type(model).__name__.lower(), devices=devices,
+                             target=target)
         self.program = prog
         self.plan: Plan = prog.plan
         self.graph = prog.graph
@@ -209,8 +211,9 @@ class Compiled:
 
 
 def compile(model=None, example_inputs=None, *, mesh=None, devices: int | None = None,
-            device: str = "cpu", memory: float | None = None, backend: str = "torch", plan=None,
-            optimizer: str = "adamw", lr: float = 1e-3, name: str | None = None):
+            device: str = "cpu", memory: float | str | None = None, backend: str = "torch", plan=None,
+            optimizer: str = "adamw", lr: float = 1e-3, name: str | None = None,
+            target: str = "cpu"):
     """Compile a model into a parallel program; or, without a model, a class decorator.
 
     `compile(model, inputs, mesh="dp=2,tp=2")` -> `Compiled` with `.plan`, `.ir`, `.explain()`,
@@ -219,12 +222,20 @@ def compile(model=None, example_inputs=None, *, mesh=None, devices: int | None =
 
     `@compile(mesh="dp=2", example_inputs=lambda: (x, y))` on an nn.Module class gives a class
     whose instances compile on their first call (`example_inputs` may be a tuple or a callable).
+
+    mesh      "dp=2,tp=2" (or a dict); or `devices=N` to let the search compare mesh shapes
+    device    the cost model's profile: "cpu" (this machine, measured once), "a100-80g",
+              "h100", "h200", "mi250x", or a JSON/TOML profile file
+    memory    the per-device limit the plan must fit ("80GB", "2MiB" or bytes)
+    plan      a plan file (pins and settings, then the search), a plan JSON, or a Plan
+    backend   "torch" (torchrun, gloo/NCCL) or "mpi" (mpiexec, mpi4py)
+    target    where the generated program runs: "cpu" or "cuda"
     """
     if model is None or isinstance(model, type):
         def decorate(cls):
             return _compiled_class(cls, example_inputs, dict(mesh=mesh, devices=devices, device=device,
                                    memory=memory, backend=backend, plan=plan, optimizer=optimizer,
-                                   lr=lr, name=name))
+                                   lr=lr, name=name, target=target))
         return decorate(model) if isinstance(model, type) else decorate
     if example_inputs is None:
         raise ValueError("compile(model, example_inputs, ...): example_inputs are needed to trace")
@@ -233,7 +244,7 @@ def compile(model=None, example_inputs=None, *, mesh=None, devices: int | None =
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     return Compiled(model, tuple(example_inputs), parse_mesh(mesh, devices), device, memory, backend,
-                    plan, optimizer, lr, name)
+                    plan, optimizer, lr, name, devices=devices, target=target)
 
 
 def _compiled_class(cls, example_inputs, options: dict):
@@ -245,12 +256,14 @@ def _compiled_class(cls, example_inputs, options: dict):
             if compiled is None:
                 ex = example_inputs() if callable(example_inputs) else (example_inputs or args)
                 opts = dict(options)
-                mesh = parse_mesh(opts.pop("mesh"), opts.pop("devices"))
+                devices = opts.pop("devices")
+                mesh = parse_mesh(opts.pop("mesh"), devices)
                 self.__class__ = cls                # trace the undecorated module
                 try:
                     compiled = Compiled(self, tuple(ex), mesh, opts["device"], opts["memory"],
                                         opts["backend"], opts["plan"], opts["optimizer"], opts["lr"],
-                                        opts["name"] or cls.__name__.lower())
+                                        opts["name"] or cls.__name__.lower(), devices=devices,
+                                        target=opts["target"])
                 finally:
                     self.__class__ = CompiledModule
                 self.__dict__["_autopar"] = compiled
