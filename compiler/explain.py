@@ -5,6 +5,13 @@ side.
 
     $ autopar plan examples/gpt.py:build --mesh dp=2,tp=2 --device h100
     $ autopar plan examples/gpt.py:build --devices 8 --json
+    $ autopar plan examples/gpt.py:build --plan examples/plans/megatron_gpt.plan
+    $ autopar plan examples/gpt.py:build --mesh dp=2,tp=2 --emit-plan gpt.plan
+
+`--plan FILE` searches under a plan file's constraints (autopar.dsl); what the file says
+wins over the flags, which fill in what it leaves out, and the explanation lists the
+file's statements and marks the parameters they pin. `--emit-plan` writes the plan found
+as a plan file that reproduces it when given back to `--plan`.
 
 `explain(plan, graph)` renders the same text for a plan made elsewhere (compile()).
 """
@@ -17,6 +24,8 @@ import json
 import os
 import re
 import sys
+from math import prod
+from typing import Iterable
 
 from autopar.compiler import sharding
 from autopar.compiler.cluster import (Cluster, DeviceProfile, format_bytes, format_time, load_profile,
@@ -27,10 +36,14 @@ from autopar.compiler.plan import Plan
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", metavar="SPEC", help="path/to/file.py:function returning (model, example_inputs)")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--mesh", help="mesh axes and sizes, e.g. dp=2,tp=4")
+    where = p.add_mutually_exclusive_group()       # one of them, or --plan naming a mesh
+    where.add_argument("--mesh", help="mesh axes and sizes, e.g. dp=2,tp=4 (with --plan: must "
+                                      "agree with the file's mesh, or name one the file leaves out)")
     where.add_argument("--devices", type=int, metavar="N",
                        help="device count: every dp x tp shape (tp within a node) is searched and compared")
+    p.add_argument("--plan", metavar="FILE.plan",
+                   help="search under this plan file's constraints (its mesh, device, memory, "
+                        "ZeRO stage, layouts, recompute win over the flags)")
     p.add_argument("--device", default="cpu",
                    help="device profile: a100-80g, h100, h200, mi250x, cpu (measured here, cached) "
                         "or a .json/.toml profile file (default: cpu)")
@@ -43,6 +56,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", choices=["export", "fx"], default="export", help="front end (default export)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of tables")
     p.add_argument("-o", "--output", metavar="PLAN.json", help="save the plan as JSON")
+    p.add_argument("--emit-plan", metavar="OUT.plan",
+                   help="write the plan as a plan file (read back with --plan, it gives the same plan)")
 
 
 def load_spec_with_batch(spec: str, batch: int | None):
@@ -89,10 +104,13 @@ def load_spec_with_batch(spec: str, batch: int | None):
 
 # ---- the explanation -------------------------------------------------------------------------
 
-def module_rows(graph, plan: Plan, report: CostReport, model: CostModel) -> list[dict]:
+def module_rows(graph, plan: Plan, report: CostReport, model: CostModel,
+                pinned: Iterable[str] = ()) -> list[dict]:
     """One row per module: its parameters' layouts and the collectives of its nodes.
-    Instances of a repeated block with identical rows collapse into one (`h.*`, count)."""
+    Instances of a repeated block with identical rows collapse into one (`h.*`, count).
+    Parameters in `pinned` (values a plan file constrains) are marked with a `*`."""
     from autopar.passes.shard import block_of
+    pinned = set(pinned)
     mesh = dict(plan.mesh)
     rows: dict[str, dict] = {}
     for m in model.members:
@@ -102,7 +120,8 @@ def module_rows(graph, plan: Plan, report: CostReport, model: CostModel) -> list
         row = rows.setdefault(mod, {"module": mod, "params": {}, "collectives": {}})
         if m.kind in ("param", "buffer"):
             short = m.key[len(m.module) + 1:] if m.module else m.key
-            row["params"][short] = sharding.format_layout(mesh, tuple(plan.layouts[m.key]))
+            row["params"][short] = (sharding.format_layout(mesh, tuple(plan.layouts[m.key]))
+                                    + ("*" if m.key in pinned else ""))
         for col, t in report.nodes[m.key].collectives:
             k = f"{col.kind}({col.axis}) {col.phase}"
             agg = row["collectives"].setdefault(k, {"bytes": 0, "time": 0.0, "count": 0})
@@ -126,8 +145,10 @@ def module_rows(graph, plan: Plan, report: CostReport, model: CostModel) -> list
     return list(out.values())
 
 
-def plan_summary(graph, plan: Plan, profile: DeviceProfile | None = None) -> dict:
-    """The numbers `autopar plan` prints, as one JSON-able dict."""
+def plan_summary(graph, plan: Plan, profile: DeviceProfile | None = None,
+                 pinned: Iterable[str] = ()) -> dict:
+    """The numbers `autopar plan` prints, as one JSON-able dict. `pinned`: the values a
+    plan file constrains (their parameters are marked in the module table)."""
     profile = profile or load_profile(plan.device)
     model = CostModel(graph, Cluster(dict(plan.mesh), profile), precision=plan.cost.get("precision"),
                       recompute=plan.recompute, dp_axis=plan.dp_axis)
@@ -138,17 +159,19 @@ def plan_summary(graph, plan: Plan, profile: DeviceProfile | None = None) -> dic
         "dp_axis": plan.dp_axis,
         "solver": {k: v for k, v in plan.solver.items() if k != "mesh_candidates"},
         "cost": plan.cost,
-        "modules": module_rows(graph, plan, report, model),
+        "constraints": list(plan.constraints),
+        "modules": module_rows(graph, plan, report, model, pinned),
         "mesh_candidates": plan.solver.get("mesh_candidates"),
     }
 
 
-def explain(plan: Plan, graph, profile: DeviceProfile | None = None) -> str:
-    """A plan in words: solver statistics, per-module table, totals, mesh candidates.
+def explain(plan: Plan, graph, profile: DeviceProfile | None = None, pinned: Iterable[str] = ()) -> str:
+    """A plan in words: the plan file's constraints, solver statistics, per-module table,
+    totals, mesh candidates.
 
         >>> print(explain(plan, graph))                      # doctest: +SKIP
     """
-    return render(plan_summary(graph, plan, profile))
+    return render(plan_summary(graph, plan, profile, pinned))
 
 
 def render(s: dict) -> str:
@@ -157,6 +180,12 @@ def render(s: dict) -> str:
     out.append(f"plan for {s['model']} on {s['mesh']} ({s['devices']} x {s['device']}), "
                f"ZeRO-{s['zero']}" + (f" over {s['dp_axis']}" if s["dp_axis"] else "")
                + f", {c.get('precision', '')} precision")
+    if s.get("constraints"):
+        out.append("")
+        marked = any(p.endswith("*") for r in s["modules"] for p in r["params"].values())
+        out.append("constraints from the plan file (the search chose everything else"
+                   + ("; * marks pinned parameters below" if marked else "") + "):")
+        out.extend(f"  {line}" for line in s["constraints"])
     if sv:
         out.append("")
         out.append("solver:")
@@ -215,20 +244,32 @@ def render(s: dict) -> str:
 
 def plan_main(args) -> int:
     from autopar.compiler.trace import trace
-    from autopar.passes.prune import prune
+    from autopar.passes.pipeline import prepare
     from autopar.passes.shard import search, search_devices
 
+    if not (args.mesh or args.devices or args.plan):
+        raise ValueError("give the mesh (--mesh dp=2,tp=4), a device count (--devices 8) or a "
+                         "plan file that names a mesh (--plan FILE.plan)")
+    planfile = None
+    if args.plan:
+        from autopar.dsl import load_plan
+        planfile = load_plan(args.plan)            # syntax errors before the slow trace
     profile = load_profile(args.device)
     limit = parse_bytes(args.memory) if args.memory else None
     model, inputs, name = load_spec_with_batch(args.spec, args.batch)
-    graph = prune(trace(model, inputs, mode=args.trace, name=name))
+    graph = prepare(trace(model, inputs, mode=args.trace, name=name))
     kwargs = dict(memory_limit=limit, zero=args.zero, time_limit=args.time_limit,
                   deterministic=args.deterministic)
-    if args.mesh:
+    pinned: list[str] = []
+    if planfile is not None:
+        plan, pinned = plan_from_file(args, planfile, graph, profile, limit)
+        if plan.device != profile.name:            # the file named the device
+            profile = load_profile(plan.device)
+    elif args.mesh:
         plan = search(graph, sharding.parse_mesh(args.mesh), profile, **kwargs)
     else:
         plan, _ = search_devices(graph, args.devices, profile, **kwargs)
-    summary = plan_summary(graph, plan, profile)
+    summary = plan_summary(graph, plan, profile, pinned)
     if args.json:
         print(json.dumps(summary, indent=2, default=_json_default))
     else:
@@ -237,7 +278,46 @@ def plan_main(args) -> int:
         plan.save(args.output)
         if not args.json:
             print(f"plan saved to {args.output}")
+    if args.emit_plan:
+        write_plan_file(args.emit_plan, plan, graph)
+        if not args.json:
+            print(f"plan file written to {args.emit_plan} "
+                  f"(autopar plan {args.spec} --plan {args.emit_plan} reproduces it)")
     return 0
+
+
+def write_plan_file(path: str, plan: Plan, graph) -> None:
+    """`--emit-plan`: the plan as a plan file that `--plan` turns back into this plan. An
+    optimal plan is pinned at module boundaries (the search finds the rest again); one the
+    search stopped short of proving optimal is pinned everywhere, or the search, given a
+    second chance, would find a different (better) plan."""
+    from autopar.dsl import write_plan
+    status = plan.solver.get("status")
+    text = write_plan(plan, graph, activations="modules" if status == "OPTIMAL" else "all")
+    if status != "OPTIMAL":
+        title, rest = text.split("\n", 1)
+        text = (f"{title}\n# the search stopped at its time limit (status {status}), so every value is "
+                "pinned, not only module outputs\n# (a longer --time-limit may give a shorter file)\n" + rest)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def plan_from_file(args, planfile, graph, profile: DeviceProfile,
+                   limit: float | None) -> tuple[Plan, list[str]]:
+    """`--plan FILE`: the best plan under the file's constraints, and the values it pins.
+    The file's settings win; --mesh must agree with its mesh (MeshMismatch) or name one it
+    leaves out, --devices must count its devices."""
+    from autopar.dsl import compile_plan, resolve
+    from autopar.dsl.cli import known_devices
+    mesh = sharding.parse_mesh(args.mesh) if args.mesh else None
+    spec = resolve(planfile, graph, mesh=mesh, devices=known_devices())     # MissingMesh, MeshMismatch, ...
+    if args.devices is not None and prod(spec.mesh.values()) != args.devices:
+        raise ValueError(f"--devices {args.devices}: the plan file {args.plan} names the mesh "
+                         f"{sharding.format_mesh(spec.mesh)} of {prod(spec.mesh.values())} devices. "
+                         "Drop --devices (the file's mesh is used) or change the file's mesh statement.")
+    plan = compile_plan(args.plan, graph, mesh=mesh, device=profile, memory=limit, zero=args.zero,
+                        time_limit=args.time_limit, deterministic=args.deterministic)
+    return plan, [p.value for p in spec.pins if any(x is not None for x in p.layout)]
 
 
 def _json_default(x):

@@ -26,11 +26,11 @@ def check_main(args) -> int:
     from autopar.compiler.spec import load_spec
     from autopar.compiler.trace import trace
     from autopar.dsl import load_plan, resolve
-    from autopar.passes.prune import prune
+    from autopar.passes.pipeline import prepare
 
     planfile = load_plan(args.plan_file)            # syntax errors before the slow trace
     model, inputs, name = load_spec(args.spec)
-    graph = prune(trace(model, inputs, mode=args.trace, name=name))
+    graph = prepare(trace(model, inputs, mode=args.trace, name=name))
     mesh = parse_mesh(args.mesh) if args.mesh else None
     spec = resolve(planfile, graph, mesh=mesh, devices=known_devices())
     sys.stdout.write(spec.format())

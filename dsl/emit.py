@@ -53,9 +53,8 @@ def write_plan(plan: Plan, graph: Graph, activations: str = "modules") -> str:
         lines.append(f"zero {plan.zero} over {plan.dp_axis}")
     elif plan.zero:
         lines.append(f"zero {plan.zero}")
-    objective = plan.solver.get("objective") if isinstance(plan.solver, dict) else None
-    if objective in ("time", "memory"):
-        lines.append(f"minimize {objective}")
+    if isinstance(plan.solver, dict) and plan.solver.get("minimize") == "memory":
+        lines.append("minimize memory")         # time is the default
     if plan.recompute:
         lines.append("recompute " + ", ".join(f'"{p}"' for p in plan.recompute))
 

@@ -88,6 +88,11 @@ class ModelIndex:
         self.graph = graph
         self.params: dict[str, Value] = {p.name: p for p in graph.params}
         self.aliases: dict[str, str] = {a: t for a, t in graph.aliases.items() if t in self.params}
+        # a fused parameter cut into pieces (passes/unfuse.py): its name selects the pieces
+        self.cut: dict[str, list[str]] = {}
+        for name, piece in getattr(graph, "pieces", {}).items():
+            if name in self.params and piece.source not in self.params:
+                self.cut.setdefault(piece.source, []).append(name)
         self.inputs: dict[str, Value] = {v.name: v for v in graph.inputs}
         self.values: dict[str, Value] = {v.name: v for v in graph.values()}
         self.modules: dict[str, Value] = module_outputs(graph)
@@ -99,15 +104,15 @@ class ModelIndex:
                 self.output_of[v.name] = path
 
     def param_names(self) -> list[str]:
-        return list(self.params) + list(self.aliases)
+        return list(self.params) + list(self.aliases) + list(self.cut)
 
     def select_params(self, pattern: str) -> list[Value]:
         rx = compile_pattern(pattern)
         out = {}
         for name in self.param_names():
             if rx.match(name):
-                real = self.aliases.get(name, name)
-                out[real] = self.params[real]
+                for real in self.cut.get(name) or [self.aliases.get(name, name)]:
+                    out[real] = self.params[real]
         return list(out.values())
 
     def select_modules(self, pattern: str) -> list[str]:

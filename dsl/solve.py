@@ -8,9 +8,7 @@ looks for `autopar.dsl.compile_plan`), so `compile(..., plan="x.plan")` and
 """
 from __future__ import annotations
 
-import inspect
-import warnings
-
+from autopar.compiler.cluster import DeviceProfile
 from autopar.compiler.ir import Graph
 from autopar.compiler.plan import Plan
 from autopar.dsl.check import PlanSpec, resolve
@@ -18,28 +16,34 @@ from autopar.dsl.parser import load_plan
 
 
 def compile_plan(path: str, graph: Graph, mesh: dict[str, int] | None = None,
-                 device: str | None = None, memory: float | None = None, **search_kw) -> Plan:
+                 device: str | DeviceProfile | None = None, memory: float | None = None,
+                 **search_kw) -> Plan:
     """Search the best plan the file allows. The file's mesh / device / memory win over the
-    arguments, which fill in what the file leaves out (`mesh` must agree with the file's)."""
+    arguments, which fill in what the file leaves out (`mesh` must agree with the file's:
+    `MeshMismatch` otherwise). `search_kw` go to `search_with`."""
     from autopar.dsl.cli import known_devices
     spec = resolve(load_plan(path), graph, mesh=mesh, devices=known_devices())
     return search_with(spec, graph, device=device, memory=memory, **search_kw)
 
 
-def search_with(spec: PlanSpec, graph: Graph, device: str | None = None, memory: float | None = None,
-                **search_kw) -> Plan:
-    """`passes.shard.search` under the spec's mesh, limits, pins and recompute regions."""
+def search_with(spec: PlanSpec, graph: Graph, device: str | DeviceProfile | None = None,
+                memory: float | None = None, **search_kw) -> Plan:
+    """`passes.shard.search` under the spec's mesh, limits, objective, pins and recompute
+    regions. `search_kw` go to the search (time_limit, deterministic, ...); a zero stage,
+    dp axis or memory limit there only fills in what the file leaves out, pins and
+    recompute regions there are added to the file's.
+
+        >>> plan = search_with(spec, graph, zero=1, deterministic=True)   # doctest: +SKIP
+    """
     from autopar.passes.shard import search
     kw = dict(memory_limit=spec.memory_limit if spec.memory_limit is not None else memory,
-              zero=spec.zero, pins=spec.pins, recompute=spec.recompute, dp_axis=spec.dp_axis)
-    params = inspect.signature(search).parameters
-    if spec.objective != "time":
-        if "minimize" in params:
-            kw["minimize"] = spec.objective
-        else:
-            warnings.warn(f"autopar: the search cannot minimize {spec.objective} yet; it "
-                          "minimizes step time under the memory limit", stacklevel=2)
-    kw.update(search_kw)
+              zero=spec.zero, pins=list(spec.pins), recompute=list(spec.recompute),
+              dp_axis=spec.dp_axis, objective=spec.objective)
+    for key, value in search_kw.items():
+        if key in ("pins", "recompute"):
+            kw[key] += list(value)
+        elif key not in ("zero", "dp_axis", "memory_limit") or kw[key] is None:
+            kw[key] = value
     plan = search(graph, spec.mesh, spec.device or device or "cpu", **kw)
     plan.constraints = list(spec.constraints)
     return plan

@@ -26,6 +26,8 @@ reported with the least memory per device any plan needs (a second model minimis
 """
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import os
 import re
@@ -141,7 +143,9 @@ def block_of(path: str) -> tuple[str, str] | None:
 def build_classes(cm: CostModel, groups: list[Group], group_of: list[int], link: bool,
                   pinned_at: dict[int, list]) -> tuple[list[list[int]], list[int], dict]:
     """Classes of linked groups (each a list of group ids) and group -> class id. Pins are
-    part of a block's signature: blocks pinned alike still link."""
+    part of a block's signature: blocks pinned alike still link. A group may span
+    consecutive instances of one block kind (a pinned block output followed into the next
+    block): it links with the groups at the same positions and instance offsets."""
     class_of = [-1] * len(groups)
     classes: list[list[int]] = []
     info = {"blocks": 0, "block_classes": 0}
@@ -171,10 +175,10 @@ def build_classes(cm: CostModel, groups: list[Group], group_of: list[int], link:
                             tuple((v.shape, str(v.dtype), v.name in cm.needs_grad, v.requires_grad) for v in m.outputs),
                             tuple(ins), m.key in cm.regions, tuple(sorted(pinned_at.get(mi, ())))))
             # group shape inside the block: each member's group root and position, locally
+            # (a group rooted here may reach into the next instance: the last one has none)
             for mi in mems:
                 g = groups[group_of[mi]]
-                inside = all(x in local for x in g.members)
-                sig.append(("G", local[g.root], g.members.index(mi)) if inside else ("G", "spans"))
+                sig.append(("G", local[g.root], g.members.index(mi)) if g.root in local else ("G", "outside"))
             sig_of[inst] = tuple(sig)
         by_sig: dict[tuple, list[str]] = {}
         for inst, sig in sig_of.items():
@@ -186,18 +190,20 @@ def build_classes(cm: CostModel, groups: list[Group], group_of: list[int], link:
                 for inst in insts:
                     inst_class[inst] = (id(sig), instances[inst])
         info["blocks"] = len(instances)
-        # a group links when all its members lie in one instance of a repeated block
+        # a group links when all its members lie in instances of one repeated block kind:
+        # keyed by each member's instance offset and position there
+        position = {mi: (inst, k) for inst in inst_class for k, mi in enumerate(instances[inst])}
         key_to_class: dict[tuple, int] = {}
         for gid, g in enumerate(groups):
-            insts = {block.get(mi, (None, None))[1] for mi in g.members}
-            if len(insts) != 1:
+            if any(mi not in position for mi in g.members):
                 continue
-            inst = insts.pop()
-            if inst not in inst_class:
+            insts = {position[mi][0] for mi in g.members}
+            if len({sig_of[inst] for inst in insts}) != 1:
                 continue
-            cls_sig, mems = inst_class[inst]
-            local = {mi: k for k, mi in enumerate(mems)}
-            key = (sig_of[inst], tuple(local[mi] for mi in g.members))
+            number = {inst: int(inst[len(block[g.root][0]) + 1:]) for inst in insts}
+            first = min(number.values())
+            key = (sig_of[position[g.root][0]],
+                   tuple((number[position[mi][0]] - first, position[mi][1]) for mi in g.members))
             cid = key_to_class.get(key)
             if cid is None:
                 cid = key_to_class[key] = len(classes)
@@ -224,6 +230,7 @@ class Problem:
     pins: list[tuple[Pin, int, int]]               # (pin, member, output)
     stats: dict = field(default_factory=dict)
     edge_cache: dict = field(default_factory=dict)
+    edge_memo: dict = field(default_factory=dict)       # edge_matrices by content
 
     def pos(self, mi: int) -> int:
         return self.groups[self.group_of[mi]].members.index(mi)
@@ -233,12 +240,28 @@ _EDGE_MEMO: dict = {}
 
 
 def edge_matrices(cm: CostModel, e: Edge, sps: Sequence[Strategy], scs: Sequence[Strategy],
-                  zero: int, fold_rs: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  zero: int, fold_rs: bool = False, memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Time and saved-copy memory of edge `e` for every (producer, consumer) strategy pair.
     `fold_rs`: the edge is its param's only use, so the ZeRO-2 reduce_scatter that replaces
     its gradient all_reduce is priced here (exact, and a tighter model than the OR).
     Entries depend only on the layouts at both ends, so they are computed once per
-    distinct layout pair and memoised across edges of the same kind."""
+    distinct layout pair and memoised across edges of the same kind. `memo`: whole
+    matrices by everything they depend on, so edges that differ only in where they sit
+    share one computation (the residual stream is one merged group spanning every block:
+    its edges are not deduplicated by linking, and would otherwise cost O(depth))."""
+    v = e.value
+    src_m, dst_m = cm.members[e.src], cm.members[e.dst]
+    kind = (id(cm), v.shape, cm.itemsize(v), v.name in cm.needs_grad, cm.has_backward(e.dst),
+            dst_m.key in cm.regions, src_m.trainable, fold_rs,
+            src_m.outputs[0].shape if src_m.is_source else None)
+    if memo is not None:
+        # rows: out_layouts (by annotation object, strategy, output count) and
+        # zero_applies (trainable, float, the dp layout); columns: in_layout by annotation
+        mkey = (kind, zero >= 2, id(src_m.anno), len(src_m.outputs), e.out,
+                src_m.outputs[0].dtype.is_floating_point, id(dst_m.anno), e.arg, tuple(sps), tuple(scs))
+        hit = memo.get(mkey)
+        if hit is not None:
+            return hit
     src_ids: dict = {}
     row = []
     for sp in sps:
@@ -251,11 +274,6 @@ def edge_matrices(cm: CostModel, e: Edge, sps: Sequence[Strategy], scs: Sequence
         lay = cm.in_layout(e.dst, sc, e.arg)
         splits = frozenset(i for i, lab in enumerate(sc) if lab is not None)
         col.append(dst_ids.setdefault((lay, splits), len(dst_ids)))
-    v = e.value
-    src_m = cm.members[e.src]
-    kind = (id(cm), v.shape, cm.itemsize(v), v.name in cm.needs_grad, cm.has_backward(e.dst),
-            cm.members[e.dst].key in cm.regions, src_m.trainable, fold_rs,
-            src_m.outputs[0].shape if src_m.is_source else None)
     T = np.zeros((len(src_ids), len(dst_ids)))
     M = np.zeros((len(src_ids), len(dst_ids)))
     dst_keys = list(dst_ids)
@@ -280,7 +298,10 @@ def edge_matrices(cm: CostModel, e: Edge, sps: Sequence[Strategy], scs: Sequence
     if len(_EDGE_MEMO) > 500_000:
         _EDGE_MEMO.clear()
     r, c = np.array(row), np.array(col)
-    return T[np.ix_(r, c)], M[np.ix_(r, c)]
+    out = T[np.ix_(r, c)], M[np.ix_(r, c)]
+    if memo is not None:
+        memo[mkey] = out
+    return out
 
 
 def build_problem(graph: Graph, cluster: Cluster, pins: Sequence[Pin], recompute, merge: bool,
@@ -380,7 +401,7 @@ def build_tables(prob: Problem, zero: int) -> Tables:
         if ck not in prob.edge_cache:
             sps = [ga.strat[e.src][k] for k in range(ga.size)]
             scs = [gb.strat[e.dst][k] for k in range(gb.size)]
-            prob.edge_cache[ck] = edge_matrices(cm, e, sps, scs, zero, fold)
+            prob.edge_cache[ck] = edge_matrices(cm, e, sps, scs, zero, fold, prob.edge_memo)
         T, M = prob.edge_cache[ck]
         da, db = full_dom[ca], full_dom[cb]
         if same_group or ca == cb:           # one decision: only the diagonal is reachable
@@ -496,9 +517,11 @@ class Solved:
 
 def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | None,
                  time_limit: float, deterministic: bool, minimize: str = "time",
-                 hint: dict[int, int] | None = None, diagnose: bool = False) -> Solved:
+                 hint: dict[int, int] | None = None, diagnose: bool = False,
+                 then_time: bool = False) -> Solved:
     """Build and solve the CP-SAT model of one ZeRO level. `hint`: class -> position in
-    its remaining domain."""
+    its remaining domain. `minimize="memory", then_time=True`: the least memory, then the
+    fastest plan that needs no more (a second solve of the same model)."""
     model = cp_model.CpModel()
     ncls = len(tab.dom)
     # integer scaling: the objective's upper bound maps to ~1e9
@@ -609,7 +632,7 @@ def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | No
             for b in bad:
                 model.Add(b == 0)
     mem_expr = sum(obj_m) if obj_m else 0
-    if memory_limit is not None and minimize == "time" and obj_m:
+    if memory_limit is not None and obj_m:
         ct = model.Add(mem_expr <= int(memory_limit // unit_m))
         if diagnose:
             lit = model.NewBoolVar("memory")
@@ -645,9 +668,24 @@ def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | No
     stats = {"bools": sum(len(v) for v in x), "pair_bools": n_pair_bools, "tables": n_tables,
              "rs_bools": n_rs, "constraints": len(model.Proto().constraints)}
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        choice = [next(k for k, b in enumerate(x[c]) if solver.BooleanValue(b)) for c in range(ncls)]
-        choice = [tab.dom[c][k] for c, k in enumerate(choice)]
+        picked = [next(k for k, b in enumerate(x[c]) if solver.BooleanValue(b)) for c in range(ncls)]
         obj = solver.ObjectiveValue() / st if minimize == "time" else solver.ObjectiveValue() * unit_m
+        if minimize == "memory" and then_time and obj_m and not diagnose:
+            # ties on memory are broken by time: keep the memory found, minimise time
+            model.Add(mem_expr <= int(round(solver.ObjectiveValue())))
+            model.Minimize(sum(obj_t))
+            model.clear_hints()
+            for c, k in enumerate(picked):
+                for kk, b in enumerate(x[c]):
+                    model.AddHint(b, kk == k)
+            solver.parameters.max_time_in_seconds = max(time_limit - dt, 0.05)
+            t1 = time.perf_counter()
+            again = solver.Solve(model)
+            dt += time.perf_counter() - t1
+            if again in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+                picked = [next(k for k, b in enumerate(x[c]) if solver.BooleanValue(b)) for c in range(ncls)]
+                sname = solver.StatusName(again) if sname == "OPTIMAL" else sname
+        choice = [tab.dom[c][k] for c, k in enumerate(picked)]
         return Solved(sname, zero, choice, obj, dt, stats=stats)
     core = []
     if status == cp_model.INFEASIBLE and assumptions:
@@ -731,16 +769,35 @@ def zero_levels(cm: CostModel, zero: int | None) -> list[int]:
     return [0, 3]
 
 
+def _gc_paused(fn):
+    """Run `fn` with the cyclic garbage collector paused (performance only). The search
+    allocates many short-lived objects; with a large traced graph alive, the full
+    collections they trigger rescan the whole heap (~0.25 s each at 96 GPT layers)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not gc.isenabled():
+            return fn(*args, **kwargs)
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.enable()
+    return run
+
+
+@_gc_paused
 def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | str,
            memory_limit: float | None = None, zero: int | None = None, pins: Iterable[Pin] = (),
            time_limit: float = 10.0, deterministic: bool = False, recompute: Iterable[str] = (),
            precision: str | None = None, merge: bool = True, link: bool = True,
-           dp_axis: str | None = None) -> Plan:
+           dp_axis: str | None = None, objective: str = "time") -> Plan:
     """The fastest plan for `graph` on `mesh` that fits `memory_limit` bytes per device
     (default: the profile's memory). `zero=None` lets the search pick the ZeRO stage.
+    `objective="memory"`: the plan of least memory per device instead, the fastest of those.
     Raises `PlanInfeasible` naming the conflicting pins or the failing memory limit.
 
         >>> plan = search(graph, "dp=2,tp=2", "h100", deterministic=True)   # doctest: +SKIP
+        >>> small = search(graph, "dp=2,tp=2", "h100", objective="memory")  # doctest: +SKIP
     """
     t_start = time.perf_counter()
     if isinstance(profile, str):
@@ -749,12 +806,16 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
         mesh = sharding.parse_mesh(mesh)
     if zero is not None and zero not in (0, 1, 2, 3):
         raise ValueError(f"zero={zero}: the ZeRO stage is 0, 1, 2 or 3")
+    if objective not in ("time", "memory"):
+        raise ValueError(f"objective={objective!r}: minimise 'time' or 'memory'")
     pins, recompute = list(pins), list(recompute)
     cluster = Cluster(dict(mesh), profile)
     limit = float(memory_limit) if memory_limit is not None else float(profile.memory)
     prob = build_problem(graph, cluster, pins, recompute, merge, link, precision, dp_axis)
     cm = prob.cm
     levels = zero_levels(cm, zero)
+    if objective == "memory" and zero is None:
+        levels = levels[-1:]          # stage 3 holds every plan of the lower stages, in less memory
     protected = {prob.class_of[prob.group_of[mi]] for _, mi, _ in prob.pins}
     results: list[tuple[Solved, Tables]] = []
     hint = None
@@ -769,7 +830,8 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
         if hint is not None:
             starts.append([tab.dom[c].index(k) if k in tab.dom[c] else 0 for c, k in enumerate(hint)])
         h = dict(enumerate(local_search_hint(tab, starts)))
-        res = solve_tables(prob, tab, z, limit, budget, deterministic, hint=h)
+        res = solve_tables(prob, tab, z, limit, budget, deterministic, minimize=objective, hint=h,
+                           then_time=True)
         res.stats.update(variables_before_dominance=before, dominated_removed=removed,
                          variables_after_dominance=before - removed)
         results.append((res, tab))
@@ -785,7 +847,7 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
         strategies = choice_strategies(prob, r.choice)
         report = cm.evaluate(strategies, r.zero)
         exact[r.zero] = report.step_time
-        if best is None or report.step_time < best[2].step_time * (1 - 1e-9):
+        if best is None or better(report, best[2], objective):
             best = (r, strategies, report, t)
     r, strategies, report, tab = best
     chosen_zero = r.zero
@@ -806,9 +868,19 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
                                       "solve_time": x.solve_time} for x, _ in results},
         "deterministic": deterministic,
         "time_limit": time_limit,
+        "minimize": objective,
     })
     return make_plan(graph, cm, strategies, report, chosen_zero, limit, recompute, solver_stats,
                      [str(p) for p in pins])
+
+
+def better(a: CostReport, b: CostReport, objective: str) -> bool:
+    """`a` beats `b`: faster, or for objective "memory" smaller (then faster)."""
+    if objective == "memory":
+        ma, mb = a.memory["total"], b.memory["total"]
+        if abs(ma - mb) > 1e-9 * max(ma, mb):
+            return ma < mb
+    return a.step_time < b.step_time * (1 - 1e-9)
 
 
 def make_plan(graph: Graph, cm: CostModel, strategies: dict[str, Strategy], report: CostReport,
@@ -882,8 +954,9 @@ def mesh_shapes(n: int, axes: Sequence[str] = ("dp", "tp"), max_inner: int | Non
 
 def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Sequence[str] = ("dp", "tp"),
                    max_inner: int | None = None, **kwargs) -> tuple[Plan, list[dict]]:
-    """Search every mesh shape of `n` devices and return the fastest plan and one row per
-    shape (mesh, status, step time, compute, communication, memory, ZeRO stage).
+    """Search every mesh shape of `n` devices and return the fastest plan (the smallest,
+    for objective="memory") and one row per shape (mesh, status, step time, compute,
+    communication, memory, ZeRO stage).
 
         >>> plan, rows = search_devices(graph, 8, "h100")               # doctest: +SKIP
     """
@@ -891,6 +964,11 @@ def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Seq
         profile = load_profile(profile)
     if n < 1:
         raise ValueError(f"--devices {n}: give a positive device count")
+
+    def rank(plan: Plan) -> tuple:
+        if kwargs.get("objective", "time") == "memory":
+            return plan.cost["memory"]["total"], plan.cost["step_time"]
+        return (plan.cost["step_time"],)
     rows, best = [], None
     for mesh in mesh_shapes(n, axes, max_inner if max_inner is not None else profile.node_size):
         row = {"mesh": sharding.format_mesh(mesh)}
@@ -908,7 +986,7 @@ def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Seq
                    tflops_per_device=c["tflops_per_device"], solve_time=plan.solver["solve_time"],
                    wall_time=plan.solver["wall_time"])
         rows.append(row)
-        if best is None or c["step_time"] < best.cost["step_time"]:
+        if best is None or rank(plan) < rank(best):
             best = plan
     if best is None:
         least = [r for r in rows if r.get("least_memory")]

@@ -1,8 +1,10 @@
 """`autopar plan` through compiler.cli.main: the text report, --devices, --json (the same
-numbers), -o, --batch, and the errors a user can act on."""
+numbers), -o, --batch, plan files (--plan, --emit-plan and their round trip), and the
+errors a user can act on."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -39,7 +41,7 @@ def test_plan_mesh_text_and_saved_plan(capsys, tmp_path):
         assert part in text, part
     plan = Plan.load(out)
     assert plan.mesh == {"dp": 2, "tp": 2} and plan.device == "cpu"
-    assert plan.layouts["transformer.h.0.attn.c_attn.weight"]
+    assert plan.layouts["transformer.h.0.mlp.c_fc.weight"]
 
 
 def test_plan_json_has_the_same_numbers(capsys, tmp_path):
@@ -87,3 +89,62 @@ def test_plan_user_errors(capsys, tmp_path):
     assert "dp2=N" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["plan", GPT, "--mesh", "dp=2", "--devices", "4"])
+
+
+# ---- plan files: --plan FILE, --emit-plan FILE ------------------------------------------------
+
+MEGATRON = "examples/plans/megatron_gpt.plan"
+
+
+def test_plan_with_a_plan_file(capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["plan", GPT, "--plan", MEGATRON, "--deterministic", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    # the file's mesh, device and ZeRO stage win over the defaults (cpu, searched stage)
+    assert "plan for gpt on dp=2,tp=4 (8 x h100), ZeRO-1 over dp" in text
+    assert "constraints from the plan file (the search chose everything else; * marks pinned" in text
+    assert f'layout "transformer.wte.weight" {{ dp: R, tp: S(0) }}    # {MEGATRON}:16:1' in text
+    assert re.search(r"\n  transformer\.wte +weight \{dp:R, tp:S\(0\)\}\*\n", text)
+    assert re.search(r"\n  transformer\.h\.\*\.mlp\.c_fc \(x2\) +weight \{dp:R, tp:S\(0\)\}\*, bias", text)
+    plan = Plan.load(out)
+    assert plan.constraints[0] == f"mesh dp=2, tp=4    # {MEGATRON}:4:1"
+    assert plan.layouts["transformer.h.1.mlp.c_proj.weight"] == ["R", "S(1)"]
+    # --mesh may repeat the file's mesh; the JSON carries the constraints too
+    assert main(["plan", GPT, "--plan", MEGATRON, "--mesh", "dp=2,tp=4", "--deterministic", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["constraints"] == plan.constraints and data["cost"]["step_time"] == plan.cost["step_time"]
+
+
+def test_plan_file_user_errors(capsys):
+    # a --mesh that disagrees with the file is the DSL's MeshMismatch, pointing at the file
+    assert main(["plan", GPT, "--plan", MEGATRON, "--mesh", "dp=2,tp=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{MEGATRON}:4:1: MeshMismatch" in err and "fix: drop --mesh" in err
+    assert main(["plan", GPT, "--plan", MEGATRON, "--devices", "4"]) == 2
+    assert "names the mesh dp=2,tp=4 of 8 devices" in capsys.readouterr().err
+    # a file without a mesh statement takes --mesh, and needs one
+    assert main(["plan", GPT, "--plan", "examples/plans/gpt_blocks.plan"]) == 2
+    assert "MissingMesh" in capsys.readouterr().err
+    assert main(["plan", GPT, "--plan", "examples/plans/gpt_blocks.plan", "--mesh", "tp=2",
+                 "--deterministic"]) == 0
+    assert "plan for gpt on tp=2 (2 x cpu)" in capsys.readouterr().out
+    assert main(["plan", GPT]) == 2
+    assert "--mesh dp=2,tp=4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("example", ["mlp", "gpt", "llama", "lora"])
+def test_emit_plan_round_trips_through_the_cli(example, capsys, tmp_path):
+    """`--emit-plan` writes a plan file that `--plan` turns back into the same plan -- also
+    when the time limit stops the search before it proves the plan optimal (lora here)."""
+    spec = f"examples/{example}.py:build"
+    first, again, planfile = tmp_path / "first.json", tmp_path / "again.json", tmp_path / "out.plan"
+    assert main(["plan", spec, "--mesh", "dp=2,tp=2", "--deterministic", "--time-limit", "3",
+                 "-o", str(first), "--emit-plan", str(planfile)]) == 0
+    assert f"plan file written to {planfile}" in capsys.readouterr().out
+    a = Plan.load(first)
+    assert ("every value is pinned" in planfile.read_text()) == (a.solver["status"] != "OPTIMAL")
+    assert main(["plan", spec, "--plan", str(planfile), "--deterministic", "-o", str(again)]) == 0
+    b = Plan.load(again)
+    assert b.layouts == a.layouts
+    assert (b.mesh, b.device, b.zero, b.dp_axis, b.recompute) == (a.mesh, a.device, a.zero, a.dp_axis, a.recompute)
+    assert b.constraints and not a.constraints
