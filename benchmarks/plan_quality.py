@@ -7,9 +7,8 @@ activations follow from the pinned parameters by the same cost model):
 - DDP: mesh dp=N, every parameter replicated, ZeRO-0;
 - ZeRO-3: mesh dp=N, every parameter sharded on dp, ZeRO-3;
 - Megatron TP=t (t = 1, 2, 4, 8, inside a node): mesh dp=N/t, tp=t, MLP c_fc column- and
-  c_proj row-parallel, attention c_proj row-parallel, the rest replicated on tp, ZeRO-0.
-  (The fused c_attn is left to the search: its q/k/v split cuts the output features in
-  thirds, so a column split of it cannot feed the split op without an all_gather.)
+  c_proj row-parallel, attention q/k/v column-parallel (the pieces of the fused c_attn,
+  cut by passes/unfuse.py) and c_proj row-parallel, the rest replicated on tp, ZeRO-0.
 The searched plan is `search_devices(N)`: every dp x tp shape, free layouts, free ZeRO.
 It must never be worse than the best hand plan. TFLOP/s per GPU use Megatron's count
 96·B·s·l·h²·(1 + s/6h + V/16lh) (with recompute), comparable to the paper's 137-163.
@@ -27,7 +26,7 @@ import time
 from autopar.compiler.cluster import load_profile
 from autopar.compiler.sharding import Pin
 from autopar.compiler.trace import trace
-from autopar.passes.prune import prune
+from autopar.passes.pipeline import prepare
 from autopar.passes.shard import PlanInfeasible, search, search_devices
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -69,8 +68,8 @@ def megatron_pins(graph, t: int) -> list[Pin]:
             tp = "S(0)"
         elif name.endswith("c_proj.weight"):
             tp = "S(1)"
-        elif name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
-            tp = None
+        elif ".attn.c_attn." in name:          # q, k, v pieces: head-parallel attention
+            tp = "S(0)"
         else:
             tp = "R"
         pins.append(Pin(name, ("R", tp if t > 1 else None), "megatron"))
@@ -91,7 +90,7 @@ def main() -> None:
         cfg = gpt.GPTConfig.from_preset(preset)
         model, inputs = gpt.build_meta(preset, batch=batch)
         t0 = time.perf_counter()
-        graph = prune(trace(model, inputs, name=f"gpt-{preset}"))
+        graph = prepare(trace(model, inputs, name=f"gpt-{preset}"))
         t_trace = time.perf_counter() - t0
         flops = megatron_flops(cfg, batch)
         kw = dict(recompute=RECOMPUTE, time_limit=args.time_limit)
