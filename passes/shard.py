@@ -14,8 +14,11 @@ device, minimise the estimated step time (compiler/cost.py). What keeps it small
 3. dominated strategies are dropped (no worse in time, memory and every edge cost);
 4. costs are scaled to integers; edges are encoded with one boolean per non-zero cost
    entry (after moving row/column minima into the unary costs) or, when that would be
-   larger, one table constraint (AddAllowedAssignments);
-5. a greedy hint, a time limit, and a deterministic mode (one worker, fixed seed).
+   larger, one table constraint (AddAllowedAssignments); the LP relaxation includes
+   the Boolean constraints (linearization level 2);
+5. a local-search hint -- under a binding memory limit one that fits (Lagrangian local
+   search), which is also the answer when the time limit stops the solver before it has
+   any plan -- a time limit, and a deterministic mode (one worker, fixed seed).
 
     >>> plan = search(graph, {"dp": 2, "tp": 4}, load_profile("h100"))   # doctest: +SKIP
     >>> plan.cost["step_time"], plan.zero                                # doctest: +SKIP
@@ -55,7 +58,9 @@ class PlanInfeasible(Exception):
 
 register_user_error(PlanInfeasible)
 
-PAIR_LIMIT = 400              # edges with more (row class x column class) pairs use a table
+PAIR_LIMIT = 1024             # edges with more (row class x column class) pairs use a table
+# (a table has no linear relaxation: the bound stalls -- 441-pair edges of lora on dp=2,tp=2
+# as tables took 3 s to prove at ZeRO-3, as pair booleans 0.15 s)
 
 
 # ---- groups: follow-merging ------------------------------------------------------------------
@@ -236,9 +241,6 @@ class Problem:
         return self.groups[self.group_of[mi]].members.index(mi)
 
 
-_EDGE_MEMO: dict = {}
-
-
 def edge_matrices(cm: CostModel, e: Edge, sps: Sequence[Strategy], scs: Sequence[Strategy],
                   zero: int, fold_rs: bool = False, memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Time and saved-copy memory of edge `e` for every (producer, consumer) strategy pair.
@@ -251,7 +253,8 @@ def edge_matrices(cm: CostModel, e: Edge, sps: Sequence[Strategy], scs: Sequence
     its edges are not deduplicated by linking, and would otherwise cost O(depth))."""
     v = e.value
     src_m, dst_m = cm.members[e.src], cm.members[e.dst]
-    kind = (id(cm), v.shape, cm.itemsize(v), v.name in cm.needs_grad, cm.has_backward(e.dst),
+    pair_memo = cm.__dict__.setdefault("_edge_pair_memo", {})   # lives and dies with `cm`
+    kind = (v.shape, cm.itemsize(v), v.name in cm.needs_grad, cm.has_backward(e.dst),
             dst_m.key in cm.regions, src_m.trainable, fold_rs,
             src_m.outputs[0].shape if src_m.is_source else None)
     if memo is not None:
@@ -280,7 +283,7 @@ def edge_matrices(cm: CostModel, e: Edge, sps: Sequence[Strategy], scs: Sequence
     for a, (slay, zapp) in enumerate(src_ids):
         for b, (dlay, splits) in enumerate(dst_keys):
             mk = (kind, slay, zapp, dlay, splits)
-            hit = _EDGE_MEMO.get(mk)
+            hit = pair_memo.get(mk)
             if hit is None:
                 cols = cm.layout_collectives(e, slay, dlay, splits)
                 t = 0.0
@@ -293,10 +296,8 @@ def edge_matrices(cm: CostModel, e: Edge, sps: Sequence[Strategy], scs: Sequence
                 if replaced and fold_rs:
                     t += cm.time_of(Collective("reduce_scatter", cm.dp_axis,
                                                cm.local_bytes(src_m.outputs[0], slay), "backward"))
-                hit = _EDGE_MEMO[mk] = (t, cm.layout_edge_memory(e, dlay, cols))
+                hit = pair_memo[mk] = (t, cm.layout_edge_memory(e, dlay, cols))
             T[a, b], M[a, b] = hit
-    if len(_EDGE_MEMO) > 500_000:
-        _EDGE_MEMO.clear()
     r, c = np.array(row), np.array(col)
     out = T[np.ix_(r, c)], M[np.ix_(r, c)]
     if memo is not None:
@@ -513,6 +514,7 @@ class Solved:
     solve_time: float
     core: list[str] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    bound: float | None = None        # time objective: no plan of this stage is faster (seconds)
 
 
 def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | None,
@@ -656,6 +658,11 @@ def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | No
     # probing and symmetry detection cost more than they save on these models
     solver.parameters.cp_model_probing_level = 0
     solver.parameters.symmetry_level = 0
+    # Boolean constraints in the LP too: presolve turns the pair booleans' marginal
+    # equalities into exactly-one constraints, which the default level 1 leaves out of the
+    # LP; under a binding memory limit its bound then stays far below the optimum (the
+    # small GPT on dp=2,tp=2 at 1.5 MB: no plan in 10 s; at level 2 proven in ~1 s)
+    solver.parameters.linearization_level = 2
     for k, v in json.loads(os.environ.get("AUTOPAR_CPSAT", "{}")).items():   # experiments
         setattr(solver.parameters, k, v)
     if os.environ.get("AUTOPAR_DUMP"):
@@ -667,6 +674,9 @@ def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | No
     sname = solver.StatusName(status)
     stats = {"bools": sum(len(v) for v in x), "pair_bools": n_pair_bools, "tables": n_tables,
              "rs_bools": n_rs, "constraints": len(model.Proto().constraints)}
+    bound = None
+    if minimize == "time" and status in (cp_model.OPTIMAL, cp_model.FEASIBLE, cp_model.UNKNOWN):
+        bound = solver.BestObjectiveBound() / st
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         picked = [next(k for k, b in enumerate(x[c]) if solver.BooleanValue(b)) for c in range(ncls)]
         obj = solver.ObjectiveValue() / st if minimize == "time" else solver.ObjectiveValue() * unit_m
@@ -686,7 +696,7 @@ def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | No
                 picked = [next(k for k, b in enumerate(x[c]) if solver.BooleanValue(b)) for c in range(ncls)]
                 sname = solver.StatusName(again) if sname == "OPTIMAL" else sname
         choice = [tab.dom[c][k] for c, k in enumerate(picked)]
-        return Solved(sname, zero, choice, obj, dt, stats=stats)
+        return Solved(sname, zero, choice, obj, dt, stats=stats, bound=bound)
     core = []
     if status == cp_model.INFEASIBLE and assumptions:
         # shrink the solver's core until every assumption in it is needed (deletion filter)
@@ -707,41 +717,123 @@ def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | No
         again = solve_tables(prob, tab, zero, memory_limit, time_limit, deterministic, minimize,
                              diagnose=True)
         core = again.core
-    return Solved(sname, zero, None, None, dt, core, stats)
+    return Solved(sname, zero, None, None, dt, core, stats, bound)
+
+
+def _neighbours(tab: Tables) -> list[list[tuple[int, np.ndarray, np.ndarray]]]:
+    """Per class: (other class, time, memory) of each pair table, oriented rows = this class."""
+    nbr: list[list[tuple[int, np.ndarray, np.ndarray]]] = [[] for _ in range(len(tab.dom))]
+    for (a, b), (T, M) in tab.pairs.items():
+        nbr[a].append((b, T, M))
+        nbr[b].append((a, T.T, M.T))
+    return nbr
+
+
+def _totals(tab: Tables, ch: list[int]) -> tuple[float, float]:
+    """(time, memory) of a choice (positions per class), ZeRO reduce_scatters left out."""
+    t = sum(tab.ut[c][k] for c, k in enumerate(ch)) + sum(T[ch[a], ch[b]] for (a, b), (T, _) in tab.pairs.items())
+    m = sum(tab.um[c][k] for c, k in enumerate(ch)) + sum(M[ch[a], ch[b]] for (a, b), (_, M) in tab.pairs.items())
+    return float(t), float(m)
+
+
+def _icm(tab: Tables, nbr, start: list[int], lam: float = 0.0, sweeps: int = 30) -> list[int]:
+    """Iterated conditional modes on time + lam * memory from `start`."""
+    ch = list(start)
+    for _ in range(sweeps):
+        changed = False
+        for c in range(len(tab.dom)):
+            if len(tab.dom[c]) <= 1:
+                continue
+            cost = tab.ut[c] + lam * tab.um[c] if lam else tab.ut[c].copy()
+            for o, T, M in nbr[c]:
+                cost += T[:, ch[o]] + lam * M[:, ch[o]] if lam else T[:, ch[o]]
+            k = int(np.argmin(cost))
+            if cost[k] < cost[ch[c]] - 1e-15:
+                ch[c], changed = k, True
+        if not changed:
+            break
+    return ch
 
 
 def local_search_hint(tab: Tables, starts: list[list[int]], sweeps: int = 30) -> list[int]:
     """Iterated conditional modes from each start (positions per class); the best by the
     time objective (memory and ZeRO reduce_scatters ignored) -- a hint, nothing more."""
-    ncls = len(tab.dom)
-    nbr: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(ncls)]
-    for (a, b), (T, _) in tab.pairs.items():
-        nbr[a].append((b, T))
-        nbr[b].append((a, T.T))
-
-    def total(ch):
-        return (sum(tab.ut[c][ch[c]] for c in range(ncls))
-                + sum(T[ch[a], ch[b]] for (a, b), (T, _) in tab.pairs.items()))
+    nbr = _neighbours(tab)
     best, best_cost = None, float("inf")
     for start in starts:
-        ch = list(start)
-        for _ in range(sweeps):
-            changed = False
-            for c in range(ncls):
-                if len(tab.dom[c]) <= 1:
-                    continue
-                cost = tab.ut[c].copy()
-                for o, T in nbr[c]:
-                    cost += T[:, ch[o]]
-                k = int(np.argmin(cost))
-                if cost[k] < cost[ch[c]] - 1e-15:
-                    ch[c], changed = k, True
-            if not changed:
-                break
-        t = total(ch)
+        ch = _icm(tab, nbr, start, 0.0, sweeps)
+        t = _totals(tab, ch)[0]
         if t < best_cost:
             best, best_cost = ch, t
     return best
+
+
+def memory_hint(tab: Tables, limit: float, start: list[int], points: int = 16) -> list[int] | None:
+    """A hint that fits `limit` bytes when `start` (the fastest by local search) does not:
+    iterated conditional modes on time + lam * memory (a Lagrangian relaxation of the
+    memory limit) over a log grid of lam, from `start` and from the least-memory choice per
+    class; each answer that fits is then improved by single moves that keep it fitting, and
+    the fastest is returned (None when none fits). Without it the solver starts from a hint
+    the limit rules out and may spend its time limit before finding any plan. A grid, not
+    a bisection on lam: local search is not monotone in lam, and the fastest fitting answer
+    is often not at the smallest lam that fits."""
+    t0, m0 = _totals(tab, start)
+    if m0 <= limit:
+        return start
+    nbr = _neighbours(tab)
+    least = [int(np.argmin(u)) for u in tab.um]
+    best: tuple[float, list[int]] | None = None
+    lam_of_byte = max(t0, 1e-30) / max(m0, 1.0)          # time per byte: lam's natural scale
+    for lam in lam_of_byte * np.logspace(-2, 3, points):
+        for s in (start, least):
+            ch = _icm(tab, nbr, s, float(lam))
+            t, m = _totals(tab, ch)
+            if m <= limit:
+                ch, t = _repair(tab, nbr, ch, t, m, limit)
+                if best is None or t < best[0]:
+                    best = (t, ch)
+    return best[1] if best else None
+
+
+def _repair(tab: Tables, nbr, ch: list[int], t: float, m: float, limit: float,
+            sweeps: int = 30) -> tuple[list[int], float]:
+    """Single-class moves that make `ch` faster and keep it within `limit` bytes."""
+    ch = list(ch)
+    for _ in range(sweeps):
+        changed = False
+        for c in range(len(tab.dom)):
+            if len(tab.dom[c]) <= 1:
+                continue
+            ct, cmem = tab.ut[c].copy(), tab.um[c].copy()
+            for o, T, M in nbr[c]:
+                ct += T[:, ch[o]]
+                cmem += M[:, ch[o]]
+            dt, dm = ct - ct[ch[c]], cmem - cmem[ch[c]]
+            dt[m + dm > limit] = np.inf
+            k = int(np.argmin(dt))
+            if dt[k] < -1e-12 * abs(t):
+                ch[c], t, m, changed = k, t + dt[k], m + dm[k], True
+        if not changed:
+            break
+    return ch, t
+
+
+def hint_plan(prob: Problem, tab: Tables, zero: int, h: list[int], limit: float, res: Solved) -> Solved:
+    """When the time limit stops the solver before it has any plan (UNKNOWN): the hint
+    itself, if it fits the limit (exact cost model) and holds every pin, as a FEASIBLE
+    answer -- a plan rather than none. Otherwise `res` unchanged."""
+    cm = prob.cm
+    choice = [tab.dom[c][k] for c, k in enumerate(h)]
+    strategies = choice_strategies(prob, choice)
+    for pin, mi, j in prob.pins:
+        if not pin.matches(cm.out_layouts(mi, strategies[cm.members[mi].key])[j]):
+            return res
+    report = cm.evaluate(strategies, zero)
+    if report.memory["total"] > limit:
+        return res
+    return Solved("FEASIBLE", zero, choice, report.step_time, res.solve_time,
+                  stats=dict(res.stats, plan_from="hint: the time limit stopped the solver first"),
+                  bound=res.bound)
 
 
 def choice_strategies(prob: Problem, choice: list[int]) -> dict[str, Strategy]:
@@ -829,9 +921,14 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
         starts = [[int(np.argmin(u)) for u in tab.ut], [0] * len(tab.dom)]
         if hint is not None:
             starts.append([tab.dom[c].index(k) if k in tab.dom[c] else 0 for c, k in enumerate(hint)])
-        h = dict(enumerate(local_search_hint(tab, starts)))
-        res = solve_tables(prob, tab, z, limit, budget, deterministic, minimize=objective, hint=h,
-                           then_time=True)
+        h = local_search_hint(tab, starts)
+        if objective == "time":
+            # the fastest by local search rarely fits a binding limit: start from one that does
+            h = memory_hint(tab, limit * (1 - 1e-4), h) or h
+        res = solve_tables(prob, tab, z, limit, budget, deterministic, minimize=objective,
+                           hint=dict(enumerate(h)), then_time=True)
+        if res.status == "UNKNOWN" and objective == "time":
+            res = hint_plan(prob, tab, z, h, limit, res)
         res.stats.update(variables_before_dominance=before, dominated_removed=removed,
                          variables_after_dominance=before - removed)
         results.append((res, tab))
@@ -839,7 +936,7 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
             hint = res.choice
     ok = [(r, t) for r, t in results if r.choice is not None]
     if not ok:
-        raise infeasible_error(prob, results, limit, deterministic)
+        raise infeasible_error(prob, results, limit, deterministic, time_limit)
     # the exact cost of each candidate decides (the solver's objective is rounded)
     best = None
     exact = {}
@@ -855,11 +952,23 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
     if chosen_zero == 3 and not any(strategies[m.key][d] is not None for m in cm.members
                                     if m.kind == "param"):
         chosen_zero = 2             # nothing stored sharded on dp: the same plan as stage 2
+    status, lower, gap = r.status, None, None
+    if objective == "time":
+        # proven optimal only if no stage the solver left open (FEASIBLE, or UNKNOWN when
+        # a stage found nothing in time) may still hold a faster plan: its bound decides
+        unproven = [x.bound if x.bound is not None else 0.0 for x, _ in results
+                    if x.status not in ("OPTIMAL", "INFEASIBLE")]
+        lower = min([report.step_time] + unproven)
+        gap = max(0.0, 1.0 - lower / report.step_time) if report.step_time > 0 else 0.0
+        if status == "OPTIMAL" and gap > 1e-4:
+            status = "FEASIBLE"
     wall = time.perf_counter() - t_start
     solver_stats = dict(prob.stats)
     solver_stats.update(r.stats)
     solver_stats.update({
-        "status": r.status,
+        "status": status,
+        "bound": lower,             # no plan is faster (seconds; time objective)
+        "gap": gap,                 # 1 - bound / step time: 0 when proven optimal
         "objective": r.objective,
         "solve_time": sum(x.solve_time for x, _ in results),
         "build_time": t_build,
@@ -901,9 +1010,17 @@ def make_plan(graph: Graph, cm: CostModel, strategies: dict[str, Strategy], repo
                 constraints=list(constraints))
 
 
-def infeasible_error(prob: Problem, results, limit: float, deterministic: bool) -> PlanInfeasible:
+def infeasible_error(prob: Problem, results, limit: float, deterministic: bool,
+                     time_limit: float | None = None) -> PlanInfeasible:
     cm = prob.cm
     mesh = sharding.format_mesh(cm.mesh)
+    levels = ", ".join(f"ZeRO-{r.zero}: {'no plan fits' if r.status == 'INFEASIBLE' else r.status}"
+                       for r, _ in results)
+    timed_out = PlanInfeasible(
+        f"the solver's time limit{f' ({time_limit:g} s)' if time_limit is not None else ''} was reached "
+        f"before any plan was found on mesh {mesh} ({levels}); a plan may well exist -- none is "
+        "proven impossible. Raise --time-limit (or the search's time_limit).")
+    timed_out.timed_out = True              # type: ignore[attr-defined]
     cores = [r.core for r, _ in results if r.status == "INFEASIBLE"]
     pin_cores = [c for c in cores if c and "memory" not in c]
     if pin_cores and len(pin_cores) == len(results):
@@ -913,8 +1030,7 @@ def infeasible_error(prob: Problem, results, limit: float, deterministic: bool) 
                               "no axis size divides, a dim the op cannot split, or two pins on "
                               "one decision). Remove or change one of them.")
     if not any(r.status == "INFEASIBLE" for r, _ in results):
-        return PlanInfeasible(f"the solver found no plan on mesh {mesh} within the time limit "
-                              f"(status {', '.join(r.status for r, _ in results)}); raise --time-limit")
+        return timed_out
     pinned_memory = sorted({p for c in cores for p in c if p != "memory"})
     # memory: the least memory any plan needs, from a model minimising it
     best = None
@@ -926,9 +1042,13 @@ def infeasible_error(prob: Problem, results, limit: float, deterministic: bool) 
         if best is None or rep.memory["total"] < best[1].memory["total"]:
             best = (r.zero, rep)
     if best is None:
+        if any(r.status != "INFEASIBLE" for r, _ in results):
+            return timed_out
         return PlanInfeasible(f"no plan exists on mesh {mesh} even without a memory limit")
     z, rep = best
     m = rep.memory
+    if m["total"] <= limit and any(r.status != "INFEASIBLE" for r, _ in results):
+        return timed_out        # a stage the time limit cut short has plans that fit
     err = PlanInfeasible(
         f"memory per device: no plan on mesh {mesh} fits the limit of {format_bytes(limit)}. "
         f"The least any plan needs is {format_bytes(m['total'])} per device (ZeRO-{z}: params "

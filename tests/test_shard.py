@@ -277,3 +277,83 @@ def test_search_devices_compares_mesh_shapes(gpts):
     feasible = [r for r in rows if r["status"] != "infeasible"]
     assert best.cost["step_time"] == min(r["step_time"] for r in feasible)
     assert sum(r["winner"] for r in rows) == 1
+
+
+# ---- memory limits on a 2-D mesh ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_gpt():
+    """examples/gpt.py's tiny model, prepared as `autopar plan` prepares it."""
+    import importlib.util
+    import pathlib
+    from autopar.compiler.trace import trace
+    from autopar.passes.pipeline import prepare
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "gpt.py"
+    spec = importlib.util.spec_from_file_location("autopar_test_shard_small_gpt", path)
+    gm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gm)
+    return prepare(trace(*gm.build()))
+
+
+def test_two_axis_mesh_under_a_binding_memory_limit_finds_a_plan_that_fits(small_gpt):
+    """dp=2,tp=2 with the limit between the least memory any plan needs and the memory of
+    the fastest plan: the search returns a plan that fits (it used to stop at its time
+    limit with no plan at all near the least memory). No timing asserts."""
+    mesh, kw = {"dp": 2, "tp": 2}, dict(precision="fp32", deterministic=True)
+    fastest = search(small_gpt, mesh, "cpu", **kw)
+    least = search(small_gpt, mesh, "cpu", objective="memory", **kw)
+    lo, hi = least.cost["memory"]["total"], fastest.cost["memory"]["total"]
+    assert lo < hi
+    for frac in (0.45, 0.2):
+        limit = lo + frac * (hi - lo)
+        plan = search(small_gpt, mesh, "cpu", memory_limit=limit, **kw)
+        assert plan.solver["status"] in ("OPTIMAL", "FEASIBLE"), plan.solver["status"]
+        assert plan.cost["memory"]["total"] <= limit and plan.cost["fits"]
+        assert plan.cost["step_time"] >= fastest.cost["step_time"] * (1 - 1e-9)
+        gap = plan.solver["gap"]
+        assert 0 <= gap <= 1 and (gap <= 1e-4 or plan.solver["status"] != "OPTIMAL")
+
+
+def test_memory_hint_fits_the_limit(small_gpt):
+    """The Lagrangian local-search hint fits a limit the fastest hint does not."""
+    import numpy as np
+    from autopar.compiler.cluster import load_profile
+    from autopar.passes import shard
+    prob = shard.build_problem(small_gpt, Cluster({"dp": 2, "tp": 2}, load_profile("cpu")), [], [],
+                               True, True, "fp32", None)
+    for zero in (0, 3):
+        tab = shard.build_tables(prob, zero)
+        shard.remove_dominated(prob, tab, set())
+        fast = shard.local_search_hint(tab, [[int(np.argmin(u)) for u in tab.ut], [0] * len(tab.dom)])
+        t0, m0 = shard._totals(tab, fast)
+        limit = 0.7 * m0
+        h = shard.memory_hint(tab, limit, fast)
+        assert h is not None
+        t, m = shard._totals(tab, h)
+        assert m <= limit and t >= t0 * (1 - 1e-9)
+        assert all(0 <= k < len(d) for k, d in zip(h, tab.dom))
+        # a solve the time limit stops before any plan falls back to the hint, if it fits
+        unknown = shard.Solved("UNKNOWN", zero, None, None, 0.1, bound=0.0)
+        got = shard.hint_plan(prob, tab, zero, h, limit * 1.001, unknown)
+        assert got.status == "FEASIBLE" and got.choice == [tab.dom[c][k] for c, k in enumerate(h)]
+        assert shard.hint_plan(prob, tab, zero, h, 0.5 * m, unknown) is unknown
+
+
+def test_time_limit_without_a_plan_is_reported_as_such(small_gpt):
+    """A search the time limit stops before any plan (status UNKNOWN) is not reported as
+    infeasible -- also when another ZeRO stage is proven not to fit."""
+    from autopar.compiler.cluster import load_profile
+    from autopar.passes import shard
+    prob = shard.build_problem(small_gpt, Cluster({"dp": 2, "tp": 2}, load_profile("cpu")), [], [],
+                               True, True, "fp32", None)
+    tabs = {z: shard.build_tables(prob, z) for z in (0, 3)}
+    unknown = [(shard.Solved("UNKNOWN", z, None, None, 1.0), tabs[z]) for z in (0, 3)]
+    err = shard.infeasible_error(prob, unknown, 1.5e6, True, 10.0)
+    msg = str(err)
+    assert "time limit (10 s) was reached before any plan was found" in msg
+    assert "--time-limit" in msg and "ZeRO-0: UNKNOWN" in msg and getattr(err, "timed_out", False)
+    # ZeRO-0 proven not to fit, ZeRO-3 cut short: plans that fit exist, so it is the time limit
+    mixed = [(shard.Solved("INFEASIBLE", 0, None, None, 1.0, core=["memory"]), tabs[0]),
+             (shard.Solved("UNKNOWN", 3, None, None, 1.0), tabs[3])]
+    msg = str(shard.infeasible_error(prob, mixed, 1.5e6, True, 10.0))
+    assert "time limit" in msg and "ZeRO-0: no plan fits" in msg and "least any plan" not in msg
