@@ -3,9 +3,9 @@ that owns them; this file only dispatches (handlers import lazily, so `autopar i
 load the solver).
 
     autopar ir SPEC [--after lower|prune] [--trace export|fx] [--verify]
-    autopar plan SPEC (--mesh dp=2,tp=4 | --devices N) [...]
-    autopar emit SPEC --mesh ... --backend torch|mpi -o DIR
-    autopar run SPEC --mesh ... --backend torch|mpi --steps N [--check]
+    autopar plan SPEC (--mesh dp=2,tp=4 | --devices N | --plan FILE) [--emit-plan F] [...]
+    autopar emit SPEC (--mesh ... | --devices N | --plan FILE) --backend torch|mpi -o DIR
+    autopar run SPEC (--mesh ... | --devices N | --plan FILE) --backend torch|mpi --steps N [--check]
     autopar check-plan FILE SPEC
 """
 from __future__ import annotations
