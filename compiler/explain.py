@@ -34,6 +34,14 @@ from autopar.compiler.cost import CostModel, CostReport
 from autopar.compiler.plan import Plan
 
 
+
+def format_rate(tflops: float) -> str:
+    """Achieved FLOP/s per device in a unit that shows digits (a CPU runs at GFLOP/s)."""
+    for unit, scale in (("TFLOP/s", 1.0), ("GFLOP/s", 1e-3), ("MFLOP/s", 1e-6)):
+        if tflops >= scale:
+            return f"{tflops / scale:.1f} {unit}"
+    return f"{tflops * 1e12:.0f} FLOP/s"
+
 def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", metavar="SPEC", help="path/to/file.py:function returning (model, example_inputs)")
     where = p.add_mutually_exclusive_group()       # one of them, or --plan naming a mesh
@@ -212,7 +220,7 @@ def render(s: dict) -> str:
     out.append("")
     comp = c["compute"]
     out.append("totals per training step:")
-    out.append(f"  step time      {format_time(c['step_time'])}  ({c['tflops_per_device']:.1f} TFLOP/s per device)")
+    out.append(f"  step time      {format_time(c['step_time'])}  ({format_rate(c['tflops_per_device'])} per device)")
     out.append(f"  compute        {format_time(c['compute_time'])}  (forward {format_time(comp['forward'])}, "
                f"backward {format_time(comp['backward'])}, recompute {format_time(comp['recompute'])})")
     per_axis = ", ".join(f"{a} {format_time(t)} ({c['links'][a]['kind']})" for a, t in c["communication"].items())
@@ -229,7 +237,7 @@ def render(s: dict) -> str:
         out.append("")
         out.append(f"mesh shapes of {s['devices']} devices:")
         out.append(f"  {'mesh':<14} {'status':<11} {'step time':>11} {'compute':>11} {'comm':>11} "
-                   f"{'memory':>11} {'zero':>4} {'TFLOP/s':>8}")
+                   f"{'memory':>11} {'zero':>4} {'FLOP/s':>14}")
         for r in cands:
             if r["status"] == "infeasible":
                 least = f"needs {format_bytes(r['least_memory'])}" if r.get("least_memory") else r.get("reason", "")[:60]
@@ -237,7 +245,7 @@ def render(s: dict) -> str:
                 continue
             out.append(f"  {r['mesh']:<14} {r['status']:<11} {format_time(r['step_time']):>11} "
                        f"{format_time(r['compute']):>11} {format_time(r['communication']):>11} "
-                       f"{format_bytes(r['memory']):>11} {r['zero']:>4} {r['tflops_per_device']:>8.1f}"
+                       f"{format_bytes(r['memory']):>11} {r['zero']:>4} {format_rate(r['tflops_per_device']):>14}"
                        + ("  <- winner" if r.get("winner") else ""))
     return "\n".join(out) + "\n"
 
