@@ -80,7 +80,7 @@ class Program:
     def initial_state(self) -> dict:
         from autopar.compiler.interpret import model_state
         state = {k: v.detach().clone() for k, v in model_state(self.model).items()}
-        for k, v in getattr(self.graph, "constants", {}).items():
+        for k, v in self.graph.constants.items():
             state.setdefault(k, v.detach().clone())
         return state
 

@@ -8,8 +8,6 @@ are the runtime's differentiable ones over those groups.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 from autopar.backends.codegen import Backend, EmitOptions, emit_program
 from autopar.compiler.ir import Graph
 

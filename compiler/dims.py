@@ -15,8 +15,7 @@ of shards (a mean over a split dim): the sharding rewrite scales by 1/n.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from math import prod
+from dataclasses import dataclass
 
 Labels = tuple  # tuple[str | None, ...]
 
@@ -169,14 +168,5 @@ def permute(rank: int, order) -> DimAnno:
     return DimAnno((labels,), (tuple(labels[i] for i in order),))
 
 
-def divides(sizes: list[int], ways: int) -> bool:
-    return all(s % ways == 0 for s in sizes)
-
-
-def local_shape(shape, labels, split: dict[str, int]) -> tuple[int, ...]:
-    """Shape on one rank when label -> number of shards."""
-    return tuple(s // split.get(lab, 1) if lab is not None else s for s, lab in zip(shape, labels))
-
-
 __all__ = ["DimAnno", "parse", "replicated", "broadcast", "reshape", "reshape_groups",
-           "permute", "divides", "local_shape", "Namer", "prod"]
+           "permute", "Namer"]

@@ -18,7 +18,7 @@ def interpret(graph: Graph, state: dict[str, torch.Tensor], inputs: tuple) -> li
         raise ValueError(f"graph {graph.name} takes {len(graph.inputs)} inputs, got {len(inputs)}")
     for v, t in zip(graph.inputs, inputs):
         env[v] = t
-    consts = getattr(graph, "constants", {})
+    consts = graph.constants
     for p in graph.params:
         t = state.get(p.name)
         if t is None and p.name in graph.pieces:

@@ -126,6 +126,8 @@ class Graph:
     notes: list[str] = field(default_factory=list)
     # a parameter cut out of a fused state-dict tensor: name -> Piece
     pieces: dict[str, "Piece"] = field(default_factory=dict)
+    # tensors torch.export lifted out of forward (buffers without a module), by name
+    constants: dict[str, Any] = field(default_factory=dict)
 
     def values(self) -> Iterator[Value]:
         yield from self.inputs
@@ -153,8 +155,9 @@ class Graph:
 
     def copy(self, **changes) -> "Graph":
         g = Graph(self.name, list(self.inputs), list(self.params), list(self.nodes),
-                  list(self.outputs), dict(self.aliases), list(self.notes), dict(self.pieces))
-        for extra in ("constants", "pass_counts", "trace_seconds"):
+                  list(self.outputs), dict(self.aliases), list(self.notes), dict(self.pieces),
+                  self.constants)
+        for extra in ("pass_counts", "trace_seconds"):
             if hasattr(self, extra):
                 setattr(g, extra, getattr(self, extra))
         for k, v in changes.items():

@@ -10,9 +10,8 @@ a sharding rule get `dims.replicated` (only `R` is ever chosen) and a warning.
 """
 from __future__ import annotations
 
-import operator
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import prod
 from typing import Any, Callable
 
@@ -22,9 +21,6 @@ from . import dims
 from .dims import DimAnno
 
 aten = torch.ops.aten
-
-Shapes = list  # list[tuple[int, ...]]
-
 
 @dataclass(frozen=True)
 class ArgSpec:
@@ -397,7 +393,7 @@ ELEMENTWISE_UNARY = [
     aten.logical_not.default, aten.alias.default, aten.detach.default,
     aten.square.default, aten.type_as.default,
     aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.rsub.Scalar,
-    aten.tril.default, aten.triu.default, aten.lift_fresh_copy.default,
+    aten.lift_fresh_copy.default,
 ]
 ELEMENTWISE_BINARY = [
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.pow.Tensor_Tensor,
@@ -413,9 +409,10 @@ VIEWS = [aten.view.default, aten.reshape.default, aten._unsafe_view.default,
 for _t in ELEMENTWISE_UNARY + ELEMENTWISE_BINARY:
     if isinstance(_t, torch._ops.OpOverload):
         register(_t, ew(), elementwise=True)
-# `tril`/`triu` act on the last two dims as a whole
-register(aten.tril.default, ew(), elementwise=False)
-register(aten.triu.default, ew(), elementwise=False)
+# `tril`/`triu` are elementwise in their annotation but not followers (their result
+# depends on each element's position in the last two dims)
+register(aten.tril.default, ew())
+register(aten.triu.default, ew())
 for _t in VIEWS:
     register(_t, a_view, view=True)
 # A `view` after pruning removed a `contiguous` may see a non-contiguous tensor: run

@@ -182,7 +182,6 @@ def apply_plan(graph: Graph, plan: Plan) -> Graph:
     g.name = graph.name
     g.notes = list(graph.notes) + [f"apply_plan: mesh {sharding.format_mesh(mesh)}, "
                                    f"{sum(map(is_collective, nodes))} collectives, zero={plan.zero}"]
-    g.constants = getattr(graph, "constants", {})        # type: ignore[attr-defined]
     g.layouts = out_layouts                              # type: ignore[attr-defined]
     g.global_shapes = global_shapes                      # type: ignore[attr-defined]
     g.needs_grad = needs                                 # type: ignore[attr-defined]

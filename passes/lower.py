@@ -104,7 +104,8 @@ class Builder:
             else:
                 v = a.default
                 if a.kind == "opt_tensor":
-                    attrs.append((a.name, None)) if v is None else None
+                    if v is None:
+                        attrs.append((a.name, None))
                     continue
                 if a.kind in ("tensor", "tensor_list"):
                     raise LoweringError(f"{d.name}: missing tensor argument {a.name}")
@@ -183,9 +184,8 @@ class Builder:
         return v
 
     def graph(self, outputs: list[Value]) -> Graph:
-        g = Graph(self.name, self.inputs, self.params, self.nodes, outputs, self.aliases)
-        g.constants = self.constants   # type: ignore[attr-defined]
-        return g
+        return Graph(self.name, self.inputs, self.params, self.nodes, outputs, self.aliases,
+                     constants=self.constants)
 
 
 class _Stub:
@@ -241,10 +241,9 @@ def lower_export(ep: "torch.export.ExportedProgram", model: nn.Module, name: str
             b.env[fxn] = src[fxn.args[1]]
             continue
         if isinstance(t, torch._ops.OpOverload):
-            if t._schema.name == "aten::_assert_tensor_metadata" or not fxn.meta.get("val", 1) is not None:
-                continue
-            if t in (aten._assert_scalar.default, aten.sym_constrain_range_for_size.default):
-                continue
+            if t in (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+                     aten.sym_constrain_range_for_size.default) or fxn.meta.get("val", 1) is None:
+                continue                     # runtime checks with no tensor result
             b.emit(opdef_for_target(t), fxn, list(fxn.args), dict(fxn.kwargs), module_path(fxn))
             continue
         raise LoweringError(

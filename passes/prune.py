@@ -107,7 +107,6 @@ def eliminate_dead_code(graph: Graph) -> Graph:
 def _note(before: Graph, after: Graph, name: str) -> Graph:
     after.pass_counts = dict(getattr(before, "pass_counts", {}))   # type: ignore[attr-defined]
     after.pass_counts[name] = len(before.nodes) - len(after.nodes)
-    after.constants = getattr(before, "constants", {})             # type: ignore[attr-defined]
     return after
 
 
