@@ -8,7 +8,7 @@ per op and the collectives written out (layouts and bytes in comments), loading 
 full single-device state dict, and a training loop. The two backends differ only in how
 ranks start and talk (`Backend`): torch.distributed under torchrun, or MPI under mpiexec.
 
-    >>> src = emit_program(sharded, TORCH, model_name="GPT")     # doctest: +SKIP
+    >>> src = emit_program(sharded, backend_named("torch"), model_name="GPT")     # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from autopar.compiler import sharding
+from autopar.compiler.errors import InputError
 from autopar.compiler.ir import Graph, Node, Value
 from autopar.compiler.ops import REGISTRY
 from autopar.compiler.plan import Plan
@@ -30,14 +31,38 @@ from autopar.passes.apply import (BIAS_SHARE, MEAN_SCALE, collective_traffic, fo
 
 @dataclass(frozen=True)
 class Backend:
-    """What differs between the generated torch.distributed and MPI programs."""
+    """What differs between the generated torch.distributed and MPI programs: how ranks
+    start and how the per-axis groups are made. Everything else is one emitter."""
     name: str                      # torch | mpi
     runtime: str                   # rt.init_mesh(..., backend=runtime)
     groups_comment: str            # how per-axis groups are made, for the header
     launcher: str                  # how to start ranks, for the header
+    launch: str                    # the launch command, {world} {file} {extra}
 
     def launch_command(self, file: str, world: int, extra: str = "") -> str:
-        raise NotImplementedError
+        return self.launch.format(world=world, file=file, extra=extra).rstrip()
+
+
+BACKENDS = {
+    "torch": Backend(
+        name="torch", runtime="torch",
+        groups_comment=("Process groups: init_process_group (gloo on CPU, NCCL on GPU) and one "
+                        "dist.new_group per slice of each mesh axis, made by rt.init_mesh."),
+        launcher="torchrun (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from the environment)",
+        launch="OMP_NUM_THREADS=1 torchrun --nproc-per-node {world} {file} {extra}"),
+    "mpi": Backend(
+        name="mpi", runtime="mpi",
+        groups_comment=("Communicators: MPI.COMM_WORLD.Split(color=first rank of the slice, "
+                        "key=coordinate) once per mesh axis, made by rt.init_mesh."),
+        launcher="mpiexec (mpi4py; rank and size from MPI.COMM_WORLD)",
+        launch="OMP_NUM_THREADS=1 mpiexec -n {world} python {file} {extra}"),
+}
+
+
+def backend_named(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise InputError(f"unknown backend '{name}': use {' or '.join(BACKENDS)}")
+    return BACKENDS[name]
 
 
 @dataclass(frozen=True)
@@ -812,5 +837,5 @@ def _emit_main(w: Writer, g: Graph, backend: Backend, cls: str, opts: EmitOption
     w("main()", 1)
 
 
-__all__ = ["Backend", "EmitOptions", "emit_program", "render_op", "value_names", "module_var",
+__all__ = ["Backend", "BACKENDS", "backend_named", "EmitOptions", "emit_program", "render_op", "value_names", "module_var",
            "shape_comment"]

@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from autopar.compiler.interpret import max_abs_error
-from autopar.compiler.trace import trace
+from autopar.frontends.tracing import trace
 from autopar.passes.prune import prune
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -25,8 +25,8 @@ import time
 
 from autopar.compiler.cluster import load_profile
 from autopar.compiler.sharding import Pin
-from autopar.compiler.trace import trace
-from autopar.passes.pipeline import prepare
+from autopar.frontends.tracing import trace
+from autopar.passes.prepare import prepare
 from autopar.passes.shard import PlanInfeasible, search, search_devices
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -35,7 +35,7 @@ import statistics
 import time
 
 from autopar.compiler.cluster import load_profile
-from autopar.compiler.trace import trace
+from autopar.frontends.tracing import trace
 from autopar.passes import shard
 from autopar.passes.prune import prune
 from autopar.passes.shard import PlanInfeasible, search, search_devices

@@ -106,7 +106,7 @@ def plans(graph):
     sys.path.insert(0, str(ROOT / "tests"))
     from plan_helpers import forced_plan
 
-    from autopar.compiler.api import greedy_plan
+    from autopar.passes.greedy import greedy_plan
     dp = forced_plan(graph, {"dp": WORLD}, [])
     zero3 = forced_plan(graph, {"dp": WORLD}, [], zero3=True)
     # tensor parallel MLPs, everything else replicated over tp
@@ -144,8 +144,9 @@ def main() -> None:
 
     import torch
 
-    from autopar.backends.launch import build_program, launch
-    from autopar.compiler.trace import trace
+    from autopar.backends.launch import launch
+    from autopar.pipeline import build_program
+    from autopar.frontends.tracing import trace
     from autopar.passes.prune import prune
     model, inputs = build()
     graph = prune(trace(model, inputs, name="gpt"))

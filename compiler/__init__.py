@@ -1,9 +1,3 @@
-"""The IR, front ends, device/cluster specs, cost model, Plan, compile() and CLI."""
-
-
-def __getattr__(name):
-    # `autopar.compiler.compile` without importing torch.export & co. with the package
-    if name == "compile":
-        from autopar.compiler.api import compile
-        return compile
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+"""The core: the IR, the op registry, the placement algebra and its collective table, device
+and cluster specs, the cost model, module patterns, `Plan` and the sharded program it
+describes. Nothing here imports the front ends, passes, DSL or backends."""

@@ -26,17 +26,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from autopar.compiler.errors import register_user_error
+from autopar.compiler.errors import InputError, UserError
 from autopar.compiler.sharding import parse_mesh
 
 DEVICES_DIR = Path(__file__).resolve().parent / "devices"
 
 
-class ProfileError(Exception):
+class ProfileError(UserError):
     """A device profile that cannot be used: names the file and the missing/bad field."""
 
 
-register_user_error(ProfileError)
 
 
 @dataclass(frozen=True)
@@ -200,11 +199,11 @@ def parse_bytes(text: str | float | int) -> float:
         return float(text)
     m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in UNITS:
-        raise ValueError(f"memory size '{text}': write a number with a unit, e.g. 80GB, 24GiB or 512MB")
+        raise InputError(f"memory size '{text}': write a number with a unit, e.g. 80GB, 24GiB or 512MB")
     try:
         return float(m.group(1)) * UNITS[m.group(2).lower()]
     except ValueError:
-        raise ValueError(f"memory size '{text}': write a number with a unit, e.g. 80GB") from None
+        raise InputError(f"memory size '{text}': write a number with a unit, e.g. 80GB") from None
 
 
 def format_bytes(n: float) -> str:

@@ -191,13 +191,13 @@ class CostReport:
 class CostModel:
     """Costs of one graph on one cluster, per member strategy and per edge.
 
-    `needs_grad` defaults to prune.grad_info(graph).needs_grad; `precision` to the
+    `needs_grad` defaults to gradients.grad_info(graph).needs_grad; `precision` to the
     profile's; `dp_axis` to "dp" when the mesh has it (the axis ZeRO shards over)."""
 
     def __init__(self, graph: Graph, cluster: Cluster, precision: str | None = None,
                  recompute: Iterable[str] = (), needs_grad: set[str] | None = None,
                  dp_axis: str | None = None):
-        from autopar.passes.prune import grad_info
+        from autopar.compiler.gradients import grad_info
         self.graph = graph
         self.cluster = cluster
         self.mesh = dict(cluster.mesh)

@@ -1,15 +1,21 @@
-"""The exceptions that mean "bad input": the CLI prints them as one paragraph (no
-traceback) and exits 2. Each stage registers its own user-facing error classes here."""
+"""The one base class of "bad input" errors.
+
+Every stage derives the errors a user can act on (a bad SPEC, a model torch.export cannot
+trace, a malformed plan file, a memory limit no plan meets, a flag out of range) from
+`UserError`. The command line prints those as one paragraph and exits 2; any other
+exception is a bug in autopar and is shown with its traceback.
+
+    >>> raise InputError("--devices 0: give a positive device count")   # doctest: +SKIP
+"""
 from __future__ import annotations
 
-from autopar.compiler.spec import SpecError
-from autopar.compiler.trace import LoweringError, TraceError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (SpecError, TraceError, LoweringError, ValueError,
-                                                FileNotFoundError)
+class UserError(Exception):
+    """Bad input: the message names the file, line or flag and the fix."""
 
 
-def register_user_error(cls: type[BaseException]) -> None:
-    global USER_ERRORS
-    if cls not in USER_ERRORS:
-        USER_ERRORS = USER_ERRORS + (cls,)
+class InputError(UserError, ValueError):
+    """A value given on the command line or to the API is out of range or malformed."""
+
+
+__all__ = ["UserError", "InputError"]

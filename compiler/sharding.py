@@ -30,6 +30,7 @@ from math import prod
 from typing import Iterable, Sequence
 
 from autopar.compiler.dims import DimAnno
+from autopar.compiler.errors import InputError
 
 Mesh = dict  # ordered: axis -> size
 Layout = tuple  # tuple[str, ...], one placement per axis
@@ -43,17 +44,17 @@ def parse_mesh(text: str) -> dict[str, int]:
         if not part:
             continue
         if "=" not in part:
-            raise ValueError(f"mesh axis '{part}' needs a size: write it as {part}=N (e.g. dp=2,tp=4)")
+            raise InputError(f"mesh axis '{part}' needs a size: write it as {part}=N (e.g. dp=2,tp=4)")
         name, size = part.split("=", 1)
         if not name.isidentifier():
-            raise ValueError(f"mesh axis name '{name}' must be an identifier like dp or tp")
+            raise InputError(f"mesh axis name '{name}' must be an identifier like dp or tp")
         if not size.isdigit() or int(size) < 1:
-            raise ValueError(f"mesh axis {name}={size}: the size must be a positive integer")
+            raise InputError(f"mesh axis {name}={size}: the size must be a positive integer")
         if name in mesh:
-            raise ValueError(f"mesh axis '{name}' is given twice")
+            raise InputError(f"mesh axis '{name}' is given twice")
         mesh[name] = int(size)
     if not mesh:
-        raise ValueError("empty mesh: give axes like dp=2,tp=4")
+        raise InputError("empty mesh: give axes like dp=2,tp=4")
     return mesh
 
 

@@ -20,7 +20,7 @@ from autopar.compiler.ir import Graph, Value
 from autopar.compiler.sharding import Pin, format_mesh
 from autopar.dsl import ast
 from autopar.dsl import errors as E
-from autopar.dsl.patterns import PatternError, closest, generalize, is_pattern, model_index
+from autopar.compiler.patterns import PatternError, closest, generalize, model_index
 
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15,
          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "PiB": 2**50}

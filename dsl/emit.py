@@ -23,7 +23,7 @@ from typing import Callable
 from autopar.compiler.ir import Graph
 from autopar.compiler.plan import Plan
 from autopar.compiler.sharding import format_mesh
-from autopar.dsl.patterns import generalize, is_pattern, model_index
+from autopar.compiler.patterns import generalize, is_pattern, model_index
 
 PinLayout = tuple   # per axis "R" | "S(d)" | None
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import difflib
 
-from autopar.compiler.errors import register_user_error
+from autopar.compiler.errors import UserError
 
 
-class PlanFileError(Exception):
+class PlanFileError(UserError):
     """A plan file is malformed or does not fit the model. `where` is `file:line:col`."""
 
     def __init__(self, message: str, *, file: str = "<string>", line: int = 1, column: int = 1,
@@ -255,7 +255,6 @@ class ConflictingPins(PlanFileError):
     """Two statements pin the same value's axis to different placements."""
 
 
-register_user_error(PlanFileError)
 
 
 # ---- the catalogue: bad examples -> the class that names the mistake -------------------------

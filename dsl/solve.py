@@ -2,9 +2,8 @@
 
     >>> plan = compile_plan("examples/plans/megatron_gpt.plan", graph)    # doctest: +SKIP
 
-This is what `autopar.compiler.api.load_plan(path, graph)` calls for a plan file (it
-looks for `autopar.dsl.compile_plan`), so `compile(..., plan="x.plan")` and
-`autopar emit/run --plan x.plan` take plan files.
+`autopar.pipeline.make_plan` calls `search_with` for a plan file, so `compile(...,
+plan="x.plan")` and `autopar plan/emit/run --plan x.plan` take plan files.
 """
 from __future__ import annotations
 
@@ -21,8 +20,8 @@ def compile_plan(path: str, graph: Graph, mesh: dict[str, int] | None = None,
     """Search the best plan the file allows. The file's mesh / device / memory win over the
     arguments, which fill in what the file leaves out (`mesh` must agree with the file's:
     `MeshMismatch` otherwise). `search_kw` go to `search_with`."""
-    from autopar.dsl.cli import known_devices
-    spec = resolve(load_plan(path), graph, mesh=mesh, devices=known_devices())
+    from autopar.compiler.cluster import builtin_profiles
+    spec = resolve(load_plan(path), graph, mesh=mesh, devices=builtin_profiles())
     return search_with(spec, graph, device=device, memory=memory, **search_kw)
 
 

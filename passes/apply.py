@@ -34,10 +34,11 @@ from dataclasses import dataclass
 from math import prod
 
 from autopar.compiler import sharding
+from autopar.compiler.errors import UserError
 from autopar.compiler.ir import Graph, Node, NodeMeta, Value, format_attr
 from autopar.compiler.ops import REGISTRY, ArgSpec, OpDef, node_anno
 from autopar.compiler.plan import Plan
-from autopar.passes.prune import grad_info
+from autopar.compiler.gradients import grad_info
 
 # ---- collective ops ---------------------------------------------------------------------
 
@@ -72,7 +73,7 @@ def is_inserted_scale(node: Node) -> bool:
 
 # ---- the rewrite ------------------------------------------------------------------------
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """The plan does not fit the graph (unknown key, shard sizes not divisible...)."""
 
 

@@ -1,5 +1,5 @@
-"""Pruning: no-op removal, common-subexpression elimination, dead-code elimination, and
-the frozen-parameter analysis (which values need gradients).
+"""Pruning: no-op removal, common-subexpression elimination and dead-code elimination; the
+frozen-parameter analysis they report lives in `compiler/gradients.py`.
 
 Each pass is a plain function `Graph -> Graph` that records how many nodes it removed in
 `graph.notes`, so the printed IR says what pruning did:
@@ -9,10 +9,7 @@ Each pass is a plain function `Graph -> Graph` that records how many nodes it re
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-
+from autopar.compiler.gradients import grad_info
 from autopar.compiler.ir import Graph, Node, Value, format_attr
 from autopar.compiler.ops import NOOPS
 
@@ -128,46 +125,3 @@ def prune(graph: Graph) -> Graph:
     info = grad_info(g)
     g.notes.append(info.summary())
     return g
-
-
-# ---- frozen parameters ----------------------------------------------------------------
-
-NON_DIFFERENTIABLE = {"arange", "arange.start", "arange.start_step", "eq", "eq.Scalar",
-                      "ne.Scalar", "lt.Scalar", "gt.Scalar", "le.Scalar", "ge.Scalar",
-                      "lt", "gt", "logical_not", "logical_and", "logical_or", "zeros_like",
-                      "ones_like", "full_like", "ones", "zeros", "full"}
-
-
-@dataclass
-class GradInfo:
-    """Which values need a gradient. A frozen parameter (requires_grad=False) gets no
-    gradient, no gradient communication and no optimizer state."""
-    needs_grad: set[str]
-    trainable: list[str]
-    frozen: list[str]
-    trainable_elems: int
-    frozen_elems: int
-    n_values: int
-
-    def summary(self) -> str:
-        return (f"gradients: {len(self.trainable)} trainable params ({self.trainable_elems:,} "
-                f"elements); {len(self.frozen)} frozen params ({self.frozen_elems:,} elements) get "
-                f"no gradient, no gradient communication and no optimizer state; "
-                f"{self.n_values - len(self.needs_grad)} of {self.n_values} values need no gradient")
-
-
-def grad_info(graph: Graph) -> GradInfo:
-    """Forward propagation of `requires_grad` from trainable parameters."""
-    need = {p.name for p in graph.params if p.requires_grad}
-    for n in graph.nodes:
-        if n.op in NON_DIFFERENTIABLE:
-            continue
-        if any(v.name in need for v in n.inputs):
-            for v in n.outputs:
-                if v.dtype.is_floating_point or v.dtype.is_complex:
-                    need.add(v.name)
-    trainable = [p for p in graph.params if p.requires_grad]
-    frozen = [p for p in graph.params if p.kind == "param" and not p.requires_grad]
-    n_values = len(graph.inputs) + len(graph.params) + sum(len(n.outputs) for n in graph.nodes)
-    return GradInfo(need, [p.name for p in trainable], [p.name for p in frozen],
-                    sum(p.numel for p in trainable), sum(p.numel for p in frozen), n_values)

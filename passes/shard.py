@@ -36,27 +36,24 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from math import prod
 from typing import Iterable, Sequence
 
 import numpy as np
 from ortools.sat.python import cp_model
 
 from autopar.compiler import sharding
-from autopar.compiler.cluster import Cluster, DeviceProfile, format_bytes, format_time, load_profile
+from autopar.compiler.cluster import Cluster, DeviceProfile, format_bytes, load_profile
 from autopar.compiler.cost import CostModel, CostReport, Edge
-from autopar.compiler.errors import register_user_error
+from autopar.compiler.errors import InputError, UserError
 from autopar.compiler.ir import Graph, format_attr
 from autopar.compiler.ops import REGISTRY
 from autopar.compiler.plan import Plan
 from autopar.compiler.sharding import Collective, Pin, Strategy
 
 
-class PlanInfeasible(Exception):
+class PlanInfeasible(UserError):
     """No plan satisfies the pins / memory limit; the message names which and why."""
 
-
-register_user_error(PlanInfeasible)
 
 PAIR_LIMIT = 1024             # edges with more (row class x column class) pairs use a table
 # (a table has no linear relaxation: the bound stalls -- 441-pair edges of lora on dp=2,tp=2
@@ -312,9 +309,9 @@ def build_problem(graph: Graph, cluster: Cluster, pins: Sequence[Pin], recompute
     for pin in pins:
         v = next((v for v in cm.producer if v.name == pin.value), None)
         if v is None:
-            raise ValueError(f"pin {pin}: the graph has no value %{pin.value}")
+            raise InputError(f"pin {pin}: the graph has no value %{pin.value}")
         if len(pin.layout) != len(cm.mesh):
-            raise ValueError(f"pin {pin}: {len(pin.layout)} placements for a mesh of "
+            raise InputError(f"pin {pin}: {len(pin.layout)} placements for a mesh of "
                              f"{len(cm.mesh)} axes ({sharding.format_mesh(cm.mesh)})")
         mi, j = cm.producer[v]
         pin_members.append((pin, mi, j))
@@ -897,9 +894,9 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
     if isinstance(mesh, str):
         mesh = sharding.parse_mesh(mesh)
     if zero is not None and zero not in (0, 1, 2, 3):
-        raise ValueError(f"zero={zero}: the ZeRO stage is 0, 1, 2 or 3")
+        raise InputError(f"zero={zero}: the ZeRO stage is 0, 1, 2 or 3")
     if objective not in ("time", "memory"):
-        raise ValueError(f"objective={objective!r}: minimise 'time' or 'memory'")
+        raise InputError(f"objective={objective!r}: minimise 'time' or 'memory'")
     pins, recompute = list(pins), list(recompute)
     cluster = Cluster(dict(mesh), profile)
     limit = float(memory_limit) if memory_limit is not None else float(profile.memory)
@@ -1083,7 +1080,7 @@ def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Seq
     if isinstance(profile, str):
         profile = load_profile(profile)
     if n < 1:
-        raise ValueError(f"--devices {n}: give a positive device count")
+        raise InputError(f"--devices {n}: give a positive device count")
 
     def rank(plan: Plan) -> tuple:
         if kwargs.get("objective", "time") == "memory":

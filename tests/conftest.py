@@ -46,9 +46,9 @@ _traced: dict = {}
 def traced():
     """traced(name, mode="export") -> (model, inputs, lowered graph, prepared graph), cached.
     The prepared graph is what every entry point plans: pruned, fused projections cut."""
-    from autopar.compiler.trace import trace
+    from autopar.frontends.tracing import trace
     from autopar.compiler.verify import verify
-    from autopar.passes.pipeline import prepare
+    from autopar.passes.prepare import prepare
 
     def get(name: str, mode: str = "export"):
         key = (name, mode)

@@ -3,7 +3,7 @@
     >>> plan = forced_plan(g, {"dp": 2, "tp": 2}, MEGATRON_SP)          # doctest: +SKIP
 
 A rule is (module glob, op, {axis: placement of the node's first output}); the greedy
-planner (`autopar.compiler.api.greedy_plan`) fills every other node with the cheapest
+planner (`autopar.passes.greedy.greedy_plan`) fills every other node with the cheapest
 strategy, parameters free to take whatever layout their first use wants. Inputs are
 sharded on their batch dim over `dp` when the mesh has it.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 
-from autopar.compiler.api import greedy_plan
+from autopar.passes.greedy import greedy_plan
 from autopar.compiler.plan import Plan
 
 # Megatron tensor parallelism on `tp` (column-parallel c_attn / c_fc, heads split, row-parallel

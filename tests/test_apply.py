@@ -140,7 +140,7 @@ def test_generated_program_golden(traced, golden):
     """The gpt program on dp=2,tp=2 (Megatron + sequence parallel): text and a compile check."""
     from plan_helpers import MEGATRON_SP, forced_plan
 
-    from autopar.backends.launch import build_program
+    from autopar.run import build_program
     model, inputs, _, g = traced("gpt")
     plan = forced_plan(g, {"dp": 2, "tp": 2}, MEGATRON_SP)
     prog = build_program(model, inputs, {"dp": 2, "tp": 2}, backend="torch", plan=plan, name="gpt", graph=g)
@@ -160,7 +160,7 @@ def test_local_module_state_dict_matches_model(traced):
     from plan_helpers import MEGATRON_SP, forced_plan
 
     from autopar.backends import runtime as rt  # noqa: F401  (the program imports it)
-    from autopar.backends.launch import build_program
+    from autopar.run import build_program
     model, inputs, _, g = traced("gpt")
     plan = forced_plan(g, {"tp": 2}, MEGATRON_SP)
     prog = build_program(model, inputs, {"tp": 2}, backend="torch", plan=plan, name="gpt", graph=g)

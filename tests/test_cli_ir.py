@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from autopar.compiler.cli import main
+from autopar.cli import main
 from conftest import EXAMPLES
 
 

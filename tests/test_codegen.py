@@ -57,7 +57,7 @@ def _worker(manifest_path: str) -> None:
 # ==========================================================================
 def build_case(traced, name, example, mesh, rules, options, optimizer, backend):
     import plan_helpers
-    from autopar.backends.launch import build_program
+    from autopar.run import build_program
     model, inputs, _, graph = traced(example)
     plan = plan_helpers.forced_plan(graph, mesh, getattr(plan_helpers, rules) if rules else (), **options)
     return build_program(model, inputs, mesh, backend=backend, plan=plan, optimizer=optimizer,
@@ -68,7 +68,7 @@ def build_case(traced, name, example, mesh, rules, options, optimizer, backend):
 def test_parity_and_bytes_on_4_ranks(traced, tmp_path, backend):
     """Every case of CASES in one 4-rank job: losses and shards equal the single-device
     run, measured bytes equal the prediction, and every collective kind is used."""
-    from autopar.backends.launch import compare, launch, reference_run, traffic_table
+    from autopar.run import compare, launch, reference_run, traffic_table
     from autopar.passes.apply import predict_traffic
     if backend == "mpi":
         pytest.importorskip("mpi4py")
@@ -105,7 +105,7 @@ def test_parity_and_bytes_on_4_ranks(traced, tmp_path, backend):
 
 def test_cli_run_check(tmp_path):
     """`autopar run ... --check` end to end (2 ranks: dp=2 on the MLP)."""
-    out = subprocess.run([sys.executable, "-m", "autopar.compiler.cli", "run", "examples/mlp.py:build",
+    out = subprocess.run([sys.executable, "-m", "autopar.cli", "run", "examples/mlp.py:build",
                           "--mesh", "dp=2", "--backend", "torch", "--steps", "2", "--check",
                           "--timeout", "120", "-o", str(tmp_path / "run")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -130,7 +130,7 @@ time.sleep(60)
 def test_launcher_stops_failed_jobs(tmp_path, mode):
     """A crashing rank stops the job at once; a hanging job is killed at the timeout; no
     rank outlives the launcher."""
-    from autopar.backends.launch import launch
+    from autopar.run import launch
     script = tmp_path / "crasher.py"
     script.write_text(CRASHER)
     t0 = time.monotonic()
@@ -160,7 +160,7 @@ def test_compile_function_and_decorator(tmp_path, example):
     mlp = example("mlp")
     model, inputs = mlp.build()
     os.environ.pop("RANK", None)
-    par = autopar.compiler.compile(model, inputs, mesh="dp=2", plan=None)
+    par = autopar.compile(model, inputs, mesh="dp=2", plan=None)
     assert par.plan.mesh == {"dp": 2}
     assert "graph mlp" in par.ir and "class MLPShard" in par.source
     assert "dp=2" in par.explain()
@@ -177,7 +177,7 @@ def test_compile_function_and_decorator(tmp_path, example):
     # a forced plan given as an object, and the decorator form
     plan = forced_plan(par.graph, {"dp": 2}, [])
 
-    @autopar.compiler.compile(mesh="dp=2", example_inputs=lambda: inputs, plan=plan)
+    @autopar.compile(mesh="dp=2", example_inputs=lambda: inputs, plan=plan)
     class Net(mlp.MLP):
         pass
     torch.manual_seed(0)

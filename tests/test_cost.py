@@ -7,10 +7,8 @@ import json
 import math
 
 import pytest
-import torch
 
-from autopar.compiler.cluster import (Cluster, DeviceProfile, Link, ProfileError, cpu_profile,
-                                      load_profile, parse_bytes)
+from autopar.compiler.cluster import (Cluster, DeviceProfile, Link, ProfileError, load_profile, parse_bytes)
 from autopar.compiler.cost import CostModel, annotate_costs, collective_time, recompute_regions
 from autopar.compiler.ir import Graph, Node, NodeMeta, Value
 from autopar.compiler.verify import verify

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from autopar.compiler.interpret import max_abs_error
-from autopar.compiler.trace import TraceError, trace
+from autopar.frontends.tracing import TraceError, trace
 from autopar.compiler.verify import verify
 from autopar.passes.prune import prune
 

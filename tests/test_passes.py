@@ -9,8 +9,9 @@ from autopar.compiler.interpret import interpret
 from autopar.compiler.ir import Graph, Node, NodeMeta, Value
 from autopar.compiler.ops import node_anno
 from autopar.compiler.verify import VerifyError, verify
+from autopar.compiler.gradients import grad_info
 from autopar.passes.prune import (eliminate_common_subexpressions, eliminate_dead_code,
-                                  grad_info, prune, remove_noops)
+                                  prune, remove_noops)
 
 
 def V(name, shape, kind="act", rg=False):

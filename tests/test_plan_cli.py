@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from autopar.compiler.cli import main
+from autopar.cli import main
 from autopar.compiler.plan import Plan
 
 GPT = "examples/gpt.py:build"

@@ -215,7 +215,7 @@ def test_pins_hold_and_conflicts_are_named():
 def gpts():
     import importlib.util
     import pathlib
-    from autopar.compiler.trace import trace
+    from autopar.frontends.tracing import trace
     from autopar.passes.prune import prune
     path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "gpt.py"
     spec = importlib.util.spec_from_file_location("autopar_test_shard_gpt", path)
@@ -286,8 +286,8 @@ def small_gpt():
     """examples/gpt.py's tiny model, prepared as `autopar plan` prepares it."""
     import importlib.util
     import pathlib
-    from autopar.compiler.trace import trace
-    from autopar.passes.pipeline import prepare
+    from autopar.frontends.tracing import trace
+    from autopar.passes.prepare import prepare
     path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "gpt.py"
     spec = importlib.util.spec_from_file_location("autopar_test_shard_small_gpt", path)
     gm = importlib.util.module_from_spec(spec)

@@ -25,133 +25,20 @@ from __future__ import annotations
 
 import os
 import warnings
-from math import prod
-from typing import Any, Callable
 
-import torch
 import torch.nn as nn
 
-from autopar.compiler import sharding
-from autopar.compiler.ir import Graph
+from autopar.compiler.errors import InputError
 from autopar.compiler.plan import Plan
-
-
-# ---- planning ---------------------------------------------------------------------------
-
-def greedy_plan(graph: Graph, mesh: dict[str, int], seeds: dict | None = None,
-                flop_weight: float = 0.05, name: str | None = None, outputs: dict | None = None,
-                free_params: bool = False) -> Plan:
-    """A quick plan without the solver: nodes in order, each picking the strategy with the
-    least resharding bytes (+ `flop_weight` bytes per local FLOP); ties go to the strategy
-    that splits more. Sources take the layout their first consumer wants unless `seeds`
-    fixes them (`seeds` maps producer keys -- node or source names -- to strategies).
-    `outputs` maps producer keys to a wanted output layout (None per axis: any);
-    `free_params` leaves parameter resharding out of the cost (data parallelism first).
-
-        >>> plan = greedy_plan(g, {"dp": 2}, seeds={"x": ("d0",)})       # doctest: +SKIP
-    """
-    from autopar.compiler.ops import node_anno, node_flops
-    from autopar.passes.prune import grad_info
-
-    mesh = dict(mesh)
-    seeds = {k: tuple(v) for k, v in (seeds or {}).items()}
-    needs = grad_info(graph).needs_grad
-    strategies: dict[str, tuple] = {}
-    layouts: dict[str, tuple] = {}
-    rep = tuple(None for _ in mesh)
-    for v in (*graph.inputs, *graph.params):
-        if v.name in seeds:
-            strategies[v.name] = seeds[v.name]
-            layouts[v.name] = sharding.output_layout(sharding.source_annotation(v.shape), seeds[v.name], 0)
-    for node in graph.nodes:
-        key = sharding.producer_key(node)
-        anno = node_anno(node)
-        ins = [v.shape for v in node.inputs]
-        outs = [v.shape for v in node.outputs]
-        cands = [seeds[key]] if key in seeds else sharding.enumerate_strategies(anno, ins, outs, mesh)
-        if outputs and key in outputs:
-            want = tuple(outputs[key])
-            cands = [s for s in cands if all(w is None or w == p for w, p in
-                                             zip(want, sharding.output_layout(anno, s, 0)))]
-            if not cands:
-                raise ValueError(f"no strategy of %{key} ({node.op}, {anno}) gives output layout {want}")
-        flops = node_flops(node)
-        best, best_cost = None, None
-        for s in cands:
-            splits = sharding.split_axes(s)
-            cost = 0.0
-            for i, v in enumerate(node.inputs):
-                if v.name not in layouts or (free_params and v.kind == "param"):
-                    continue
-                dst = sharding.input_layout(anno, s, i)
-                try:
-                    cols = sharding.reshard(layouts[v.name], dst, v.shape, v.itemsize, mesh, splits,
-                                            v.name in needs)
-                except ValueError:
-                    cost = float("inf")
-                    break
-                cost += sum(c.bytes for c in cols)
-            ways = prod(n for lab, n in zip(s, mesh.values()) if lab is not None)
-            cost += flop_weight * flops / ways
-            rank = (cost, -ways)
-            if best_cost is None or rank < best_cost:
-                best, best_cost = s, rank
-        strategies[key] = best
-        for i, v in enumerate(node.inputs):
-            if v.name not in layouts and v.kind in ("input", "param", "buffer"):
-                lay = sharding.input_layout(anno, best, i)
-                strategies[v.name] = tuple(None if p == "R" else f"d{sharding.shard_dim(p)}" for p in lay)
-                layouts[v.name] = lay
-        for j, v in enumerate(node.outputs):
-            layouts[v.name] = sharding.output_layout(anno, best, j)
-    for v in (*graph.inputs, *graph.params):
-        strategies.setdefault(v.name, rep)
-    full = sharding.derive_layouts(graph, mesh, strategies)
-    return Plan(model=name or graph.name, mesh=mesh,
-                strategies={k: list(v) for k, v in strategies.items()},
-                layouts={k: list(v) for k, v in full.items()},
-                dp_axis="dp" if "dp" in mesh else None,
-                solver={"method": "greedy"})
-
-
-def search_plan(graph: Graph, mesh: dict[str, int] | None, device: str = "cpu",
-                memory: float | None = None, devices: int | None = None, **kw) -> Plan:
-    """The sharding search (passes.shard, CP-SAT, deterministic) on `mesh`, or over the mesh
-    shapes of `devices` when no mesh is given. `device` names the cost profile: cpu (this
-    machine, measured once), a built-in accelerator (`h100`) or a profile file."""
-    from autopar.passes.shard import search, search_devices
-    kw.setdefault("deterministic", True)
-    kw.setdefault("precision", "fp32")       # the generated programs train in fp32
-    if mesh is None:
-        plan, _ = search_devices(graph, int(devices), device, memory_limit=memory, **kw)
-        return plan
-    return search(graph, dict(mesh), device, memory_limit=memory, **kw)
-
-
-def load_plan(plan, graph: Graph | None = None, mesh: dict | None = None, device: str = "cpu",
-              memory: float | None = None) -> Plan:
-    """A Plan object, a JSON plan, or a plan file (autopar.dsl: its constraints, then the search)."""
-    if isinstance(plan, Plan):
-        return plan
-    path = os.fspath(plan)
-    with open(path) as f:
-        text = f.read()
-    if text.lstrip().startswith("{"):
-        return Plan.from_json(text)
-    from autopar.dsl import compile_plan
-    return compile_plan(path, graph, mesh=mesh, device=None if device == "cpu" else device, memory=memory)
 
 
 def parse_mesh(mesh, devices: int | None) -> dict[str, int] | None:
     """The mesh as a dict, or None when only a device count is given (the search then
     compares the mesh shapes)."""
-    if mesh is None:
-        if devices is None:
-            raise ValueError("give mesh='dp=2,tp=2' or devices=N")
-        return None
-    if isinstance(mesh, str):
-        return sharding.parse_mesh(mesh)
-    return dict(mesh)
+    from autopar.pipeline import parse_mesh as parse
+    if mesh is None and devices is None:
+        raise InputError("give mesh='dp=2,tp=2' or devices=N")
+    return parse(mesh)
 
 
 # ---- the compiled object --------------------------------------------------------------------
@@ -168,7 +55,7 @@ class Compiled:
     def __init__(self, model: nn.Module, example_inputs: tuple, mesh: dict[str, int] | None, device: str,
                  memory, backend: str, plan, optimizer: str, lr: float, name: str | None,
                  devices: int | None = None, target: str = "cpu"):
-        from autopar.backends.launch import build_program
+        from autopar.pipeline import build_program
         self.model = model
         self.example_inputs = tuple(example_inputs)
         self.backend = backend
@@ -238,7 +125,7 @@ def compile(model=None, example_inputs=None, *, mesh=None, devices: int | None =
                                    lr=lr, name=name, target=target))
         return decorate(model) if isinstance(model, type) else decorate
     if example_inputs is None:
-        raise ValueError("compile(model, example_inputs, ...): example_inputs are needed to trace")
+        raise InputError("compile(model, example_inputs, ...): example_inputs are needed to trace")
     if callable(example_inputs):
         example_inputs = example_inputs()
     if not isinstance(example_inputs, (tuple, list)):
@@ -281,4 +168,4 @@ def _compiled_class(cls, example_inputs, options: dict):
     return CompiledModule
 
 
-__all__ = ["compile", "Compiled", "greedy_plan", "search_plan", "load_plan", "in_launched_job"]
+__all__ = ["compile", "Compiled", "in_launched_job"]

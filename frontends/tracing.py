@@ -18,11 +18,12 @@ import warnings
 import torch
 import torch.nn as nn
 
+from autopar.compiler.errors import UserError
 from autopar.compiler.ir import Graph
-from autopar.passes.lower import LoweringError, lower_export, lower_fx
+from autopar.frontends.lower import LoweringError, lower_export, lower_fx
 
 
-class TraceError(Exception):
+class TraceError(UserError):
     """The model could not be traced; the message names the cause and a fix."""
 
 

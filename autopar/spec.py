@@ -7,19 +7,25 @@ cause and the fix.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import sys
 import traceback
 
 import torch.nn as nn
 
-
-class SpecError(Exception):
-    pass
+from autopar.compiler.errors import UserError
 
 
-def load_spec(spec: str):
-    """Import the file, call the function, check its result. Returns (model, inputs, name)."""
+class SpecError(UserError):
+    """The SPEC cannot be loaded: the message names the file, line and fix."""
+
+
+def load_spec(spec: str, batch: int | None = None):
+    """Import the file, call the function (with `batch=N` when `batch` is given: the
+    function must take it), check its result. Returns (model, inputs, name)."""
+    if batch is not None and batch < 1:
+        raise SpecError(f"--batch {batch}: give a positive batch size")
     if ":" not in spec:
         raise SpecError(f"SPEC '{spec}' must be path/to/file.py:function, e.g. "
                         "examples/gpt.py:build (the function returns (model, example_inputs))")
@@ -42,10 +48,22 @@ def load_spec(spec: str):
                  and getattr(getattr(module, n), "__module__", None) == mod_name]
         raise SpecError(f"SPEC '{spec}': {path} has no function '{func}'. "
                         f"Functions defined there: {', '.join(sorted(names)) or 'none'}.")
+    kwargs = {}
+    if batch is not None:
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "batch" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            raise SpecError(f"--batch {batch}: {path}:{func}() takes no 'batch' argument "
+                            f"(its parameters: {', '.join(params) or 'none'}). Add `batch: int = ...` to "
+                            "it, or leave --batch out to use the example inputs as they are.")
+        kwargs["batch"] = batch
+    call = f"{func}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
     try:
-        result = fn()
+        result = fn(**kwargs)
     except Exception as e:
-        raise SpecError(f"SPEC '{spec}': calling {func}() failed: {where(e, path)}"
+        raise SpecError(f"SPEC '{spec}': calling {call} failed: {where(e, path)}"
                         f"{type(e).__name__}: {e}") from e
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
         raise SpecError(f"SPEC '{spec}': {func}() must return (model, example_inputs) with model an "

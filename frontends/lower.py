@@ -15,13 +15,14 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autopar.compiler.errors import UserError
 from autopar.compiler.ir import Graph, Node, NodeMeta, Value
 from autopar.compiler.ops import OpDef, opdef_for_target, warn_opaque
 
 aten = torch.ops.aten
 
 
-class LoweringError(Exception):
+class LoweringError(UserError):
     """A traced op autopar cannot represent; the message names the op, module and fix."""
 
 

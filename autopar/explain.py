@@ -18,19 +18,15 @@ as a plan file that reproduces it when given back to `--plan`.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import inspect
 import json
-import os
-import re
 import sys
-from math import prod
 from typing import Iterable
 
 from autopar.compiler import sharding
 from autopar.compiler.cluster import (Cluster, DeviceProfile, format_bytes, format_time, load_profile,
                                       parse_bytes)
 from autopar.compiler.cost import CostModel, CostReport
+from autopar.compiler.errors import InputError
 from autopar.compiler.plan import Plan
 
 
@@ -66,48 +62,6 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", metavar="PLAN.json", help="save the plan as JSON")
     p.add_argument("--emit-plan", metavar="OUT.plan",
                    help="write the plan as a plan file (read back with --plan, it gives the same plan)")
-
-
-def load_spec_with_batch(spec: str, batch: int | None):
-    """load_spec, passing `batch=N` to the SPEC function when given."""
-    from autopar.compiler.spec import SpecError, load_spec
-    if batch is None:
-        return load_spec(spec)
-    if batch < 1:
-        raise SpecError(f"--batch {batch}: give a positive batch size")
-    if ":" not in spec:
-        return load_spec(spec)              # load_spec words the error
-    path, func = spec.rsplit(":", 1)
-    if not os.path.isfile(path):
-        return load_spec(spec)
-    name = os.path.splitext(os.path.basename(path))[0]
-    mod_name = f"autopar_spec_{name}"
-    loader = importlib.util.spec_from_file_location(mod_name, path)
-    module = importlib.util.module_from_spec(loader)
-    sys.modules[mod_name] = module
-    try:
-        loader.loader.exec_module(module)
-    except Exception as e:
-        raise SpecError(f"SPEC '{spec}': importing {path} failed: {type(e).__name__}: {e}") from e
-    fn = getattr(module, func, None)
-    if fn is None or not callable(fn):
-        return load_spec(spec)
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "batch" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        raise SpecError(f"--batch {batch}: {path}:{func}() takes no 'batch' argument "
-                        f"(its parameters: {', '.join(params) or 'none'}). Add `batch: int = ...` to "
-                        "it, or leave --batch out to use the example inputs as they are.")
-    try:
-        result = fn(batch=batch)
-    except Exception as e:
-        raise SpecError(f"SPEC '{spec}': calling {func}(batch={batch}) failed: {type(e).__name__}: {e}") from e
-    if not (isinstance(result, tuple) and len(result) == 2):
-        raise SpecError(f"SPEC '{spec}': {func}() must return (model, example_inputs)")
-    model, inputs = result
-    return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,), name
 
 
 # ---- the explanation -------------------------------------------------------------------------
@@ -251,32 +205,23 @@ def render(s: dict) -> str:
 
 
 def plan_main(args) -> int:
-    from autopar.compiler.trace import trace
-    from autopar.passes.pipeline import prepare
-    from autopar.passes.shard import search, search_devices
+    from autopar.compiler.cluster import builtin_profiles
+    from autopar.pipeline import load_model, make_plan, prepared_graph
 
     if not (args.mesh or args.devices or args.plan):
-        raise ValueError("give the mesh (--mesh dp=2,tp=4), a device count (--devices 8) or a "
+        raise InputError("give the mesh (--mesh dp=2,tp=4), a device count (--devices 8) or a "
                          "plan file that names a mesh (--plan FILE.plan)")
-    planfile = None
-    if args.plan:
+    if args.plan and not args.plan.endswith(".json"):
         from autopar.dsl import load_plan
-        planfile = load_plan(args.plan)            # syntax errors before the slow trace
+        load_plan(args.plan)                        # syntax errors before the slow trace
     profile = load_profile(args.device)
     limit = parse_bytes(args.memory) if args.memory else None
-    model, inputs, name = load_spec_with_batch(args.spec, args.batch)
-    graph = prepare(trace(model, inputs, mode=args.trace, name=name))
-    kwargs = dict(memory_limit=limit, zero=args.zero, time_limit=args.time_limit,
-                  deterministic=args.deterministic)
-    pinned: list[str] = []
-    if planfile is not None:
-        plan, pinned = plan_from_file(args, planfile, graph, profile, limit)
-        if plan.device != profile.name:            # the file named the device
-            profile = load_profile(plan.device)
-    elif args.mesh:
-        plan = search(graph, sharding.parse_mesh(args.mesh), profile, **kwargs)
-    else:
-        plan, _ = search_devices(graph, args.devices, profile, **kwargs)
+    model, inputs, name = load_model(args.spec, args.batch)
+    graph = prepared_graph(model, inputs, name, mode=args.trace)
+    plan, pinned = make_plan(graph, args.mesh, args.devices, args.plan, profile, limit, zero=args.zero,
+                             time_limit=args.time_limit, deterministic=args.deterministic)
+    if plan.device != profile.name and plan.device in builtin_profiles():   # the file named the device
+        profile = load_profile(plan.device)
     summary = plan_summary(graph, plan, profile, pinned)
     if args.json:
         print(json.dumps(summary, indent=2, default=_json_default))
@@ -308,24 +253,6 @@ def write_plan_file(path: str, plan: Plan, graph) -> None:
                 "pinned, not only module outputs\n# (a longer --time-limit may give a shorter file)\n" + rest)
     with open(path, "w") as f:
         f.write(text)
-
-
-def plan_from_file(args, planfile, graph, profile: DeviceProfile,
-                   limit: float | None) -> tuple[Plan, list[str]]:
-    """`--plan FILE`: the best plan under the file's constraints, and the values it pins.
-    The file's settings win; --mesh must agree with its mesh (MeshMismatch) or name one it
-    leaves out, --devices must count its devices."""
-    from autopar.dsl import compile_plan, resolve
-    from autopar.dsl.cli import known_devices
-    mesh = sharding.parse_mesh(args.mesh) if args.mesh else None
-    spec = resolve(planfile, graph, mesh=mesh, devices=known_devices())     # MissingMesh, MeshMismatch, ...
-    if args.devices is not None and prod(spec.mesh.values()) != args.devices:
-        raise ValueError(f"--devices {args.devices}: the plan file {args.plan} names the mesh "
-                         f"{sharding.format_mesh(spec.mesh)} of {prod(spec.mesh.values())} devices. "
-                         "Drop --devices (the file's mesh is used) or change the file's mesh statement.")
-    plan = compile_plan(args.plan, graph, mesh=mesh, device=profile, memory=limit, zero=args.zero,
-                        time_limit=args.time_limit, deterministic=args.deterministic)
-    return plan, [p.value for p in spec.pins if any(x is not None for x in p.layout)]
 
 
 def _json_default(x):

@@ -19,10 +19,11 @@ import difflib
 import re
 from functools import lru_cache
 
+from autopar.compiler.errors import UserError
 from autopar.compiler.ir import Graph, Value
 
 
-class PatternError(ValueError):
+class PatternError(UserError, ValueError):
     """The pattern is malformed (empty, or an unclosed `[`)."""
 
 

@@ -1,0 +1,127 @@
+"""The `autopar` command line. Each verb's arguments and handler live with what it drives;
+this file dispatches (handlers import lazily, so `autopar ir` does not load the solver) and
+holds the two small verbs, `ir` and `check-plan`.
+
+    autopar ir SPEC [--after lower|prune|prepare] [--trace export|fx] [--verify]
+    autopar plan SPEC (--mesh dp=2,tp=4 | --devices N | --plan FILE) [--emit-plan F] [...]
+    autopar emit SPEC (--mesh ... | --devices N | --plan FILE) --backend torch|mpi -o DIR
+    autopar run SPEC (--mesh ... | --devices N | --plan FILE) --backend torch|mpi --steps N [--check]
+    autopar check-plan FILE SPEC
+
+Bad input (`autopar.compiler.errors.UserError`) is printed as one paragraph, exit status 2;
+anything else is a bug in autopar and is shown with its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+
+# verb -> (module, add-arguments function, handler, one-line help)
+COMMANDS = {
+    "ir": ("autopar.cli", "add_ir_args", "ir_main", "print the IR of a model"),
+    "plan": ("autopar.explain", "add_plan_args", "plan_main",
+             "search the fastest sharding plan that fits and explain it"),
+    "emit": ("autopar.run", "add_emit_args", "emit_main",
+             "write the parallel program of a plan"),
+    "run": ("autopar.run", "add_run_args", "run_main",
+            "emit, launch local ranks, compare with the single device"),
+    "check-plan": ("autopar.cli", "add_check_args", "check_main",
+                   "validate a plan file against a model and print it normalised"),
+}
+BUG_REPORT = ("autopar: this is a bug in autopar, not in your input; please report it with the "
+              "command line and the traceback above")
+
+
+def add_ir_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", metavar="SPEC", help="path/to/file.py:function returning (model, example_inputs)")
+    p.add_argument("--after", choices=["lower", "prune", "prepare"], default="prepare",
+                   help="print the IR after this stage (default: prepare, the graph that is planned)")
+    p.add_argument("--trace", choices=["export", "fx"], default="export", help="front end")
+    p.add_argument("--verify", action="store_true", help="run the interpreter against the eager model")
+
+
+def ir_main(args) -> int:
+    from autopar.compiler.interpret import max_abs_error
+    from autopar.pipeline import load_model, prepared_graph
+
+    model, inputs, name = load_model(args.spec)
+    graph = prepared_graph(model, inputs, name, mode=args.trace, after=args.after)
+    sys.stdout.write(str(graph))
+    if args.verify:
+        err, scale = max_abs_error(model, graph, inputs)
+        if err <= 1e-6 * max(scale, 1.0):
+            print(f"verify: ok max_abs_err={err:.3g}")
+            return 0
+        print(f"verify: FAILED max_abs_err={err:.3g} (output scale {scale:.3g}, "
+              f"tolerance {1e-6 * max(scale, 1.0):.3g})")
+        return 1
+    return 0
+
+
+def add_check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("plan_file", metavar="FILE", help="the plan file (.plan)")
+    p.add_argument("spec", metavar="SPEC", help="path/to/file.py:function returning (model, example_inputs)")
+    p.add_argument("--mesh", default=None,
+                   help="mesh like dp=2,tp=4, for a plan file without a mesh statement")
+    p.add_argument("--trace", choices=["export", "fx"], default="export", help="front end")
+
+
+def check_main(args) -> int:
+    """`autopar check-plan FILE SPEC`: the file resolved against the model, normalised (one
+    line per pinned value, with where each pin came from)."""
+    from autopar.compiler.cluster import builtin_profiles
+    from autopar.compiler.sharding import parse_mesh
+    from autopar.dsl import load_plan, resolve
+    from autopar.pipeline import load_model, prepared_graph
+
+    planfile = load_plan(args.plan_file)            # syntax errors before the slow trace
+    model, inputs, name = load_model(args.spec)
+    graph = prepared_graph(model, inputs, name, mode=args.trace)
+    mesh = parse_mesh(args.mesh) if args.mesh else None
+    spec = resolve(planfile, graph, mesh=mesh, devices=builtin_profiles())
+    sys.stdout.write(spec.format())
+    print(f"# ok: {args.plan_file} fits {name} ({len(spec.pins)} pins, "
+          f"{len(spec.recompute_modules)} recomputed modules)")
+    return 0
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `only`, import just that subcommand's module (fast start)."""
+    parser = argparse.ArgumentParser(prog="autopar", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd, (mod, add, _, help_) in COMMANDS.items():
+        p = sub.add_parser(cmd, help=help_, description=help_)
+        if only is None or cmd == only:
+            getattr(importlib.import_module(mod), add)(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    only = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(only)
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    mod, _, handler, _ = COMMANDS[args.command]
+    from autopar.compiler.errors import UserError
+    try:
+        return getattr(importlib.import_module(mod), handler)(args) or 0
+    except UserError as e:
+        print(f"autopar {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"autopar {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(BUG_REPORT, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

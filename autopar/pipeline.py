@@ -1,0 +1,249 @@
+"""The pipeline, once: model -> traced IR -> prepared IR -> plan -> sharded IR -> program.
+
+Every entry point (the `ir`, `plan`, `emit`, `run` and `check-plan` verbs, `compile()`)
+goes through these functions, so all of them plan the same graph the same way:
+
+    trace      model -> IR (torch.export by default; torch.fx for simple modules)
+    prepare    prune (no-ops, CSE, dead code) and cut fused projections into pieces
+    plan       the CP-SAT search, or a plan given as a plan file, JSON or Plan
+    apply      the plan -> one rank's IR with explicit collectives
+    emit       the torch.distributed or MPI program
+
+    >>> graph = prepared_graph(model, inputs, name="gpt")              # doctest: +SKIP
+    >>> program = build_program(model, inputs, "dp=2,tp=2")            # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+
+import torch
+
+from autopar.backends.codegen import EmitOptions, backend_named, emit_program
+from autopar.compiler import sharding
+from autopar.compiler.errors import InputError
+from autopar.compiler.ir import Graph
+from autopar.compiler.plan import Plan
+
+# ---- building a program ----------------------------------------------------------------------
+
+@dataclass
+class Program:
+    """A plan's generated program and everything needed to write, launch and check it."""
+    name: str
+    model: torch.nn.Module
+    inputs: tuple
+    graph: Graph
+    plan: Plan
+    sharded: Graph
+    backend: str
+    opts: EmitOptions
+    stem: str
+    source: str = ""
+    files: dict = field(default_factory=dict)
+
+    @property
+    def world(self) -> int:
+        n = 1
+        for s in self.plan.mesh.values():
+            n *= s
+        return n
+
+    def launch_command(self, steps: int | None = None) -> str:
+        return backend_named(self.backend).launch_command(f"{self.stem}.py", self.world,
+                                                       f"--steps {steps or self.opts.steps}")
+
+    def initial_state(self) -> dict:
+        from autopar.compiler.interpret import model_state
+        state = {k: v.detach().clone() for k, v in model_state(self.model).items()}
+        for k, v in self.graph.constants.items():
+            state.setdefault(k, v.detach().clone())
+        return state
+
+    def write(self, directory) -> str:
+        """Program, plan JSON and init file (full state dict + example batch); returns the
+        launch command (run it from `directory`)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        prog = d / f"{self.stem}.py"
+        prog.write_text(self.source)
+        self.plan.save(d / f"{self.stem}.plan.json")
+        torch.save({"model": self.initial_state(), "inputs": [t.detach().clone() for t in self.inputs]},
+                   d / self.opts.init_file)
+        self.files = {"program": prog, "plan": d / f"{self.stem}.plan.json", "init": d / self.opts.init_file}
+        return self.launch_command()
+
+    def explain(self) -> str:
+        from autopar.passes.apply import format_bytes, predict_traffic
+        mesh = self.plan.mesh
+        lines = [f"{self.name} on {sharding.format_mesh(mesh)} ({self.world} ranks), backend {self.backend}, "
+                 f"ZeRO {self.plan.zero}" + (f", recompute {', '.join(self.plan.recompute)}"
+                                            if self.plan.recompute else "")]
+        lines.append("parameter layouts:")
+        for p in self.graph.params:
+            lay = self.sharded.layouts[p.name]                         # type: ignore[attr-defined]
+            flag = "" if p.requires_grad or p.kind == "buffer" else " (frozen)"
+            lines.append(f"  {p.name:<48} {sharding.format_layout(mesh, lay)}{flag}")
+        lines.append("bytes per step and rank:")
+        for k, b in predict_traffic(self.sharded).items():
+            lines.append(f"  {k:<24} {format_bytes(b)}")
+        return "\n".join(lines)
+
+    def instantiate(self, model: torch.nn.Module):
+        """Inside a launched rank: build the mesh and this rank's module from the generated
+        source, load this rank's block of `model`'s weights; returns a callable taking the
+        full inputs."""
+        from autopar.backends import runtime as rt
+        ns: dict = {"__name__": f"autopar_program_{self.stem}"}
+        exec(compile(self.source, f"<autopar {self.stem}.py>", "exec"), ns)
+        mesh = rt.init_mesh(self.plan.mesh, backend=backend_named(self.backend).runtime, device=self.opts.device)
+        local = ns[self.opts.class_name](mesh)
+        self.model = model
+        local.load_full_state_dict(self.initial_state())
+        local.to(mesh.device)
+        shard, layouts = ns["shard"], ns["LAYOUTS"]
+        names = [v.name for v in self.graph.inputs]
+
+        def run(*args):
+            return local(*[shard(t, layouts[n], mesh).to(mesh.device) for n, t in zip(names, args)])
+        run.module, run.mesh = local, mesh
+        return run
+
+
+def mesh_tag(mesh: dict) -> str:
+    return "_".join(f"{a}{n}" for a, n in mesh.items())
+
+
+# ---- the stages ---------------------------------------------------------------------------------
+
+def load_model(spec: str, batch: int | None = None):
+    """`path/to/file.py:function` -> (model, example_inputs, name); `batch` is passed to the
+    function as `batch=N` (it must take one)."""
+    from autopar.spec import load_spec
+    return load_spec(spec, batch=batch)
+
+
+def traced_graph(model, inputs, name: str | None = None, mode: str = "export") -> Graph:
+    """The lowered IR, exactly as the front end produced it (verified)."""
+    from autopar.compiler.verify import verify
+    from autopar.frontends.tracing import trace
+    return verify(trace(model, inputs, mode=mode, name=name))
+
+
+def prepared_graph(model, inputs, name: str | None = None, mode: str = "export",
+                   after: str = "prepare") -> Graph:
+    """The IR every plan is made for: traced, pruned, fused projections cut into pieces.
+    `after="lower"` or `"prune"` stops earlier (what `autopar ir --after` shows)."""
+    from autopar.compiler.verify import verify
+    from autopar.passes.prepare import prepare
+    from autopar.passes.prune import prune
+    graph = traced_graph(model, inputs, name, mode)
+    if after == "lower":
+        return graph
+    if after == "prune":
+        return verify(prune(graph))
+    return verify(prepare(graph))
+
+
+def parse_mesh(mesh) -> dict[str, int] | None:
+    if mesh is None:
+        return None
+    return sharding.parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
+
+
+def make_plan(graph: Graph, mesh=None, devices: int | None = None, plan=None, device="cpu",
+              memory: float | str | None = None, zero: int | None = None, time_limit: float = 10.0,
+              deterministic: bool = False, precision: str | None = None) -> tuple[Plan, list[str]]:
+    """The plan for `graph` and the values a plan file pins (for the explanation).
+
+    `plan`: a `Plan`, a plan JSON (used as is) or a plan file (its constraints, then the
+    search; the file's settings win over the arguments, which fill in what it leaves out).
+    Without one: the search on `mesh`, or over every mesh shape of `devices`. `device` is
+    the cost model's profile (a name, a profile file or a DeviceProfile)."""
+    from autopar.compiler.cluster import DeviceProfile, load_profile, parse_bytes
+    from autopar.passes.shard import search, search_devices
+    if isinstance(memory, str):
+        memory = parse_bytes(memory)
+    mesh = parse_mesh(mesh)
+    if devices is not None and devices < 1:
+        raise InputError(f"--devices {devices}: give a positive device count")
+    if isinstance(plan, Plan):
+        return plan, []
+    if plan is not None:
+        path = os.fspath(plan)
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError):
+            text = ""                            # the plan-file loader words the error
+        if text.lstrip().startswith("{"):
+            return Plan.from_json(text), []
+        return _plan_from_file(path, graph, mesh, devices, device, memory, zero, time_limit,
+                               deterministic, precision)
+    if mesh is None and devices is None:
+        raise InputError("give the mesh (--mesh dp=2,tp=4), a device count (--devices 8) or a "
+                         "plan file that names a mesh (--plan FILE.plan)")
+    profile = device if isinstance(device, DeviceProfile) else load_profile(device)
+    kw = dict(memory_limit=memory, zero=zero, time_limit=time_limit, deterministic=deterministic,
+              precision=precision)
+    if mesh is not None:
+        return search(graph, mesh, profile, **kw), []
+    best, _ = search_devices(graph, devices, profile, **kw)
+    return best, []
+
+
+def _plan_from_file(path, graph, mesh, devices, device, memory, zero, time_limit, deterministic,
+                    precision) -> tuple[Plan, list[str]]:
+    from autopar.compiler.cluster import builtin_profiles
+    from autopar.dsl import load_plan, resolve, search_with
+    spec = resolve(load_plan(path), graph, mesh=mesh, devices=builtin_profiles())
+    if devices is not None and prod(spec.mesh.values()) != devices:
+        raise InputError(f"--devices {devices}: the plan file {path} names the mesh "
+                         f"{sharding.format_mesh(spec.mesh)} of {prod(spec.mesh.values())} devices. "
+                         "Drop --devices (the file's mesh is used) or change the file's mesh statement.")
+    plan = search_with(spec, graph, device=device, memory=memory, zero=zero, time_limit=time_limit,
+                       deterministic=deterministic, precision=precision)
+    return plan, [p.value for p in spec.pins if any(x is not None for x in p.layout)]
+
+
+def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, device: str = "cpu",
+                  memory: float | str | None = None, optimizer: str = "adamw", lr: float = 1e-3,
+                  steps: int = 10, name: str = "model", class_name: str | None = None,
+                  graph: Graph | None = None, devices: int | None = None,
+                  target: str = "cpu") -> Program:
+    """trace -> prepare -> plan -> apply -> emit, in that order.
+
+    `mesh` ("dp=2,tp=2"), or `devices` (a count: the search compares mesh shapes), or a plan
+    file that names its mesh. `device` is the cost model's profile (cpu, h100, a file);
+    `target` is where the generated program runs (cpu: gloo, cuda: NCCL)."""
+    from autopar.backends.codegen import backend_named
+    from autopar.passes.apply import apply_plan, predict_traffic
+
+    if graph is None:
+        graph = prepared_graph(model, inputs, name)
+    mesh = parse_mesh(mesh)
+    # the generated programs train in fp32: plan for what they run
+    plan, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
+                        precision="fp32")
+    mesh = mesh or dict(plan.mesh)
+    if dict(plan.mesh) != mesh:
+        raise InputError(f"the plan is for mesh {sharding.format_mesh(plan.mesh)}, not "
+                         f"{sharding.format_mesh(mesh)}: give --mesh {sharding.format_mesh(plan.mesh)}")
+    plan.optimizer = optimizer
+    sharded = apply_plan(graph, plan)
+    plan.cost.setdefault("bytes", predict_traffic(sharded))
+    stem = f"{name}_{mesh_tag(mesh)}_{backend}"
+    opts = EmitOptions(steps=steps, optimizer=optimizer, lr=lr, device=target,
+                       init_file=f"{stem}.init.pt", class_name=class_name or _class_name(model),
+                       state_keys=frozenset(model.state_dict().keys()))
+    source = emit_program(sharded, backend_named(backend), type(model).__name__, opts, f"{stem}.py")
+    return Program(name, model, tuple(inputs), graph, plan, sharded, backend, opts, stem, source)
+
+
+def _class_name(model) -> str:
+    return type(model).__name__ + "Shard"
+
+
+__all__ = ["load_model", "traced_graph", "prepared_graph", "make_plan", "build_program", "Program",
+           "mesh_tag"]
