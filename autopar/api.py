@@ -73,7 +73,7 @@ class Compiled:
 
     @property
     def ir(self) -> str:
-        from autopar.passes.apply import print_sharded
+        from autopar.compiler.sharded import print_sharded
         return print_sharded(self.sharded)
 
     def explain(self) -> str:

@@ -71,7 +71,7 @@ def module_rows(graph, plan: Plan, report: CostReport, model: CostModel,
     """One row per module: its parameters' layouts and the collectives of its nodes.
     Instances of a repeated block with identical rows collapse into one (`h.*`, count).
     Parameters in `pinned` (values a plan file constrains) are marked with a `*`."""
-    from autopar.passes.shard import block_of
+    from autopar.compiler.patterns import block_of
     pinned = set(pinned)
     mesh = dict(plan.mesh)
     rows: dict[str, dict] = {}

@@ -76,7 +76,7 @@ class Program:
         return self.launch_command()
 
     def explain(self) -> str:
-        from autopar.passes.apply import format_bytes, predict_traffic
+        from autopar.compiler.sharded import format_bytes, predict_traffic
         mesh = self.plan.mesh
         lines = [f"{self.name} on {sharding.format_mesh(mesh)} ({self.world} ranks), backend {self.backend}, "
                  f"ZeRO {self.plan.zero}" + (f", recompute {', '.join(self.plan.recompute)}"
@@ -125,21 +125,23 @@ def load_model(spec: str, batch: int | None = None):
     return load_spec(spec, batch=batch)
 
 
-def traced_graph(model, inputs, name: str | None = None, mode: str = "export") -> Graph:
-    """The lowered IR, exactly as the front end produced it (verified)."""
+def traced_graph(model, inputs, name: str | None = None, mode: str = "export",
+                 symbolic: bool = False) -> Graph:
+    """The lowered IR, exactly as the front end produced it (verified). `symbolic`: sizes
+    from the batch recorded as expressions (for the generated program)."""
     from autopar.compiler.verify import verify
     from autopar.frontends.tracing import trace
-    return verify(trace(model, inputs, mode=mode, name=name))
+    return verify(trace(model, inputs, mode=mode, name=name, symbolic=symbolic))
 
 
 def prepared_graph(model, inputs, name: str | None = None, mode: str = "export",
-                   after: str = "prepare") -> Graph:
+                   after: str = "prepare", symbolic: bool = False) -> Graph:
     """The IR every plan is made for: traced, pruned, fused projections cut into pieces.
     `after="lower"` or `"prune"` stops earlier (what `autopar ir --after` shows)."""
     from autopar.compiler.verify import verify
     from autopar.passes.prepare import prepare
     from autopar.passes.prune import prune
-    graph = traced_graph(model, inputs, name, mode)
+    graph = traced_graph(model, inputs, name, mode, symbolic)
     if after == "lower":
         return graph
     if after == "prune":
@@ -221,7 +223,8 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
     from autopar.passes.apply import apply_plan, predict_traffic
 
     if graph is None:
-        graph = prepared_graph(model, inputs, name)
+        # sizes from the batch stay symbolic: the program trains on any batch the mesh divides
+        graph = prepared_graph(model, inputs, name, symbolic=True)
     mesh = parse_mesh(mesh)
     # the generated programs train in fp32: plan for what they run
     plan, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,

@@ -199,7 +199,7 @@ def emit_main(args) -> int:
 
 def traffic_table(predicted: dict, plan_bytes: dict, stats: list[dict]) -> tuple[bool, list[str]]:
     """Measured bytes (every rank, every step) against the prediction."""
-    from autopar.passes.apply import format_bytes
+    from autopar.compiler.sharded import format_bytes
     keys = sorted(set(predicted) | {k for s in stats for step in s["traffic"] for k in step})
     lines = [f"{'bytes per step and rank':<26}{'predicted':>14}{'measured':>14}"]
     ok = True
@@ -238,7 +238,7 @@ def plan_line(plan) -> str:
 
 
 def run_main(args) -> int:
-    from autopar.passes.apply import predict_traffic
+    from autopar.compiler.sharded import predict_traffic
     search_bytes = None
     prog = _program_from_args(args)
     search_bytes = prog.plan.cost.get("bytes")

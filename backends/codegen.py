@@ -1,32 +1,34 @@
-"""The shared emitter: a sharded graph (`passes.apply.apply_plan`) -> one self-contained
+"""The code generator: a sharded graph (`passes.apply.apply_plan`) -> one self-contained
 Python program that trains the model on this rank's shards.
 
-The program reads like a hand-written nanoGPT-style file: a header (model, mesh, plan,
-launch command), a table of layouts, an `nn.Module` holding only this rank's parameter
-shards under their original state-dict names, a straight-line `forward` with one line
-per op and the collectives written out (layouts and bytes in comments), loading from a
-full single-device state dict, and a training loop. The two backends differ only in how
-ranks start and talk (`Backend`): torch.distributed under torchrun, or MPI under mpiexec.
+The program keeps the model's shape, the way a person would write it: a header (model,
+mesh, plan, launch command), the table of what is sharded, one `nn.Module` class per
+repeated block class (its forward written once, the model's own loop over the layers),
+a model class holding only this rank's parameter shards under their original state-dict
+names, forwards with one line per op named after the user's own code (`q, k, v` where the
+model splits its fused projection) and every collective written out with its layouts and
+bytes, loading from a full single-device state dict, and a training loop. The two backends
+differ only in how ranks start and talk (`Backend`): torch.distributed under torchrun, or
+MPI under mpiexec.
 
-    >>> src = emit_program(sharded, backend_named("torch"), model_name="GPT")     # doctest: +SKIP
+    >>> src = emit_program(sharded, backend_named("torch"), model_name="GPT")   # doctest: +SKIP
 """
 from __future__ import annotations
 
+import ast
 import keyword
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from autopar.compiler import sharding
+from autopar.compiler import collectives, sharding
 from autopar.compiler.errors import InputError
-from autopar.compiler.ir import Graph, Node, Value
-from autopar.compiler.ops import REGISTRY
-from autopar.compiler.plan import Plan
-from autopar.passes.apply import (BIAS_SHARE, MEAN_SCALE, collective_traffic, format_bytes,
-                                  is_collective, is_inserted_scale, predict_traffic,
-                                  recompute_regions, region_io)
+from autopar.compiler.ir import Node, SymInt, Value
+from autopar.compiler.patterns import block_of
+from autopar.compiler.sharded import (BIAS_SHARE, MEAN_SCALE, ShardedGraph, format_bytes,
+                                      is_collective, is_inserted_scale, region_io)
+from autopar.backends.render import Expr, render_op
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,8 @@ class EmitOptions:
 RESERVED = set(keyword.kwlist) | {"self", "mesh", "torch", "F", "nn", "rt", "math", "checkpoint",
                                   "os", "time", "json", "argparse", "LAYOUTS", "MESH", "shard",
                                   "input", "sum", "max", "min", "slice", "type", "len", "list",
-                                  "print", "range", "float", "int", "id", "all", "any"}
+                                  "print", "range", "float", "int", "id", "all", "any", "block",
+                                  "super", "set_checkpoint_early_stop", "resource", "dict"}
 
 
 def identifier(name: str) -> str:
@@ -89,7 +92,7 @@ def identifier(name: str) -> str:
     return s + "_" if s in RESERVED else s
 
 
-# ---- naming -------------------------------------------------------------------------------
+# ---- names -------------------------------------------------------------------------------
 
 def module_var(path: str) -> str:
     """`transformer.h.0.attn.c_attn` -> `h0_c_attn`, `transformer.h.0` -> `h0`, `net.2` -> `net2`."""
@@ -109,12 +112,123 @@ def module_var(path: str) -> str:
 def param_var(name: str) -> str:
     """`transformer.h.0.attn.c_attn.weight` -> `h0_c_attn_weight`, `net.2.bias` -> `net2_bias`."""
     prefix, _, leaf = name.rpartition(".")
+    if leaf.isdigit() and prefix:             # a piece of a fused weight: c_attn.weight.1
+        prefix, _, leaf2 = prefix.rpartition(".")
+        leaf = f"{leaf2}_{leaf}"
     return f"{module_var(prefix)}_{leaf}" if prefix else leaf
 
 
-def attr_path(name: str, tree: "ModuleTree") -> str:
+def assigned_names(line: str) -> list[str]:
+    """The names a source line assigns (`q, k, v = ...` -> [q, k, v]); [] for anything else."""
+    try:
+        tree = ast.parse(line)
+    except SyntaxError:
+        return []
+    if len(tree.body) != 1 or not isinstance(tree.body[0], (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+        return []
+    st = tree.body[0]
+    target = st.targets[-1] if isinstance(st, ast.Assign) else st.target
+    elts = target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target]
+    out = []
+    for t in elts:
+        if not isinstance(t, ast.Name):
+            return []
+        out.append(t.id)
+    return out
+
+
+class Scope:
+    """Python names for the values of one function body. A name is reused once the value
+    holding it is dead (the way one writes `k = k.view(...).transpose(1, 2)`)."""
+
+    def __init__(self, nodes: list[Node], outputs=()):
+        self.last_use: dict[Value, int] = {}
+        for i, n in enumerate(nodes):
+            for v in n.inputs:
+                self.last_use[v] = i
+        for v in outputs:
+            self.last_use[v] = len(nodes) + 1
+        self.holder: dict[str, Value] = {}
+        self.names: dict[Value, str] = {}
+
+    def claim(self, v: Value, base: str, at: int) -> str:
+        base = identifier(base)
+        name, k = base, 1
+        while name in self.holder and self.last_use.get(self.holder[name], -1) > at:
+            name, k = f"{base}_{k}", k + 1
+        self.holder[name] = v
+        self.names[v] = name
+        return name
+
+    def fix(self, v: Value, name: str) -> None:
+        """`v` must be called `name` (a parameter, a value carried through a loop)."""
+        self.holder[name] = v
+        self.names[v] = name
+        self.last_use.setdefault(v, 10 ** 9)
+
+
+def name_nodes(scope: Scope, nodes: list[Node], module_prefix: str = "", outputs=()) -> None:
+    """Name every value `nodes` define, in order: after the user's own line of code (the
+    names it assigns, matched to the values the line hands on), else after the module whose
+    result it is, else the IR's name; a collective keeps its operand's name."""
+    outs = set(outputs)
+    lines: dict[int, str] = {}            # node index -> the name its line gives it
+    i = 0
+    work = [k for k, n in enumerate(nodes) if not (is_collective(n) or is_inserted_scale(n))]
+    while i < len(work):
+        line = nodes[work[i]].meta.line
+        j = i
+        while j + 1 < len(work) and nodes[work[j + 1]].meta.line == line:
+            j += 1
+        group = work[i:j + 1]
+        i = j + 1
+        targets = assigned_names(line) if line else []
+        if not targets:
+            continue
+        inside = {v for k in group for v in nodes[k].outputs}
+        handed = []
+        for k in group:
+            for v in nodes[k].outputs:
+                used_after = any(v in m.inputs for m in nodes if not (set(m.outputs) & inside)) or v in outs
+                if used_after:
+                    handed.append((k, v))
+        if len(handed) == len(targets):
+            for (k, v), t in zip(handed, targets):
+                lines[id(v)] = t
+        elif len(targets) == 1 and handed:
+            lines[id(handed[-1][1])] = targets[0]
+    last: dict[str, int] = {}
+    for k, n in enumerate(nodes):
+        if n.meta.module and not is_collective(n) and not is_inserted_scale(n):
+            last[n.meta.module] = k
+    for k, n in enumerate(nodes):
+        if all(v in scope.names for v in n.outputs):
+            continue                            # fixed by the caller (a loop's variable)
+        if is_collective(n) or is_inserted_scale(n):
+            x = n.inputs[0]
+            if x.kind in ("param", "buffer"):
+                base = param_var(x.name[len(module_prefix):] if x.name.startswith(module_prefix) else x.name)
+            else:
+                base = scope.names.get(x, x.name)
+            scope.claim(n.outputs[0], base, k)
+            continue
+        for v in n.outputs:
+            if id(v) in lines:
+                base = lines[id(v)]
+            elif len(n.outputs) == 1 and last.get(n.meta.module) == k and n.meta.module:
+                path = n.meta.module
+                rel = path[len(module_prefix):] if module_prefix and path.startswith(module_prefix) else path
+                base = (rel.rsplit(".", 1)[-1] if module_prefix else module_var(rel)) or v.name
+            else:
+                base = v.name
+            scope.claim(v, base, k)
+
+
+# ---- the module tree of parameters ----------------------------------------------------------
+
+def attr_path(name: str, tree: "ModuleTree", root: str = "self") -> str:
     """`transformer.h.0.attn.c_attn.weight` -> `self.transformer.h[0].attn.c_attn.weight`."""
-    out, node = "self", tree
+    out, node = root, tree
     for part in name.split("."):
         kind = node.kind
         if kind == "list":
@@ -151,250 +265,337 @@ class ModuleTree:
         node.children.setdefault(name.split(".")[-1], None)
 
 
-def value_names(g: Graph) -> dict[Value, str]:
-    """A Python variable per activation: the module name for the last node of each module
-    (its output), otherwise the IR name; a collective reuses its operand's name when it is
-    that operand's only use."""
-    users = g.users()
-    last: dict[str, int] = {}
-    for i, n in enumerate(g.nodes):
-        if n.meta.module and not is_collective(n) and not is_inserted_scale(n):
-            last[n.meta.module] = i
-    taken: set[str] = set()
-    names: dict[Value, str] = {}
+def is_piece_list(node: ModuleTree) -> bool:
+    """The pieces of a fused weight (`c_attn.weight.0`, `.1`, `.2`): a ParameterList, so
+    the state-dict names stay the fused name plus the piece index."""
+    return node.kind == "list" and all(c is None for c in node.children.values())
 
-    def claim(base: str) -> str:
-        base = identifier(base)
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        taken.add(name)
-        return name
-    for v in g.inputs:
-        names[v] = claim(v.name)
-    outputs = set(g.outputs)
-    for i, n in enumerate(g.nodes):
-        if is_collective(n) or is_inserted_scale(n):
-            x = n.inputs[0]
-            if len(users.get(x, [])) == 1 and x not in outputs and x.kind not in ("param", "buffer"):
-                names[n.outputs[0]] = names[x]
-                continue
-            if x.kind in ("param", "buffer"):          # this use's view of a parameter
-                names[n.outputs[0]] = claim(param_var(x.name))
-                continue
-            suffix = (n.attr["axis"] if is_collective(n) else "mean" if n.meta.source == MEAN_SCALE else "share")
-            names[n.outputs[0]] = claim(f"{names[x]}_{suffix}")
+
+# ---- repeated blocks ---------------------------------------------------------------------------
+
+@dataclass
+class Instance:
+    """One module instance of a repeated block (`transformer.h.3`) in the program: its core
+    nodes, the collectives on values from outside it that run just before it (`entries`),
+    what it reads from outside (`ext`, in first-use order) and hands on (`outs`)."""
+    path: str
+    index: int
+    core: list[int]
+    entries: list[int]
+    ext: list[Value]
+    outs: list[Value]
+    sig: tuple = ()
+
+
+@dataclass
+class BlockClass:
+    kind: str                   # transformer.h
+    name: str                   # the class name in the program
+    instances: list[Instance]
+
+    @property
+    def template(self) -> Instance:
+        return self.instances[0]
+
+
+def find_blocks(s: ShardedGraph) -> tuple[list[int], list[BlockClass]]:
+    """The program's node order and its block classes: the instances of each module list
+    whose cores are identical (ops, attributes, local shapes, layouts, parameters relative to
+    the instance), the model's order kept. Nodes that sit inside an instance but belong to
+    none (a collective shared by several blocks) move in front of it; a module list whose
+    instances cannot be cut out cleanly is emitted flat."""
+    nodes = s.nodes
+    order = list(range(len(nodes)))
+    inst_of: dict[int, tuple[str, str]] = {}
+    for i, n in enumerate(nodes):
+        b = block_of(n.meta.module) if n.meta.module else None
+        if b is not None:
+            inst_of[i] = b
+    kinds: dict[str, list[str]] = {}
+    for kind, path in inst_of.values():
+        if path not in kinds.setdefault(kind, []):
+            kinds[kind].append(path)
+    classes: list[BlockClass] = []
+    for kind, paths in kinds.items():
+        if len(paths) < 2:
             continue
-        if len(n.outputs) == 1 and last.get(n.meta.module) == i:
-            names[n.outputs[0]] = claim(module_var(n.meta.module))
-        else:
-            for v in n.outputs:
-                names[v] = claim(v.name)
-    return names
+        # the instances must be the whole module list, each holding parameters (the program
+        # builds it as `nn.ModuleList(Block(mesh) for ...)`)
+        index = {int(p.rsplit(".", 1)[1]) for p in paths}
+        owners = {int(p.name[len(kind) + 1:].split(".", 1)[0]) for p in s.params
+                  if p.name.startswith(kind + ".") and p.name[len(kind) + 1:].split(".", 1)[0].isdigit()}
+        if not (index == owners == set(range(len(index)))):
+            continue
+        new_order = hoist_outside(order, nodes, inst_of, kind)
+        if new_order is None:
+            continue
+        pos = {i: k for k, i in enumerate(new_order)}
+        insts = []
+        ok = True
+        for path in sorted(paths, key=lambda p: int(p.rsplit(".", 1)[1])):
+            members = sorted((i for i, b in inst_of.items() if b[1] == path), key=pos.__getitem__)
+            first, last = pos[members[0]], pos[members[-1]]
+            if last - first + 1 != len(members):
+                ok = False
+                break
+            insts.append(cut_instance(s, path, members))
+        if not ok or not regions_fit(s, insts):
+            continue
+        order = new_order
+        by_sig: dict[tuple, list[Instance]] = {}
+        for inst in insts:
+            by_sig.setdefault(inst.sig, []).append(inst)
+        for sig, group in by_sig.items():
+            if len(group) < 2:
+                continue
+            leaf = kind.rsplit(".", 1)[-1]
+            base = "Block" if leaf in ("h", "layers", "layer", "blocks", "block") else leaf.title().replace("_", "")
+            name = base if not any(c.name == base for c in classes) else f"{base}{len(classes)}"
+            classes.append(BlockClass(kind, identifier(name), group))
+    return order, classes
 
 
-# ---- expressions ---------------------------------------------------------------------------
+def hoist_outside(order: list[int], nodes: list[Node], inst_of, kind: str) -> list[int] | None:
+    """Move nodes that sit between nodes of one instance of `kind` but belong to none of
+    its instances to just before that instance (legal when what they read is made before);
+    None when one cannot move."""
+    out = list(order)
 
-class Expr(str):
-    """Already-rendered Python source (prints without quotes)."""
-
-    def __repr__(self) -> str:
-        return str(self)
-
-
-def literal(v: Any) -> str:
-    if isinstance(v, Expr):
-        return str(v)
-    if isinstance(v, torch.dtype):
-        return str(v)
-    if isinstance(v, torch.device):
-        return "mesh.device"
-    if isinstance(v, torch.layout):
-        return str(v)
-    if isinstance(v, torch.memory_format):
-        return str(v)
-    if isinstance(v, float):
-        if v == float("inf"):
-            return 'float("inf")'
-        if v == float("-inf"):
-            return 'float("-inf")'
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        inner = ", ".join(literal(x) for x in v)
-        return f"[{inner}]" if isinstance(v, list) else f"({inner}{',' if len(v) == 1 else ''})"
-    return repr(v)
-
-
-def bind(node: Node, operand: list[str]) -> dict[str, Any]:
-    """Schema argument name -> rendered operand or attribute value (absent defaults left out)."""
-    d = REGISTRY[node.op]
-    it = iter(operand)
-    attrs = node.attr
-    out: dict[str, Any] = {}
-    for a in d.args:
-        if a.kind == "tensor":
-            out[a.name] = attrs[a.name] if a.name in attrs else Expr(next(it))
-        elif a.kind == "tensor_list":
-            out[a.name] = [Expr(x) for x in it]
-        elif a.kind == "opt_tensor":
-            out[a.name] = attrs[a.name] if a.name in attrs else Expr(next(it))
-        elif a.name in attrs:
-            out[a.name] = attrs[a.name]
+    def path_at(k):
+        b = inst_of.get(out[k])
+        return b[1] if b is not None and b[0] == kind else None
+    i = 0
+    while i < len(out):
+        if path_at(i) is not None:
+            i += 1
+            continue
+        prev = next((k for k in range(i - 1, -1, -1) if path_at(k) is not None), None)
+        nxt = next((k for k in range(i + 1, len(out)) if path_at(k) is not None), None)
+        if prev is None or nxt is None or path_at(prev) != path_at(nxt):
+            i += 1
+            continue
+        inst = path_at(prev)
+        first = next(k for k in range(len(out)) if path_at(k) == inst)
+        made_inside = {v for k in range(first, i) for v in nodes[out[k]].outputs}
+        if any(v in made_inside for v in nodes[out[i]].inputs):
+            return None
+        idx = out.pop(i)
+        out.insert(first, idx)
+        i += 1
     return out
 
 
-def call(fn: str, args: list, kwargs: dict) -> str:
-    parts = [literal(a) for a in args] + [f"{k}={literal(v)}" for k, v in kwargs.items()]
-    return f"{fn}({', '.join(parts)})"
+def cut_instance(s: ShardedGraph, path: str, members: list[int]) -> Instance:
+    """Split an instance's nodes into entry collectives and the core, and sign the core."""
+    nodes = s.nodes
+    inside: set[Value] = set()
+    entries, core = [], []
+    for i in members:
+        n = nodes[i]
+        if is_collective(n) and n.inputs[0].kind not in ("param", "buffer") and n.inputs[0] not in inside:
+            entries.append(i)
+            continue
+        core.append(i)
+        inside.update(n.outputs)
+    core_defined = {v for i in core for v in nodes[i].outputs}
+    ext: list[Value] = []
+    prefix = path + "."
+    for i in core:
+        for v in nodes[i].inputs:
+            outside = v.kind not in ("param", "buffer") or not v.name.startswith(prefix)
+            if v not in core_defined and outside and v not in ext:
+                ext.append(v)
+    member_set = set(members)
+    later = set(s.outputs)
+    for j, n in enumerate(nodes):
+        if j not in member_set:
+            later.update(n.inputs)
+    outs = [v for i in core for v in nodes[i].outputs if v in later]
+    local = {}
+    sig = []
+    for k, i in enumerate(core):
+        n = nodes[i]
+        refs = []
+        for v in n.inputs:
+            if v in local:
+                refs.append(("n",) + local[v])
+            elif v.kind in ("param", "buffer") and v.name.startswith(prefix):
+                refs.append(("p", v.name[len(prefix):], v.shape, v.requires_grad, s.layouts[v.name]))
+            else:
+                refs.append(("x", ext.index(v), v.shape, s.layouts[v.name]))
+        for j, v in enumerate(n.outputs):
+            local[v] = (k, j)
+        sig.append((n.op, repr(n.attrs), tuple(refs), n.meta.source in (MEAN_SCALE, BIAS_SHARE),
+                    tuple((v.shape, str(v.dtype), s.layouts[v.name], v.name in s.needs_grad) for v in n.outputs),
+                    n.meta.module[len(prefix):] if n.meta.module.startswith(prefix) else "",
+                    n.meta.line))
+    sig.append(("outs", tuple(local[v] for v in outs), core_regions(s, core)))
+    return Instance(path, int(path.rsplit(".", 1)[1]), core, entries, ext, outs, tuple(sig))
 
 
-def kw(a: dict, names_defaults: list[tuple[str, Any]]) -> dict:
-    """Keyword arguments whose value differs from the default."""
-    return {k: a[k] for k, dflt in names_defaults if k in a and a[k] != dflt}
+def core_regions(s: ShardedGraph, core: list[int]) -> tuple[tuple[int, int], ...]:
+    """The recompute regions inside an instance's core, as positions in the core."""
+    pos = {i: k for k, i in enumerate(core)}
+    out = []
+    for r in s.regions:
+        idx = list(range(r.start, r.end))
+        if idx and all(i in pos for i in idx) and pos[idx[-1]] - pos[idx[0]] == len(idx) - 1:
+            out.append((pos[idx[0]], pos[idx[-1]] + 1))
+    return tuple(out)
 
 
-BINARY = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
-UNARY_TORCH = {"rsqrt", "sqrt", "exp", "log", "tanh", "sigmoid", "sin", "cos", "abs", "erf",
-               "reciprocal", "square"}
-REDUCTION = {0: "none", 1: "mean", 2: "sum"}
+def regions_fit(s: ShardedGraph, insts: list["Instance"]) -> bool:
+    """Every recompute region touching these instances lies inside one instance's core."""
+    for r in s.regions:
+        span = set(range(r.start, r.end))
+        hit = [inst for inst in insts if span & set(inst.core + inst.entries)]
+        if not hit:
+            continue
+        if len(hit) > 1 or not span <= set(hit[0].core):
+            return False
+    return True
 
 
-def render_op(node: Node, operand: list[str]) -> str:
-    """Python expression for one IR node (readable torch calls; aten as the fallback)."""
-    op = node.op
-    a = bind(node, operand)
-    base = op.split(".")[0]
-    if op == "linear":
-        bias = a.get("bias")
-        return call("F.linear", [a["input"], a["weight"]] + ([bias] if bias is not None else []), {})
-    if op == "embedding":
-        return call("F.embedding", [a["indices"], a["weight"]],
-                    kw(a, [("padding_idx", -1), ("scale_grad_by_freq", False), ("sparse", False)]))
-    if op == "layer_norm":
-        return call("F.layer_norm", [a["input"], tuple(a["normalized_shape"]), a.get("weight"),
-                                     a.get("bias"), a.get("eps", 1e-5)], {})
-    if op == "rms_norm":
-        return call("F.rms_norm", [a["input"], tuple(a["normalized_shape"]), a.get("weight")],
-                    kw(a, [("eps", None)]))
-    if op in ("gelu", "relu", "silu"):
-        return call(f"F.{op}", [a["self"]], kw(a, [("approximate", "none")]))
-    if base in UNARY_TORCH and len(node.inputs) == 1 and op == base:
-        return f"torch.{base}({operand[0]})"
-    if op == "neg":
-        return f"-{operand[0]}"
-    if op == "pow.Tensor_Scalar":
-        return f"{operand[0]}.pow({literal(a['exponent'])})"
-    if base in BINARY and (op.endswith(".Tensor") or op == base or op.endswith(".Scalar")) \
-            and a.get("alpha", 1) == 1 and "rounding_mode" not in a:
-        return f"{literal(a['self'])} {BINARY[base]} {literal(a['other'])}"
-    if op in ("view", "reshape", "_unsafe_view"):
-        size = a.get("size", a.get("shape"))
-        return f"{operand[0]}.reshape({', '.join(str(s) for s in size)})"
-    if op == "expand":
-        return f"{operand[0]}.expand({', '.join(str(s) for s in a['size'])})"
-    if op == "transpose":
-        return f"{operand[0]}.transpose({a['dim0']}, {a['dim1']})"
-    if op == "permute":
-        return f"{operand[0]}.permute({', '.join(str(s) for s in a['dims'])})"
-    if op in ("t", "numpy_T"):
-        return f"{operand[0]}.t()" if len(node.inputs[0].shape) <= 2 else f"{operand[0]}.mT"
-    if op == "unsqueeze":
-        return f"{operand[0]}.unsqueeze({a['dim']})"
-    if op in ("squeeze.dim",):
-        return f"{operand[0]}.squeeze({a['dim']})"
-    if op == "flatten.using_ints":
-        return f"{operand[0]}.flatten({a.get('start_dim', 0)}, {a.get('end_dim', -1)})"
-    if op in ("split", "split_with_sizes"):
-        size = a.get("split_size", a.get("split_sizes"))
-        return f"{operand[0]}.split({literal(size)}, dim={a.get('dim', 0)})"
-    if op == "slice":
-        rank = len(node.inputs[0].shape)
-        dim = a.get("dim", 0) % rank
-        start = a.get("start") or 0
-        end = a.get("end")
-        step = a.get("step", 1)
-        stop = "" if end is None or end >= 2 ** 62 else str(end)
-        sl = f"{start if start else ''}:{stop}" + (f":{step}" if step != 1 else "")
-        return f"{operand[0]}[{', '.join([':'] * dim + [sl])}]"
-    if op == "select":
-        rank = len(node.inputs[0].shape)
-        dim = a["dim"] % rank
-        return f"{operand[0]}[{', '.join([':'] * dim + [str(a['index'])])}]"
-    if op == "cat":
-        return f"torch.cat([{', '.join(operand)}], dim={a.get('dim', 0)})"
-    if op == "stack":
-        return f"torch.stack([{', '.join(operand)}], dim={a.get('dim', 0)})"
-    if op == "matmul":
-        return f"{operand[0]} @ {operand[1]}"
-    if op == "scaled_dot_product_attention":
-        args = [a["query"], a["key"], a["value"]]
-        return call("F.scaled_dot_product_attention", args,
-                    kw(a, [("attn_mask", None), ("dropout_p", 0.0), ("is_causal", False),
-                           ("scale", None), ("enable_gqa", False)]))
-    if op in ("softmax", "_softmax", "log_softmax", "_log_softmax"):
-        fn = "F.log_softmax" if "log" in op else "F.softmax"
-        return call(fn, [a["self"]], {"dim": a["dim"]})
-    if op == "cross_entropy_loss":
-        k = kw(a, [("weight", None), ("ignore_index", -100), ("label_smoothing", 0.0)])
-        if a.get("reduction", 1) != 1:
-            k["reduction"] = REDUCTION[a["reduction"]]
-        return call("F.cross_entropy", [a["self"], a["target"]], k)
-    if op == "mse_loss":
-        k = {"reduction": REDUCTION[a["reduction"]]} if a.get("reduction", 1) != 1 else {}
-        return call("F.mse_loss", [a["self"], a["target"]], k)
-    if op in ("mean.dim", "sum.dim_IntList"):
-        return f"{operand[0]}.{base}(dim={literal(a['dim'])}" + (", keepdim=True)" if a.get("keepdim") else ")")
-    if op in ("mean", "sum"):
-        return f"{operand[0]}.{base}()"
-    if op == "masked_fill.Scalar":
-        return f"{operand[0]}.masked_fill({operand[1]}, {literal(a['value'])})"
-    if op == "broadcast_tensors":
-        return f"torch.broadcast_tensors({', '.join(operand)})"
-    if op.startswith("arange"):
-        pos = [a[k] for k in ("start", "end", "step") if k in a]
-        return call("torch.arange", pos, {k: a[k] for k in ("dtype", "device") if a.get(k) is not None})
-    # fallback: the ATen overload itself, with the schema's arguments
-    target = REGISTRY[op].target
-    fn = f"torch.ops.{str(target).replace('::', '.')}" if target is not None else op
-    if "." not in fn.replace("torch.ops.", "", 1):
-        fn = f"torch.ops.aten.{op}"
-    args, kwargs = [], {}
-    for spec in REGISTRY[op].args:
-        if spec.name in a:
-            (kwargs.__setitem__(spec.name, a[spec.name]) if spec.kwarg_only
-             else args.append(a[spec.name]))
-    return call(fn, args, kwargs)
+# ---- sizes that come from the batch ---------------------------------------------------------
+
+def shards_of(layout, d: int, mesh: dict) -> int:
+    n = 1
+    for p, size in zip(layout, mesh.values()):
+        if sharding.shard_dim(p) == d:
+            n *= size
+    return n
 
 
-COLLECTIVE_CALL = {
-    "copy_to": lambda x, at: f'rt.copy_to({x}, mesh, "{at["axis"]}")',
-    "all_reduce": lambda x, at: f'rt.all_reduce({x}, mesh, "{at["axis"]}")',
-    "all_gather": lambda x, at: (f'rt.all_gather({x}, mesh, "{at["axis"]}", dim={at["dim"]}'
-                                 + (", partial_grad=True)" if at["partial_grad"] else ")")),
-    "scatter": lambda x, at: f'rt.scatter({x}, mesh, "{at["axis"]}", dim={at["dim"]})',
-    "reduce_scatter": lambda x, at: f'rt.reduce_scatter({x}, mesh, "{at["axis"]}", dim={at["dim"]})',
-    "all_to_all": lambda x, at: (f'rt.all_to_all({x}, mesh, "{at["axis"]}", '
-                                 f'split_dim={at["split_dim"]}, concat_dim={at["concat_dim"]})'),
-}
-
-COLLECTIVE_WHY = {
-    "copy_to": "gradient is a partial sum: all_reduce it in backward",
-    "all_reduce": "sum the partial results",
-    "all_gather": "gather the shards",
-    "scatter": "keep this rank's slice",
-    "reduce_scatter": "sum the partial results, keep this rank's slice",
-    "all_to_all": "re-shard on another dim",
-}
+def free_symbols(expr: str) -> list[str]:
+    return sorted(set(re.findall(r"\b[a-z]\d+\b", expr)))
 
 
-def shape_comment(g: Graph, v: Value) -> str:
-    """`(4/dp, 32, 192/tp)`, with `partial over tp` for pending sums."""
-    mesh = g.mesh                                      # type: ignore[attr-defined]
-    lay = g.layouts[v.name]                            # type: ignore[attr-defined]
-    full = g.global_shapes[v.name]                     # type: ignore[attr-defined]
-    dims = [str(s) for s in full]
+class Sizes:
+    """The program's names for sizes from the batch: `B, T = idx.shape` (this rank's share
+    of the symbolic dims the trace recorded), and every size attribute written over them
+    (`q.reshape(B, T, 2, 16)`), so the program trains on any batch the mesh divides."""
+
+    LETTERS = ["B", "T"] + [f"S{i}" for i in range(2, 64)]
+
+    def __init__(self, s: ShardedGraph):
+        self.s = s
+        self.of: dict[str, tuple[str, int]] = {}      # symbol -> (name, shards it is taken over)
+        self.defs: list[tuple[Value, list]] = []      # per input: its dims' names (or None)
+        self.asserts: list[str] = []
+        letters = iter(self.LETTERS)
+        seen: dict[tuple, str] = {}                   # (rank, dim, hint) -> symbol
+        for v in s.inputs:
+            dims = s.graph.input_sizes.get(v.name)
+            if not dims:
+                continue
+            names = []
+            for d, e in enumerate(dims):
+                if not (isinstance(e, str) and e.isidentifier()):
+                    names.append(None)
+                    continue
+                sh = shards_of(s.layouts[v.name], d, s.mesh)
+                key = (len(dims), d, int(v.shape[d]) * sh)
+                if e in self.of:
+                    names.append(None)
+                elif key in seen and self.of[seen[key]][1] == sh:
+                    # another input's dim of the same size at the same place: one size, checked
+                    name = self.of[seen[key]][0]
+                    self.of[e] = (name, sh)
+                    self.asserts.append(f"assert {identifier(v.name)}.shape[{d}] == {name}, "
+                                        f'"{v.name} must have {name} (dim {d} of the first input) at dim {d}"')
+                    names.append(None)
+                else:
+                    name = next(letters)
+                    self.of[e] = (name, sh)
+                    seen[key] = e
+                    names.append(name)
+            if any(names):
+                self.defs.append((v, names))
+
+    def model_lines(self) -> list[str]:
+        out = []
+        for v, names in self.defs:
+            x = identifier(v.name)
+            if all(names):
+                out.append(f"{', '.join(names)}{',' if len(names) == 1 else ''} = {x}.shape  "
+                           f"# this rank's {self.describe(v, names)}")
+            else:
+                for d, nm in enumerate(names):
+                    if nm:
+                        out.append(f"{nm} = {x}.shape[{d}]")
+        return out + self.asserts
+
+    def describe(self, v: Value, names) -> str:
+        parts = []
+        for d, nm in enumerate(names):
+            sh = shards_of(self.s.layouts[v.name], d, self.s.mesh)
+            parts.append(f"{nm} = {int(v.shape[d])}" + (f" of {int(v.shape[d]) * sh}" if sh > 1 else ""))
+        return ", ".join(parts) + " in the example"
+
+    def block_lines(self, ext: list[Value], names: dict, used: set[str]) -> tuple[list[str], set[str]]:
+        """Lines defining the size names a block uses, read from its arguments' shapes."""
+        out, known = [], set()
+        for v in ext:
+            g = self.s.global_shapes.get(v.name, ())
+            for d, size in enumerate(g):
+                if not isinstance(size, SymInt) or size.expr not in self.of:
+                    continue
+                name, sh_model = self.of[size.expr]
+                if name in known or name not in used:
+                    continue
+                sh_here = shards_of(self.s.layouts[v.name], d, self.s.mesh)
+                read = f"{names[v]}.shape[{d}]"
+                if sh_here == sh_model:
+                    out.append(f"{name} = {read}")
+                elif sh_here > sh_model and sh_here % sh_model == 0:
+                    out.append(f"{name} = {read} * {sh_here // sh_model}")
+                elif sh_model % sh_here == 0:
+                    out.append(f"{name} = {read} // {sh_model // sh_here}")
+                else:
+                    continue
+                known.add(name)
+        return out, known
+
+    def render(self, v, known: set[str] | None = None):
+        """A SymInt as its expression over the size names (`known`: the names defined where
+        it is used); the example's value when it does not reduce to them."""
+        if not isinstance(v, SymInt):
+            return v
+        try:
+            import sympy
+            syms = {x: sympy.Symbol(x) for x in free_symbols(v.expr)}
+            if not syms or any(x not in self.of for x in syms):
+                return int(v)
+            names = {x: self.of[x] for x in syms}
+            if known is not None and any(nm not in known for nm, _ in names.values()):
+                return int(v)
+            e = sympy.sympify(v.expr, locals=syms)
+            e = sympy.simplify(e.subs({syms[x]: sympy.Symbol(nm) * sh for x, (nm, sh) in names.items()}))
+            num, den = sympy.fraction(sympy.together(e))
+            text = str(num).replace("*", " * ") if den == 1 else f"({num}) // {den}"
+            return Expr(text)
+        except Exception:                      # an expression sympy cannot read: the example's size
+            return int(v)
+
+    def used(self, nodes: list[Node]) -> set[str]:
+        out = set()
+        for n in nodes:
+            for _, a in n.attrs:
+                for x in (a if isinstance(a, (list, tuple)) else [a]):
+                    if isinstance(x, SymInt):
+                        out.update(self.of[y][0] for y in free_symbols(x.expr) if y in self.of)
+        return out
+
+
+# ---- comments -------------------------------------------------------------------------------
+
+def shape_comment(s: ShardedGraph, v: Value) -> str:
+    """`(4/dp, 32, 192/tp)`, with `partial sum over tp` for pending sums."""
+    lay = s.layouts[v.name]
+    full = s.global_shapes[v.name]
+    dims = [str(d) for d in full]
     partial = []
-    for p, axis in zip(lay, mesh):
+    for p, axis in zip(lay, s.mesh):
         d = sharding.shard_dim(p)
         if d is not None:
             dims[d] += f"/{axis}"
@@ -405,8 +606,6 @@ def shape_comment(g: Graph, v: Value) -> str:
         text += f" partial sum over {', '.join(partial)}"
     return text
 
-
-# ---- the program ------------------------------------------------------------------------------
 
 class Writer:
     def __init__(self):
@@ -423,20 +622,19 @@ def comment_pad(code: str, comment: str, width: int = 72) -> str:
     return f"{code:<{width}}  # {comment}" if comment else code
 
 
-def plan_summary(g: Graph) -> list[str]:
-    plan: Plan = g.plan                                # type: ignore[attr-defined]
-    mesh = g.mesh                                      # type: ignore[attr-defined]
+def plan_summary(s: ShardedGraph) -> list[str]:
+    plan, mesh = s.plan, s.mesh
     counts: dict[str, int] = {}
-    for n in g.nodes:
+    for n in s.nodes:
         if is_collective(n):
             counts[n.op] = counts.get(n.op, 0) + 1
-    lines = [f"mesh {sharding.format_mesh(mesh)} ({_world(mesh)} ranks), ZeRO stage {plan.zero}"
-             + (f" over {g.zero.axis}" if plan.zero else "")]  # type: ignore[attr-defined]
+    lines = [f"mesh {sharding.format_mesh(mesh)} ({world_size(mesh)} ranks), ZeRO stage {plan.zero}"
+             + (f" over {s.zero.axis}" if plan.zero else "")]
     if plan.recompute:
         lines.append(f"recompute (activation checkpointing): {', '.join(plan.recompute)}")
     if counts:
-        lines.append("collectives in forward: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
-    traffic = predict_traffic(g)
+        lines.append("collectives per step: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    traffic = s.traffic()
     if traffic:
         lines.append("bytes per step and rank: " + ", ".join(f"{k} {format_bytes(b)}" for k, b in traffic.items()))
     if plan.cost.get("step_time"):
@@ -444,185 +642,527 @@ def plan_summary(g: Graph) -> list[str]:
     return lines
 
 
-def _world(mesh) -> int:
+def world_size(mesh) -> int:
     n = 1
-    for s in mesh.values():
-        n *= s
+    for v in mesh.values():
+        n *= v
     return n
 
 
-def emit_program(g: Graph, backend: Backend, model_name: str, opts: EmitOptions = EmitOptions(),
-                 file_name: str = "program.py") -> str:
-    """The whole generated program for sharded graph `g`."""
-    mesh = g.mesh                                      # type: ignore[attr-defined]
-    plan: Plan = g.plan                                # type: ignore[attr-defined]
-    zero = g.zero                                      # type: ignore[attr-defined]
-    world = _world(mesh)
-    names = value_names(g)
-    tree = ModuleTree()
-    for p in g.params:
-        tree.add(p.name)
-    for alias in g.aliases:
-        tree.add(alias)
-    for p in g.params:
-        names[p] = attr_path(p.name, tree)
-    cls = identifier(opts.class_name)
-    w = Writer()
+# ---- the program ------------------------------------------------------------------------------
 
-    # header
-    launch = backend.launch_command(file_name, world, f"--steps {opts.steps}")
-    w('"""' + f"{model_name} on a {sharding.format_mesh(mesh)} mesh: one rank's program, generated by autopar.")
-    w()
-    w("Plan:")
-    for line in plan_summary(g):
-        w(f"    {line}")
-    w()
-    w(f"Ranks: {backend.launcher}. {backend.groups_comment}")
-    w("Every rank runs this same file; it differs only by its mesh coordinates.")
-    w()
-    w("Launch (from this directory):")
-    w(f"    {launch}")
-    w()
-    w(f"`{opts.init_file}` holds the full single-device state dict and the example batch; each")
-    w("rank keeps its own block of every tensor (see LAYOUTS) and saves its final shards.")
-    w('"""')
-    w("import argparse")
-    w("import json")
-    if zero.params:
-        w("import math")
-    w("import os")
-    w("import resource")
-    w("import time")
-    w()
-    w("import torch")
-    w("import torch.nn as nn")
-    w("import torch.nn.functional as F")
-    regions = recompute_regions(g, plan.recompute)
-    if regions:
-        w("from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop")
-    w()
-    w("from autopar.backends import runtime as rt")
-    w()
-    w(f"MESH = {dict(mesh)!r}")
-    axes = ", ".join(mesh)
-    w()
-    w(f"# Layout of every parameter, buffer and input: one placement per mesh axis ({axes}).")
-    w("# S(d): sharded on dim d, R: replicated. A rank holds the block at its coordinates.")
-    w("LAYOUTS = {")
-    for v in (*g.inputs, *g.params):
-        w(f"    {v.name!r}: {tuple(g.layouts[v.name])!r},", 0)   # type: ignore[attr-defined]
-    w("}")
-    w(f"INPUTS = {[v.name for v in g.inputs]!r}")
-    if g.pieces:
-        w()
-        w("# Fused weights cut into pieces that shard on their own (e.g. c_attn's q, k, v):")
-        w("# piece name -> (state-dict name, dim, start, stop).")
-        w("PIECES = {")
-        for name, pc in g.pieces.items():
-            w(f"    {name!r}: ({pc.source!r}, {pc.dim}, {pc.start}, {pc.stop}),", 0)
-        w("}")
-    w()
-    w()
-    if g.pieces:
-        w("def full_tensor(full, name):")
-        w('"""A tensor of the single-device state dict; a piece is cut out of its fused weight."""', 1)
-        w("if name in PIECES:", 1)
-        w("source, dim, start, stop = PIECES[name]", 2)
-        w("return full[source].narrow(dim, start, stop - start)", 2)
-        w("return full[name]", 1)
-        w()
-        w()
-    w("def shard(full, layout, mesh):")
-    w('"""This rank\'s block of a full tensor."""', 1)
-    w("for axis, placement in zip(MESH, layout):", 1)
-    w('if placement.startswith("S("):', 2)
-    w("full = mesh.chunk(full, axis, dim=int(placement[2:-1]))", 3)
-    w("return full.contiguous()", 1)
-    w()
-    w()
+class Emitter:
+    """Writes one program; holds the sharded graph, the block classes and the names."""
 
-    # module
-    w(f"class {cls}(nn.Module):")
-    w(f'"""This rank\'s shards of {model_name}\'s parameters, under their original names."""', 1)
-    w()
-    w("def __init__(self, mesh):", 1)
-    w("super().__init__()", 2)
-    w("self.mesh = mesh", 2)
-    _emit_params(w, g, tree, names, opts)
-    w()
-    _emit_forward(w, g, names, regions)
-    w()
-    w("def load_full_state_dict(self, full):", 1)
-    w('"""Copy this rank\'s block of every tensor of a single-device state dict."""', 2)
-    w("with torch.no_grad():", 2)
-    w("for name, t in [*self.named_parameters(), *self.named_buffers()]:", 3)
-    w(f"t.copy_(shard({'full_tensor(full, name)' if g.pieces else 'full[name]'}, LAYOUTS[name], self.mesh))", 4)
-    w()
-    w()
-    if zero.params:
-        _emit_zero(w, zero)
-    _emit_main(w, g, backend, cls, opts, names)
-    return w.text()
+    def __init__(self, s: ShardedGraph, backend: Backend, model_name: str, opts: EmitOptions,
+                 file_name: str):
+        self.s, self.backend, self.model_name, self.opts, self.file_name = s, backend, model_name, opts, file_name
+        self.order, self.classes = find_blocks(s)
+        self.instance: dict[str, tuple[BlockClass, Instance]] = {}
+        for c in self.classes:
+            for inst in c.instances:
+                self.instance[inst.path] = (c, inst)
+        self.users: dict[Value, set[int]] = {}
+        for i, n in enumerate(s.nodes):
+            for v in n.inputs:
+                self.users.setdefault(v, set()).add(i)
+        self.tree = ModuleTree()
+        for p in s.params:
+            self.tree.add(p.name)
+        for alias in s.graph.aliases:
+            self.tree.add(alias)
+        self.w = Writer()
+        self.regions_written = 0
+        self.sizes = Sizes(s)
+        self.known_sizes: set[str] | None = None       # size names defined in the current body
 
+    # ---- helpers ----
 
-def _emit_params(w: Writer, g: Graph, tree: ModuleTree, names, opts: EmitOptions) -> None:
-    """Containers in state-dict order, then each tensor; tied names last."""
-    by_name = {p.name: p for p in g.params}
-    mesh = g.mesh                                      # type: ignore[attr-defined]
+    def param_ref(self, v: Value, tree: ModuleTree, prefix: str = "") -> str:
+        name = v.name[len(prefix):] if prefix and v.name.startswith(prefix) else v.name
+        return attr_path(name, tree)
 
-    def init(child: ModuleTree) -> str:
-        if is_piece_list(child):
-            return "nn.ParameterList()"
-        if child.kind == "list":
-            return f"nn.ModuleList(nn.Module() for _ in range({len(child.children)}))"
-        if child.kind == "dict":
-            keys = ", ".join(f"{k!r}: nn.Module()" for k, c in child.children.items() if c is not None)
-            return f"nn.ModuleDict({{{keys}}})"
-        return "nn.Module()"
+    def node_lines(self, n: Node, names: dict, indent: int, param_ref) -> None:
+        s, w = self.s, self.w
 
-    def walk(node: ModuleTree, prefix: str, expr: str):
-        for key, child in node.children.items():
-            name = prefix + key
-            if child is None:
-                if name not in g.aliases:
-                    _emit_tensor(w, g, expr, key, by_name[name], opts, mesh,
-                                 append=is_piece_list(node))
+        def ref(v):       # a parameter of another module reaches a block as an argument
+            return names[v] if v in names or v.kind not in ("param", "buffer") else param_ref(v)
+        operand = [ref(v) for v in n.inputs]
+        outs = ", ".join(names[v] for v in n.outputs)
+        if is_collective(n):
+            x = n.inputs[0]
+            src = sharding.format_layout(s.mesh, s.layouts[x.name])
+            dst = sharding.format_layout(s.mesh, s.layouts[n.outputs[0].name])
+            traffic = ", ".join(f"{k} {format_bytes(b)} {'fwd' if ph == 'forward' else 'bwd'}"
+                                for k, _, b, ph in s.node_traffic(n))
+            axis = n.attr["axis"]
+            if n.op == "copy_to":
+                w(f"# {axis} splits the next op: the gradient is a partial sum, all_reduce it in backward ({traffic})", indent)
+            else:
+                w(f"# {src} -> {dst}: {collectives.OPS[n.op].why} ({traffic or 'no data moved'})", indent)
+            code = f"{outs} = {collectives.call_source(n.op, operand[0], axis, n.attr)}"
+        elif n.meta.source == MEAN_SCALE:
+            w(f"# a mean over this rank's shard: divide by the {n.attr['other']} shards so that they sum up", indent)
+            code = f"{outs} = {operand[0]} / {n.attr['other']}"
+        elif n.meta.source == BIAS_SHARE:
+            w(f"# the output is a partial sum over {n.attr['other']} ranks: each adds 1/{n.attr['other']} of the bias", indent)
+            code = f"{outs} = {operand[0]} / {n.attr['other']}"
+        else:
+            code = f"{outs} = {render_op(self.with_sizes(n), operand)}"
+        comment = shape_comment(s, n.outputs[0]) if len(n.outputs) == 1 else ""
+        w(comment_pad(code, comment, 72 - 4 * indent), indent)
+
+    def with_sizes(self, n: Node) -> Node:
+        """`n` with its sizes from the batch written over the size names in scope."""
+        def sub(a):
+            if isinstance(a, SymInt):
+                return self.sizes.render(a, self.known_sizes)
+            if isinstance(a, list):
+                return [sub(x) for x in a]
+            if isinstance(a, tuple):
+                return tuple(sub(x) for x in a)
+            return a
+        if not any(isinstance(x, SymInt) for _, a in n.attrs for x in (a if isinstance(a, (list, tuple)) else [a])):
+            return n
+        return n.replace(attrs=tuple((k, sub(a)) for k, a in n.attrs))
+
+    def body(self, nodes: list[Node], names: dict, indent: int, param_ref, regions=(), block_comments=True,
+             outputs=(), copies: int = 1) -> None:
+        """Straight-line code for `nodes`, recompute regions as checkpointed functions
+        (`copies`: how many instances this code runs as, for the count of regions)."""
+        w = self.w
+        starts = {a: b for a, b in regions}
+        i, block = 0, None
+        local_graph = _Sub(nodes, outputs)
+        while i < len(nodes):
+            n = nodes[i]
+            b = _block(n.meta.module)
+            if block_comments and b != block and b:
+                w()
+                w(f"# {b}", indent)
+                block = b
+            if i in starts:
+                end = starts[i]
+                ins, outs = region_io(local_graph, i, end)
+                fn = identifier(f"{module_fn(nodes[i:end])}_recomputed")
+                w(f"def {fn}({', '.join(names[v] for v in ins)}):", indent)
+                for m in nodes[i:end]:
+                    self.node_lines(m, names, indent + 1, param_ref)
+                w(f"return {', '.join(names[v] for v in outs)}", indent + 1)
+                w("# recompute the whole region in backward (its collectives run again)", indent)
+                w("with set_checkpoint_early_stop(False):", indent)
+                lhs = ", ".join(names[v] for v in outs)
+                w(f"{lhs} = checkpoint({fn}, {', '.join(names[v] for v in ins)}, use_reentrant=False)", indent + 1)
+                self.regions_written += copies
+                i = end
                 continue
-            sub = (f"{expr}[{key}]" if node.kind == "list" else
-                   f"{expr}[{key!r}]" if node.kind == "dict" else f"{expr}.{key}")
-            if node.kind == "attr" or child.kind != "attr":
-                w(f"{sub} = {init(child)}", 2)
-            walk(child, name + ".", sub)
-    walk(tree, "", "self")
-    for alias, canon in sorted(g.aliases.items()):
-        w(f"{attr_path(alias, tree)} = {attr_path(canon, tree)}  # tied: one tensor, two names", 2)
+            self.node_lines(n, names, indent, param_ref)
+            i += 1
 
+    # ---- sections ----
 
-def is_piece_list(node: ModuleTree) -> bool:
-    """The pieces of a fused weight (`c_attn.weight.0`, `.1`, `.2`): a ParameterList, so
-    the state-dict names stay the fused name plus the piece index."""
-    return node.kind == "list" and all(c is None for c in node.children.values())
+    def header(self) -> None:
+        s, w, opts = self.s, self.w, self.opts
+        launch = self.backend.launch_command(self.file_name, world_size(s.mesh), f"--steps {opts.steps}")
+        w('"""' + f"{self.model_name} on a {sharding.format_mesh(s.mesh)} mesh: one rank's program, generated by autopar.")
+        w()
+        w("Plan:")
+        for line in plan_summary(s):
+            w(f"    {line}")
+        for c in self.classes:
+            w(f"    {c.kind}.*: {len(c.instances)} blocks of one class ({c.name}), its forward written once")
+        w()
+        w(f"Ranks: {self.backend.launcher}. {self.backend.groups_comment}")
+        w("Every rank runs this same file; it differs only by its mesh coordinates.")
+        w()
+        w("Launch (from this directory):")
+        w(f"    {launch}")
+        w()
+        w(f"`{opts.init_file}` holds the full single-device state dict and the example batch; each")
+        w("rank keeps its own block of every tensor (see LAYOUTS) and saves its final shards.")
+        w('"""')
+        w("import argparse")
+        w("import json")
+        if s.zero.params:
+            w("import math")
+        w("import os")
+        w("import resource")
+        w("import time")
+        w()
+        w("import torch")
+        w("import torch.nn as nn")
+        w("import torch.nn.functional as F")
+        if s.regions:
+            w("from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop")
+        w()
+        w("from autopar.backends import runtime as rt")
+        w()
 
+    def folded_kinds(self) -> list[str]:
+        """Module lists whose every instance is of a block class: their table entries are
+        written once for all blocks (`transformer.h.*.mlp.c_fc.weight`)."""
+        out = []
+        for kind in dict.fromkeys(c.kind for c in self.classes):
+            insts = self.kind_instances(kind)
+            if all(p in self.instance for p in insts):
+                out.append(kind)
+        return out
 
-def _emit_tensor(w, g, holder, leaf, p: Value, opts, mesh, append: bool = False) -> None:
-    shape = ", ".join(str(s) for s in p.shape)
-    note = f"{shape_comment(g, p)} {sharding.format_layout(mesh, g.layouts[p.name])}"
-    dtype = "" if p.dtype == torch.float32 else f", dtype={p.dtype}"
-    if p.kind == "buffer":
-        persistent = (not opts.state_keys) or p.name in opts.state_keys
-        extra = "" if persistent else ", persistent=False"
-        w(comment_pad(f"{holder}.register_buffer({leaf!r}, torch.empty({shape}{dtype}){extra})", note), 2)
-        return
-    grad = "" if p.requires_grad else ", requires_grad=False"
-    new = f"nn.Parameter(torch.empty({shape}{dtype}){grad})"
-    if append:
-        pc = g.pieces[p.name]
-        code = f"{holder}.append({new})"
-        note += f" piece {pc.index + 1}/{pc.count} of the fused weight"
-    else:
-        code = (f"{holder}.{leaf} = {new}" if leaf.isidentifier() and not keyword.iskeyword(leaf)
-                else f"{holder}.register_parameter({leaf!r}, {new})")
-    w(comment_pad(code, note + ("" if p.requires_grad else " frozen")), 2)
+    def folded(self, entries: list[tuple[str, tuple]]) -> list[tuple[str, tuple]]:
+        """(name, value) table rows with the rows of every block folded into one `*` row
+        where all blocks agree (a value naming its own block has `*` for the index)."""
+        kinds = self.folded_kinds()
+        count = {k: len(self.kind_instances(k)) for k in kinds}
+
+        def key(name):
+            for k in kinds:
+                if name.startswith(k + "."):
+                    index, _, rest = name[len(k) + 1:].partition(".")
+                    if index.isdigit():
+                        return k, f"{k}.*.{rest}", index
+            return None, name, None
+
+        def norm(value, kind, index):
+            return tuple(x.replace(f"{kind}.{index}.", f"{kind}.*.") if isinstance(x, str) else x
+                         for x in value)
+        groups: dict[str, list] = {}
+        for name, value in entries:
+            kind, k, index = key(name)
+            groups.setdefault(k, []).append((name, value, kind, index))
+        out = []
+        for k, items in groups.items():
+            kind = items[0][2]
+            vals = {norm(v, kd, i) if kd else v for _, v, kd, i in items}
+            if kind is not None and len(items) == count[kind] and len(vals) == 1:
+                out.append((k, vals.pop()))
+            else:
+                out.extend((name, value) for name, value, _, _ in items)
+        return out
+
+    def tables(self) -> None:
+        s, w = self.s, self.w
+        w(f"MESH = {dict(s.mesh)!r}")
+        w()
+        rep = tuple("R" for _ in s.mesh)
+        kinds = self.folded_kinds()
+        w(f"# What is sharded: one placement per mesh axis ({', '.join(s.mesh)}); S(d) is sharded on")
+        w("# dim d (a rank holds the block at its coordinates). Every other parameter, buffer and")
+        w("# input is replicated." + (" A row with `*` holds for every block." if kinds else ""))
+        w("LAYOUTS = {")
+        rows = [(v.name, tuple(s.layouts[v.name])) for v in (*s.inputs, *s.params)
+                if tuple(s.layouts[v.name]) != rep]
+        for name, lay in self.folded(rows):
+            w(f"    {name!r}: {lay!r},", 0)
+        w("}")
+        w(f"REPLICATED = {rep!r}")
+        w(f"INPUTS = {[v.name for v in s.inputs]!r}")
+        w(f"BLOCK_LISTS = {kinds!r}")
+        if s.graph.pieces:
+            w()
+            w("# Fused weights cut into pieces that shard on their own (e.g. c_attn's q, k, v):")
+            w("# piece name -> (state-dict name, dim, start, stop).")
+            w("PIECES = {")
+            rows = [(name, (pc.source, pc.dim, pc.start, pc.stop)) for name, pc in s.graph.pieces.items()]
+            for name, v in self.folded(rows):
+                w(f"    {name!r}: {v!r},", 0)
+            w("}")
+        w()
+        w()
+        w("def table_row(table, name):")
+        w('"""`name`\'s row of LAYOUTS or PIECES: its own, or its block\'s `*` row (then also the', 1)
+        w('module list and the block index, e.g. ("transformer.h", "3"))."""', 1)
+        w("if name in table:", 1)
+        w("return table[name], None", 2)
+        w("for blocks in BLOCK_LISTS:", 1)
+        w('if name.startswith(blocks + "."):', 2)
+        w('index, _, rest = name[len(blocks) + 1:].partition(".")', 3)
+        w('if f"{blocks}.*.{rest}" in table:', 3)
+        w('return table[f"{blocks}.*.{rest}"], (blocks, index)', 4)
+        w("return None, None", 1)
+        w()
+        w()
+        if s.graph.pieces:
+            w("def full_tensor(full, name):")
+            w('"""A tensor of the single-device state dict; a piece is cut out of its fused weight."""', 1)
+            w("row, block = table_row(PIECES, name)", 1)
+            w("if row is None:", 1)
+            w("return full[name]", 2)
+            w("source, dim, start, stop = row", 1)
+            w("if block is not None:", 1)
+            w("blocks, index = block", 2)
+            w('source = source.replace(f"{blocks}.*.", f"{blocks}.{index}.", 1)', 2)
+            w("return full[source].narrow(dim, start, stop - start)", 1)
+            w()
+            w()
+        w("def shard(full, name, mesh):")
+        w('"""This rank\'s block of the full tensor called `name`."""', 1)
+        w("layout = table_row(LAYOUTS, name)[0] or REPLICATED", 1)
+        w("for axis, placement in zip(MESH, layout):", 1)
+        w('if placement.startswith("S("):', 2)
+        w("full = mesh.chunk(full, axis, dim=int(placement[2:-1]))", 3)
+        w("return full.contiguous()", 1)
+        w()
+        w()
+
+    def params(self, tree: ModuleTree, prefix: str, skip: set[str]) -> None:
+        """Containers in state-dict order, then each tensor; tied names last. Subtrees in
+        `skip` (module lists of block instances) are made by their block class."""
+        s, w = self.s, self.w
+        by_name = {p.name: p for p in s.params}
+
+        def init(child: ModuleTree) -> str:
+            if is_piece_list(child):
+                return "nn.ParameterList()"
+            if child.kind == "list":
+                return f"nn.ModuleList(nn.Module() for _ in range({len(child.children)}))"
+            if child.kind == "dict":
+                keys = ", ".join(f"{k!r}: nn.Module()" for k, c in child.children.items() if c is not None)
+                return f"nn.ModuleDict({{{keys}}})"
+            return "nn.Module()"
+
+        def walk(node: ModuleTree, name_prefix: str, expr: str):
+            for key, child in node.children.items():
+                name = name_prefix + key
+                if child is None:
+                    full = prefix + name
+                    if full not in s.graph.aliases:
+                        self.tensor(expr, key, by_name[full], append=is_piece_list(node))
+                    continue
+                sub = (f"{expr}[{key}]" if node.kind == "list" else
+                       f"{expr}[{key!r}]" if node.kind == "dict" else f"{expr}.{key}")
+                if prefix + name in skip and child.kind == "list":
+                    made = [skip_class.get(f"{prefix}{name}.{k}") for k in child.children]
+                    if all(m is not None and m is made[0] for m in made):
+                        w(f"{sub} = nn.ModuleList({made[0].name}(mesh) for _ in range({len(made)}))", 2)
+                        continue
+                    parts = ", ".join(f"{m.name}(mesh)" if m is not None else "nn.Module()" for m in made)
+                    w(f"{sub} = nn.ModuleList([{parts}])", 2)
+                    for k, m in zip(child.children, made):
+                        if m is None:
+                            walk(child.children[k], f"{name}.{k}.", f"{sub}[{k}]")
+                    continue
+                if node.kind == "attr" or child.kind != "attr":
+                    w(f"{sub} = {init(child)}", 2)
+                walk(child, name + ".", sub)
+        skip_class = {inst.path: c for c in self.classes for inst in c.instances}
+        walk(tree, "", "self")
+
+    def tensor(self, holder, leaf, p: Value, append: bool = False) -> None:
+        s, w, opts = self.s, self.w, self.opts
+        shape = ", ".join(str(d) for d in p.shape)
+        note = f"{shape_comment(s, p)} {sharding.format_layout(s.mesh, s.layouts[p.name])}"
+        dtype = "" if p.dtype == torch.float32 else f", dtype={p.dtype}"
+        if p.kind == "buffer":
+            persistent = (not opts.state_keys) or p.name in opts.state_keys
+            extra = "" if persistent else ", persistent=False"
+            w(comment_pad(f"{holder}.register_buffer({leaf!r}, torch.empty({shape}{dtype}){extra})", note), 2)
+            return
+        grad = "" if p.requires_grad else ", requires_grad=False"
+        new = f"nn.Parameter(torch.empty({shape}{dtype}){grad})"
+        if append:
+            pc = s.graph.pieces[p.name]
+            code = f"{holder}.append({new})"
+            note += f" piece {pc.index + 1}/{pc.count} of the fused weight"
+        else:
+            code = (f"{holder}.{leaf} = {new}" if leaf.isidentifier() and not keyword.iskeyword(leaf)
+                    else f"{holder}.register_parameter({leaf!r}, {new})")
+        w(comment_pad(code, note + ("" if p.requires_grad else " frozen")), 2)
+
+    def block_class(self, c: BlockClass) -> None:
+        s, w = self.s, self.w
+        t = c.template
+        prefix = t.path + "."
+        nodes = [s.nodes[i] for i in t.core]
+        tree = ModuleTree()
+        mine = [p for p in s.params if p.name.startswith(prefix)]
+        for p in mine:
+            tree.add(p.name[len(prefix):])
+        w(f"class {c.name}(nn.Module):")
+        w(f'"""One of {c.kind}.*: this rank\'s shards of a block\'s parameters and its forward."""', 1)
+        w()
+        w("def __init__(self, mesh):", 1)
+        w("super().__init__()", 2)
+        w("self.mesh = mesh", 2)
+        self.params(tree, prefix, set())
+        w()
+        scope = Scope(nodes, t.outs)
+        for k, v in enumerate(t.ext):
+            scope.fix(v, self.ext_name(c, k))
+        name_nodes(scope, nodes, prefix, t.outs)
+        args = ", ".join(scope.names[v] for v in t.ext)
+        w(f"def forward(self, {args}):", 1)
+        w("mesh = self.mesh", 2)
+        for v in t.ext:
+            w(f"# {scope.names[v]}: {shape_comment(s, v)}", 2)
+        lines, self.known_sizes = self.sizes.block_lines(t.ext, scope.names, self.sizes.used(nodes))
+        for line in lines:
+            w(line, 2)
+        regions = core_regions(s, t.core)
+        self.body(nodes, scope.names, 2, lambda v: self.param_ref(v, tree, prefix), regions,
+                  block_comments=False, outputs=t.outs, copies=len(c.instances))
+        w(f"return {', '.join(scope.names[v] for v in t.outs)}", 2)
+        self.known_sizes = None
+        w()
+        w()
+
+    def ext_name(self, c: BlockClass, k: int) -> str:
+        """The block forward's k-th argument: `x` for what one block hands the next."""
+        carried = self.carried(self.run_from(c, c.template))
+        if carried is not None and k in carried:
+            return "x" if len(carried) == 1 else f"x{sorted(carried).index(k)}"
+        v = c.template.ext[k]
+        if v.kind in ("param", "buffer"):
+            return identifier(param_var(v.name))
+        return identifier(self.top_names.get(v, v.name))
+
+    def carried(self, insts: list[Instance]) -> dict[int, int] | None:
+        """ext slot -> the out slot of the previous instance it reads, when consecutive
+        instances are chained that way (every other slot reads one value in all of them, and
+        what a block hands on is read only by the next); None when they are no loop."""
+        if len(insts) < 2:
+            return None
+        first = insts[0]
+        mapping: dict[int, int] = {}
+        for a, b in zip(insts, insts[1:]):
+            if b.entries or len(b.ext) != len(first.ext) or len(b.outs) != len(first.outs):
+                return None
+            for k, v in enumerate(b.ext):
+                if v in a.outs:
+                    o = a.outs.index(v)
+                    if mapping.setdefault(k, o) != o:
+                        return None
+                elif v is not first.ext[k] or k in mapping:
+                    return None
+        if not mapping:
+            return None
+        for a, b in zip(insts, insts[1:]):
+            nxt = set(b.core)
+            for o, v in enumerate(a.outs):
+                if o not in mapping.values() or any(u not in nxt for u in self.users.get(v, ())):
+                    return None
+        return mapping
+
+    def model_class(self, cls: str) -> None:
+        s, w = self.s, self.w
+        w(f"class {cls}(nn.Module):")
+        w(f'"""This rank\'s shards of {self.model_name}\'s parameters, under their original names."""', 1)
+        w()
+        w("def __init__(self, mesh):", 1)
+        w("super().__init__()", 2)
+        w("self.mesh = mesh", 2)
+        self.params(self.tree, "", {c.kind for c in self.classes})
+        for alias, canon in sorted(s.graph.aliases.items()):
+            w(f"{attr_path(alias, self.tree)} = {attr_path(canon, self.tree)}  # tied: one tensor, two names", 2)
+        w()
+        self.forward()
+        w()
+        w("def load_full_state_dict(self, full):", 1)
+        w('"""Copy this rank\'s block of every tensor of a single-device state dict."""', 2)
+        w("with torch.no_grad():", 2)
+        w("for name, t in [*self.named_parameters(), *self.named_buffers()]:", 3)
+        w(f"t.copy_(shard({'full_tensor(full, name)' if s.graph.pieces else 'full[name]'}, name, self.mesh))", 4)
+        w()
+        w()
+
+    def forward(self) -> None:
+        s, w = self.s, self.w
+        nodes = s.nodes
+        # the top level's units: plain nodes, or whole runs of one block class
+        in_class = {}
+        for c in self.classes:
+            for inst in c.instances:
+                for i in inst.core + inst.entries:
+                    in_class[i] = inst.path
+        names = self.top_names
+        args = ", ".join(names[v] for v in s.inputs)
+        w(f"def forward(self, {args}):", 1)
+        w('"""One training step\'s forward on this rank\'s shards; returns this rank\'s loss."""', 2)
+        w("mesh = self.mesh", 2)
+        for v in s.inputs:
+            w(f"# {names[v]}: {shape_comment(s, v)}", 2)
+        for line in self.sizes.model_lines():
+            w(line, 2)
+        self.known_sizes = {nm for nm, _ in self.sizes.of.values()}
+        emitted: set[str] = set()
+        k = 0
+        order = self.order
+        pending: list[int] = []
+
+        def flush():
+            if pending:
+                sub = [nodes[i] for i in pending]
+                self.body(sub, names, 2, lambda v: attr_path(v.name, self.tree), core_regions(s, pending),
+                          outputs=[v for v in s.outputs] + later_uses(pending))
+                pending.clear()
+
+        def later_uses(idx):
+            mine = {v for i in idx for v in nodes[i].outputs}
+            rest = [nodes[i] for i in order if i not in set(idx)]
+            return [v for v in mine if any(v in m.inputs for m in rest)]
+        while k < len(order):
+            i = order[k]
+            path = in_class.get(i)
+            if path is None:
+                pending.append(i)
+                k += 1
+                continue
+            if path in emitted:
+                k += 1
+                continue
+            flush()
+            c, inst = self.instance[path]
+            run = self.run_from(c, inst)
+            self.emit_run(c, run, names)
+            for r in run:
+                emitted.add(r.path)
+            k += 1
+        flush()
+        w(f"return {', '.join(names[v] for v in s.outputs)}", 2)
+
+    def run_from(self, c: BlockClass, first: Instance) -> list[Instance]:
+        """The consecutive instances of `c` from `first` on that can share one loop."""
+        insts = c.instances
+        start = insts.index(first)
+        run = [first]
+        for inst in insts[start + 1:]:
+            if inst.index != run[-1].index + 1 or self.carried(run + [inst]) is None:
+                break
+            run.append(inst)
+        return run
+
+    def top_ref(self, v: Value, names: dict) -> str:
+        return attr_path(v.name, self.tree) if v.kind in ("param", "buffer") else names[v]
+
+    def emit_run(self, c: BlockClass, run: list[Instance], names: dict) -> None:
+        s, w = self.s, self.w
+        first = run[0]
+        w()
+        lst = attr_path(c.kind, self.tree)
+        if first.entries:
+            w(f"# into {c.kind}.*: re-shard what the blocks read", 2)
+            for i in first.entries:
+                self.node_lines(s.nodes[i], names, 2, lambda v: attr_path(v.name, self.tree))
+        carried = self.carried(run)
+        if carried is not None:
+            last = run[-1]
+            ins = ", ".join(self.top_ref(v, names) for v in first.ext)
+            outs = ", ".join(names[v] for v in last.outs)
+            whole = len(run) == len(self.kind_instances(c.kind)) and run[0].index == 0
+            sl = "" if whole else f"[{run[0].index}:{run[-1].index + 1}]"
+            w(f"for block in {lst}{sl}:", 2)
+            w(f"{outs} = block({ins})", 3)
+            return
+        for inst in run:
+            if inst is not first:
+                for i in inst.entries:
+                    self.node_lines(s.nodes[i], names, 2, lambda v: attr_path(v.name, self.tree))
+            outs = ", ".join(names[v] for v in inst.outs)
+            w(f"{outs} = {lst}[{inst.index}]({', '.join(self.top_ref(v, names) for v in inst.ext)})", 2)
+
+    def kind_instances(self, kind: str) -> list[str]:
+        return sorted({b[1] for n in self.s.nodes if n.meta.module
+                       for b in [block_of(n.meta.module)] if b is not None and b[0] == kind},
+                      key=lambda p: int(p.rsplit(".", 1)[1]))
 
 
 def _block(module: str) -> str:
@@ -634,72 +1174,12 @@ def _block(module: str) -> str:
     return parts[0] if module else ""
 
 
-def _emit_node(w: Writer, g: Graph, n: Node, names, indent: int) -> None:
-    needs = g.needs_grad                               # type: ignore[attr-defined]
-    mesh = g.mesh                                      # type: ignore[attr-defined]
-    operand = [names[v] for v in n.inputs]
-    outs = ", ".join(names[v] for v in n.outputs)
-    if is_collective(n):
-        x = n.inputs[0]
-        src = sharding.format_layout(mesh, g.layouts[x.name])          # type: ignore[attr-defined]
-        dst = sharding.format_layout(mesh, g.layouts[n.outputs[0].name])  # type: ignore[attr-defined]
-        traffic = ", ".join(f"{k} {format_bytes(b)} {'fwd' if ph == 'forward' else 'bwd'}"
-                            for k, _, b, ph in collective_traffic(n, x.name in needs))
-        if n.op == "copy_to":
-            w(f"# {n.attr['axis']} splits this op: the gradient is a partial sum, all_reduce it in backward ({traffic})", indent)
-        else:
-            w(f"# {src} -> {dst}: {COLLECTIVE_WHY[n.op]} ({traffic or 'no data moved'})", indent)
-        code = f"{outs} = {COLLECTIVE_CALL[n.op](operand[0], n.attr)}"
-    elif n.meta.source == MEAN_SCALE:
-        w(f"# a mean over this rank's shard: divide by the {n.attr['other']} shards so that they sum up", indent)
-        code = f"{outs} = {operand[0]} / {n.attr['other']}"
-    elif n.meta.source == BIAS_SHARE:
-        w(f"# the output is a partial sum over {n.attr['other']} ranks: each adds 1/{n.attr['other']} of the bias", indent)
-        code = f"{outs} = {operand[0]} / {n.attr['other']}"
-    else:
-        code = f"{outs} = {render_op(n, operand)}"
-    comment = shape_comment(g, n.outputs[0]) if len(n.outputs) == 1 else ""
-    w(comment_pad(code, comment, 72 - 4 * indent), indent)
+class _Sub:
+    """A node list with the graph interface `region_io` reads."""
 
-
-def _emit_forward(w: Writer, g: Graph, names, regions) -> None:
-    args = ", ".join(names[v] for v in g.inputs)
-    w(f"def forward(self, {args}):", 1)
-    w('"""One training step\'s forward on this rank\'s shards; returns this rank\'s loss."""', 2)
-    w("mesh = self.mesh", 2)
-    for v in g.inputs:
-        w(f"# {names[v]}: {shape_comment(g, v)}", 2)
-    starts = {s: e for s, e in regions}
-    i, block = 0, None
-    nodes = g.nodes
-    while i < len(nodes):
-        n = nodes[i]
-        b = _block(n.meta.module)
-        if b != block and b:
-            w()
-            w(f"# {b}", 2)
-            block = b
-        if i in starts:
-            end = starts[i]
-            ins, outs = region_io(g, i, end)
-            fn = identifier(f"{module_fn(nodes[i:end])}_recomputed")
-            w(f"def {fn}({', '.join(names[v] for v in ins)}):", 2)
-            for m in nodes[i:end]:
-                mb = _block(m.meta.module)
-                if mb != block and mb:
-                    w(f"# {mb}", 3)
-                    block = mb
-                _emit_node(w, g, m, names, 3)
-            w(f"return {', '.join(names[v] for v in outs)}", 3)
-            w("# recompute the whole region in backward (its collectives run again)", 2)
-            w("with set_checkpoint_early_stop(False):", 2)
-            lhs = ", ".join(names[v] for v in outs)
-            w(f"{lhs} = checkpoint({fn}, {', '.join(names[v] for v in ins)}, use_reentrant=False)", 3)
-            i = end
-            continue
-        _emit_node(w, g, n, names, 2)
-        i += 1
-    w(f"return {', '.join(names[v] for v in g.outputs)}", 2)
+    def __init__(self, nodes, outputs=()):
+        self.nodes = nodes
+        self.outputs = list(outputs)
 
 
 def module_fn(nodes: list[Node]) -> str:
@@ -714,6 +1194,58 @@ def module_fn(nodes: list[Node]) -> str:
             k += 1
         common = common[:k]
     return module_var(".".join(common)) if common else module_var(_block(mods[0])) + "_to_" + module_var(_block(mods[-1]))
+
+
+def emit_program(s: ShardedGraph, backend: Backend, model_name: str, opts: EmitOptions = EmitOptions(),
+                 file_name: str = "program.py") -> str:
+    """The whole generated program for sharded graph `s`."""
+    e = Emitter(s, backend, model_name, opts, file_name)
+    cls = identifier(opts.class_name)
+    e.header()
+    e.tables()
+    e.top_names = top_names(e)
+    for c in e.classes:
+        e.block_class(c)
+    e.model_class(cls)
+    if s.zero.params:
+        _emit_zero(e.w, s.zero)
+    _emit_main(e.w, s, e.backend, cls, opts, e.top_names)
+    if e.regions_written != len(s.regions):        # a block class or reordering lost one
+        raise AssertionError(f"the program checkpoints {e.regions_written} regions, the plan has "
+                             f"{len(s.regions)}")
+    return e.w.text()
+
+
+def top_names(e: Emitter) -> dict:
+    """Names of the top level's values. A loop's variable keeps one name through the loop:
+    what the first block reads and what every block hands the next are named alike."""
+    s = e.s
+    nodes = [s.nodes[i] for i in e.order]
+
+    def run_names(fixed: dict) -> Scope:
+        scope = Scope(nodes, s.outputs)
+        for v in s.inputs:
+            scope.fix(v, identifier(v.name))
+        for v, nm in fixed.items():
+            scope.fix(v, nm)
+        name_nodes(scope, nodes, "", s.outputs)
+        return scope
+    first = run_names({})
+    fixed: dict = {}
+    for c in e.classes:
+        seen = set()
+        for inst in c.instances:
+            if inst.path in seen:
+                continue
+            run = e.run_from(c, inst)
+            seen.update(r.path for r in run)
+            carried = e.carried(run)
+            for k, o in (carried or {}).items():
+                nm = first.names.get(run[0].ext[k], "x")
+                fixed[run[0].ext[k]] = nm
+                for r in run:
+                    fixed[r.outs[o]] = nm
+    return run_names(fixed).names if fixed else first.names
 
 
 def _emit_zero(w: Writer, zero) -> None:
@@ -753,11 +1285,10 @@ def _emit_zero(w: Writer, zero) -> None:
     w()
 
 
-def _emit_main(w: Writer, g: Graph, backend: Backend, cls: str, opts: EmitOptions, names) -> None:
-    mesh = g.mesh                                      # type: ignore[attr-defined]
-    zero = g.zero                                      # type: ignore[attr-defined]
-    loss = g.outputs[0]
-    partial = [a for a, p in zip(mesh, g.layouts[loss.name]) if p == "P"]   # type: ignore[attr-defined]
+def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: EmitOptions, names) -> None:
+    mesh, zero = s.mesh, s.zero
+    loss = s.outputs[0]
+    partial = [a for a, p in zip(mesh, s.layouts[loss.name]) if p == "P"]
     w("def main():")
     w("parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])", 1)
     w(f'parser.add_argument("--init", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), {opts.init_file!r}),', 1)
@@ -776,8 +1307,8 @@ def _emit_main(w: Writer, g: Graph, backend: Backend, cls: str, opts: EmitOption
     w(f"model = {cls}(mesh)", 1)
     w("model.load_full_state_dict(init[\"model\"])", 1)
     w("model.to(mesh.device)", 1)
-    inputs = ", ".join(names[v] for v in g.inputs)
-    w(f"{inputs}{',' if len(g.inputs) == 1 else ''} = [shard(t, LAYOUTS[name], mesh).to(mesh.device)", 1)
+    inputs = ", ".join(names[v] for v in s.inputs)
+    w(f"{inputs}{',' if len(s.inputs) == 1 else ''} = [shard(t, name, mesh).to(mesh.device)", 1)
     w(f"{' ' * (len(inputs) + 4)}for name, t in zip(INPUTS, init[\"inputs\"])]", 1)
     w()
     if zero.params:
@@ -837,5 +1368,5 @@ def _emit_main(w: Writer, g: Graph, backend: Backend, cls: str, opts: EmitOption
     w("main()", 1)
 
 
-__all__ = ["Backend", "BACKENDS", "backend_named", "EmitOptions", "emit_program", "render_op", "value_names", "module_var",
-           "shape_comment"]
+__all__ = ["Backend", "BACKENDS", "backend_named", "EmitOptions", "emit_program", "module_var",
+           "shape_comment", "find_blocks"]

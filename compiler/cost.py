@@ -56,7 +56,6 @@ collectives into them (phase "recompute", run during the backward).
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from functools import lru_cache
 from math import prod
@@ -67,6 +66,7 @@ from autopar.compiler.cluster import Cluster, DeviceProfile, format_bytes, forma
 from autopar.compiler.dims import DimAnno
 from autopar.compiler.ir import Graph, Node, Value, print_graph
 from autopar.compiler.ops import REGISTRY, node_anno, node_flops
+from autopar.compiler.patterns import recompute_runs
 from autopar.compiler.sharding import Collective, Strategy
 
 MATMUL_OPS = {"linear", "matmul", "mm", "bmm"}
@@ -88,26 +88,25 @@ def collective_time(kind: str, n: int, nbytes: float, link) -> float:
 
 
 @lru_cache(maxsize=200_000)
+def _steps_cached(src, dst, shape, itemsize, mesh_items, splits, needs_grad):
+    return tuple(sharding.reshard_steps(src, dst, shape, itemsize, dict(mesh_items), splits, needs_grad))
+
+
+@lru_cache(maxsize=200_000)
 def _reshard_cached(src, dst, shape, itemsize, mesh_items, splits, needs_grad):
     return tuple(sharding.reshard(src, dst, shape, itemsize, dict(mesh_items), splits, needs_grad))
 
 
 # ---- recompute regions ------------------------------------------------------------------
 
-def recompute_regions(graph: Graph, patterns: Iterable[str]) -> dict[str, str]:
-    """Node key -> region id. A pattern is a module path whose segments may be `*` (one
-    segment, fnmatch inside a segment); every module instance it matches is one region:
-    `transformer.h.*` makes `transformer.h.0`, `transformer.h.1`, ... regions."""
-    pats = [p.split(".") for p in patterns if p]
+def recompute_regions(graph: Graph, modules: Iterable[str]) -> dict[str, str]:
+    """Node key -> recompute region id (`module#run`): the runs of
+    `patterns.recompute_runs`, the same runs plan application checkpoints. `modules` are
+    module paths (patterns are resolved to paths with `patterns.resolve_modules` first)."""
     out: dict[str, str] = {}
-    if not pats:
-        return out
-    for n in graph.nodes:
-        segs = n.meta.module.split(".") if n.meta.module else []
-        for pat in pats:
-            if len(segs) >= len(pat) and all(fnmatch.fnmatchcase(s, p) for s, p in zip(segs, pat)):
-                out[sharding.producer_key(n)] = ".".join(segs[:len(pat)])
-                break
+    for k, (path, start, end) in enumerate(recompute_runs(graph.nodes, list(modules))):
+        for n in graph.nodes[start:end]:
+            out[sharding.producer_key(n)] = f"{path}#{k}"
     return out
 
 
@@ -428,7 +427,7 @@ class CostModel:
         """`edge_collectives` from the layouts (what the edge's cost depends on)."""
         cols = _reshard_cached(src, dst, e.value.shape, self.itemsize(e.value), self.mesh_items,
                                splits, e.value.name in self.needs_grad)
-        if cols and self.members[e.dst].key in self.regions:
+        if cols and self.recomputed_edge(e):
             cols = cols + tuple(Collective(c.kind, c.axis, c.bytes, "recompute", c.dim, c.dim2)
                                 for c in cols if c.phase == "forward")
         return cols
@@ -449,9 +448,21 @@ class CostModel:
     def layout_edge_memory(self, e: Edge, dst, cols) -> float:
         if not any(c.phase == "forward" for c in cols):
             return 0.0
-        if not self.has_backward(e.dst) or self.members[e.dst].key in self.regions:
+        if not self.has_backward(e.dst) or self.recomputed_edge(e):
             return 0.0
         return float(self.local_bytes(e.value, dst))
+
+    def recomputed_edge(self, e: Edge) -> bool:
+        """The edge's reshard runs inside a recompute region (so again in backward), as plan
+        application places it."""
+        return self.regions.get(self.members[e.dst].key) is not None and self.reshard_inside(e)
+
+    def reshard_inside(self, e: Edge) -> bool:
+        """An edge into a recompute region is resharded inside it when its value is a
+        parameter (gathered again when recomputed) or made in the same region."""
+        src = self.members[e.src]
+        return src.kind in ("param", "buffer") or (
+            self.regions.get(src.key) == self.regions.get(self.members[e.dst].key))
 
     # ---- whole plans -----------------------------------------------------------------------
 
@@ -459,9 +470,61 @@ class CostModel:
         rep = tuple(None for _ in self.mesh)
         return [tuple(strategies.get(m.key, rep)) for m in self.members]
 
+    def value_chains(self, mi: int, j: int, strat: list[Strategy], zero: int, rs_params: set[int]):
+        """The distinct program steps that reshard output `j` of member `mi` for all its
+        consumers under `strat` (collective CSE, as plan application shares them): a list of
+        (Step, region id, first consumer, needs_grad) -- one entry per step shared by every
+        consumer whose chain starts with it -- and the saved operand copies (consumer, bytes),
+        one per distinct resharded result a consumer with a backward keeps."""
+        lay = self.out_layouts(mi, strat[mi])[j]
+        steps, saved, seen, kept = [], [], set(), set()
+        dp = self.dp_axis
+        for e in self.out_edges[mi]:
+            if e.out != j:
+                continue
+            sc = strat[e.dst]
+            splits = frozenset(i for i, lab in enumerate(sc) if lab is not None)
+            dst = self.in_layout(e.dst, sc, e.arg)
+            grad = e.value.name in self.needs_grad
+            # a value made outside the consumer's recompute region is resharded outside it
+            region = self.regions.get(self.members[e.dst].key)
+            if region is not None and not self.reshard_inside(e):
+                region = None
+            chain = _steps_cached(lay, dst, e.value.shape, self.itemsize(e.value), self.mesh_items,
+                                  splits, grad)
+            if mi in rs_params:      # ZeRO-2: the dp gradient all_reduce becomes one reduce_scatter
+                chain = tuple(st for st in chain if not (st.op == "copy_to" and st.axis == dp))
+            prefix: tuple = (region,)
+            for st in chain:
+                prefix = prefix + ((st.axis, st.op, st.attrs),)
+                if prefix not in seen:
+                    seen.add(prefix)
+                    steps.append((st, region, e.dst, grad))
+            fwd = any(c.phase == "forward" for st in chain for c in st.collectives(grad))
+            if fwd and region is None and self.has_backward(e.dst) and prefix not in kept:
+                kept.add(prefix)
+                saved.append((e.dst, float(self.local_bytes(e.value, dst))))
+        return steps, saved
+
+    def rs_params(self, strat: list[Strategy], zero: int) -> set[int]:
+        """ZeRO-2/3: trainable params kept R on dp whose every use splits dp (each use's
+        gradient is a partial sum there): one reduce_scatter replaces their all_reduces."""
+        d = self.dp_index()
+        out = set()
+        if zero < 2 or d is None:
+            return out
+        for m in self.members:
+            if not self.zero_applies(m.index, strat[m.index], zero) or not self.out_edges[m.index]:
+                continue
+            if all(strat[e.dst][d] is not None and self.in_layout(e.dst, strat[e.dst], e.arg)[d] == "R"
+                   for e in self.out_edges[m.index]):
+                out.add(m.index)
+        return out
+
     def evaluate(self, strategies: dict[str, Strategy], zero: int = 0) -> CostReport:
         """The step time, bytes per collective and memory of a plan (missing keys are
-        all-replicated)."""
+        all-replicated). Collectives are counted as the program runs them: a step shared by
+        several consumers of a value once (collective CSE)."""
         strat = self.full_strategies(strategies)
         nodes: dict[str, NodeCost] = {}
         comp = {"forward": 0.0, "backward": 0.0, "recompute": 0.0}
@@ -480,11 +543,11 @@ class CostModel:
             comm_axis[c.axis] += t
             return t
 
-        replaced: set[int] = set()
         for m in self.members:
             s = strat[m.index]
             c = self.compute(m.index, s)
-            nc = NodeCost(c.fwd_time, c.bwd_time, c.recompute_time, c.flops, c.bwd_flops, c.bytes, [])
+            nodes[m.key] = NodeCost(c.fwd_time, c.bwd_time, c.recompute_time, c.flops, c.bwd_flops,
+                                    c.bytes, [])
             comp["forward"] += c.fwd_time
             comp["backward"] += c.bwd_time
             comp["recompute"] += c.recompute_time
@@ -494,20 +557,24 @@ class CostModel:
             mem["params"] += p
             mem["grads"] += g
             mem["optimizer"] += o
-            for e in self.in_edges[m.index]:
-                cols = self.edge_collectives(e, strat[e.src], s)
-                for col in cols:
-                    if zero >= 2 and self.is_param_grad_reduce(e, col) and \
-                            self.zero_applies(e.src, strat[e.src], zero):
-                        replaced.add(e.src)
-                        continue
-                    nc.collectives.append((col, count(col)))
-                mem["activations"] += self.edge_memory(e, s, cols)
-            nodes[m.key] = nc
+        rs = self.rs_params(strat, zero)
+        for m in self.members:
+            for j in range(len(m.outputs)):
+                steps, saved = self.value_chains(m.index, j, strat, zero, rs)
+                for st, region, consumer, grad in steps:
+                    cols = st.collectives(grad)
+                    if region is not None:
+                        cols += [Collective(c.kind, c.axis, c.bytes, "recompute", c.dim, c.dim2)
+                                 for c in cols if c.phase == "forward"]
+                    target = nodes[self.members[consumer].key]
+                    for col in cols:
+                        target.collectives.append((col, count(col)))
+                for _, b in saved:
+                    mem["activations"] += b
         for m in self.members:
             s = strat[m.index]
             cols = []
-            if m.index in replaced:
+            if m.index in rs:
                 cols.append(self.grad_reduce_scatter(m.index, s))
             g = self.optimizer_gather(m.index, s, zero)
             if g is not None:

@@ -31,6 +31,25 @@ def dtype_short(dtype: torch.dtype) -> str:
     return DTYPE_SHORT.get(dtype, str(dtype).replace("torch.", ""))
 
 
+class SymInt(int):
+    """A size that came from the batch: its value in the example (an int everywhere the
+    compiler computes with it) and its expression over the inputs' symbolic dims (`s0*s1`,
+    from tracing with symbolic sizes), so the generated program can read it from the input
+    (`B * T`) instead of hard-coding the example's."""
+
+    def __new__(cls, value: int, expr: str):
+        obj = super().__new__(cls, value)
+        obj.expr = expr
+        return obj
+
+    def __reduce__(self):
+        return (SymInt, (int(self), self.expr))
+
+    def scaled(self, divisor: int) -> "SymInt":
+        """This size split `divisor` ways (a rank's share of a sharded dim)."""
+        return SymInt(int(self) // divisor, f"({self.expr})/{divisor}") if divisor != 1 else self
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Value:
     """A tensor in the graph. `kind` is input | param | buffer | act.
@@ -68,9 +87,12 @@ class Value:
 @dataclass(frozen=True, slots=True)
 class NodeMeta:
     """Where a node came from: the module path (e.g. `transformer.h.3.mlp.c_fc`, '' for
-    the root) and the front-end node it was lowered from."""
+    the root), the front-end node it was lowered from, and the line of the user's code that
+    made it (`q, k, v = self.c_attn(x).split(self.n_embd, dim=2)`; the generated program
+    names values after it)."""
     module: str = ""
     source: str = ""
+    line: str = ""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -128,6 +150,8 @@ class Graph:
     pieces: dict[str, "Piece"] = field(default_factory=dict)
     # tensors torch.export lifted out of forward (buffers without a module), by name
     constants: dict[str, Any] = field(default_factory=dict)
+    # input name -> its dims as symbols (`s0`) where tracing kept them symbolic, else ints
+    input_sizes: dict[str, tuple] = field(default_factory=dict)
 
     def values(self) -> Iterator[Value]:
         yield from self.inputs
@@ -156,7 +180,7 @@ class Graph:
     def copy(self, **changes) -> "Graph":
         g = Graph(self.name, list(self.inputs), list(self.params), list(self.nodes),
                   list(self.outputs), dict(self.aliases), list(self.notes), dict(self.pieces),
-                  self.constants)
+                  self.constants, dict(self.input_sizes))
         for extra in ("pass_counts", "trace_seconds"):
             if hasattr(self, extra):
                 setattr(g, extra, getattr(self, extra))
@@ -171,6 +195,8 @@ class Graph:
 # ---- printer -------------------------------------------------------------------------
 
 def format_attr(v: Any) -> str:
+    if isinstance(v, SymInt):
+        return str(int(v))
     if isinstance(v, float):
         return repr(v)
     if isinstance(v, (list, tuple)):

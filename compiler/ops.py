@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import dims
+from . import collectives, dims
 from .dims import DimAnno
 
 aten = torch.ops.aten
@@ -460,6 +460,13 @@ register(aten.ones.default, a_creation)
 register(aten.zeros.default, a_creation)
 register(aten.full.default, a_creation)
 register(aten.index.Tensor, a_index_tensor)
+
+# The program steps of the collective table: one tensor operand, then `axis` and the step's
+# own attributes; plan application inserts them (no reference implementation: they only run
+# in a launched rank, through the runtime).
+for _op in collectives.OPS.values():
+    REGISTRY[_op.name] = OpDef(_op.name, None, (ArgSpec("x", "tensor"), ArgSpec("axis", "other"))
+                               + tuple(ArgSpec(a, "other") for a in _op.attrs))
 
 # Ops that never change values: pruning removes them (`same-dtype to` is checked there).
 NOOPS = {"alias", "detach", "lift_fresh_copy", "clone", "contiguous", "_assert_tensor_metadata"}

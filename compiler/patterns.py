@@ -198,3 +198,92 @@ def model_index(graph: Graph) -> ModelIndex:
     index = ModelIndex(graph)
     _indexes[key] = (graph, index)
     return index
+
+
+# ---- module paths, repeated blocks and recompute regions ---------------------------------------------------
+
+def under(module: str, path: str) -> bool:
+    """`module` is `path` or lies inside it (`transformer.h.0.attn` is under `transformer.h.0`)."""
+    return bool(path) and (module == path or module.startswith(path + "."))
+
+
+def module_paths(graph: Graph) -> list[str]:
+    """Every module path the nodes were traced in, with its ancestors, in graph order."""
+    seen: dict[str, None] = {}
+    for n in graph.nodes:
+        parts = n.meta.module.split(".") if n.meta.module else []
+        for i in range(1, len(parts) + 1):
+            seen.setdefault(".".join(parts[:i]), None)
+    return list(seen)
+
+
+def resolve_modules(graph: Graph, patterns) -> list[str]:
+    """The module instances a list of patterns selects (`transformer.h.*` -> every block),
+    outermost only (a module inside another selected one is part of it), in graph order.
+    A pattern that selects nothing is an error naming the closest module path."""
+    paths = module_paths(graph)
+    chosen: dict[str, None] = {}
+    for pat in patterns:
+        rx = compile_pattern(pat)
+        hits = [p for p in paths if rx.match(p)]
+        if not hits:
+            near = closest(pat, paths)
+            raise PatternError(f"recompute pattern '{pat}' matches no module of {graph.name}"
+                               + (f"; did you mean '{near[0]}'?" if near else ""))
+        chosen.update(dict.fromkeys(hits))
+    outer = [p for p in chosen if not any(under(p, q) and p != q for q in chosen)]
+    order = {p: i for i, p in enumerate(paths)}
+    return sorted(outer, key=order.__getitem__)
+
+
+def fold_modules(paths, graph: Graph) -> list[str]:
+    """Module paths as few patterns for printing: block indices folded to `*` where every
+    instance is in the list (`transformer.h.0`, `transformer.h.1` -> `transformer.h.*`)."""
+    chosen = list(paths)
+    every = module_paths(graph)
+    out: list[str] = []
+    for m in chosen:
+        pat = generalize(m)
+        if pat in out or m in out:
+            continue
+        rx = compile_pattern(pat)
+        if pat != m and {p for p in every if rx.match(p)} <= set(chosen):
+            out.append(pat)
+        else:
+            out.append(m)
+    return out
+
+
+def region_of(module: str, paths) -> str | None:
+    """The recompute module (one of `paths`) that a node of `module` belongs to."""
+    for p in paths:
+        if under(module, p):
+            return p
+    return None
+
+
+def recompute_runs(nodes, paths) -> list[tuple[str, int, int]]:
+    """Recompute regions of a node list: maximal runs [start, end) of consecutive nodes in
+    one module of `paths` (a module whose nodes are not consecutive makes several runs).
+    The cost model prices exactly these runs and the program checkpoints exactly these."""
+    out: list[tuple[str, int, int]] = []
+    cur, start = None, 0
+    for i, n in enumerate([*nodes, None]):
+        r = region_of(n.meta.module, paths) if n is not None else None
+        if r != cur:
+            if cur is not None:
+                out.append((cur, start, i))
+            cur, start = r, i
+    return out
+
+
+BLOCK_RE = re.compile(r"^((?:[^.]+\.)*?[^.]+)\.(\d+)(?:\.|$)")
+
+
+def block_of(path: str) -> tuple[str, str] | None:
+    """The repeated block a module path lies in: `transformer.h.3.attn.c_attn` ->
+    ("transformer.h", "transformer.h.3") -- a module list's name and the instance."""
+    m = BLOCK_RE.match(path)
+    if not m:
+        return None
+    return m.group(1), f"{m.group(1)}.{m.group(2)}"

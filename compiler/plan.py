@@ -27,7 +27,7 @@ class Plan:
     layouts: dict[str, list[str]] = field(default_factory=dict)
     zero: int = 0                               # ZeRO stage over `dp_axis`
     dp_axis: str | None = None
-    recompute: list[str] = field(default_factory=list)   # module-path patterns
+    recompute: list[str] = field(default_factory=list)   # recomputed modules (paths, resolved)
     optimizer: str = "adamw"
     cost: dict[str, Any] = field(default_factory=dict)   # breakdown (seconds, bytes)
     solver: dict[str, Any] = field(default_factory=dict) # statistics

@@ -12,15 +12,12 @@ that axis splits.
     ('R', 'P')
 
 Resharding a value from the layout its producer gives to the layout a consumer needs is a
-list of collectives, one per axis that differs. Their backward is fixed by the same
-algebra (Megatron's conjugate pairs): all_gather <-> reduce_scatter / slice, all_reduce
-<-> identity, slice <-> all_gather, all_to_all <-> all_to_all. An operand consumed as `R`
-on an axis that the consumer splits gets a partial-sum gradient there: an all_reduce in
-backward (data-parallel gradient reduction is this rule applied to parameters).
-
-Byte convention (the runtime counts the same): S = bytes of the tensor unsharded along
-the collective's axis (sharded as the layout says along the others); all_reduce,
-all_gather and reduce_scatter move S, all_to_all moves S/n.
+list of program steps, one or two per axis that differs, in mesh order; which step, its
+backward and its bytes come from the collective table (`compiler/collectives.py`). An
+operand consumed as `R` on an axis that the consumer splits gets a partial-sum gradient
+there: an all_reduce in backward (data-parallel gradient reduction is this rule applied to
+parameters). Bytes are S, the tensor unsharded along the step's axis and sharded as the
+layout reached so far says along the others (all_to_all: this rank's S/n).
 """
 from __future__ import annotations
 
@@ -29,6 +26,7 @@ from dataclasses import dataclass
 from math import prod
 from typing import Iterable, Sequence
 
+from autopar.compiler import collectives
 from autopar.compiler.dims import DimAnno
 from autopar.compiler.errors import InputError
 
@@ -66,8 +64,7 @@ def shard(d: int) -> str:
     return f"S({d})"
 
 
-def shard_dim(p: str) -> int | None:
-    return int(p[2:-1]) if p.startswith("S(") else None
+shard_dim = collectives.shard_dim
 
 
 def replicated_layout(mesh: dict[str, int]) -> Layout:
@@ -146,10 +143,10 @@ def local_shape(shape: Sequence[int], layout: Layout, mesh: dict[str, int]) -> t
 @dataclass(frozen=True)
 class Collective:
     """One collective on one axis. `bytes` per the module's convention."""
-    kind: str            # all_reduce | all_gather | reduce_scatter | all_to_all | slice
+    kind: str            # all_reduce | all_gather | reduce_scatter | all_to_all
     axis: str
     bytes: int
-    phase: str           # forward | backward
+    phase: str           # forward | backward (| recompute | optimizer, from the cost model)
     dim: int | None = None
     dim2: int | None = None
 
@@ -157,53 +154,61 @@ class Collective:
         return f"{self.kind}({self.axis}) {self.bytes}B {self.phase}"
 
 
+@dataclass(frozen=True)
+class Step:
+    """One program step of a reshard (collectives.OPS): on `axis`, from layout `before` to
+    `after`; `x_bytes` / `y_bytes` are its input / output bytes on one rank."""
+    axis: str
+    op: str
+    attrs: tuple
+    before: Layout
+    after: Layout
+    x_bytes: int
+    y_bytes: int
+
+    def collectives(self, needs_grad: bool) -> list[Collective]:
+        at = dict(self.attrs)
+        dims = [v for k, v in self.attrs if k != "partial_grad"]
+        return [Collective(kind, self.axis, b, phase, *dims[:2])
+                for kind, phase, b in collectives.traffic(self.op, at, self.x_bytes, self.y_bytes,
+                                                          needs_grad)]
+
+
+def reshard_steps(src: Layout, dst: Layout, shape: Sequence[int], itemsize: int,
+                  mesh: dict[str, int], consumer_splits: frozenset[int] = frozenset(),
+                  needs_grad: bool = True) -> list[Step]:
+    """The program steps turning `src` into `dst`, one axis at a time in mesh order
+    (collectives.transition), each with the bytes of its input and output on the layout
+    reached so far. `consumer_splits` are the axes the consuming op divides its work over."""
+    cur = list(src)
+    out: list[Step] = []
+    for i, (a, n) in enumerate(mesh.items()):
+        s, d = cur[i], dst[i]
+        if n == 1 or s == d and not (d == "R" and i in consumer_splits and needs_grad):
+            cur[i] = d
+            continue
+        try:
+            ops = collectives.transition(s, d, i in consumer_splits, needs_grad)
+        except collectives.ReshardError as e:
+            raise ValueError(f"{e} on axis {a}") from None
+        for op, attrs in ops:
+            before = tuple(cur)
+            x_bytes = prod(local_shape(shape, before, mesh)) * itemsize
+            cur[i] = "R" if op == "all_reduce" else d
+            after = tuple(cur)
+            out.append(Step(a, op, attrs, before, after, x_bytes,
+                            prod(local_shape(shape, after, mesh)) * itemsize))
+        cur[i] = d
+    return out
+
+
 def reshard(src: Layout, dst: Layout, shape: Sequence[int], itemsize: int,
             mesh: dict[str, int], consumer_splits: frozenset[int] = frozenset(),
             needs_grad: bool = True) -> list[Collective]:
-    """Collectives turning `src` into `dst` (forward) and the gradient back (backward).
-
-    Axes are converted one at a time in mesh order; the bytes of each step are measured
-    on the layout reached so far. `consumer_splits` are the axes the consuming op
-    divides its work over: an `R` operand there gets a partial gradient."""
-    axes = list(mesh)
-    cur = list(src)
-    out: list[Collective] = []
-    for i, (a, n) in enumerate(mesh.items()):
-        s, d = cur[i], dst[i]
-        if n == 1:
-            cur[i] = d
-            continue
-        full = prod(local_shape(shape, tuple(cur[:i] + ["R"] + cur[i + 1:]), mesh)) * itemsize
-        sd, dd = shard_dim(s), shard_dim(d)
-        split_here = i in consumer_splits
-        if s == d:
-            if d == "R" and split_here and needs_grad:
-                out.append(Collective("all_reduce", a, full, "backward"))
-        elif s == "R" and dd is not None:
-            if needs_grad:
-                out.append(Collective("all_gather", a, full, "backward", dd))
-        elif sd is not None and d == "R":
-            out.append(Collective("all_gather", a, full, "forward", sd))
-            if needs_grad and split_here:
-                out.append(Collective("reduce_scatter", a, full, "backward", sd))
-        elif sd is not None and dd is not None:
-            out.append(Collective("all_to_all", a, full // n, "forward", sd, dd))
-            if needs_grad:
-                out.append(Collective("all_to_all", a, full // n, "backward", dd, sd))
-        elif s == "P" and d == "R":
-            out.append(Collective("all_reduce", a, full, "forward"))
-            if needs_grad and split_here:
-                out.append(Collective("all_reduce", a, full, "backward"))
-        elif s == "P" and dd is not None:
-            out.append(Collective("reduce_scatter", a, full, "forward", dd))
-            if needs_grad:
-                out.append(Collective("all_gather", a, full, "backward", dd))
-        elif d == "P":
-            raise ValueError("no consumer takes a partial-sum operand")
-        else:
-            raise ValueError(f"cannot reshard {s} -> {d} on axis {a}")
-        cur[i] = d
-    return out
+    """Collectives turning `src` into `dst` (forward) and the gradient back (backward):
+    what `reshard_steps` records, step by step."""
+    return [c for step in reshard_steps(src, dst, shape, itemsize, mesh, consumer_splits, needs_grad)
+            for c in step.collectives(needs_grad)]
 
 
 def collective_bytes(cols: Iterable[Collective]) -> dict[tuple[str, str], int]:

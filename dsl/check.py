@@ -36,10 +36,9 @@ PLACEMENT_SYNONYMS = {"replicate": "R", "replicated": "R", "Replicate": "R", "r"
 class PlanSpec:
     """A plan file resolved against a model. `pins` hold one `Pin` per constrained value
     (placements in mesh order, None = the search decides); `recompute_modules` are the
-    modules the recompute statements select and `recompute` the same set as patterns
-    (`transformer.h.*` where every block is selected, exact paths otherwise) -- patterns
-    with `*` in whole path segments only, so `cost.recompute_regions` and
-    `apply.recompute_regions` read them alike."""
+    modules the recompute statements select (what the search, the cost model and plan
+    application read) and `recompute` the same set folded into patterns for printing
+    (`transformer.h.*` where every block is selected, exact paths otherwise)."""
     mesh: dict[str, int]
     device: str | None = None
     memory_limit: float | None = None          # bytes per device

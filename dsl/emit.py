@@ -23,7 +23,7 @@ from typing import Callable
 from autopar.compiler.ir import Graph
 from autopar.compiler.plan import Plan
 from autopar.compiler.sharding import format_mesh
-from autopar.compiler.patterns import generalize, is_pattern, model_index
+from autopar.compiler.patterns import fold_modules, generalize, is_pattern, model_index
 
 PinLayout = tuple   # per axis "R" | "S(d)" | None
 
@@ -56,7 +56,7 @@ def write_plan(plan: Plan, graph: Graph, activations: str = "modules") -> str:
     if isinstance(plan.solver, dict) and plan.solver.get("minimize") == "memory":
         lines.append("minimize memory")         # time is the default
     if plan.recompute:
-        lines.append("recompute " + ", ".join(f'"{p}"' for p in plan.recompute))
+        lines.append("recompute " + ", ".join(f'"{p}"' for p in fold_modules(plan.recompute, graph)))
 
     def section(title: str, kind: str, items: dict[str, PinLayout], universe: list[str],
                 select: Callable[[str], list[str]], layout_of: Callable[[str], PinLayout | None]):

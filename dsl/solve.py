@@ -36,7 +36,7 @@ def search_with(spec: PlanSpec, graph: Graph, device: str | DeviceProfile | None
     """
     from autopar.passes.shard import search
     kw = dict(memory_limit=spec.memory_limit if spec.memory_limit is not None else memory,
-              zero=spec.zero, pins=list(spec.pins), recompute=list(spec.recompute),
+              zero=spec.zero, pins=list(spec.pins), recompute=list(spec.recompute_modules),
               dp_axis=spec.dp_axis, objective=spec.objective)
     for key, value in search_kw.items():
         if key in ("pins", "recompute"):

@@ -8,6 +8,7 @@ paths from `nn_module_stack` (export) or the calling module (fx).
 from __future__ import annotations
 
 import operator
+import os
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autopar.compiler.errors import UserError
-from autopar.compiler.ir import Graph, Node, NodeMeta, Value
+from autopar.compiler.ir import Graph, Node, NodeMeta, SymInt, Value
 from autopar.compiler.ops import OpDef, opdef_for_target, warn_opaque
 
 aten = torch.ops.aten
@@ -26,10 +27,21 @@ class LoweringError(UserError):
     """A traced op autopar cannot represent; the message names the op, module and fix."""
 
 
+def size_of(s) -> int:
+    """A traced size as an int: a symbolic size (tracing with symbolic sizes) becomes a
+    `SymInt`, its example value carrying its expression."""
+    if isinstance(s, torch.SymInt):
+        hint = s.node.hint
+        if hint is None:
+            raise LoweringError(f"dynamic size {s} has no example value: trace with concrete example inputs")
+        return SymInt(int(hint), str(s.node.expr))
+    return int(s)
+
+
 def _shape_of(val) -> tuple[tuple[int, ...], torch.dtype]:
     try:
-        return tuple(int(s) for s in val.shape), val.dtype
-    except TypeError as e:   # symbolic sizes
+        return tuple(size_of(s) for s in val.shape), val.dtype
+    except TypeError as e:
         raise LoweringError(f"dynamic shape {tuple(val.shape)}: autopar plans static shapes; "
                             "trace with concrete example inputs") from e
 
@@ -58,6 +70,7 @@ class Builder:
         self.aliases: dict[str, str] = {}
         self.used_names: set[str] = set()
         self.constants: dict[str, torch.Tensor] = {}
+        self.input_sizes: dict[str, tuple] = {}
         sd_names = tensor_groups(model)
         self.canonical: dict[str, str] = {}
         for names in sd_names.values():
@@ -133,7 +146,7 @@ class Builder:
             outs.append(Value(self.fresh(fxn.name if len(vals) == 1 else f"{fxn.name}_{k}"),
                               shape, dtype))
         node = Node(d.name, tuple(inputs), tuple(attrs), tuple(outs),
-                    NodeMeta(module, fxn.name))
+                    NodeMeta(module, fxn.name, user_line(fxn)))
         warn_opaque(d, f"from {module or 'the root module'}")
         self.nodes.append(node)
         self.env[fxn] = outs if multi else outs[0]
@@ -186,7 +199,19 @@ class Builder:
 
     def graph(self, outputs: list[Value]) -> Graph:
         return Graph(self.name, self.inputs, self.params, self.nodes, outputs, self.aliases,
-                     constants=self.constants)
+                     constants=self.constants, input_sizes=self.input_sizes)
+
+
+def user_line(fxn) -> str:
+    """The innermost line of the user's code in a traced node's stack (torch's own frames
+    skipped): what the generated program names the node's outputs after."""
+    trace = getattr(fxn, "meta", {}).get("stack_trace") or ""
+    lines = trace.splitlines()
+    for i in range(len(lines) - 1, 0, -1):
+        head = lines[i - 1].strip()
+        if head.startswith("File ") and f"{os.sep}torch{os.sep}" not in head:
+            return lines[i].strip()
+    return ""
 
 
 class _Stub:
@@ -227,6 +252,8 @@ def lower_export(ep: "torch.export.ExportedProgram", model: nn.Module, name: str
             v = Value(b.fresh(fxn.name), shape, dtype, "input")
             b.inputs.append(v)
             b.env[fxn] = v
+            b.input_sizes[v.name] = tuple(str(d.node.expr) if isinstance(d, torch.SymInt) else int(d)
+                                          for d in fxn.meta["val"].shape)
         elif spec.kind == InputKind.PARAMETER:
             b.env[fxn] = b.param(spec.target, "param", shape, dtype)
         elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
@@ -237,6 +264,9 @@ def lower_export(ep: "torch.export.ExportedProgram", model: nn.Module, name: str
         if fxn.op != "call_function":
             continue
         t = fxn.target
+        if isinstance(fxn.meta.get("val"), torch.SymInt):
+            b.env[fxn] = size_of(fxn.meta["val"])     # size arithmetic: a SymInt attribute
+            continue
         if t is operator.getitem:
             src = b.env[fxn.args[0]]
             b.env[fxn] = src[fxn.args[1]]

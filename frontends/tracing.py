@@ -28,8 +28,13 @@ class TraceError(UserError):
 
 
 def trace(model: nn.Module, example_inputs: tuple, mode: str = "export",
-          name: str | None = None) -> Graph:
-    """Trace `model(*example_inputs)` and lower it to an autopar Graph."""
+          name: str | None = None, symbolic: bool = False) -> Graph:
+    """Trace `model(*example_inputs)` and lower it to an autopar Graph.
+
+    `symbolic=True` (export only) keeps the inputs' sizes symbolic where the model allows
+    (`torch.export.Dim.AUTO` on every dim), so sizes that come from the batch are recorded
+    as `SymInt` expressions and the generated program reads them from its input; where the
+    model pins a size (or the symbolic trace fails) it stays the example's, with a note."""
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
     if not isinstance(example_inputs, tuple):
@@ -38,9 +43,13 @@ def trace(model: nn.Module, example_inputs: tuple, mode: str = "export",
     t0 = time.perf_counter()
     if mode == "export":
         captured = io.StringIO()
+        ep, note = None, None
+        if symbolic:
+            ep, note = export_symbolic(model, example_inputs)
         try:
-            with quiet_torch(captured):
-                ep = torch.export.export(model, example_inputs)
+            if ep is None:
+                with quiet_torch(captured):
+                    ep = torch.export.export(model, example_inputs)
         except Exception as e:  # torch raises many kinds; the user needs the cause and line
             at = user_location(str(e) + "\n" + captured.getvalue())
             raise TraceError(f"torch.export could not trace {type(model).__name__}"
@@ -48,6 +57,8 @@ def trace(model: nn.Module, example_inputs: tuple, mode: str = "export",
                              "line without data-dependent Python control flow (or try "
                              "trace='fx' for simple modules).") from e
         graph = lower_export(ep, model, name)
+        if note:
+            graph.notes.append(note)
     elif mode == "fx":
         try:
             gm = torch.fx.symbolic_trace(model)
@@ -60,6 +71,20 @@ def trace(model: nn.Module, example_inputs: tuple, mode: str = "export",
         raise TraceError(f"unknown trace mode '{mode}': use 'export' or 'fx'")
     graph.trace_seconds = time.perf_counter() - t0   # type: ignore[attr-defined]
     return graph
+
+
+def export_symbolic(model: nn.Module, example_inputs: tuple):
+    """torch.export with every dim of every tensor input symbolic where the model allows
+    (Dim.AUTO specialises the rest); (None, note) when that trace fails."""
+    from torch.export import Dim
+    shapes = tuple({d: Dim.AUTO for d in range(t.dim())} if isinstance(t, torch.Tensor) and t.dim() else None
+                   for t in example_inputs)
+    try:
+        with quiet_torch(io.StringIO()):
+            return torch.export.export(model, example_inputs, dynamic_shapes=shapes), None
+    except Exception as e:     # the static trace below words a real failure
+        return None, (f"sizes are the example batch's: tracing with symbolic sizes failed "
+                      f"({first_line(e)})")
 
 
 @contextlib.contextmanager

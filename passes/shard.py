@@ -33,7 +33,6 @@ import functools
 import gc
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -47,6 +46,7 @@ from autopar.compiler.cost import CostModel, CostReport, Edge
 from autopar.compiler.errors import InputError, UserError
 from autopar.compiler.ir import Graph, format_attr
 from autopar.compiler.ops import REGISTRY
+from autopar.compiler.patterns import block_of, resolve_modules
 from autopar.compiler.plan import Plan
 from autopar.compiler.sharding import Collective, Pin, Strategy
 
@@ -130,17 +130,6 @@ def build_groups(cm: CostModel, merge: bool, pinned: set[int]) -> tuple[list[Gro
 
 
 # ---- classes: repeated-block linking ---------------------------------------------------------
-
-BLOCK_RE = re.compile(r"^((?:[^.]+\.)*?[^.]+)\.(\d+)(?:\.|$)")
-
-
-def block_of(path: str) -> tuple[str, str] | None:
-    """`transformer.h.3.attn.c_attn` -> ("transformer.h", "transformer.h.3")."""
-    m = BLOCK_RE.match(path)
-    if not m:
-        return None
-    return m.group(1), f"{m.group(1)}.{m.group(2)}"
-
 
 def build_classes(cm: CostModel, groups: list[Group], group_of: list[int], link: bool,
                   pinned_at: dict[int, list]) -> tuple[list[list[int]], list[int], dict]:
@@ -252,7 +241,7 @@ def edge_matrices(cm: CostModel, e: Edge, sps: Sequence[Strategy], scs: Sequence
     src_m, dst_m = cm.members[e.src], cm.members[e.dst]
     pair_memo = cm.__dict__.setdefault("_edge_pair_memo", {})   # lives and dies with `cm`
     kind = (v.shape, cm.itemsize(v), v.name in cm.needs_grad, cm.has_backward(e.dst),
-            dst_m.key in cm.regions, src_m.trainable, fold_rs,
+            cm.recomputed_edge(e), src_m.trainable, fold_rs,
             src_m.outputs[0].shape if src_m.is_source else None)
     if memo is not None:
         # rows: out_layouts (by annotation object, strategy, output count) and
@@ -897,7 +886,8 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
         raise InputError(f"zero={zero}: the ZeRO stage is 0, 1, 2 or 3")
     if objective not in ("time", "memory"):
         raise InputError(f"objective={objective!r}: minimise 'time' or 'memory'")
-    pins, recompute = list(pins), list(recompute)
+    pins = list(pins)
+    recompute = resolve_modules(graph, list(recompute)) if recompute else []
     cluster = Cluster(dict(mesh), profile)
     limit = float(memory_limit) if memory_limit is not None else float(profile.memory)
     prob = build_problem(graph, cluster, pins, recompute, merge, link, precision, dp_axis)
@@ -1106,7 +1096,7 @@ def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Seq
         if best is None or rank(plan) < rank(best):
             best = plan
     if best is None:
-        least = [r for r in rows if r.get("least_memory")]
+
         detail = "; ".join(f"{r['mesh']}: {r['reason']}" for r in rows)
         raise PlanInfeasible(f"no mesh shape of {n} devices has a plan. {detail}")
     for r in rows:

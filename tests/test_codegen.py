@@ -34,6 +34,8 @@ CASES = [
      {"zero3": True, "recompute": ["transformer.h.1"]}, "sgd"),
     ("lora_dp2_tp2_zero1", "lora", {"dp": 2, "tp": 2}, None, {"zero": 1}, "adamw"),
     ("llama_tp4", "llama", {"tp": 4}, "LLAMA_TP", {}, "adamw"),
+    # traced with symbolic sizes from a batch of 4, trained on a batch of 8
+    ("gpt_dp2_tp2_batch8", "gpt", {"dp": 2, "tp": 2}, "MEGATRON_SP", {"double_batch": True}, "adamw"),
 ]
 
 
@@ -57,11 +59,21 @@ def _worker(manifest_path: str) -> None:
 # ==========================================================================
 def build_case(traced, name, example, mesh, rules, options, optimizer, backend):
     import plan_helpers
-    from autopar.run import build_program
+    from autopar.pipeline import build_program, prepared_graph
+    options = dict(options)
+    double = options.pop("double_batch", False)
     model, inputs, _, graph = traced(example)
+    if double:
+        graph = prepared_graph(model, inputs, example, symbolic=True)
     plan = plan_helpers.forced_plan(graph, mesh, getattr(plan_helpers, rules) if rules else (), **options)
     return build_program(model, inputs, mesh, backend=backend, plan=plan, optimizer=optimizer,
                          steps=STEPS, name=example, graph=graph)
+
+
+def twice_the_batch(inputs):
+    """A batch twice the example's (the example and its reverse along the batch dim)."""
+    import torch
+    return tuple(torch.cat([t, t.flip(0)], 0) for t in inputs)
 
 
 @pytest.mark.parametrize("backend", ["torch", "mpi"])
@@ -69,15 +81,21 @@ def test_parity_and_bytes_on_4_ranks(traced, tmp_path, backend):
     """Every case of CASES in one 4-rank job: losses and shards equal the single-device
     run, measured bytes equal the prediction, and every collective kind is used."""
     from autopar.run import compare, launch, reference_run, traffic_table
-    from autopar.passes.apply import predict_traffic
+    from autopar.compiler.sharded import predict_traffic
     if backend == "mpi":
         pytest.importorskip("mpi4py")
     programs, entries = [], []
+    import torch
     for name, example, mesh, rules, options, optimizer in CASES:
         prog = build_case(traced, name, example, mesh, rules, options, optimizer, backend)
         d = tmp_path / name
         prog.write(d)
-        programs.append((name, prog, d, optimizer))
+        batch = prog.inputs
+        if options.get("double_batch"):
+            batch = twice_the_batch(prog.inputs)
+            init = torch.load(prog.files["init"])
+            torch.save({"model": init["model"], "inputs": list(batch)}, prog.files["init"])
+        programs.append((name, prog, d, optimizer, batch))
         entries.append({"program": str(prog.files["program"]),
                         "args": ["--steps", str(STEPS), "--optimizer", optimizer,
                                  "--save", str(d / "shards"), "--stats", str(d / "stats")]})
@@ -89,15 +107,17 @@ def test_parity_and_bytes_on_4_ranks(traced, tmp_path, backend):
     assert res.ok, res.message
     print(f"{backend}: {len(CASES)} programs on {WORLD} ranks in {res.seconds:.1f} s")
     kinds = set()
-    for name, prog, d, optimizer in programs:
+    for name, prog, d, optimizer, batch in programs:
         stats = [json.loads((d / f"stats.rank{r}.json").read_text()) for r in range(WORLD)]
         predicted = predict_traffic(prog.sharded)
-        same, lines = traffic_table(predicted, {}, stats)
-        assert same, f"{name}: measured bytes differ from the prediction\n" + "\n".join(lines)
+        if batch is prog.inputs:        # the bytes scale with the batch: predicted for the example's
+            same, lines = traffic_table(predicted, {}, stats)
+            assert same, f"{name}: measured bytes differ from the prediction\n" + "\n".join(lines)
+        else:
+            assert "B, T = idx.shape" in prog.source and "reshape(B, T, " in prog.source
         kinds |= {k.split(":")[0] for k in predicted}
-        import torch
         init = torch.load(prog.files["init"])["model"]      # written before any reference run
-        losses, state = reference_run(prog.model, init, prog.inputs, STEPS, optimizer, 1e-3)
+        losses, state = reference_run(prog.model, init, batch, STEPS, optimizer, 1e-3)
         chk = compare(prog, stats, d / "shards", losses, state)
         assert chk.ok, f"{name}: {chk.max_rel_err:.3g} at {chk.worst} {chk.problems}"
     assert kinds >= {"all_reduce", "all_gather", "reduce_scatter", "all_to_all"}, kinds

@@ -10,6 +10,7 @@ import pytest
 
 from autopar.compiler.cluster import (Cluster, DeviceProfile, Link, ProfileError, load_profile, parse_bytes)
 from autopar.compiler.cost import CostModel, annotate_costs, collective_time, recompute_regions
+from autopar.compiler.patterns import resolve_modules
 from autopar.compiler.ir import Graph, Node, NodeMeta, Value
 from autopar.compiler.verify import verify
 
@@ -200,8 +201,8 @@ def test_megatron_pair_collectives():
 
 def test_recompute_region_saves_only_inputs_and_costs_a_forward():
     g = mlp_graph(batch=64, d_in=64, hidden=256, d_out=64)
-    assert recompute_regions(g, ["act"]) == {"a": "act"}
-    assert set(recompute_regions(g, ["fc*"])) == {"h", "y"}
+    assert recompute_regions(g, ["act"]) == {"a": "act#0"}
+    assert set(recompute_regions(g, resolve_modules(g, ["fc*"]))) == {"h", "y"}
     base = CostModel(g, Cluster({"dp": 2}, PROF)).evaluate({}, 0)
     rc = CostModel(g, Cluster({"dp": 2}, PROF), recompute=["act"]).evaluate({}, 0)
     gelu_out = 64 * 256 * 4

@@ -479,7 +479,7 @@ def test_check_plan_every_example(path, traced, monkeypatch, capsys):
     assert spec, f"{path.name}: name its model in the header comment (examples/NAME.py:build)"
     assert spec.group(1) == PLAN_MODELS[path.stem]
     mesh = re.search(r"--mesh (\S+)", header)
-    monkeypatch.setattr(tracing, "trace", lambda model, inputs, mode="export", name=None: traced(name, mode)[2])
+    monkeypatch.setattr(tracing, "trace", lambda model, inputs, mode="export", name=None, **kw: traced(name, mode)[2])
     rc = main(["check-plan", str(path), str(ROOT / spec.group(0))] + (["--mesh", mesh.group(1)] if mesh else []))
     out, err = capsys.readouterr()
     assert rc == 0, err

@@ -1,4 +1,5 @@
-"""Differentiable collectives (Megatron-LM ``mappings.py`` style conjugate pairs).
+"""Differentiable collectives: the program steps of the collective table, as autograd
+Functions (Megatron-LM's conjugate pairs, read from `autopar.compiler.collectives.OPS`).
 
 =====================  ==========================  ===============================
 function               forward                     backward
@@ -12,13 +13,16 @@ function               forward                     backward
 ``all_to_all``         all_to_all(split, concat)   all_to_all(concat, split)
 =====================  ==========================  ===============================
 
-Every function takes ``(x, mesh, axis, ...)``; ``axis`` is a mesh axis name or
-``None`` for the whole world. On a size-1 axis every function returns ``x``
-unchanged (no communication, nothing accounted).
+Every function takes ``(x, mesh, axis, ...)``; ``axis`` is a mesh axis name or ``None``
+for the whole world. On a size-1 axis every function returns ``x`` unchanged (no
+communication, nothing accounted). What each direction does and records is the table's:
+one `_Step` Function runs the table's forward move and, in backward, its backward move.
 """
 from __future__ import annotations
 
 import torch
+
+from autopar.compiler.collectives import ACTION_BYTES, Move, moves
 
 from .mesh import (Mesh, _all_to_all, _check_divisible, _gather, _nbytes, _norm_dim,
                    _reduce_scatter, _resolve_phase, backward_scope)
@@ -26,130 +30,61 @@ from .mesh import (Mesh, _all_to_all, _check_divisible, _gather, _nbytes, _norm_
 __all__ = ["copy_to", "all_reduce", "all_gather", "scatter", "reduce_scatter", "all_to_all"]
 
 
-# ---- accounted primitives (autograd-free) ---------------------------------
-def _ar(mesh: Mesh, axis, g: torch.Tensor, phase: str) -> torch.Tensor:
+def run_move(move: Move, mesh: Mesh, axis, t: torch.Tensor, dims: tuple, phase: str) -> torch.Tensor:
+    """Carry out one move of the table on `t`, recording its bytes (ACTION_BYTES)."""
+    a = move.action
+    if a == "identity":
+        return t if phase == "backward" else t.view_as(t)
+    if a == "slice":
+        return t.chunk(mesh.size(axis), dims[0])[mesh.coord(axis)].contiguous()
     c = mesh._comm(axis)
-    out = g.detach().clone(memory_format=torch.contiguous_format)
-    mesh._record("all_reduce", axis, _nbytes(out), _resolve_phase(None, phase))
-    c.allreduce_(out, "sum")
+    t = t.detach()
+    if a == "all_reduce":
+        out = t.clone(memory_format=torch.contiguous_format)
+        c.allreduce_(out, "sum")
+    elif a == "all_gather":
+        out = _gather(c, t, dims[0])
+    elif a == "reduce_scatter":
+        out = _reduce_scatter(c, t, dims[0], "sum")
+    elif a == "all_to_all":
+        out = _all_to_all(c, t, dims[0], dims[1])
+    else:                                           # pragma: no cover - the table has no other
+        raise ValueError(f"unknown move {a}")
+    mesh._record(a, axis, _nbytes(t if ACTION_BYTES[a] == "in" else out), _resolve_phase(None, phase))
     return out
 
 
-def _ag(mesh: Mesh, axis, g: torch.Tensor, dim: int, phase: str) -> torch.Tensor:
-    c = mesh._comm(axis)
-    mesh._record("all_gather", axis, _nbytes(g) * c.size, _resolve_phase(None, phase))
-    return _gather(c, g.detach(), dim)
+class _Step(torch.autograd.Function):
+    """One program step: the table's forward move now, its backward move on the gradient."""
 
-
-def _rs(mesh: Mesh, axis, g: torch.Tensor, dim: int, phase: str) -> torch.Tensor:
-    c = mesh._comm(axis)
-    mesh._record("reduce_scatter", axis, _nbytes(g), _resolve_phase(None, phase))
-    return _reduce_scatter(c, g.detach(), dim, "sum")
-
-
-def _a2a(mesh: Mesh, axis, g: torch.Tensor, sd: int, cd: int, phase: str) -> torch.Tensor:
-    c = mesh._comm(axis)
-    mesh._record("all_to_all", axis, _nbytes(g), _resolve_phase(None, phase))
-    return _all_to_all(c, g.detach(), sd, cd)
-
-
-def _slice(mesh: Mesh, axis, g: torch.Tensor, dim: int) -> torch.Tensor:
-    return g.chunk(mesh.size(axis), dim)[mesh.coord(axis)].contiguous()
-
-
-# ---- autograd Functions ----------------------------------------------------
-class _CopyTo(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, mesh, axis):
-        ctx.mesh, ctx.axis = mesh, axis
-        return x.view_as(x)
+    def forward(ctx, x, mesh, axis, op, attrs):
+        fwd, bwd = moves(op, attrs)
+        ctx.mesh, ctx.axis, ctx.bwd, ctx.dims = mesh, axis, bwd, bwd.dim_values(attrs)
+        return run_move(fwd, mesh, axis, x, fwd.dim_values(attrs), "forward")
 
     @staticmethod
     def backward(ctx, g):
         with backward_scope():
-            return _ar(ctx.mesh, ctx.axis, g, "backward"), None, None
+            return run_move(ctx.bwd, ctx.mesh, ctx.axis, g, ctx.dims, "backward"), None, None, None, None
 
 
-class _AllReduce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, mesh, axis):
-        return _ar(mesh, axis, x, "forward")
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None, None
-
-
-class _AllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, mesh, axis, dim, partial_grad):
-        ctx.mesh, ctx.axis, ctx.dim, ctx.partial = mesh, axis, dim, partial_grad
-        return _ag(mesh, axis, x, dim, "forward")
-
-    @staticmethod
-    def backward(ctx, g):
-        with backward_scope():
-            if ctx.partial:
-                gx = _rs(ctx.mesh, ctx.axis, g, ctx.dim, "backward")
-            else:
-                gx = _slice(ctx.mesh, ctx.axis, g, ctx.dim)
-            return gx, None, None, None, None
-
-
-class _Scatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, mesh, axis, dim):
-        ctx.mesh, ctx.axis, ctx.dim = mesh, axis, dim
-        return _slice(mesh, axis, x, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        with backward_scope():
-            return _ag(ctx.mesh, ctx.axis, g, ctx.dim, "backward"), None, None, None
-
-
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, mesh, axis, dim):
-        ctx.mesh, ctx.axis, ctx.dim = mesh, axis, dim
-        return _rs(mesh, axis, x, dim, "forward")
-
-    @staticmethod
-    def backward(ctx, g):
-        with backward_scope():
-            return _ag(ctx.mesh, ctx.axis, g, ctx.dim, "backward"), None, None, None
-
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, mesh, axis, split_dim, concat_dim):
-        ctx.mesh, ctx.axis, ctx.sd, ctx.cd = mesh, axis, split_dim, concat_dim
-        return _a2a(mesh, axis, x, split_dim, concat_dim, "forward")
-
-    @staticmethod
-    def backward(ctx, g):
-        with backward_scope():
-            return _a2a(ctx.mesh, ctx.axis, g, ctx.cd, ctx.sd, "backward"), None, None, None, None
+def _step(op: str, x: torch.Tensor, mesh: Mesh, axis, **attrs) -> torch.Tensor:
+    mesh._comm(axis)                    # validates the axis / a closed mesh
+    if mesh.size(axis) == 1:
+        return x
+    return _Step.apply(x, mesh, axis, op, attrs)
 
 
 # ---- public API ------------------------------------------------------------
-def _trivial(mesh: Mesh, axis) -> bool:
-    mesh._comm(axis)  # validates the axis / closed mesh
-    return mesh.size(axis) == 1
-
-
 def copy_to(x: torch.Tensor, mesh: Mesh, axis) -> torch.Tensor:
     """Megatron "f": identity forward, all-reduce(sum) of the gradient over ``axis``."""
-    if _trivial(mesh, axis):
-        return x
-    return _CopyTo.apply(x, mesh, axis)
+    return _step("copy_to", x, mesh, axis)
 
 
 def all_reduce(x: torch.Tensor, mesh: Mesh, axis) -> torch.Tensor:
     """Megatron "g": all-reduce(sum) forward over ``axis``, identity backward."""
-    if _trivial(mesh, axis):
-        return x
-    return _AllReduce.apply(x, mesh, axis)
+    return _step("all_reduce", x, mesh, axis)
 
 
 def all_gather(x: torch.Tensor, mesh: Mesh, axis, dim: int,
@@ -161,28 +96,21 @@ def all_gather(x: torch.Tensor, mesh: Mesh, axis, dim: int,
     of the gradient (each rank holds a partial sum). All ranks must pass shards
     of identical shape.
     """
-    d = _norm_dim(x, dim)
-    if _trivial(mesh, axis):
-        return x
-    return _AllGather.apply(x, mesh, axis, d, bool(partial_grad))
+    return _step("all_gather", x, mesh, axis, dim=_norm_dim(x, dim), partial_grad=bool(partial_grad))
 
 
 def scatter(x: torch.Tensor, mesh: Mesh, axis, dim: int) -> torch.Tensor:
     """Take this rank's chunk of (replicated) ``x`` along ``dim``; backward all-gathers."""
     d = _norm_dim(x, dim)
     _check_divisible(x, d, mesh.size(axis), "scatter", axis)
-    if _trivial(mesh, axis):
-        return x
-    return _Scatter.apply(x, mesh, axis, d)
+    return _step("scatter", x, mesh, axis, dim=d)
 
 
 def reduce_scatter(x: torch.Tensor, mesh: Mesh, axis, dim: int) -> torch.Tensor:
     """Sum over ``axis`` and keep this rank's chunk along ``dim``; backward all-gathers."""
     d = _norm_dim(x, dim)
     _check_divisible(x, d, mesh.size(axis), "reduce_scatter", axis)
-    if _trivial(mesh, axis):
-        return x
-    return _ReduceScatter.apply(x, mesh, axis, d)
+    return _step("reduce_scatter", x, mesh, axis, dim=d)
 
 
 def all_to_all(x: torch.Tensor, mesh: Mesh, axis, split_dim: int, concat_dim: int) -> torch.Tensor:
@@ -193,6 +121,4 @@ def all_to_all(x: torch.Tensor, mesh: Mesh, axis, split_dim: int, concat_dim: in
     sd = _norm_dim(x, split_dim, "split_dim")
     cd = _norm_dim(x, concat_dim, "concat_dim")
     _check_divisible(x, sd, mesh.size(axis), "all_to_all", axis)
-    if _trivial(mesh, axis):
-        return x
-    return _AllToAll.apply(x, mesh, axis, sd, cd)
+    return _step("all_to_all", x, mesh, axis, split_dim=sd, concat_dim=cd)

@@ -2,8 +2,9 @@
 
 Plan:
     mesh dp=2,tp=2 (4 ranks), ZeRO stage 0
-    collectives in forward: all_gather x11, all_to_all x8, copy_to x51, reduce_scatter x4, scatter x1
-    bytes per step and rank: all_gather:dp 4 KiB, all_gather:tp 256 KiB, all_reduce:dp 229.2 KiB, all_reduce:tp 7.5 KiB, all_to_all:tp 328 KiB, reduce_scatter:dp 4 KiB, reduce_scatter:tp 224 KiB
+    collectives per step: all_gather x7, all_to_all x7, copy_to x50, reduce_scatter x4, scatter x1
+    bytes per step and rank: all_gather:dp 4 KiB, all_gather:tp 192 KiB, all_reduce:dp 213.2 KiB, all_reduce:tp 7.5 KiB, all_to_all:tp 312 KiB, reduce_scatter:dp 4 KiB, reduce_scatter:tp 160 KiB
+    transformer.h.*: 2 blocks of one class (Block), its forward written once
 
 Ranks: torchrun (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from the environment). Process groups: init_process_group (gloo on CPU, NCCL on GPU) and one dist.new_group per slice of each mesh axis, made by rt.init_mesh.
 Every rank runs this same file; it differs only by its mesh coordinates.
@@ -28,82 +29,194 @@ from autopar.backends import runtime as rt
 
 MESH = {'dp': 2, 'tp': 2}
 
-# Layout of every parameter, buffer and input: one placement per mesh axis (dp, tp).
-# S(d): sharded on dim d, R: replicated. A rank holds the block at its coordinates.
+# What is sharded: one placement per mesh axis (dp, tp); S(d) is sharded on
+# dim d (a rank holds the block at its coordinates). Every other parameter, buffer and
+# input is replicated. A row with `*` holds for every block.
 LAYOUTS = {
     'idx': ('S(0)', 'R'),
     'targets': ('S(0)', 'R'),
     'transformer.wte.weight': ('R', 'S(1)'),
     'transformer.wpe.weight': ('S(1)', 'R'),
-    'transformer.h.0.ln_1.weight': ('R', 'R'),
-    'transformer.h.0.ln_1.bias': ('R', 'R'),
-    'transformer.h.0.attn.c_attn.weight.0': ('R', 'S(0)'),
-    'transformer.h.0.attn.c_attn.weight.1': ('R', 'S(0)'),
-    'transformer.h.0.attn.c_attn.weight.2': ('R', 'S(0)'),
-    'transformer.h.0.attn.c_attn.bias.0': ('R', 'S(0)'),
-    'transformer.h.0.attn.c_attn.bias.1': ('R', 'S(0)'),
-    'transformer.h.0.attn.c_attn.bias.2': ('R', 'S(0)'),
-    'transformer.h.0.attn.c_proj.weight': ('R', 'S(1)'),
-    'transformer.h.0.attn.c_proj.bias': ('R', 'R'),
-    'transformer.h.0.ln_2.weight': ('R', 'R'),
-    'transformer.h.0.ln_2.bias': ('R', 'R'),
-    'transformer.h.0.mlp.c_fc.weight': ('R', 'S(0)'),
-    'transformer.h.0.mlp.c_fc.bias': ('R', 'S(0)'),
-    'transformer.h.0.mlp.c_proj.weight': ('R', 'S(1)'),
-    'transformer.h.0.mlp.c_proj.bias': ('R', 'R'),
-    'transformer.h.1.ln_1.weight': ('R', 'R'),
-    'transformer.h.1.ln_1.bias': ('R', 'R'),
-    'transformer.h.1.attn.c_attn.weight.0': ('R', 'S(0)'),
-    'transformer.h.1.attn.c_attn.weight.1': ('R', 'S(0)'),
-    'transformer.h.1.attn.c_attn.weight.2': ('R', 'S(0)'),
-    'transformer.h.1.attn.c_attn.bias.0': ('R', 'S(0)'),
-    'transformer.h.1.attn.c_attn.bias.1': ('R', 'S(0)'),
-    'transformer.h.1.attn.c_attn.bias.2': ('R', 'S(0)'),
-    'transformer.h.1.attn.c_proj.weight': ('R', 'S(1)'),
-    'transformer.h.1.attn.c_proj.bias': ('R', 'R'),
-    'transformer.h.1.ln_2.weight': ('R', 'R'),
-    'transformer.h.1.ln_2.bias': ('R', 'R'),
-    'transformer.h.1.mlp.c_fc.weight': ('R', 'S(0)'),
-    'transformer.h.1.mlp.c_fc.bias': ('R', 'S(0)'),
-    'transformer.h.1.mlp.c_proj.weight': ('R', 'S(1)'),
-    'transformer.h.1.mlp.c_proj.bias': ('R', 'R'),
-    'transformer.ln_f.weight': ('R', 'R'),
-    'transformer.ln_f.bias': ('R', 'R'),
+    'transformer.h.*.attn.c_attn.weight.0': ('R', 'S(0)'),
+    'transformer.h.*.attn.c_attn.weight.1': ('R', 'S(0)'),
+    'transformer.h.*.attn.c_attn.weight.2': ('R', 'S(0)'),
+    'transformer.h.*.attn.c_attn.bias.0': ('R', 'S(0)'),
+    'transformer.h.*.attn.c_attn.bias.1': ('R', 'S(0)'),
+    'transformer.h.*.attn.c_attn.bias.2': ('R', 'S(0)'),
+    'transformer.h.*.attn.c_proj.weight': ('R', 'S(1)'),
+    'transformer.h.*.mlp.c_fc.weight': ('R', 'S(0)'),
+    'transformer.h.*.mlp.c_fc.bias': ('R', 'S(0)'),
+    'transformer.h.*.mlp.c_proj.weight': ('R', 'S(1)'),
 }
+REPLICATED = ('R', 'R')
 INPUTS = ['idx', 'targets']
+BLOCK_LISTS = ['transformer.h']
 
 # Fused weights cut into pieces that shard on their own (e.g. c_attn's q, k, v):
 # piece name -> (state-dict name, dim, start, stop).
 PIECES = {
-    'transformer.h.0.attn.c_attn.weight.0': ('transformer.h.0.attn.c_attn.weight', 0, 0, 64),
-    'transformer.h.0.attn.c_attn.bias.0': ('transformer.h.0.attn.c_attn.bias', 0, 0, 64),
-    'transformer.h.0.attn.c_attn.weight.1': ('transformer.h.0.attn.c_attn.weight', 0, 64, 128),
-    'transformer.h.0.attn.c_attn.bias.1': ('transformer.h.0.attn.c_attn.bias', 0, 64, 128),
-    'transformer.h.0.attn.c_attn.weight.2': ('transformer.h.0.attn.c_attn.weight', 0, 128, 192),
-    'transformer.h.0.attn.c_attn.bias.2': ('transformer.h.0.attn.c_attn.bias', 0, 128, 192),
-    'transformer.h.1.attn.c_attn.weight.0': ('transformer.h.1.attn.c_attn.weight', 0, 0, 64),
-    'transformer.h.1.attn.c_attn.bias.0': ('transformer.h.1.attn.c_attn.bias', 0, 0, 64),
-    'transformer.h.1.attn.c_attn.weight.1': ('transformer.h.1.attn.c_attn.weight', 0, 64, 128),
-    'transformer.h.1.attn.c_attn.bias.1': ('transformer.h.1.attn.c_attn.bias', 0, 64, 128),
-    'transformer.h.1.attn.c_attn.weight.2': ('transformer.h.1.attn.c_attn.weight', 0, 128, 192),
-    'transformer.h.1.attn.c_attn.bias.2': ('transformer.h.1.attn.c_attn.bias', 0, 128, 192),
+    'transformer.h.*.attn.c_attn.weight.0': ('transformer.h.*.attn.c_attn.weight', 0, 0, 64),
+    'transformer.h.*.attn.c_attn.bias.0': ('transformer.h.*.attn.c_attn.bias', 0, 0, 64),
+    'transformer.h.*.attn.c_attn.weight.1': ('transformer.h.*.attn.c_attn.weight', 0, 64, 128),
+    'transformer.h.*.attn.c_attn.bias.1': ('transformer.h.*.attn.c_attn.bias', 0, 64, 128),
+    'transformer.h.*.attn.c_attn.weight.2': ('transformer.h.*.attn.c_attn.weight', 0, 128, 192),
+    'transformer.h.*.attn.c_attn.bias.2': ('transformer.h.*.attn.c_attn.bias', 0, 128, 192),
 }
+
+
+def table_row(table, name):
+    """`name`'s row of LAYOUTS or PIECES: its own, or its block's `*` row (then also the
+    module list and the block index, e.g. ("transformer.h", "3"))."""
+    if name in table:
+        return table[name], None
+    for blocks in BLOCK_LISTS:
+        if name.startswith(blocks + "."):
+            index, _, rest = name[len(blocks) + 1:].partition(".")
+            if f"{blocks}.*.{rest}" in table:
+                return table[f"{blocks}.*.{rest}"], (blocks, index)
+    return None, None
 
 
 def full_tensor(full, name):
     """A tensor of the single-device state dict; a piece is cut out of its fused weight."""
-    if name in PIECES:
-        source, dim, start, stop = PIECES[name]
-        return full[source].narrow(dim, start, stop - start)
-    return full[name]
+    row, block = table_row(PIECES, name)
+    if row is None:
+        return full[name]
+    source, dim, start, stop = row
+    if block is not None:
+        blocks, index = block
+        source = source.replace(f"{blocks}.*.", f"{blocks}.{index}.", 1)
+    return full[source].narrow(dim, start, stop - start)
 
 
-def shard(full, layout, mesh):
-    """This rank's block of a full tensor."""
+def shard(full, name, mesh):
+    """This rank's block of the full tensor called `name`."""
+    layout = table_row(LAYOUTS, name)[0] or REPLICATED
     for axis, placement in zip(MESH, layout):
         if placement.startswith("S("):
             full = mesh.chunk(full, axis, dim=int(placement[2:-1]))
     return full.contiguous()
+
+
+class Block(nn.Module):
+    """One of transformer.h.*: this rank's shards of a block's parameters and its forward."""
+
+    def __init__(self, mesh):
+        super().__init__()
+        self.mesh = mesh
+        self.ln_1 = nn.Module()
+        self.ln_1.weight = nn.Parameter(torch.empty(64))                          # (64,) {dp:R, tp:R}
+        self.ln_1.bias = nn.Parameter(torch.empty(64))                            # (64,) {dp:R, tp:R}
+        self.attn = nn.Module()
+        self.attn.c_attn = nn.Module()
+        self.attn.c_attn.weight = nn.ParameterList()
+        self.attn.c_attn.weight.append(nn.Parameter(torch.empty(32, 64)))         # (64/tp, 64) {dp:R, tp:S(0)} piece 1/3 of the fused weight
+        self.attn.c_attn.weight.append(nn.Parameter(torch.empty(32, 64)))         # (64/tp, 64) {dp:R, tp:S(0)} piece 2/3 of the fused weight
+        self.attn.c_attn.weight.append(nn.Parameter(torch.empty(32, 64)))         # (64/tp, 64) {dp:R, tp:S(0)} piece 3/3 of the fused weight
+        self.attn.c_attn.bias = nn.ParameterList()
+        self.attn.c_attn.bias.append(nn.Parameter(torch.empty(32)))               # (64/tp,) {dp:R, tp:S(0)} piece 1/3 of the fused weight
+        self.attn.c_attn.bias.append(nn.Parameter(torch.empty(32)))               # (64/tp,) {dp:R, tp:S(0)} piece 2/3 of the fused weight
+        self.attn.c_attn.bias.append(nn.Parameter(torch.empty(32)))               # (64/tp,) {dp:R, tp:S(0)} piece 3/3 of the fused weight
+        self.attn.c_proj = nn.Module()
+        self.attn.c_proj.weight = nn.Parameter(torch.empty(64, 32))               # (64, 64/tp) {dp:R, tp:S(1)}
+        self.attn.c_proj.bias = nn.Parameter(torch.empty(64))                     # (64,) {dp:R, tp:R}
+        self.ln_2 = nn.Module()
+        self.ln_2.weight = nn.Parameter(torch.empty(64))                          # (64,) {dp:R, tp:R}
+        self.ln_2.bias = nn.Parameter(torch.empty(64))                            # (64,) {dp:R, tp:R}
+        self.mlp = nn.Module()
+        self.mlp.c_fc = nn.Module()
+        self.mlp.c_fc.weight = nn.Parameter(torch.empty(128, 64))                 # (256/tp, 64) {dp:R, tp:S(0)}
+        self.mlp.c_fc.bias = nn.Parameter(torch.empty(128))                       # (256/tp,) {dp:R, tp:S(0)}
+        self.mlp.c_proj = nn.Module()
+        self.mlp.c_proj.weight = nn.Parameter(torch.empty(64, 128))               # (64, 256/tp) {dp:R, tp:S(1)}
+        self.mlp.c_proj.bias = nn.Parameter(torch.empty(64))                      # (64,) {dp:R, tp:R}
+
+    def forward(self, x):
+        mesh = self.mesh
+        # x: (4/dp, 32/tp, 64)
+        B = x.shape[0]
+        T = x.shape[1] * 2
+        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
+        ln_1_weight = rt.copy_to(self.ln_1.weight, mesh, "dp")            # (64,)
+        # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
+        ln_1_weight = rt.copy_to(ln_1_weight, mesh, "tp")                 # (64,)
+        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
+        ln_1_bias = rt.copy_to(self.ln_1.bias, mesh, "dp")                # (64,)
+        # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
+        ln_1_bias = rt.copy_to(ln_1_bias, mesh, "tp")                     # (64,)
+        ln_1 = F.layer_norm(x, (64,), ln_1_weight, ln_1_bias, 1e-05)      # (4/dp, 32/tp, 64)
+        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 16 KiB fwd, reduce_scatter 16 KiB bwd)
+        ln_1 = rt.all_gather(ln_1, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
+        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
+        c_attn_weight_0 = rt.copy_to(self.attn.c_attn.weight[0], mesh, "dp")  # (64/tp, 64)
+        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 128 B bwd)
+        c_attn_bias_0 = rt.copy_to(self.attn.c_attn.bias[0], mesh, "dp")  # (64/tp,)
+        q = F.linear(ln_1, c_attn_weight_0, c_attn_bias_0)                # (4/dp, 32, 64/tp)
+        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
+        c_attn_weight_1 = rt.copy_to(self.attn.c_attn.weight[1], mesh, "dp")  # (64/tp, 64)
+        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 128 B bwd)
+        c_attn_bias_1 = rt.copy_to(self.attn.c_attn.bias[1], mesh, "dp")  # (64/tp,)
+        k = F.linear(ln_1, c_attn_weight_1, c_attn_bias_1)                # (4/dp, 32, 64/tp)
+        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
+        c_attn_weight_2 = rt.copy_to(self.attn.c_attn.weight[2], mesh, "dp")  # (64/tp, 64)
+        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 128 B bwd)
+        c_attn_bias_2 = rt.copy_to(self.attn.c_attn.bias[2], mesh, "dp")  # (64/tp,)
+        v = F.linear(ln_1, c_attn_weight_2, c_attn_bias_2)                # (4/dp, 32, 64/tp)
+        view = k.reshape(B, T, 2, 16)                                     # (4/dp, 32, 4/tp, 16)
+        k = view.transpose(1, 2)                                          # (4/dp, 4/tp, 32, 16)
+        view_1 = q.reshape(B, T, 2, 16)                                   # (4/dp, 32, 4/tp, 16)
+        q = view_1.transpose(1, 2)                                        # (4/dp, 4/tp, 32, 16)
+        view_2 = v.reshape(B, T, 2, 16)                                   # (4/dp, 32, 4/tp, 16)
+        v = view_2.transpose(1, 2)                                        # (4/dp, 4/tp, 32, 16)
+        scaled_dot_product_attention = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (4/dp, 4/tp, 32, 16)
+        transpose_3 = scaled_dot_product_attention.transpose(1, 2)        # (4/dp, 32, 4/tp, 16)
+        y = transpose_3.reshape(B, T, 32)                                 # (4/dp, 32, 64/tp)
+        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
+        c_proj_weight = rt.copy_to(self.attn.c_proj.weight, mesh, "dp")   # (64, 64/tp)
+        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
+        c_proj_bias = rt.copy_to(self.attn.c_proj.bias, mesh, "dp")       # (64,)
+        # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
+        c_proj_bias = rt.copy_to(c_proj_bias, mesh, "tp")                 # (64,)
+        # the output is a partial sum over 2 ranks: each adds 1/2 of the bias
+        c_proj_bias = c_proj_bias / 2                                     # (64,)
+        y = F.linear(y, c_proj_weight, c_proj_bias)                       # (4/dp, 32, 64) partial sum over tp
+        # {dp:S(0), tp:P} -> {dp:S(0), tp:S(1)}: sum the partial results, keep this rank's slice (reduce_scatter 16 KiB fwd, all_gather 16 KiB bwd)
+        y = rt.reduce_scatter(y, mesh, "tp", dim=1)                       # (4/dp, 32/tp, 64)
+        x = x + y                                                         # (4/dp, 32/tp, 64)
+        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
+        ln_2_weight = rt.copy_to(self.ln_2.weight, mesh, "dp")            # (64,)
+        # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
+        ln_2_weight = rt.copy_to(ln_2_weight, mesh, "tp")                 # (64,)
+        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
+        ln_2_bias = rt.copy_to(self.ln_2.bias, mesh, "dp")                # (64,)
+        # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
+        ln_2_bias = rt.copy_to(ln_2_bias, mesh, "tp")                     # (64,)
+        ln_2 = F.layer_norm(x, (64,), ln_2_weight, ln_2_bias, 1e-05)      # (4/dp, 32/tp, 64)
+        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 16 KiB fwd, reduce_scatter 16 KiB bwd)
+        ln_2 = rt.all_gather(ln_2, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
+        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 32 KiB bwd)
+        c_fc_weight = rt.copy_to(self.mlp.c_fc.weight, mesh, "dp")        # (256/tp, 64)
+        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 512 B bwd)
+        c_fc_bias = rt.copy_to(self.mlp.c_fc.bias, mesh, "dp")            # (256/tp,)
+        x_1 = F.linear(ln_2, c_fc_weight, c_fc_bias)                      # (4/dp, 32, 256/tp)
+        # {dp:S(0), tp:S(2)} -> {dp:S(0), tp:S(1)}: re-shard on another dim (all_to_all 32 KiB fwd, all_to_all 32 KiB bwd)
+        x_1 = rt.all_to_all(x_1, mesh, "tp", split_dim=1, concat_dim=2)   # (4/dp, 32/tp, 256)
+        x_1 = F.gelu(x_1)                                                 # (4/dp, 32/tp, 256)
+        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:S(2)}: re-shard on another dim (all_to_all 32 KiB fwd, all_to_all 32 KiB bwd)
+        x_1 = rt.all_to_all(x_1, mesh, "tp", split_dim=2, concat_dim=1)   # (4/dp, 32, 256/tp)
+        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 32 KiB bwd)
+        c_proj_weight = rt.copy_to(self.mlp.c_proj.weight, mesh, "dp")    # (64, 256/tp)
+        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
+        c_proj_bias = rt.copy_to(self.mlp.c_proj.bias, mesh, "dp")        # (64,)
+        # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
+        c_proj_bias = rt.copy_to(c_proj_bias, mesh, "tp")                 # (64,)
+        # the output is a partial sum over 2 ranks: each adds 1/2 of the bias
+        c_proj_bias = c_proj_bias / 2                                     # (64,)
+        x_1 = F.linear(x_1, c_proj_weight, c_proj_bias)                   # (4/dp, 32, 64) partial sum over tp
+        # {dp:S(0), tp:P} -> {dp:S(0), tp:S(1)}: sum the partial results, keep this rank's slice (reduce_scatter 16 KiB fwd, all_gather 16 KiB bwd)
+        x_1 = rt.reduce_scatter(x_1, mesh, "tp", dim=1)                   # (4/dp, 32/tp, 64)
+        x = x + x_1                                                       # (4/dp, 32/tp, 64)
+        return x
 
 
 class GPTShard(nn.Module):
@@ -117,59 +230,7 @@ class GPTShard(nn.Module):
         self.transformer.wte.weight = nn.Parameter(torch.empty(128, 32))          # (128, 64/tp) {dp:R, tp:S(1)}
         self.transformer.wpe = nn.Module()
         self.transformer.wpe.weight = nn.Parameter(torch.empty(32, 32))           # (32, 64/dp) {dp:S(1), tp:R}
-        self.transformer.h = nn.ModuleList(nn.Module() for _ in range(2))
-        self.transformer.h[0].ln_1 = nn.Module()
-        self.transformer.h[0].ln_1.weight = nn.Parameter(torch.empty(64))         # (64,) {dp:R, tp:R}
-        self.transformer.h[0].ln_1.bias = nn.Parameter(torch.empty(64))           # (64,) {dp:R, tp:R}
-        self.transformer.h[0].attn = nn.Module()
-        self.transformer.h[0].attn.c_attn = nn.Module()
-        self.transformer.h[0].attn.c_attn.weight = nn.ParameterList()
-        self.transformer.h[0].attn.c_attn.weight.append(nn.Parameter(torch.empty(32, 64)))  # (64/tp, 64) {dp:R, tp:S(0)} piece 1/3 of the fused weight
-        self.transformer.h[0].attn.c_attn.weight.append(nn.Parameter(torch.empty(32, 64)))  # (64/tp, 64) {dp:R, tp:S(0)} piece 2/3 of the fused weight
-        self.transformer.h[0].attn.c_attn.weight.append(nn.Parameter(torch.empty(32, 64)))  # (64/tp, 64) {dp:R, tp:S(0)} piece 3/3 of the fused weight
-        self.transformer.h[0].attn.c_attn.bias = nn.ParameterList()
-        self.transformer.h[0].attn.c_attn.bias.append(nn.Parameter(torch.empty(32)))  # (64/tp,) {dp:R, tp:S(0)} piece 1/3 of the fused weight
-        self.transformer.h[0].attn.c_attn.bias.append(nn.Parameter(torch.empty(32)))  # (64/tp,) {dp:R, tp:S(0)} piece 2/3 of the fused weight
-        self.transformer.h[0].attn.c_attn.bias.append(nn.Parameter(torch.empty(32)))  # (64/tp,) {dp:R, tp:S(0)} piece 3/3 of the fused weight
-        self.transformer.h[0].attn.c_proj = nn.Module()
-        self.transformer.h[0].attn.c_proj.weight = nn.Parameter(torch.empty(64, 32))  # (64, 64/tp) {dp:R, tp:S(1)}
-        self.transformer.h[0].attn.c_proj.bias = nn.Parameter(torch.empty(64))    # (64,) {dp:R, tp:R}
-        self.transformer.h[0].ln_2 = nn.Module()
-        self.transformer.h[0].ln_2.weight = nn.Parameter(torch.empty(64))         # (64,) {dp:R, tp:R}
-        self.transformer.h[0].ln_2.bias = nn.Parameter(torch.empty(64))           # (64,) {dp:R, tp:R}
-        self.transformer.h[0].mlp = nn.Module()
-        self.transformer.h[0].mlp.c_fc = nn.Module()
-        self.transformer.h[0].mlp.c_fc.weight = nn.Parameter(torch.empty(128, 64))  # (256/tp, 64) {dp:R, tp:S(0)}
-        self.transformer.h[0].mlp.c_fc.bias = nn.Parameter(torch.empty(128))      # (256/tp,) {dp:R, tp:S(0)}
-        self.transformer.h[0].mlp.c_proj = nn.Module()
-        self.transformer.h[0].mlp.c_proj.weight = nn.Parameter(torch.empty(64, 128))  # (64, 256/tp) {dp:R, tp:S(1)}
-        self.transformer.h[0].mlp.c_proj.bias = nn.Parameter(torch.empty(64))     # (64,) {dp:R, tp:R}
-        self.transformer.h[1].ln_1 = nn.Module()
-        self.transformer.h[1].ln_1.weight = nn.Parameter(torch.empty(64))         # (64,) {dp:R, tp:R}
-        self.transformer.h[1].ln_1.bias = nn.Parameter(torch.empty(64))           # (64,) {dp:R, tp:R}
-        self.transformer.h[1].attn = nn.Module()
-        self.transformer.h[1].attn.c_attn = nn.Module()
-        self.transformer.h[1].attn.c_attn.weight = nn.ParameterList()
-        self.transformer.h[1].attn.c_attn.weight.append(nn.Parameter(torch.empty(32, 64)))  # (64/tp, 64) {dp:R, tp:S(0)} piece 1/3 of the fused weight
-        self.transformer.h[1].attn.c_attn.weight.append(nn.Parameter(torch.empty(32, 64)))  # (64/tp, 64) {dp:R, tp:S(0)} piece 2/3 of the fused weight
-        self.transformer.h[1].attn.c_attn.weight.append(nn.Parameter(torch.empty(32, 64)))  # (64/tp, 64) {dp:R, tp:S(0)} piece 3/3 of the fused weight
-        self.transformer.h[1].attn.c_attn.bias = nn.ParameterList()
-        self.transformer.h[1].attn.c_attn.bias.append(nn.Parameter(torch.empty(32)))  # (64/tp,) {dp:R, tp:S(0)} piece 1/3 of the fused weight
-        self.transformer.h[1].attn.c_attn.bias.append(nn.Parameter(torch.empty(32)))  # (64/tp,) {dp:R, tp:S(0)} piece 2/3 of the fused weight
-        self.transformer.h[1].attn.c_attn.bias.append(nn.Parameter(torch.empty(32)))  # (64/tp,) {dp:R, tp:S(0)} piece 3/3 of the fused weight
-        self.transformer.h[1].attn.c_proj = nn.Module()
-        self.transformer.h[1].attn.c_proj.weight = nn.Parameter(torch.empty(64, 32))  # (64, 64/tp) {dp:R, tp:S(1)}
-        self.transformer.h[1].attn.c_proj.bias = nn.Parameter(torch.empty(64))    # (64,) {dp:R, tp:R}
-        self.transformer.h[1].ln_2 = nn.Module()
-        self.transformer.h[1].ln_2.weight = nn.Parameter(torch.empty(64))         # (64,) {dp:R, tp:R}
-        self.transformer.h[1].ln_2.bias = nn.Parameter(torch.empty(64))           # (64,) {dp:R, tp:R}
-        self.transformer.h[1].mlp = nn.Module()
-        self.transformer.h[1].mlp.c_fc = nn.Module()
-        self.transformer.h[1].mlp.c_fc.weight = nn.Parameter(torch.empty(128, 64))  # (256/tp, 64) {dp:R, tp:S(0)}
-        self.transformer.h[1].mlp.c_fc.bias = nn.Parameter(torch.empty(128))      # (256/tp,) {dp:R, tp:S(0)}
-        self.transformer.h[1].mlp.c_proj = nn.Module()
-        self.transformer.h[1].mlp.c_proj.weight = nn.Parameter(torch.empty(64, 128))  # (64, 256/tp) {dp:R, tp:S(1)}
-        self.transformer.h[1].mlp.c_proj.bias = nn.Parameter(torch.empty(64))     # (64,) {dp:R, tp:R}
+        self.transformer.h = nn.ModuleList(Block(mesh) for _ in range(2))
         self.transformer.ln_f = nn.Module()
         self.transformer.ln_f.weight = nn.Parameter(torch.empty(64))              # (64,) {dp:R, tp:R}
         self.transformer.ln_f.bias = nn.Parameter(torch.empty(64))                # (64,) {dp:R, tp:R}
@@ -181,232 +242,63 @@ class GPTShard(nn.Module):
         mesh = self.mesh
         # idx: (4/dp, 32)
         # targets: (4/dp, 32)
-        arange = torch.arange(0, 32, dtype=torch.int64, device=mesh.device)  # (32,)
+        B, T = idx.shape  # this rank's B = 2 of 4, T = 32 in the example
+        assert targets.shape[0] == B, "targets must have B (dim 0 of the first input) at dim 0"
+        assert targets.shape[1] == T, "targets must have T (dim 1 of the first input) at dim 1"
+        pos = torch.arange(0, T, dtype=torch.int64, device=mesh.device)   # (32,)
+        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 16 KiB bwd)
+        wte_weight = rt.copy_to(self.transformer.wte.weight, mesh, "dp")  # (128, 64/tp)
 
         # transformer
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 16 KiB bwd)
-        wte_weight = rt.copy_to(self.transformer.wte.weight, mesh, "dp")  # (128, 64/tp)
-        wte = F.embedding(idx, wte_weight)                                # (4/dp, 32, 64/tp)
-        # tp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 4 KiB bwd)
+        tok_emb = F.embedding(idx, wte_weight)                            # (4/dp, 32, 64/tp)
+        # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 4 KiB bwd)
         wpe_weight = rt.copy_to(self.transformer.wpe.weight, mesh, "tp")  # (32, 64/dp)
         # {dp:R, tp:R} -> {dp:R, tp:S(0)}: keep this rank's slice (no data moved)
-        arange = rt.scatter(arange, mesh, "tp", dim=0)                    # (32/tp,)
-        wpe = F.embedding(arange, wpe_weight)                             # (32/tp, 64/dp)
+        pos = rt.scatter(pos, mesh, "tp", dim=0)                          # (32/tp,)
+        pos_emb = F.embedding(pos, wpe_weight)                            # (32/tp, 64/dp)
         # {dp:S(1), tp:S(0)} -> {dp:R, tp:S(0)}: gather the shards (all_gather 4 KiB fwd, reduce_scatter 4 KiB bwd)
-        wpe = rt.all_gather(wpe, mesh, "dp", dim=1, partial_grad=True)    # (32/tp, 64)
+        pos_emb = rt.all_gather(pos_emb, mesh, "dp", dim=1, partial_grad=True)  # (32/tp, 64)
         # {dp:R, tp:S(0)} -> {dp:R, tp:S(1)}: re-shard on another dim (all_to_all 4 KiB fwd, all_to_all 4 KiB bwd)
-        wpe = rt.all_to_all(wpe, mesh, "tp", split_dim=1, concat_dim=0)   # (32, 64/tp)
-        add = wte + wpe                                                   # (4/dp, 32, 64/tp)
+        pos_emb = rt.all_to_all(pos_emb, mesh, "tp", split_dim=1, concat_dim=0)  # (32, 64/tp)
+        x_1 = tok_emb + pos_emb                                           # (4/dp, 32, 64/tp)
 
-        # transformer.h.0
+        # into transformer.h.*: re-shard what the blocks read
         # {dp:S(0), tp:S(2)} -> {dp:S(0), tp:S(1)}: re-shard on another dim (all_to_all 8 KiB fwd, all_to_all 8 KiB bwd)
-        add_tp = rt.all_to_all(add, mesh, "tp", split_dim=1, concat_dim=2)  # (4/dp, 32/tp, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h0_ln_1_weight = rt.copy_to(self.transformer.h[0].ln_1.weight, mesh, "dp")  # (64,)
-        # tp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h0_ln_1_weight = rt.copy_to(h0_ln_1_weight, mesh, "tp")           # (64,)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h0_ln_1_bias = rt.copy_to(self.transformer.h[0].ln_1.bias, mesh, "dp")  # (64,)
-        # tp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h0_ln_1_bias = rt.copy_to(h0_ln_1_bias, mesh, "tp")               # (64,)
-        h0_ln_1 = F.layer_norm(add_tp, (64,), h0_ln_1_weight, h0_ln_1_bias, 1e-05)  # (4/dp, 32/tp, 64)
-        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 16 KiB fwd, reduce_scatter 16 KiB bwd)
-        h0_ln_1_tp = rt.all_gather(h0_ln_1, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
-        h0_weight_0 = rt.copy_to(self.transformer.h[0].attn.c_attn.weight[0], mesh, "dp")  # (64/tp, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 128 B bwd)
-        h0_bias_0 = rt.copy_to(self.transformer.h[0].attn.c_attn.bias[0], mesh, "dp")  # (64/tp,)
-        split_0 = F.linear(h0_ln_1_tp, h0_weight_0, h0_bias_0)            # (4/dp, 32, 64/tp)
-        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 16 KiB fwd, reduce_scatter 16 KiB bwd)
-        h0_ln_1_tp_1 = rt.all_gather(h0_ln_1, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
-        h0_weight_1 = rt.copy_to(self.transformer.h[0].attn.c_attn.weight[1], mesh, "dp")  # (64/tp, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 128 B bwd)
-        h0_bias_1 = rt.copy_to(self.transformer.h[0].attn.c_attn.bias[1], mesh, "dp")  # (64/tp,)
-        split_1 = F.linear(h0_ln_1_tp_1, h0_weight_1, h0_bias_1)          # (4/dp, 32, 64/tp)
-        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 16 KiB fwd, reduce_scatter 16 KiB bwd)
-        h0_ln_1_tp_2 = rt.all_gather(h0_ln_1, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
-        h0_weight_2 = rt.copy_to(self.transformer.h[0].attn.c_attn.weight[2], mesh, "dp")  # (64/tp, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 128 B bwd)
-        h0_bias_2 = rt.copy_to(self.transformer.h[0].attn.c_attn.bias[2], mesh, "dp")  # (64/tp,)
-        h0_c_attn = F.linear(h0_ln_1_tp_2, h0_weight_2, h0_bias_2)        # (4/dp, 32, 64/tp)
-        view = split_1.reshape(2, 32, 2, 16)                              # (4/dp, 32, 4/tp, 16)
-        transpose = view.transpose(1, 2)                                  # (4/dp, 4/tp, 32, 16)
-        view_1 = split_0.reshape(2, 32, 2, 16)                            # (4/dp, 32, 4/tp, 16)
-        transpose_1 = view_1.transpose(1, 2)                              # (4/dp, 4/tp, 32, 16)
-        view_2 = h0_c_attn.reshape(2, 32, 2, 16)                          # (4/dp, 32, 4/tp, 16)
-        transpose_2 = view_2.transpose(1, 2)                              # (4/dp, 4/tp, 32, 16)
-        scaled_dot_product_attention = F.scaled_dot_product_attention(transpose_1, transpose, transpose_2, is_causal=True)  # (4/dp, 4/tp, 32, 16)
-        transpose_3 = scaled_dot_product_attention.transpose(1, 2)        # (4/dp, 32, 4/tp, 16)
-        h0_attn = transpose_3.reshape(2, 32, 32)                          # (4/dp, 32, 64/tp)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
-        h0_c_proj_weight = rt.copy_to(self.transformer.h[0].attn.c_proj.weight, mesh, "dp")  # (64, 64/tp)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h0_c_proj_bias = rt.copy_to(self.transformer.h[0].attn.c_proj.bias, mesh, "dp")  # (64,)
-        # tp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h0_c_proj_bias = rt.copy_to(h0_c_proj_bias, mesh, "tp")           # (64,)
-        # the output is a partial sum over 2 ranks: each adds 1/2 of the bias
-        h0_c_proj_bias = h0_c_proj_bias / 2                               # (64,)
-        h0_c_proj = F.linear(h0_attn, h0_c_proj_weight, h0_c_proj_bias)   # (4/dp, 32, 64) partial sum over tp
-        # {dp:S(0), tp:S(2)} -> {dp:S(0), tp:S(1)}: re-shard on another dim (all_to_all 8 KiB fwd, all_to_all 8 KiB bwd)
-        add_tp_1 = rt.all_to_all(add, mesh, "tp", split_dim=1, concat_dim=2)  # (4/dp, 32/tp, 64)
-        # {dp:S(0), tp:P} -> {dp:S(0), tp:S(1)}: sum the partial results, keep this rank's slice (reduce_scatter 16 KiB fwd, all_gather 16 KiB bwd)
-        h0_c_proj = rt.reduce_scatter(h0_c_proj, mesh, "tp", dim=1)       # (4/dp, 32/tp, 64)
-        add_1 = add_tp_1 + h0_c_proj                                      # (4/dp, 32/tp, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h0_ln_2_weight = rt.copy_to(self.transformer.h[0].ln_2.weight, mesh, "dp")  # (64,)
-        # tp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h0_ln_2_weight = rt.copy_to(h0_ln_2_weight, mesh, "tp")           # (64,)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h0_ln_2_bias = rt.copy_to(self.transformer.h[0].ln_2.bias, mesh, "dp")  # (64,)
-        # tp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h0_ln_2_bias = rt.copy_to(h0_ln_2_bias, mesh, "tp")               # (64,)
-        h0_ln_2 = F.layer_norm(add_1, (64,), h0_ln_2_weight, h0_ln_2_bias, 1e-05)  # (4/dp, 32/tp, 64)
-        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 16 KiB fwd, reduce_scatter 16 KiB bwd)
-        h0_ln_2 = rt.all_gather(h0_ln_2, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 32 KiB bwd)
-        h0_c_fc_weight = rt.copy_to(self.transformer.h[0].mlp.c_fc.weight, mesh, "dp")  # (256/tp, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 512 B bwd)
-        h0_c_fc_bias = rt.copy_to(self.transformer.h[0].mlp.c_fc.bias, mesh, "dp")  # (256/tp,)
-        h0_c_fc = F.linear(h0_ln_2, h0_c_fc_weight, h0_c_fc_bias)         # (4/dp, 32, 256/tp)
-        # {dp:S(0), tp:S(2)} -> {dp:S(0), tp:S(1)}: re-shard on another dim (all_to_all 32 KiB fwd, all_to_all 32 KiB bwd)
-        h0_c_fc = rt.all_to_all(h0_c_fc, mesh, "tp", split_dim=1, concat_dim=2)  # (4/dp, 32/tp, 256)
-        h0_gelu = F.gelu(h0_c_fc)                                         # (4/dp, 32/tp, 256)
-        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:S(2)}: re-shard on another dim (all_to_all 32 KiB fwd, all_to_all 32 KiB bwd)
-        h0_gelu = rt.all_to_all(h0_gelu, mesh, "tp", split_dim=2, concat_dim=1)  # (4/dp, 32, 256/tp)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 32 KiB bwd)
-        h0_c_proj_weight_1 = rt.copy_to(self.transformer.h[0].mlp.c_proj.weight, mesh, "dp")  # (64, 256/tp)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h0_c_proj_bias_1 = rt.copy_to(self.transformer.h[0].mlp.c_proj.bias, mesh, "dp")  # (64,)
-        # tp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h0_c_proj_bias_1 = rt.copy_to(h0_c_proj_bias_1, mesh, "tp")       # (64,)
-        # the output is a partial sum over 2 ranks: each adds 1/2 of the bias
-        h0_c_proj_bias_1 = h0_c_proj_bias_1 / 2                           # (64,)
-        h0_c_proj_1 = F.linear(h0_gelu, h0_c_proj_weight_1, h0_c_proj_bias_1)  # (4/dp, 32, 64) partial sum over tp
-        # {dp:S(0), tp:P} -> {dp:S(0), tp:S(1)}: sum the partial results, keep this rank's slice (reduce_scatter 16 KiB fwd, all_gather 16 KiB bwd)
-        h0_c_proj_1 = rt.reduce_scatter(h0_c_proj_1, mesh, "tp", dim=1)   # (4/dp, 32/tp, 64)
-        h0 = add_1 + h0_c_proj_1                                          # (4/dp, 32/tp, 64)
-
-        # transformer.h.1
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h1_ln_1_weight = rt.copy_to(self.transformer.h[1].ln_1.weight, mesh, "dp")  # (64,)
-        # tp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h1_ln_1_weight = rt.copy_to(h1_ln_1_weight, mesh, "tp")           # (64,)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h1_ln_1_bias = rt.copy_to(self.transformer.h[1].ln_1.bias, mesh, "dp")  # (64,)
-        # tp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h1_ln_1_bias = rt.copy_to(h1_ln_1_bias, mesh, "tp")               # (64,)
-        h1_ln_1 = F.layer_norm(h0, (64,), h1_ln_1_weight, h1_ln_1_bias, 1e-05)  # (4/dp, 32/tp, 64)
-        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 16 KiB fwd, reduce_scatter 16 KiB bwd)
-        h1_ln_1_tp = rt.all_gather(h1_ln_1, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
-        h1_weight_0 = rt.copy_to(self.transformer.h[1].attn.c_attn.weight[0], mesh, "dp")  # (64/tp, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 128 B bwd)
-        h1_bias_0 = rt.copy_to(self.transformer.h[1].attn.c_attn.bias[0], mesh, "dp")  # (64/tp,)
-        split_1_0 = F.linear(h1_ln_1_tp, h1_weight_0, h1_bias_0)          # (4/dp, 32, 64/tp)
-        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 16 KiB fwd, reduce_scatter 16 KiB bwd)
-        h1_ln_1_tp_1 = rt.all_gather(h1_ln_1, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
-        h1_weight_1 = rt.copy_to(self.transformer.h[1].attn.c_attn.weight[1], mesh, "dp")  # (64/tp, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 128 B bwd)
-        h1_bias_1 = rt.copy_to(self.transformer.h[1].attn.c_attn.bias[1], mesh, "dp")  # (64/tp,)
-        split_1_1 = F.linear(h1_ln_1_tp_1, h1_weight_1, h1_bias_1)        # (4/dp, 32, 64/tp)
-        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 16 KiB fwd, reduce_scatter 16 KiB bwd)
-        h1_ln_1_tp_2 = rt.all_gather(h1_ln_1, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
-        h1_weight_2 = rt.copy_to(self.transformer.h[1].attn.c_attn.weight[2], mesh, "dp")  # (64/tp, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 128 B bwd)
-        h1_bias_2 = rt.copy_to(self.transformer.h[1].attn.c_attn.bias[2], mesh, "dp")  # (64/tp,)
-        h1_c_attn = F.linear(h1_ln_1_tp_2, h1_weight_2, h1_bias_2)        # (4/dp, 32, 64/tp)
-        view_4 = split_1_1.reshape(2, 32, 2, 16)                          # (4/dp, 32, 4/tp, 16)
-        transpose_4 = view_4.transpose(1, 2)                              # (4/dp, 4/tp, 32, 16)
-        view_5 = split_1_0.reshape(2, 32, 2, 16)                          # (4/dp, 32, 4/tp, 16)
-        transpose_5 = view_5.transpose(1, 2)                              # (4/dp, 4/tp, 32, 16)
-        view_6 = h1_c_attn.reshape(2, 32, 2, 16)                          # (4/dp, 32, 4/tp, 16)
-        transpose_6 = view_6.transpose(1, 2)                              # (4/dp, 4/tp, 32, 16)
-        scaled_dot_product_attention_1 = F.scaled_dot_product_attention(transpose_5, transpose_4, transpose_6, is_causal=True)  # (4/dp, 4/tp, 32, 16)
-        transpose_7 = scaled_dot_product_attention_1.transpose(1, 2)      # (4/dp, 32, 4/tp, 16)
-        h1_attn = transpose_7.reshape(2, 32, 32)                          # (4/dp, 32, 64/tp)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
-        h1_c_proj_weight = rt.copy_to(self.transformer.h[1].attn.c_proj.weight, mesh, "dp")  # (64, 64/tp)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h1_c_proj_bias = rt.copy_to(self.transformer.h[1].attn.c_proj.bias, mesh, "dp")  # (64,)
-        # tp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h1_c_proj_bias = rt.copy_to(h1_c_proj_bias, mesh, "tp")           # (64,)
-        # the output is a partial sum over 2 ranks: each adds 1/2 of the bias
-        h1_c_proj_bias = h1_c_proj_bias / 2                               # (64,)
-        h1_c_proj = F.linear(h1_attn, h1_c_proj_weight, h1_c_proj_bias)   # (4/dp, 32, 64) partial sum over tp
-        # {dp:S(0), tp:P} -> {dp:S(0), tp:S(1)}: sum the partial results, keep this rank's slice (reduce_scatter 16 KiB fwd, all_gather 16 KiB bwd)
-        h1_c_proj = rt.reduce_scatter(h1_c_proj, mesh, "tp", dim=1)       # (4/dp, 32/tp, 64)
-        add_3 = h0 + h1_c_proj                                            # (4/dp, 32/tp, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h1_ln_2_weight = rt.copy_to(self.transformer.h[1].ln_2.weight, mesh, "dp")  # (64,)
-        # tp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h1_ln_2_weight = rt.copy_to(h1_ln_2_weight, mesh, "tp")           # (64,)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h1_ln_2_bias = rt.copy_to(self.transformer.h[1].ln_2.bias, mesh, "dp")  # (64,)
-        # tp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h1_ln_2_bias = rt.copy_to(h1_ln_2_bias, mesh, "tp")               # (64,)
-        h1_ln_2 = F.layer_norm(add_3, (64,), h1_ln_2_weight, h1_ln_2_bias, 1e-05)  # (4/dp, 32/tp, 64)
-        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 16 KiB fwd, reduce_scatter 16 KiB bwd)
-        h1_ln_2 = rt.all_gather(h1_ln_2, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 32 KiB bwd)
-        h1_c_fc_weight = rt.copy_to(self.transformer.h[1].mlp.c_fc.weight, mesh, "dp")  # (256/tp, 64)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 512 B bwd)
-        h1_c_fc_bias = rt.copy_to(self.transformer.h[1].mlp.c_fc.bias, mesh, "dp")  # (256/tp,)
-        h1_c_fc = F.linear(h1_ln_2, h1_c_fc_weight, h1_c_fc_bias)         # (4/dp, 32, 256/tp)
-        # {dp:S(0), tp:S(2)} -> {dp:S(0), tp:S(1)}: re-shard on another dim (all_to_all 32 KiB fwd, all_to_all 32 KiB bwd)
-        h1_c_fc = rt.all_to_all(h1_c_fc, mesh, "tp", split_dim=1, concat_dim=2)  # (4/dp, 32/tp, 256)
-        h1_gelu = F.gelu(h1_c_fc)                                         # (4/dp, 32/tp, 256)
-        # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:S(2)}: re-shard on another dim (all_to_all 32 KiB fwd, all_to_all 32 KiB bwd)
-        h1_gelu = rt.all_to_all(h1_gelu, mesh, "tp", split_dim=2, concat_dim=1)  # (4/dp, 32, 256/tp)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 32 KiB bwd)
-        h1_c_proj_weight_1 = rt.copy_to(self.transformer.h[1].mlp.c_proj.weight, mesh, "dp")  # (64, 256/tp)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h1_c_proj_bias_1 = rt.copy_to(self.transformer.h[1].mlp.c_proj.bias, mesh, "dp")  # (64,)
-        # tp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        h1_c_proj_bias_1 = rt.copy_to(h1_c_proj_bias_1, mesh, "tp")       # (64,)
-        # the output is a partial sum over 2 ranks: each adds 1/2 of the bias
-        h1_c_proj_bias_1 = h1_c_proj_bias_1 / 2                           # (64,)
-        h1_c_proj_1 = F.linear(h1_gelu, h1_c_proj_weight_1, h1_c_proj_bias_1)  # (4/dp, 32, 64) partial sum over tp
-        # {dp:S(0), tp:P} -> {dp:S(0), tp:S(1)}: sum the partial results, keep this rank's slice (reduce_scatter 16 KiB fwd, all_gather 16 KiB bwd)
-        h1_c_proj_1 = rt.reduce_scatter(h1_c_proj_1, mesh, "tp", dim=1)   # (4/dp, 32/tp, 64)
-        h1 = add_3 + h1_c_proj_1                                          # (4/dp, 32/tp, 64)
+        x = rt.all_to_all(x_1, mesh, "tp", split_dim=1, concat_dim=2)     # (4/dp, 32/tp, 64)
+        for block in self.transformer.h:
+            x = block(x)
 
         # transformer
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
+        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
         ln_f_weight = rt.copy_to(self.transformer.ln_f.weight, mesh, "dp")  # (64,)
-        # tp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
+        # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
         ln_f_weight = rt.copy_to(ln_f_weight, mesh, "tp")                 # (64,)
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
+        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
         ln_f_bias = rt.copy_to(self.transformer.ln_f.bias, mesh, "dp")    # (64,)
-        # tp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
+        # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
         ln_f_bias = rt.copy_to(ln_f_bias, mesh, "tp")                     # (64,)
-        ln_f = F.layer_norm(h1, (64,), ln_f_weight, ln_f_bias, 1e-05)     # (4/dp, 32/tp, 64)
+        ln_f = F.layer_norm(x, (64,), ln_f_weight, ln_f_bias, 1e-05)      # (4/dp, 32/tp, 64)
 
         # lm_head
-        # dp splits this op: the gradient is a partial sum, all_reduce it in backward (all_reduce 16 KiB bwd)
-        wte_weight_1 = rt.copy_to(self.transformer.wte.weight, mesh, "dp")  # (128, 64/tp)
         # {dp:R, tp:S(1)} -> {dp:R, tp:R}: gather the shards (all_gather 32 KiB fwd, reduce_scatter 32 KiB bwd)
-        wte_weight_1 = rt.all_gather(wte_weight_1, mesh, "tp", dim=1, partial_grad=True)  # (128, 64)
-        lm_head = F.linear(ln_f, wte_weight_1)                            # (4/dp, 32/tp, 128)
+        wte_weight = rt.all_gather(wte_weight, mesh, "tp", dim=1, partial_grad=True)  # (128, 64)
+        logits = F.linear(ln_f, wte_weight)                               # (4/dp, 32/tp, 128)
         # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:S(2)}: re-shard on another dim (all_to_all 16 KiB fwd, all_to_all 16 KiB bwd)
-        lm_head = rt.all_to_all(lm_head, mesh, "tp", split_dim=2, concat_dim=1)  # (4/dp, 32, 128/tp)
-        view_8 = lm_head.reshape(64, 64)                                  # (128/dp, 128/tp)
-        view_9 = targets.reshape(64)                                      # (128/dp,)
+        logits = rt.all_to_all(logits, mesh, "tp", split_dim=2, concat_dim=1)  # (4/dp, 32, 128/tp)
+        view_8 = logits.reshape(-1, 64)                                   # (128/dp, 128/tp)
+        view_9 = targets.reshape(-1)                                      # (128/dp,)
         # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 32 KiB fwd)
         view_8 = rt.all_gather(view_8, mesh, "tp", dim=1)                 # (128/dp, 128)
-        cross_entropy_loss = F.cross_entropy(view_8, view_9, ignore_index=-1)  # () partial sum over dp
+        loss = F.cross_entropy(view_8, view_9, ignore_index=-1)           # () partial sum over dp
         # a mean over this rank's shard: divide by the 2 shards so that they sum up
-        cross_entropy_loss = cross_entropy_loss / 2                       # () partial sum over dp
-        return cross_entropy_loss
+        loss = loss / 2                                                   # () partial sum over dp
+        return loss
 
     def load_full_state_dict(self, full):
         """Copy this rank's block of every tensor of a single-device state dict."""
         with torch.no_grad():
             for name, t in [*self.named_parameters(), *self.named_buffers()]:
-                t.copy_(shard(full_tensor(full, name), LAYOUTS[name], self.mesh))
+                t.copy_(shard(full_tensor(full, name), name, self.mesh))
 
 
 def main():
@@ -427,7 +319,7 @@ def main():
     model = GPTShard(mesh)
     model.load_full_state_dict(init["model"])
     model.to(mesh.device)
-    idx, targets = [shard(t, LAYOUTS[name], mesh).to(mesh.device)
+    idx, targets = [shard(t, name, mesh).to(mesh.device)
                     for name, t in zip(INPUTS, init["inputs"])]
 
     trainable = [p for p in model.parameters() if p.requires_grad]

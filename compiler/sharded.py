@@ -1,0 +1,236 @@
+"""The sharded program of one rank: what plan application (passes/apply.py) returns and the
+code generators read.
+
+A `ShardedGraph` is the rank's IR (local shapes, explicit collective nodes from the
+collective table) with everything later stages need beside it: the mesh and plan, every
+value's layout and global shape, which values need a gradient, the ZeRO state sharded over
+the data-parallel axis and the recompute regions. Its bytes per step come from the same
+table the cost model prices (`collectives.traffic`):
+
+    >>> sharded = apply_plan(graph, plan)                           # doctest: +SKIP
+    >>> sharded.traffic()                                           # doctest: +SKIP
+    {'all_gather:tp': 368640, 'all_reduce:dp': 234752, ...}
+    >>> print(print_sharded(sharded))                               # doctest: +SKIP
+      %linear_2: f32[4,64] {dp:S(0), tp:P} = linear(%gelu_1, %net.4.weight, %net.4.bias)  # net.4
+      %linear_2_tp: f32[4,64] {dp:S(0), tp:R} = all_reduce(%linear_2, axis=tp)          # 1 KiB fwd
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from autopar.compiler import collectives, sharding
+from autopar.compiler.ir import Graph, Node, Value, format_attr
+from autopar.compiler.plan import Plan
+
+# `NodeMeta.source` of the scaling nodes plan application inserts (codegen comments on them)
+MEAN_SCALE = "autopar:mean_over_shards"
+BIAS_SHARE = "autopar:bias_share"
+
+
+def is_collective(node: Node) -> bool:
+    return node.op in collectives.OPS
+
+
+def is_inserted_scale(node: Node) -> bool:
+    return node.meta.source in (MEAN_SCALE, BIAS_SHARE)
+
+
+@dataclass
+class ZeroParams:
+    """Which parameters ZeRO-1/2 shards over `axis` (flattened, padded to a multiple of the
+    axis size), and for stage 2 which of them skip the per-use gradient all_reduce."""
+    axis: str | None
+    stage: int
+    params: list[str]                 # optimizer state sharded (stages 1, 2)
+    reduce_scatter: set[str]          # stage 2: gradients reduce_scattered after backward
+
+    def skips_grad_reduce(self, value: str) -> bool:
+        return value in self.reduce_scatter
+
+
+def zero_chunk(numel: int, n: int) -> int:
+    """Elements of a parameter each rank owns under ZeRO-1/2 (padded to n equal chunks)."""
+    return math.ceil(numel / n)
+
+
+@dataclass
+class Region:
+    """A recompute region of the sharded program: nodes [start, end) of module `module`."""
+    module: str
+    start: int
+    end: int
+
+
+@dataclass
+class ShardedGraph:
+    """One rank's program and what it was made from (see the module docstring)."""
+    graph: Graph
+    mesh: dict[str, int]
+    plan: Plan
+    layouts: dict[str, tuple]             # value name -> layout
+    global_shapes: dict[str, tuple]       # value name -> unsharded shape
+    needs_grad: set[str]                  # value names whose gradient is computed
+    zero: ZeroParams
+    regions: list[Region] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    # the local graph's parts, read through
+    @property
+    def nodes(self) -> list[Node]:
+        return self.graph.nodes
+
+    @property
+    def inputs(self) -> list[Value]:
+        return self.graph.inputs
+
+    @property
+    def params(self) -> list[Value]:
+        return self.graph.params
+
+    @property
+    def outputs(self) -> list[Value]:
+        return self.graph.outputs
+
+    def node_traffic(self, node: Node) -> list[tuple[str, str, int, str]]:
+        """(kind, axis, bytes, phase) the runtime records for one collective node."""
+        return node_traffic(node, node.inputs[0].name in self.needs_grad)
+
+    def recomputed(self) -> set[int]:
+        """Indices of nodes inside a recompute region whose result backward needs (their
+        forward collectives run again during backward)."""
+        again: set[int] = set()
+        for r in self.regions:
+            _, outs = region_io(self.graph, r.start, r.end)
+            if any(v.name in self.needs_grad for v in outs):
+                again.update(range(r.start, r.end))
+        return again
+
+    def traffic(self) -> dict[str, int]:
+        """Bytes per training step and rank, keyed `kind:axis` (the runtime's accounting):
+        forward and backward collectives, the forward collectives of recompute regions again
+        in backward, and ZeRO-1/2's reduce_scatter / all_gather around the optimizer step."""
+        total: dict[str, int] = {}
+
+        def add(kind, axis, b):
+            k = f"{kind}:{axis}"
+            total[k] = total.get(k, 0) + b
+        again = self.recomputed()
+        for i, n in enumerate(self.nodes):
+            if not is_collective(n):
+                continue
+            for kind, axis, b, phase in self.node_traffic(n):
+                add(kind, axis, b)
+                if phase == "forward" and i in again:
+                    add(kind, axis, b)
+        z = self.zero
+        if z.params:
+            n = self.mesh[z.axis]
+            for p in self.params:
+                if p.name in z.params:
+                    padded = zero_chunk(p.numel, n) * n * p.itemsize
+                    if p.name in z.reduce_scatter:
+                        add("reduce_scatter", z.axis, padded)
+                    add("all_gather", z.axis, padded)
+        return dict(sorted(total.items()))
+
+
+def nbytes(v: Value) -> int:
+    return v.numel * v.itemsize
+
+
+def node_traffic(node: Node, needs_grad: bool) -> list[tuple[str, str, int, str]]:
+    """(kind, axis, bytes, phase) of one collective node, from the collective table."""
+    a = node.attr
+    return [(kind, a["axis"], b, phase) for kind, phase, b in
+            collectives.traffic(node.op, a, nbytes(node.inputs[0]), nbytes(node.outputs[0]), needs_grad)]
+
+
+def region_io(graph: Graph, start: int, end: int) -> tuple[list[Value], list[Value]]:
+    """Activations a region reads from before it, and values it defines that are used after
+    it (or returned). Parameters are not listed: the region reads them from the module."""
+    inside = graph.nodes[start:end]
+    defined = {v for n in inside for v in n.outputs}
+    ins: dict[Value, None] = {}
+    for n in inside:
+        for v in n.inputs:
+            if v not in defined and v.kind not in ("param", "buffer"):
+                ins.setdefault(v, None)
+    later = {v for n in graph.nodes[end:] for v in n.inputs} | set(graph.outputs)
+    outs = [v for n in inside for v in n.outputs if v in later]
+    return list(ins), outs
+
+
+def format_bytes(b: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if b >= size:
+            v = b / size
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
+    return f"{b} B"
+
+
+def collective_comment(sharded: ShardedGraph, node: Node) -> str:
+    parts = []
+    for kind, axis, b, phase in sharded.node_traffic(node):
+        tag = "fwd" if phase == "forward" else "bwd"
+        parts.append(f"{format_bytes(b)} {tag}" if kind == node.op else f"{kind} {format_bytes(b)} {tag}")
+    return ", ".join(parts) or "no data moved"
+
+
+def print_sharded(sharded: ShardedGraph) -> str:
+    """The sharded IR: local types, layouts after the type, bytes on collectives.
+
+        %y: f32[8,64] {dp:S(0), tp:P} = linear(%h1, %fc2.weight)            # fc2
+        %y_tp: f32[8,64] {dp:S(0), tp:R} = all_reduce(%y, axis=tp)          # 2 KiB fwd
+    """
+    mesh, lay, plan, g = sharded.mesh, sharded.layouts, sharded.plan, sharded.graph
+
+    def note(v: Value) -> str:
+        return " " + sharding.format_layout(mesh, lay[v.name])
+
+    lines = [f"# {n}" for n in g.notes]
+    lines.append(f"# mesh {sharding.format_mesh(mesh)}; zero={plan.zero}"
+                 + (f"; recompute {', '.join(plan.recompute)}" if plan.recompute else ""))
+    ins = ", ".join(f"{v!r}{note(v)}" for v in g.inputs)
+    lines.append(f"graph {g.name}({ins}) {{")
+    tied: dict[str, list[str]] = {}
+    for alias, target in sorted(g.aliases.items()):
+        tied.setdefault(target, []).append(alias)
+    for p in g.params:
+        flag = "" if p.kind == "buffer" else (" trainable" if p.requires_grad else " frozen")
+        extra = f"  (tied: {', '.join(tied[p.name])})" if p.name in tied else ""
+        lines.append(f"  {p.kind} {p!r}{note(p)}{flag}{extra}")
+    regions = {r.start: r.end for r in sharded.regions}
+    end = None
+    for i, node in enumerate(g.nodes):
+        if i in regions:
+            end = regions[i]
+            lines.append("  recompute {")
+        lhs = ", ".join(f"{o!r}{note(o)}" for o in node.outputs)
+        args = [f"%{v.name}" for v in node.inputs]
+        args += [f"{k}={v}" if k == "axis" else f"{k}={format_attr(v)}" for k, v in node.attrs]
+        indent = "    " if end is not None else "  "
+        line = f"{indent}{lhs} = {node.op}({', '.join(args)})"
+        comment = collective_comment(sharded, node) if is_collective(node) else node.meta.module
+        if comment:
+            line = f"{line:<90}  # {comment}"
+        lines.append(line)
+        if end is not None and i + 1 == end:
+            lines.append("  }")
+            end = None
+    lines.append(f"  return {', '.join('%' + v.name for v in g.outputs)}")
+    lines.append("}")
+    traffic = sharded.traffic()
+    if traffic:
+        lines.append("# bytes per step and rank: " + ", ".join(
+            f"{k} {format_bytes(b)}" for k, b in traffic.items()))
+    return "\n".join(lines) + "\n"
+
+
+def predict_traffic(sharded: ShardedGraph) -> dict[str, int]:
+    return sharded.traffic()
+
+
+__all__ = ["ShardedGraph", "ZeroParams", "Region", "zero_chunk", "node_traffic", "region_io",
+           "print_sharded", "predict_traffic", "format_bytes", "is_collective", "is_inserted_scale",
+           "MEAN_SCALE", "BIAS_SHARE", "nbytes"]
