@@ -20,7 +20,8 @@ Builders:
 - `build()`: a two-layer model that runs in well under a second, with a fixed batch;
 - `build_meta(preset)`: a preset-sized model on the meta device (shapes, no storage);
 - `meta_1_7b()`, `meta_3_6b()`, `meta_7_5b()`, `meta_18_4b()`, `meta_100b()`: the
-  Megatron-LM sizes as SPECs, e.g. `autopar plan examples/gpt.py:meta_7_5b --devices 128`.
+  Megatron-LM sizes at their global batch as SPECs (they take `--batch`), e.g.
+  `autopar plan examples/gpt.py:meta_7_5b --devices 128 --device a100-80g`.
 """
 
 import math
@@ -89,7 +90,7 @@ class LayerNorm(nn.Module):
 class CausalSelfAttention(nn.Module):
     """Multi-head attention in which position t sees positions 0..t only.
 
-    `c_attn` holds the q, k and v projections side by side (3 * n_embd outputs); `c_proj`
+    `c_attn` stacks the q, k and v projections (3 * n_embd outputs, in that order); `c_proj`
     maps the concatenated heads back to n_embd."""
 
     def __init__(self, config):
@@ -133,7 +134,7 @@ class CausalSelfAttention(nn.Module):
             scores = scores.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
             weights = self.attn_dropout(F.softmax(scores, dim=-1))
             y = weights @ v                                                    # (B, nh, T, hd)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)   # heads side by side again
+        y = y.transpose(1, 2).contiguous().view(B, T, C)   # (B, T, nh * hd): heads concatenated
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -260,30 +261,38 @@ def build_meta(preset: str = "1.7b", batch: int = 1, seq: int = None, **override
 
 
 # One SPEC per Megatron-LM size. A SPEC is called with no arguments or with batch=N only,
-# so the preset has to be in the function's name.
+# so the preset has to be in the function's name. Without recompute (which only a plan
+# file asks for), the three smaller sizes plan at their default batch on the device counts
+# of the same table (A100 80GB); the two larger ones need a smaller --batch or a plan file
+# with a mesh and `recompute "transformer.h.*"`.
 
 def meta_1_7b(batch: int = MEGATRON_BATCH["1.7b"]):
-    """GPT 1.7B on the meta device: `autopar plan examples/gpt.py:meta_1_7b --devices 32`."""
+    """GPT 1.7B on the meta device:
+    `autopar plan examples/gpt.py:meta_1_7b --devices 32 --device a100-80g`."""
     return build_meta("1.7b", batch=batch)
 
 
 def meta_3_6b(batch: int = MEGATRON_BATCH["3.6b"]):
-    """GPT 3.6B on the meta device: `autopar plan examples/gpt.py:meta_3_6b --devices 64`."""
+    """GPT 3.6B on the meta device:
+    `autopar plan examples/gpt.py:meta_3_6b --devices 64 --device a100-80g`."""
     return build_meta("3.6b", batch=batch)
 
 
 def meta_7_5b(batch: int = MEGATRON_BATCH["7.5b"]):
-    """GPT 7.5B on the meta device: `autopar plan examples/gpt.py:meta_7_5b --devices 128`."""
+    """GPT 7.5B on the meta device:
+    `autopar plan examples/gpt.py:meta_7_5b --devices 128 --device a100-80g`."""
     return build_meta("7.5b", batch=batch)
 
 
 def meta_18_4b(batch: int = MEGATRON_BATCH["18.4b"]):
-    """GPT 18.4B on the meta device: `autopar plan examples/gpt.py:meta_18_4b --devices 256`."""
+    """GPT 18.4B on the meta device:
+    `autopar plan examples/gpt.py:meta_18_4b --devices 256 --batch 256 --device a100-80g`."""
     return build_meta("18.4b", batch=batch)
 
 
 def meta_100b(batch: int = MEGATRON_BATCH["100b"]):
-    """GPT 100B on the meta device: `autopar plan examples/gpt.py:meta_100b --devices 1024`."""
+    """GPT 100B on the meta device:
+    `autopar plan examples/gpt.py:meta_100b --devices 1024 --batch 128 --device a100-80g`."""
     return build_meta("100b", batch=batch)
 
 
