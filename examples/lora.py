@@ -1,17 +1,19 @@
 """
-LoRA fine-tuning of a frozen GPT.
+Low-rank adaptation (LoRA) of a frozen GPT: the training graph where almost nothing trains.
 
-Takes the nanoGPT-style model from examples/gpt.py, freezes every parameter,
-and wraps each attention projection (attn.c_attn and attn.c_proj) in a
-LoRALinear:
+The GPT of examples/gpt.py is built as usual, every one of its parameters is frozen, and
+each attention projection (`attn.c_attn`, `attn.c_proj`) is replaced by a LoRALinear that
+keeps the frozen layer as `base` and adds a trainable rank-r correction:
 
-    y = base(x) + (x @ A.T @ B.T) * (alpha / r)
+    y = base(x) + (x @ lora_A.T @ lora_B.T) * (alpha / r)
 
-where only the low-rank adapters A (r x in) and B (out x r) are trainable.
-This shows a training graph in which most weights need no gradient, so only
-the small adapters (and the activations leading to them) need a backward.
-lora_B is initialised with small random values (rather than zeros as in the
-paper) so that gradients reach both A and B from the first step.
+lora_A is (r, in) and lora_B is (out, r), so the adapters hold r * (in + out) numbers per
+projection against in * out frozen ones. For autopar this means: frozen weights get no
+gradient and no optimizer state, and the backward only runs where it leads to an adapter.
+
+Unlike the LoRA paper, which starts lora_B at zero so that training begins from the base
+model exactly, both factors start small and random here: with a zero lora_B the first
+step's gradient of lora_A is zero too, and a parity test of that step would not see it.
 """
 
 import importlib.util
@@ -22,50 +24,70 @@ import torch
 import torch.nn as nn
 
 
-def _load_gpt():
-    """Import examples/gpt.py by path, whatever the cwd or sys.path."""
+def _import_gpt():
+    """examples/gpt.py as a module, found next to this file: SPECs load this file by path,
+    so neither the working directory nor sys.path can be relied on."""
     name = "autopar_examples_gpt"
     if name not in sys.modules:
-        path = pathlib.Path(__file__).resolve().parent / "gpt.py"
-        spec = importlib.util.spec_from_file_location(name, path)
+        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).resolve().with_name("gpt.py"))
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
 
 
-gpt = _load_gpt()
+gpt = _import_gpt()
 GPT, GPTConfig = gpt.GPT, gpt.GPTConfig
 
 
 class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update of rank `r`, scaled by alpha / r
+    so that changing r does not change the update's size at init.
+
+        >>> layer = LoRALinear(nn.Linear(64, 32), r=4)
+        >>> [n for n, p in layer.named_parameters() if p.requires_grad]
+        ['lora_A', 'lora_B']
+    """
 
     def __init__(self, base: nn.Linear, r: int = 4, alpha: float = 8):
         super().__init__()
         self.base = base
-        for p in self.base.parameters():
-            p.requires_grad = False
+        self.base.requires_grad_(False)
         self.r = r
         self.scaling = alpha / r
-        self.lora_A = nn.Parameter(torch.randn(r, base.in_features) * 0.02)
-        self.lora_B = nn.Parameter(torch.randn(base.out_features, r) * 0.02)
+        self.lora_A = nn.Parameter(0.02 * torch.randn(r, base.in_features))
+        self.lora_B = nn.Parameter(0.02 * torch.randn(base.out_features, r))
 
     def forward(self, x):
-        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
+        frozen = self.base(x)
+        update = x @ self.lora_A.T @ self.lora_B.T        # (.., in) -> (.., r) -> (.., out)
+        return frozen + update * self.scaling
 
 
 def add_lora(model: nn.Module, r: int = 4, alpha: float = 8):
-    """Freeze the model and wrap every attention c_attn / c_proj with LoRA."""
-    for p in model.parameters():
-        p.requires_grad = False
+    """Freeze `model` (a GPT) and put a LoRALinear around each block's attn.c_attn and
+    attn.c_proj, in place; returns the model.
+
+        >>> model = add_lora(GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=8)))
+        >>> sum(p.requires_grad for p in model.parameters())
+        4
+    """
+    model.requires_grad_(False)
     for block in model.transformer.h:
-        block.attn.c_attn = LoRALinear(block.attn.c_attn, r=r, alpha=alpha)
-        block.attn.c_proj = LoRALinear(block.attn.c_proj, r=r, alpha=alpha)
+        attn = block.attn
+        attn.c_attn = LoRALinear(attn.c_attn, r=r, alpha=alpha)
+        attn.c_proj = LoRALinear(attn.c_proj, r=r, alpha=alpha)
     return model
 
 
 def build(config: GPTConfig = None, batch: int = 4, seq: int = 32, r: int = 4, alpha: float = 8):
-    """Return (model, (idx, targets)) for a tiny deterministic LoRA-wrapped GPT."""
+    """The small GPT of examples/gpt.py with rank-`r` adapters, and a random `batch` x `seq`
+    batch, the same on every call (seed 0).
+
+        >>> model, (idx, targets) = build()
+        >>> sum(p.numel() for p in model.parameters() if p.requires_grad)
+        3072
+    """
     config = config or GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=4, n_embd=64)
     torch.manual_seed(0)
     model = add_lora(GPT(config), r=r, alpha=alpha)
@@ -77,7 +99,7 @@ def build(config: GPTConfig = None, batch: int = 4, seq: int = 32, r: int = 4, a
 
 if __name__ == "__main__":
     model, inputs = build()
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    print(f"params: {n_total:,} ({n_train:,} trainable)")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"params: {total:,} ({trainable:,} trainable)")
     print(f"loss: {model(*inputs).item():.6f}")
