@@ -28,7 +28,9 @@ placement per mesh axis (mesh order):
   is picked by its ``F`` coordinates in mesh order. The padding is not stored; it reads
   back as zeros.
 
-``ShardSpec.flat = (offset, length)`` gives a flat range of the block explicitly instead.
+``ShardSpec.flat = (offset, length)`` gives the rank's flat range of the block explicitly
+instead (chunks of unequal size); mark the axes it differs along ``"F"`` so that ranks
+along them are not taken for replicas.
 
 Index (``index.json``): ``format``, ``version``, ``step``, ``mesh``, ``world_size``,
 ``plan``, ``files`` (name -> bytes), ``tensors`` (name -> ``shape``, ``dtype``, ``group``
@@ -54,7 +56,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 
 __all__ = [
@@ -89,8 +90,9 @@ class ShardSpec:
     """Where a rank's local tensor sits in the global one.
 
     ``layout``: one placement per mesh axis, ``"R"``, ``"S(d)"`` or ``"F"`` (a sequence in
-    mesh order, or a dict axis -> placement with ``"R"`` for axes left out). ``flat``: an
-    explicit ``(offset, length)`` range of the flattened block instead of ``"F"`` axes.
+    mesh order, or a dict axis -> placement with ``"R"`` for axes left out). ``flat``: this
+    rank's ``(offset, length)`` range of the flattened block, instead of the equal padded
+    chunks that ``"F"`` axes give.
     ``source``: ``(name, dim, start, stop)`` when the tensor is rows ``start:stop`` along
     ``dim`` of the state-dict tensor ``name`` (a fused QKV weight cut in three).
 
@@ -128,8 +130,6 @@ class ShardSpec:
             if not -nd <= d < nd:
                 raise CheckpointError(f"{what}: placement {p} names dim {d} of a {nd}-dim tensor "
                                       f"of shape {tuple(self.shape)}")
-        if self.flat is not None and "F" in pl:
-            raise CheckpointError(f"{what}: give either F placements or an explicit flat range, not both")
         return pl
 
 
@@ -199,10 +199,10 @@ def _slice_of(spec: ShardSpec, axes: Mapping[str, int], coords: Mapping[str, int
         elif p == "F":
             f_n, f_i = f_n * n, f_i * n + coords[axis]
     flat = None
-    if "F" in pl:
-        flat = zero_chunk(math.prod(b - a for a, b in region), f_n, f_i)
-    elif spec.flat is not None:
+    if spec.flat is not None:                    # the caller's own chunking
         flat = (int(spec.flat[0]), int(spec.flat[1]))
+    elif "F" in pl:
+        flat = zero_chunk(math.prod(b - a for a, b in region), f_n, f_i)
     return _Slice(tuple(region), flat)
 
 
