@@ -101,19 +101,21 @@ def make_state(seed=0):
         "scalar": torch.tensor(3.5),
         "half": torch.randn(4, 4, generator=g).to(torch.bfloat16),
         "count": torch.arange(12, dtype=torch.int64).view(3, 4),
+        "rep": torch.randn(3, 5, generator=g),
     }
 
 
 SAVE_LAYOUTS = {   # on dp=2, tp=2
     "emb": ("R", "S(0)"), "w": ("S(1)", "S(0)"), "b": ("F", "S(0)"), "odd": ("F", "R"),
-    "scalar": ("R", "R"), "half": ("R", "S(1)"), "count": ("S(0)", "R"),
+    "scalar": ("R", "R"), "half": ("R", "S(1)"), "count": ("S(0)", "R"), "rep": ("R", "R"),
 }
 LOAD_CASES = [
     ({"tp": 4}, {"emb": ("S(1)",), "w": ("S(0)",), "b": ("S(0)",), "odd": ("S(2)",), "scalar": ("R",),
-                 "half": ("F",), "count": ("S(1)",)}),
+                 "half": ("F",), "count": ("S(1)",), "rep": ("F",)}),
     ({"dp": 4}, {k: ("F",) for k in SAVE_LAYOUTS}),
     ({"pp": 2, "dp": 3}, {"emb": ("S(0)", "F"), "w": ("R", "S(1)"), "b": ("F", "F"), "odd": ("S(0)", "S(1)"),
-                          "scalar": ("R", "F"), "half": ("S(0)", "R"), "count": ("F", "S(0)")}),
+                          "scalar": ("R", "F"), "half": ("S(0)", "R"), "count": ("F", "S(0)"),
+                          "rep": ("F", "F")}),
     ({"x": 1}, {k: () for k in SAVE_LAYOUTS}),
 ]
 

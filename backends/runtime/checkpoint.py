@@ -792,6 +792,27 @@ def _read_into(files: _Files, name: str, rec: dict, target: _Slice, dtype: torch
             out[dst] = vals.to(dtype)
             filled += vals.numel()
             continue
+        if tuple(s_region) == tuple(target.region):
+            # one flattening on both sides (a ZeRO chunk read back under the same tp
+            # layout): the overlap is one contiguous range, no index arithmetic needed
+            t_a = target.flat[0] if target.flat is not None else 0
+            t_b = t_a + target.real_length
+            s_a = s_flat[0] if s_flat is not None else 0
+            s_b = s_a + (s_flat[1] if s_flat is not None else math.prod(target.block_shape))
+            a, b = max(t_a, s_a), min(t_b, s_b)
+            if a >= b:
+                continue
+            if s_flat is not None:
+                vals = sl[a - s_a:b - s_a]
+            else:
+                row = math.prod(target.block_shape[1:]) if nd else 1
+                r0, r1 = a // row, (b - 1) // row + 1
+                vals = (sl[r0:r1] if nd else _read_all(files, piece, name, sl)).reshape(-1)
+                vals = vals[a - r0 * row:b - r0 * row]
+            dst = out.view(-1) if target.flat is None else out
+            dst[a - t_a:b - t_a] = vals.to(dtype)
+            filled += b - a
+            continue
         idx_t = _box_index(box, t_lo, t_str)
         idx_s = _box_index(box, [c for c, _ in s_region], _strides(tuple(b - a for a, b in s_region)))
         mask = torch.ones_like(idx_t, dtype=torch.bool)
