@@ -342,6 +342,29 @@ def test_async_error_surfaces_on_wait(tmp_path):
         h.wait()
 
 
+def test_a_rank_that_cannot_write_fails_the_save_fast(tmp_path, monkeypatch):
+    write = ck._write_rank_file
+
+    def fail_on_rank_1(path, rank, entries, meta):
+        if rank == 1:
+            raise OSError(28, "No space left on device")
+        return write(path, rank, entries, meta)
+    monkeypatch.setattr(ck, "_write_rank_file", fail_on_rank_1)
+
+    def save(mesh):
+        t0 = time.monotonic()
+        try:
+            rt.save_checkpoint(tmp_path, mesh, 1, {"w": (torch.zeros(2), ShardSpec((4,), ("S(0)",)))},
+                               timeout_s=120)
+        except (OSError, CheckpointError) as e:
+            return type(e).__name__, str(e), time.monotonic() - t0
+        return None
+    (k0, msg0, s0), (k1, msg1, _) = on_ranks({"tp": 2}, save)
+    assert k1 == "OSError" and "No space left" in msg1
+    assert k0 == "CheckpointError" and "rank 1 could not write its shard file" in msg0 and "No space left" in msg0
+    assert s0 < 60 and not ck.list_checkpoints(tmp_path)
+
+
 def test_optimizer_state_round_trip(tmp_path):
     p = torch.nn.Parameter(torch.randn(6, 4))
     opt = torch.optim.AdamW([p], lr=0.1)

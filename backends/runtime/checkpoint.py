@@ -559,7 +559,11 @@ def save_checkpoint(directory, mesh, step: int, tensors: Mapping[str, object],
     def work(handle: CheckpointHandle):
         t0 = time.perf_counter()
         try:
-            _write_rank_file(path, rank, entries, meta)
+            try:
+                _write_rank_file(path, rank, entries, meta)
+            except BaseException as e:
+                _note_failure(path, rank, e)     # rank 0 stops waiting for this file
+                raise
             if rank == 0:
                 _write_index(root, path, world, timeout_s, keep)
         except BaseException as e:               # re-raised by wait()
@@ -605,12 +609,35 @@ def _write_rank_file(path: Path, rank: int, entries: Dict[str, torch.Tensor], me
                               {_META_KEY: json.dumps(meta, sort_keys=True)})
 
 
+def _failure_file(rank: int) -> str:
+    return f"rank{rank}.error.json"
+
+
+def _note_failure(path: Path, rank: int, err: BaseException) -> None:
+    try:
+        _write_atomic_text(path / _failure_file(rank), json.dumps({"rank": rank, "error": repr(err)}))
+    except OSError:
+        pass                                     # rank 0 then runs into its timeout
+
+
+def _read_failure(note: Path) -> str:
+    try:
+        return json.loads(note.read_text())["error"]
+    except (OSError, ValueError, KeyError):
+        return "no details"
+
+
 def _write_index(root: Path, path: Path, world: int, timeout_s: float, keep: Optional[int]) -> None:
     """Rank 0: wait for every rank's file, build the index from their headers, write it
     last, then drop old checkpoints."""
     deadline = time.monotonic() + timeout_s
     files = [path / _rank_file(r) for r in range(world)]
     while not all(f.exists() for f in files):
+        for r in range(world):
+            note = path / _failure_file(r)
+            if note.exists():
+                raise CheckpointError(f"{path}: rank {r} could not write its shard file "
+                                      f"({_read_failure(note)}); the checkpoint stays incomplete")
         if time.monotonic() > deadline:
             missing = [f.name for f in files if not f.exists()]
             raise CheckpointError(f"{path}: ranks did not write {missing} within {timeout_s:.0f} s; "
@@ -743,6 +770,11 @@ class _Files:
             raise CheckpointError(f"{f}: corrupted shard file, needed for tensor {tensor!r} ({e})") from None
         self.open[name] = h
         return h
+
+    def close(self) -> None:
+        for h in self.open.values():
+            h.__exit__(None, None, None)
+        self.open = {}
 
     def slice(self, piece: dict, tensor: str):
         h = self.get(piece["file"], tensor)
@@ -919,6 +951,14 @@ def load_checkpoint(directory, mesh, wanted: Mapping[str, object],
                                   f"have, e.g. {extra[:3]}; it is from another model (pass strict=False "
                                   f"to read a subset)")
     files = _Files(path, index)
+    try:
+        return _load(files, path, index, want, axes, coords, rank, verify)
+    finally:
+        files.close()
+
+
+def _load(files, path, index, want, axes, coords, rank, verify) -> LoadedCheckpoint:
+    have, idx_file = index["tensors"], path / INDEX
     out: Dict[str, Dict[str, torch.Tensor]] = {"model": {}, "optim": {}}
     for name, (group, spec) in want.items():
         spec = _norm_spec(spec, f"tensor {name!r}")
@@ -937,7 +977,7 @@ def load_checkpoint(directory, mesh, wanted: Mapping[str, object],
     if int(index["world_size"]) == (math.prod(axes.values()) if axes else 1):
         rng = {}
         for k, ref in index["rng"].get(str(rank), {}).items():
-            rng[k] = files.slice(ref, f"rng state {k!r}")[:]
+            rng[k] = files.slice(ref, f"rng state {k!r}")[:].clone()
     return LoadedCheckpoint(path, int(index["step"]), out["model"], out["optim"], rng,
                             index.get("plan"), dict(index["mesh"]))
 
@@ -952,4 +992,8 @@ def read_tensor(directory, name: str, verify: bool = False) -> torch.Tensor:
     if rec is None:
         raise CheckpointError(f"{path / INDEX}: no tensor {name!r} in the checkpoint")
     full = _Slice(tuple((0, s) for s in rec["shape"]), None)
-    return _read_into(_Files(path, index), name, rec, full, _dtype_of(rec["dtype"]), verify)
+    files = _Files(path, index)
+    try:
+        return _read_into(files, name, rec, full, _dtype_of(rec["dtype"]), verify)
+    finally:
+        files.close()
