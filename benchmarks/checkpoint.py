@@ -15,6 +15,7 @@ The step time while an asynchronous save runs needs a generated training program
 left to the program's own benchmark.
 
     python benchmarks/checkpoint.py [--layers 8 --width 512 --reps 5]
+    python benchmarks/checkpoint.py --report     # rewrite the .md from the .json
 Writes benchmarks/results/checkpoint.{json,md}.
 """
 from __future__ import annotations
@@ -171,10 +172,12 @@ def report(res: dict) -> str:
              f"once: {res['disk_bytes']['ours'] / 2 ** 20:.0f} MiB on disk for autopar, "
              f"{res['disk_bytes']['dcp'] / 2 ** 20:.0f} MiB for DCP). Median of {res['reps']} "
              f"alternating repetitions after one warm-up; torch {res['torch']}; {res['cpus']} CPUs.", "",
-             "| operation | autopar s | DCP s | ratio |", "|---|---:|---:|---:|"]
+             "| operation | autopar s | DCP s | ratio | autopar min-max | DCP min-max |",
+             "|---|---:|---:|---:|---:|---:|"]
     for op, t in res["times_s"].items():
         a, d = statistics.median(t["autopar"]), statistics.median(t["dcp"])
-        lines.append(f"| {op} | {a:.3f} | {d:.3f} | {a / d:.2f} |")
+        lines.append(f"| {op} | {a:.3f} | {d:.3f} | {a / d:.2f} | {min(t['autopar']):.3f}-{max(t['autopar']):.3f} "
+                     f"| {min(t['dcp']):.3f}-{max(t['dcp']):.3f} |")
     lines += ["", "Ratio = autopar / DCP time (lower is better for autopar). Both writers fsync; loads read "
               "from the page cache. \"reshard\" loads only the weights, each rank a quarter of every "
               "weight on a tp=4 mesh. The step time during an asynchronous save needs a generated "
@@ -190,7 +193,13 @@ def main() -> int:
     ap.add_argument("--dir", default=None, help="where checkpoints go (default: a temporary directory)")
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--report", action="store_true", help="only rewrite checkpoint.md from checkpoint.json")
     args = ap.parse_args()
+    if args.report:
+        text = report(json.loads((OUT / "checkpoint.json").read_text()))
+        (OUT / "checkpoint.md").write_text(text)
+        print(text)
+        return 0
     if args.worker:
         worker(args)
         return 0
