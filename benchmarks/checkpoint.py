@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -35,7 +34,6 @@ from pathlib import Path
 import torch
 
 OUT = Path(__file__).resolve().parent / "results"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def shapes(layers: int, width: int) -> dict:

@@ -13,7 +13,6 @@ on the full tensors is the reference, compared with torch.equal. Rank 0 prints
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 

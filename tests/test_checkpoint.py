@@ -406,7 +406,8 @@ def test_consolidate_equals_the_full_state_and_info(tmp_path):
     g = torch.Generator().manual_seed(3)
     full = {"h.0.c_attn.weight": torch.randn(12, 4, generator=g), "h.0.c_attn.bias": torch.randn(12, generator=g),
             "wte.weight": torch.randn(10, 4, generator=g), "ln_f.weight": torch.randn(4, generator=g)}
-    pieces = {f"h.0.c_attn.weight.{i}": ShardSpec((4, 4), ("R", "S(0)"), source=("h.0.c_attn.weight", 0, 4 * i, 4 * i + 4))
+    pieces = {f"h.0.c_attn.weight.{i}": ShardSpec((4, 4), ("R", "S(0)"),
+                                                  source=("h.0.c_attn.weight", 0, 4 * i, 4 * i + 4))
               for i in range(3)}
     specs = {**pieces, "h.0.c_attn.bias": ShardSpec((12,), ("R", "S(0)")),
              "wte.weight": ShardSpec((10, 4), ("R", "S(0)")), "ln_f.weight": ShardSpec((4,), ("R", "R"))}
