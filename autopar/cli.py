@@ -7,6 +7,7 @@ holds the two small verbs, `ir` and `check-plan`.
     autopar emit SPEC (--mesh ... | --devices N | --plan FILE) --backend torch|mpi -o DIR
     autopar run SPEC (--mesh ... | --devices N | --plan FILE) --backend torch|mpi --steps N [--check]
     autopar check-plan FILE SPEC
+    autopar checkpoint info DIR | consolidate DIR -o model.safetensors
 
 Bad input (`autopar.compiler.errors.UserError`) is printed as one paragraph, exit status 2;
 anything else is a bug in autopar and is shown with its traceback.
@@ -29,6 +30,8 @@ COMMANDS = {
             "emit, launch local ranks, compare with the single device"),
     "check-plan": ("autopar.cli", "add_check_args", "check_main",
                    "validate a plan file against a model and print it normalised"),
+    "checkpoint": ("autopar.checkpoint", "add_checkpoint_args", "checkpoint_main",
+                   "inspect (info) or consolidate a training checkpoint"),
 }
 BUG_REPORT = ("autopar: this is a bug in autopar, not in your input; please report it with the "
               "command line and the traceback above")

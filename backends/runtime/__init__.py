@@ -72,7 +72,20 @@ when a split dimension is not divisible by the axis size:
 ``all_reduce_scalar(value, axis=None, op="sum") -> float``.
 
 Helpers: ``set_seed(seed)``, ``one_thread()``, ``log(mesh, msg)``.
+
+Checkpoints (``checkpoint.py``; safetensors files + one JSON index, no pickle):
+``save_checkpoint(dir, mesh, step, tensors, optimizer_state, rng_state, plan_json, keep,
+async_)``, ``wait_checkpoint()``, ``load_checkpoint(dir, mesh, wanted, optimizer)``
+(resharding on load), ``ShardSpec(shape, layout)`` with placements ``R``/``S(d)``/``F``
+(ZeRO flat chunk), ``optimizer_shards`` / ``optimizer_wanted`` / ``restore_optimizer``,
+``capture_rng_state`` / ``restore_rng_state``, ``save_file`` / ``load_file``,
+``save_init`` / ``load_init`` (initial weights + example batch), ``CheckpointError``.
 """
+from .checkpoint import (CheckpointError, CheckpointHandle, LoadedCheckpoint, ShardSpec,
+                         capture_rng_state, latest_checkpoint, load_checkpoint, load_file,
+                         load_init, optimizer_shards, optimizer_wanted, read_tensor,
+                         restore_optimizer, restore_rng_state, save_checkpoint, save_file,
+                         save_init, wait_checkpoint, zero_chunk)
 from .collectives import all_gather, all_reduce, all_to_all, copy_to, reduce_scatter, scatter
 from .mesh import KINDS, PHASES, CommEvent, Mesh, in_backward, init_mesh
 from .utils import log, one_thread, set_seed
@@ -81,4 +94,8 @@ __all__ = [
     "init_mesh", "Mesh", "CommEvent", "KINDS", "PHASES", "in_backward",
     "copy_to", "all_reduce", "all_gather", "scatter", "reduce_scatter", "all_to_all",
     "set_seed", "one_thread", "log",
+    "ShardSpec", "CheckpointError", "CheckpointHandle", "LoadedCheckpoint", "save_checkpoint",
+    "wait_checkpoint", "load_checkpoint", "latest_checkpoint", "read_tensor", "zero_chunk",
+    "optimizer_shards", "optimizer_wanted", "restore_optimizer", "capture_rng_state",
+    "restore_rng_state", "save_file", "load_file", "save_init", "load_init",
 ]

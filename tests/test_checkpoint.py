@@ -1,0 +1,496 @@
+"""Training-state checkpoints (autopar.backends.runtime.checkpoint, `autopar checkpoint`).
+
+Most tests run the save/load protocol of several ranks inside one process: each virtual
+rank is a thread with its own mesh coordinates and a shared threading.Barrier for
+`mesh.barrier()`, which exercises the same files, index and resharding code as real
+ranks. One launch per backend (tests/checkpoint_ranks.py) does it with 4 real processes.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autopar.backends import runtime as rt
+from autopar.backends.runtime import checkpoint as ck
+from autopar.backends.runtime.checkpoint import CheckpointError, ShardSpec
+from autopar.cli import main as cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------
+# virtual ranks
+# --------------------------------------------------------------------------
+class ThreadMesh:
+    """The part of rt.Mesh a checkpoint uses, for one virtual rank."""
+
+    def __init__(self, axes, rank, barrier):
+        self.axes, self.rank, self._barrier = dict(axes), rank, barrier
+
+    def coord(self, axis):
+        names = list(self.axes)
+        stride = math.prod(self.axes[a] for a in names[names.index(axis) + 1:])
+        return (self.rank // stride) % self.axes[axis]
+
+    def size(self, axis):
+        return self.axes[axis]
+
+    def barrier(self, axis=None):
+        self._barrier.wait(timeout=60)
+
+
+def on_ranks(axes, fn):
+    """Run fn(mesh) on every virtual rank of `axes` at once; results by rank."""
+    world = math.prod(axes.values())
+    barrier = threading.Barrier(world)
+    results, errors = [None] * world, []
+
+    def go(r):
+        try:
+            results[r] = fn(ThreadMesh(axes, r, barrier))
+        except BaseException as e:                 # noqa: BLE001 - re-raised below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=go, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+    if real or errors:
+        raise (real or errors)[0]
+    return results
+
+
+def local_of(full: torch.Tensor, spec: ShardSpec, mesh) -> torch.Tensor:
+    """What a rank holds of `full` under `spec`, computed the slow, obvious way."""
+    t, f_n, f_i = full, 1, 0
+    for (axis, n), p in zip(mesh.axes.items(), spec.placements(mesh.axes)):
+        if p.startswith("S("):
+            d = int(p[2:-1])
+            parts, c = t.chunk(n, d), mesh.coord(axis)
+            t = parts[c] if c < len(parts) else t.narrow(d, 0, 0)
+        elif p == "F":
+            f_n, f_i = f_n * n, f_i * n + mesh.coord(axis)
+    if "F" in spec.placements(mesh.axes):
+        size = math.ceil(t.numel() / f_n)
+        return F.pad(t.reshape(-1), (0, size * f_n - t.numel()))[f_i * size:(f_i + 1) * size].clone()
+    return t.clone()
+
+
+def make_state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "emb": torch.randn(10, 6, generator=g),
+        "w": torch.randn(6, 9, generator=g),
+        "b": torch.randn(9, generator=g),
+        "odd": torch.randn(5, 3, 2, generator=g),
+        "scalar": torch.tensor(3.5),
+        "half": torch.randn(4, 4, generator=g).to(torch.bfloat16),
+        "count": torch.arange(12, dtype=torch.int64).view(3, 4),
+        "rep": torch.randn(3, 5, generator=g),
+    }
+
+
+SAVE_LAYOUTS = {   # on dp=2, tp=2
+    "emb": ("R", "S(0)"), "w": ("S(1)", "S(0)"), "b": ("F", "S(0)"), "odd": ("F", "R"),
+    "scalar": ("R", "R"), "half": ("R", "S(1)"), "count": ("S(0)", "R"), "rep": ("R", "R"),
+}
+LOAD_CASES = [
+    ({"tp": 4}, {"emb": ("S(1)",), "w": ("S(0)",), "b": ("S(0)",), "odd": ("S(2)",), "scalar": ("R",),
+                 "half": ("F",), "count": ("S(1)",), "rep": ("F",)}),
+    ({"dp": 4}, {k: ("F",) for k in SAVE_LAYOUTS}),
+    ({"pp": 2, "dp": 3}, {"emb": ("S(0)", "F"), "w": ("R", "S(1)"), "b": ("F", "F"), "odd": ("S(0)", "S(1)"),
+                          "scalar": ("R", "F"), "half": ("S(0)", "R"), "count": ("F", "S(0)"),
+                          "rep": ("F", "F")}),
+    ({"x": 1}, {k: () for k in SAVE_LAYOUTS}),
+]
+
+
+def save_virtual(directory, state, axes, layouts, step=1, **kw):
+    def save(mesh):
+        tensors = {}
+        for k, full in state.items():
+            spec = ShardSpec(tuple(full.shape), layouts[k])
+            tensors[k] = (local_of(full, spec, mesh), spec)
+        return rt.save_checkpoint(directory, mesh, step, tensors, plan_json={"mesh": axes}, **kw)
+    return on_ranks(axes, save)
+
+
+# --------------------------------------------------------------------------
+# resharding
+# --------------------------------------------------------------------------
+def test_reshard_on_load_every_element(tmp_path):
+    state = make_state()
+    save_virtual(tmp_path, state, {"dp": 2, "tp": 2}, SAVE_LAYOUTS, step=4)
+    index = json.loads((tmp_path / "step-4" / "index.json").read_text())
+    # replicated copies are stored once: each piece list covers the tensor exactly
+    assert len(index["tensors"]["emb"]["pieces"]) == 2 and len(index["tensors"]["scalar"]["pieces"]) == 1
+    assert len(index["tensors"]["b"]["pieces"]) == 4 and len(index["tensors"]["w"]["pieces"]) == 4
+    for axes, layouts in LOAD_CASES:
+        def load(mesh):
+            want = {k: ShardSpec(tuple(v.shape), layouts[k]) for k, v in state.items()}
+            got = rt.load_checkpoint(tmp_path, mesh, want)
+            for k, full in state.items():
+                exp = local_of(full, want[k], mesh)
+                assert got.tensors[k].dtype == full.dtype, k
+                assert torch.equal(got.tensors[k], exp), (axes, k, mesh.rank)
+            return got.step
+        assert on_ranks(axes, load) == [4] * math.prod(axes.values())
+    for k, full in state.items():
+        assert torch.equal(rt.read_tensor(tmp_path, k), full)
+
+
+def test_explicit_unequal_flat_ranges(tmp_path):
+    full = torch.arange(30.0).view(5, 6)
+    ranges = [(0, 10), (10, 5), (15, 15)]
+
+    def save(mesh, ranges=ranges, step=1):
+        off, n = ranges[mesh.rank]
+        spec = ShardSpec((5, 6), ("F",), flat=(off, n))
+        rt.save_checkpoint(tmp_path, mesh, step, {"a": (full.reshape(-1)[off:off + n].clone(), spec)})
+    on_ranks({"x": 3}, save)
+
+    def load(mesh):
+        return rt.load_checkpoint(tmp_path, mesh, {"a": ShardSpec((5, 6), ("S(0)",))}).tensors["a"]
+    assert torch.equal(torch.cat(on_ranks({"x": 2}, load)), full)
+    with pytest.raises(CheckpointError, match=r"shards of tensor 'a' hold 25 of its 30 elements"):
+        on_ranks({"x": 3}, lambda m: save(m, [(0, 10), (10, 5), (20, 10)], step=2))
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [1]
+
+
+def test_shapes_refused_at_save(tmp_path):
+    with pytest.raises(CheckpointError, match=r"tensor 'w'.*local shape \(3, 4\).*expected \(5, 4\)"):
+        rt.save_checkpoint(tmp_path, None, 1, {"w": (torch.zeros(3, 4), ShardSpec((5, 4), ()))})
+    with pytest.raises(CheckpointError, match=r"placement 'P' is not R, S\(d\) or F"):
+        on_ranks({"tp": 1}, lambda m: rt.save_checkpoint(
+            tmp_path, m, 1, {"w": (torch.zeros(5, 4), ShardSpec((5, 4), ("P",)))}))
+    with pytest.raises(CheckpointError, match=r"layout \('R', 'R'\) has 2 placements but the mesh"):
+        rt.save_checkpoint(tmp_path, None, 1, {"w": (torch.zeros(5, 4), ShardSpec((5, 4), ("R", "R")))})
+
+
+# --------------------------------------------------------------------------
+# atomicity: a process killed mid-save
+# --------------------------------------------------------------------------
+KILL_CHILD = r"""
+import sys, time
+from pathlib import Path
+import torch
+from autopar.backends.runtime import checkpoint as ck
+d, where = Path(sys.argv[1]), sys.argv[2]
+state = {f"w{i}": torch.full((64, 64), float(i)) for i in range(4)}
+ck.save_checkpoint(d, None, 1, state, keep=3)
+def hang(*a, **k):
+    (d / "marker").write_text("x")
+    time.sleep(600)
+if where == "rank-file":            # the rank file is written but not yet renamed
+    fsync = ck._fsync_path
+    ck._fsync_path = lambda p: hang() if ".tmp-" in str(p) else fsync(p)
+else:                               # every rank file is in place, the index is not
+    ck._write_atomic_text = hang
+ck.save_checkpoint(d, None, 2, {k: v + 1 for k, v in state.items()}, keep=3)
+"""
+
+
+@pytest.mark.parametrize("where", ["rank-file", "index"])
+def test_kill_during_save_keeps_previous(tmp_path, where):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(tmp_path), where], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "marker").exists():
+        if p.poll() is not None or time.monotonic() > deadline:
+            p.kill()
+            pytest.fail(f"child never reached the save of step 2: {p.communicate()[0][-3000:]}")
+        time.sleep(0.01)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=30)
+    step2 = tmp_path / "step-2"
+    left = sorted(f.name for f in step2.iterdir())
+    if where == "rank-file":
+        assert any(".tmp-" in n for n in left) and "rank0.safetensors" not in left, left
+    else:
+        assert "rank0.safetensors" in left and "index.json" not in left, left
+    assert ck.latest_checkpoint(tmp_path) == tmp_path / "step-1"
+    got = rt.load_checkpoint(tmp_path, None, {f"w{i}": ShardSpec((64, 64), ()) for i in range(4)})
+    assert got.step == 1 and all(torch.equal(got.tensors[f"w{i}"], torch.full((64, 64), float(i)))
+                                 for i in range(4))
+    with pytest.raises(CheckpointError, match="step-2: incomplete checkpoint"):
+        rt.load_checkpoint(step2, None, {"w0": ShardSpec((64, 64), ())})
+    # the next save of that step replaces the debris; keep=1 drops step-1
+    rt.save_checkpoint(tmp_path, None, 2, {f"w{i}": torch.zeros(64, 64) for i in range(4)}, keep=1)
+    assert sorted(f.name for f in tmp_path.iterdir() if f.is_dir()) == ["step-2"]
+    assert sorted(f.name for f in step2.iterdir()) == ["index.json", "rank0.safetensors"]
+
+
+# --------------------------------------------------------------------------
+# damaged and mismatched checkpoints
+# --------------------------------------------------------------------------
+@pytest.fixture()
+def two_rank_ckpt(tmp_path):
+    state = {"a.weight": torch.randn(8, 4), "a.bias": torch.randn(8)}
+    layouts = {"a.weight": ("S(0)",), "a.bias": ("S(0)",)}
+    save_virtual(tmp_path, state, {"tp": 2}, layouts, step=3)
+    want = {k: ShardSpec(tuple(v.shape), ()) for k, v in state.items()}
+    return tmp_path, tmp_path / "step-3", state, want
+
+
+def test_truncated_missing_and_corrupted_files(two_rank_ckpt):
+    root, step, state, want = two_rank_ckpt
+    f = step / "rank1.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:-10])
+    with pytest.raises(CheckpointError, match=r"rank1\.safetensors: truncated .*tensor 'a\.(weight|bias)'"):
+        rt.load_checkpoint(root, None, want)
+    f.write_bytes(data[:8] + b"\x00" * 24 + data[32:])          # same size, header garbage
+    with pytest.raises(CheckpointError, match=r"rank1\.safetensors: corrupted shard file, needed for tensor"):
+        rt.load_checkpoint(root, None, want)
+    f.unlink()
+    with pytest.raises(CheckpointError, match=r"rank1\.safetensors: shard file missing \(needed for tensor"):
+        rt.load_checkpoint(root, None, want)
+    f.write_bytes(data[:-4] + bytes(b ^ 0xFF for b in data[-4:]))  # flip the last value's bytes
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    got = rt.load_checkpoint(root, None, want)                   # unverified reads take it
+    assert not torch.equal(got.tensors[last], state[last])
+    with pytest.raises(CheckpointError, match=rf"rank1\.safetensors: tensor '{last}' is corrupted \(crc32"):
+        rt.load_checkpoint(root, None, want, verify=True)
+    rc, _, err = run_cli(["checkpoint", "info", str(root), "--verify"])
+    assert rc == 2 and f"rank1.safetensors: tensor '{last}' is corrupted" in err
+
+
+def test_mismatched_model_and_incomplete(two_rank_ckpt):
+    root, step, state, want = two_rank_ckpt
+    with pytest.raises(CheckpointError, match=r"rank0\.safetensors: tensor 'a\.weight' has shape \(8, 4\) in "
+                                              r"the checkpoint but \(4, 8\) in the model"):
+        rt.load_checkpoint(root, None, {**want, "a.weight": ShardSpec((4, 8), ())})
+    with pytest.raises(CheckpointError, match="another model"):
+        rt.load_checkpoint(root, None, {"x.weight": ShardSpec((8, 4), ()), "y": ShardSpec((2,), ())})
+    with pytest.raises(CheckpointError, match=r"holds 1 tensors the model does not have, e\.g\. \['a\.bias'\]"):
+        rt.load_checkpoint(root, None, {"a.weight": want["a.weight"]})
+    got = rt.load_checkpoint(root, None, {"a.weight": want["a.weight"]}, strict=False)
+    assert torch.equal(got.tensors["a.weight"], state["a.weight"])
+    with pytest.raises(CheckpointError, match="is float32 in the checkpoint but float64"):
+        rt.load_checkpoint(root, None, {**want, "a.bias": ShardSpec((8,), (), dtype=torch.float64)})
+    (step / "index.json").unlink()
+    with pytest.raises(CheckpointError, match="no complete step-N/ checkpoint"):
+        rt.load_checkpoint(root, None, want)
+    with pytest.raises(CheckpointError, match="step-3: incomplete checkpoint"):
+        rt.load_checkpoint(step, None, want)
+
+
+# --------------------------------------------------------------------------
+# keep-last-K, async
+# --------------------------------------------------------------------------
+def test_keep_last_k_and_debris(tmp_path):
+    (tmp_path / "step-0").mkdir(parents=True)                    # an interrupted older save
+    (tmp_path / "step-0" / "rank0.safetensors").write_bytes(b"partial")
+    for s in range(1, 6):
+        rt.save_checkpoint(tmp_path, None, s, {"w": torch.full((3,), float(s))}, keep=2)
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [4, 5]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["step-4", "step-5"]
+    assert torch.equal(rt.read_tensor(tmp_path, "w"), torch.full((3,), 5.0))
+    assert torch.equal(rt.read_tensor(tmp_path / "step-4", "w"), torch.full((3,), 4.0))
+
+
+def test_async_equals_sync_and_snapshots(tmp_path):
+    state = make_state(1)
+    save_virtual(tmp_path / "sync", state, {"dp": 2, "tp": 2}, SAVE_LAYOUTS, step=6)
+
+    def save_async(mesh):
+        tensors = {}
+        for k, full in state.items():
+            spec = ShardSpec(tuple(full.shape), SAVE_LAYOUTS[k])
+            tensors[k] = (local_of(full, spec, mesh), spec)
+        h = rt.save_checkpoint(tmp_path / "async", mesh, 6, tensors, plan_json={"mesh": {"dp": 2, "tp": 2}},
+                               async_=True)
+        for t, _ in tensors.values():      # the training step goes on meanwhile
+            t.zero_()
+        h.wait()
+        mesh.barrier()                     # the index exists once rank 0's handle is done
+        return h.seconds
+    on_ranks({"dp": 2, "tp": 2}, save_async)
+    a = json.loads((tmp_path / "async" / "step-6" / "index.json").read_text())
+    s = json.loads((tmp_path / "sync" / "step-6" / "index.json").read_text())
+    assert a == s
+    for k, full in state.items():
+        assert torch.equal(rt.read_tensor(tmp_path / "async", k), full), k
+    for r in range(4):
+        a_file = rt.load_file(tmp_path / "async" / "step-6" / f"rank{r}.safetensors")
+        s_file = rt.load_file(tmp_path / "sync" / "step-6" / f"rank{r}.safetensors")
+        assert a_file.keys() == s_file.keys() and all(torch.equal(a_file[k], s_file[k]) for k in a_file)
+
+
+def test_async_error_surfaces_on_wait(tmp_path):
+    (tmp_path / "step-1").write_text("a file where the step directory should go")
+    with pytest.raises((OSError, CheckpointError)):
+        h = rt.save_checkpoint(tmp_path, None, 1, {"w": torch.zeros(2)}, async_=True)
+        rt.wait_checkpoint()
+        h.wait()
+
+
+def test_a_rank_that_cannot_write_fails_the_save_fast(tmp_path, monkeypatch):
+    write = ck._write_rank_file
+
+    def fail_on_rank_1(path, rank, entries, meta):
+        if rank == 1:
+            raise OSError(28, "No space left on device")
+        return write(path, rank, entries, meta)
+    monkeypatch.setattr(ck, "_write_rank_file", fail_on_rank_1)
+
+    def save(mesh):
+        t0 = time.monotonic()
+        try:
+            rt.save_checkpoint(tmp_path, mesh, 1, {"w": (torch.zeros(2), ShardSpec((4,), ("S(0)",)))},
+                               timeout_s=120)
+        except (OSError, CheckpointError) as e:
+            return type(e).__name__, str(e), time.monotonic() - t0
+        return None
+    (k0, msg0, s0), (k1, msg1, _) = on_ranks({"tp": 2}, save)
+    assert k1 == "OSError" and "No space left" in msg1
+    assert k0 == "CheckpointError" and "rank 1 could not write its shard file" in msg0 and "No space left" in msg0
+    assert s0 < 60 and not ck.list_checkpoints(tmp_path)
+
+
+def test_optimizer_state_round_trip(tmp_path):
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    p.grad = torch.randn(6, 4)
+    opt.step()
+    specs = {"w": ShardSpec((6, 4), ())}
+    shards = rt.optimizer_shards(opt, {"w": p}, specs)
+    assert set(shards) == {"w.step", "w.exp_avg", "w.exp_avg_sq"}
+    rt.save_checkpoint(tmp_path, None, 1, {"w": p.detach()}, optimizer_state=shards,
+                       rng_state=rt.capture_rng_state())
+    torch.rand(3)                                         # move the generator on
+    got = rt.load_checkpoint(tmp_path, None, specs, optimizer=rt.optimizer_wanted({"w": p}, specs))
+    q = torch.nn.Parameter(got.tensors["w"].clone())
+    opt2 = torch.optim.AdamW([q], lr=0.1)
+    rt.restore_optimizer(opt2, {"w": q}, got.optimizer)
+    rt.restore_rng_state(got.rng)
+    g = torch.randn(6, 4)
+    p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    opt2.step()
+    assert torch.equal(p, q)
+
+
+# --------------------------------------------------------------------------
+# consolidate / info
+# --------------------------------------------------------------------------
+def run_cli(argv):
+    out, err = io.StringIO(), io.StringIO()
+    so, se = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    try:
+        rc = cli_main(argv)
+    finally:
+        sys.stdout, sys.stderr = so, se
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_consolidate_equals_the_full_state_and_info(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    full = {"h.0.c_attn.weight": torch.randn(12, 4, generator=g), "h.0.c_attn.bias": torch.randn(12, generator=g),
+            "wte.weight": torch.randn(10, 4, generator=g), "ln_f.weight": torch.randn(4, generator=g)}
+    pieces = {f"h.0.c_attn.weight.{i}": ShardSpec((4, 4), ("R", "S(0)"),
+                                                  source=("h.0.c_attn.weight", 0, 4 * i, 4 * i + 4))
+              for i in range(3)}
+    specs = {**pieces, "h.0.c_attn.bias": ShardSpec((12,), ("R", "S(0)")),
+             "wte.weight": ShardSpec((10, 4), ("R", "S(0)")), "ln_f.weight": ShardSpec((4,), ("R", "R"))}
+    opt_specs = {k: ShardSpec(s.shape, ("F", "S(0)") if k != "ln_f.weight" else ("F", "R")) for k, s in specs.items()}
+
+    def value(k):                          # the saved tensor: a whole one or a fused piece
+        if k in full:
+            return full[k]
+        src, dim, start, stop = pieces[k].source
+        return full[src].narrow(dim, start, stop - start)
+
+    def save(mesh):
+        tensors = {k: (local_of(value(k), s, mesh), s) for k, s in specs.items()}
+        opt = {f"{k}.exp_avg": (local_of(value(k) * 0.5, s, mesh), s) for k, s in opt_specs.items()}
+        rt.save_checkpoint(tmp_path, mesh, 7, tensors, opt, plan_json={"model": "toy", "zero": 1, "dp_axis": "dp"},
+                           aliases={"lm_head.weight": "wte.weight"})
+    on_ranks({"dp": 2, "tp": 2}, save)
+    out_file = tmp_path / "model.safetensors"
+    rc, out, err = run_cli(["checkpoint", "consolidate", str(tmp_path), "-o", str(out_file)])
+    assert rc == 0, err
+    got = rt.load_file(out_file)
+    assert set(got) == set(full) | {"lm_head.weight"}
+    for k, v in full.items():
+        assert torch.equal(got[k], v), k
+    assert torch.equal(got["lm_head.weight"], full["wte.weight"])
+    rc, _, err = run_cli(["checkpoint", "consolidate", str(tmp_path), "-o", str(out_file), "--optimizer"])
+    got = rt.load_file(out_file)
+    assert rc == 0 and torch.equal(got["optim/h.0.c_attn.weight.1.exp_avg"], full["h.0.c_attn.weight"][4:8] * 0.5)
+    rc, out, err = run_cli(["checkpoint", "info", str(tmp_path), "--verify"])
+    assert rc == 0, err
+    assert "step 7; complete steps" in out and "saved on mesh dp=2, tp=2 (4 ranks)" in out
+    assert "plan: model toy; zero 1; dp_axis dp" in out and "model: 6 tensors" in out
+    assert "h.0.c_attn.weight rows 4:8 of dim 0" in out and "verify: ok (12 tensors" in out
+    files = sorted(p.name for p in (tmp_path / "step-7").iterdir())
+    assert files == ["index.json"] + [f"rank{r}.safetensors" for r in range(4)]   # nothing but these
+    rc, _, err = run_cli(["checkpoint", "info", str(tmp_path / "nowhere")])
+    assert rc == 2 and "autopar checkpoint: error:" in err and "nowhere: no such directory" in err
+
+
+# --------------------------------------------------------------------------
+# init files (weights + example batch), no pickle
+# --------------------------------------------------------------------------
+def test_init_file_round_trip_and_no_pickle(tmp_path):
+    state = {"w": torch.randn(3, 2), "tok": torch.arange(4), "h": torch.ones(2, dtype=torch.bfloat16)}
+    shared = torch.randn(4, 4)
+    state["tied.a"], state["tied.b"] = shared, shared             # tied weights share storage
+    inputs = [torch.randint(0, 9, (2, 5)), torch.randn(2, 5)]
+    rt.save_init(tmp_path / "m.init.safetensors", state, inputs)
+    got_state, got_inputs = rt.load_init(tmp_path / "m.init.safetensors")
+    assert set(got_state) == set(state) and all(torch.equal(got_state[k], v) for k, v in state.items())
+    assert len(got_inputs) == 2 and all(torch.equal(a, b) for a, b in zip(got_inputs, inputs))
+    torch.save({"model": state}, tmp_path / "old.init.pt")
+    with pytest.raises(CheckpointError, match=r"old\.init\.pt: not a readable safetensors file"):
+        rt.load_init(tmp_path / "old.init.pt")
+    rt.save_file(tmp_path / "plain.safetensors", {"w": state["w"]})
+    with pytest.raises(CheckpointError, match="not an autopar init file"):
+        rt.load_init(tmp_path / "plain.safetensors")
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+# --------------------------------------------------------------------------
+# real ranks: one launch per backend
+# --------------------------------------------------------------------------
+def _launch_ranks(backend, tmp_path):
+    from autopar.backends.launch import launch
+    out = io.StringIO()
+    res = launch(REPO / "tests" / "checkpoint_ranks.py", world=4, backend=backend,
+                 args=[backend, str(tmp_path / "ck")], timeout=240, log_dir=tmp_path / "logs", out=out)
+    assert res.ok, res.message + "\n" + out.getvalue()[-4000:]
+    assert "checkpoint ranks: ok" in out.getvalue()
+    for r in range(4):
+        assert json.loads((tmp_path / "ck" / f"rank{r}.json").read_text())["problems"] == []
+    index = json.loads((tmp_path / "ck" / "sync" / "step-1" / "index.json").read_text())
+    assert index["mesh"] == {"dp": 2, "tp": 2} and index["world_size"] == 4
+    assert len(index["tensors"]["fc.weight.exp_avg"]["pieces"]) == 4    # ZeRO-1 chunks x tp
+
+
+def test_torch_4_ranks_save_dp2tp2_load_tp4_and_dp4(tmp_path):
+    _launch_ranks("torch", tmp_path)
+
+
+def test_mpi_4_ranks_save_dp2tp2_load_tp4_and_dp4(tmp_path):
+    pytest.importorskip("mpi4py")
+    if not (Path(sys.executable).parent / "mpiexec").exists():
+        pytest.skip(f"no mpiexec next to {sys.executable}")
+    _launch_ranks("mpi", tmp_path)
