@@ -43,21 +43,38 @@ def add_ir_args(p: argparse.ArgumentParser) -> None:
 
 
 def ir_main(args) -> int:
-    from autopar.compiler.interpret import max_abs_error
     from autopar.pipeline import load_model, prepared_graph
 
     model, inputs, name = load_model(args.spec)
     graph = prepared_graph(model, inputs, name, mode=args.trace, after=args.after)
     sys.stdout.write(str(graph))
     if args.verify:
-        err, scale = max_abs_error(model, graph, inputs)
-        if err <= 1e-6 * max(scale, 1.0):
-            print(f"verify: ok max_abs_err={err:.3g}")
-            return 0
-        print(f"verify: FAILED max_abs_err={err:.3g} (output scale {scale:.3g}, "
-              f"tolerance {1e-6 * max(scale, 1.0):.3g})")
-        return 1
+        return verify_report(model, graph, inputs)
     return 0
+
+
+def verify_report(model, graph, inputs) -> int:
+    """`verify: ok ...` when the interpreted IR reproduces the eager loss and every trainable
+    parameter's gradient (both within 1e-6 of their scale), `verify: FAILED ...` otherwise."""
+    import torch
+
+    from autopar.compiler.interpret import max_abs_error, max_grad_error
+    if any(t.is_meta for t in (*model.parameters(), *inputs) if isinstance(t, torch.Tensor)):
+        print("verify: skipped (the model or its inputs are on the meta device: no values to compare)")
+        return 0
+    err, scale = max_abs_error(model, graph, inputs)
+    gerr, gscale, worst = max_grad_error(model, graph, inputs)
+    tol, gtol = 1e-6 * max(scale, 1.0), 1e-6 * max(gscale, 1.0)
+    if err <= tol and gerr <= gtol:
+        print(f"verify: ok max_abs_err={err:.3g} max_grad_err={gerr:.3g}")
+        return 0
+    if err > tol:
+        print(f"verify: FAILED max_abs_err={err:.3g} (loss scale {scale:.3g}, tolerance {tol:.3g})")
+    if gerr > gtol:
+        print(f"verify: FAILED gradients differ: max_grad_err={gerr:.3g} at {worst} (gradient "
+              f"scale {gscale:.3g}, tolerance {gtol:.3g}); an op's backward in the IR is not the "
+              "model's (a custom autograd Function, a detach)")
+    return 1
 
 
 def add_check_args(p: argparse.ArgumentParser) -> None:

@@ -233,23 +233,7 @@ def lower_export(ep: "torch.export.ExportedProgram", model: nn.Module, name: str
             b.env[fxn] = b.param(spec.target, "buffer", shape, dtype)
         else:
             raise LoweringError(f"unsupported exported input kind {spec.kind} ({fxn.name})")
-    for fxn in ep.graph.nodes:
-        if fxn.op != "call_function":
-            continue
-        t = fxn.target
-        if t is operator.getitem:
-            src = b.env[fxn.args[0]]
-            b.env[fxn] = src[fxn.args[1]]
-            continue
-        if isinstance(t, torch._ops.OpOverload):
-            if t in (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
-                     aten.sym_constrain_range_for_size.default) or fxn.meta.get("val", 1) is None:
-                continue                     # runtime checks with no tensor result
-            b.emit(opdef_for_target(t), fxn, list(fxn.args), dict(fxn.kwargs), module_path(fxn))
-            continue
-        raise LoweringError(
-            f"'{t}' at {fxn.name} (module {module_path(fxn) or 'root'}) is not an ATen op; "
-            "autopar lowers ATen graphs only. Avoid data-dependent control flow in forward.")
+    _lower_export_nodes(b, ep.graph_module, ep.graph.nodes)
     out_node = next(n for n in ep.graph.nodes if n.op == "output")
     outs = []
     for arg, spec in zip(out_node.args[0], ep.graph_signature.output_specs):
@@ -263,6 +247,71 @@ def lower_export(ep: "torch.export.ExportedProgram", model: nn.Module, name: str
                 f"forward mutates buffer '{spec.target}' (e.g. BatchNorm running stats); "
                 "autopar plans pure training steps: use eval-mode norms or LayerNorm")
     return b.graph(outs)
+
+
+def _lower_export_nodes(b: Builder, owner: nn.Module, nodes) -> None:
+    """Lower the call_function nodes of one exported graph (the top level, or a region
+    torch.export wrapped in a higher-order op) into `b`."""
+    from torch._higher_order_ops.wrap import wrap_with_set_grad_enabled
+    for fxn in nodes:
+        if fxn.op != "call_function":
+            continue
+        t = fxn.target
+        if t is operator.getitem:
+            src = b.env[fxn.args[0]]
+            b.env[fxn] = src[fxn.args[1]]
+            continue
+        if t is wrap_with_set_grad_enabled:
+            _inline_grad_region(b, owner, fxn)
+            continue
+        if isinstance(t, torch._ops.OpOverload):
+            if t in (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+                     aten.sym_constrain_range_for_size.default) or fxn.meta.get("val", 1) is None:
+                continue                     # runtime checks with no tensor result
+            if t is aten.cat.default and _drop_empty_cat_operands(b, fxn):
+                continue
+            b.emit(opdef_for_target(t), fxn, list(fxn.args), dict(fxn.kwargs), module_path(fxn))
+            continue
+        raise LoweringError(
+            f"'{t}' at {fxn.name} (module {module_path(fxn) or 'root'}) is not an ATen op; "
+            "autopar lowers ATen graphs only. Avoid data-dependent control flow in forward.")
+
+
+def _inline_grad_region(b: Builder, owner: nn.Module, fxn: fx.Node) -> None:
+    """`wrap_with_set_grad_enabled(enabled, submod, *operands)`: torch.export's wrapper of a
+    `torch.no_grad()` block (Hugging Face rotary embeddings compute cos/sin in one). Its ops
+    are lowered in place; a no-grad region's outputs get a `detach`, which is what makes
+    them constants of the backward in eager mode too."""
+    enabled, sub, *operands = fxn.args
+    gm = getattr(owner, sub.target)
+    places = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for ph, a in zip(places, operands):
+        b.env[ph] = b.env[a] if isinstance(a, fx.Node) else a
+    _lower_export_nodes(b, gm, gm.graph.nodes)
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    results = [b.env[o] if isinstance(o, fx.Node) else o for o in out]
+    if not enabled:
+        module = module_path(fxn) or module_path(next(iter(gm.graph.nodes)))
+        results = [b.emit_op(aten.detach.default, [v], {}, b.fresh(f"{v.name}_nograd"), module)
+                   if isinstance(v, Value) and v.dtype.is_floating_point else v for v in results]
+    b.env[fxn] = results
+
+
+def _drop_empty_cat_operands(b: Builder, fxn: fx.Node) -> bool:
+    """torch.cat skips 1-D empty operands whatever the others' rank (a Hugging Face
+    DynamicCache starts as `torch.tensor([])` and is concatenated with the first keys).
+    Drops them; when a single operand is left the cat is that operand (returns True)."""
+    tensors, *rest = fxn.args
+    vals = [b.env[t] for t in tensors]
+    rank = len(_shape_of(fxn.meta["val"])[0])
+    kept = [t for t, v in zip(tensors, vals) if not (rank != 1 and v.shape == (0,))]
+    if len(kept) == len(tensors) or not kept:
+        return False
+    if len(kept) == 1:
+        b.env[fxn] = b.env[kept[0]]
+        return True
+    fxn.args = (kept, *rest)
+    return False
 
 
 # ---- torch.fx.symbolic_trace front end ---------------------------------------------------

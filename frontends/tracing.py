@@ -9,6 +9,7 @@ for models larger than this machine are made.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import re
@@ -19,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from autopar.compiler.errors import UserError
+from autopar.compiler.interpret import loss_of
 from autopar.compiler.ir import Graph
 from autopar.frontends.lower import LoweringError, lower_export, lower_fx
 
@@ -38,20 +40,31 @@ def trace(model: nn.Module, example_inputs: tuple, mode: str = "export",
     t0 = time.perf_counter()
     if mode == "export":
         captured = io.StringIO()
+        seen = OutputsSeen()
         try:
-            with quiet_torch(captured):
+            with quiet_torch(captured), loss_only(model, seen), refuse_custom_functions(seen):
                 ep = torch.export.export(model, example_inputs)
         except Exception as e:  # torch raises many kinds; the user needs the cause and line
+            if seen.error is not None:
+                raise seen.error from None
             at = user_location(str(e) + "\n" + captured.getvalue())
             raise TraceError(f"torch.export could not trace {type(model).__name__}"
                              f"{' at ' + at if at else ''}: {first_line(e)}. Rewrite that "
                              "line without data-dependent Python control flow (or try "
                              "trace='fx' for simple modules).") from e
+        if seen.error is not None:
+            raise seen.error
         graph = lower_export(ep, model, name)
+        if seen.note:
+            graph.notes.append(seen.note)
     elif mode == "fx":
+        seen = OutputsSeen()
         try:
-            gm = torch.fx.symbolic_trace(model)
+            with refuse_custom_functions(seen):
+                gm = torch.fx.symbolic_trace(model)
         except Exception as e:
+            if seen.error is not None:
+                raise seen.error from None
             raise TraceError(f"torch.fx.symbolic_trace could not trace {type(model).__name__}: "
                              f"{first_line(e)}. Shape-dependent Python (x.size() in "
                              "asserts, slicing with traced sizes) needs trace='export'.") from e
@@ -60,6 +73,93 @@ def trace(model: nn.Module, example_inputs: tuple, mode: str = "export",
         raise TraceError(f"unknown trace mode '{mode}': use 'export' or 'fx'")
     graph.trace_seconds = time.perf_counter() - t0   # type: ignore[attr-defined]
     return graph
+
+
+class OutputsSeen:
+    """What tracing learnt about the model's forward: a note on the outputs dropped, or the
+    user error to raise once torch.export has unwound."""
+
+    def __init__(self):
+        self.note = ""
+        self.error: UserError | None = None
+
+
+@contextlib.contextmanager
+def loss_only(model: nn.Module, seen: OutputsSeen):
+    """Export the model's loss alone: (loss, logits), {"loss": ...} and Hugging Face
+    `ModelOutput`s (whose `past_key_values` cache torch.export cannot even return) are cut
+    down to the loss inside forward, so the other outputs never reach the IR and the state
+    dict keeps its names (the model itself is traced, not a wrapper)."""
+    original = model.forward
+    had_own = "forward" in model.__dict__
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        try:
+            loss, seen.note = loss_of(out)
+        except UserError as e:
+            seen.error = e
+            raise
+        return loss
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if had_own:
+            model.forward = original
+        else:
+            del model.forward
+
+
+class CustomFunctionError(TraceError):
+    """The model calls a user-defined torch.autograd.Function (see `refuse_custom_functions`)."""
+
+
+@contextlib.contextmanager
+def refuse_custom_functions(seen: OutputsSeen):
+    """Refuse a user-defined `torch.autograd.Function` at trace time.
+
+    torch.export (non-strict, torch 2.13) runs a Function's forward and records the ATen ops
+    it calls, nothing of its backward: a straight-through estimator (sign forward, identity
+    backward) would become `sign`, whose gradient is zero, and training would be silently
+    wrong. Until the IR has an opaque node that calls the Function both ways, the call is
+    refused with the class and the line that applies it. Functions defined inside torch
+    itself (checkpointing and the like) trace to their real ATen graph and pass."""
+    base = torch.autograd.Function
+    original = base.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        module = getattr(cls, "__module__", "") or ""
+        if not (module == "torch" or module.startswith("torch.")):
+            if seen.error is None:
+                seen.error = CustomFunctionError(
+                    f"{caller_line()}{cls.__qualname__}.apply: {cls.__qualname__} is a custom "
+                    "torch.autograd.Function; torch.export records its forward only, so its "
+                    "own backward would be lost and training silently wrong. Write it with "
+                    "differentiable torch ops (a straight-through sign is "
+                    "`x + (torch.sign(x) - x).detach()`), or train that part outside autopar.")
+            raise seen.error
+        return original.__func__(cls, *args, **kwargs)
+
+    base.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        base.apply = original
+
+
+def caller_line() -> str:
+    """`file.py:12: ` of the innermost frame outside torch and autopar, or ''."""
+    import traceback
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        f = frame.filename
+        if "site-packages" in f or "/torch/" in f or f.endswith("frontends/tracing.py") \
+                or f.startswith("<"):
+            continue
+        return f"{f}:{frame.lineno}: "
+    return ""
 
 
 @contextlib.contextmanager
@@ -90,4 +190,4 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
-__all__ = ["trace", "TraceError", "LoweringError"]
+__all__ = ["trace", "TraceError", "CustomFunctionError", "LoweringError"]
