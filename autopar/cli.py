@@ -131,9 +131,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"autopar {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"autopar {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:    # launch.Interrupted carries 143 for SIGTERM
+        print(f"autopar {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except Exception:
         traceback.print_exc()
         print(BUG_REPORT, file=sys.stderr)

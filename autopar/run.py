@@ -238,6 +238,14 @@ def plan_line(plan) -> str:
 
 
 def run_main(args) -> int:
+    """`autopar run`; SIGINT/SIGTERM stop the ranks and remove the temporary directory
+    (the launcher forwards them; the exit status is 130/143)."""
+    from autopar.backends.launch import forward_signals
+    with forward_signals():
+        return _run(args)
+
+
+def _run(args) -> int:
     from autopar.passes.apply import predict_traffic
     search_bytes = None
     prog = _program_from_args(args)
