@@ -93,6 +93,10 @@ def check_main(args) -> int:
     from autopar.dsl import load_plan, resolve
     from autopar.pipeline import load_model, prepared_graph
 
+    if looks_like_spec(args.plan_file) and not looks_like_spec(args.spec):
+        from autopar.compiler.errors import InputError
+        raise InputError(f"check-plan takes the plan file first, then the SPEC: "
+                         f"autopar check-plan {args.spec} {args.plan_file}")
     planfile = load_plan(args.plan_file)            # syntax errors before the slow trace
     model, inputs, name = load_model(args.spec)
     graph = prepared_graph(model, inputs, name, mode=args.trace)
@@ -102,6 +106,12 @@ def check_main(args) -> int:
     print(f"# ok: {args.plan_file} fits {name} ({len(spec.pins)} pins, "
           f"{len(spec.recompute_modules)} recomputed modules)")
     return 0
+
+
+def looks_like_spec(text: str) -> bool:
+    """`examples/gpt.py:build` (a Python file and a function), not a plan file."""
+    path, _, func = text.rpartition(":")
+    return path.endswith(".py") and func.isidentifier()
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
