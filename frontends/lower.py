@@ -58,6 +58,7 @@ class Builder:
         self.aliases: dict[str, str] = {}
         self.used_names: set[str] = set()
         self.constants: dict[str, torch.Tensor] = {}
+        self.notes: list[str] = []
         sd_names = tensor_groups(model)
         self.canonical: dict[str, str] = {}
         for names in sd_names.values():
@@ -186,7 +187,7 @@ class Builder:
 
     def graph(self, outputs: list[Value]) -> Graph:
         return Graph(self.name, self.inputs, self.params, self.nodes, outputs, self.aliases,
-                     constants=self.constants)
+                     notes=list(self.notes), constants=self.constants)
 
 
 class _Stub:
@@ -432,15 +433,39 @@ def lower_fx(gm: fx.GraphModule, model: nn.Module, example_inputs, name: str) ->
             b.env[fxn] = b.param(fxn.target, "param")
             continue
         if fxn.op == "output":
-            out = fxn.args[0]
-            outs = [b.env[o] for o in (out if isinstance(out, (list, tuple)) else [out])]
-            return b.graph(outs)
+            return b.graph([_fx_loss(b, fxn.args[0])])
         args, kwargs = resolve(list(fxn.args)), resolve(dict(fxn.kwargs))
         caller = fxn.meta.get("nn_module_stack")
         path = clean_path(list(caller.values())[-1][0]) if caller else ""
         result = _lower_fx_call(b, fxn, modules, args, kwargs, path)
         b.env[fxn] = result
     raise LoweringError("fx graph has no output node")
+
+
+def _fx_loss(b: Builder, out) -> Value:
+    """The loss among fx's outputs, by the rule of `compiler.interpret.loss_of` (the scalar,
+    the first of a tuple, the "loss" of a dict); a note says what was dropped."""
+    from collections.abc import Mapping
+    what = "it"
+    if isinstance(out, (list, tuple)) and out:
+        picked, what = out[0], "its first element"
+        if len(out) > 1:
+            b.notes.append(f"model output: the loss is element 0 of a {type(out).__name__} of "
+                           f"{len(out)}; dropped the rest")
+    elif isinstance(out, Mapping) and "loss" in out:
+        picked, what = out["loss"], 'its "loss" entry'
+        if len(out) > 1:
+            b.notes.append(f'model output: the loss is the "loss" entry of a dict; dropped '
+                           f'{", ".join(str(k) for k in out if k != "loss")}')
+    else:
+        picked = out
+    v = b.env.get(picked) if isinstance(picked, fx.Node) else None
+    if not isinstance(v, Value) or v.shape != () or not v.dtype.is_floating_point:
+        shown = f"a tensor of shape {list(v.shape)}" if isinstance(v, Value) else type(out).__name__
+        raise LoweringError(f"the model's forward returned {shown} ({what}); autopar trains the "
+                            "scalar loss forward returns: return it alone, first in a tuple, or "
+                            'as the "loss" entry of a dict')
+    return v
 
 
 def _lower_fx_call(b: Builder, fxn: fx.Node, modules, args, kwargs, path):
