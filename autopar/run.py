@@ -8,11 +8,15 @@
 streams rank 0's per-step losses, then prints the bytes every collective moved per step
 and rank next to the prediction (they must be equal). `--check` trains the single-device
 model with the same optimizer and compares every step's loss and every rank's final
-parameter shards (relative error, norm-wise, fp32: <= 1e-5), ending with
-`check: ok max_rel_err=<x>` (exit 0) or `check: FAILED ...` (exit 1).
+parameter shards (relative error, norm-wise, fp32: <= 1e-5; a parameter whose gradient is
+zero in exact arithmetic absolutely, within lr x steps), ending with `check: ok
+max_rel_err=<x>` (exit 0) or `check: FAILED ...` naming the worst tensor (exit 1). Every
+flag is checked before the trace (`check_flags`), and a model that cannot be trained or
+checked (meta weights, all frozen, dropout with --check) is refused before any rank starts.
 
 A rank that crashes ends the job at once (the others are killed, its log tail printed); a
-job that runs past --timeout is killed as a whole (all ranks share one process group).
+job that runs past --timeout is killed as a whole (all ranks share one process group); a
+SIGINT or SIGTERM is forwarded to the ranks, the run directory removed, exit 130 or 143.
 """
 from __future__ import annotations
 
