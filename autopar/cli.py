@@ -46,21 +46,38 @@ def add_ir_args(p: argparse.ArgumentParser) -> None:
 
 
 def ir_main(args) -> int:
-    from autopar.compiler.interpret import max_abs_error
     from autopar.pipeline import load_model, prepared_graph
 
     model, inputs, name = load_model(args.spec)
     graph = prepared_graph(model, inputs, name, mode=args.trace, after=args.after)
     sys.stdout.write(str(graph))
     if args.verify:
-        err, scale = max_abs_error(model, graph, inputs)
-        if err <= 1e-6 * max(scale, 1.0):
-            print(f"verify: ok max_abs_err={err:.3g}")
-            return 0
-        print(f"verify: FAILED max_abs_err={err:.3g} (output scale {scale:.3g}, "
-              f"tolerance {1e-6 * max(scale, 1.0):.3g})")
-        return 1
+        return verify_report(model, graph, inputs)
     return 0
+
+
+def verify_report(model, graph, inputs) -> int:
+    """`verify: ok ...` when the interpreted IR reproduces the eager loss and every trainable
+    parameter's gradient (both within 1e-6 of their scale), `verify: FAILED ...` otherwise."""
+    import torch
+
+    from autopar.compiler.interpret import max_abs_error, max_grad_error
+    if any(t.is_meta for t in (*model.parameters(), *inputs) if isinstance(t, torch.Tensor)):
+        print("verify: skipped (the model or its inputs are on the meta device: no values to compare)")
+        return 0
+    err, scale = max_abs_error(model, graph, inputs)
+    gerr, gscale, worst = max_grad_error(model, graph, inputs)
+    tol, gtol = 1e-6 * max(scale, 1.0), 1e-6 * max(gscale, 1.0)
+    if err <= tol and gerr <= gtol:
+        print(f"verify: ok max_abs_err={err:.3g} max_grad_err={gerr:.3g}")
+        return 0
+    if err > tol:
+        print(f"verify: FAILED max_abs_err={err:.3g} (loss scale {scale:.3g}, tolerance {tol:.3g})")
+    if gerr > gtol:
+        print(f"verify: FAILED gradients differ: max_grad_err={gerr:.3g} at {worst} (gradient "
+              f"scale {gscale:.3g}, tolerance {gtol:.3g}); an op's backward in the IR is not the "
+              "model's (a custom autograd Function, a detach)")
+    return 1
 
 
 def add_check_args(p: argparse.ArgumentParser) -> None:
@@ -79,6 +96,10 @@ def check_main(args) -> int:
     from autopar.dsl import load_plan, resolve
     from autopar.pipeline import load_model, prepared_graph
 
+    if looks_like_spec(args.plan_file) and not looks_like_spec(args.spec):
+        from autopar.compiler.errors import InputError
+        raise InputError(f"check-plan takes the plan file first, then the SPEC: "
+                         f"autopar check-plan {args.spec} {args.plan_file}")
     planfile = load_plan(args.plan_file)            # syntax errors before the slow trace
     model, inputs, name = load_model(args.spec)
     graph = prepared_graph(model, inputs, name, mode=args.trace)
@@ -88,6 +109,12 @@ def check_main(args) -> int:
     print(f"# ok: {args.plan_file} fits {name} ({len(spec.pins)} pins, "
           f"{len(spec.recompute_modules)} recomputed modules)")
     return 0
+
+
+def looks_like_spec(text: str) -> bool:
+    """`examples/gpt.py:build` (a Python file and a function), not a plan file."""
+    path, _, func = text.rpartition(":")
+    return path.endswith(".py") and func.isidentifier()
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -117,9 +144,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"autopar {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"autopar {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:    # launch.Interrupted carries 143 for SIGTERM
+        print(f"autopar {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except Exception:
         traceback.print_exc()
         print(BUG_REPORT, file=sys.stderr)

@@ -207,7 +207,9 @@ def render(s: dict) -> str:
 def plan_main(args) -> int:
     from autopar.compiler.cluster import builtin_profiles
     from autopar.pipeline import load_model, make_plan, prepared_graph
+    from autopar.run import check_flags
 
+    check_flags(args, "plan")
     if not (args.mesh or args.devices or args.plan):
         raise InputError("give the mesh (--mesh dp=2,tp=4), a device count (--devices 8) or a "
                          "plan file that names a mesh (--plan FILE.plan)")

@@ -8,18 +8,22 @@
 streams rank 0's per-step losses, then prints the bytes every collective moved per step
 and rank next to the prediction (they must be equal). `--check` trains the single-device
 model with the same optimizer and compares every step's loss and every rank's final
-parameter shards (relative error, norm-wise, fp32: <= 1e-5), ending with
-`check: ok max_rel_err=<x>` (exit 0) or `check: FAILED ...` (exit 1).
+parameter shards (relative error, norm-wise, fp32: <= 1e-5; a parameter whose gradient is
+zero in exact arithmetic absolutely, within lr x steps), ending with `check: ok
+max_rel_err=<x>` (exit 0) or `check: FAILED ...` naming the worst tensor (exit 1). Every
+flag is checked before the trace (`check_flags`), and a model that cannot be trained or
+checked (meta weights, all frozen, dropout with --check) is refused before any rank starts.
 
 A rank that crashes ends the job at once (the others are killed, its log tail printed); a
-job that runs past --timeout is killed as a whole (all ranks share one process group).
+job that runs past --timeout is killed as a whole (all ranks share one process group); a
+SIGINT or SIGTERM is forwarded to the ranks, the run directory removed, exit 130 or 143.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,8 +38,11 @@ TOLERANCE = 1e-5
 # ---- the single-device reference --------------------------------------------------------------
 
 def reference_run(model: torch.nn.Module, state: dict, inputs: tuple, steps: int, optimizer: str,
-                  lr: float) -> tuple[list[float], dict]:
-    """Train the unmodified model on one device from `state`: losses and final state dict."""
+                  lr: float, grad_peaks: dict | None = None) -> tuple[list[float], dict]:
+    """Train the unmodified model on one device from `state`: losses and final state dict.
+    `grad_peaks`, when given, is filled with each trainable parameter's largest |gradient|
+    over the steps (how `compare` recognises a gradient that is zero in exact arithmetic)."""
+    from autopar.compiler.interpret import loss_of
     with torch.no_grad():
         for name, t in model.state_dict(keep_vars=True).items():
             if name in state:
@@ -46,9 +53,14 @@ def reference_run(model: torch.nn.Module, state: dict, inputs: tuple, steps: int
     opt = (torch.optim.AdamW(trainable, lr=lr) if optimizer == "adamw"
            else torch.optim.SGD(trainable, lr=lr, momentum=0.9))
     losses = []
+    names = {id(p): n for n, p in model.named_parameters()}
     for _ in range(steps):
-        loss = model(*inputs)
+        loss, _ = loss_of(model(*inputs))
         loss.backward()
+        if grad_peaks is not None:
+            for p in trainable:
+                g = 0.0 if p.grad is None or not p.numel() else p.grad.abs().max().item()
+                grad_peaks[names[id(p)]] = max(grad_peaks.get(names[id(p)], 0.0), g)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -81,21 +93,44 @@ class Check:
     tensor: str = ""
     tensor_abs: float = 0.0         # max |shard - reference| of that tensor
     tensor_scale: float = 0.0       # max |reference| of that tensor
+    flat: list[str] = field(default_factory=list)   # compared absolutely (zero gradient)
+    flat_abs: float = 0.0           # their largest |shard - reference|
+    flat_tol: float = 0.0           # the bound they are held to
 
 
-def compare(program: Program, stats: list[dict], shard_dir: Path, ref_losses, ref_state) -> Check:
+# a gradient this far below the model's largest is zero in exact arithmetic: rounding noise
+FLAT_GRADIENT = 1e-6
+
+
+def compare(program: Program, stats: list[dict], shard_dir: Path, ref_losses, ref_state,
+            grad_peaks: dict | None = None, lr: float | None = None, steps: int | None = None,
+            optimizer: str = "adamw") -> Check:
     """Every rank's losses and final shards against the single-device run.
 
     The error of the parameters is norm-wise over all of a rank's shards together,
-    ||shards - reference blocks|| / ||reference blocks||: AdamW turns the rounding noise of
-    a gradient that is zero in exact arithmetic (the key bias of attention) into updates of
-    ~1e-6, which no reduction order avoids; per tensor that is large for a zero-initialised
-    bias, over the whole model it is not. The worst single tensor is reported as well."""
+    ||shards - reference blocks|| / ||reference blocks||, held to TOLERANCE: per tensor a
+    small, zero-initialised bias amplifies rounding noise that over the whole model is
+    negligible.
+
+    A parameter whose gradient is zero in exact arithmetic (a bias before a normalisation
+    over the batch, a softmax over the batch dim) is different: its reference gradient is
+    pure rounding noise, and AdamW divides noise by its own magnitude, so each step moves it
+    by up to lr in a direction no reduction order reproduces. With `grad_peaks` from
+    `reference_run`, such parameters (peak |gradient| below FLAT_GRADIENT of the model's
+    largest) are compared absolutely against that update scale, |shard - reference| <=
+    lr * steps, and left out of the norm-wise error."""
     layouts = program.sharded.layouts                  # type: ignore[attr-defined]
     aliases = program.graph.aliases
     mesh = program.plan.mesh
+    flat_names: set[str] = set()
+    flat_tol = 0.0
+    if grad_peaks and lr and steps and optimizer == "adamw":
+        top = max(grad_peaks.values(), default=0.0)
+        flat_names = {n for n, g in grad_peaks.items() if g <= FLAT_GRADIENT * top}
+        flat_tol = lr * steps
     worst, where, problems = 0.0, "", []
     tensor_worst, tensor_where, tensor_abs, tensor_scale = 0.0, "", 0.0, 0.0
+    flat_seen, flat_abs = set(), 0.0
     for s in stats:
         for i, (a, b) in enumerate(zip(s["losses"], ref_losses)):
             e = abs(a - b) / max(abs(b), 1e-30)
@@ -106,8 +141,10 @@ def compare(program: Program, stats: list[dict], shard_dir: Path, ref_losses, re
         for key, t in shards.items():
             canon = aliases.get(key, key)
             piece = program.graph.pieces.get(key)
+            source = key
             if piece is not None and piece.source in ref_state:
                 full = piece.cut(ref_state[piece.source])
+                source = piece.source
             elif canon in layouts and key in ref_state and key == canon:
                 full = ref_state[key]
             else:
@@ -120,29 +157,40 @@ def compare(program: Program, stats: list[dict], shard_dir: Path, ref_losses, re
                 if not torch.equal(t, want):
                     problems.append(f"rank {s['rank']} {key}: values differ")
                 continue
+            delta = (t.double() - want.double()).abs().max().item() if t.numel() else 0.0
+            if source in flat_names:
+                flat_seen.add(source)
+                flat_abs = max(flat_abs, delta)
+                if delta > flat_tol:
+                    problems.append(f"rank {s['rank']} {key}: its gradient is zero, yet it moved "
+                                    f"{delta:.3g} away from the reference (more than lr x steps = {flat_tol:.3g})")
+                continue
             diff2 += (t.double() - want.double()).norm().item() ** 2
             ref2 += want.double().norm().item() ** 2
             e = rel_err(t, want)
             if e > tensor_worst:
                 tensor_worst, tensor_where = e, f"{key} on rank {s['rank']}"
-                tensor_abs = (t.double() - want.double()).abs().max().item()
-                tensor_scale = want.double().abs().max().item()
+                tensor_abs = delta
+                tensor_scale = want.double().abs().max().item() if t.numel() else 0.0
         e = (diff2 ** 0.5) / max(ref2 ** 0.5, 1e-30)
         if e > worst:
             worst, where = e, f"parameters of rank {s['rank']}"
     ok = worst <= TOLERANCE and not problems
-    return Check(ok, worst, where, problems, tensor_worst, tensor_where, tensor_abs, tensor_scale)
+    return Check(ok, worst, where, problems, tensor_worst, tensor_where, tensor_abs, tensor_scale,
+                 sorted(flat_seen), flat_abs, flat_tol)
+
+
+def dropout_sites(graph) -> list[str]:
+    """`p=0.1 in lm.transformer.h.0.attn` for every dropout that is random in training."""
+    sites = []
+    for n in graph.nodes:
+        if n.op in ("dropout", "native_dropout") and n.attr.get("p", 0.5) > 0 \
+                and n.attr.get("train", True) is not False:
+            sites.append(f"p={n.attr.get('p', 0.5):g} in {n.meta.module or 'the root module'}")
+    return list(dict.fromkeys(sites))
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
-
-def parse_memory(text: str) -> float:
-    from autopar.compiler.cluster import parse_bytes
-    try:
-        return parse_bytes(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
 
 def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", metavar="SPEC", help="path/to/file.py:function returning (model, example_inputs)")
@@ -158,7 +206,7 @@ def _common_args(p: argparse.ArgumentParser) -> None:
                         "mi250x, or a JSON/TOML profile file")
     p.add_argument("--target", choices=["cpu", "cuda"], default="cpu",
                    help="where the generated program runs (gloo on cpu, NCCL on cuda)")
-    p.add_argument("--memory", type=parse_memory, default=None,
+    p.add_argument("--memory", default=None,
                    help="memory per device for the search, e.g. 80GB, 2MiB")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -178,9 +226,90 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300, help="seconds before the job is killed")
 
 
-def _program_from_args(args) -> Program:
+# 1 PB per device: more than any accelerator has, and well inside the solver's integers
+MAX_MEMORY = 1e15
+
+
+def check_memory(value, flag: str = "--memory") -> float | None:
+    """A memory limit in bytes (a number or text like "80GB"), or InputError naming the flag.
+
+    >>> check_memory("80GB")
+    80000000000.0
+    """
+    from autopar.compiler.cluster import parse_bytes
+    from autopar.compiler.errors import InputError
+    if value is None:
+        return None
+    shown = value if isinstance(value, str) else f"{value:g} bytes"
+    b = parse_bytes(value)
+    if not b > 0 or b != b:
+        raise InputError(f"{flag} {shown}: a memory limit must be positive, e.g. {flag} 80GB")
+    if b > MAX_MEMORY:
+        raise InputError(f"{flag} {shown}: more than any device has (the largest limit autopar "
+                         f"takes is 1PB per device); give the device's memory, e.g. {flag} 80GB")
+    return b
+
+
+def check_flags(args, verb: str) -> None:
+    """Every flag of `plan`, `emit` and `run` checked before the slow trace and search, so a
+    bad value ends at once with one paragraph (InputError, exit 2) rather than late or in a
+    traceback. Checks only the flags `args` has."""
+    from autopar.compiler.errors import InputError
+    devices = getattr(args, "devices", None)
+    if devices is not None and devices < 1:
+        raise InputError(f"--devices {devices}: give a positive device count, e.g. --devices 4")
+    mesh = sharding.parse_mesh(args.mesh) if getattr(args, "mesh", None) else None
+    if getattr(args, "memory", None) is not None:
+        args.memory = check_memory(args.memory)
+    zero = getattr(args, "zero", None)
+    if zero and mesh is not None and mesh.get("dp", 1) <= 1:
+        raise InputError(f"--zero {zero}: ZeRO shards optimizer state over the data-parallel "
+                         f"axis dp, and the mesh {sharding.format_mesh(mesh)} has "
+                         f"{'none' if 'dp' not in mesh else 'dp=1'}. Add one (e.g. --mesh dp=2,"
+                         f"{sharding.format_mesh({a: n for a, n in mesh.items() if a != 'dp'})}) "
+                         "or leave --zero out.")
+    steps = getattr(args, "steps", None)
+    if steps is not None and steps < 0:
+        raise InputError(f"--steps {steps}: give a number of training steps >= 0")
+    if getattr(args, "check", False) and not steps:
+        raise InputError(f"--steps {steps} --check: a check of zero steps compares nothing; "
+                         "give --steps 1 or more")
+    lr = getattr(args, "lr", None)
+    if lr is not None and not (0 < lr < float("inf")):
+        raise InputError(f"--lr {lr}: the learning rate must be a positive number, e.g. --lr 1e-3")
+    timeout = getattr(args, "timeout", None)
+    if timeout is not None and not timeout > 0:
+        raise InputError(f"--timeout {timeout}: give the seconds the job may run, e.g. --timeout 300")
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise InputError(f"-o {out}: that is an existing file; -o names the directory the "
+                         "program is written to. Give a new or existing directory.")
+    if verb == "run" and getattr(args, "target", "cpu") == "cuda" and not torch.cuda.is_available():
+        raise InputError("--target cuda: this machine has no CUDA device (torch.cuda.is_available() "
+                         "is False). Run on the CPU (--target cpu), or write the program with "
+                         "`autopar emit ... --target cuda` and launch it on a GPU machine.")
+
+
+def check_model(model: torch.nn.Module, verb: str) -> None:
+    """A model `emit` and `run` can train: real weights, something trainable."""
+    from autopar.compiler.errors import InputError
+    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        raise InputError(f"autopar {verb}: the model's weights are on the meta device ({meta[0]}"
+                         f"{f' and {len(meta) - 1} more' if len(meta) > 1 else ''}): they have no "
+                         "values to train or save. `autopar plan` plans a meta model; for emit "
+                         "and run, build it with real weights on the CPU.")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise InputError(f"autopar {verb}: every parameter of {type(model).__name__} is frozen "
+                         "(requires_grad=False), so there is nothing to train. Unfreeze what "
+                         "should learn (e.g. the adapters of a LoRA model).")
+
+
+def _program_from_args(args, verb: str) -> Program:
     from autopar.spec import load_spec
+    check_flags(args, verb)
     model, inputs, name = load_spec(args.spec)
+    check_model(model, verb)
     return build_program(model, inputs, args.mesh, backend=args.backend, plan=args.plan,
                          device=args.device, memory=args.memory, optimizer=args.optimizer,
                          lr=args.lr, steps=args.steps, name=name, devices=args.devices,
@@ -188,7 +317,7 @@ def _program_from_args(args) -> Program:
 
 
 def emit_main(args) -> int:
-    prog = _program_from_args(args)
+    prog = _program_from_args(args, "emit")
     cmd = prog.write(args.out)
     print(f"wrote {prog.files['program']}")
     print(f"wrote {prog.files['plan']}")
@@ -238,9 +367,24 @@ def plan_line(plan) -> str:
 
 
 def run_main(args) -> int:
+    """`autopar run`; SIGINT/SIGTERM stop the ranks and remove the temporary directory
+    (the launcher forwards them; the exit status is 130/143)."""
+    from autopar.backends.launch import forward_signals
+    with forward_signals():
+        return _run(args)
+
+
+def _run(args) -> int:
+    from autopar.compiler.errors import InputError
     from autopar.compiler.sharded import predict_traffic
-    search_bytes = None
-    prog = _program_from_args(args)
+    prog = _program_from_args(args, "run")
+    dropout = dropout_sites(prog.graph)
+    if args.check and dropout:
+        raise InputError(f"--check: {type(prog.model).__name__} applies dropout in training mode "
+                         f"({', '.join(dropout[:3])}{', ...' if len(dropout) > 3 else ''}); its random "
+                         "masks differ between the ranks and the single-device run, so no "
+                         "comparison can pass. Check with dropout off (p=0, or model.eval()), "
+                         "or run without --check.")
     search_bytes = prog.plan.cost.get("bytes")
     tmp = None
     if args.out:
@@ -276,16 +420,23 @@ def run_main(args) -> int:
             print("bytes: FAILED measured != predicted")
         if not args.check:
             return 0 if same else 1
+        peaks: dict = {}
         ref_losses, ref_state = reference_run(prog.model, state, prog.inputs, args.steps,
-                                              args.optimizer, args.lr)
+                                              args.optimizer, args.lr, grad_peaks=peaks)
         print("single device: " + ", ".join(f"{x:.6f}" for x in ref_losses))
-        chk = compare(prog, stats, out / "shards", ref_losses, ref_state)
+        chk = compare(prog, stats, out / "shards", ref_losses, ref_state, grad_peaks=peaks,
+                      lr=args.lr, steps=args.steps, optimizer=args.optimizer)
+        if chk.flat:
+            print(f"zero gradient (rounding noise only), compared absolutely against lr x steps = "
+                  f"{chk.flat_tol:.3g}: {', '.join(chk.flat[:4])}{', ...' if len(chk.flat) > 4 else ''} "
+                  f"(max abs err {chk.flat_abs:.2g})")
         if chk.ok and same:
-            print(f"worst single tensor: {chk.tensor} rel_err={chk.tensor_err:.3g} "
-                  f"(max abs err {chk.tensor_abs:.2g} on values up to {chk.tensor_scale:.2g})")
             print(f"check: ok max_rel_err={chk.max_rel_err:.3g}")
             return 0
         why = [f"max_rel_err={chk.max_rel_err:.3g} ({chk.worst}), tolerance {TOLERANCE:g}"]
+        if chk.tensor:
+            why.append(f"worst single tensor {chk.tensor}: rel_err={chk.tensor_err:.3g} (max abs "
+                       f"err {chk.tensor_abs:.2g} on values up to {chk.tensor_scale:.2g})")
         why += chk.problems
         if not same:
             why.append("measured bytes differ from the prediction")
@@ -296,4 +447,4 @@ def run_main(args) -> int:
             tmp.cleanup()
 
 
-__all__ = ["reference_run", "compare", "add_emit_args", "emit_main", "add_run_args", "run_main"]
+__all__ = ["reference_run", "compare", "check_flags", "check_model", "check_memory", "dropout_sites", "add_emit_args", "emit_main", "add_run_args", "run_main"]

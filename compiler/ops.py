@@ -391,7 +391,7 @@ ELEMENTWISE_UNARY = [
     aten.dropout.default, aten.native_dropout.default, aten.clone.default,
     aten.contiguous.default, aten.to.dtype, aten._to_copy.default, aten.erf.default,
     aten.logical_not.default, aten.alias.default, aten.detach.default,
-    aten.square.default, aten.type_as.default,
+    aten.square.default, aten.type_as.default, aten.sign.default,
     aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.rsub.Scalar,
     aten.lift_fresh_copy.default,
 ]

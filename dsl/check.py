@@ -102,6 +102,17 @@ def resolve(plan: ast.PlanFile, graph: Graph, mesh: dict[str, int] | None = None
     return Resolver(plan, graph, devices).run(mesh)
 
 
+def format_size(n: float, up: bool = False) -> str:
+    """Bytes in the plan file's own units (`812KB`, `3.1MB`); `up` rounds up, so the text
+    read back as a limit is at least `n`."""
+    import math
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            v = n / scale
+            return f"{(math.ceil(v * 10) / 10 if up else v):.1f}{unit}"
+    return f"{math.ceil(n) if up else n:.0f}B"
+
+
 class Resolver:
     def __init__(self, plan: ast.PlanFile, graph: Graph, devices):
         self.plan, self.graph, self.devices = plan, graph, devices
@@ -127,6 +138,7 @@ class Resolver:
             spec.device = self.settings["device"][2]
         if "memory" in self.settings:
             spec.memory_limit, spec.memory_written = self.settings["memory"][2]
+            self.check_memory_fits(spec.memory_limit, mesh)
         if "objective" in self.settings:
             spec.objective = self.settings["objective"][2]
         if "zero" in self.settings:
@@ -271,6 +283,22 @@ class Resolver:
             self.fail(E.BadNumber, "the memory limit must be positive", f, st.line, st.column,
                       fix="give the per-device limit, e.g. memory 80GB")
         return amount * UNITS[unit], f"{st.amount}{unit}"
+
+    def check_memory_fits(self, limit: float, mesh: dict[str, int]) -> None:
+        """A limit below the model's parameters spread evenly over every device can be met by
+        no plan (gradients, optimizer state and activations only add to it)."""
+        from math import prod
+        devices = prod(mesh.values())
+        weights = sum(prod(p.shape) * p.dtype.itemsize for p in self.graph.params)
+        least = weights / devices
+        if limit < least:
+            f, st, _ = self.settings["memory"]
+            self.fail(E.MemoryTooSmall, f"memory {st.amount}{st.unit or ''} is less than any plan "
+                      f"needs: the parameters alone take {format_size(least)} per device even "
+                      f"split evenly over all {devices} devices", f, st.line, st.column,
+                      fix=f"give at least memory {format_size(least, up=True)} (gradients, optimizer "
+                          "state and activations need more: `autopar plan` names the smallest limit "
+                          "that fits)")
 
     def check_zero_syntax(self, f: ast.PlanFile, st: ast.Zero):
         stage = self.whole(st.stage, f, st.line, st.stage_column, "the ZeRO stage", E.ZeroStageOutOfRange)

@@ -151,6 +151,14 @@ class PlanNotFound(PlanFileError):
     """The plan file given on the command line cannot be read."""
 
 
+class PlanNotText(PlanFileError):
+    """The plan file exists but is not UTF-8 text (a binary file, a plan JSON's wrong cousin)."""
+
+
+class MemoryTooSmall(PlanFileError):
+    """A `memory` limit below what the model's parameters alone take on every device."""
+
+
 class IncludeNotFound(PlanFileError):
     """An included file does not exist or cannot be read."""
 

@@ -42,10 +42,28 @@ def parse_plan(text: str, path: str = "<string>", *, base_dir: str | None = None
 def load_plan(path: str, *, _stack: tuple[str, ...] = ()) -> ast.PlanFile:
     """Read and parse a plan file with its includes. `PlanNotFound` if it cannot be read."""
     text = read_text(path)
+    if text is None and os.path.isfile(path):
+        raise E.PlanNotText(f"'{path}' is not a plan file: it is not UTF-8 text "
+                            f"({not_text_reason(path)})", file=path, line=1, column=1,
+                            fix="give the .plan text file (or a plan JSON written by autopar plan -o); "
+                                "`autopar plan SPEC --emit-plan out.plan` writes one to start from")
     if text is None:
         raise E.PlanNotFound(f"cannot read the plan file '{path}'", file=path, line=1, column=1,
                              fix=f"check the path (working folder: {os.getcwd()})")
     return parse_plan(text, path, _stack=_stack)
+
+
+def not_text_reason(path: str) -> str:
+    """Where a file stops being UTF-8: `byte 0x89 at offset 0`."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"byte 0x{data[e.start]:02x} at offset {e.start}"
+    except OSError as e:
+        return str(e)
+    return "it could not be decoded"
 
 
 def read_text(path: str) -> str | None:

@@ -71,6 +71,7 @@ class Builder:
         self.used_names: set[str] = set()
         self.constants: dict[str, torch.Tensor] = {}
         self.input_sizes: dict[str, tuple] = {}
+        self.notes: list[str] = []
         sd_names = tensor_groups(model)
         self.canonical: dict[str, str] = {}
         for names in sd_names.values():
@@ -199,7 +200,7 @@ class Builder:
 
     def graph(self, outputs: list[Value]) -> Graph:
         return Graph(self.name, self.inputs, self.params, self.nodes, outputs, self.aliases,
-                     constants=self.constants, input_sizes=self.input_sizes)
+                     notes=list(self.notes), constants=self.constants, input_sizes=self.input_sizes)
 
 
 def user_line(fxn) -> str:
@@ -260,26 +261,7 @@ def lower_export(ep: "torch.export.ExportedProgram", model: nn.Module, name: str
             b.env[fxn] = b.param(spec.target, "buffer", shape, dtype)
         else:
             raise LoweringError(f"unsupported exported input kind {spec.kind} ({fxn.name})")
-    for fxn in ep.graph.nodes:
-        if fxn.op != "call_function":
-            continue
-        t = fxn.target
-        if isinstance(fxn.meta.get("val"), torch.SymInt):
-            b.env[fxn] = size_of(fxn.meta["val"])     # size arithmetic: a SymInt attribute
-            continue
-        if t is operator.getitem:
-            src = b.env[fxn.args[0]]
-            b.env[fxn] = src[fxn.args[1]]
-            continue
-        if isinstance(t, torch._ops.OpOverload):
-            if t in (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
-                     aten.sym_constrain_range_for_size.default) or fxn.meta.get("val", 1) is None:
-                continue                     # runtime checks with no tensor result
-            b.emit(opdef_for_target(t), fxn, list(fxn.args), dict(fxn.kwargs), module_path(fxn))
-            continue
-        raise LoweringError(
-            f"'{t}' at {fxn.name} (module {module_path(fxn) or 'root'}) is not an ATen op; "
-            "autopar lowers ATen graphs only. Avoid data-dependent control flow in forward.")
+    _lower_export_nodes(b, ep.graph_module, ep.graph.nodes)
     out_node = next(n for n in ep.graph.nodes if n.op == "output")
     outs = []
     for arg, spec in zip(out_node.args[0], ep.graph_signature.output_specs):
@@ -293,6 +275,74 @@ def lower_export(ep: "torch.export.ExportedProgram", model: nn.Module, name: str
                 f"forward mutates buffer '{spec.target}' (e.g. BatchNorm running stats); "
                 "autopar plans pure training steps: use eval-mode norms or LayerNorm")
     return b.graph(outs)
+
+
+def _lower_export_nodes(b: Builder, owner: nn.Module, nodes) -> None:
+    """Lower the call_function nodes of one exported graph (the top level, or a region
+    torch.export wrapped in a higher-order op) into `b`."""
+    from torch._higher_order_ops.wrap import wrap_with_set_grad_enabled
+    for fxn in nodes:
+        if fxn.op != "call_function":
+            continue
+        t = fxn.target
+        if isinstance(fxn.meta.get("val"), torch.SymInt):
+            b.env[fxn] = size_of(fxn.meta["val"])     # size arithmetic: a SymInt attribute
+            continue
+        if t is operator.getitem:
+            src = b.env[fxn.args[0]]
+            b.env[fxn] = src[fxn.args[1]]
+            continue
+        if t is wrap_with_set_grad_enabled:
+            _inline_grad_region(b, owner, fxn)
+            continue
+        if isinstance(t, torch._ops.OpOverload):
+            if t in (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+                     aten.sym_constrain_range_for_size.default) or fxn.meta.get("val", 1) is None:
+                continue                     # runtime checks with no tensor result
+            if t is aten.cat.default and _drop_empty_cat_operands(b, fxn):
+                continue
+            b.emit(opdef_for_target(t), fxn, list(fxn.args), dict(fxn.kwargs), module_path(fxn))
+            continue
+        raise LoweringError(
+            f"'{t}' at {fxn.name} (module {module_path(fxn) or 'root'}) is not an ATen op; "
+            "autopar lowers ATen graphs only. Avoid data-dependent control flow in forward.")
+
+
+def _inline_grad_region(b: Builder, owner: nn.Module, fxn: fx.Node) -> None:
+    """`wrap_with_set_grad_enabled(enabled, submod, *operands)`: torch.export's wrapper of a
+    `torch.no_grad()` block (Hugging Face rotary embeddings compute cos/sin in one). Its ops
+    are lowered in place; a no-grad region's outputs get a `detach`, which is what makes
+    them constants of the backward in eager mode too."""
+    enabled, sub, *operands = fxn.args
+    gm = getattr(owner, sub.target)
+    places = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for ph, a in zip(places, operands):
+        b.env[ph] = b.env[a] if isinstance(a, fx.Node) else a
+    _lower_export_nodes(b, gm, gm.graph.nodes)
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    results = [b.env[o] if isinstance(o, fx.Node) else o for o in out]
+    if not enabled:
+        module = module_path(fxn) or module_path(next(iter(gm.graph.nodes)))
+        results = [b.emit_op(aten.detach.default, [v], {}, b.fresh(f"{v.name}_nograd"), module)
+                   if isinstance(v, Value) and v.dtype.is_floating_point else v for v in results]
+    b.env[fxn] = results
+
+
+def _drop_empty_cat_operands(b: Builder, fxn: fx.Node) -> bool:
+    """torch.cat skips 1-D empty operands whatever the others' rank (a Hugging Face
+    DynamicCache starts as `torch.tensor([])` and is concatenated with the first keys).
+    Drops them; when a single operand is left the cat is that operand (returns True)."""
+    tensors, *rest = fxn.args
+    vals = [b.env[t] for t in tensors]
+    rank = len(_shape_of(fxn.meta["val"])[0])
+    kept = [t for t, v in zip(tensors, vals) if not (rank != 1 and v.shape == (0,))]
+    if len(kept) == len(tensors) or not kept:
+        return False
+    if len(kept) == 1:
+        b.env[fxn] = b.env[kept[0]]
+        return True
+    fxn.args = (kept, *rest)
+    return False
 
 
 # ---- torch.fx.symbolic_trace front end ---------------------------------------------------
@@ -413,15 +463,39 @@ def lower_fx(gm: fx.GraphModule, model: nn.Module, example_inputs, name: str) ->
             b.env[fxn] = b.param(fxn.target, "param")
             continue
         if fxn.op == "output":
-            out = fxn.args[0]
-            outs = [b.env[o] for o in (out if isinstance(out, (list, tuple)) else [out])]
-            return b.graph(outs)
+            return b.graph([_fx_loss(b, fxn.args[0])])
         args, kwargs = resolve(list(fxn.args)), resolve(dict(fxn.kwargs))
         caller = fxn.meta.get("nn_module_stack")
         path = clean_path(list(caller.values())[-1][0]) if caller else ""
         result = _lower_fx_call(b, fxn, modules, args, kwargs, path)
         b.env[fxn] = result
     raise LoweringError("fx graph has no output node")
+
+
+def _fx_loss(b: Builder, out) -> Value:
+    """The loss among fx's outputs, by the rule of `compiler.interpret.loss_of` (the scalar,
+    the first of a tuple, the "loss" of a dict); a note says what was dropped."""
+    from collections.abc import Mapping
+    what = "it"
+    if isinstance(out, (list, tuple)) and out:
+        picked, what = out[0], "its first element"
+        if len(out) > 1:
+            b.notes.append(f"model output: the loss is element 0 of a {type(out).__name__} of "
+                           f"{len(out)}; dropped the rest")
+    elif isinstance(out, Mapping) and "loss" in out:
+        picked, what = out["loss"], 'its "loss" entry'
+        if len(out) > 1:
+            b.notes.append(f'model output: the loss is the "loss" entry of a dict; dropped '
+                           f'{", ".join(str(k) for k in out if k != "loss")}')
+    else:
+        picked = out
+    v = b.env.get(picked) if isinstance(picked, fx.Node) else None
+    if not isinstance(v, Value) or v.shape != () or not v.dtype.is_floating_point:
+        shown = f"a tensor of shape {list(v.shape)}" if isinstance(v, Value) else type(out).__name__
+        raise LoweringError(f"the model's forward returned {shown} ({what}); autopar trains the "
+                            "scalar loss forward returns: return it alone, first in a tuple, or "
+                            'as the "loss" entry of a dict')
+    return v
 
 
 def _lower_fx_call(b: Builder, fxn: fx.Node, modules, args, kwargs, path):

@@ -9,6 +9,7 @@ for models larger than this machine are made.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import re
@@ -19,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from autopar.compiler.errors import UserError
+from autopar.compiler.interpret import loss_of
 from autopar.compiler.ir import Graph
 from autopar.frontends.lower import LoweringError, lower_export, lower_fx
 
@@ -43,26 +45,37 @@ def trace(model: nn.Module, example_inputs: tuple, mode: str = "export",
     t0 = time.perf_counter()
     if mode == "export":
         captured = io.StringIO()
+        seen = OutputsSeen()
         ep, note = None, None
-        if symbolic:
-            ep, note = export_symbolic(model, example_inputs)
         try:
-            if ep is None:
-                with quiet_torch(captured):
+            with quiet_torch(captured), loss_only(model, seen), refuse_custom_functions(seen):
+                if symbolic:
+                    ep, note = export_symbolic(model, example_inputs)
+                if ep is None:
                     ep = torch.export.export(model, example_inputs)
         except Exception as e:  # torch raises many kinds; the user needs the cause and line
+            if seen.error is not None:
+                raise seen.error from None
             at = user_location(str(e) + "\n" + captured.getvalue())
             raise TraceError(f"torch.export could not trace {type(model).__name__}"
                              f"{' at ' + at if at else ''}: {first_line(e)}. Rewrite that "
                              "line without data-dependent Python control flow (or try "
                              "trace='fx' for simple modules).") from e
+        if seen.error is not None:
+            raise seen.error
         graph = lower_export(ep, model, name)
         if note:
             graph.notes.append(note)
+        if seen.note:
+            graph.notes.append(seen.note)
     elif mode == "fx":
+        seen = OutputsSeen()
         try:
-            gm = torch.fx.symbolic_trace(model)
+            with refuse_custom_functions(seen):
+                gm = torch.fx.symbolic_trace(model)
         except Exception as e:
+            if seen.error is not None:
+                raise seen.error from None
             raise TraceError(f"torch.fx.symbolic_trace could not trace {type(model).__name__}: "
                              f"{first_line(e)}. Shape-dependent Python (x.size() in "
                              "asserts, slicing with traced sizes) needs trace='export'.") from e
@@ -73,6 +86,8 @@ def trace(model: nn.Module, example_inputs: tuple, mode: str = "export",
     return graph
 
 
+
+
 def export_symbolic(model: nn.Module, example_inputs: tuple):
     """torch.export with every dim of every tensor input symbolic where the model allows
     (Dim.AUTO specialises the rest); (None, note) when that trace fails."""
@@ -80,9 +95,8 @@ def export_symbolic(model: nn.Module, example_inputs: tuple):
     shapes = tuple({d: Dim.AUTO for d in range(t.dim())} if isinstance(t, torch.Tensor) and t.dim() else None
                    for t in example_inputs)
     try:
-        with quiet_torch(io.StringIO()):
-            return torch.export.export(model, example_inputs, dynamic_shapes=shapes), None
-    except Exception as e:     # the static trace below words a real failure
+        return torch.export.export(model, example_inputs, dynamic_shapes=shapes), None
+    except Exception as e:     # the static trace that follows words a real failure
         return None, (f"sizes are the example batch's: tracing with symbolic sizes failed "
                       f"({first_line(e)})")
 
@@ -115,4 +129,4 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
-__all__ = ["trace", "TraceError", "LoweringError"]
+__all__ = ["trace", "TraceError", "CustomFunctionError", "LoweringError"]

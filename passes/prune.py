@@ -32,6 +32,8 @@ def is_noop(node: Node) -> bool:
     if x.shape != y.shape or x.dtype != y.dtype:
         return False
     a = node.attr
+    if node.op == "detach":
+        return False                    # same values, but it stops the gradient (x + (f(x) - x).detach())
     if node.op in NOOPS:
         return True
     if node.op in ("dropout", "native_dropout"):
@@ -44,7 +46,7 @@ def is_noop(node: Node) -> bool:
 
 
 def remove_noops(graph: Graph) -> Graph:
-    """Drop alias/detach/clone/contiguous, same-dtype casts, same-shape views and
+    """Drop alias/clone/contiguous, same-dtype casts, same-shape views and
     dropout with p=0 or in eval mode; their users read the input instead."""
     subst, kept = {}, []
     for n in graph.nodes:
