@@ -86,6 +86,91 @@ def trace(model: nn.Module, example_inputs: tuple, mode: str = "export",
     return graph
 
 
+class OutputsSeen:
+    """What tracing learnt about the model's forward: a note on the outputs dropped, or the
+    user error to raise once torch.export has unwound."""
+
+    def __init__(self):
+        self.note = ""
+        self.error: UserError | None = None
+
+
+@contextlib.contextmanager
+def loss_only(model: nn.Module, seen: OutputsSeen):
+    """Export the model's loss alone: (loss, logits), {"loss": ...} and Hugging Face
+    `ModelOutput`s (whose `past_key_values` cache torch.export cannot even return) are cut
+    down to the loss inside forward, so the other outputs never reach the IR and the state
+    dict keeps its names (the model itself is traced, not a wrapper)."""
+    original = model.forward
+    had_own = "forward" in model.__dict__
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        try:
+            loss, seen.note = loss_of(out)
+        except UserError as e:
+            seen.error = e
+            raise
+        return loss
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if had_own:
+            model.forward = original
+        else:
+            del model.forward
+
+
+class CustomFunctionError(TraceError):
+    """The model calls a user-defined torch.autograd.Function (see `refuse_custom_functions`)."""
+
+
+@contextlib.contextmanager
+def refuse_custom_functions(seen: OutputsSeen):
+    """Refuse a user-defined `torch.autograd.Function` at trace time.
+
+    torch.export (non-strict, torch 2.13) runs a Function's forward and records the ATen ops
+    it calls, nothing of its backward: a straight-through estimator (sign forward, identity
+    backward) would become `sign`, whose gradient is zero, and training would be silently
+    wrong. Until the IR has an opaque node that calls the Function both ways, the call is
+    refused with the class and the line that applies it. Functions defined inside torch
+    itself (checkpointing and the like) trace to their real ATen graph and pass."""
+    base = torch.autograd.Function
+    original = base.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        module = getattr(cls, "__module__", "") or ""
+        if not (module == "torch" or module.startswith("torch.")):
+            if seen.error is None:
+                seen.error = CustomFunctionError(
+                    f"{caller_line()}{cls.__qualname__}.apply: {cls.__qualname__} is a custom "
+                    "torch.autograd.Function; torch.export records its forward only, so its "
+                    "own backward would be lost and training silently wrong. Write it with "
+                    "differentiable torch ops (a straight-through sign is "
+                    "`x + (torch.sign(x) - x).detach()`), or train that part outside autopar.")
+            raise seen.error
+        return original.__func__(cls, *args, **kwargs)
+
+    base.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        base.apply = original
+
+
+def caller_line() -> str:
+    """`file.py:12: ` of the innermost frame outside torch and autopar, or ''."""
+    import traceback
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        f = frame.filename
+        if "site-packages" in f or "/torch/" in f or f.endswith("frontends/tracing.py") \
+                or f.startswith("<"):
+            continue
+        return f"{f}:{frame.lineno}: "
+    return ""
 
 
 def export_symbolic(model: nn.Module, example_inputs: tuple):
