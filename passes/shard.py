@@ -42,7 +42,7 @@ from ortools.sat.python import cp_model
 
 from autopar.compiler import sharding
 from autopar.compiler.cluster import Cluster, DeviceProfile, format_bytes, load_profile
-from autopar.compiler.cost import CostModel, CostReport, Edge
+from autopar.compiler.cost import CostModel, CostReport, Edge, _steps_cached
 from autopar.compiler.errors import InputError, UserError
 from autopar.compiler.ir import Graph, format_attr
 from autopar.compiler.ops import REGISTRY
@@ -331,6 +331,79 @@ class Tables:
     um: list[np.ndarray]
     pairs: dict[tuple[int, int], list[np.ndarray]]      # (C1, C2) -> [T, M]
     rs: list[tuple[int, np.ndarray, list[tuple[int, np.ndarray]]]]   # param class, cost, consumers
+    # collective CSE: steps one value shares among its consumers, each priced once --
+    # (time, memory, producer class, producer positions, [(consumer class, positions)]);
+    # memory stays per edge (see build_tables)
+    shared: list[tuple[float, float, int, list[int], list[tuple[int, list[int]]]]] = field(default_factory=list)
+    shared_classes: set[int] = field(default_factory=set)   # kept whole by dominance removal
+
+
+def shared_values(prob: Problem, zero: int) -> dict[tuple, list]:
+    """Values read by several consumer positions (collective CSE prices their steps once):
+    key -> [producer member, output, consumer edges, every instance's edges]. Keys are by class and
+    position, so a value of a linked block counts once with the number of blocks. Trainable
+    parameters under ZeRO-2/3 keep the per-edge model (their gradient all_reduce becomes the
+    stage's reduce_scatter)."""
+    cm = prob.cm
+    out: dict[tuple, list] = {}
+    for m in cm.members:
+        if zero >= 2 and m.trainable:
+            continue
+        by_out: dict[int, list] = {}
+        for e in cm.out_edges[m.index]:
+            by_out.setdefault(e.out, []).append(e)
+        for j, edges in by_out.items():
+            if len(edges) < 2:
+                continue
+            # consumers at one class position choose alike: one end (a value every linked
+            # block reads -- rotary tables -- is resharded once for all of them)
+            ends = {}
+            for e in edges:
+                region = cm.regions.get(cm.members[e.dst].key) if cm.reshard_inside(e) else None
+                ends.setdefault((prob.class_of[prob.group_of[e.dst]], prob.pos(e.dst), e.arg, region or ""), e)
+            key = (prob.class_of[prob.group_of[m.index]], prob.pos(m.index), j, tuple(sorted(ends)))
+            ent = out.get(key)
+            if ent is None:
+                out[key] = [m.index, j, list(ends.values()), [edges]]
+            else:
+                ent[3].append(edges)
+    return out
+
+
+def shared_terms(prob: Problem, full_dom, key, src: int, j: int, edges, mult: int) -> list:
+    """The trie of steps of one shared value: a node per (producer layout, region, step
+    prefix), priced once however many consumers read through it."""
+    cm, groups = prob.cm, prob.groups
+    ga = groups[prob.group_of[src]]
+    ca = key[0]
+    v = edges[0].value
+    grad = v.name in cm.needs_grad
+    nodes: dict[tuple, dict] = {}
+    for pa, k in enumerate(full_dom[ca]):
+        lay = cm.out_layouts(src, ga.strat[src][k])[j]
+        for i, e in enumerate(edges):
+            gb = groups[prob.group_of[e.dst]]
+            cb = prob.class_of[prob.group_of[e.dst]]
+            region = cm.regions.get(cm.members[e.dst].key) if cm.reshard_inside(e) else None
+            for pb, kk in enumerate(full_dom[cb]):
+                sc = gb.strat[e.dst][kk]
+                splits = frozenset(a for a, lab in enumerate(sc) if lab is not None)
+                dst = cm.in_layout(e.dst, sc, e.arg)
+                chain = _steps_cached(lay, dst, v.shape, cm.itemsize(v), cm.mesh_items, splits, grad)
+                prefix: tuple = (lay, region)
+                for st in chain:
+                    prefix = prefix + ((st.axis, st.op, st.attrs),)
+                    node = nodes.get(prefix)
+                    if node is None:
+                        cols = st.collectives(grad)
+                        t = sum(cm.time_of(c) for c in cols)
+                        if region is not None:
+                            t += sum(cm.time_of(c) for c in cols if c.phase == "forward")
+                        node = nodes[prefix] = {"t": t, "m": 0.0, "A": set(), "B": {}}
+                    node["A"].add(pa)
+                    node["B"].setdefault((i, cb), set()).add(pb)
+    return [(mult * n["t"], mult * n["m"], ca, sorted(n["A"]), [(cb, sorted(b)) for (_, cb), b in n["B"].items()])
+            for n in nodes.values() if n["t"] or n["m"]]
 
 
 def allowed_root(prob: Problem, zero: int, gid: int) -> list[int]:
@@ -368,12 +441,19 @@ def build_tables(prob: Problem, zero: int) -> Tables:
                     t += cm.time_of(col)
             ut[cid][k_i] += mult * t
             um[cid][k_i] += mult * mm
+    # values several consumers read: their steps are priced once (collective CSE)
+    shared, shared_classes, shared_edges = [], set(), set()
+    for key, (src, j, edges, instances) in shared_values(prob, zero).items():
+        shared += shared_terms(prob, full_dom, key, src, j, edges, len(instances))
+        shared_edges.update(id(e) for group in instances for e in group)
+        shared_classes.add(key[0])
+        shared_classes.update(prob.class_of[prob.group_of[e.dst]] for e in edges)
     # edges, deduplicated by (class, position) of both ends
     edge_count: dict[tuple, list] = {}
     for e in cm.edges:
         ga, gb = prob.group_of[e.src], prob.group_of[e.dst]
         key = (prob.class_of[ga], prob.pos(e.src), e.out, prob.class_of[gb], prob.pos(e.dst), e.arg,
-               ga == gb)
+               ga == gb, id(e) in shared_edges)
         ent = edge_count.get(key)
         if ent is None:
             edge_count[key] = [e, 1]
@@ -390,6 +470,10 @@ def build_tables(prob: Problem, zero: int) -> Tables:
             scs = [gb.strat[e.dst][k] for k in range(gb.size)]
             prob.edge_cache[ck] = edge_matrices(cm, e, sps, scs, zero, fold, prob.edge_memo)
         T, M = prob.edge_cache[ck]
+        if key[7]:
+            # a shared value's time is priced by its shared steps; its saved copies stay per
+            # edge (an upper bound on memory: the memory limit stays a safe constraint)
+            T = np.zeros_like(T)
         da, db = full_dom[ca], full_dom[cb]
         if same_group or ca == cb:           # one decision: only the diagonal is reachable
             idx = np.array(da)
@@ -436,7 +520,7 @@ def build_tables(prob: Problem, zero: int) -> Tables:
                         gg = groups[gc]
                         consumers[hk] = np.array([gg.strat[e.dst][k][d] is not None for k in full_dom[cc]])
             rs.append((cid, cost, [(cc, mask) for (cc, _), mask in consumers.items()]))
-    return Tables(full_dom, ut, um, pairs, rs)
+    return Tables(full_dom, ut, um, pairs, rs, shared, shared_classes)
 
 
 def remove_dominated(prob: Problem, tab: Tables, protected: set[int]) -> int:
@@ -514,8 +598,9 @@ def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | No
     ncls = len(tab.dom)
     # integer scaling: the objective's upper bound maps to ~1e9
     ub_t = sum(u.max() for u in tab.ut if len(u)) + sum(P[0].max() for P in tab.pairs.values() if P[0].size)
-    ub_t += sum(c.max() for _, c, _ in tab.rs)
+    ub_t += sum(c.max() for _, c, _ in tab.rs) + sum(t for t, *_ in tab.shared)
     ub_m = sum(u.max() for u in tab.um if len(u)) + sum(P[1].max() for P in tab.pairs.values() if P[1].size)
+    ub_m += sum(m for _, m, *_ in tab.shared)
     st = 1e9 / max(ub_t, 1e-30)
     unit_m = max(ub_m / 1e9, 1.0)
 
@@ -587,6 +672,20 @@ def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | No
                 obj_t.append(it(ut[c][k]) * b)
             if im(um[c][k]):
                 obj_m.append(im(um[c][k]) * b)
+    # collective CSE: a step one value shares is paid once if any consumer reads through it
+    n_shared = 0
+    for t, mem, ca, A, Bs in tab.shared:
+        ti, mi = it(t), im(mem)
+        if not ti and not mi:
+            continue
+        u = model.NewBoolVar("")
+        n_shared += 1
+        for cb, B in Bs:
+            model.Add(u >= sum(x[ca][p] for p in A) + sum(x[cb][q] for q in B) - 1)
+        if ti:
+            obj_t.append(ti * u)
+        if mi:
+            obj_m.append(mi * u)
     n_rs = 0
     for cid, cost, consumers in tab.rs:
         bvar = model.NewBoolVar("")
@@ -659,6 +758,7 @@ def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | No
     dt = time.perf_counter() - t0
     sname = solver.StatusName(status)
     stats = {"bools": sum(len(v) for v in x), "pair_bools": n_pair_bools, "tables": n_tables,
+             "shared_step_bools": n_shared,
              "rs_bools": n_rs, "constraints": len(model.Proto().constraints)}
     bound = None
     if minimize == "time" and status in (cp_model.OPTIMAL, cp_model.FEASIBLE, cp_model.UNKNOWN):
@@ -902,7 +1002,7 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
     for i, z in enumerate(levels):
         tab = build_tables(prob, z)
         before = sum(len(d) for d in tab.dom)
-        removed = remove_dominated(prob, tab, protected)
+        removed = remove_dominated(prob, tab, protected | tab.shared_classes)
         left = time_limit - (time.perf_counter() - t_start)
         budget = max(left / (len(levels) - i), 0.1)
         starts = [[int(np.argmin(u)) for u in tab.ut], [0] * len(tab.dom)]

@@ -357,3 +357,15 @@ def test_time_limit_without_a_plan_is_reported_as_such(small_gpt):
              (shard.Solved("UNKNOWN", 3, None, None, 1.0), tabs[3])]
     msg = str(shard.infeasible_error(prob, mixed, 1.5e6, True, 10.0))
     assert "time limit" in msg and "ZeRO-0: no plan fits" in msg and "least any plan" not in msg
+
+
+def test_the_search_prices_shared_reshards_once(traced):
+    """Collective CSE in the search: a value several consumers read the same way (GPT's
+    ln_1 output for q, k and v; the residual stream) is resharded once in the program, and
+    the solver's objective is the cost model's exact price of that program."""
+    from autopar.compiler.cluster import load_profile
+    g = traced("gpt")[3]
+    for mesh in ({"dp": 2, "tp": 2}, {"tp": 4}):
+        plan = search(g, mesh, load_profile("h100"), deterministic=True, zero=0, time_limit=20)
+        assert plan.solver["shared_step_bools"] > 0
+        assert plan.solver["objective"] == pytest.approx(plan.cost["step_time"], rel=1e-4)
