@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from autopar.compiler.errors import UserError
 from autopar.compiler.ir import Graph, Node, NodeMeta, Value
-from autopar.compiler.ops import OpDef, opdef_for_target, warn_opaque
+from autopar.compiler.ops import OpDef, functional_target, opdef_for_target, warn_opaque
 
 aten = torch.ops.aten
 
@@ -234,22 +234,8 @@ def lower_export(ep: "torch.export.ExportedProgram", model: nn.Module, name: str
         else:
             raise LoweringError(f"unsupported exported input kind {spec.kind} ({fxn.name})")
     for fxn in ep.graph.nodes:
-        if fxn.op != "call_function":
-            continue
-        t = fxn.target
-        if t is operator.getitem:
-            src = b.env[fxn.args[0]]
-            b.env[fxn] = src[fxn.args[1]]
-            continue
-        if isinstance(t, torch._ops.OpOverload):
-            if t in (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
-                     aten.sym_constrain_range_for_size.default) or fxn.meta.get("val", 1) is None:
-                continue                     # runtime checks with no tensor result
-            b.emit(opdef_for_target(t), fxn, list(fxn.args), dict(fxn.kwargs), module_path(fxn))
-            continue
-        raise LoweringError(
-            f"'{t}' at {fxn.name} (module {module_path(fxn) or 'root'}) is not an ATen op; "
-            "autopar lowers ATen graphs only. Avoid data-dependent control flow in forward.")
+        if fxn.op == "call_function":
+            _lower_call(b, ep.graph_module, fxn, module_path(fxn))
     out_node = next(n for n in ep.graph.nodes if n.op == "output")
     outs = []
     for arg, spec in zip(out_node.args[0], ep.graph_signature.output_specs):
@@ -263,6 +249,122 @@ def lower_export(ep: "torch.export.ExportedProgram", model: nn.Module, name: str
                 f"forward mutates buffer '{spec.target}' (e.g. BatchNorm running stats); "
                 "autopar plans pure training steps: use eval-mode norms or LayerNorm")
     return b.graph(outs)
+
+
+def _lower_call(b: Builder, gm: fx.GraphModule, fxn: fx.Node, module: str) -> None:
+    """One call_function node of an exported graph (ATen op, getitem, or a grad-mode region)."""
+    t = fxn.target
+    if t is operator.getitem:
+        src = b.env[fxn.args[0]]
+        b.env[fxn] = src[fxn.args[1]]
+        return
+    if isinstance(t, torch._ops.OpOverload):
+        if t in (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+                 aten.sym_constrain_range_for_size.default) or fxn.meta.get("val", 1) is None:
+            return                       # runtime checks with no tensor result
+        if functional_target(t) is not None:
+            _lower_inplace(b, functional_target(t), fxn, module)
+        elif t is aten.addmm.default and fxn.kwargs.get("beta", 1) == 1 and fxn.kwargs.get("alpha", 1) == 1:
+            # HF Conv1D: bias + x @ W as mm then add, so the contraction can split into
+            # partial sums with the bias added once, after the reduction (row parallel)
+            bias, x, w = (b.value(a, fxn, opdef_for_target(t)) for a in fxn.args[:3])
+            y = b.emit_op(aten.mm.default, [x, w], {}, f"{fxn.name}_mm", module)
+            b.env[fxn] = b.emit_op(aten.add.Tensor, [y, bias], {}, fxn.name, module)
+        else:
+            b.emit(opdef_for_target(t), fxn, list(fxn.args), dict(fxn.kwargs), module)
+        return
+    if t is torch.ops.higher_order.wrap_with_set_grad_enabled:
+        _inline_grad_region(b, gm, fxn, module)
+        return
+    raise LoweringError(
+        f"'{t}' at {fxn.name} (module {module or 'root'}) is not an ATen op; "
+        "autopar lowers ATen graphs only. Avoid data-dependent control flow in forward.")
+
+
+def _aliases(fxn) -> bool:
+    """Whether an fx node's result may share memory with an operand (views, no-op `to`)."""
+    schema = getattr(getattr(fxn, "target", None), "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+
+
+_SCATTER = {aten.slice.Tensor: aten.slice_scatter.default, aten.select.int: aten.select_scatter.default}
+
+
+def _lower_inplace(b: Builder, functional, fxn: fx.Node, module: str) -> None:
+    """`x.div_(y)`, `x[idx] = v` (index_put_), `x[..., 1:] = y` (slice + copy_): the
+    out-of-place op, and later uses of `x` read its result; an update through a slice or
+    select of `x` becomes slice_scatter / select_scatter into `x`. Exact unless memory is
+    shared otherwise -- a view of `x` read after the update, a view of a view, an input or
+    parameter updated: those are refused by name."""
+    d = opdef_for_target(functional)
+    target = fxn.args[0]
+    where = f"{fxn.target} at {fxn.name} (module {module or 'root'})"
+    pos = {n: i for i, n in enumerate(fxn.graph.nodes)}
+
+    def read_later(node, but=()):
+        """A view of `node` (other than `but`) that something reads after this update."""
+        for u in node.users:
+            if u is not fxn and u not in but and _aliases(u) and pos.get(u, -1) < pos[fxn] and \
+                    any(pos.get(w, -1) > pos[fxn] for w in u.users):
+                return u
+        return None
+
+    def check(node):
+        v = b.value(node, fxn, d)
+        if v.kind != "act":
+            raise LoweringError(f"{where} updates {v.kind} %{v.name} in place; autopar plans "
+                                "pure steps: compute a new tensor instead (out-of-place op)")
+        u = read_later(node, but=(target,))
+        if u is not None:
+            raise LoweringError(f"{where} updates %{v.name} while its view {u.name} is read "
+                                "later (it would see the update); use out-of-place ops there")
+        return v
+    base = None
+    if _aliases(target):
+        base = target.args[0]
+        if target.target not in _SCATTER or _aliases(base):
+            raise LoweringError(f"{where} updates the result of {target.target} in place; autopar "
+                                "can write back through one slice or select only. Use "
+                                "out-of-place ops (torch.where, cat) there")
+        check(base)
+    check(target)
+    b.emit(d, fxn, list(fxn.args), dict(fxn.kwargs), module)
+    new = b.env[fxn]
+    if base is not None:
+        rest = list(target.args[1:])
+        bv = b.value(base, fxn, d)
+        b.env[base] = b.emit_op(_SCATTER[target.target], [bv, new, *rest], {},
+                                f"{fxn.name}_scatter", module)
+    b.env[target] = new
+
+
+def _inline_grad_region(b: Builder, gm: fx.GraphModule, fxn: fx.Node, module: str) -> None:
+    """`with torch.no_grad():` inside forward (HF rotary embeddings) is exported as a
+    `wrap_with_set_grad_enabled` region; its ops are inlined. The IR has no grad mode, so a
+    disabled region is only exact when nothing flowing into it carries a gradient."""
+    enabled, sub_ref, *operands = fxn.args
+    sub = getattr(gm, sub_ref.target)
+    args = [b.value(a, fxn, opdef_for_target(aten.alias.default)) for a in operands]
+    if not enabled:
+        carrying = {p for p in b.params if p.requires_grad}
+        for n in b.nodes:
+            if any(v in carrying for v in n.inputs):
+                carrying.update(n.outputs)
+        bad = [a.name for a in args if a in carrying]
+        if bad:
+            raise LoweringError(
+                f"a torch.no_grad() region in module {module or 'root'} reads %{bad[0]}, which "
+                "depends on trainable parameters; autopar cannot stop gradients there. Move "
+                "the no_grad computation onto inputs or buffers, or detach it explicitly.")
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    for ph, a in zip(placeholders, args):
+        b.env[ph] = a
+    for n in sub.graph.nodes:
+        if n.op == "call_function":
+            _lower_call(b, sub, n, module)
+        elif n.op == "output":
+            res = n.args[0]
+            b.env[fxn] = [b.env[r] for r in (res if isinstance(res, (list, tuple)) else [res])]
 
 
 # ---- torch.fx.symbolic_trace front end ---------------------------------------------------
