@@ -22,6 +22,10 @@ from .dims import DimAnno
 
 aten = torch.ops.aten
 
+# In a tensor list's attribute (`indices=[None, "tensor"]` for `x[:, idx]`): an operand.
+TENSOR = "tensor"
+
+
 @dataclass(frozen=True)
 class ArgSpec:
     name: str
@@ -75,9 +79,17 @@ class OpDef:
             if a.kind in ("tensor", "opt_tensor"):
                 if a.name in attrs:           # a python scalar, or recorded as absent (None)
                     out[a.name] = attrs[a.name]
+                elif a.kind == "opt_tensor" and pos == len(inputs):
+                    continue                  # trailing optional tensors left out
                 else:
                     out[a.name] = inputs[pos]
                     pos += 1
+            elif a.kind == "tensor_list" and a.name in attrs:
+                marks = attrs[a.name]         # None where the list holds None
+                n = sum(m is not None for m in marks)
+                it = iter(inputs[pos:pos + n])
+                out[a.name] = [None if m is None else next(it) for m in marks]
+                pos += n
             elif a.kind == "tensor_list":
                 after = sum(1 for b in self.args[k + 1:]
                             if b.kind in ("tensor", "opt_tensor") and b.name not in attrs)
@@ -518,22 +530,27 @@ def a_index_select(ins, outs, attrs):
 
 
 def a_index_tensor(ins, outs, attrs):
-    """`self[i0, i1, ...]` with k index tensors (no `None`s): the k indexed dims of `self`
-    are read whole; the broadcast index shape leads the output and splits (each rank
-    gathers its block of positions), and self's remaining dims follow and split."""
+    """`self[i0, i1]`, `self[:, idx]` (index tensors, `None` for whole dims): the indexed
+    dims of `self` are read whole; the broadcast index shape splits (each rank gathers its
+    block of positions), and so do self's other dims, which the output keeps."""
     x, idx = ins[0], ins[1:]
-    k = len(idx)
+    marks = attrs.get("indices") or [TENSOR] * len(idx)
+    where = [i for i, m in enumerate(marks) if m is not None]
     out = outs[0]
-    ir = len(out) - (len(x) - k)
+    ir = len(out) - (len(x) - len(where))
     ilabs = tuple(f"i{j}" for j in range(ir))
-    rest = tuple(f"d{j}" for j in range(len(x) - k))
-    xl = tuple(f"s{j}" for j in range(k)) + rest
+    xl = tuple(f"s{i}" if i in where else f"d{i}" for i in range(len(x)))
+    kept = [lab for lab in xl if lab[0] == "d"]
+    # torch puts the index dims where the (adjacent) index tensors were, else first
+    at = where[0] if where == list(range(where[0], where[-1] + 1)) else 0
+    lead = [lab for lab in xl[:at] if lab[0] == "d"] if at else []
+    ol = tuple(lead) + ilabs + tuple(kept[len(lead):])
     il = []
     for shape in idx:
         off = ir - len(shape)
-        il.append(tuple(None if (sz == 1 and out[off + j] != 1) else ilabs[off + j]
+        il.append(tuple(None if (sz == 1 and out[at + off + j] != 1) else ilabs[off + j]
                         for j, sz in enumerate(shape)))
-    return DimAnno((xl, *il), (ilabs + rest,), frozen=frozenset(xl[:k]))
+    return DimAnno((xl, *il), (ol,), frozen=frozenset(f"s{i}" for i in where))
 
 
 def a_index_put(ins, outs, attrs):

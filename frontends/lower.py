@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from autopar.compiler.errors import UserError
 from autopar.compiler.ir import Graph, Node, NodeMeta, Value
-from autopar.compiler.ops import OpDef, functional_target, opdef_for_target, warn_opaque
+from autopar.compiler.ops import TENSOR, OpDef, functional_target, opdef_for_target, warn_opaque
 
 aten = torch.ops.aten
 
@@ -116,7 +116,9 @@ class Builder:
             elif a.kind == "tensor":
                 inputs.append(self.value(v, fxn, d))
             elif a.kind == "tensor_list":
-                inputs.extend(self.value(x, fxn, d) for x in v)
+                inputs.extend(self.value(x, fxn, d) for x in v if x is not None)
+                if any(x is None for x in v):    # `x[:, idx]`: where the operands go
+                    attrs.append((a.name, [None if x is None else TENSOR for x in v]))
             elif a.kind == "opt_tensor":
                 if v is None:
                     attrs.append((a.name, None))
