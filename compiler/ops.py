@@ -4,6 +4,8 @@ reference torch implementation the interpreter runs.
 IR op names are ATen names without the common overload (`aten.linear.default` ->
 `linear`, `aten.mean.dim` -> `mean.dim`). Any ATen op can be lowered and run: ops without
 a sharding rule get `dims.replicated` (only `R` is ever chosen) and a warning.
+Ops without a FLOP rule are priced by what `torch.utils.flop_counter` counts for them
+(`node_flops`), so an opaque matmul is not mistaken for elementwise work.
 
     >>> opdef("linear").annotate([(8, 64), (32, 64), (32,)], [(8, 32)], {})   # doctest: +SKIP
     b k+, n k+, n -> b n
@@ -610,6 +612,38 @@ def f_grouped_mm(ins, outs, attrs):
 
 
 # ---- the table -------------------------------------------------------------------------
+#
+# What real model code emits. Every opaque-op warning (and lowering failure) of tiny HF
+# GPT-2, Llama, Qwen2, BERT, T5 and Mixtral (transformers 5.23, torch.export) and what it
+# became; tests/test_hf_models.py checks that no op of those six is left without a rule.
+#
+#   op (model)                          rule, or why not
+#   addmm (GPT-2 Conv1D)                lowered as mm + add: column (n) or row parallel (k,
+#                                       partial sums, bias added once after the reduction);
+#                                       a kept addmm/baddbmm splits all but k (the added
+#                                       input would be summed once per rank)
+#   to.dtype_layout, to.device (all)    elementwise casts
+#   le, __and__, min.other (masks, T5)  elementwise, like every comparison / logical op
+#   floor_divide (Mixtral)              elementwise
+#   cumsum, diff (position ids)         along `dim`: the other dims split
+#   pad (label shift in the LM loss)    padded dims whole, the others split
+#   new_ones (attention mask)           any dim splits: same value everywhere, size made local
+#   arange (positions)                  whole: its values are global positions, a split
+#                                       needs a per-rank offset plan application does not add
+#   gather (BERT token types)           index and output split on every dim, self whole on dim
+#   topk, sort (Mixtral router, sort)   along `dim`: tokens split, experts do not
+#   histc (tokens per expert)           every input dim splits into partial counts
+#   grouped_mm_fallback (experts)       output features (column) or contraction (partial
+#                                       sums) split; tokens and experts whole (offsets are
+#                                       global positions)
+#   index (x[perm], x[:, idx])          index positions and self's other dims split
+#   empty_like (inverse permutation)    elementwise; the interpreter fills it with zeros
+#   index_put_, div_, copy_, fill_,     in place: lowered out of place (index_put, div,
+#   masked_fill_ (router, T5 shift)     slice_scatter / select_scatter for x[.., 1:] = y)
+#   cat of an empty (0,) tensor (T5)    the empty operand takes labels of its own
+#   wrap_with_set_grad_enabled (rotary) a no_grad region: inlined at lowering
+#   einsum, logcumsumexp, ...           no rule (not in these models): replicated, priced
+#                                       by FlopCounterMode (node_flops)
 
 ELEMENTWISE_UNARY = [
     aten.relu.default, aten.gelu.default, aten.silu.default, aten.tanh.default,

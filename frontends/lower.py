@@ -136,6 +136,12 @@ class Builder:
                               shape, dtype))
         node = Node(d.name, tuple(inputs), tuple(attrs), tuple(outs),
                     NodeMeta(module, fxn.name))
+        try:                         # the interpreter and the programs rebuild this call
+            d.bind(list(inputs), dict(attrs))
+        except (ValueError, IndexError, StopIteration) as e:
+            raise LoweringError(f"{d.name} at {fxn.name} (module {module or 'root'}): its call "
+                                f"cannot be rebuilt from the traced arguments ({e}); rewrite "
+                                "that line with another op, or add it to compiler/ops.py") from e
         warn_opaque(d, f"from {module or 'the root module'}")
         self.nodes.append(node)
         self.env[fxn] = outs if multi else outs[0]
