@@ -441,9 +441,10 @@ def a_creation(ins, outs, attrs):
     value is the same everywhere, so each rank builds its own block of any split (plan
     application makes `size` local); the input is never read, so it stays replicated."""
     new = dims.Namer("r")
-    i = tuple(tuple(new() for _ in s) for s in ins)
     out = tuple(f"d{k}" for k in range(len(outs[0])))
-    return DimAnno(i, (out,), frozen=frozenset(lab for t in i for lab in t))
+    # `x.new_zeros(x.shape)`: x may keep whatever split the output has (nothing gathered)
+    i = tuple(out if tuple(s) == tuple(outs[0]) else tuple(new() for _ in s) for s in ins)
+    return DimAnno(i, (out,), frozen=frozenset(lab for t in i if t is not out for lab in t))
 
 
 def a_arange(ins, outs, attrs):
@@ -783,8 +784,12 @@ def node_anno(node) -> DimAnno:
 
 def node_flops(node) -> int:
     """FLOPs of one node: the op's own count where the registry has one, else what
-    `torch.utils.flop_counter` counts for the ATen call (an opaque `addmm` costs what
-    `mm` costs), else one per output element (elementwise-like work)."""
+    `torch.utils.flop_counter` counts for the ATen call (an opaque einsum costs what `mm`
+    costs), else one per output element (elementwise-like work).
+
+        >>> node_flops(Node("einsum", (x, w), (("equation", "mk,kn->mn"),), (y,)))  # doctest: +SKIP
+        25165824
+    """
     d = REGISTRY[node.op]
     if d.flops_fn is None and not d.view and not d.elementwise and d.target is not None:
         counted = counted_flops(d, node.inputs, node.attrs)

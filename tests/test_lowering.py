@@ -194,6 +194,7 @@ def test_rules_for_real_model_ops_split_exactly():
         "addmm": ([torch.randn(2, generator=g), x[0], torch.randn(8, 2, generator=g)], {},
                   {"d0", "d1"}),
         "new_ones": ([x], {"size": [4, 2]}, {"d0", "d1"}),
+        "new_zeros": ([x], {"size": [4, 6, 8]}, {"d0", "d1", "d2"}),
         "select_scatter": ([x, torch.randn(4, 8, generator=g)], {"dim": 1, "index": 3}, {"d0", "d2"}),
         "slice_scatter": ([x, torch.randn(4, 2, 8, generator=g)], {"dim": 1, "start": 2, "end": 4},
                           {"d0", "d2"}),
