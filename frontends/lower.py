@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from autopar.compiler.errors import UserError
 from autopar.compiler.ir import Graph, Node, NodeMeta, SymInt, Value
-from autopar.compiler.ops import OpDef, opdef_for_target, warn_opaque
+from autopar.compiler.ops import TENSOR, OpDef, functional_target, opdef_for_target, warn_opaque
 
 aten = torch.ops.aten
 
@@ -130,7 +130,9 @@ class Builder:
             elif a.kind == "tensor":
                 inputs.append(self.value(v, fxn, d))
             elif a.kind == "tensor_list":
-                inputs.extend(self.value(x, fxn, d) for x in v)
+                inputs.extend(self.value(x, fxn, d) for x in v if x is not None)
+                if any(x is None for x in v):    # `x[:, idx]`: where the operands go
+                    attrs.append((a.name, [None if x is None else TENSOR for x in v]))
             elif a.kind == "opt_tensor":
                 if v is None:
                     attrs.append((a.name, None))
@@ -148,6 +150,12 @@ class Builder:
                               shape, dtype))
         node = Node(d.name, tuple(inputs), tuple(attrs), tuple(outs),
                     NodeMeta(module, fxn.name, user_line(fxn)))
+        try:                         # the interpreter and the programs rebuild this call
+            d.bind(list(inputs), dict(attrs))
+        except (ValueError, IndexError, StopIteration) as e:
+            raise LoweringError(f"{d.name} at {fxn.name} (module {module or 'root'}): its call "
+                                f"cannot be rebuilt from the traced arguments ({e}); rewrite "
+                                "that line with another op, or add it to compiler/ops.py") from e
         warn_opaque(d, f"from {module or 'the root module'}")
         self.nodes.append(node)
         self.env[fxn] = outs if multi else outs[0]
@@ -261,7 +269,9 @@ def lower_export(ep: "torch.export.ExportedProgram", model: nn.Module, name: str
             b.env[fxn] = b.param(spec.target, "buffer", shape, dtype)
         else:
             raise LoweringError(f"unsupported exported input kind {spec.kind} ({fxn.name})")
-    _lower_export_nodes(b, ep.graph_module, ep.graph.nodes)
+    for fxn in ep.graph.nodes:
+        if fxn.op == "call_function":
+            _lower_call(b, ep.graph_module, fxn, module_path(fxn))
     out_node = next(n for n in ep.graph.nodes if n.op == "output")
     outs = []
     for arg, spec in zip(out_node.args[0], ep.graph_signature.output_specs):
@@ -277,38 +287,99 @@ def lower_export(ep: "torch.export.ExportedProgram", model: nn.Module, name: str
     return b.graph(outs)
 
 
-def _lower_export_nodes(b: Builder, owner: nn.Module, nodes) -> None:
-    """Lower the call_function nodes of one exported graph (the top level, or a region
-    torch.export wrapped in a higher-order op) into `b`."""
-    from torch._higher_order_ops.wrap import wrap_with_set_grad_enabled
-    for fxn in nodes:
-        if fxn.op != "call_function":
-            continue
-        t = fxn.target
-        if isinstance(fxn.meta.get("val"), torch.SymInt):
-            b.env[fxn] = size_of(fxn.meta["val"])     # size arithmetic: a SymInt attribute
-            continue
-        if t is operator.getitem:
-            src = b.env[fxn.args[0]]
-            b.env[fxn] = src[fxn.args[1]]
-            continue
-        if t is wrap_with_set_grad_enabled:
-            _inline_grad_region(b, owner, fxn)
-            continue
-        if isinstance(t, torch._ops.OpOverload):
-            if t in (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
-                     aten.sym_constrain_range_for_size.default) or fxn.meta.get("val", 1) is None:
-                continue                     # runtime checks with no tensor result
-            if t is aten.cat.default and _drop_empty_cat_operands(b, fxn):
-                continue
-            b.emit(opdef_for_target(t), fxn, list(fxn.args), dict(fxn.kwargs), module_path(fxn))
-            continue
-        raise LoweringError(
-            f"'{t}' at {fxn.name} (module {module_path(fxn) or 'root'}) is not an ATen op; "
-            "autopar lowers ATen graphs only. Avoid data-dependent control flow in forward.")
+def _lower_call(b: Builder, gm: fx.GraphModule, fxn: fx.Node, module: str) -> None:
+    """One call_function node of an exported graph (ATen op, getitem, or a grad-mode region)."""
+    t = fxn.target
+    if isinstance(fxn.meta.get("val"), torch.SymInt):
+        b.env[fxn] = size_of(fxn.meta["val"])      # size arithmetic: a SymInt attribute
+        return
+    if t is operator.getitem:
+        src = b.env[fxn.args[0]]
+        b.env[fxn] = src[fxn.args[1]]
+        return
+    if isinstance(t, torch._ops.OpOverload):
+        if t in (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+                 aten.sym_constrain_range_for_size.default) or fxn.meta.get("val", 1) is None:
+            return                       # runtime checks with no tensor result
+        if t is aten.cat.default and _drop_empty_cat_operands(b, fxn):
+            return
+        if functional_target(t) is not None:
+            _lower_inplace(b, functional_target(t), fxn, module)
+        elif t is aten.addmm.default and fxn.kwargs.get("beta", 1) == 1 and fxn.kwargs.get("alpha", 1) == 1:
+            # HF Conv1D: bias + x @ W as mm then add, so the contraction can split into
+            # partial sums with the bias added once, after the reduction (row parallel)
+            bias, x, w = (b.value(a, fxn, opdef_for_target(t)) for a in fxn.args[:3])
+            y = b.emit_op(aten.mm.default, [x, w], {}, f"{fxn.name}_mm", module)
+            b.env[fxn] = b.emit_op(aten.add.Tensor, [y, bias], {}, fxn.name, module)
+        else:
+            b.emit(opdef_for_target(t), fxn, list(fxn.args), dict(fxn.kwargs), module)
+        return
+    if t is torch.ops.higher_order.wrap_with_set_grad_enabled:
+        _inline_grad_region(b, gm, fxn, module)
+        return
+    raise LoweringError(
+        f"'{t}' at {fxn.name} (module {module or 'root'}) is not an ATen op; "
+        "autopar lowers ATen graphs only. Avoid data-dependent control flow in forward.")
 
 
-def _inline_grad_region(b: Builder, owner: nn.Module, fxn: fx.Node) -> None:
+def _aliases(fxn) -> bool:
+    """Whether an fx node's result may share memory with an operand (views, no-op `to`)."""
+    schema = getattr(getattr(fxn, "target", None), "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+
+
+_SCATTER = {aten.slice.Tensor: aten.slice_scatter.default, aten.select.int: aten.select_scatter.default}
+
+
+def _lower_inplace(b: Builder, functional, fxn: fx.Node, module: str) -> None:
+    """`x.div_(y)`, `x[idx] = v` (index_put_), `x[..., 1:] = y` (slice + copy_): the
+    out-of-place op, and later uses of `x` read its result; an update through a slice or
+    select of `x` becomes slice_scatter / select_scatter into `x`. Exact unless memory is
+    shared otherwise -- a view of `x` read after the update, a view of a view, an input or
+    parameter updated: those are refused by name."""
+    d = opdef_for_target(functional)
+    target = fxn.args[0]
+    where = f"{fxn.target} at {fxn.name} (module {module or 'root'})"
+    pos = {n: i for i, n in enumerate(fxn.graph.nodes)}
+
+    def read_later(node, but=()):
+        """A view of `node` (other than `but`) that something reads after this update."""
+        for u in node.users:
+            if u is not fxn and u not in but and _aliases(u) and pos.get(u, -1) < pos[fxn] and \
+                    any(pos.get(w, -1) > pos[fxn] for w in u.users):
+                return u
+        return None
+
+    def check(node):
+        v = b.value(node, fxn, d)
+        if v.kind != "act":
+            raise LoweringError(f"{where} updates {v.kind} %{v.name} in place; autopar plans "
+                                "pure steps: compute a new tensor instead (out-of-place op)")
+        u = read_later(node, but=(target,))
+        if u is not None:
+            raise LoweringError(f"{where} updates %{v.name} while its view {u.name} is read "
+                                "later (it would see the update); use out-of-place ops there")
+        return v
+    base = None
+    if _aliases(target):
+        base = target.args[0]
+        if target.target not in _SCATTER or _aliases(base):
+            raise LoweringError(f"{where} updates the result of {target.target} in place; autopar "
+                                "can write back through one slice or select only. Use "
+                                "out-of-place ops (torch.where, cat) there")
+        check(base)
+    check(target)
+    b.emit(d, fxn, list(fxn.args), dict(fxn.kwargs), module)
+    new = b.env[fxn]
+    if base is not None:
+        rest = list(target.args[1:])
+        bv = b.value(base, fxn, d)
+        b.env[base] = b.emit_op(_SCATTER[target.target], [bv, new, *rest], {},
+                                f"{fxn.name}_scatter", module)
+    b.env[target] = new
+
+
+def _inline_grad_region(b: Builder, owner: nn.Module, fxn: fx.Node, module: str) -> None:
     """`wrap_with_set_grad_enabled(enabled, submod, *operands)`: torch.export's wrapper of a
     `torch.no_grad()` block (Hugging Face rotary embeddings compute cos/sin in one). Its ops
     are lowered in place; a no-grad region's outputs get a `detach`, which is what makes
@@ -318,11 +389,12 @@ def _inline_grad_region(b: Builder, owner: nn.Module, fxn: fx.Node) -> None:
     places = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for ph, a in zip(places, operands):
         b.env[ph] = b.env[a] if isinstance(a, fx.Node) else a
-    _lower_export_nodes(b, gm, gm.graph.nodes)
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            _lower_call(b, gm, n, module_path(n) or module)
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     results = [b.env[o] if isinstance(o, fx.Node) else o for o in out]
     if not enabled:
-        module = module_path(fxn) or module_path(next(iter(gm.graph.nodes)))
         results = [b.emit_op(aten.detach.default, [v], {}, b.fresh(f"{v.name}_nograd"), module)
                    if isinstance(v, Value) and v.dtype.is_floating_point else v for v in results]
     b.env[fxn] = results
