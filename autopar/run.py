@@ -145,7 +145,9 @@ def parse_memory(text: str) -> float:
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", metavar="SPEC", help="path/to/file.py:function returning (model, example_inputs)")
+    p.add_argument("spec", metavar="SPEC", help="path/to/file.py:function returning (model, example_inputs), or an .onnx file")
+    p.add_argument("--inputs", metavar="FILE.npz",
+                   help="example inputs of an .onnx SPEC, by graph input name (default: made from the input types)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--mesh", help="mesh axes, e.g. dp=2,tp=2")
     where.add_argument("--devices", type=int, metavar="N",
@@ -180,7 +182,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 def _program_from_args(args) -> Program:
     from autopar.spec import load_spec
-    model, inputs, name = load_spec(args.spec)
+    model, inputs, name = load_spec(args.spec, inputs=args.inputs)
     return build_program(model, inputs, args.mesh, backend=args.backend, plan=args.plan,
                          device=args.device, memory=args.memory, optimizer=args.optimizer,
                          lr=args.lr, steps=args.steps, name=name, devices=args.devices,

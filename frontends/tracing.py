@@ -29,7 +29,11 @@ class TraceError(UserError):
 
 def trace(model: nn.Module, example_inputs: tuple, mode: str = "export",
           name: str | None = None) -> Graph:
-    """Trace `model(*example_inputs)` and lower it to an autopar Graph."""
+    """Trace `model(*example_inputs)` and lower it to an autopar Graph. An `IRModule`
+    (a graph from the ONNX front end) is not traced: its graph is returned (a copy)."""
+    from autopar.compiler.interpret import IRModule
+    if isinstance(model, IRModule):
+        return model.graph.copy(name=name or model.graph.name)
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
     if not isinstance(example_inputs, tuple):
