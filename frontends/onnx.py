@@ -439,6 +439,8 @@ class _Lowering:
             self.param_of[key] = v
             return v
         name = self.param_name(ref.name, module, role, merged)
+        if transposed and name == ir_name(ref.name):
+            name = self.b.fresh(name + "_t")     # the name says it is not the ONNX tensor
         t = torch.from_numpy(np.array(arr.T if transposed else arr))
         v = Value(name, tuple(t.shape), t.dtype, "param", True)
         self.b.used_names.add(name)
