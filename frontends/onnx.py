@@ -49,9 +49,11 @@ aten = torch.ops.aten
 # ONNX TensorProto element types -> torch dtypes (the ones models train with)
 DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32,
           7: torch.int64, 9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16}
+TensorProto_FLOAT = 1
 MASK_LIMIT = 1e30          # |x| at or above this marks a mask, not a weight
 SCOPES = "pkg.torch.onnx.name_scopes"
 KIND = "pkg.torch.export.graph_signature.InputSpec.kind"
+SDPA = "aten.scaled_dot_product_attention.default"
 
 
 class OnnxError(UserError):
@@ -279,6 +281,10 @@ class _Lowering:
         self.renamed: list[str] = []
         self.frozen_consts: list[str] = []
         self.unrecorded: list[str] = []         # trained without the exporter's record
+        self.fused: list[str] = []              # modules whose attention became one op
+        self.tied: list[str] = []               # folded copies that are another parameter
+        from onnx import numpy_helper
+        self.numpy_helper = numpy_helper
         self.skip: set[str] = set()             # Add nodes folded into a linear's bias
         self.scope_of: dict[str, str] = {}      # onnx value -> module of its producer
 
@@ -294,10 +300,18 @@ class _Lowering:
             v = Value(self.b.fresh(ir_name(vi.name)), tuple(t.shape), t.dtype, "input")
             self.b.inputs.append(v)
             self.env[vi.name] = v
-        for node in g.node:
-            if node.name in self.skip or node.op_type == "Constant":
-                continue
-            self.lower_node(node)
+        nodes = list(g.node)
+        i = 0
+        while i < len(nodes):
+            node = nodes[i]
+            if self.torch_op(node) == SDPA:
+                group = self._group(nodes, i)
+                if self.fuse_attention(group):
+                    i += len(group)
+                    continue
+            if node.name not in self.skip and node.op_type != "Constant":
+                self.lower_node(node)
+            i += 1
         loss = self._loss_output()
         graph = self.b.graph([loss])
         graph.constants = self.b.constants
@@ -314,6 +328,13 @@ class _Lowering:
                 notes.append(f"onnx: initializer {src} (all elements equal) is used by "
                              f"{len(names)} modules, merged by the exporter; each trains its own "
                              f"copy: {', '.join(names)}")
+        if self.tied:
+            notes.append("onnx: initializers equal to a parameter (copies the exporter folded) "
+                         "share it, a tied weight: " + ", ".join(self.tied))
+        if self.fused:
+            notes.append(f"onnx: {len(self.fused)} attention blocks written out by the exporter "
+                         "lowered as scaled_dot_product_attention (checked numerically): "
+                         + ", ".join(self.fused[:3]) + (", ..." if len(self.fused) > 3 else ""))
         if self.unrecorded:
             notes.append("onnx: initializers with no parameter record (folded by the exporter), "
                          "trained as parameters: " + ", ".join(self.unrecorded))
@@ -438,10 +459,19 @@ class _Lowering:
                                module)
             self.param_of[key] = v
             return v
+        t = torch.from_numpy(np.array(arr.T if transposed else arr))
+        if not uniform:
+            # a folded copy of a parameter (the exporter's `W.T` of a tied weight): the same
+            # values, so the same tensor -- keep the tie
+            twin = next((p for p in self.b.params if p.kind == "param" and p.shape == t.shape
+                         and torch.equal(self.tensors[p.name], t)), None)
+            if twin is not None:
+                self.param_of[key] = twin
+                self.tied.append(f"{ref.name}{' (transposed)' if transposed else ''} = {twin.name}")
+                return twin
         name = self.param_name(ref.name, module, role, merged)
         if transposed and name == ir_name(ref.name):
             name = self.b.fresh(name + "_t")     # the name says it is not the ONNX tensor
-        t = torch.from_numpy(np.array(arr.T if transposed else arr))
         v = Value(name, tuple(t.shape), t.dtype, "param", True)
         self.b.used_names.add(name)
         self.b.param_by_name[name] = v
@@ -598,6 +628,129 @@ class _Lowering:
         from autopar.compiler.ir import Node, NodeMeta
         self.b.nodes.append(Node(op, tuple(inputs), a, tuple(outs), NodeMeta(module, node.name)))
         return outs if len(outs) > 1 else outs[0]
+
+    # attention: the exporter writes one aten SDPA call as ~12 nodes; put it back
+
+    def _group(self, nodes, i: int) -> list:
+        """The run of nodes from `nodes[i]` exported from one torch call (same scopes)."""
+        key = {p.key: p.value for p in nodes[i].metadata_props}.get(SCOPES)
+        j = i
+        while j < len(nodes) and {p.key: p.value for p in nodes[j].metadata_props}.get(SCOPES) == key:
+            j += 1
+        return nodes[i:j]
+
+    def fuse_attention(self, group) -> bool:
+        """Lower `group` (softmax(q k^T * scale + mask) v, as the exporter wrote SDPA) as one
+        `scaled_dot_product_attention`, so the search sees heads it can shard as in the torch
+        graph. The match is checked numerically against the group itself on random inputs;
+        anything that does not match is lowered node by node."""
+        made = {o for n in group for o in n.output}
+        by_out = {o: n for n in group for o in n.output}
+        last = group[-1]
+        outside = [o for o in made if o != last.output[0] and (
+            o in self.graph_outputs or any(c not in group for c in self.consumers.get(o, [])))]
+        if last.op_type != "MatMul" or outside:
+            return False
+
+        def back(name, scale):
+            """Follow views and multiplications by constants back to a value from outside
+            the group: (name, accumulated scale)."""
+            while name in by_out:
+                n = by_out[name]
+                if n.op_type in ("Reshape", "Transpose", "Identity", "Cast", "CastLike"):
+                    name = n.input[0]
+                elif n.op_type in ("Mul", "Div"):
+                    consts = [self.const(x) for x in n.input[:2]]
+                    if consts[1] is not None and consts[1].size == 1:
+                        c = float(consts[1].reshape(-1)[0])
+                        scale, name = scale * (c if n.op_type == "Mul" else 1.0 / c), n.input[0]
+                    elif n.op_type == "Mul" and consts[0] is not None and consts[0].size == 1:
+                        scale, name = scale * float(consts[0].reshape(-1)[0]), n.input[1]
+                    else:
+                        return None, scale
+                else:
+                    return None, scale
+            return name, scale
+        probs = by_out.get(last.input[0])
+        v_name, one = back(last.input[1], 1.0)
+        if probs is None or probs.op_type != "Softmax" or v_name is None or one != 1.0:
+            return False
+        scores, mask = by_out.get(probs.input[0]), None
+        if scores is not None and scores.op_type == "Add":
+            mask = next((x for x in scores.input if x not in by_out), None)
+            other = [x for x in scores.input if x in by_out]
+            scores = by_out.get(other[0]) if len(other) == 1 else None
+        if scores is None or scores.op_type != "MatMul" or mask is not None and self.const(mask) is None:
+            return False
+        q_name, sq = back(scores.input[0], 1.0)
+        k_name, sk = back(scores.input[1], 1.0)
+        if q_name is None or k_name is None:
+            return False
+        q, k, v = (self.tensor(x, last) for x in (q_name, k_name, v_name))
+        if len(q.shape) < 3 or q.dtype != torch.float32:
+            return False
+        kshape = tuple(q.shape[:-2]) + (v.shape[-2], q.shape[-1])
+        if int(np.prod(k.shape)) != int(np.prod(kshape)) or v.shape[:-2] != q.shape[:-2]:
+            return False
+        scale = sq * sk
+        default = 1.0 / float(np.sqrt(q.shape[-1]))
+        causal = mask is not None and self._is_causal(self.const(mask), q.shape[-2], v.shape[-2])
+        if not self._attention_matches(group, (q_name, k_name, v_name), (q, k, v), kshape,
+                                       None if causal or mask is None else self.const(mask),
+                                       causal, scale):
+            return False
+        module = self.module_of(last)
+        if k.shape != kshape:
+            k = self.b.emit_op(aten.view.default, [k, list(kshape)], {}, ir_name(k_name) + "_heads", module)
+        args = [q, k, v]
+        args.append(self.buffer(mask, self.const(mask)) if mask is not None and not causal else None)
+        args += [0.0, causal]
+        kwargs = {} if abs(scale - default) <= 1e-6 * default else {"scale": scale}
+        out = self.b.emit_op(aten.scaled_dot_product_attention.default, args, kwargs,
+                             ir_name(last.output[0]), module)
+        self.env[last.output[0]] = out
+        self.scope_of[last.output[0]] = module
+        self.fused.append(module or "root")
+        return True
+
+    @staticmethod
+    def _is_causal(mask: np.ndarray, L: int, S: int) -> bool:
+        m = np.asarray(mask)
+        if m.ndim < 2 or m.shape[-2:] != (L, S) or L != S or m.size != L * S:
+            return False
+        m = m.reshape(L, S)
+        lower = np.tril(np.ones((L, S), dtype=bool))
+        return bool(np.all(m[lower] == 0) and np.all(m[~lower] <= -MASK_LIMIT))
+
+    def _attention_matches(self, group, names, values, kshape, mask, causal, scale) -> bool:
+        from onnx.reference import ReferenceEvaluator
+        h = self.onnx.helper
+        gen = torch.Generator().manual_seed(0)
+        feeds = {n: torch.randn(v.shape, generator=gen) for n, v in zip(names, values)}
+        made = {o for n in group for o in n.output}
+        consts = {}
+        for n in group:
+            for x in n.input:
+                if x and x not in made and x not in feeds:
+                    c = self.const(x)
+                    if c is None:
+                        return False
+                    consts[x] = c
+        g = h.make_graph(list(group), "attention",
+                         [h.make_tensor_value_info(n, TensorProto_FLOAT, list(v.shape))
+                          for n, v in zip(names, values)],
+                         [h.make_tensor_value_info(group[-1].output[0], TensorProto_FLOAT, None)],
+                         initializer=[self.numpy_helper.from_array(np.asarray(c), x) for x, c in consts.items()])
+        try:
+            (want,) = ReferenceEvaluator(h.make_model(g, opset_imports=list(self.proto.opset_import))).run(
+                None, {n: t.numpy() for n, t in feeds.items()})
+        except Exception:
+            return False
+        q, k, v = (feeds[n] for n in names)
+        got = torch.nn.functional.scaled_dot_product_attention(
+            q, k.reshape(kshape), v, attn_mask=None if mask is None else torch.from_numpy(np.array(mask)),
+            is_causal=causal, scale=scale)
+        return got.shape == want.shape and bool(np.allclose(got.numpy(), want, rtol=1e-4, atol=1e-5))
 
     # elementwise
 

@@ -107,23 +107,37 @@ def test_gpt_parameters_carry_the_torch_names(exported):
     text = str(graph)
     assert "val_8 -> transformer.h.0.attn.c_attn.weight (transposed)" in text
     assert "each trains its own copy" in text
+    # the exporter's transposed copy of the tied head is the embedding again
+    assert "val_172 (transposed) = lm_head.weight" in text
+    heads = [n for n in graph.nodes if n.meta.module in ("lm_head", "transformer.wte")]
+    assert {n.inputs[0 if n.op == "embedding" else 1].name for n in heads} == {"lm_head.weight"}
+    attn = [n for n in graph.nodes if n.op == "scaled_dot_product_attention"]
+    assert len(attn) == 2 and all(n.attr["is_causal"] for n in attn)
 
 
-def test_gpt_plan_has_the_torch_plans_layouts(exported, traced):
+@pytest.mark.parametrize("memory", [None, "2MiB"])
+def test_gpt_plan_has_the_torch_plans_layouts(exported, traced, memory):
+    """Same mesh, profile and memory limit: every value both graphs have gets the same
+    layout, every linear/layer_norm the same strategy, the tied embedding the same layout.
+    Under 2 MiB per device the search shards (c_fc column-, c_proj row-parallel, q/k/v
+    pieces); without a limit this tiny model stays replicated."""
     path, npz, _, _ = exported("gpt")
     module, inputs, _ = load_onnx(path, npz)
     g_onnx = prepared_graph(module, inputs, "gpt")
     g_torch = traced("gpt")[3]
-    p_onnx, _ = make_plan(g_onnx, "dp=2,tp=2", device="cpu", deterministic=True)
-    p_torch, _ = make_plan(g_torch, "dp=2,tp=2", device="cpu", deterministic=True)
-    common = set(p_onnx.layouts) & {p.name for p in g_torch.params}
-    assert len(common) >= 30                     # every block parameter, pieces included
+    p_onnx, _ = make_plan(g_onnx, "dp=2,tp=2", device="cpu", memory=memory, deterministic=True)
+    p_torch, _ = make_plan(g_torch, "dp=2,tp=2", device="cpu", memory=memory, deterministic=True)
+    common = set(p_onnx.layouts) & set(p_torch.layouts)
+    assert len(common) >= 70                 # every block parameter (pieces included), activations
     assert {k: p_onnx.layouts[k] for k in common} == {k: p_torch.layouts[k] for k in common}
+    assert p_onnx.layouts["lm_head.weight"] == p_torch.layouts["transformer.wte.weight"]
 
     def strategies(graph, plan):
         return {(n.meta.module, n.op, k): tuple(plan.strategies.get(n.outputs[0].name) or ())
                 for k, n in enumerate(x for x in graph.nodes if x.op in ("linear", "layer_norm"))}
     assert strategies(g_onnx, p_onnx) == strategies(g_torch, p_torch)
+    if memory:
+        assert p_onnx.layouts["transformer.h.0.mlp.c_fc.weight"] != ["R", "R"]
 
 
 def test_cli_ir_verify_and_made_inputs(exported, capsys):
@@ -213,11 +227,18 @@ def test_unsupported_node_is_opaque_and_replicated(tmp_path):
 # ---- one multi-rank run ---------------------------------------------------------------------------
 
 def test_run_check_gpt_torch_backend(exported, capsys):
+    """Under 2 MiB per device the plan shards over tp (Megatron's column/row pairs, with
+    their all-reduces), so the check compares a real parallel program with the
+    single-device run of the lowered graph."""
     path, npz, _, _ = exported("gpt")
-    code = main(["run", path, "--inputs", npz, "--mesh", "dp=2,tp=2", "--steps", "3", "--check"])
+    code = main(["run", path, "--inputs", npz, "--mesh", "dp=2,tp=2", "--memory", "2MiB",
+                 "--steps", "3", "--check"])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     assert out.splitlines()[-1].startswith("check: ok"), out[-3000:]
+    rows = [line.split()[0] for line in out.splitlines() if line.startswith("  all_")
+            or line.startswith("  reduce_scatter")]
+    assert any(r.startswith("all_reduce:tp") for r in rows), rows      # row-parallel sums
     ref = onnx_loss(path, npz)
     single = next(line for line in out.splitlines() if line.startswith("single device: "))
     assert abs(float(single.split()[2].rstrip(",")) - ref) <= 1e-5 * ref   # printed to 6 digits
