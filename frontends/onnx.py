@@ -283,6 +283,7 @@ class _Lowering:
         self.unrecorded: list[str] = []         # trained without the exporter's record
         self.fused: list[str] = []              # modules whose attention became one op
         self.tied: list[str] = []               # folded copies that are another parameter
+        self.tried: set[str] = set()            # nodes of attention groups already matched
         from onnx import numpy_helper
         self.numpy_helper = numpy_helper
         self.skip: set[str] = set()             # Add nodes folded into a linear's bias
@@ -304,12 +305,15 @@ class _Lowering:
         i = 0
         while i < len(nodes):
             node = nodes[i]
-            if self.torch_op(node) == SDPA:
+            if self.torch_op(node) == SDPA and node.name not in self.tried:
                 group = self._group(nodes, i)
+                self.tried.update(n.name for n in group)
                 if self.fuse_attention(group):
                     i += len(group)
                     continue
-            if node.name not in self.skip and node.op_type != "Constant":
+            if node.op_type == "Constant":
+                self.bind(node, self.arrays[node.output[0]])
+            elif node.name not in self.skip:
                 self.lower_node(node)
             i += 1
         loss = self._loss_output()
@@ -564,7 +568,6 @@ class _Lowering:
         ins = [x for x in node.input]
         known = [self.const(x) if x else None for x in ins]
         if node.op_type == "Shape":
-            v = self.env.get(ins[0])
             shape = self._shape(ins[0], node)
             a = self.attrs(node)
             sl = slice(a.get("start", 0), a.get("end", None))
@@ -572,6 +575,12 @@ class _Lowering:
             return
         if node.op_type == "Size":
             self.bind(node, np.array(int(np.prod(self._shape(ins[0], node))), dtype=np.int64))
+            return
+        if node.op_type == "CastLike" and known[0] is not None:
+            # only the dtype of the second operand matters: a constant stays one
+            like = self.env.get(ins[1])
+            dtype = like.dtype if isinstance(like, Value) else torch.from_numpy(np.array(known[1])).dtype
+            self.bind(node, torch.from_numpy(np.array(known[0])).to(dtype).numpy())
             return
         if all(k is not None for k, x in zip(known, ins) if x) and any(x for x in ins):
             self.bind(node, self.fold(node, [k for k, x in zip(known, ins) if x]))
@@ -644,6 +653,7 @@ class _Lowering:
         `scaled_dot_product_attention`, so the search sees heads it can shard as in the torch
         graph. The match is checked numerically against the group itself on random inputs;
         anything that does not match is lowered node by node."""
+        group = self._prefold(group)
         made = {o for n in group for o in n.output}
         by_out = {o: n for n in group for o in n.output}
         last = group[-1]
@@ -712,6 +722,21 @@ class _Lowering:
         self.scope_of[last.output[0]] = module
         self.fused.append(module or "root")
         return True
+
+    def _prefold(self, group) -> list:
+        """Fold the group's shape arithmetic and constants (the scale, the causal mask)
+        first; returns the nodes left, the ones that compute on tensors."""
+        left = []
+        for n in group:
+            ins = [x for x in n.input if x]
+            if n.op_type == "Constant":
+                self.bind(n, self.arrays[n.output[0]])
+            elif n.op_type in ("Shape", "Size") or (ins and all(self.const(x) is not None for x in ins)) \
+                    or (n.op_type == "CastLike" and self.const(n.input[0]) is not None):
+                self.lower_node(n)
+            else:
+                left.append(n)
+        return left
 
     @staticmethod
     def _is_causal(mask: np.ndarray, L: int, S: int) -> bool:

@@ -242,3 +242,22 @@ def test_run_check_gpt_torch_backend(exported, capsys):
     ref = onnx_loss(path, npz)
     single = next(line for line in out.splitlines() if line.startswith("single device: "))
     assert abs(float(single.split()[2].rstrip(",")) - ref) <= 1e-5 * ref   # printed to 6 digits
+
+
+def test_unoptimized_export_lowers_the_same(tmp_path, exported):
+    """`optimize=False` keeps every state-dict name, `Transpose` nodes on the weights and
+    the shape arithmetic (Shape, CastLike, Trilu, Where...) that the default folds: it
+    lowers to the same ops, the attention fused, the tie kept."""
+    _, npz, model, inputs = exported("gpt")
+    path = tmp_path / "gpt_plain.onnx"
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, inputs, str(path), dynamo=True, optimize=False)
+    module, example, _ = load_onnx(str(path), npz)
+    graph = prepared_graph(module, example, "gpt")
+    err, scale = max_abs_error(module, graph, example)
+    assert err <= 1e-6 * max(scale, 1.0)
+    names = set(module.state_dict())
+    assert names == set(model.state_dict()) - {"transformer.wte.weight"}   # tied: one tensor
+    assert sum(n.op == "scaled_dot_product_attention" for n in graph.nodes) == 2
+    assert not any(n.op.startswith("onnx.") or n.op == "matmul" for n in graph.nodes)
