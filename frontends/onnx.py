@@ -413,6 +413,10 @@ class _Lowering:
         if kind is not None:          # BUFFER, CONSTANT_TENSOR
             return False
         a = self.arrays[init]
+        users = self.consumers.get(init, [])
+        if users and all(n.op_type == "Cast" and not DTYPES.get(self.attrs(n).get("to"), torch.float32)
+                         .is_floating_point for n in users):
+            return False              # a mask or index table stored as floats
         return (np.issubdtype(a.dtype, np.floating) and a.size > 1
                 and bool(np.all(np.abs(a) < MASK_LIMIT)))
 
@@ -934,7 +938,9 @@ class _Lowering:
         ref = self._weight(node.input[1])
         c = node.input[2] if len(node.input) > 2 and node.input[2] else None
         cref = self.env.get(c) if c else None
-        bias_ok = c is None or (isinstance(cref, Init) and self.arrays[cref.name].ndim == 1)
+        n_out = self._shape(node.input[1], node)[0 if tb else 1]
+        bias_ok = c is None or (isinstance(cref, Init) and self.trainable(cref.name)
+                                and self.arrays[cref.name].shape == (n_out,))
         if alpha == 1.0 and beta == 1.0 and not ta and ref is not None and bias_ok:
             # Gemm computes x @ B' + C with B' = B^T under transB: then B is (n, k) already
             return self._linear(node, x, node.input[1], not tb, c)

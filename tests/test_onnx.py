@@ -261,3 +261,69 @@ def test_unoptimized_export_lowers_the_same(tmp_path, exported):
     assert names == set(model.state_dict()) - {"transformer.wte.weight"}   # tied: one tensor
     assert sum(n.op == "scaled_dot_product_attention" for n in graph.nodes) == 2
     assert not any(n.op.startswith("onnx.") or n.op == "matmul" for n in graph.nodes)
+
+
+@pytest.mark.parametrize("opset", [17, 18, 23])
+def test_hand_built_graph_covers_the_op_list(tmp_path, opset):
+    """A graph of the listed ops (ReduceMean's axes an attribute before opset 18, an input
+    from 18 on) lowers without opaque nodes, matches ReferenceEvaluator and trains."""
+    rng = np.random.default_rng(1)
+
+    def init(name, shape, dtype=np.float32):
+        a = rng.standard_normal(shape).astype(dtype) if dtype == np.float32 else np.array(shape, dtype)
+        return numpy_helper.from_array(a, name)
+    ints = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    axes_in = opset >= 18
+    mk = helper.make_node
+    nodes = [
+        mk("Gemm", ["x", "w1", "b1"], ["h"], transB=0),                       # [6,16]
+        mk("LayerNormalization", ["h", "g", "beta"], ["ln"], axis=-1, epsilon=1e-5),
+        mk("Erf", ["ln"], ["e"]), mk("Tanh", ["e"], ["t"]), mk("Relu", ["t"], ["r"]),
+        mk("Sigmoid", ["ln"], ["s"]), mk("Add", ["r", "s"], ["a"]),
+        mk("Split", ["a", "two"], ["p", "q"], axis=1),                         # [6,8] x2
+        mk("Concat", ["q", "p"], ["c"], axis=1),
+        mk("Unsqueeze", ["c", "ax0"], ["u"]),
+        mk("Expand", ["u", "shape3"], ["ex"]),                                 # [2,6,16]
+        mk("Slice", ["ex", "st", "en", "axs"], ["sl"]),                        # [2,6,8]
+        mk("Transpose", ["sl"], ["tr"], perm=[0, 2, 1]),                       # [2,8,6]
+        mk("MatMul", ["tr", "w2"], ["m"]),                                     # [2,8,4]
+        mk("Softmax", ["m"], ["sm"], axis=-1),
+        mk("Cast", ["mask"], ["maskf"], to=TensorProto.BOOL),
+        mk("Where", ["maskf", "sm", "zero"], ["wh"]),
+        mk("Sub", ["wh", "half"], ["d"]), mk("Pow", ["d", "two_f"], ["sq"]),
+        mk("Sqrt", ["sq"], ["rt"]), mk("Div", ["rt", "three"], ["dv"]),
+        mk("Reshape", ["dv", "flat"], ["fl"]),                                 # [16,4]
+        mk("Squeeze", ["u", "ax0"], ["sqz"]),
+        mk("ReduceSum", ["sqz", "ax1"], ["rs"], keepdims=0),                   # [6]
+        mk("Gather", ["rs", "idx0"], ["g0"], axis=0),                          # scalar
+        mk("ReduceMean", ["fl", "ax01"] if axes_in else ["fl"], ["mean"], keepdims=0,
+           **({} if axes_in else {"axes": [0, 1]})),
+        mk("Mul", ["g0", "small"], ["g1"]), mk("Add", ["mean", "g1"], ["loss"]),
+    ]
+    inits = [init("w1", (12, 16)), init("b1", (16,)), init("g", (16,)), init("beta", (16,)),
+             ints("two", [8, 8]), ints("ax0", [0]), ints("shape3", [2, 6, 16]),
+             ints("st", [4]), ints("en", [12]), ints("axs", [2]), init("w2", (6, 4)),
+             numpy_helper.from_array((rng.random((2, 8, 4)) > 0.3).astype(np.float32), "mask"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two_f"),
+             numpy_helper.from_array(np.array(3.0, np.float32), "three"),
+             numpy_helper.from_array(np.array(0.01, np.float32), "small"),
+             ints("flat", [16, 4]), ints("ax1", [1]), ints("idx0", 2), ints("ax01", [0, 1])]
+    g = helper.make_graph(nodes, "ops", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, 12])],
+                          [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])], initializer=inits)
+    path = tmp_path / f"ops{opset}.onnx"
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    module, inputs, _ = load_onnx(str(path))
+    graph = prepared_graph(module, inputs, "ops")
+    assert not [n.op for n in graph.nodes if n.op.startswith("onnx.")]
+    err, scale = max_abs_error(module, graph, inputs)
+    assert err <= 1e-6 * max(scale, 1.0), (err, scale)
+    assert {"linear", "layer_norm", "softmax", "cat", "split_with_sizes", "where.self", "expand",
+            "slice", "permute", "sum.dim_IntList", "select"} <= {n.op for n in graph.nodes}
+    # the 0/1 float table read only as booleans is a constant, not a weight
+    assert sorted(module.state_dict()) == ["b1", "beta", "g", "w1_t", "w2_t"]
+    module(*inputs).backward()
+    assert all(p.grad is not None for p in module.parameters())
