@@ -93,7 +93,10 @@ def load_onnx(path: str, inputs_npz: str | None = None):
         notes.append(note)
     graph, tensors, loss_name = lower_onnx(proto, path, name, inputs)
     graph.notes[:0] = notes
-    module = IRModule(graph, tensors, reference=OnnxReference(proto, graph_inputs, [loss_name]))
+    # a class per model, so the generated program reads `GptOnnx` / `GptOnnxShard`
+    cls = type("".join(w.capitalize() for w in name.split("_") if w) + "Onnx", (IRModule,),
+               {"__module__": __name__, "__doc__": f"{os.path.basename(path)} as a trainable module"})
+    module = cls(graph, tensors, reference=OnnxReference(proto, graph_inputs, [loss_name]))
     return module, inputs, name
 
 
