@@ -38,17 +38,19 @@ BUG_REPORT = ("autopar: this is a bug in autopar, not in your input; please repo
 
 
 def add_ir_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", metavar="SPEC", help="path/to/file.py:function returning (model, example_inputs)")
+    p.add_argument("spec", metavar="SPEC", help="path/to/file.py:function returning (model, example_inputs), or an .onnx file")
+    p.add_argument("--inputs", metavar="FILE.npz",
+                   help="example inputs of an .onnx SPEC, by graph input name (default: made from the input types)")
     p.add_argument("--after", choices=["lower", "prune", "prepare"], default="prepare",
                    help="print the IR after this stage (default: prepare, the graph that is planned)")
     p.add_argument("--trace", choices=["export", "fx"], default="export", help="front end")
-    p.add_argument("--verify", action="store_true", help="run the interpreter against the eager model")
+    p.add_argument("--verify", action="store_true", help="run the interpreter against the eager model (an .onnx SPEC: against onnx.reference)")
 
 
 def ir_main(args) -> int:
     from autopar.pipeline import load_model, prepared_graph
 
-    model, inputs, name = load_model(args.spec)
+    model, inputs, name = load_model(args.spec, inputs=args.inputs)
     graph = prepared_graph(model, inputs, name, mode=args.trace, after=args.after)
     sys.stdout.write(str(graph))
     if args.verify:
@@ -82,7 +84,9 @@ def verify_report(model, graph, inputs) -> int:
 
 def add_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan_file", metavar="FILE", help="the plan file (.plan)")
-    p.add_argument("spec", metavar="SPEC", help="path/to/file.py:function returning (model, example_inputs)")
+    p.add_argument("spec", metavar="SPEC", help="path/to/file.py:function returning (model, example_inputs), or an .onnx file")
+    p.add_argument("--inputs", metavar="FILE.npz",
+                   help="example inputs of an .onnx SPEC, by graph input name (default: made from the input types)")
     p.add_argument("--mesh", default=None,
                    help="mesh like dp=2,tp=4, for a plan file without a mesh statement")
     p.add_argument("--trace", choices=["export", "fx"], default="export", help="front end")
@@ -101,7 +105,7 @@ def check_main(args) -> int:
         raise InputError(f"check-plan takes the plan file first, then the SPEC: "
                          f"autopar check-plan {args.spec} {args.plan_file}")
     planfile = load_plan(args.plan_file)            # syntax errors before the slow trace
-    model, inputs, name = load_model(args.spec)
+    model, inputs, name = load_model(args.spec, inputs=args.inputs)
     graph = prepared_graph(model, inputs, name, mode=args.trace)
     mesh = parse_mesh(args.mesh) if args.mesh else None
     spec = resolve(planfile, graph, mesh=mesh, devices=builtin_profiles())

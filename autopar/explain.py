@@ -39,7 +39,9 @@ def format_rate(tflops: float) -> str:
     return f"{tflops * 1e12:.0f} FLOP/s"
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", metavar="SPEC", help="path/to/file.py:function returning (model, example_inputs)")
+    p.add_argument("spec", metavar="SPEC", help="path/to/file.py:function returning (model, example_inputs), or an .onnx file")
+    p.add_argument("--inputs", metavar="FILE.npz",
+                   help="example inputs of an .onnx SPEC, by graph input name (default: made from the input types)")
     where = p.add_mutually_exclusive_group()       # one of them, or --plan naming a mesh
     where.add_argument("--mesh", help="mesh axes and sizes, e.g. dp=2,tp=4 (with --plan: must "
                                       "agree with the file's mesh, or name one the file leaves out)")
@@ -218,7 +220,7 @@ def plan_main(args) -> int:
         load_plan(args.plan)                        # syntax errors before the slow trace
     profile = load_profile(args.device)
     limit = parse_bytes(args.memory) if args.memory else None
-    model, inputs, name = load_model(args.spec, args.batch)
+    model, inputs, name = load_model(args.spec, args.batch, inputs=args.inputs)
     graph = prepared_graph(model, inputs, name, mode=args.trace)
     plan, pinned = make_plan(graph, args.mesh, args.devices, args.plan, profile, limit, zero=args.zero,
                              time_limit=args.time_limit, deterministic=args.deterministic)

@@ -118,11 +118,12 @@ def mesh_tag(mesh: dict) -> str:
 
 # ---- the stages ---------------------------------------------------------------------------------
 
-def load_model(spec: str, batch: int | None = None):
+def load_model(spec: str, batch: int | None = None, inputs: str | None = None):
     """`path/to/file.py:function` -> (model, example_inputs, name); `batch` is passed to the
-    function as `batch=N` (it must take one)."""
+    function as `batch=N` (it must take one). `path/to/model.onnx` with `inputs` (an .npz
+    of example inputs by graph input name) goes through the ONNX front end."""
     from autopar.spec import load_spec
-    return load_spec(spec, batch=batch)
+    return load_spec(spec, batch=batch, inputs=inputs)
 
 
 def traced_graph(model, inputs, name: str | None = None, mode: str = "export",

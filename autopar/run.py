@@ -193,7 +193,9 @@ def dropout_sites(graph) -> list[str]:
 # ---- CLI -----------------------------------------------------------------------------------------
 
 def _common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", metavar="SPEC", help="path/to/file.py:function returning (model, example_inputs)")
+    p.add_argument("spec", metavar="SPEC", help="path/to/file.py:function returning (model, example_inputs), or an .onnx file")
+    p.add_argument("--inputs", metavar="FILE.npz",
+                   help="example inputs of an .onnx SPEC, by graph input name (default: made from the input types)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--mesh", help="mesh axes, e.g. dp=2,tp=2")
     where.add_argument("--devices", type=int, metavar="N",
@@ -308,7 +310,7 @@ def check_model(model: torch.nn.Module, verb: str) -> None:
 def _program_from_args(args, verb: str) -> Program:
     from autopar.spec import load_spec
     check_flags(args, verb)
-    model, inputs, name = load_spec(args.spec)
+    model, inputs, name = load_spec(args.spec, inputs=args.inputs)
     check_model(model, verb)
     return build_program(model, inputs, args.mesh, backend=args.backend, plan=args.plan,
                          device=args.device, memory=args.memory, optimizer=args.optimizer,

@@ -21,11 +21,22 @@ class SpecError(UserError):
     """The SPEC cannot be loaded: the message names the file, line and fix."""
 
 
-def load_spec(spec: str, batch: int | None = None):
+def load_spec(spec: str, batch: int | None = None, inputs: str | None = None):
     """Import the file, call the function (with `batch=N` when `batch` is given: the
-    function must take it), check its result. Returns (model, inputs, name)."""
+    function must take it), check its result. Returns (model, inputs, name).
+    An `.onnx` SPEC is read by the ONNX front end, its example inputs from the `.npz`
+    file `inputs` (arrays by graph input name) or made from the input types."""
     if batch is not None and batch < 1:
         raise SpecError(f"--batch {batch}: give a positive batch size")
+    if spec.lower().endswith(".onnx"):
+        if batch is not None:
+            raise SpecError(f"--batch {batch}: an ONNX graph has fixed shapes; give example inputs "
+                            "of the batch you want with --inputs FILE.npz instead")
+        from autopar.frontends.onnx import load_onnx
+        return load_onnx(spec, inputs)
+    if inputs is not None:
+        raise SpecError(f"--inputs {inputs}: example inputs from a file are for .onnx SPECs; "
+                        f"{spec} returns its own (model, example_inputs)")
     if ":" not in spec:
         raise SpecError(f"SPEC '{spec}' must be path/to/file.py:function, e.g. "
                         "examples/gpt.py:build (the function returns (model, example_inputs))")

@@ -113,6 +113,39 @@ def interpret(graph: Graph, state: dict[str, torch.Tensor], inputs: tuple) -> li
     return [env[v] for v in graph.outputs]
 
 
+class IRModule(torch.nn.Module):
+    """An IR graph as a trainable module: its parameters are `nn.Parameter`s under their
+    state-dict names (dotted names become nested submodules) and `forward` runs the
+    interpreter, so a graph from a non-torch front end (ONNX) trains, plans and checks like
+    any model. `reference`, when given, computes the outputs the graph must reproduce (for
+    ONNX: `onnx.reference.ReferenceEvaluator`); `--verify` compares against it.
+
+        >>> m = IRModule(graph, {"fc.weight": w, "fc.bias": b})      # doctest: +SKIP
+        >>> loss = m(x, target); loss.backward()                     # doctest: +SKIP
+    """
+
+    def __init__(self, graph: Graph, tensors: dict[str, torch.Tensor], reference=None):
+        super().__init__()
+        self.graph = graph
+        self.reference = reference
+        trainable = {p.name: p.requires_grad for p in graph.params}
+        for name, t in tensors.items():
+            *path, leaf = name.split(".")
+            holder = self
+            for part in path:
+                child = holder._modules.get(part)
+                if child is None:
+                    child = torch.nn.Module()
+                    holder.add_module(part, child)
+                holder = child
+            holder.register_parameter(leaf, torch.nn.Parameter(
+                t.detach().clone(), requires_grad=trainable.get(name, True)))
+
+    def forward(self, *inputs):
+        outs = interpret(self.graph, dict(self.named_parameters(remove_duplicate=False)), inputs)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer (persistent or not) by its state-dict name."""
     state = dict(model.named_parameters(remove_duplicate=False))
@@ -121,9 +154,11 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def max_abs_error(model: torch.nn.Module, graph: Graph, inputs: tuple) -> tuple[float, float]:
-    """(max |interpreted - eager| of the loss, the loss's magnitude)."""
+    """(max |interpreted - eager| of the loss, the loss's magnitude). For an `IRModule`
+    with a `reference` (an ONNX graph), the reference is what it is compared with."""
     with torch.no_grad():
-        ref, _ = loss_of(model(*inputs))
+        reference = getattr(model, "reference", None) if isinstance(model, IRModule) else None
+        ref, _ = loss_of(reference(*inputs) if reference is not None else model(*inputs))
         got = interpret(graph, model_state(model), inputs)
     a, b = ref.double(), got[0].double()
     return (a - b).abs().max().item(), a.abs().max().item()

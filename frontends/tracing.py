@@ -37,6 +37,9 @@ def trace(model: nn.Module, example_inputs: tuple, mode: str = "export",
     (`torch.export.Dim.AUTO` on every dim), so sizes that come from the batch are recorded
     as `SymInt` expressions and the generated program reads them from its input; where the
     model pins a size (or the symbolic trace fails) it stays the example's, with a note."""
+    from autopar.compiler.interpret import IRModule
+    if isinstance(model, IRModule):
+        return model.graph.copy(name=name or model.graph.name)
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
     if not isinstance(example_inputs, tuple):
