@@ -231,6 +231,9 @@ def plan_main(args) -> int:
         print(json.dumps(summary, indent=2, default=_json_default))
     else:
         sys.stdout.write(render(summary))
+        from autopar.pipeline import idle_axis_lines
+        for line in idle_axis_lines(plan):
+            print(line)
     if args.output:
         plan.save(args.output)
         if not args.json:

@@ -70,8 +70,8 @@ class Program:
         prog = d / f"{self.stem}.py"
         prog.write_text(self.source)
         self.plan.save(d / f"{self.stem}.plan.json")
-        torch.save({"model": self.initial_state(), "inputs": [t.detach().clone() for t in self.inputs]},
-                   d / self.opts.init_file)
+        from autopar.backends import runtime as rt
+        rt.save_init(d / self.opts.init_file, self.initial_state(), [t.detach() for t in self.inputs])
         self.files = {"program": prog, "plan": d / f"{self.stem}.plan.json", "init": d / self.opts.init_file}
         return self.launch_command()
 
@@ -191,9 +191,40 @@ def make_plan(graph: Graph, mesh=None, devices: int | None = None, plan=None, de
     kw = dict(memory_limit=memory, zero=zero, time_limit=time_limit, deterministic=deterministic,
               precision=precision)
     if mesh is not None:
-        return search(graph, mesh, profile, **kw), []
-    best, _ = search_devices(graph, devices, profile, **kw)
-    return best, []
+        plan = search(graph, mesh, profile, **kw)
+    else:
+        plan, _ = search_devices(graph, devices, profile, **kw)
+    plan.solver["idle_axes"] = idle_axes(graph, plan, profile, kw)
+    return plan, []
+
+
+def idle_axes(graph: Graph, plan: Plan, profile, kw: dict) -> list[dict]:
+    """Mesh axes the plan replicates all work on (its ranks compute the same), each with the
+    cost model's reason: what dividing the work over the axis could save at most, against
+    what data parallelism over it would cost at least (the gradient all_reduce)."""
+    from autopar.compiler.cluster import Cluster, format_bytes, format_time
+    from autopar.compiler.cost import CostModel, collective_time
+    out = []
+    cluster = Cluster(dict(plan.mesh), profile)
+    model = CostModel(graph, cluster, precision=kw.get("precision") or plan.cost.get("precision"))
+    grads = sum(p.numel * model.itemsize(p) for p in graph.params if p.requires_grad)
+    for i, (axis, n) in enumerate(plan.mesh.items()):
+        if n == 1 or any(s[i] is not None for s in plan.strategies.values()):
+            continue
+        saved = plan.cost["compute_time"] * (1 - 1 / n)
+        reduce = collective_time("all_reduce", n, grads, cluster.link(axis))
+        out.append({"axis": axis, "compute_saved_at_most": saved, "gradient_all_reduce": reduce,
+                    "reason": (f"dividing the work {n} ways saves at most {format_time(saved)} of "
+                               f"compute per step, while data parallelism over {axis} adds a "
+                               f"{format_time(reduce)} all_reduce of the {format_bytes(grads)} of "
+                               f"gradients (plans splitting the work cost more than this one)")})
+    return out
+
+
+def idle_axis_lines(plan: Plan) -> list[str]:
+    """One line per mesh axis the plan leaves idle, with the reason (for plan/emit/run)."""
+    return [f"note: the plan replicates all work on {r['axis']} (its ranks compute the same): "
+            f"{r['reason']}" for r in plan.solver.get("idle_axes") or []]
 
 
 def _plan_from_file(path, graph, mesh, devices, device, memory, zero, time_limit, deterministic,
@@ -239,7 +270,7 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
     plan.cost.setdefault("bytes", predict_traffic(sharded))
     stem = f"{name}_{mesh_tag(mesh)}_{backend}"
     opts = EmitOptions(steps=steps, optimizer=optimizer, lr=lr, device=target,
-                       init_file=f"{stem}.init.pt", class_name=class_name or _class_name(model),
+                       init_file=f"{stem}.init.safetensors", class_name=class_name or _class_name(model),
                        state_keys=frozenset(model.state_dict().keys()))
     source = emit_program(sharded, backend_named(backend), type(model).__name__, opts, f"{stem}.py")
     return Program(name, model, tuple(inputs), graph, plan, sharded, backend, opts, stem, source)
@@ -249,5 +280,6 @@ def _class_name(model) -> str:
     return type(model).__name__ + "Shard"
 
 
-__all__ = ["load_model", "traced_graph", "prepared_graph", "make_plan", "build_program", "Program",
+__all__ = ["load_model", "traced_graph", "prepared_graph", "make_plan", "idle_axes", "idle_axis_lines",
+           "build_program", "Program",
            "mesh_tag"]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from autopar.backends import runtime as rt
 from autopar.backends.launch import launch
 from autopar.compiler import sharding
 from autopar.pipeline import Program, build_program
@@ -136,7 +137,7 @@ def compare(program: Program, stats: list[dict], shard_dir: Path, ref_losses, re
             e = abs(a - b) / max(abs(b), 1e-30)
             if e > worst:
                 worst, where = e, f"loss at step {i} on rank {s['rank']}"
-        shards = torch.load(shard_dir / f"rank{s['rank']}.pt")
+        shards = rt.load_file(shard_dir / f"rank{s['rank']}.safetensors")
         diff2, ref2 = 0.0, 0.0
         for key, t in shards.items():
             canon = aliases.get(key, key)
@@ -325,6 +326,9 @@ def emit_main(args) -> int:
     print(f"wrote {prog.files['plan']}")
     print(f"wrote {prog.files['init']}")
     print(f"launch (from {args.out}):\n    {cmd}")
+    from autopar.pipeline import idle_axis_lines
+    for line in idle_axis_lines(prog.plan):
+        print(line)
     return 0
 
 
@@ -365,7 +369,8 @@ def plan_line(plan) -> str:
         parts.append(f"{len(cands)} mesh shapes compared")
     if plan.recompute:
         parts.append(f"recompute {', '.join(plan.recompute)}")
-    return "; ".join(parts)
+    from autopar.pipeline import idle_axis_lines
+    return "\n".join(["; ".join(parts), *idle_axis_lines(plan)])
 
 
 def run_main(args) -> int:

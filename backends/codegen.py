@@ -73,7 +73,7 @@ class EmitOptions:
     optimizer: str = "adamw"
     lr: float = 1e-3
     device: str = "cpu"
-    init_file: str = "init.pt"       # full state dict + example batch, next to the program
+    init_file: str = "init.safetensors"   # full state dict + example batch, next to the program
     state_keys: frozenset = frozenset()   # the model's state_dict keys (persistent buffers)
     class_name: str = "Model"
 
@@ -778,7 +778,7 @@ class Emitter:
         w("Launch (from this directory):")
         w(f"    {launch}")
         w()
-        w(f"`{opts.init_file}` holds the full single-device state dict and the example batch; each")
+        w(f"`{opts.init_file}` (safetensors) holds the full single-device state dict and the example batch; each")
         w("rank keeps its own block of every tensor (see LAYOUTS) and saves its final shards.")
         w('"""')
         w("import argparse")
@@ -1292,7 +1292,7 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w("def main():")
     w("parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])", 1)
     w(f'parser.add_argument("--init", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), {opts.init_file!r}),', 1)
-    w('help="torch.save\'d {\\"model\\": full state dict, \\"inputs\\": example batch}")', 5)
+    w('help="the full state dict and the example batch (safetensors, rt.save_init)")', 5)
     w(f'parser.add_argument("--steps", type=int, default={opts.steps})', 1)
     w(f'parser.add_argument("--optimizer", choices=["sgd", "adamw"], default={opts.optimizer!r})', 1)
     w(f'parser.add_argument("--lr", type=float, default={opts.lr!r})', 1)
@@ -1303,13 +1303,13 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w()
     w("rt.one_thread()", 1)
     w(f'mesh = rt.init_mesh(MESH, backend="{backend.runtime}", device=args.device)', 1)
-    w("init = torch.load(args.init, map_location=\"cpu\")", 1)
+    w("full, example = rt.load_init(args.init)  # safetensors: nothing is unpickled", 1)
     w(f"model = {cls}(mesh)", 1)
-    w("model.load_full_state_dict(init[\"model\"])", 1)
+    w("model.load_full_state_dict(full)", 1)
     w("model.to(mesh.device)", 1)
     inputs = ", ".join(names[v] for v in s.inputs)
     w(f"{inputs}{',' if len(s.inputs) == 1 else ''} = [shard(t, name, mesh).to(mesh.device)", 1)
-    w(f"{' ' * (len(inputs) + 4)}for name, t in zip(INPUTS, init[\"inputs\"])]", 1)
+    w(f"{' ' * (len(inputs) + 4)}for name, t in zip(INPUTS, example)]", 1)
     w()
     if zero.params:
         w(f"# ZeRO-{zero.stage}: the optimizer owns 1/{zero.axis} chunks of the data-parallel parameters", 1)
@@ -1356,7 +1356,7 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w('rt.log(mesh, f"step {step}: loss {losses[-1]:.6f} ({times[-1] * 1e3:.1f} ms)")', 2)
     w()
     w("os.makedirs(args.save, exist_ok=True)", 1)
-    w('torch.save(model.state_dict(), os.path.join(args.save, f"rank{mesh.rank}.pt"))', 1)
+    w('rt.save_file(os.path.join(args.save, f"rank{mesh.rank}.safetensors"), model.state_dict())', 1)
     w("if args.stats:", 1)
     w('with open(f"{args.stats}.rank{mesh.rank}.json", "w") as f:', 2)
     w('json.dump({"rank": mesh.rank, "coords": mesh.coords, "losses": losses, "traffic": traffic,', 3)

@@ -61,9 +61,9 @@ def torch_worker(mode: str, init: str, steps: int, stats: str, lr: float) -> Non
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model, _ = build()
-    saved = torch.load(init)
-    model.load_state_dict(saved["model"], strict=False)
-    idx, targets = saved["inputs"]
+    from autopar.backends import runtime as rt
+    state, (idx, targets) = rt.load_init(init)
+    model.load_state_dict(state, strict=False)
     if mode in ("ddp", "fsdp"):
         idx, targets = idx.chunk(world)[rank], targets.chunk(world)[rank]
     if mode == "ddp":

@@ -293,3 +293,19 @@ def test_local_module_state_dict_matches_model(traced):
         lay = prog.sharded.layouts[g.aliases.get(name, name)]
         ref = g.pieces[name].cut(full[g.pieces[name].source]) if name in g.pieces else full[name]
         assert tuple(t.shape) == sharding.local_shape(ref.shape, lay, {"tp": 2})
+
+
+def test_an_axis_the_plan_leaves_idle_is_named_with_the_reason(traced):
+    """When a plan replicates all work on a mesh axis, plan/emit/run say so in one line each
+    with the cost model's reason; an axis the plan uses gets no such line."""
+    from autopar.pipeline import idle_axis_lines, make_plan
+    g = traced("gpt")[3]
+    for memory in (None, "2MB"):
+        plan, _ = make_plan(g, "dp=2,tp=2", device="h100", memory=memory, deterministic=True)
+        unused = {a for i, a in enumerate(plan.mesh)
+                  if not any(s[i] is not None for s in plan.strategies.values())}
+        assert {r["axis"] for r in plan.solver["idle_axes"]} == unused
+        lines = idle_axis_lines(plan)
+        assert len(lines) == len(unused)
+        for line in lines:
+            assert "replicates all work on" in line and "all_reduce" in line

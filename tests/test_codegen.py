@@ -85,7 +85,9 @@ def test_parity_and_bytes_on_4_ranks(traced, tmp_path, backend):
     if backend == "mpi":
         pytest.importorskip("mpi4py")
     programs, entries = [], []
-    import torch
+    import torch  # noqa: F401
+
+    from autopar.backends import runtime as rt
     for name, example, mesh, rules, options, optimizer in CASES:
         prog = build_case(traced, name, example, mesh, rules, options, optimizer, backend)
         d = tmp_path / name
@@ -93,8 +95,8 @@ def test_parity_and_bytes_on_4_ranks(traced, tmp_path, backend):
         batch = prog.inputs
         if options.get("double_batch"):
             batch = twice_the_batch(prog.inputs)
-            init = torch.load(prog.files["init"])
-            torch.save({"model": init["model"], "inputs": list(batch)}, prog.files["init"])
+            state, _ = rt.load_init(prog.files["init"])
+            rt.save_init(prog.files["init"], state, list(batch))
         programs.append((name, prog, d, optimizer, batch))
         entries.append({"program": str(prog.files["program"]),
                         "args": ["--steps", str(STEPS), "--optimizer", optimizer,
@@ -116,7 +118,7 @@ def test_parity_and_bytes_on_4_ranks(traced, tmp_path, backend):
         else:
             assert "B, T = idx.shape" in prog.source and "reshape(B, T, " in prog.source
         kinds |= {k.split(":")[0] for k in predicted}
-        init = torch.load(prog.files["init"])["model"]      # written before any reference run
+        init, _ = rt.load_init(prog.files["init"])         # written before any reference run
         losses, state = reference_run(prog.model, init, batch, STEPS, optimizer, 1e-3)
         chk = compare(prog, stats, d / "shards", losses, state)
         assert chk.ok, f"{name}: {chk.max_rel_err:.3g} at {chk.worst} {chk.problems}"

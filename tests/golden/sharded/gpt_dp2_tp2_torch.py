@@ -12,7 +12,7 @@ Every rank runs this same file; it differs only by its mesh coordinates.
 Launch (from this directory):
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 4 gpt_dp2_tp2_torch.py --steps 10
 
-`gpt_dp2_tp2_torch.init.pt` holds the full single-device state dict and the example batch; each
+`gpt_dp2_tp2_torch.init.safetensors` (safetensors) holds the full single-device state dict and the example batch; each
 rank keeps its own block of every tensor (see LAYOUTS) and saves its final shards.
 """
 import argparse
@@ -168,8 +168,8 @@ class Block(nn.Module):
         q = view_1.transpose(1, 2)                                        # (4/dp, 4/tp, 32, 16)
         view_2 = v.reshape(B, T, 2, 16)                                   # (4/dp, 32, 4/tp, 16)
         v = view_2.transpose(1, 2)                                        # (4/dp, 4/tp, 32, 16)
-        scaled_dot_product_attention = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (4/dp, 4/tp, 32, 16)
-        transpose_3 = scaled_dot_product_attention.transpose(1, 2)        # (4/dp, 32, 4/tp, 16)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)       # (4/dp, 4/tp, 32, 16)
+        transpose_3 = y.transpose(1, 2)                                   # (4/dp, 32, 4/tp, 16)
         y = transpose_3.reshape(B, T, 32)                                 # (4/dp, 32, 64/tp)
         # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
         c_proj_weight = rt.copy_to(self.attn.c_proj.weight, mesh, "dp")   # (64, 64/tp)
@@ -179,10 +179,10 @@ class Block(nn.Module):
         c_proj_bias = rt.copy_to(c_proj_bias, mesh, "tp")                 # (64,)
         # the output is a partial sum over 2 ranks: each adds 1/2 of the bias
         c_proj_bias = c_proj_bias / 2                                     # (64,)
-        y = F.linear(y, c_proj_weight, c_proj_bias)                       # (4/dp, 32, 64) partial sum over tp
+        c_proj = F.linear(y, c_proj_weight, c_proj_bias)                  # (4/dp, 32, 64) partial sum over tp
         # {dp:S(0), tp:P} -> {dp:S(0), tp:S(1)}: sum the partial results, keep this rank's slice (reduce_scatter 16 KiB fwd, all_gather 16 KiB bwd)
-        y = rt.reduce_scatter(y, mesh, "tp", dim=1)                       # (4/dp, 32/tp, 64)
-        x = x + y                                                         # (4/dp, 32/tp, 64)
+        c_proj = rt.reduce_scatter(c_proj, mesh, "tp", dim=1)             # (4/dp, 32/tp, 64)
+        x = x + c_proj                                                    # (4/dp, 32/tp, 64)
         # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
         ln_2_weight = rt.copy_to(self.ln_2.weight, mesh, "dp")            # (64,)
         # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
@@ -198,12 +198,12 @@ class Block(nn.Module):
         c_fc_weight = rt.copy_to(self.mlp.c_fc.weight, mesh, "dp")        # (256/tp, 64)
         # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 512 B bwd)
         c_fc_bias = rt.copy_to(self.mlp.c_fc.bias, mesh, "dp")            # (256/tp,)
-        x_1 = F.linear(ln_2, c_fc_weight, c_fc_bias)                      # (4/dp, 32, 256/tp)
+        c_fc = F.linear(ln_2, c_fc_weight, c_fc_bias)                     # (4/dp, 32, 256/tp)
         # {dp:S(0), tp:S(2)} -> {dp:S(0), tp:S(1)}: re-shard on another dim (all_to_all 32 KiB fwd, all_to_all 32 KiB bwd)
-        x_1 = rt.all_to_all(x_1, mesh, "tp", split_dim=1, concat_dim=2)   # (4/dp, 32/tp, 256)
-        x_1 = F.gelu(x_1)                                                 # (4/dp, 32/tp, 256)
+        c_fc = rt.all_to_all(c_fc, mesh, "tp", split_dim=1, concat_dim=2)  # (4/dp, 32/tp, 256)
+        gelu = F.gelu(c_fc)                                               # (4/dp, 32/tp, 256)
         # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:S(2)}: re-shard on another dim (all_to_all 32 KiB fwd, all_to_all 32 KiB bwd)
-        x_1 = rt.all_to_all(x_1, mesh, "tp", split_dim=2, concat_dim=1)   # (4/dp, 32, 256/tp)
+        gelu = rt.all_to_all(gelu, mesh, "tp", split_dim=2, concat_dim=1)  # (4/dp, 32, 256/tp)
         # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 32 KiB bwd)
         c_proj_weight = rt.copy_to(self.mlp.c_proj.weight, mesh, "dp")    # (64, 256/tp)
         # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
@@ -212,11 +212,11 @@ class Block(nn.Module):
         c_proj_bias = rt.copy_to(c_proj_bias, mesh, "tp")                 # (64,)
         # the output is a partial sum over 2 ranks: each adds 1/2 of the bias
         c_proj_bias = c_proj_bias / 2                                     # (64,)
-        x_1 = F.linear(x_1, c_proj_weight, c_proj_bias)                   # (4/dp, 32, 64) partial sum over tp
+        c_proj = F.linear(gelu, c_proj_weight, c_proj_bias)               # (4/dp, 32, 64) partial sum over tp
         # {dp:S(0), tp:P} -> {dp:S(0), tp:S(1)}: sum the partial results, keep this rank's slice (reduce_scatter 16 KiB fwd, all_gather 16 KiB bwd)
-        x_1 = rt.reduce_scatter(x_1, mesh, "tp", dim=1)                   # (4/dp, 32/tp, 64)
-        x = x + x_1                                                       # (4/dp, 32/tp, 64)
-        return x
+        c_proj = rt.reduce_scatter(c_proj, mesh, "tp", dim=1)             # (4/dp, 32/tp, 64)
+        v_0 = x + c_proj                                                  # (4/dp, 32/tp, 64)
+        return v_0
 
 
 class GPTShard(nn.Module):
@@ -245,22 +245,22 @@ class GPTShard(nn.Module):
         B, T = idx.shape  # this rank's B = 2 of 4, T = 32 in the example
         assert targets.shape[0] == B, "targets must have B (dim 0 of the first input) at dim 0"
         assert targets.shape[1] == T, "targets must have T (dim 1 of the first input) at dim 1"
-        pos = torch.arange(0, T, dtype=torch.int64, device=mesh.device)   # (32,)
+        positions = torch.arange(0, T, dtype=torch.int64, device=mesh.device)  # (32,)
         # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 16 KiB bwd)
         wte_weight = rt.copy_to(self.transformer.wte.weight, mesh, "dp")  # (128, 64/tp)
 
         # transformer
-        tok_emb = F.embedding(idx, wte_weight)                            # (4/dp, 32, 64/tp)
+        wte = F.embedding(idx, wte_weight)                                # (4/dp, 32, 64/tp)
         # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 4 KiB bwd)
         wpe_weight = rt.copy_to(self.transformer.wpe.weight, mesh, "tp")  # (32, 64/dp)
         # {dp:R, tp:R} -> {dp:R, tp:S(0)}: keep this rank's slice (no data moved)
-        pos = rt.scatter(pos, mesh, "tp", dim=0)                          # (32/tp,)
-        pos_emb = F.embedding(pos, wpe_weight)                            # (32/tp, 64/dp)
+        positions = rt.scatter(positions, mesh, "tp", dim=0)              # (32/tp,)
+        wpe = F.embedding(positions, wpe_weight)                          # (32/tp, 64/dp)
         # {dp:S(1), tp:S(0)} -> {dp:R, tp:S(0)}: gather the shards (all_gather 4 KiB fwd, reduce_scatter 4 KiB bwd)
-        pos_emb = rt.all_gather(pos_emb, mesh, "dp", dim=1, partial_grad=True)  # (32/tp, 64)
+        wpe = rt.all_gather(wpe, mesh, "dp", dim=1, partial_grad=True)    # (32/tp, 64)
         # {dp:R, tp:S(0)} -> {dp:R, tp:S(1)}: re-shard on another dim (all_to_all 4 KiB fwd, all_to_all 4 KiB bwd)
-        pos_emb = rt.all_to_all(pos_emb, mesh, "tp", split_dim=1, concat_dim=0)  # (32, 64/tp)
-        x_1 = tok_emb + pos_emb                                           # (4/dp, 32, 64/tp)
+        wpe = rt.all_to_all(wpe, mesh, "tp", split_dim=1, concat_dim=0)   # (32, 64/tp)
+        x_1 = wte + wpe                                                   # (4/dp, 32, 64/tp)
 
         # into transformer.h.*: re-shard what the blocks read
         # {dp:S(0), tp:S(2)} -> {dp:S(0), tp:S(1)}: re-shard on another dim (all_to_all 8 KiB fwd, all_to_all 8 KiB bwd)
@@ -289,10 +289,10 @@ class GPTShard(nn.Module):
         view_9 = targets.reshape(-1)                                      # (128/dp,)
         # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 32 KiB fwd)
         view_8 = rt.all_gather(view_8, mesh, "tp", dim=1)                 # (128/dp, 128)
-        loss = F.cross_entropy(view_8, view_9, ignore_index=-1)           # () partial sum over dp
+        cross_entropy_loss = F.cross_entropy(view_8, view_9, ignore_index=-1)  # () partial sum over dp
         # a mean over this rank's shard: divide by the 2 shards so that they sum up
-        loss = loss / 2                                                   # () partial sum over dp
-        return loss
+        cross_entropy_loss = cross_entropy_loss / 2                       # () partial sum over dp
+        return cross_entropy_loss
 
     def load_full_state_dict(self, full):
         """Copy this rank's block of every tensor of a single-device state dict."""
@@ -303,8 +303,8 @@ class GPTShard(nn.Module):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--init", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gpt_dp2_tp2_torch.init.pt'),
-                    help="torch.save'd {\"model\": full state dict, \"inputs\": example batch}")
+    parser.add_argument("--init", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gpt_dp2_tp2_torch.init.safetensors'),
+                    help="the full state dict and the example batch (safetensors, rt.save_init)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default='adamw')
     parser.add_argument("--lr", type=float, default=0.001)
@@ -315,12 +315,12 @@ def main():
 
     rt.one_thread()
     mesh = rt.init_mesh(MESH, backend="torch", device=args.device)
-    init = torch.load(args.init, map_location="cpu")
+    full, example = rt.load_init(args.init)  # safetensors: nothing is unpickled
     model = GPTShard(mesh)
-    model.load_full_state_dict(init["model"])
+    model.load_full_state_dict(full)
     model.to(mesh.device)
     idx, targets = [shard(t, name, mesh).to(mesh.device)
-                    for name, t in zip(INPUTS, init["inputs"])]
+                    for name, t in zip(INPUTS, example)]
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "adamw":
@@ -342,7 +342,7 @@ def main():
         rt.log(mesh, f"step {step}: loss {losses[-1]:.6f} ({times[-1] * 1e3:.1f} ms)")
 
     os.makedirs(args.save, exist_ok=True)
-    torch.save(model.state_dict(), os.path.join(args.save, f"rank{mesh.rank}.pt"))
+    rt.save_file(os.path.join(args.save, f"rank{mesh.rank}.safetensors"), model.state_dict())
     if args.stats:
         with open(f"{args.stats}.rank{mesh.rank}.json", "w") as f:
             json.dump({"rank": mesh.rank, "coords": mesh.coords, "losses": losses, "traffic": traffic,
