@@ -309,3 +309,30 @@ def test_an_axis_the_plan_leaves_idle_is_named_with_the_reason(traced):
         assert len(lines) == len(unused)
         for line in lines:
             assert "replicates all work on" in line and "all_reduce" in line
+
+
+@pytest.mark.parametrize("name,rules", [("gpt", "MEGATRON_SP"), ("llama", "LLAMA_TP"), ("lora", None),
+                                        ("bert", None)])
+def test_no_program_repeats_a_collective_on_a_value(traced, name, rules):
+    """dp=2,tp=2, with the search's plan (with and without a memory limit) and a forced
+    tensor-parallel one: no collective runs twice with the same arguments on one value, and
+    the cost model prices exactly the collectives the program runs."""
+    import plan_helpers
+
+    from autopar.passes.shard import search
+    _, _, _, g = traced(name)
+    plans = [plan_helpers.forced_plan(g, {"dp": 2, "tp": 2}, getattr(plan_helpers, rules) if rules else ())]
+    least = search(g, {"dp": 2, "tp": 2}, "h100", deterministic=True, objective="memory", precision="fp32")
+    for memory in (None, least.cost["memory"]["total"] * 1.5):
+        plans.append(search(g, {"dp": 2, "tp": 2}, "h100", deterministic=True, memory_limit=memory, time_limit=30,
+                            precision="fp32"))
+    for plan in plans:
+        s = apply_plan(g, plan)
+        seen = set()
+        for n in s.nodes:
+            if n.op in collectives.OPS:
+                key = (n.inputs[0].name, n.op, n.attrs)
+                assert key not in seen, f"{name}: {n.op} of %{n.inputs[0].name} twice"
+                seen.add(key)
+        if not plan.zero:
+            assert predict_traffic(s) == priced_bytes(g, plan)
