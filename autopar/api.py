@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import warnings
 
+import torch
 import torch.nn as nn
 
 from autopar.compiler.errors import InputError
@@ -81,10 +82,16 @@ class Compiled:
         return self.program.explain()
 
     def emit(self, directory) -> str:
-        """Write the program, its plan and init file to `directory`; returns the launch command."""
-        return self.program.write(directory)
+        """Write the program, its plan and init file to `directory`; returns the command that
+        launches it from anywhere (`cd DIR && torchrun ...`)."""
+        import shlex
+        return f"cd {shlex.quote(str(directory))} && {self.program.write(directory)}"
 
     def __call__(self, *args):
+        """Outside a launched job: the model's own forward (with a one-time warning). Inside
+        one: this rank's program on its blocks of the batch (any batch the mesh divides),
+        returning the global loss -- the same value on every rank -- whose backward gives
+        this rank's shards their gradients (the collectives in the program synchronise them)."""
         if not in_launched_job():
             if not self._warned:
                 self._warned = True
@@ -92,9 +99,45 @@ class Compiled:
                               f"Run `.emit(dir)` and launch with: {self.program.launch_command()}",
                               stacklevel=2)
             return nn.Module.__call__(self.model, *args)     # the model's own forward
+        run = self._rank()
+        loss = run(*args)
+        value = loss.detach().double().item()
+        for axis in self._partial_axes():
+            value = run.mesh.all_reduce_scalar(value, axis)
+        # the global value, this rank's gradient
+        return loss + (torch.tensor(value, dtype=loss.dtype, device=loss.device) - loss).detach()
+
+    def _rank(self):
         if self._local is None:
             self._local = self.program.instantiate(self.model)
-        return self._local(*args)
+        return self._local
+
+    def _partial_axes(self) -> list[str]:
+        loss = self.sharded.outputs[0]
+        return [a for a, p in zip(self.plan.mesh, self.sharded.layouts[loss.name]) if p == "P"]
+
+    def module(self) -> nn.Module:
+        """This rank's module (its parameter shards under their original names) inside a
+        launched job; the model itself outside one."""
+        if not in_launched_job():
+            return self.model
+        if self.sharded.zero.params:
+            raise InputError(f"this plan is ZeRO-{self.plan.zero}: the optimizer state is sharded "
+                             "over dp by the generated program's own loop (ZeroShards), which a "
+                             "user's optimizer over parameters() would bypass. Plan with zero=0 or "
+                             "zero=3 (parameters sharded through the plan), or run the emitted program.")
+        return self._rank().module
+
+    def parameters(self):
+        """This rank's parameter shards (for any optimizer) inside a launched job."""
+        return self.module().parameters()
+
+    def named_parameters(self):
+        return self.module().named_parameters()
+
+    def state_dict(self):
+        """This rank's shards under the model's state-dict names."""
+        return self.module().state_dict()
 
 
 def compile(model=None, example_inputs=None, *, mesh=None, devices: int | None = None,
@@ -160,6 +203,10 @@ def _compiled_class(cls, example_inputs, options: dict):
         def autopar(self) -> Compiled:
             """The Compiled object (after the first call)."""
             return self.__dict__["_autopar"]
+
+        def explain(self) -> str:
+            """The plan in words (after the first call), as `Compiled.explain`."""
+            return self.autopar.explain()
 
     CompiledModule.__name__ = cls.__name__
     CompiledModule.__qualname__ = cls.__qualname__

@@ -103,11 +103,11 @@ class Program:
         self.model = model
         local.load_full_state_dict(self.initial_state())
         local.to(mesh.device)
-        shard, layouts = ns["shard"], ns["LAYOUTS"]
+        shard = ns["shard"]
         names = [v.name for v in self.graph.inputs]
 
         def run(*args):
-            return local(*[shard(t, layouts[n], mesh).to(mesh.device) for n, t in zip(names, args)])
+            return local(*[shard(t, n, mesh).to(mesh.device) for n, t in zip(names, args)])
         run.module, run.mesh = local, mesh
         return run
 

@@ -187,7 +187,7 @@ def test_compile_function_and_decorator(tmp_path, example):
     assert "graph mlp" in par.ir and "class MLPShard" in par.source
     assert "dp=2" in par.explain()
     cmd = par.emit(tmp_path)
-    assert cmd.startswith("OMP_NUM_THREADS=1 torchrun --nproc-per-node 2")
+    assert cmd.startswith(f"cd {tmp_path} && OMP_NUM_THREADS=1 torchrun --nproc-per-node 2")
     assert (tmp_path / "mlp_dp2_torch.py").exists() and (tmp_path / "mlp_dp2_torch.plan.json").exists()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -209,3 +209,35 @@ def test_compile_function_and_decorator(tmp_path, example):
         out = net(*inputs)
     assert out.shape == () and isinstance(net, mlp.MLP)
     assert net.autopar.plan is plan and "copy_to" in net.autopar.source
+    assert "dp=2" in net.explain()
+
+
+def test_a_users_own_loop_around_compile_matches_the_single_device_loop(tmp_path, example):
+    """tests/models/user_loop.py on 4 ranks: compile() inside each rank, AdamW over
+    par.parameters(), a fresh batch of 8 (twice the example's) each step; the global loss
+    par() returns equals the single-device loop's, step for step."""
+    import torch
+
+    from autopar.backends.launch import launch
+    sys.path.insert(0, str(ROOT / "tests" / "models"))
+    import user_loop
+    out = tmp_path / "loop.json"
+    res = launch(ROOT / "tests" / "models" / "user_loop.py", WORLD, "torch", [str(out)], timeout=300,
+                 log_dir=tmp_path / "logs", out=open(os.devnull, "w"))
+    assert res.ok, res.message
+    got = json.loads(out.read_text())
+    gpt = example("gpt")
+    model, _ = gpt.build()
+    torch.set_num_threads(1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    want = []
+    for idx, targets in user_loop.batches(model.config.vocab_size, len(got["losses"])):
+        loss = model(idx, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        want.append(loss.item())
+    assert got["losses"] == pytest.approx(want, rel=1e-5)
+    assert got["zero"] == 0 and got["sharded"]             # the plan shards parameters
+    assert got["local_numel"] < sum(p.numel() for p in model.parameters())
+    assert "transformer.wte.weight" in got["state_dict"]
