@@ -470,7 +470,7 @@ class CostModel:
         rep = tuple(None for _ in self.mesh)
         return [tuple(strategies.get(m.key, rep)) for m in self.members]
 
-    def value_chains(self, mi: int, j: int, strat: list[Strategy], zero: int, rs_params: set[int]):
+    def value_chains(self, mi: int, j: int, strat: list[Strategy], rs_params: set[int]):
         """The distinct program steps that reshard output `j` of member `mi` for all its
         consumers under `strat` (collective CSE, as plan application shares them): a list of
         (Step, region id, first consumer, needs_grad) -- one entry per step shared by every
@@ -560,7 +560,7 @@ class CostModel:
         rs = self.rs_params(strat, zero)
         for m in self.members:
             for j in range(len(m.outputs)):
-                steps, saved = self.value_chains(m.index, j, strat, zero, rs)
+                steps, saved = self.value_chains(m.index, j, strat, rs)
                 for st, region, consumer, grad in steps:
                     cols = st.collectives(grad)
                     if region is not None:
