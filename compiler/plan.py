@@ -15,6 +15,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+# DDP's defaults: 25 MiB buckets, a 1 MiB first bucket (the last gradients of backward)
+OVERLAP_DEFAULTS = {"enabled": True, "bucket_bytes": 25 << 20, "first_bucket_bytes": 1 << 20,
+                    "prefetch": 1}
+
+
 @dataclass
 class Plan:
     model: str
@@ -29,6 +34,10 @@ class Plan:
     dp_axis: str | None = None
     recompute: list[str] = field(default_factory=list)   # recomputed modules (paths, resolved)
     optimizer: str = "adamw"
+    # the communication schedule (passes/overlap.py): gradient buckets reduced asynchronously
+    # in backward, ZeRO-3 parameters gathered `prefetch` blocks ahead; enabled=False keeps
+    # every collective where the plan puts it, synchronous
+    overlap: dict[str, Any] = field(default_factory=lambda: dict(OVERLAP_DEFAULTS))
     cost: dict[str, Any] = field(default_factory=dict)   # breakdown (seconds, bytes)
     solver: dict[str, Any] = field(default_factory=dict) # statistics
     constraints: list[str] = field(default_factory=list) # from a plan file, as written
@@ -43,7 +52,9 @@ class Plan:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"plan JSON has unknown fields {sorted(unknown)}")
-        return cls(**data)
+        plan = cls(**data)
+        plan.overlap = {**OVERLAP_DEFAULTS, **plan.overlap}
+        return plan
 
     def save(self, path) -> None:
         with open(path, "w") as f:
