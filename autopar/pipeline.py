@@ -253,6 +253,7 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
     `target` is where the generated program runs (cpu: gloo, cuda: NCCL)."""
     from autopar.backends.codegen import backend_named
     from autopar.passes.apply import apply_plan, predict_traffic
+    from autopar.passes.overlap import overlap
 
     if graph is None:
         # sizes from the batch stay symbolic: the program trains on any batch the mesh divides
@@ -266,7 +267,8 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
         raise InputError(f"the plan is for mesh {sharding.format_mesh(plan.mesh)}, not "
                          f"{sharding.format_mesh(mesh)}: give --mesh {sharding.format_mesh(plan.mesh)}")
     plan.optimizer = optimizer
-    sharded = apply_plan(graph, plan)
+    # the communication schedule: gradient buckets reduced while backward runs
+    sharded = overlap(apply_plan(graph, plan))
     plan.cost.setdefault("bytes", predict_traffic(sharded))
     stem = f"{name}_{mesh_tag(mesh)}_{backend}"
     opts = EmitOptions(steps=steps, optimizer=optimizer, lr=lr, device=target,

@@ -637,6 +637,10 @@ def plan_summary(s: ShardedGraph) -> list[str]:
     traffic = s.traffic()
     if traffic:
         lines.append("bytes per step and rank: " + ", ".join(f"{k} {format_bytes(b)}" for k, b in traffic.items()))
+    o = s.overlap
+    if o is not None and o.buckets:
+        per = ", ".join(f"{k} x{v}" for k, v in sorted(o.calls().items()))
+        lines.append(f"gradient buckets: {len(o.buckets)} ({per}), launched asynchronously in backward")
     if plan.cost.get("step_time"):
         lines.append(f"estimated step time: {plan.cost['step_time'] * 1e3:.3g} ms")
     return lines
@@ -857,6 +861,7 @@ class Emitter:
         w(f"REPLICATED = {rep!r}")
         w(f"INPUTS = {[v.name for v in s.inputs]!r}")
         w(f"BLOCK_LISTS = {kinds!r}")
+        self.grad_buckets()
         if s.graph.pieces:
             w()
             w("# Fused weights cut into pieces that shard on their own (e.g. c_attn's q, k, v):")
@@ -903,6 +908,31 @@ class Emitter:
         w("return full.contiguous()", 1)
         w()
         w()
+
+    def grad_buckets(self) -> None:
+        """GRAD_BUCKETS: the overlap schedule's gradient buckets (passes/overlap.py)."""
+        o, w = self.s.overlap, self.w
+        if o is None or not o.buckets:
+            return
+        w()
+        w("# Gradient buckets: the gradients of replicated parameters are partial sums over the")
+        w("# bucket's axes. Each bucket is all_reduced as one flat tensor, launched (async) the")
+        w("# moment backward has accumulated its last gradient -- latest-used parameters first --")
+        w("# and finished when backward returns (rt.GradBuckets).")
+        w("GRAD_BUCKETS = [")
+        for b in o.buckets:
+            w(f"    ({b.axes!r}, [  # bucket {b.index}: all_reduce {format_bytes(b.nbytes)} bwd over "
+              f"{', '.join(b.axes)}, {len(b.params)} gradients", 0)
+            line = "       "
+            for name in b.params:
+                item = f" {name!r},"
+                if len(line) + len(item) > 96:
+                    w(line, 0)
+                    line = "       "
+                line += item
+            w(line, 0)
+            w("    ]),", 0)
+        w("]")
 
     def params(self, tree: ModuleTree, prefix: str, skip: set[str]) -> None:
         """Containers in state-dict order, then each tensor; tied names last. Subtrees in
@@ -1053,6 +1083,9 @@ class Emitter:
         self.params(self.tree, "", {c.kind for c in self.classes})
         for alias, canon in sorted(s.graph.aliases.items()):
             w(f"{attr_path(alias, self.tree)} = {attr_path(canon, self.tree)}  # tied: one tensor, two names", 2)
+        if s.overlap is not None and s.overlap.buckets:
+            w("# the replicated parameters' gradients: all_reduced in GRAD_BUCKETS while backward runs", 2)
+            w("self.grad_buckets = rt.GradBuckets(mesh, GRAD_BUCKETS, self)", 2)
         w()
         self.forward()
         w()
@@ -1340,7 +1373,10 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w("t0 = time.perf_counter()", 2)
     what = f"partial sum over {', '.join(partial)}" if partial else "replicated"
     w(f"loss = model({inputs})  # this rank's loss ({what})", 2)
-    w("loss.backward()  # gradients synchronise inside the collectives' backward", 2)
+    if s.overlap is not None and s.overlap.buckets:
+        w("loss.backward()  # activations' collectives run inside backward; GRAD_BUCKETS reduce behind it", 2)
+    else:
+        w("loss.backward()  # gradients synchronise inside the collectives' backward", 2)
     if zero.params:
         w("zero.reduce_grads()", 2)
     w("optimizer.step()", 2)

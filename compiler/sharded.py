@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from autopar.compiler import collectives, sharding
 from autopar.compiler.ir import Graph, Node, Value, format_attr
@@ -74,6 +75,7 @@ class ShardedGraph:
     zero: ZeroParams
     regions: list[Region] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    overlap: Any = None                   # passes/overlap.Overlap: buckets, prefetch (None: not run)
 
     # the local graph's parts, read through
     @property
@@ -106,23 +108,22 @@ class ShardedGraph:
                 again.update(range(r.start, r.end))
         return again
 
-    def traffic(self) -> dict[str, int]:
-        """Bytes per training step and rank, keyed `kind:axis` (the runtime's accounting):
-        forward and backward collectives, the forward collectives of recompute regions again
-        in backward, and ZeRO-1/2's reduce_scatter / all_gather around the optimizer step."""
-        total: dict[str, int] = {}
-
-        def add(kind, axis, b):
-            k = f"{kind}:{axis}"
-            total[k] = total.get(k, 0) + b
+    def calls(self) -> list[tuple[str, int]]:
+        """Every collective call of one training step and rank as (`kind:axis`, bytes), the
+        runtime's accounting: forward and backward collectives, the forward collectives of
+        recompute regions again in backward, the gradient buckets of the overlap schedule,
+        and ZeRO-1/2's reduce_scatter / all_gather around the optimizer step."""
+        out: list[tuple[str, int]] = []
         again = self.recomputed()
         for i, n in enumerate(self.nodes):
             if not is_collective(n):
                 continue
             for kind, axis, b, phase in self.node_traffic(n):
-                add(kind, axis, b)
+                out.append((f"{kind}:{axis}", b))
                 if phase == "forward" and i in again:
-                    add(kind, axis, b)
+                    out.append((f"{kind}:{axis}", b))
+        if self.overlap is not None:
+            out += self.overlap.call_list()
         z = self.zero
         if z.params:
             n = self.mesh[z.axis]
@@ -130,8 +131,22 @@ class ShardedGraph:
                 if p.name in z.params:
                     padded = zero_chunk(p.numel, n) * n * p.itemsize
                     if p.name in z.reduce_scatter:
-                        add("reduce_scatter", z.axis, padded)
-                    add("all_gather", z.axis, padded)
+                        out.append((f"reduce_scatter:{z.axis}", padded))
+                    out.append((f"all_gather:{z.axis}", padded))
+        return out
+
+    def traffic(self) -> dict[str, int]:
+        """Bytes per training step and rank, keyed `kind:axis` (see `calls`)."""
+        total: dict[str, int] = {}
+        for k, b in self.calls():
+            total[k] = total.get(k, 0) + b
+        return dict(sorted(total.items()))
+
+    def call_counts(self) -> dict[str, int]:
+        """Collective calls per training step and rank, keyed `kind:axis`."""
+        total: dict[str, int] = {}
+        for k, _ in self.calls():
+            total[k] = total.get(k, 0) + 1
         return dict(sorted(total.items()))
 
 

@@ -71,6 +71,10 @@ when a split dimension is not divisible by the axis size:
 ``broadcast_(t, axis, root_coord=0)``,
 ``all_reduce_scalar(value, axis=None, op="sum") -> float``.
 
+Overlap (``overlap.py``): ``GradBuckets(mesh, [(axes, names), ...], module)`` all-reduces
+parameter gradients in buckets, asynchronously as backward produces them (``no_sync()``,
+``wait()``, ``timeline``).
+
 Helpers: ``set_seed(seed)``, ``one_thread()``, ``log(mesh, msg)``.
 
 Checkpoints (``checkpoint.py``; safetensors files + one JSON index, no pickle):
@@ -87,13 +91,14 @@ from .checkpoint import (CheckpointError, CheckpointHandle, LoadedCheckpoint, Sh
                          restore_optimizer, restore_rng_state, save_checkpoint, save_file,
                          save_init, wait_checkpoint, zero_chunk)
 from .collectives import all_gather, all_reduce, all_to_all, copy_to, reduce_scatter, scatter
+from .overlap import GradBuckets
 from .mesh import KINDS, PHASES, CommEvent, Mesh, in_backward, init_mesh
 from .utils import log, one_thread, set_seed
 
 __all__ = [
     "init_mesh", "Mesh", "CommEvent", "KINDS", "PHASES", "in_backward",
     "copy_to", "all_reduce", "all_gather", "scatter", "reduce_scatter", "all_to_all",
-    "set_seed", "one_thread", "log",
+    "set_seed", "one_thread", "log", "GradBuckets",
     "ShardSpec", "CheckpointError", "CheckpointHandle", "LoadedCheckpoint", "save_checkpoint",
     "wait_checkpoint", "load_checkpoint", "latest_checkpoint", "read_tensor", "zero_chunk",
     "optimizer_shards", "optimizer_wanted", "restore_optimizer", "capture_rng_state",

@@ -9,6 +9,10 @@ torch.distributed and MPI paths are byte-for-byte the same algorithm:
 * ``reduce_scatter0(t, op)`` ``(n*c, *r) -> (c, *r)``, block ``j`` ends on coordinate ``j``.
 * ``alltoall0(t)``           ``(n, *r) -> (n, *r)``, ``out[j]`` is ``in[me]`` of coordinate ``j``.
 * ``broadcast_(t, root)``    in place, ``root`` is a coordinate along the axis.
+* ``iallreduce_(t, op)``     nonblocking ``allreduce_``: returns a handle with ``wait()`` and
+  ``done()`` (``done`` also drives progress, which MPI needs from the caller).
+* ``iallgather0(t)``, ``ireduce_scatter0(t, op)``: nonblocking, the handle's ``wait()``
+  returns the result.
 
 Only torch, numpy (through ``Tensor.numpy``) and, lazily, mpi4py are used.
 """
@@ -37,6 +41,25 @@ def _torch_op(op: str):
 # prefer the non-deprecated spellings when this torch has them
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class Handle:
+    """A collective in flight: `wait()` blocks until it is done and returns its result."""
+
+    def __init__(self, wait, done=lambda: True, result=None):
+        self._wait, self._done, self.result = wait, done, result
+        self.finished = False
+
+    def done(self) -> bool:
+        if not self.finished and self._done():
+            self.finished = True
+        return self.finished
+
+    def wait(self):
+        if not self.finished:
+            self._wait()
+            self.finished = True
+        return self.result
 
 
 class TorchComm:
@@ -70,6 +93,20 @@ class TorchComm:
     def broadcast_(self, t, root):
         dist.broadcast(t, src=self.ranks[root], group=self.group)
         return t
+
+    def iallreduce_(self, t, op="sum"):
+        work = dist.all_reduce(t, op=_torch_op(op), group=self.group, async_op=True)
+        return Handle(work.wait, work.is_completed, t)
+
+    def iallgather0(self, t):
+        out = t.new_empty((self.size * t.shape[0],) + tuple(t.shape[1:]))
+        work = _ALL_GATHER(out, t.contiguous(), group=self.group, async_op=True)
+        return Handle(work.wait, work.is_completed, out)
+
+    def ireduce_scatter0(self, t, op="sum"):
+        out = t.new_empty((t.shape[0] // self.size,) + tuple(t.shape[1:]))
+        work = _REDUCE_SCATTER(out, t.contiguous(), op=_torch_op(op), group=self.group, async_op=True)
+        return Handle(work.wait, work.is_completed, out)
 
     def allreduce_scalar(self, value, op="sum", device=None):
         t = torch.tensor([float(value)], dtype=torch.float64, device=device)
@@ -137,6 +174,44 @@ class MpiComm:
         self.comm.Allreduce(self.MPI.IN_PLACE, work.numpy(), op=self._op(op))
         t.copy_(work)
         return t
+
+    def iallreduce_(self, t, op="sum"):
+        rd = _reduce_dtype(t.dtype)
+        if t.device.type == "cpu" and t.is_contiguous() and rd == t.dtype:
+            buf = t.detach().numpy()
+            req = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self._op(op))
+            h = Handle(req.Wait, req.Test, t)
+            h._keep = buf               # MPI writes into it until the request completes
+            return h
+        work = t.detach().to(device="cpu", dtype=rd, copy=True).contiguous()
+        req = self.comm.Iallreduce(self.MPI.IN_PLACE, work.numpy(), op=self._op(op))
+
+        def finish():
+            req.Wait()
+            t.copy_(work)
+        h = Handle(finish, req.Test, t)
+        h._keep = work
+        return h
+
+    def iallgather0(self, t):
+        src = t.detach().cpu().contiguous()
+        out = torch.empty((self.size * src.shape[0],) + tuple(src.shape[1:]), dtype=src.dtype)
+        B = self.MPI.BYTE
+        req = self.comm.Iallgather([_bytes(src), B], [_bytes(out), B])
+        h = Handle(None, req.Test)
+        h._wait = lambda: (req.Wait(), setattr(h, "result", out.to(t.device)))
+        h._keep = src                   # the send buffer lives until the collective is done
+        return h
+
+    def ireduce_scatter0(self, t, op="sum"):
+        rd = _reduce_dtype(t.dtype)
+        src = t.detach().to(device="cpu", dtype=rd).contiguous()
+        out = torch.empty((src.shape[0] // self.size,) + tuple(src.shape[1:]), dtype=rd)
+        req = self.comm.Ireduce_scatter_block(src.numpy(), out.numpy(), op=self._op(op))
+        h = Handle(None, req.Test)
+        h._wait = lambda: (req.Wait(), setattr(h, "result", out.to(device=t.device, dtype=t.dtype)))
+        h._keep = src
+        return h
 
     def allgather0(self, t):
         src = t.detach().cpu().contiguous()

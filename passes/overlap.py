@@ -1,0 +1,214 @@
+"""The overlap pass: rewrite one rank's communication schedule so that it hides behind compute.
+
+Plan application (passes/apply.py) reduces a replicated parameter's gradient where the plan
+puts it: a `copy_to` step on every use, whose backward all-reduces that use's gradient --
+one synchronous collective per parameter use, inside autograd. This pass takes those steps
+out of the graph and reduces the gradients the way DDP does:
+
+- a parameter whose every use is a `copy_to` chain over the same axes (its gradient is a
+  partial sum over them) joins a **gradient bucket** instead;
+- buckets fill in the order backward finishes the gradients (reverse order of first use in
+  forward), the first one small (`first_bucket_bytes`, so the last layers start reducing
+  early), the others up to `bucket_bytes`; a bucket holds gradients of one dtype reduced
+  over the same axes;
+- the program launches a bucket's all_reduce asynchronously the moment its last gradient is
+  accumulated (a post-accumulate-grad hook) and waits for all of them right before the
+  optimizer step (`backends/runtime/overlap.py`).
+
+The sum is the same, so parity stays exact; the bytes are the same (each gradient is reduced
+once, as the per-use steps did after collective CSE); only the call count drops, to one per
+bucket and axis. Frozen parameters have no gradient and join no bucket. A parameter that has
+a use whose gradient is already whole (no `copy_to`) keeps its per-use steps: reducing its
+accumulated gradient would count that use n times.
+
+    >>> sharded = overlap(apply_plan(graph, plan))                  # doctest: +SKIP
+    >>> [b.params for b in sharded.overlap.buckets]                 # doctest: +SKIP
+    [('lm_head.bias', 'transformer.ln_f.weight', ...), ...]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from autopar.compiler.ir import Value
+from autopar.compiler.plan import OVERLAP_DEFAULTS
+from autopar.compiler.sharded import Region, ShardedGraph, nbytes
+
+
+@dataclass(frozen=True)
+class GradBucket:
+    """Gradients reduced together by one collective per axis, launched in backward."""
+    index: int
+    kind: str                       # "all_reduce": the gradients are partial sums over `axes`
+    axes: tuple[str, ...]           # reduced over each, in this order
+    dtype: str
+    params: tuple[str, ...]         # parameter names, in the order backward finishes them
+    nbytes: int                     # bytes of the flat bucket (the runtime's accounting, per axis)
+    ready: int                      # node index whose backward completes the bucket's last gradient
+
+
+@dataclass
+class Overlap:
+    """The communication schedule the program runs (`ShardedGraph.overlap`)."""
+    enabled: bool = True
+    bucket_bytes: int = OVERLAP_DEFAULTS["bucket_bytes"]
+    first_bucket_bytes: int = OVERLAP_DEFAULTS["first_bucket_bytes"]
+    prefetch: int = OVERLAP_DEFAULTS["prefetch"]
+    buckets: list[GradBucket] = field(default_factory=list)
+
+    def bucket_of(self, param: str) -> GradBucket | None:
+        return next((b for b in self.buckets if param in b.params), None)
+
+    def traffic(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for k, b in self.call_list():
+            out[k] = out.get(k, 0) + b
+        return out
+
+    def calls(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for k, _ in self.call_list():
+            out[k] = out.get(k, 0) + 1
+        return out
+
+    def call_list(self) -> list[tuple[str, int]]:
+        """(`kind:axis`, bytes) of every bucket collective, in launch order."""
+        return [(f"{b.kind}:{a}", b.nbytes) for b in self.buckets for a in b.axes]
+
+
+def settings(plan_overlap: dict | None) -> Overlap:
+    s = {**OVERLAP_DEFAULTS, **(plan_overlap or {})}
+    return Overlap(bool(s["enabled"]), int(s["bucket_bytes"]), int(s["first_bucket_bytes"]), int(s["prefetch"]))
+
+
+def overlap(s: ShardedGraph) -> ShardedGraph:
+    """`s` with parameter-gradient reduction moved into asynchronous buckets (see the module
+    docstring); unchanged (but for an empty schedule) when the plan turns overlap off."""
+    sched = settings(s.plan.overlap)
+    if not sched.enabled:
+        return replace(s, overlap=sched)
+    chains = grad_chains(s)
+    if not chains:
+        return replace(s, overlap=sched)
+    dropped: dict[Value, Value] = {}            # removed copy_to output -> the parameter
+    for p, nodes in chains.items():
+        for n in nodes:
+            dropped[n.outputs[0]] = p
+    keep, index = [], {}
+    for i, n in enumerate(s.nodes):
+        if n.op == "copy_to" and n.outputs[0] in dropped:
+            continue
+        index[i] = len(keep)
+        keep.append(n.replace(inputs=tuple(dropped.get(v, v) for v in n.inputs)))
+    regions = []
+    for r in s.regions:
+        inside = [index[i] for i in range(r.start, r.end) if i in index]
+        if inside:
+            regions.append(Region(r.module, inside[0], inside[-1] + 1))
+    g = s.graph.copy(nodes=keep)
+    g.notes = list(s.graph.notes) + [f"overlap: {len(chains)} parameter gradients reduced in buckets"]
+    out = replace(s, graph=g, regions=regions)
+    sched.buckets = assign_buckets(out, {p.name: axes for p, axes in
+                                         ((p, tuple(n.attr["axis"] for n in chain_axes(nodes)))
+                                          for p, nodes in chains.items())},
+                                   sched.bucket_bytes, sched.first_bucket_bytes)
+    out.overlap = sched
+    return out
+
+
+def chain_axes(nodes):
+    """The copy_to nodes of one parameter, one per axis in chain order (a chain repeated in
+    several recompute regions is listed once)."""
+    seen, out = set(), []
+    for n in nodes:
+        if n.attr["axis"] not in seen:
+            seen.add(n.attr["axis"])
+            out.append(n)
+    return out
+
+
+def grad_chains(s: ShardedGraph) -> dict[Value, list]:
+    """Trainable parameters whose every use goes through `copy_to` steps, all with the same
+    axis sequence: parameter -> those copy_to nodes (chain order)."""
+    users: dict[Value, list] = {}
+    for n in s.nodes:
+        for v in n.inputs:
+            users.setdefault(v, []).append(n)
+    out = {}
+    for p in s.params:
+        if p.kind != "param" or not p.requires_grad or p.name not in s.needs_grad:
+            continue
+        chain, frontier, ok = [], [p], True
+        while frontier:
+            level = [n for v in frontier for n in users.get(v, [])]
+            if level and all(n.op == "copy_to" for n in level) and len({n.attr["axis"] for n in level}) == 1:
+                chain.extend(level)
+                frontier = [n.outputs[0] for n in level]
+                continue
+            # a first use without copy_to has a whole gradient: reducing the sum would count
+            # it n times. Deeper down, the axes the chain has so far are common to every use
+            # (the steps that follow stay in the graph, per use)
+            ok = bool(chain)
+            break
+        if ok and chain:
+            out[p] = chain
+    return out
+
+
+def first_use(s: ShardedGraph) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i, n in enumerate(s.nodes):
+        for v in n.inputs:
+            if v.kind == "param":
+                out.setdefault(v.name, i)
+    return out
+
+
+def assign_buckets(s: ShardedGraph, axes_of: dict[str, tuple[str, ...]], bucket_bytes: int,
+                   first_bucket_bytes: int) -> list[GradBucket]:
+    """Fill buckets in the order backward finishes the gradients: a parameter's gradient is
+    whole once backward has passed its first use in forward, so latest first use first."""
+    first = first_use(s)
+    by_name = {p.name: p for p in s.params}
+    order = sorted(axes_of, key=lambda name: (-first.get(name, -1), name))
+    open_: dict[tuple, list[str]] = {}
+    sizes: dict[tuple, int] = {}
+    done: list[tuple[tuple, list[str]]] = []
+    closed_any: set[tuple] = set()
+    for name in order:
+        p = by_name[name]
+        key = (axes_of[name], p.dtype)
+        cap = bucket_bytes if key in closed_any else first_bucket_bytes
+        b = nbytes(p)
+        if open_.get(key) and sizes[key] + b > cap:
+            done.append((key, open_.pop(key)))
+            closed_any.add(key)
+            sizes[key] = 0
+        open_.setdefault(key, []).append(name)
+        sizes[key] = sizes.get(key, 0) + b
+    done.extend(open_.items())
+    # number buckets by when they become ready (the order backward launches them)
+    rows = []
+    for (axes, dtype), names in done:
+        ready = min(first.get(n, 0) for n in names)
+        rows.append((-ready, axes, dtype, tuple(names)))
+    rows.sort(key=lambda r: (r[0], r[1], r[3]))
+    return [GradBucket(i, "all_reduce", axes, dtype, names, sum(nbytes(by_name[n]) for n in names), -neg)
+            for i, (neg, axes, dtype, names) in enumerate(rows)]
+
+
+def format_buckets(o: Overlap) -> list[str]:
+    """One line per bucket, for the explanation and the program header."""
+    from autopar.compiler.sharded import format_bytes
+    lines = []
+    for b in o.buckets:
+        axes = ", ".join(b.axes)
+        lines.append(f"bucket {b.index}: {b.kind} over {axes}, {format_bytes(b.nbytes)}, "
+                     f"{len(b.params)} gradients ({b.params[0]} ... {b.params[-1]})"
+                     if len(b.params) > 2 else
+                     f"bucket {b.index}: {b.kind} over {axes}, {format_bytes(b.nbytes)}, "
+                     f"{', '.join(b.params)}")
+    return lines
+
+
+__all__ = ["overlap", "Overlap", "GradBucket", "assign_buckets", "grad_chains", "format_buckets",
+           "settings"]
