@@ -332,20 +332,28 @@ def emit_main(args) -> int:
     return 0
 
 
-def traffic_table(predicted: dict, plan_bytes: dict, stats: list[dict]) -> tuple[bool, list[str]]:
-    """Measured bytes (every rank, every step) against the prediction."""
+def traffic_table(predicted: dict, plan_bytes: dict, stats: list[dict],
+                  predicted_calls: dict | None = None) -> tuple[bool, list[str]]:
+    """Measured bytes and calls (every rank, every step) against the prediction."""
     from autopar.compiler.sharded import format_bytes
     keys = sorted(set(predicted) | {k for s in stats for step in s["traffic"] for k in step})
-    lines = [f"{'bytes per step and rank':<26}{'predicted':>14}{'measured':>14}"]
+    lines = [f"{'bytes per step and rank':<26}{'predicted':>14}{'measured':>14}"
+             + ("   calls predicted/measured" if predicted_calls is not None else "")]
     ok = True
     for k in keys:
         want = predicted.get(k, 0)
         got = {step.get(k, 0) for s in stats for step in s["traffic"]}
         same = got == {want}
+        calls = ""
+        if predicted_calls is not None:
+            want_n = predicted_calls.get(k, 0)
+            got_n = {step.get(k, 0) for s in stats for step in s.get("calls", [{}])}
+            same &= got_n == {want_n}
+            calls = f"   {want_n} / {', '.join(map(str, sorted(got_n)))}"
         ok &= same
         shown = ", ".join(f"{g:,}" for g in sorted(got))
         lines.append(f"  {k:<24}{want:>14,}{shown:>14}  {'ok' if same else 'DIFFERENT'}"
-                     f"  ({format_bytes(want)})")
+                     f"  ({format_bytes(want)}){calls}")
     if plan_bytes and plan_bytes != predicted:
         lines.append(f"  note: the plan's own prediction differs: {plan_bytes}")
     if not keys:
@@ -419,12 +427,12 @@ def _run(args) -> int:
                 return 1
             stats.append(json.loads(path.read_text()))
         predicted = predict_traffic(prog.sharded)
-        same, lines = traffic_table(predicted, search_bytes or {}, stats)
+        same, lines = traffic_table(predicted, search_bytes or {}, stats, prog.sharded.call_counts())
         print("\n".join(lines))
         print(f"job: {res.seconds:.1f} s wall, step times (rank 0): "
               + ", ".join(f"{t * 1e3:.1f} ms" for t in stats[0]["times"]))
         if not same:
-            print("bytes: FAILED measured != predicted")
+            print("bytes: FAILED measured != predicted (bytes or calls)")
         if not args.check:
             return 0 if same else 1
         peaks: dict = {}

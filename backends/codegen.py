@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from autopar.compiler import collectives, sharding
+from autopar.compiler import buckets, collectives, sharding
 from autopar.compiler.errors import InputError
 from autopar.compiler.ir import Node, SymInt, Value
 from autopar.compiler.patterns import block_of
 from autopar.compiler.sharded import (BIAS_SHARE, MEAN_SCALE, ShardedGraph, format_bytes,
-                                      is_collective, is_inserted_scale, region_io)
+                                      is_collective, is_inserted_scale, nbytes, region_io)
 from autopar.backends.render import Expr, render_op
 
 
@@ -641,6 +641,9 @@ def plan_summary(s: ShardedGraph) -> list[str]:
     if o is not None and o.buckets:
         per = ", ".join(f"{k} x{v}" for k, v in sorted(o.calls().items()))
         lines.append(f"gradient buckets: {len(o.buckets)} ({per}), launched asynchronously in backward")
+    if o is not None and o.gathers:
+        lines.append(f"ZeRO-3 schedule: {len(o.gathers)} parameter gathers prefetched {o.prefetch} block(s) ahead; "
+                     f"{len(o.regathered)} weights freed after forward and gathered again in backward")
     if plan.cost.get("step_time"):
         lines.append(f"estimated step time: {plan.cost['step_time'] * 1e3:.3g} ms")
     return lines
@@ -700,11 +703,20 @@ class Emitter:
             traffic = ", ".join(f"{k} {format_bytes(b)} {'fwd' if ph == 'forward' else 'bwd'}"
                                 for k, _, b, ph in s.node_traffic(n))
             axis = n.attr["axis"]
+            o = s.overlap
             if n.op == "copy_to":
                 w(f"# {axis} splits the next op: the gradient is a partial sum, all_reduce it in backward ({traffic})", indent)
+            elif o is not None and n.outputs[0].name in o.gathers:
+                again = ", again in backward" if any(p == x.name for p, _ in o.regathered) else ""
+                w(f"# {src} -> {dst}: ZeRO-3, gathered ahead of use (all_gather {format_bytes(nbytes(n.outputs[0]))} "
+                  f"fwd{again}; reduce_scatter bwd, async)", indent)
             else:
                 w(f"# {src} -> {dst}: {collectives.OPS[n.op].why} ({traffic or 'no data moved'})", indent)
-            code = f"{outs} = {collectives.call_source(n.op, operand[0], axis, n.attr)}"
+            if o is not None and n.outputs[0].name in o.gathers:
+                pg = ", partial_grad=False" if not n.attr.get("partial_grad") else ""
+                code = f'{outs} = rt.gather_param({operand[0]}, mesh, "{axis}", dim={n.attr["dim"]}{pg})'
+            else:
+                code = f"{outs} = {collectives.call_source(n.op, operand[0], axis, n.attr)}"
         elif n.meta.source == MEAN_SCALE:
             w(f"# a mean over this rank's shard: divide by the {n.attr['other']} shards so that they sum up", indent)
             code = f"{outs} = {operand[0]} / {n.attr['other']}"
@@ -786,6 +798,7 @@ class Emitter:
         w("rank keeps its own block of every tensor (see LAYOUTS) and saves its final shards.")
         w('"""')
         w("import argparse")
+        w("import collections")
         w("import json")
         if s.zero.params:
             w("import math")
@@ -910,28 +923,32 @@ class Emitter:
         w()
 
     def grad_buckets(self) -> None:
-        """GRAD_BUCKETS: the overlap schedule's gradient buckets (passes/overlap.py)."""
+        """GRAD_ORDER and the bucket sizes: the overlap schedule's gradient buckets
+        (passes/overlap.py), rebuilt by rt.GradBuckets with compiler/buckets.fill."""
         o, w = self.s.overlap, self.w
         if o is None or not o.buckets:
             return
+        order = [(n, b.axes) for b in o.buckets for n in b.params]
         w()
-        w("# Gradient buckets: the gradients of replicated parameters are partial sums over the")
-        w("# bucket's axes. Each bucket is all_reduced as one flat tensor, launched (async) the")
-        w("# moment backward has accumulated its last gradient -- latest-used parameters first --")
-        w("# and finished when backward returns (rt.GradBuckets).")
-        w("GRAD_BUCKETS = [")
+        w("# Gradients of replicated parameters are partial sums over the listed axes. rt.GradBuckets")
+        w("# packs them, in the order backward finishes them (a `*` row: every block, last first),")
+        w(f"# into buckets of up to BUCKET_BYTES (the first FIRST_BUCKET_BYTES); each bucket is")
+        w("# all_reduced as one flat tensor, launched asynchronously the moment backward has")
+        w("# accumulated its last gradient, and finished when backward returns. This plan:")
         for b in o.buckets:
-            w(f"    ({b.axes!r}, [  # bucket {b.index}: all_reduce {format_bytes(b.nbytes)} bwd over "
-              f"{', '.join(b.axes)}, {len(b.params)} gradients", 0)
-            line = "       "
-            for name in b.params:
-                item = f" {name!r},"
-                if len(line) + len(item) > 96:
-                    w(line, 0)
-                    line = "       "
-                line += item
-            w(line, 0)
-            w("    ]),", 0)
+            what = (b.params[0] if len(b.params) == 1 else
+                    f"{len(b.params)} gradients, {b.params[0]} .. {b.params[-1]}")
+            w(f"#   bucket {b.index}: all_reduce {format_bytes(b.nbytes)} over {', '.join(b.axes)}, {what}")
+        w(f"BUCKET_BYTES, FIRST_BUCKET_BYTES = {o.bucket_bytes}, {o.first_bucket_bytes}")
+        w("GRAD_ORDER = [")
+        for row in buckets.fold(order, self.folded_kinds()):
+            if len(row) == 3:
+                w(f"    ({row[0]!r}, [", 0)
+                for rest, axes in row[1]:
+                    w(f"        ({rest!r}, {axes!r}),", 0)
+                w(f"    ], {row[2]}),", 0)
+            else:
+                w(f"    {row!r},", 0)
         w("]")
 
     def params(self, tree: ModuleTree, prefix: str, skip: set[str]) -> None:
@@ -1083,9 +1100,17 @@ class Emitter:
         self.params(self.tree, "", {c.kind for c in self.classes})
         for alias, canon in sorted(s.graph.aliases.items()):
             w(f"{attr_path(alias, self.tree)} = {attr_path(canon, self.tree)}  # tied: one tensor, two names", 2)
+        if s.overlap is not None and s.overlap.gathers:
+            o = s.overlap
+            w(f"# ZeRO-3 as FSDP schedules it: a block's {o.zero3_axis}-sharded weights are all_gathered "
+              f"{o.prefetch} block(s) ahead,", 2)
+            w("# freed after the block's forward and gathered again (ahead, in reverse) in backward;", 2)
+            w("# their gradients are reduce_scattered asynchronously and land on the shards when backward ends", 2)
+            w(f'self.zero3 = rt.ParamGather(mesh, "{o.zero3_axis}", self, lambda name: table_row(LAYOUTS, name)[0] or REPLICATED,', 2)
+            w(f"                            blocks={o.zero3_blocks!r}, prefetch={o.prefetch})", 2)
         if s.overlap is not None and s.overlap.buckets:
-            w("# the replicated parameters' gradients: all_reduced in GRAD_BUCKETS while backward runs", 2)
-            w("self.grad_buckets = rt.GradBuckets(mesh, GRAD_BUCKETS, self)", 2)
+            w("# the replicated parameters' gradients: all_reduced in buckets while backward runs", 2)
+            w("self.grad_buckets = rt.GradBuckets(mesh, GRAD_ORDER, self, BUCKET_BYTES, FIRST_BUCKET_BYTES)", 2)
         w()
         self.forward()
         w()
@@ -1367,14 +1392,14 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w("else:", 1)
     w("optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)", 2)
     w()
-    w("losses, traffic, times = [], [], []", 1)
+    w("losses, traffic, calls, times = [], [], [], []", 1)
     w("for step in range(args.steps):", 1)
     w("mesh.reset_traffic()", 2)
     w("t0 = time.perf_counter()", 2)
     what = f"partial sum over {', '.join(partial)}" if partial else "replicated"
     w(f"loss = model({inputs})  # this rank's loss ({what})", 2)
     if s.overlap is not None and s.overlap.buckets:
-        w("loss.backward()  # activations' collectives run inside backward; GRAD_BUCKETS reduce behind it", 2)
+        w("loss.backward()  # activations' collectives run inside backward; gradient buckets reduce behind it", 2)
     else:
         w("loss.backward()  # gradients synchronise inside the collectives' backward", 2)
     if zero.params:
@@ -1389,13 +1414,14 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
         red = f'mesh.all_reduce_scalar({red}, "{a}")'
     w(f"losses.append({red})  # the global loss", 2)
     w('traffic.append({f"{kind}:{axis}": b for (kind, axis), b in sorted(mesh.traffic.items())})', 2)
+    w('calls.append(collections.Counter(f"{e.kind}:{e.axis}" for e in mesh.events))', 2)
     w('rt.log(mesh, f"step {step}: loss {losses[-1]:.6f} ({times[-1] * 1e3:.1f} ms)")', 2)
     w()
     w("os.makedirs(args.save, exist_ok=True)", 1)
     w('rt.save_file(os.path.join(args.save, f"rank{mesh.rank}.safetensors"), model.state_dict())', 1)
     w("if args.stats:", 1)
     w('with open(f"{args.stats}.rank{mesh.rank}.json", "w") as f:', 2)
-    w('json.dump({"rank": mesh.rank, "coords": mesh.coords, "losses": losses, "traffic": traffic,', 3)
+    w('json.dump({"rank": mesh.rank, "coords": mesh.coords, "losses": losses, "traffic": traffic, "calls": calls,', 3)
     w('"times": times, "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}, f)', 3 + 2)
     w("mesh.shutdown()", 1)
     w()

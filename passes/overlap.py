@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from autopar.compiler import buckets, patterns
 from autopar.compiler.ir import Value
 from autopar.compiler.plan import OVERLAP_DEFAULTS
 from autopar.compiler.sharded import Region, ShardedGraph, nbytes
@@ -54,6 +55,12 @@ class Overlap:
     first_bucket_bytes: int = OVERLAP_DEFAULTS["first_bucket_bytes"]
     prefetch: int = OVERLAP_DEFAULTS["prefetch"]
     buckets: list[GradBucket] = field(default_factory=list)
+    # ZeRO-3 (FSDP's schedule): gather nodes run through rt.gather_param (output value names),
+    # the module lists whose blocks are the units, and the weights gathered again in backward
+    gathers: set[str] = field(default_factory=set)
+    zero3_axis: str | None = None
+    zero3_blocks: list[str] = field(default_factory=list)
+    regathered: list[tuple[str, int]] = field(default_factory=list)     # (parameter, bytes)
 
     def bucket_of(self, param: str) -> GradBucket | None:
         return next((b for b in self.buckets if param in b.params), None)
@@ -71,8 +78,11 @@ class Overlap:
         return out
 
     def call_list(self) -> list[tuple[str, int]]:
-        """(`kind:axis`, bytes) of every bucket collective, in launch order."""
-        return [(f"{b.kind}:{a}", b.nbytes) for b in self.buckets for a in b.axes]
+        """(`kind:axis`, bytes) of every collective the schedule adds: the buckets, in launch
+        order, and ZeRO-3's gathers again in backward."""
+        out = [(f"{b.kind}:{a}", b.nbytes) for b in self.buckets for a in b.axes]
+        out += [(f"all_gather:{self.zero3_axis}", b) for _, b in self.regathered]
+        return out
 
 
 def settings(plan_overlap: dict | None) -> Overlap:
@@ -86,6 +96,7 @@ def overlap(s: ShardedGraph) -> ShardedGraph:
     sched = settings(s.plan.overlap)
     if not sched.enabled:
         return replace(s, overlap=sched)
+    zero3(s, sched)
     chains = grad_chains(s)
     if not chains:
         return replace(s, overlap=sched)
@@ -113,6 +124,45 @@ def overlap(s: ShardedGraph) -> ShardedGraph:
                                    sched.bucket_bytes, sched.first_bucket_bytes)
     out.overlap = sched
     return out
+
+
+def zero3(s: ShardedGraph, sched: Overlap) -> None:
+    """ZeRO-3's gathers run FSDP's schedule when every dp-sharded trainable parameter is
+    gathered whole right before its use (an all_gather of the parameter itself): blocks are gathered a block ahead, freed after
+    forward and gathered again in backward (recorded in `sched.regathered`); the gradients'
+    reduce_scatters run asynchronously. Plans with recompute regions keep the plain gathers
+    (a recomputed block would gather inside backward's own schedule)."""
+    axis = s.zero.axis
+    if s.plan.zero != 3 or axis is None or s.mesh.get(axis, 1) == 1 or s.regions:
+        return
+    i = list(s.mesh).index(axis)
+    gathers = [n for n in s.nodes if n.op == "all_gather" and n.attr["axis"] == axis
+               and n.inputs[0].kind == "param"]
+    gathered = {n.inputs[0].name for n in gathers}
+    sharded = [p for p in s.params if p.kind == "param" and p.requires_grad
+               and str(s.layouts[p.name][i]).startswith("S(")]
+    if not sharded or any(p.name not in gathered for p in sharded):
+        return
+    blocks: list[str] = []
+    for n in gathers:
+        b = patterns.block_of(n.inputs[0].name)
+        if b and b[0] not in blocks:
+            blocks.append(b[0])
+    sched.gathers = {n.outputs[0].name for n in gathers}
+    sched.zero3_axis, sched.zero3_blocks = axis, blocks
+    n_ax = s.mesh[axis]
+    sched.regathered = [(p.name, nbytes(p) * n_ax) for p in sharded if in_blocks(p.name, blocks)]
+
+
+def in_blocks(name: str, blocks: list[str]) -> bool:
+    """Whether parameter `name` belongs to a block of one of the module lists (the runtime's
+    rule: `list.<index>.rest`)."""
+    for lst in blocks:
+        if name.startswith(lst + "."):
+            head, _, rest = name[len(lst) + 1:].partition(".")
+            if head.isdigit() and rest:
+                return True
+    return False
 
 
 def chain_axes(nodes):
@@ -163,37 +213,27 @@ def first_use(s: ShardedGraph) -> dict[str, int]:
     return out
 
 
+def grad_order(s: ShardedGraph, axes_of: dict[str, tuple[str, ...]]) -> list[tuple[str, tuple]]:
+    """(parameter, axes) in the order backward finishes the gradients: a gradient is whole
+    once backward has passed the parameter's first use in forward, so latest first use first."""
+    first = first_use(s)
+    return [(name, axes_of[name]) for name in sorted(axes_of, key=lambda n: (-first.get(n, -1), n))]
+
+
 def assign_buckets(s: ShardedGraph, axes_of: dict[str, tuple[str, ...]], bucket_bytes: int,
                    first_bucket_bytes: int) -> list[GradBucket]:
-    """Fill buckets in the order backward finishes the gradients: a parameter's gradient is
-    whole once backward has passed its first use in forward, so latest first use first."""
+    """Fill buckets in backward order (compiler/buckets.fill, which the runtime runs too)."""
     first = first_use(s)
     by_name = {p.name: p for p in s.params}
-    order = sorted(axes_of, key=lambda name: (-first.get(name, -1), name))
-    open_: dict[tuple, list[str]] = {}
-    sizes: dict[tuple, int] = {}
-    done: list[tuple[tuple, list[str]]] = []
-    closed_any: set[tuple] = set()
-    for name in order:
-        p = by_name[name]
-        key = (axes_of[name], p.dtype)
-        cap = bucket_bytes if key in closed_any else first_bucket_bytes
-        b = nbytes(p)
-        if open_.get(key) and sizes[key] + b > cap:
-            done.append((key, open_.pop(key)))
-            closed_any.add(key)
-            sizes[key] = 0
-        open_.setdefault(key, []).append(name)
-        sizes[key] = sizes.get(key, 0) + b
-    done.extend(open_.items())
-    # number buckets by when they become ready (the order backward launches them)
-    rows = []
-    for (axes, dtype), names in done:
-        ready = min(first.get(n, 0) for n in names)
-        rows.append((-ready, axes, dtype, tuple(names)))
-    rows.sort(key=lambda r: (r[0], r[1], r[3]))
-    return [GradBucket(i, "all_reduce", axes, dtype, names, sum(nbytes(by_name[n]) for n in names), -neg)
-            for i, (neg, axes, dtype, names) in enumerate(rows)]
+    order = grad_order(s, axes_of)
+    items = [((axes, by_name[n].dtype), nbytes(by_name[n])) for n, axes in order]
+    out = []
+    for i, members in enumerate(buckets.fill(items, first_bucket_bytes, bucket_bytes)):
+        names = tuple(order[k][0] for k in members)
+        axes, dtype = items[members[0]][0]
+        out.append(GradBucket(i, "all_reduce", axes, dtype, names, sum(items[k][1] for k in members),
+                              min(first.get(n, 0) for n in names)))
+    return out
 
 
 def format_buckets(o: Overlap) -> list[str]:

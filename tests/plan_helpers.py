@@ -30,6 +30,10 @@ MEGATRON_SP = [
     ("*.mlp.c_proj", "linear", {"tp": "P"}),
 ]
 
+# DDP's layout of the GPT: every activation split on the batch, the position embedding (no
+# batch dim) replicated rather than split on its width.
+DDP = [("transformer.wpe", "embedding", {"dp": "R"})]
+
 # Column / row parallel MLP layers with the activations resharded in between.
 MLP_TP = [
     ("net.0", "linear", {"tp": "S(1)"}),

@@ -34,6 +34,12 @@ CASES = [
      {"zero3": True, "recompute": ["transformer.h.1"]}, "sgd"),
     ("lora_dp2_tp2_zero1", "lora", {"dp": 2, "tp": 2}, None, {"zero": 1}, "adamw"),
     ("llama_tp4", "llama", {"tp": 4}, "LLAMA_TP", {}, "adamw"),
+    # the overlap schedule: ZeRO-3 prefetched and resharded after forward (FSDP's), small
+    # gradient buckets (several in flight at once), and overlap turned off
+    ("gpt_dp4_zero3_prefetch", "gpt", {"dp": 4}, "DDP", {"zero3": True, "overlap": {"prefetch": 2}}, "adamw"),
+    ("gpt_dp4_small_buckets", "gpt", {"dp": 4}, "DDP",
+     {"overlap": {"bucket_bytes": 64 << 10, "first_bucket_bytes": 16 << 10}}, "adamw"),
+    ("mlp_dp4_overlap_off", "mlp", {"dp": 4}, None, {"overlap": {"enabled": False}}, "adamw"),
     # traced with symbolic sizes from a batch of 4, trained on a batch of 8
     ("gpt_dp2_tp2_batch8", "gpt", {"dp": 2, "tp": 2}, "MEGATRON_SP", {"double_batch": True}, "adamw"),
 ]
@@ -62,10 +68,12 @@ def build_case(traced, name, example, mesh, rules, options, optimizer, backend):
     from autopar.pipeline import build_program, prepared_graph
     options = dict(options)
     double = options.pop("double_batch", False)
+    overlap = options.pop("overlap", {})
     model, inputs, _, graph = traced(example)
     if double:
         graph = prepared_graph(model, inputs, example, symbolic=True)
     plan = plan_helpers.forced_plan(graph, mesh, getattr(plan_helpers, rules) if rules else (), **options)
+    plan.overlap.update(overlap)
     return build_program(model, inputs, mesh, backend=backend, plan=plan, optimizer=optimizer,
                          steps=STEPS, name=example, graph=graph)
 
@@ -113,11 +121,18 @@ def test_parity_and_bytes_on_4_ranks(traced, tmp_path, backend):
         stats = [json.loads((d / f"stats.rank{r}.json").read_text()) for r in range(WORLD)]
         predicted = predict_traffic(prog.sharded)
         if batch is prog.inputs:        # the bytes scale with the batch: predicted for the example's
-            same, lines = traffic_table(predicted, {}, stats)
-            assert same, f"{name}: measured bytes differ from the prediction\n" + "\n".join(lines)
+            same, lines = traffic_table(predicted, {}, stats, prog.sharded.call_counts())
+            assert same, f"{name}: measured bytes or calls differ from the prediction\n" + "\n".join(lines)
         else:
             assert "B, T = idx.shape" in prog.source and "reshape(B, T, " in prog.source
         kinds |= {k.split(":")[0] for k in predicted}
+        o = prog.sharded.overlap
+        if name == "gpt_dp4_zero3_prefetch":
+            assert "rt.gather_param(" in prog.source and o.regathered, name
+        elif name == "gpt_dp4_small_buckets":
+            assert len(o.buckets) > 3 and "rt.GradBuckets(" in prog.source and "rt.copy_to(self." not in prog.source
+        elif name == "mlp_dp4_overlap_off":
+            assert not o.buckets and "rt.GradBuckets(" not in prog.source and "rt.copy_to(self." in prog.source
         init, _ = rt.load_init(prog.files["init"])         # written before any reference run
         losses, state = reference_run(prog.model, init, batch, STEPS, optimizer, 1e-3)
         chk = compare(prog, stats, d / "shards", losses, state)
@@ -208,7 +223,7 @@ def test_compile_function_and_decorator(tmp_path, example):
         warnings.simplefilter("ignore")
         out = net(*inputs)
     assert out.shape == () and isinstance(net, mlp.MLP)
-    assert net.autopar.plan is plan and "copy_to" in net.autopar.source
+    assert net.autopar.plan is plan and "rt.GradBuckets" in net.autopar.source
     assert "dp=2" in net.explain()
 
 

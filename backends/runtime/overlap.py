@@ -3,7 +3,8 @@
 The program lists its buckets (passes/overlap.py chose them: reverse order of use, ~25 MiB,
 one dtype and one set of axes each) and hands this class the parameters of each:
 
-    grads = rt.GradBuckets(mesh, [(("dp",), ["h.1.fc.weight", ...]), ...], model)
+    grads = rt.GradBuckets(mesh, [("head.weight", ("dp",)), ("h.*", [("fc.weight", ("dp",)), ...], 4)],
+                           model, bucket_bytes=25 << 20, first_bucket_bytes=1 << 20)
     loss.backward()      # each bucket's all_reduce starts when its last gradient is accumulated;
                          # when backward ends, every bucket is waited for and written back
     optimizer.step()
@@ -25,8 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 
 import torch
+
+from torch.utils.weak import WeakIdKeyDictionary
+
+from autopar.compiler.buckets import expand, fill
 
 from .mesh import Mesh
 
@@ -43,15 +49,18 @@ class _Bucket:
 class GradBuckets:
     """Asynchronous bucketed all-reduce of parameter gradients (see the module docstring)."""
 
-    def __init__(self, mesh: Mesh, buckets, module: torch.nn.Module | None = None):
-        """`buckets`: (axes, parameters) pairs, or (axes, names) with `module` to look the
-        names up in (tied names included)."""
+    def __init__(self, mesh: Mesh, order, module: torch.nn.Module, bucket_bytes: int = 25 << 20,
+                 first_bucket_bytes: int = 1 << 20):
+        """`order`: the program's GRAD_ORDER -- (parameter name, axes) rows in the order
+        backward finishes the gradients, a `*` row standing for every block of a module list
+        (compiler/buckets.fold). Buckets are filled from it exactly as the plan predicted."""
         self.mesh = mesh
-        if module is not None:
-            named = dict(module.named_parameters(remove_duplicate=False))
-            buckets = [(axes, [named[n] if isinstance(n, str) else n for n in params])
-                       for axes, params in buckets]
-        self.buckets = [_Bucket(i, axes, params) for i, (axes, params) in enumerate(buckets)]
+        named = dict(module.named_parameters(remove_duplicate=False))
+        rows = expand(order)
+        params = [named[name] for name, _ in rows]
+        items = [((axes, p.dtype), p.numel() * p.element_size()) for p, (_, axes) in zip(params, rows)]
+        self.buckets = [_Bucket(i, rows[m[0]][1], [params[k] for k in m])
+                        for i, m in enumerate(fill(items, first_bucket_bytes, bucket_bytes))]
         self._queued = False
         self.enabled = True
         self.timeline: list[dict] = []
@@ -61,7 +70,7 @@ class GradBuckets:
         for b in self.buckets:
             for p in b.params:
                 if id(p) in seen:
-                    raise ValueError("a parameter is listed in two gradient buckets")
+                    raise ValueError("a parameter is listed twice in GRAD_ORDER")
                 seen.add(id(p))
                 self._hooks.append(p.register_post_accumulate_grad_hook(
                     lambda p, b=b: self._accumulated(b)))
@@ -145,3 +154,200 @@ class GradBuckets:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+# ---- ZeRO-3: prefetch, reshard after forward, asynchronous reduce_scatter ------------------
+
+_OWNERS = WeakIdKeyDictionary()          # parameter -> its ParamGather (keyed by identity)
+
+
+def gather_param(p: torch.Tensor, mesh: Mesh, axis, dim: int = 0, partial_grad: bool = True) -> torch.Tensor:
+    """ZeRO-3's gather of a dp-sharded parameter before its use: through the model's
+    ParamGather (prefetched, freed after its block, gathered again in backward, gradient
+    reduce_scattered asynchronously) when it has one, else a plain all_gather whose backward
+    reduce_scatters the gradient when it is a partial sum over `axis` (`partial_grad`), else
+    keeps this rank's slice of it."""
+    owner = _OWNERS.get(p)
+    if owner is None or mesh.size(axis) == 1:
+        from .collectives import all_gather
+        return all_gather(p, mesh, axis, dim=dim, partial_grad=partial_grad)
+    return _Gathered.apply(p, owner, partial_grad)
+
+
+class _Gathered(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p, owner, partial):
+        ctx.owner, ctx.param, ctx.partial = owner, p, partial
+        return owner._forward_full(p)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.owner._reduce_grad(ctx.param, g, ctx.partial)
+        return None, None, None
+
+
+class _Unit:
+    def __init__(self, index: int, name: str | None, params: list):
+        self.index, self.name, self.params = index, name, params    # [(param, dim)]
+
+
+class ParamGather:
+    """ZeRO-3 as FSDP runs it, for the parameters the plan shards over `axis`.
+
+    Units are the model's blocks (in forward order) plus the root (everything else). In
+    forward, the first gather of a block's parameter launches the nonblocking all_gathers of
+    the next `prefetch` blocks; a block's gathered weights are not kept for backward (saved
+    tensors are packed as a reference), so after the block only its shards stay in memory.
+    In backward the first access to a block's weight gathers the whole block again and
+    launches the previous `prefetch` blocks' gathers; each weight is dropped once its
+    gradient is reduced. Every gradient is reduce_scattered asynchronously and added to the
+    shard's `.grad` when backward ends. The root's weights stay gathered until backward
+    (FSDP does not reshard the root either).
+    """
+
+    def __init__(self, mesh: Mesh, axis: str, module: torch.nn.Module, layout_of, blocks, prefetch: int = 1):
+        self.mesh, self.axis, self.prefetch = mesh, axis, max(0, int(prefetch))
+        i = list(mesh.axes).index(axis)
+        dims = {}
+        for name, p in module.named_parameters():
+            placement = layout_of(name)[i]
+            if p.requires_grad and placement.startswith("S("):
+                dims[name] = (p, int(placement[2:-1]))
+        self.units: list[_Unit] = []
+        unit_of: dict[int, _Unit] = {}
+        for lst in blocks:
+            by_index: dict[int, list] = {}
+            for n, v in dims.items():
+                head, _, rest = n[len(lst) + 1:].partition(".") if n.startswith(lst + ".") else ("", "", "")
+                if head.isdigit() and rest:
+                    by_index.setdefault(int(head), []).append(v)
+            for index in sorted(by_index):
+                u = _Unit(len(self.units), f"{lst}.{index}", by_index[index])
+                self.units.append(u)
+                for p, _ in u.params:
+                    unit_of[id(p)] = u
+        root = [v for v in dims.values() if id(v[0]) not in unit_of]
+        self.root = _Unit(-1, None, root)
+        for p, _ in root:
+            unit_of[id(p)] = self.root
+        self._unit_of, self._dim = unit_of, {id(p): d for p, d in dims.values()}
+        for p, _ in dims.values():
+            _OWNERS[p] = self
+        self._inflight: dict[int, object] = {}      # id(param) -> handle (forward prefetch)
+        self._backward: dict[int, torch.Tensor] = {}  # id(param) -> gathered weight in backward
+        self._bw_inflight: dict[int, object] = {}
+        self._entered: set[int] = set()
+        self._bw_entered: set[int] = set()
+        self._live: dict[int, tuple] = {}           # storage ptr -> (weakref to full, param)
+        self._grads: list[tuple] = []               # (param, handle, dim)
+        self._queued = False
+        self._saving = None
+        module.register_forward_pre_hook(lambda m, args: self._begin_forward())
+        module.register_forward_hook(lambda m, args, out: self._end_forward())
+
+    # forward
+    def _begin_forward(self):
+        self._entered, self._bw_entered = set(), set()
+        self._saving = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._saving.__enter__()
+
+    def _end_forward(self):
+        if self._saving is not None:
+            self._saving.__exit__(None, None, None)
+            self._saving = None
+
+    def _launch_gather(self, p, dim, phase):
+        c = self.mesh._comm(self.axis)
+        x = p.detach().movedim(dim, 0).contiguous()
+        self.mesh._record("all_gather", self.axis, x.numel() * x.element_size() * c.size, phase)
+        return c.iallgather0(x)
+
+    def _finish_gather(self, h, dim):
+        return h.wait().movedim(0, dim).contiguous()
+
+    def _prefetch(self, start: int, step: int, phase: str, table: dict):
+        for k in range(1, self.prefetch + 1):
+            j = start + step * k
+            if not 0 <= j < len(self.units):
+                break
+            for p, dim in self.units[j].params:
+                if id(p) not in table and (phase == "forward" or id(p) not in self._backward):
+                    table[id(p)] = self._launch_gather(p, dim, phase)
+
+    def _forward_full(self, p):
+        u, dim = self._unit_of[id(p)], self._dim[id(p)]
+        if u.index >= 0 and u.index not in self._entered:
+            # entering a block: gather all of it at once, and the next `prefetch` blocks
+            self._entered.add(u.index)
+            for q, d in u.params:
+                if id(q) not in self._inflight and q is not p:
+                    self._inflight[id(q)] = self._launch_gather(q, d, "forward")
+            self._prefetch(u.index, +1, "forward", self._inflight)
+        h = self._inflight.pop(id(p), None)
+        full = self._finish_gather(h if h is not None else self._launch_gather(p, dim, "forward"), dim)
+        if u.index >= 0:
+            self._live[full.untyped_storage().data_ptr()] = (weakref.ref(full), p)
+        return full
+
+    # saved tensors: a block's gathered weight is saved as a reference, gathered again later
+    def _pack(self, t):
+        entry = self._live.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
+        if entry is not None and entry[0]() is not None:
+            return ("autopar-zero3", entry[1], t.size(), t.stride(), t.storage_offset())
+        return t
+
+    def _unpack(self, packed):
+        if not (isinstance(packed, tuple) and packed and packed[0] == "autopar-zero3"):
+            return packed
+        _, p, size, stride, offset = packed
+        return self._backward_full(p).as_strided(size, stride, offset)
+
+    def _backward_full(self, p):
+        self._queue_finish()
+        key = id(p)
+        if key not in self._backward:
+            u = self._unit_of[key]
+            if u.index not in self._bw_entered:
+                self._bw_entered.add(u.index)
+                for q, dim in u.params:             # the whole block, as FSDP's pre-backward
+                    if id(q) not in self._backward and id(q) not in self._bw_inflight:
+                        self._bw_inflight[id(q)] = self._launch_gather(q, dim, "backward")
+                self._prefetch(u.index, -1, "backward", self._bw_inflight)
+            h = self._bw_inflight.pop(key)
+            self._backward[key] = self._finish_gather(h, self._dim[key])
+        return self._backward[key]
+
+    # gradients
+    def _reduce_grad(self, p, g, partial=True):
+        self._queue_finish()
+        self._backward.pop(id(p), None)             # its weight is no longer needed
+        dim = self._dim[id(p)]
+        c = self.mesh._comm(self.axis)
+        if not partial:                             # a whole gradient: keep this rank's slice
+            from ._comm import Handle
+            mine = g.movedim(dim, 0).chunk(c.size, 0)[c.coord].contiguous()
+            self._grads.append((p, Handle(lambda: None, result=mine), dim))
+            return
+        x = g.movedim(dim, 0).contiguous()
+        self.mesh._record("reduce_scatter", self.axis, x.numel() * x.element_size(), "backward")
+        self._grads.append((p, c.ireduce_scatter0(x), dim))
+
+    def _queue_finish(self):
+        if not self._queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self.wait)
+            self._queued = True
+
+    @torch.no_grad()
+    def wait(self):
+        """Add every reduce_scattered gradient to its shard; drop what backward gathered."""
+        self._queued = False
+        for p, h, dim in self._grads:
+            g = h.wait().movedim(0, dim)
+            if p.grad is None:
+                p.grad = g.contiguous()
+            else:
+                p.grad.add_(g)
+        self._grads = []
+        for h in [*self._bw_inflight.values(), *self._inflight.values()]:
+            h.wait()                                # a prefetch nobody used (not expected)
+        self._inflight, self._bw_inflight, self._backward, self._live = {}, {}, {}, {}

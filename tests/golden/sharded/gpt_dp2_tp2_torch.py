@@ -2,8 +2,9 @@
 
 Plan:
     mesh dp=2,tp=2 (4 ranks), ZeRO stage 0
-    collectives per step: all_gather x7, all_to_all x7, copy_to x50, reduce_scatter x4, scatter x1
+    collectives per step: all_gather x7, all_to_all x7, reduce_scatter x4, scatter x1
     bytes per step and rank: all_gather:dp 4 KiB, all_gather:tp 192 KiB, all_reduce:dp 213.2 KiB, all_reduce:tp 7.5 KiB, all_to_all:tp 312 KiB, reduce_scatter:dp 4 KiB, reduce_scatter:tp 160 KiB
+    gradient buckets: 3 (all_reduce:dp x2, all_reduce:tp x2), launched asynchronously in backward
     transformer.h.*: 2 blocks of one class (Block), its forward written once
 
 Ranks: torchrun (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from the environment). Process groups: init_process_group (gloo on CPU, NCCL on GPU) and one dist.new_group per slice of each mesh axis, made by rt.init_mesh.
@@ -16,6 +17,7 @@ Launch (from this directory):
 rank keeps its own block of every tensor (see LAYOUTS) and saves its final shards.
 """
 import argparse
+import collections
 import json
 import os
 import resource
@@ -51,6 +53,42 @@ LAYOUTS = {
 REPLICATED = ('R', 'R')
 INPUTS = ['idx', 'targets']
 BLOCK_LISTS = ['transformer.h']
+
+# Gradients of replicated parameters are partial sums over the listed axes. rt.GradBuckets
+# packs them, in the order backward finishes them (a `*` row: every block, last first),
+# into buckets of up to BUCKET_BYTES (the first FIRST_BUCKET_BYTES); each bucket is
+# all_reduced as one flat tensor, launched asynchronously the moment backward has
+# accumulated its last gradient, and finished when backward returns. This plan:
+#   bucket 0: all_reduce 3.5 KiB over dp, tp, 14 gradients, transformer.ln_f.bias .. transformer.h.0.ln_1.weight
+#   bucket 1: all_reduce 4 KiB over tp, transformer.wpe.weight
+#   bucket 2: all_reduce 209.8 KiB over dp, 21 gradients, transformer.h.1.mlp.c_proj.weight .. transformer.wte.weight
+BUCKET_BYTES, FIRST_BUCKET_BYTES = 26214400, 1048576
+GRAD_ORDER = [
+    ('transformer.ln_f.bias', ('dp', 'tp')),
+    ('transformer.ln_f.weight', ('dp', 'tp')),
+    ('transformer.h.*', [
+        ('mlp.c_proj.bias', ('dp', 'tp')),
+        ('ln_2.bias', ('dp', 'tp')),
+        ('ln_2.weight', ('dp', 'tp')),
+        ('attn.c_proj.bias', ('dp', 'tp')),
+        ('ln_1.bias', ('dp', 'tp')),
+        ('ln_1.weight', ('dp', 'tp')),
+    ], 2),
+    ('transformer.wpe.weight', ('tp',)),
+    ('transformer.h.*', [
+        ('mlp.c_proj.weight', ('dp',)),
+        ('mlp.c_fc.bias', ('dp',)),
+        ('mlp.c_fc.weight', ('dp',)),
+        ('attn.c_proj.weight', ('dp',)),
+        ('attn.c_attn.bias.2', ('dp',)),
+        ('attn.c_attn.weight.2', ('dp',)),
+        ('attn.c_attn.bias.1', ('dp',)),
+        ('attn.c_attn.weight.1', ('dp',)),
+        ('attn.c_attn.bias.0', ('dp',)),
+        ('attn.c_attn.weight.0', ('dp',)),
+    ], 2),
+    ('transformer.wte.weight', ('dp',)),
+]
 
 # Fused weights cut into pieces that shard on their own (e.g. c_attn's q, k, v):
 # piece name -> (state-dict name, dim, start, stop).
@@ -136,32 +174,12 @@ class Block(nn.Module):
         # x: (4/dp, 32/tp, 64)
         B = x.shape[0]
         T = x.shape[1] * 2
-        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        ln_1_weight = rt.copy_to(self.ln_1.weight, mesh, "dp")            # (64,)
-        # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        ln_1_weight = rt.copy_to(ln_1_weight, mesh, "tp")                 # (64,)
-        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        ln_1_bias = rt.copy_to(self.ln_1.bias, mesh, "dp")                # (64,)
-        # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        ln_1_bias = rt.copy_to(ln_1_bias, mesh, "tp")                     # (64,)
-        ln_1 = F.layer_norm(x, (64,), ln_1_weight, ln_1_bias, 1e-05)      # (4/dp, 32/tp, 64)
+        ln_1 = F.layer_norm(x, (64,), self.ln_1.weight, self.ln_1.bias, 1e-05)  # (4/dp, 32/tp, 64)
         # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 16 KiB fwd, reduce_scatter 16 KiB bwd)
         ln_1 = rt.all_gather(ln_1, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
-        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
-        c_attn_weight_0 = rt.copy_to(self.attn.c_attn.weight[0], mesh, "dp")  # (64/tp, 64)
-        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 128 B bwd)
-        c_attn_bias_0 = rt.copy_to(self.attn.c_attn.bias[0], mesh, "dp")  # (64/tp,)
-        q = F.linear(ln_1, c_attn_weight_0, c_attn_bias_0)                # (4/dp, 32, 64/tp)
-        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
-        c_attn_weight_1 = rt.copy_to(self.attn.c_attn.weight[1], mesh, "dp")  # (64/tp, 64)
-        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 128 B bwd)
-        c_attn_bias_1 = rt.copy_to(self.attn.c_attn.bias[1], mesh, "dp")  # (64/tp,)
-        k = F.linear(ln_1, c_attn_weight_1, c_attn_bias_1)                # (4/dp, 32, 64/tp)
-        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
-        c_attn_weight_2 = rt.copy_to(self.attn.c_attn.weight[2], mesh, "dp")  # (64/tp, 64)
-        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 128 B bwd)
-        c_attn_bias_2 = rt.copy_to(self.attn.c_attn.bias[2], mesh, "dp")  # (64/tp,)
-        v = F.linear(ln_1, c_attn_weight_2, c_attn_bias_2)                # (4/dp, 32, 64/tp)
+        q = F.linear(ln_1, self.attn.c_attn.weight[0], self.attn.c_attn.bias[0])  # (4/dp, 32, 64/tp)
+        k = F.linear(ln_1, self.attn.c_attn.weight[1], self.attn.c_attn.bias[1])  # (4/dp, 32, 64/tp)
+        v = F.linear(ln_1, self.attn.c_attn.weight[2], self.attn.c_attn.bias[2])  # (4/dp, 32, 64/tp)
         view = k.reshape(B, T, 2, 16)                                     # (4/dp, 32, 4/tp, 16)
         k = view.transpose(1, 2)                                          # (4/dp, 4/tp, 32, 16)
         view_1 = q.reshape(B, T, 2, 16)                                   # (4/dp, 32, 4/tp, 16)
@@ -171,48 +189,24 @@ class Block(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)       # (4/dp, 4/tp, 32, 16)
         transpose_3 = y.transpose(1, 2)                                   # (4/dp, 32, 4/tp, 16)
         y = transpose_3.reshape(B, T, 32)                                 # (4/dp, 32, 64/tp)
-        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 8 KiB bwd)
-        c_proj_weight = rt.copy_to(self.attn.c_proj.weight, mesh, "dp")   # (64, 64/tp)
-        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        c_proj_bias = rt.copy_to(self.attn.c_proj.bias, mesh, "dp")       # (64,)
-        # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        c_proj_bias = rt.copy_to(c_proj_bias, mesh, "tp")                 # (64,)
         # the output is a partial sum over 2 ranks: each adds 1/2 of the bias
-        c_proj_bias = c_proj_bias / 2                                     # (64,)
-        c_proj = F.linear(y, c_proj_weight, c_proj_bias)                  # (4/dp, 32, 64) partial sum over tp
+        c_proj_bias = self.attn.c_proj.bias / 2                           # (64,)
+        c_proj = F.linear(y, self.attn.c_proj.weight, c_proj_bias)        # (4/dp, 32, 64) partial sum over tp
         # {dp:S(0), tp:P} -> {dp:S(0), tp:S(1)}: sum the partial results, keep this rank's slice (reduce_scatter 16 KiB fwd, all_gather 16 KiB bwd)
         c_proj = rt.reduce_scatter(c_proj, mesh, "tp", dim=1)             # (4/dp, 32/tp, 64)
         x = x + c_proj                                                    # (4/dp, 32/tp, 64)
-        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        ln_2_weight = rt.copy_to(self.ln_2.weight, mesh, "dp")            # (64,)
-        # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        ln_2_weight = rt.copy_to(ln_2_weight, mesh, "tp")                 # (64,)
-        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        ln_2_bias = rt.copy_to(self.ln_2.bias, mesh, "dp")                # (64,)
-        # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        ln_2_bias = rt.copy_to(ln_2_bias, mesh, "tp")                     # (64,)
-        ln_2 = F.layer_norm(x, (64,), ln_2_weight, ln_2_bias, 1e-05)      # (4/dp, 32/tp, 64)
+        ln_2 = F.layer_norm(x, (64,), self.ln_2.weight, self.ln_2.bias, 1e-05)  # (4/dp, 32/tp, 64)
         # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 16 KiB fwd, reduce_scatter 16 KiB bwd)
         ln_2 = rt.all_gather(ln_2, mesh, "tp", dim=1, partial_grad=True)  # (4/dp, 32, 64)
-        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 32 KiB bwd)
-        c_fc_weight = rt.copy_to(self.mlp.c_fc.weight, mesh, "dp")        # (256/tp, 64)
-        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 512 B bwd)
-        c_fc_bias = rt.copy_to(self.mlp.c_fc.bias, mesh, "dp")            # (256/tp,)
-        c_fc = F.linear(ln_2, c_fc_weight, c_fc_bias)                     # (4/dp, 32, 256/tp)
+        c_fc = F.linear(ln_2, self.mlp.c_fc.weight, self.mlp.c_fc.bias)   # (4/dp, 32, 256/tp)
         # {dp:S(0), tp:S(2)} -> {dp:S(0), tp:S(1)}: re-shard on another dim (all_to_all 32 KiB fwd, all_to_all 32 KiB bwd)
         c_fc = rt.all_to_all(c_fc, mesh, "tp", split_dim=1, concat_dim=2)  # (4/dp, 32/tp, 256)
         gelu = F.gelu(c_fc)                                               # (4/dp, 32/tp, 256)
         # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:S(2)}: re-shard on another dim (all_to_all 32 KiB fwd, all_to_all 32 KiB bwd)
         gelu = rt.all_to_all(gelu, mesh, "tp", split_dim=2, concat_dim=1)  # (4/dp, 32, 256/tp)
-        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 32 KiB bwd)
-        c_proj_weight = rt.copy_to(self.mlp.c_proj.weight, mesh, "dp")    # (64, 256/tp)
-        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        c_proj_bias = rt.copy_to(self.mlp.c_proj.bias, mesh, "dp")        # (64,)
-        # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        c_proj_bias = rt.copy_to(c_proj_bias, mesh, "tp")                 # (64,)
         # the output is a partial sum over 2 ranks: each adds 1/2 of the bias
-        c_proj_bias = c_proj_bias / 2                                     # (64,)
-        c_proj = F.linear(gelu, c_proj_weight, c_proj_bias)               # (4/dp, 32, 64) partial sum over tp
+        c_proj_bias = self.mlp.c_proj.bias / 2                            # (64,)
+        c_proj = F.linear(gelu, self.mlp.c_proj.weight, c_proj_bias)      # (4/dp, 32, 64) partial sum over tp
         # {dp:S(0), tp:P} -> {dp:S(0), tp:S(1)}: sum the partial results, keep this rank's slice (reduce_scatter 16 KiB fwd, all_gather 16 KiB bwd)
         c_proj = rt.reduce_scatter(c_proj, mesh, "tp", dim=1)             # (4/dp, 32/tp, 64)
         v_0 = x + c_proj                                                  # (4/dp, 32/tp, 64)
@@ -236,6 +230,8 @@ class GPTShard(nn.Module):
         self.transformer.ln_f.bias = nn.Parameter(torch.empty(64))                # (64,) {dp:R, tp:R}
         self.lm_head = nn.Module()
         self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, two names
+        # the replicated parameters' gradients: all_reduced in buckets while backward runs
+        self.grad_buckets = rt.GradBuckets(mesh, GRAD_ORDER, self, BUCKET_BYTES, FIRST_BUCKET_BYTES)
 
     def forward(self, idx, targets):
         """One training step's forward on this rank's shards; returns this rank's loss."""
@@ -246,16 +242,12 @@ class GPTShard(nn.Module):
         assert targets.shape[0] == B, "targets must have B (dim 0 of the first input) at dim 0"
         assert targets.shape[1] == T, "targets must have T (dim 1 of the first input) at dim 1"
         positions = torch.arange(0, T, dtype=torch.int64, device=mesh.device)  # (32,)
-        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 16 KiB bwd)
-        wte_weight = rt.copy_to(self.transformer.wte.weight, mesh, "dp")  # (128, 64/tp)
 
         # transformer
-        wte = F.embedding(idx, wte_weight)                                # (4/dp, 32, 64/tp)
-        # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 4 KiB bwd)
-        wpe_weight = rt.copy_to(self.transformer.wpe.weight, mesh, "tp")  # (32, 64/dp)
+        wte = F.embedding(idx, self.transformer.wte.weight)               # (4/dp, 32, 64/tp)
         # {dp:R, tp:R} -> {dp:R, tp:S(0)}: keep this rank's slice (no data moved)
         positions = rt.scatter(positions, mesh, "tp", dim=0)              # (32/tp,)
-        wpe = F.embedding(positions, wpe_weight)                          # (32/tp, 64/dp)
+        wpe = F.embedding(positions, self.transformer.wpe.weight)         # (32/tp, 64/dp)
         # {dp:S(1), tp:S(0)} -> {dp:R, tp:S(0)}: gather the shards (all_gather 4 KiB fwd, reduce_scatter 4 KiB bwd)
         wpe = rt.all_gather(wpe, mesh, "dp", dim=1, partial_grad=True)    # (32/tp, 64)
         # {dp:R, tp:S(0)} -> {dp:R, tp:S(1)}: re-shard on another dim (all_to_all 4 KiB fwd, all_to_all 4 KiB bwd)
@@ -269,19 +261,11 @@ class GPTShard(nn.Module):
             x = block(x)
 
         # transformer
-        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        ln_f_weight = rt.copy_to(self.transformer.ln_f.weight, mesh, "dp")  # (64,)
-        # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        ln_f_weight = rt.copy_to(ln_f_weight, mesh, "tp")                 # (64,)
-        # dp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        ln_f_bias = rt.copy_to(self.transformer.ln_f.bias, mesh, "dp")    # (64,)
-        # tp splits the next op: the gradient is a partial sum, all_reduce it in backward (all_reduce 256 B bwd)
-        ln_f_bias = rt.copy_to(ln_f_bias, mesh, "tp")                     # (64,)
-        ln_f = F.layer_norm(x, (64,), ln_f_weight, ln_f_bias, 1e-05)      # (4/dp, 32/tp, 64)
+        ln_f = F.layer_norm(x, (64,), self.transformer.ln_f.weight, self.transformer.ln_f.bias, 1e-05)  # (4/dp, 32/tp, 64)
 
         # lm_head
         # {dp:R, tp:S(1)} -> {dp:R, tp:R}: gather the shards (all_gather 32 KiB fwd, reduce_scatter 32 KiB bwd)
-        wte_weight = rt.all_gather(wte_weight, mesh, "tp", dim=1, partial_grad=True)  # (128, 64)
+        wte_weight = rt.all_gather(self.transformer.wte.weight, mesh, "tp", dim=1, partial_grad=True)  # (128, 64)
         logits = F.linear(ln_f, wte_weight)                               # (4/dp, 32/tp, 128)
         # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:S(2)}: re-shard on another dim (all_to_all 16 KiB fwd, all_to_all 16 KiB bwd)
         logits = rt.all_to_all(logits, mesh, "tp", split_dim=2, concat_dim=1)  # (4/dp, 32, 128/tp)
@@ -328,24 +312,25 @@ def main():
     else:
         optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)
 
-    losses, traffic, times = [], [], []
+    losses, traffic, calls, times = [], [], [], []
     for step in range(args.steps):
         mesh.reset_traffic()
         t0 = time.perf_counter()
         loss = model(idx, targets)  # this rank's loss (partial sum over dp)
-        loss.backward()  # gradients synchronise inside the collectives' backward
+        loss.backward()  # activations' collectives run inside backward; gradient buckets reduce behind it
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
         losses.append(mesh.all_reduce_scalar(loss.item(), "dp"))  # the global loss
         traffic.append({f"{kind}:{axis}": b for (kind, axis), b in sorted(mesh.traffic.items())})
+        calls.append(collections.Counter(f"{e.kind}:{e.axis}" for e in mesh.events))
         rt.log(mesh, f"step {step}: loss {losses[-1]:.6f} ({times[-1] * 1e3:.1f} ms)")
 
     os.makedirs(args.save, exist_ok=True)
     rt.save_file(os.path.join(args.save, f"rank{mesh.rank}.safetensors"), model.state_dict())
     if args.stats:
         with open(f"{args.stats}.rank{mesh.rank}.json", "w") as f:
-            json.dump({"rank": mesh.rank, "coords": mesh.coords, "losses": losses, "traffic": traffic,
+            json.dump({"rank": mesh.rank, "coords": mesh.coords, "losses": losses, "traffic": traffic, "calls": calls,
                     "times": times, "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}, f)
     mesh.shutdown()
 

@@ -1,0 +1,99 @@
+"""Gradient buckets: which gradients are reduced together, and the order the program lists them.
+
+Standard library only: the overlap pass (passes/overlap.py) plans with it and the runtime
+(backends/runtime/overlap.py) rebuilds the same buckets from the program's GRAD_ORDER, so
+the prediction and the program cannot disagree.
+
+`fill` walks gradients in the order backward finishes them and closes a bucket when the next
+gradient would overflow it: the first bucket of each group (one dtype, one set of axes) holds
+up to `first_cap` bytes, later ones `cap` (DDP's 1 MiB and 25 MiB). A gradient larger than
+the cap gets a bucket of its own.
+
+`fold` writes that order compactly: a run of blocks of one module list (`transformer.h.3.*`,
+`transformer.h.2.*`, ...) whose gradients come in the same order with the same axes becomes
+one row `("transformer.h.*", [rest, ...], axes)` meaning "every block, last first"; `expand`
+undoes it.
+"""
+from __future__ import annotations
+
+import re
+
+
+def fill(items, first_cap: int, cap: int) -> list[list[int]]:
+    """`items`: (group key, bytes) in backward order -> buckets as lists of item indices,
+    ordered by when each bucket closes (the order the program launches them)."""
+    open_: dict = {}
+    size: dict = {}
+    started: set = set()
+    closed: list[tuple[int, list[int]]] = []       # (index of the item that completes it, members)
+    for i, (key, b) in enumerate(items):
+        limit = cap if key in started else first_cap
+        if open_.get(key) and size[key] + b > limit:
+            members = open_.pop(key)
+            closed.append((members[-1], members))
+            started.add(key)
+            size[key] = 0
+        open_.setdefault(key, []).append(i)
+        size[key] = size.get(key, 0) + b
+    closed += [(m[-1], m) for m in open_.values()]
+    closed.sort(key=lambda c: c[0])
+    return [m for _, m in closed]
+
+
+_BLOCK = re.compile(r"^(?P<list>.+)\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+def fold(order: list[tuple[str, tuple]], block_lists: list[str]) -> list[tuple]:
+    """(name, axes) rows -> rows where a run of whole blocks, last block first, is one
+    `(f"{list}.*", [(rest, axes), ...])` row."""
+    out: list[tuple] = []
+    i = 0
+    while i < len(order):
+        name, _ = order[i]
+        m = _BLOCK.match(name)
+        if not m or m["list"] not in block_lists:
+            out.append(order[i])
+            i += 1
+            continue
+        lst, first = m["list"], int(m["index"])
+
+        def block_at(j, index):
+            rows = []
+            while j < len(order):
+                mm = _BLOCK.match(order[j][0])
+                if not mm or mm["list"] != lst or int(mm["index"]) != index:
+                    break
+                rows.append((mm["rest"], order[j][1]))
+                j += 1
+            return rows, j
+        template, j = block_at(i, first)
+        index, count = first - 1, 1
+        while index >= 0:
+            rows, k = block_at(j, index)
+            if rows != template:
+                break
+            j, index, count = k, index - 1, count + 1
+        if count > 1 and index == -1:
+            out.append((f"{lst}.*", template, first + 1))
+            i = j
+        else:
+            out.extend(order[i:i + len(template)])
+            i += len(template)
+    return out
+
+
+def expand(rows) -> list[tuple[str, tuple]]:
+    """Inverse of `fold`: `(f"{list}.*", [(rest, axes), ...], n)` -> blocks n-1 ... 0."""
+    out = []
+    for row in rows:
+        if len(row) == 3:
+            pattern, template, n = row
+            lst = pattern[:-2]
+            for index in range(n - 1, -1, -1):
+                out += [(f"{lst}.{index}.{rest}", tuple(axes)) for rest, axes in template]
+        else:
+            out.append((row[0], tuple(row[1])))
+    return out
+
+
+__all__ = ["fill", "fold", "expand"]

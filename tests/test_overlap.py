@@ -1,0 +1,129 @@
+"""The overlap pass (passes/overlap.py) and its bucket arithmetic (compiler/buckets.py):
+which gradients are bucketed, in which order, how the bytes and calls are predicted, and
+ZeRO-3's schedule. Parity of the programs that run them is tests/test_codegen.py's."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from autopar.compiler import buckets
+from autopar.compiler.sharded import nbytes
+from autopar.passes.apply import apply_plan
+from autopar.passes.overlap import overlap
+
+
+@pytest.fixture(scope="module")
+def gpt(traced):
+    return traced("gpt")
+
+
+def dp_plan(graph, **overlap_settings):
+    from plan_helpers import DDP, forced_plan
+    plan = forced_plan(graph, {"dp": 2}, DDP)
+    plan.overlap.update(overlap_settings)
+    return plan
+
+
+def test_buckets_follow_backward_order_and_sizes(gpt):
+    _, _, _, g = gpt
+    plain = apply_plan(g, dp_plan(g))
+    s = overlap(apply_plan(g, dp_plan(g, bucket_bytes=20_000, first_bucket_bytes=2_000)))
+    o = s.overlap
+    # every parameter whose gradient the plan all_reduced per use is bucketed, once (wpe's
+    # gradient is reduced on its activation: the embedding's output is replicated over dp)
+    bucketed = [p for b in o.buckets for p in b.params]
+    per_use = {n.inputs[0].name for n in plain.nodes if n.op == "copy_to" and n.inputs[0].kind == "param"}
+    assert sorted(bucketed) == sorted(per_use) and len(per_use) > 20
+    assert not any(n.op == "copy_to" and n.inputs[0].kind == "param" for n in s.nodes)
+    # buckets launch in the order backward completes them: later first use, earlier launch
+    first = {}
+    for i, n in enumerate(s.nodes):
+        for v in n.inputs:
+            first.setdefault(v.name, i)
+    order = [first[p] for p in bucketed]
+    assert order == sorted(order, reverse=True)
+    assert [b.ready for b in o.buckets] == sorted((b.ready for b in o.buckets), reverse=True)
+    # the first bucket is small, the others up to the cap unless one gradient alone is larger
+    by_name = {p.name: p for p in s.params}
+    assert o.buckets[0].nbytes <= 2_000 or len(o.buckets[0].params) == 1
+    for b in o.buckets:
+        assert b.nbytes == sum(nbytes(by_name[p]) for p in b.params)
+        assert b.nbytes <= 20_000 or len(b.params) == 1
+    # bytes are the per-use steps' bytes; calls drop to one per bucket
+    assert s.traffic() == plain.traffic()
+    assert s.call_counts()["all_reduce:dp"] == len(o.buckets) + plain.call_counts()["all_reduce:dp"] - sum(
+        1 for n in plain.nodes if n.op == "copy_to" and n.inputs[0].kind == "param")
+    assert len(o.buckets) < plain.call_counts()["all_reduce:dp"]
+
+
+def test_overlap_off_keeps_the_plan_as_applied(gpt):
+    _, _, _, g = gpt
+    s = apply_plan(g, dp_plan(g, enabled=False))
+    o = overlap(s)
+    assert o.overlap.buckets == [] and [n.op for n in o.nodes] == [n.op for n in s.nodes]
+
+
+def test_frozen_and_whole_gradients_join_no_bucket(traced):
+    """LoRA's frozen base weights have no gradient; a parameter one of whose uses already has
+    the whole gradient (no copy_to) keeps its per-use steps."""
+    from plan_helpers import forced_plan
+    _, _, _, g = traced("lora")
+    s = overlap(apply_plan(g, forced_plan(g, {"dp": 2}, [])))
+    frozen = {p.name for p in s.params if not p.requires_grad}
+    assert frozen and not frozen & {p for b in s.overlap.buckets for p in b.params}
+    from autopar.compiler.ir import Node, Value
+    _, _, _, m = traced("mlp")
+    s = apply_plan(m, forced_plan(m, {"dp": 2}, []))
+    step = next(n for n in s.nodes if n.op == "copy_to" and n.inputs[0].kind == "param")
+    p = step.inputs[0]
+    s.graph.nodes.append(Node("neg", (p,), (), (Value("p_whole", p.shape, p.dtype),)))
+    o = overlap(s)
+    assert p.name not in {q for b in o.overlap.buckets for q in b.params} and o.overlap.buckets
+    assert any(n.op == "copy_to" and n.inputs[0] is p for n in o.nodes)
+
+
+def test_zero3_schedule_regathers_block_weights_only(gpt):
+    from plan_helpers import DDP, forced_plan
+    _, _, _, g = gpt
+    plan = forced_plan(g, {"dp": 2}, DDP, zero3=True)
+    plain = apply_plan(g, plan)
+    s = overlap(apply_plan(g, plan))
+    o = s.overlap
+    assert o.zero3_blocks == ["transformer.h"] and o.gathers
+    assert all(p.startswith("transformer.h.") for p, _ in o.regathered)
+    regather = sum(b for _, b in o.regathered)
+    before, after = plain.traffic(), s.traffic()
+    assert after["all_gather:dp"] == before["all_gather:dp"] + regather
+    assert after["reduce_scatter:dp"] == before["reduce_scatter:dp"]
+    # with a recompute region the plain gathers stay (recompute would gather inside backward)
+    plan.recompute = ["transformer.h.1"]
+    assert not overlap(apply_plan(g, plan)).overlap.gathers
+
+
+@given(st.lists(st.tuples(st.sampled_from("ab"), st.integers(1, 50)), max_size=40),
+       st.integers(1, 60), st.integers(1, 120))
+def test_fill_keeps_order_groups_and_caps(items, first_cap, cap):
+    out = buckets.fill(items, first_cap, cap)
+    assert sorted(i for b in out for i in b) == list(range(len(items)))
+    for b in out:
+        assert len({items[i][0] for i in b}) == 1 and b == sorted(b)
+        assert sum(items[i][1] for i in b) <= max(cap, first_cap) or len(b) == 1
+    closes = [b[-1] for b in out]
+    assert closes == sorted(closes)
+
+
+def test_fold_and_expand_round_trip():
+    order = [("head.w", ("dp",))]
+    order += [(f"h.{i}.{r}", ("dp",)) for i in (2, 1, 0) for r in ("mlp.w", "attn.w")]
+    order += [("emb.w", ("dp", "tp"))]
+    folded = buckets.fold(order, ["h"])
+    assert folded[1] == ("h.*", [("mlp.w", ("dp",)), ("attn.w", ("dp",))], 3) and len(folded) == 3
+    assert buckets.expand(folded) == order
+    # blocks that differ, or that do not end at block 0, stay written out
+    broken = order[:3] + order[5:]
+    assert buckets.expand(buckets.fold(broken, ["h"])) == broken
