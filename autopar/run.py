@@ -227,6 +227,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--check", action="store_true", help="compare with the single-device run")
     p.add_argument("--timeout", type=float, default=300, help="seconds before the job is killed")
+    p.add_argument("--timeline", metavar="DIR", default=None,
+                   help="write each rank's measured trace of the last step (Chrome/Perfetto JSON) "
+                        "and print predicted vs measured step time and hidden communication")
 
 
 # 1 PB per device: more than any accelerator has, and well inside the solver's integers
@@ -361,6 +364,33 @@ def traffic_table(predicted: dict, plan_bytes: dict, stats: list[dict],
     return ok, lines
 
 
+def timeline_lines(prog, directory: Path, stats: list[dict]) -> list[str]:
+    """Predicted vs measured step time, and how much of the asynchronous communication each
+    rank hid (backends/runtime/timeline.py wrote DIR/rank<r>.overlap.json)."""
+    from autopar.compiler.cluster import format_time
+    rows = []
+    for r in range(len(stats)):
+        path = directory / f"rank{r}.overlap.json"
+        if path.exists():
+            rows.append(json.loads(path.read_text()))
+    if not rows:
+        return [f"timeline: no rank wrote {directory}/rank<r>.overlap.json (fewer than 1 step?)"]
+    predicted = prog.plan.cost.get("step_time")
+    lines = [f"timeline: traces in {directory}/rank<r>.trace.json (chrome://tracing, ui.perfetto.dev)",
+             f"  {'rank':<6}{'predicted step':>16}{'measured step':>16}{'async comm alone':>18}"
+             f"{'exposed':>10}{'hidden':>8}"]
+    for row in rows:
+        hidden = row["hidden_fraction"]
+        lines.append(f"  {row['rank']:<6}{format_time(predicted) if predicted else '-':>16}"
+                     f"{format_time(row['step_s']):>16}{format_time(row['alone_s']):>18}"
+                     f"{format_time(row['exposed_s']):>10}{'-' if hidden is None else f'{hidden:.0%}':>8}")
+    fractions = [row["hidden_fraction"] for row in rows if row["hidden_fraction"] is not None]
+    if fractions:
+        lines.append(f"  hidden behind compute: {min(fractions):.0%} (worst rank) of the asynchronous "
+                     "communication (gradient buckets, ZeRO-3 gathers and reduce_scatters)")
+    return lines
+
+
 def plan_line(plan) -> str:
     """One line on what the search chose and why it fits (`autopar plan` explains in full)."""
     from autopar.compiler.cluster import format_bytes, format_time
@@ -415,6 +445,8 @@ def _run(args) -> int:
         print(plan_line(prog.plan), flush=True)
         run_args = ["--steps", str(args.steps), "--optimizer", args.optimizer, "--lr", repr(args.lr),
                     "--device", args.target, "--save", str(out / "shards"), "--stats", str(out / "stats")]
+        if getattr(args, "timeline", None):
+            run_args += ["--timeline", str(Path(args.timeline).resolve())]
         res = launch(prog.files["program"], prog.world, args.backend, run_args, args.timeout, out / "logs")
         if not res.ok:
             print(f"autopar run: FAILED: {res.message}", flush=True)
@@ -431,6 +463,8 @@ def _run(args) -> int:
         print("\n".join(lines))
         print(f"job: {res.seconds:.1f} s wall, step times (rank 0): "
               + ", ".join(f"{t * 1e3:.1f} ms" for t in stats[0]["times"]))
+        if getattr(args, "timeline", None):
+            print("\n".join(timeline_lines(prog, Path(args.timeline), stats)))
         if not same:
             print("bytes: FAILED measured != predicted (bytes or calls)")
         if not args.check:

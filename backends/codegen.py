@@ -939,7 +939,9 @@ class Emitter:
             what = (b.params[0] if len(b.params) == 1 else
                     f"{len(b.params)} gradients, {b.params[0]} .. {b.params[-1]}")
             w(f"#   bucket {b.index}: all_reduce {format_bytes(b.nbytes)} over {', '.join(b.axes)}, {what}")
-        w(f"BUCKET_BYTES, FIRST_BUCKET_BYTES = {o.bucket_bytes}, {o.first_bucket_bytes}")
+        w(f"BUCKET_BYTES, FIRST_BUCKET_BYTES = {o.cap}, {o.first_bucket_bytes}"
+          + (f"  # the plan's {o.bucket_bytes} is more than a quarter of all gradients"
+             if o.cap < o.bucket_bytes else ""))
         w("GRAD_ORDER = [")
         for row in buckets.fold(order, self.folded_kinds()):
             if len(row) == 3:
@@ -1357,6 +1359,7 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w(f'parser.add_argument("--device", choices=["cpu", "cuda"], default={opts.device!r})', 1)
     w('parser.add_argument("--save", default="shards", help="directory for each rank\'s final shards")', 1)
     w('parser.add_argument("--stats", default=None, help="write losses, bytes and times to STATS.rank<r>.json")', 1)
+    w('parser.add_argument("--timeline", default=None, help="write the last step\'s trace and hidden communication to DIR")', 1)
     w("args = parser.parse_args()", 1)
     w()
     w("rt.one_thread()", 1)
@@ -1393,8 +1396,10 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w("optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)", 2)
     w()
     w("losses, traffic, calls, times = [], [], [], []", 1)
+    w("timeline = rt.Timeline(mesh, args.timeline, args.steps)  # --timeline DIR: the last step, profiled", 1)
     w("for step in range(args.steps):", 1)
     w("mesh.reset_traffic()", 2)
+    w("timeline.begin(step)", 2)
     w("t0 = time.perf_counter()", 2)
     what = f"partial sum over {', '.join(partial)}" if partial else "replicated"
     w(f"loss = model({inputs})  # this rank's loss ({what})", 2)
@@ -1409,6 +1414,7 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     if zero.params:
         w("zero.gather_params()", 2)
     w("times.append(time.perf_counter() - t0)", 2)
+    w("timeline.end(step)", 2)
     red = "loss.item()"
     for a in partial:
         red = f'mesh.all_reduce_scalar({red}, "{a}")'
@@ -1417,6 +1423,7 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w('calls.append(collections.Counter(f"{e.kind}:{e.axis}" for e in mesh.events))', 2)
     w('rt.log(mesh, f"step {step}: loss {losses[-1]:.6f} ({times[-1] * 1e3:.1f} ms)")', 2)
     w()
+    w("timeline.write()", 1)
     w("os.makedirs(args.save, exist_ok=True)", 1)
     w('rt.save_file(os.path.join(args.save, f"rank{mesh.rank}.safetensors"), model.state_dict())', 1)
     w("if args.stats:", 1)

@@ -9,8 +9,9 @@ out of the graph and reduces the gradients the way DDP does:
   partial sum over them) joins a **gradient bucket** instead;
 - buckets fill in the order backward finishes the gradients (reverse order of first use in
   forward), the first one small (`first_bucket_bytes`, so the last layers start reducing
-  early), the others up to `bucket_bytes`; a bucket holds gradients of one dtype reduced
-  over the same axes;
+  early), the others up to `bucket_bytes` -- or a quarter of all gradients when that is
+  less (`MIN_BUCKETS`: a small model would otherwise reduce everything in one bucket at the
+  end of backward); a bucket holds gradients of one dtype reduced over the same axes;
 - the program launches a bucket's all_reduce asynchronously the moment its last gradient is
   accumulated (a post-accumulate-grad hook) and waits for all of them right before the
   optimizer step (`backends/runtime/overlap.py`).
@@ -35,6 +36,9 @@ from autopar.compiler.plan import OVERLAP_DEFAULTS
 from autopar.compiler.sharded import Region, ShardedGraph, nbytes
 
 
+MIN_BUCKETS = 4
+
+
 @dataclass(frozen=True)
 class GradBucket:
     """Gradients reduced together by one collective per axis, launched in backward."""
@@ -55,6 +59,7 @@ class Overlap:
     first_bucket_bytes: int = OVERLAP_DEFAULTS["first_bucket_bytes"]
     prefetch: int = OVERLAP_DEFAULTS["prefetch"]
     buckets: list[GradBucket] = field(default_factory=list)
+    cap: int = 0                    # the bucket size used: bucket_bytes, or less (MIN_BUCKETS)
     # ZeRO-3 (FSDP's schedule): gather nodes run through rt.gather_param (output value names),
     # the module lists whose blocks are the units, and the weights gathered again in backward
     gathers: set[str] = field(default_factory=set)
@@ -118,10 +123,13 @@ def overlap(s: ShardedGraph) -> ShardedGraph:
     g = s.graph.copy(nodes=keep)
     g.notes = list(s.graph.notes) + [f"overlap: {len(chains)} parameter gradients reduced in buckets"]
     out = replace(s, graph=g, regions=regions)
-    sched.buckets = assign_buckets(out, {p.name: axes for p, axes in
-                                         ((p, tuple(n.attr["axis"] for n in chain_axes(nodes)))
-                                          for p, nodes in chains.items())},
-                                   sched.bucket_bytes, sched.first_bucket_bytes)
+    axes_of = {p.name: tuple(n.attr["axis"] for n in chain_axes(nodes)) for p, nodes in chains.items()}
+    # a model whose gradients fill fewer than MIN_BUCKETS caps would reduce nearly all of them
+    # in one bucket at the very end of backward, hiding nothing: cut it into MIN_BUCKETS
+    total = sum(nbytes(p) for p in chains)
+    cap = max(sched.first_bucket_bytes, min(sched.bucket_bytes, -(-total // MIN_BUCKETS)))
+    sched.cap = cap
+    sched.buckets = assign_buckets(out, axes_of, cap, sched.first_bucket_bytes)
     out.overlap = sched
     return out
 

@@ -141,16 +141,28 @@ def test_parity_and_bytes_on_4_ranks(traced, tmp_path, backend):
 
 
 def test_cli_run_check(tmp_path):
-    """`autopar run ... --check` end to end (2 ranks: dp=2 on the MLP)."""
+    """`autopar run ... --check --timeline` end to end (2 ranks: data parallel MLP, its
+    gradients in asynchronous buckets): parity, bytes and calls, each rank's trace and the
+    hidden fraction of its gradient communication."""
+    plan = tmp_path / "dp.plan"
+    plan.write_text('mesh dp=2\nlayout input "x", input "target" { dp: S(0) }\n'
+                    'layout output of "net.*" { dp: S(0) }\n')
     out = subprocess.run([sys.executable, "-m", "autopar.cli", "run", "examples/mlp.py:build",
-                          "--mesh", "dp=2", "--backend", "torch", "--steps", "2", "--check",
-                          "--timeout", "120", "-o", str(tmp_path / "run")],
+                          "--plan", str(plan), "--backend", "torch", "--steps", "2", "--check",
+                          "--timeout", "120", "-o", str(tmp_path / "run"), "--timeline", str(tmp_path / "tl")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "check: ok max_rel_err=" in out.stdout
     assert "DIFFERENT" not in out.stdout
     prog = next((tmp_path / "run").glob("mlp_dp2_torch.py")).read_text()
-    assert "torchrun --nproc-per-node 2" in prog
+    assert "torchrun --nproc-per-node 2" in prog and "rt.GradBuckets(" in prog
+    assert "hidden behind compute:" in out.stdout
+    for r in range(2):
+        trace = json.loads((tmp_path / "tl" / f"rank{r}.trace.json").read_text())
+        assert any(e.get("ph") == "X" and "aten::" in e.get("name", "") for e in trace["traceEvents"])
+        summary = json.loads((tmp_path / "tl" / f"rank{r}.overlap.json").read_text())
+        assert summary["async_collectives"] and 0 <= summary["hidden_fraction"] <= 1
+        assert all(c["kind"] == "all_reduce" and c["alone_s"] > 0 for c in summary["async_collectives"])
 
 
 CRASHER = """

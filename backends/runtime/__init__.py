@@ -75,7 +75,8 @@ Overlap (``overlap.py``): ``GradBuckets(mesh, [(axes, names), ...], module)`` al
 parameter gradients in buckets, asynchronously as backward produces them (``no_sync()``,
 ``wait()``, ``timeline``); ``ParamGather(mesh, axis, module, layout_of, blocks, prefetch)``
 and ``gather_param(p, mesh, axis, dim)`` run ZeRO-3 as FSDP does (prefetch, reshard after
-forward, asynchronous reduce_scatter).
+forward, asynchronous reduce_scatter). ``Timeline(mesh, dir, steps)`` (``timeline.py``) records
+the last step's Chrome trace and how much of the asynchronous communication was hidden.
 
 Helpers: ``set_seed(seed)``, ``one_thread()``, ``log(mesh, msg)``.
 
@@ -94,13 +95,14 @@ from .checkpoint import (CheckpointError, CheckpointHandle, LoadedCheckpoint, Sh
                          save_init, wait_checkpoint, zero_chunk)
 from .collectives import all_gather, all_reduce, all_to_all, copy_to, reduce_scatter, scatter
 from .overlap import GradBuckets, ParamGather, gather_param
+from .timeline import Timeline
 from .mesh import KINDS, PHASES, CommEvent, Mesh, in_backward, init_mesh
 from .utils import log, one_thread, set_seed
 
 __all__ = [
     "init_mesh", "Mesh", "CommEvent", "KINDS", "PHASES", "in_backward",
     "copy_to", "all_reduce", "all_gather", "scatter", "reduce_scatter", "all_to_all",
-    "set_seed", "one_thread", "log", "GradBuckets", "ParamGather", "gather_param",
+    "set_seed", "one_thread", "log", "GradBuckets", "ParamGather", "gather_param", "Timeline",
     "ShardSpec", "CheckpointError", "CheckpointHandle", "LoadedCheckpoint", "save_checkpoint",
     "wait_checkpoint", "load_checkpoint", "latest_checkpoint", "read_tensor", "zero_chunk",
     "optimizer_shards", "optimizer_wanted", "restore_optimizer", "capture_rng_state",

@@ -149,6 +149,9 @@ class Mesh:
         self._closed = False
         self.traffic: Dict[Tuple[str, AxisArg], int] = {}
         self.events: List[CommEvent] = []
+        # nonblocking collectives of this step (overlap.py): kind, axis, shape, dtype and how
+        # long the program blocked waiting for each (the exposed part)
+        self.async_log: List[dict] = []
 
     # ---- topology ---------------------------------------------------------
     def _check_axis(self, axis: AxisArg) -> None:
@@ -231,6 +234,7 @@ class Mesh:
     def reset_traffic(self) -> None:
         self.traffic = {}
         self.events = []
+        self.async_log = []
 
     def traffic_bytes(self, kind: Optional[str] = None, axis: Union[AxisArg, object] = ...,
                       phase: Optional[str] = None) -> int:

@@ -145,6 +145,10 @@ class GradBuckets:
                                   "bytes": b.flat.numel() * b.flat.element_size(),
                                   "launched": b.launched, "done": b.seen_done or t1,
                                   "blocked_s": t1 - t0})
+            if b.handle is not None:
+                self.mesh.async_log.append({"kind": "all_reduce", "axis": b.axes[0], "what": f"bucket {b.index}",
+                                            "shape": list(b.flat.shape), "dtype": str(b.flat.dtype),
+                                            "launched": b.launched, "blocked_s": t1 - t0})
             b.flat = b.handle = None
             b.pending = len(b.params)
             b.launched = b.seen_done = None
@@ -260,10 +264,16 @@ class ParamGather:
         c = self.mesh._comm(self.axis)
         x = p.detach().movedim(dim, 0).contiguous()
         self.mesh._record("all_gather", self.axis, x.numel() * x.element_size() * c.size, phase)
-        return c.iallgather0(x)
+        h = c.iallgather0(x)
+        h.log = {"kind": "all_gather", "axis": self.axis, "what": phase, "shape": list(x.shape),
+                 "dtype": str(x.dtype), "launched": time.perf_counter()}
+        return h
 
     def _finish_gather(self, h, dim):
-        return h.wait().movedim(0, dim).contiguous()
+        t0 = time.perf_counter()
+        out = h.wait()
+        self.mesh.async_log.append({**h.log, "blocked_s": time.perf_counter() - t0})
+        return out.movedim(0, dim).contiguous()
 
     def _prefetch(self, start: int, step: int, phase: str, table: dict):
         for k in range(1, self.prefetch + 1):
@@ -330,7 +340,10 @@ class ParamGather:
             return
         x = g.movedim(dim, 0).contiguous()
         self.mesh._record("reduce_scatter", self.axis, x.numel() * x.element_size(), "backward")
-        self._grads.append((p, c.ireduce_scatter0(x), dim))
+        h = c.ireduce_scatter0(x)
+        h.log = {"kind": "reduce_scatter", "axis": self.axis, "what": "gradient", "shape": list(x.shape),
+                 "dtype": str(x.dtype), "launched": time.perf_counter()}
+        self._grads.append((p, h, dim))
 
     def _queue_finish(self):
         if not self._queued:
@@ -342,7 +355,10 @@ class ParamGather:
         """Add every reduce_scattered gradient to its shard; drop what backward gathered."""
         self._queued = False
         for p, h, dim in self._grads:
+            t0 = time.perf_counter()
             g = h.wait().movedim(0, dim)
+            if hasattr(h, "log"):
+                self.mesh.async_log.append({**h.log, "blocked_s": time.perf_counter() - t0})
             if p.grad is None:
                 p.grad = g.contiguous()
             else:

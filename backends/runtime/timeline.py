@@ -1,0 +1,94 @@
+"""Measured timelines: what `autopar run --timeline DIR` asks each rank to record.
+
+    timeline = rt.Timeline(mesh, args.timeline, steps=args.steps)    # dir None: does nothing
+    for step in range(args.steps):
+        timeline.begin(step)
+        ...                                                          # the training step
+        timeline.end(step)
+    timeline.write()
+
+The last step runs under `torch.profiler` and is written as a Chrome/Perfetto trace
+(`DIR/rank<r>.trace.json`: every op, and the collectives as gloo/MPI record them). The
+nonblocking collectives of that step (gradient buckets, ZeRO-3 gathers and reduce_scatters;
+`mesh.async_log`) say how long the program blocked on each. `write()` then runs each of them
+once more alone, synchronously, to time what it costs with nothing to hide behind, and
+writes `DIR/rank<r>.overlap.json`: the measured step, the collectives' time alone, the time
+blocked (exposed) and the hidden fraction 1 - exposed / alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from .mesh import Mesh
+
+
+class Timeline:
+    def __init__(self, mesh: Mesh, directory: str | None, steps: int):
+        self.mesh, self.dir, self.steps = mesh, directory, steps
+        self.prof = None
+        self.step_s = None
+        self.log: list[dict] = []
+        self._t0 = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.dir)
+
+    def begin(self, step: int) -> None:
+        if not self.enabled or step != self.steps - 1:
+            return
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU]
+        if self.mesh.device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        self.prof = profile(activities=activities)
+        self.prof.start()
+        self._t0 = time.perf_counter()
+
+    def end(self, step: int) -> None:
+        if self.prof is None:
+            return
+        if self.mesh.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.step_s = time.perf_counter() - self._t0
+        self.prof.stop()
+        self.log = list(self.mesh.async_log)
+
+    @torch.no_grad()
+    def alone(self, entry: dict, repeats: int = 3) -> float:
+        """Seconds one logged collective takes on its own (median of `repeats`)."""
+        c = self.mesh._comm(entry["axis"])
+        x = torch.zeros(entry["shape"], dtype=getattr(torch, entry["dtype"].split(".")[-1]),
+                        device=self.mesh.device)
+        op = {"all_reduce": lambda: c.allreduce_(x), "all_gather": lambda: c.allgather0(x),
+              "reduce_scatter": lambda: c.reduce_scatter0(x)}[entry["kind"]]
+        times = []
+        for _ in range(repeats):
+            c.barrier()
+            t0 = time.perf_counter()
+            op()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def write(self) -> None:
+        if not self.enabled or self.prof is None:
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        r = self.mesh.rank
+        self.prof.export_chrome_trace(os.path.join(self.dir, f"rank{r}.trace.json"))
+        rows = []
+        for e in self.log:                       # every rank logged the same sequence
+            rows.append({**{k: e[k] for k in ("kind", "axis", "what", "shape", "dtype")},
+                         "blocked_s": e["blocked_s"], "alone_s": self.alone(e)})
+        alone = sum(x["alone_s"] for x in rows)
+        exposed = sum(min(x["blocked_s"], x["alone_s"]) for x in rows)
+        summary = {"rank": r, "step_s": self.step_s, "async_collectives": rows,
+                   "alone_s": alone, "exposed_s": exposed,
+                   "hidden_fraction": (1 - exposed / alone) if alone > 0 else None}
+        with open(os.path.join(self.dir, f"rank{r}.overlap.json"), "w") as f:
+            json.dump(summary, f, indent=1)
