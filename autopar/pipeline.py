@@ -245,7 +245,7 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
                   memory: float | str | None = None, optimizer: str = "adamw", lr: float = 1e-3,
                   steps: int = 10, name: str = "model", class_name: str | None = None,
                   graph: Graph | None = None, devices: int | None = None,
-                  target: str = "cpu") -> Program:
+                  target: str = "cpu", microbatches: int | None = None) -> Program:
     """trace -> prepare -> plan -> apply -> emit, in that order.
 
     `mesh` ("dp=2,tp=2"), or `devices` (a count: the search compares mesh shapes), or a plan
@@ -267,6 +267,10 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
         raise InputError(f"the plan is for mesh {sharding.format_mesh(plan.mesh)}, not "
                          f"{sharding.format_mesh(mesh)}: give --mesh {sharding.format_mesh(plan.mesh)}")
     plan.optimizer = optimizer
+    if microbatches is not None:
+        if microbatches < 1:
+            raise InputError(f"--microbatches {microbatches}: give a count of at least 1")
+        plan.microbatches = microbatches
     # the communication schedule: gradient buckets reduced while backward runs
     sharded = overlap(apply_plan(graph, plan))
     plan.cost.setdefault("bytes", predict_traffic(sharded))

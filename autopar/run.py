@@ -213,6 +213,9 @@ def _common_args(p: argparse.ArgumentParser) -> None:
                    help="memory per device for the search, e.g. 80GB, 2MiB")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--microbatches", type=int, default=None, metavar="M",
+                   help="run each step's batch as M microbatches, gradients accumulated (the "
+                        "batch each rank holds must divide by M)")
 
 
 def add_emit_args(p: argparse.ArgumentParser) -> None:
@@ -319,7 +322,7 @@ def _program_from_args(args, verb: str) -> Program:
     return build_program(model, inputs, args.mesh, backend=args.backend, plan=args.plan,
                          device=args.device, memory=args.memory, optimizer=args.optimizer,
                          lr=args.lr, steps=args.steps, name=name, devices=args.devices,
-                         target=args.target)
+                         target=args.target, microbatches=getattr(args, "microbatches", None))
 
 
 def emit_main(args) -> int:

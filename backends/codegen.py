@@ -799,6 +799,8 @@ class Emitter:
         w('"""')
         w("import argparse")
         w("import collections")
+        if getattr(s.plan, "microbatches", 1) > 1:
+            w("import contextlib")
         w("import json")
         if s.zero.params:
             w("import math")
@@ -1116,6 +1118,14 @@ class Emitter:
         w()
         self.forward()
         w()
+        if getattr(s.plan, "microbatches", 1) > 1:
+            w("def no_sync(self):", 1)
+            w('"""Backward inside this block keeps the gradients local (a microbatch before the last)."""', 2)
+            if s.overlap is not None and s.overlap.buckets:
+                w("return self.grad_buckets.no_sync()", 2)
+            else:
+                w("return contextlib.nullcontext()  # no gradient bucket to hold back", 2)
+            w()
         w("def load_full_state_dict(self, full):", 1)
         w('"""Copy this rank\'s block of every tensor of a single-device state dict."""', 2)
         w("with torch.no_grad():", 2)
@@ -1345,6 +1355,22 @@ def _emit_zero(w: Writer, zero) -> None:
     w()
 
 
+def microbatched_inputs(s: ShardedGraph) -> set | None:
+    """The inputs a microbatched plan splits (those whose dim 0 is the batch: the first
+    input's symbolic dim 0), or None when the plan runs the batch whole."""
+    if getattr(s.plan, "microbatches", 1) <= 1:
+        return None
+    sizes = s.graph.input_sizes
+    first = (sizes.get(s.inputs[0].name) or [None])[0] if s.inputs else None
+    if not (isinstance(first, str) and first.isidentifier()):
+        raise InputError(f"a plan with {s.plan.microbatches} microbatches needs the batch size read "
+                         "from the batch (a graph traced with symbolic sizes, as `autopar emit/run` "
+                         "trace it); this graph's batch dim is fixed. Plan with microbatches 1.")
+    n = s.global_shapes[s.inputs[0].name][0]
+    return {v for v in s.inputs if isinstance((sizes.get(v.name) or [None])[0], str)
+            and s.global_shapes[v.name] and s.global_shapes[v.name][0] == n}
+
+
 def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: EmitOptions, names) -> None:
     mesh, zero = s.mesh, s.zero
     loss = s.outputs[0]
@@ -1359,6 +1385,9 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w(f'parser.add_argument("--device", choices=["cpu", "cuda"], default={opts.device!r})', 1)
     w('parser.add_argument("--save", default="shards", help="directory for each rank\'s final shards")', 1)
     w('parser.add_argument("--stats", default=None, help="write losses, bytes and times to STATS.rank<r>.json")', 1)
+    if microbatched_inputs(s) is not None:
+        w(f'parser.add_argument("--microbatches", type=int, default={s.plan.microbatches}, '
+          'help="split each rank\'s batch into this many microbatches")', 1)
     w('parser.add_argument("--timeline", default=None, help="write the last step\'s trace and hidden communication to DIR")', 1)
     w("args = parser.parse_args()", 1)
     w()
@@ -1402,11 +1431,25 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w("timeline.begin(step)", 2)
     w("t0 = time.perf_counter()", 2)
     what = f"partial sum over {', '.join(partial)}" if partial else "replicated"
-    w(f"loss = model({inputs})  # this rank's loss ({what})", 2)
     if s.overlap is not None and s.overlap.buckets:
-        w("loss.backward()  # activations' collectives run inside backward; gradient buckets reduce behind it", 2)
+        backward = "loss.backward()  # activations' collectives run inside backward; gradient buckets reduce behind it"
     else:
-        w("loss.backward()  # gradients synchronise inside the collectives' backward", 2)
+        backward = "loss.backward()  # gradients synchronise inside the collectives' backward"
+    m = microbatched_inputs(s)
+    if m is None:
+        w(f"loss = model({inputs})  # this rank's loss ({what})", 2)
+        w(backward, 2)
+    else:
+        chunked = ", ".join(f"{names[v]}.chunk(m)[mb]" if v in m else names[v] for v in s.inputs)
+        w("m, step_loss = args.microbatches, 0.0", 2)
+        first = names[s.inputs[0]]
+        w(f'assert {first}.shape[0] % m == 0, f"this rank\'s batch of {{{first}.shape[0]}} does not split into {{m}} microbatches"', 2)
+        w("for mb in range(m):", 2)
+        w("# microbatch mb of m: the gradients add up over the microbatches and are reduced once, after the last", 3)
+        w("with model.no_sync() if mb < m - 1 else contextlib.nullcontext():", 3)
+        w(f"loss = model({chunked}) / m  # this rank's loss ({what}), 1/m of it", 4)
+        w(backward, 4)
+        w("step_loss += loss.item()", 3)
     if zero.params:
         w("zero.reduce_grads()", 2)
     w("optimizer.step()", 2)
@@ -1415,7 +1458,7 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
         w("zero.gather_params()", 2)
     w("times.append(time.perf_counter() - t0)", 2)
     w("timeline.end(step)", 2)
-    red = "loss.item()"
+    red = "loss.item()" if m is None else "step_loss"
     for a in partial:
         red = f'mesh.all_reduce_scalar({red}, "{a}")'
     w(f"losses.append({red})  # the global loss", 2)

@@ -38,6 +38,9 @@ class Plan:
     # in backward, ZeRO-3 parameters gathered `prefetch` blocks ahead; enabled=False keeps
     # every collective where the plan puts it, synchronous
     overlap: dict[str, Any] = field(default_factory=lambda: dict(OVERLAP_DEFAULTS))
+    # the example batch is the global batch; each step runs it as this many microbatches,
+    # accumulating gradients (reduced once, after the last)
+    microbatches: int = 1
     cost: dict[str, Any] = field(default_factory=dict)   # breakdown (seconds, bytes)
     solver: dict[str, Any] = field(default_factory=dict) # statistics
     constraints: list[str] = field(default_factory=list) # from a plan file, as written

@@ -17,6 +17,7 @@ table the cost model prices (`collectives.traffic`):
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,20 +111,30 @@ class ShardedGraph:
 
     def calls(self) -> list[tuple[str, int]]:
         """Every collective call of one training step and rank as (`kind:axis`, bytes), the
-        runtime's accounting: forward and backward collectives, the forward collectives of
-        recompute regions again in backward, the gradient buckets of the overlap schedule,
-        and ZeRO-1/2's reduce_scatter / all_gather around the optimizer step."""
+        runtime's accounting: forward and backward collectives (and ZeRO-3's gathers again in
+        backward) once per microbatch, the forward collectives of recompute regions again in
+        backward, the gradient buckets of the overlap schedule once per step, and ZeRO-1/2's
+        reduce_scatter / all_gather around the optimizer step."""
         out: list[tuple[str, int]] = []
         again = self.recomputed()
+        per_microbatch: list[tuple[str, int]] = []
+        m = max(1, int(getattr(self.plan, "microbatches", 1) or 1))
+        batch = self.batch_symbols() if m > 1 else set()
         for i, n in enumerate(self.nodes):
             if not is_collective(n):
                 continue
+            # a microbatch moves 1/m of a value whose size comes from the batch
+            share = m if batch and depends_on(self.global_shapes.get(n.inputs[0].name, ()), batch) else 1
             for kind, axis, b, phase in self.node_traffic(n):
-                out.append((f"{kind}:{axis}", b))
+                per_microbatch.append((f"{kind}:{axis}", b // share))
                 if phase == "forward" and i in again:
-                    out.append((f"{kind}:{axis}", b))
+                    per_microbatch.append((f"{kind}:{axis}", b // share))
         if self.overlap is not None:
-            out += self.overlap.call_list()
+            per_microbatch += self.overlap.per_microbatch()
+        for _ in range(m):          # every microbatch runs the graph's collectives
+            out += per_microbatch
+        if self.overlap is not None:
+            out += self.overlap.call_list()       # the buckets: once, after the last
         z = self.zero
         if z.params:
             n = self.mesh[z.axis]
@@ -133,6 +144,20 @@ class ShardedGraph:
                     if p.name in z.reduce_scatter:
                         out.append((f"reduce_scatter:{z.axis}", padded))
                     out.append((f"all_gather:{z.axis}", padded))
+        return out
+
+    def batch_symbols(self) -> set[str]:
+        """The traced symbols of the inputs' batch dim (dim 0 of the inputs whose dim 0 is the
+        first input's): what microbatching divides."""
+        sizes = self.graph.input_sizes
+        if not self.inputs:
+            return set()
+        n = self.global_shapes[self.inputs[0].name][0] if self.global_shapes[self.inputs[0].name] else None
+        out = set()
+        for v in self.inputs:
+            d0 = (sizes.get(v.name) or [None])[0]
+            if isinstance(d0, str) and self.global_shapes[v.name] and self.global_shapes[v.name][0] == n:
+                out.add(d0)
         return out
 
     def traffic(self) -> dict[str, int]:
@@ -148,6 +173,15 @@ class ShardedGraph:
         for k, _ in self.calls():
             total[k] = total.get(k, 0) + 1
         return dict(sorted(total.items()))
+
+
+def depends_on(shape, symbols: set[str]) -> bool:
+    """Whether one of the sizes of `shape` is an expression over one of `symbols`."""
+    for d in shape:
+        expr = getattr(d, "expr", None)
+        if expr and any(re.search(rf"\b{re.escape(sym)}\b", expr) for sym in symbols):
+            return True
+    return False
 
 
 def nbytes(v: Value) -> int:

@@ -72,22 +72,24 @@ class Overlap:
 
     def traffic(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for k, b in self.call_list():
+        for k, b in self.call_list() + self.per_microbatch():
             out[k] = out.get(k, 0) + b
         return out
 
     def calls(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for k, _ in self.call_list():
+        for k, _ in self.call_list() + self.per_microbatch():
             out[k] = out.get(k, 0) + 1
         return out
 
     def call_list(self) -> list[tuple[str, int]]:
-        """(`kind:axis`, bytes) of every collective the schedule adds: the buckets, in launch
-        order, and ZeRO-3's gathers again in backward."""
-        out = [(f"{b.kind}:{a}", b.nbytes) for b in self.buckets for a in b.axes]
-        out += [(f"all_gather:{self.zero3_axis}", b) for _, b in self.regathered]
-        return out
+        """(`kind:axis`, bytes) of the buckets' collectives, in launch order (once a step:
+        after the last microbatch)."""
+        return [(f"{b.kind}:{a}", b.nbytes) for b in self.buckets for a in b.axes]
+
+    def per_microbatch(self) -> list[tuple[str, int]]:
+        """ZeRO-3's gathers again in backward (every microbatch)."""
+        return [(f"all_gather:{self.zero3_axis}", b) for _, b in self.regathered]
 
 
 def settings(plan_overlap: dict | None) -> Overlap:

@@ -40,6 +40,8 @@ CASES = [
     ("gpt_dp4_small_buckets", "gpt", {"dp": 4}, "DDP",
      {"overlap": {"bucket_bytes": 64 << 10, "first_bucket_bytes": 16 << 10}}, "adamw"),
     ("mlp_dp4_overlap_off", "mlp", {"dp": 4}, None, {"overlap": {"enabled": False}}, "adamw"),
+    # gradient accumulation: each rank's batch as 2 microbatches, buckets reduced after the last
+    ("gpt_dp2_tp2_microbatches", "gpt", {"dp": 2, "tp": 2}, "MEGATRON_SP", {"microbatches": 2}, "adamw"),
     # traced with symbolic sizes from a batch of 4, trained on a batch of 8
     ("gpt_dp2_tp2_batch8", "gpt", {"dp": 2, "tp": 2}, "MEGATRON_SP", {"double_batch": True}, "adamw"),
 ]
@@ -69,11 +71,13 @@ def build_case(traced, name, example, mesh, rules, options, optimizer, backend):
     options = dict(options)
     double = options.pop("double_batch", False)
     overlap = options.pop("overlap", {})
+    microbatches = options.pop("microbatches", 1)
     model, inputs, _, graph = traced(example)
-    if double:
+    if double or microbatches > 1:
         graph = prepared_graph(model, inputs, example, symbolic=True)
     plan = plan_helpers.forced_plan(graph, mesh, getattr(plan_helpers, rules) if rules else (), **options)
     plan.overlap.update(overlap)
+    plan.microbatches = microbatches
     return build_program(model, inputs, mesh, backend=backend, plan=plan, optimizer=optimizer,
                          steps=STEPS, name=example, graph=graph)
 
@@ -131,6 +135,8 @@ def test_parity_and_bytes_on_4_ranks(traced, tmp_path, backend):
             assert "rt.gather_param(" in prog.source and o.regathered, name
         elif name == "gpt_dp4_small_buckets":
             assert len(o.buckets) > 3 and "rt.GradBuckets(" in prog.source and "rt.copy_to(self." not in prog.source
+        elif name == "gpt_dp2_tp2_microbatches":
+            assert "for mb in range(m):" in prog.source and "model.no_sync()" in prog.source and o.buckets
         elif name == "mlp_dp4_overlap_off":
             assert not o.buckets and "rt.GradBuckets(" not in prog.source and "rt.copy_to(self." in prog.source
         init, _ = rt.load_init(prog.files["init"])         # written before any reference run
