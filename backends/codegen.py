@@ -930,9 +930,11 @@ class Emitter:
         o, w = self.s.overlap, self.w
         if o is None or not o.buckets:
             return
-        order = [(n, b.axes) for b in o.buckets for n in b.params]
+        order = [(n, b.axes) if b.kind == "all_reduce" else (n, b.axes, b.kind)
+                 for b in o.buckets for n in b.params]
         w()
-        w("# Gradients of replicated parameters are partial sums over the listed axes. rt.GradBuckets")
+        w("# Gradients of replicated parameters are partial sums over the listed axes (ZeRO-2's rows")
+        w("# say reduce_scatter: each rank keeps its chunk for its optimizer state). rt.GradBuckets")
         w("# packs them, in the order backward finishes them (a `*` row: every block, last first),")
         w(f"# into buckets of up to BUCKET_BYTES (the first FIRST_BUCKET_BYTES); each bucket is")
         w("# all_reduced as one flat tensor, launched asynchronously the moment backward has")
@@ -940,16 +942,16 @@ class Emitter:
         for b in o.buckets:
             what = (b.params[0] if len(b.params) == 1 else
                     f"{len(b.params)} gradients, {b.params[0]} .. {b.params[-1]}")
-            w(f"#   bucket {b.index}: all_reduce {format_bytes(b.nbytes)} over {', '.join(b.axes)}, {what}")
+            w(f"#   bucket {b.index}: {b.kind} {format_bytes(b.nbytes)} over {', '.join(b.axes)}, {what}")
         w(f"BUCKET_BYTES, FIRST_BUCKET_BYTES = {o.cap}, {o.first_bucket_bytes}"
           + (f"  # the plan's {o.bucket_bytes} is more than a quarter of all gradients"
              if o.cap < o.bucket_bytes else ""))
         w("GRAD_ORDER = [")
         for row in buckets.fold(order, self.folded_kinds()):
-            if len(row) == 3:
+            if isinstance(row[1], list):
                 w(f"    ({row[0]!r}, [", 0)
-                for rest, axes in row[1]:
-                    w(f"        ({rest!r}, {axes!r}),", 0)
+                for entry in row[1]:
+                    w(f"        {entry!r},", 0)
                 w(f"    ], {row[2]}),", 0)
             else:
                 w(f"    {row!r},", 0)
@@ -1335,10 +1337,17 @@ def _emit_zero(w: Writer, zero) -> None:
     w("flat = F.pad(p.detach().reshape(-1), (0, size * n - p.numel()))", 3)
     w("self.chunks[name] = flat[me * size:(me + 1) * size].clone().requires_grad_()", 3)
     w()
-    w("def reduce_grads(self):", 1)
+    w("def reduce_grads(self, reduced=None):", 1)
+    w('"""Each chunk\'s gradient; `reduced` holds the chunks the gradient buckets already', 2)
+    w('reduce_scattered during backward."""', 2)
     w("n, me = self.mesh.size(self.axis), self.mesh.coord(self.axis)", 2)
+    w("reduced = reduced or {}", 2)
     w("for name, p in self.params.items():", 2)
     w("chunk = self.chunks[name]", 3)
+    w("if name in reduced:", 3)
+    w("chunk.grad = reduced.pop(name)", 4)
+    w("p.grad = None", 4)
+    w("continue", 4)
     w("flat = F.pad(p.grad.reshape(-1), (0, chunk.numel() * n - p.numel()))", 3)
     w("if name in self.partial:", 3)
     w("chunk.grad = self.mesh.reduce_scatter_flat(flat, self.axis)", 4)
@@ -1451,7 +1460,10 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
         w(backward, 4)
         w("step_loss += loss.item()", 3)
     if zero.params:
-        w("zero.reduce_grads()", 2)
+        if s.overlap is not None and s.overlap.scattered():
+            w("zero.reduce_grads(model.grad_buckets.reduced)  # ZeRO-2's chunks came from the buckets", 2)
+        else:
+            w("zero.reduce_grads()", 2)
     w("optimizer.step()", 2)
     w("optimizer.zero_grad(set_to_none=True)", 2)
     if zero.params:

@@ -43,13 +43,13 @@ def fill(items, first_cap: int, cap: int) -> list[list[int]]:
 _BLOCK = re.compile(r"^(?P<list>.+)\.(?P<index>\d+)\.(?P<rest>.+)$")
 
 
-def fold(order: list[tuple[str, tuple]], block_lists: list[str]) -> list[tuple]:
-    """(name, axes) rows -> rows where a run of whole blocks, last block first, is one
-    `(f"{list}.*", [(rest, axes), ...])` row."""
+def fold(order: list[tuple], block_lists: list[str]) -> list[tuple]:
+    """(name, axes[, kind]) rows -> rows where a run of whole blocks, last block first, is
+    one `(f"{list}.*", [(rest, axes[, kind]), ...], count)` row."""
     out: list[tuple] = []
     i = 0
     while i < len(order):
-        name, _ = order[i]
+        name = order[i][0]
         m = _BLOCK.match(name)
         if not m or m["list"] not in block_lists:
             out.append(order[i])
@@ -63,7 +63,7 @@ def fold(order: list[tuple[str, tuple]], block_lists: list[str]) -> list[tuple]:
                 mm = _BLOCK.match(order[j][0])
                 if not mm or mm["list"] != lst or int(mm["index"]) != index:
                     break
-                rows.append((mm["rest"], order[j][1]))
+                rows.append((mm["rest"], *order[j][1:]))
                 j += 1
             return rows, j
         template, j = block_at(i, first)
@@ -73,7 +73,7 @@ def fold(order: list[tuple[str, tuple]], block_lists: list[str]) -> list[tuple]:
             if rows != template:
                 break
             j, index, count = k, index - 1, count + 1
-        if count > 1 and index == -1:
+        if count > 1 and index == -1 and template:
             out.append((f"{lst}.*", template, first + 1))
             i = j
         else:
@@ -82,17 +82,17 @@ def fold(order: list[tuple[str, tuple]], block_lists: list[str]) -> list[tuple]:
     return out
 
 
-def expand(rows) -> list[tuple[str, tuple]]:
-    """Inverse of `fold`: `(f"{list}.*", [(rest, axes), ...], n)` -> blocks n-1 ... 0."""
+def expand(rows) -> list[tuple]:
+    """Inverse of `fold`: `(f"{list}.*", [(rest, axes[, kind]), ...], n)` -> blocks n-1 ... 0."""
     out = []
     for row in rows:
-        if len(row) == 3:
+        if isinstance(row[1], list):
             pattern, template, n = row
             lst = pattern[:-2]
             for index in range(n - 1, -1, -1):
-                out += [(f"{lst}.{index}.{rest}", tuple(axes)) for rest, axes in template]
+                out += [(f"{lst}.{index}.{e[0]}", tuple(e[1]), *e[2:]) for e in template]
         else:
-            out.append((row[0], tuple(row[1])))
+            out.append((row[0], tuple(row[1]), *row[2:]))
     return out
 
 

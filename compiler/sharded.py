@@ -138,10 +138,11 @@ class ShardedGraph:
         z = self.zero
         if z.params:
             n = self.mesh[z.axis]
+            bucketed = self.overlap.scattered() if self.overlap is not None else set()
             for p in self.params:
                 if p.name in z.params:
                     padded = zero_chunk(p.numel, n) * n * p.itemsize
-                    if p.name in z.reduce_scatter:
+                    if p.name in z.reduce_scatter and p.name not in bucketed:
                         out.append((f"reduce_scatter:{z.axis}", padded))
                     out.append((f"all_gather:{z.axis}", padded))
         return out

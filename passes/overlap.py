@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from autopar.compiler import buckets, patterns
 from autopar.compiler.ir import Value
 from autopar.compiler.plan import OVERLAP_DEFAULTS
-from autopar.compiler.sharded import Region, ShardedGraph, nbytes
+from autopar.compiler.sharded import Region, ShardedGraph, nbytes, zero_chunk
 
 
 MIN_BUCKETS = 4
@@ -66,6 +66,10 @@ class Overlap:
     zero3_axis: str | None = None
     zero3_blocks: list[str] = field(default_factory=list)
     regathered: list[tuple[str, int]] = field(default_factory=list)     # (parameter, bytes)
+
+    def scattered(self) -> set[str]:
+        """ZeRO-2 parameters whose reduce_scatter runs in a bucket (not after backward)."""
+        return {p for b in self.buckets if b.kind == "reduce_scatter" for p in b.params}
 
     def bucket_of(self, param: str) -> GradBucket | None:
         return next((b for b in self.buckets if param in b.params), None)
@@ -105,7 +109,8 @@ def overlap(s: ShardedGraph) -> ShardedGraph:
         return replace(s, overlap=sched)
     zero3(s, sched)
     chains = grad_chains(s)
-    if not chains:
+    scattered = zero2_params(s)
+    if not chains and not scattered:
         return replace(s, overlap=sched)
     dropped: dict[Value, Value] = {}            # removed copy_to output -> the parameter
     for p, nodes in chains.items():
@@ -126,12 +131,15 @@ def overlap(s: ShardedGraph) -> ShardedGraph:
     g.notes = list(s.graph.notes) + [f"overlap: {len(chains)} parameter gradients reduced in buckets"]
     out = replace(s, graph=g, regions=regions)
     axes_of = {p.name: tuple(n.attr["axis"] for n in chain_axes(nodes)) for p, nodes in chains.items()}
+    kinds = {name: "all_reduce" for name in axes_of}
+    for p in scattered:
+        axes_of[p.name], kinds[p.name] = (s.zero.axis,), "reduce_scatter"
     # a model whose gradients fill fewer than MIN_BUCKETS caps would reduce nearly all of them
     # in one bucket at the very end of backward, hiding nothing: cut it into MIN_BUCKETS
-    total = sum(nbytes(p) for p in chains)
+    total = sum(grad_bytes(out, p.name, kinds[p.name]) for p in [*chains, *scattered])
     cap = max(sched.first_bucket_bytes, min(sched.bucket_bytes, -(-total // MIN_BUCKETS)))
     sched.cap = cap
-    sched.buckets = assign_buckets(out, axes_of, cap, sched.first_bucket_bytes)
+    sched.buckets = assign_buckets(out, axes_of, cap, sched.first_bucket_bytes, kinds)
     out.overlap = sched
     return out
 
@@ -231,19 +239,41 @@ def grad_order(s: ShardedGraph, axes_of: dict[str, tuple[str, ...]]) -> list[tup
 
 
 def assign_buckets(s: ShardedGraph, axes_of: dict[str, tuple[str, ...]], bucket_bytes: int,
-                   first_bucket_bytes: int) -> list[GradBucket]:
-    """Fill buckets in backward order (compiler/buckets.fill, which the runtime runs too)."""
+                   first_bucket_bytes: int, kinds: dict[str, str] | None = None) -> list[GradBucket]:
+    """Fill buckets in backward order (compiler/buckets.fill, which the runtime runs too);
+    a bucket holds one kind of reduction over one set of axes, of one dtype."""
+    kinds = kinds or {}
     first = first_use(s)
     by_name = {p.name: p for p in s.params}
     order = grad_order(s, axes_of)
-    items = [((axes, by_name[n].dtype), nbytes(by_name[n])) for n, axes in order]
+    kind = [kinds.get(n, "all_reduce") for n, _ in order]
+    items = [((axes, by_name[n].dtype, k), grad_bytes(s, n, k)) for (n, axes), k in zip(order, kind)]
     out = []
     for i, members in enumerate(buckets.fill(items, first_bucket_bytes, bucket_bytes)):
         names = tuple(order[k][0] for k in members)
-        axes, dtype = items[members[0]][0]
-        out.append(GradBucket(i, "all_reduce", axes, dtype, names, sum(items[k][1] for k in members),
+        axes, dtype, k = items[members[0]][0]
+        out.append(GradBucket(i, k, axes, dtype, names, sum(items[j][1] for j in members),
                               min(first.get(n, 0) for n in names)))
     return out
+
+
+def grad_bytes(s: ShardedGraph, name: str, kind: str) -> int:
+    """Bytes a gradient adds to its bucket: its size, or for a ZeRO-2 reduce_scatter its
+    flattened size padded to equal chunks (the runtime's accounting: the whole input)."""
+    p = next(v for v in s.params if v.name == name)
+    if kind == "reduce_scatter":
+        n = s.mesh[s.zero.axis]
+        return zero_chunk(p.numel, n) * n * p.itemsize
+    return nbytes(p)
+
+
+def zero2_params(s: ShardedGraph) -> list[Value]:
+    """ZeRO-2's parameters whose gradient is reduce_scattered after backward (every use
+    splits dp): they join reduce_scatter buckets launched during backward instead."""
+    z = s.zero
+    if not z.reduce_scatter or z.axis is None or s.mesh.get(z.axis, 1) == 1:
+        return []
+    return [p for p in s.params if p.name in z.reduce_scatter]
 
 
 def format_buckets(o: Overlap) -> list[str]:

@@ -135,6 +135,8 @@ def test_parity_and_bytes_on_4_ranks(traced, tmp_path, backend):
             assert "rt.gather_param(" in prog.source and o.regathered, name
         elif name == "gpt_dp4_small_buckets":
             assert len(o.buckets) > 3 and "rt.GradBuckets(" in prog.source and "rt.copy_to(self." not in prog.source
+        elif name == "gpt_dp4_zero2_recompute":
+            assert o.scattered() and "zero.reduce_grads(model.grad_buckets.reduced)" in prog.source
         elif name == "gpt_dp2_tp2_microbatches":
             assert "for mb in range(m):" in prog.source and "model.no_sync()" in prog.source and o.buckets
         elif name == "mlp_dp4_overlap_off":

@@ -127,3 +127,20 @@ def test_fold_and_expand_round_trip():
     # blocks that differ, or that do not end at block 0, stay written out
     broken = order[:3] + order[5:]
     assert buckets.expand(buckets.fold(broken, ["h"])) == broken
+
+
+def test_zero2_gradients_are_reduce_scattered_in_buckets(gpt):
+    """ZeRO-2's reduce_scatters leave the step for reduce_scatter buckets: same bytes (each
+    gradient flattened and padded to equal chunks), one call per bucket."""
+    from plan_helpers import DDP, forced_plan
+    _, _, _, g = gpt
+    plan = forced_plan(g, {"dp": 2}, DDP, zero=2)
+    plain = apply_plan(g, plan)
+    plan.overlap["enabled"] = False
+    off = overlap(apply_plan(g, plan))
+    plan.overlap["enabled"] = True
+    s = overlap(apply_plan(g, plan))
+    rs = [b for b in s.overlap.buckets if b.kind == "reduce_scatter"]
+    assert rs and s.overlap.scattered() == set(plain.zero.reduce_scatter)
+    assert s.traffic() == off.traffic() == plain.traffic()
+    assert s.call_counts()["reduce_scatter:dp"] == len(rs) < off.call_counts()["reduce_scatter:dp"]

@@ -38,8 +38,9 @@ from .mesh import Mesh
 
 
 class _Bucket:
-    def __init__(self, index: int, axes: tuple, params: list):
+    def __init__(self, index: int, axes: tuple, params: list, kind: str = "all_reduce", names=()):
         self.index, self.axes, self.params = index, tuple(axes), list(params)
+        self.kind, self.names = kind, list(names)
         self.pending = len(self.params)
         self.flat = None
         self.handle = None
@@ -57,10 +58,13 @@ class GradBuckets:
         self.mesh = mesh
         named = dict(module.named_parameters(remove_duplicate=False))
         rows = expand(order)
-        params = [named[name] for name, _ in rows]
-        items = [((axes, p.dtype), p.numel() * p.element_size()) for p, (_, axes) in zip(params, rows)]
-        self.buckets = [_Bucket(i, rows[m[0]][1], [params[k] for k in m])
+        params = [named[row[0]] for row in rows]
+        kinds = [row[2] if len(row) > 2 else "all_reduce" for row in rows]
+        items = [((row[1], p.dtype, k), self._bytes(p, row[1], k)) for p, row, k in zip(params, rows, kinds)]
+        self.buckets = [_Bucket(i, rows[m[0]][1], [params[k] for k in m], kinds[m[0]], [rows[k][0] for k in m])
                         for i, m in enumerate(fill(items, first_bucket_bytes, bucket_bytes))]
+        # ZeRO-2: this rank's chunk of each reduce_scattered gradient, by name (ZeroShards takes it)
+        self.reduced: dict[str, torch.Tensor] = {}
         self._queued = False
         self.enabled = True
         self.timeline: list[dict] = []
@@ -74,6 +78,12 @@ class GradBuckets:
                 seen.add(id(p))
                 self._hooks.append(p.register_post_accumulate_grad_hook(
                     lambda p, b=b: self._accumulated(b)))
+
+    def _bytes(self, p, axes, kind) -> int:
+        if kind == "reduce_scatter":
+            n = self.mesh.size(axes[0])
+            return -(-p.numel() // n) * n * p.element_size()
+        return p.numel() * p.element_size()
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -102,15 +112,23 @@ class GradBuckets:
     @torch.no_grad()
     def _launch(self, b: _Bucket) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
-        b.flat = torch.cat([g.reshape(-1) for g in grads])
         axis = b.axes[0]
         c = self.mesh._comm(axis)
+        if b.kind == "reduce_scatter":
+            # ZeRO-2: row r holds chunk r of every gradient (flattened, padded to n equal
+            # chunks), so one reduce_scatter leaves each rank its chunk of each
+            n = self.mesh.size(axis)
+            b.chunks = [-(-g.numel() // n) for g in grads]
+            b.flat = torch.cat([torch.nn.functional.pad(g.reshape(-1), (0, k * n - g.numel())).view(n, k)
+                                for g, k in zip(grads, b.chunks)], 1)
+        else:
+            b.flat = torch.cat([g.reshape(-1) for g in grads])
         b.launched = time.perf_counter()
         if c is None:                            # a size-1 axis: nothing to reduce
             b.handle = None
         else:
-            self.mesh._record("all_reduce", axis, b.flat.numel() * b.flat.element_size(), "backward")
-            b.handle = c.iallreduce_(b.flat, "sum")
+            self.mesh._record(b.kind, axis, b.flat.numel() * b.flat.element_size(), "backward")
+            b.handle = c.ireduce_scatter0(b.flat) if b.kind == "reduce_scatter" else c.iallreduce_(b.flat, "sum")
             self._inflight.append(b)
 
     @torch.no_grad()
@@ -130,23 +148,30 @@ class GradBuckets:
                     b.seen_done = t0
                 b.handle.wait()
             t1 = time.perf_counter()
-            for axis in b.axes[1:]:              # further axes: partial sums there too
-                self.mesh.all_reduce_(b.flat, axis, phase="backward")
-            off = 0
-            for p in b.params:
-                n = p.numel()
-                chunk = b.flat[off:off + n].view_as(p)
-                if p.grad is None:
-                    p.grad = chunk.clone()
-                else:
-                    p.grad.copy_(chunk)
-                off += n
+            if b.kind == "reduce_scatter":
+                row = (b.handle.wait() if b.handle is not None else b.flat[:1]).reshape(-1)
+                off = 0
+                for name, k in zip(b.names, b.chunks):
+                    self.reduced[name] = row[off:off + k].clone()
+                    off += k
+            else:
+                for axis in b.axes[1:]:          # further axes: partial sums there too
+                    self.mesh.all_reduce_(b.flat, axis, phase="backward")
+                off = 0
+                for p in b.params:
+                    n = p.numel()
+                    chunk = b.flat[off:off + n].view_as(p)
+                    if p.grad is None:
+                        p.grad = chunk.clone()
+                    else:
+                        p.grad.copy_(chunk)
+                    off += n
             self.timeline.append({"bucket": b.index, "axes": list(b.axes),
                                   "bytes": b.flat.numel() * b.flat.element_size(),
                                   "launched": b.launched, "done": b.seen_done or t1,
                                   "blocked_s": t1 - t0})
             if b.handle is not None:
-                self.mesh.async_log.append({"kind": "all_reduce", "axis": b.axes[0], "what": f"bucket {b.index}",
+                self.mesh.async_log.append({"kind": b.kind, "axis": b.axes[0], "what": f"bucket {b.index}",
                                             "shape": list(b.flat.shape), "dtype": str(b.flat.dtype),
                                             "launched": b.launched, "blocked_s": t1 - t0})
             b.flat = b.handle = None

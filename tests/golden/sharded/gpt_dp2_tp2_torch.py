@@ -54,7 +54,8 @@ REPLICATED = ('R', 'R')
 INPUTS = ['idx', 'targets']
 BLOCK_LISTS = ['transformer.h']
 
-# Gradients of replicated parameters are partial sums over the listed axes. rt.GradBuckets
+# Gradients of replicated parameters are partial sums over the listed axes (ZeRO-2's rows
+# say reduce_scatter: each rank keeps its chunk for its optimizer state). rt.GradBuckets
 # packs them, in the order backward finishes them (a `*` row: every block, last first),
 # into buckets of up to BUCKET_BYTES (the first FIRST_BUCKET_BYTES); each bucket is
 # all_reduced as one flat tensor, launched asynchronously the moment backward has
