@@ -213,6 +213,9 @@ def _common_args(p: argparse.ArgumentParser) -> None:
                    help="memory per device for the search, e.g. 80GB, 2MiB")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weights", metavar="FILE.safetensors",
+                   help="start from these weights: a single-device state dict under the model's own "
+                        "names (a Hugging Face model.safetensors, `autopar checkpoint consolidate`)")
 
 
 def add_emit_args(p: argparse.ArgumentParser) -> None:
@@ -225,7 +228,12 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     _common_args(p)
     p.add_argument("-o", "--out", metavar="DIR", help="keep the program here (default: a temp dir)")
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--check", action="store_true", help="compare with the single-device run")
+    p.add_argument("--check", action="store_true", help="compare with the single-device run "
+                   "(of all steps, those before the --resume checkpoint too)")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="save the training state under DIR at the end (and as the plan file says)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue from the latest checkpoint in DIR, saved under any plan")
     p.add_argument("--timeout", type=float, default=300, help="seconds before the job is killed")
 
 
@@ -287,6 +295,17 @@ def check_flags(args, verb: str) -> None:
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise InputError(f"-o {out}: that is an existing file; -o names the directory the "
                          "program is written to. Give a new or existing directory.")
+    weights = getattr(args, "weights", None)
+    if weights is not None and not Path(weights).is_file():
+        raise InputError(f"--weights {weights}: no such file; give a .safetensors state dict "
+                         "(e.g. one `autopar checkpoint consolidate DIR -o FILE` wrote)")
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        from autopar.backends.runtime.checkpoint import CheckpointError, latest_checkpoint
+        try:
+            latest_checkpoint(resume)
+        except CheckpointError as e:
+            raise InputError(f"--resume {e}") from None
     if verb == "run" and getattr(args, "target", "cpu") == "cuda" and not torch.cuda.is_available():
         raise InputError("--target cuda: this machine has no CUDA device (torch.cuda.is_available() "
                          "is False). Run on the CPU (--target cpu), or write the program with "
@@ -313,6 +332,11 @@ def _program_from_args(args, verb: str) -> Program:
     check_flags(args, verb)
     model, inputs, name = load_spec(args.spec, inputs=args.inputs)
     check_model(model, verb)
+    if getattr(args, "weights", None):
+        # before the trace: the program, its init file and the --check reference all start here
+        from autopar.spec import load_weights
+        for line in load_weights(model, args.weights):
+            print(line)
     return build_program(model, inputs, args.mesh, backend=args.backend, plan=args.plan,
                          device=args.device, memory=args.memory, optimizer=args.optimizer,
                          lr=args.lr, steps=args.steps, name=name, devices=args.devices,
@@ -351,6 +375,26 @@ def traffic_table(predicted: dict, plan_bytes: dict, stats: list[dict]) -> tuple
     if not keys:
         lines.append("  (no collectives)")
     return ok, lines
+
+
+def checkpoint_args(args, plan) -> list[str]:
+    """The program's --checkpoint / --resume for `autopar run`: the flags, else the plan's
+    directories, made absolute (the ranks run in the program's folder, relative paths mean
+    the caller's working directory)."""
+    out = []
+    settings = getattr(plan, "checkpoint", None) or {}
+    from autopar.backends.runtime.checkpoint import list_checkpoints
+    directory = args.checkpoint or settings.get("directory")
+    if directory:
+        out += ["--checkpoint", str(Path(directory).resolve())]
+    resume = args.resume
+    if resume is None and settings.get("resume") and list_checkpoints(settings["resume"]):
+        resume = settings["resume"]           # the plan's: only once there is something to resume
+    if resume:
+        out += ["--resume", str(Path(resume).resolve())]
+    elif settings.get("resume"):
+        out += ["--resume", ""]               # nothing there yet: start from the initial weights
+    return out
 
 
 def plan_line(plan) -> str:
@@ -407,6 +451,7 @@ def _run(args) -> int:
         print(plan_line(prog.plan), flush=True)
         run_args = ["--steps", str(args.steps), "--optimizer", args.optimizer, "--lr", repr(args.lr),
                     "--device", args.target, "--save", str(out / "shards"), "--stats", str(out / "stats")]
+        run_args += checkpoint_args(args, prog.plan)
         res = launch(prog.files["program"], prog.world, args.backend, run_args, args.timeout, out / "logs")
         if not res.ok:
             print(f"autopar run: FAILED: {res.message}", flush=True)
@@ -428,11 +473,16 @@ def _run(args) -> int:
         if not args.check:
             return 0 if same else 1
         peaks: dict = {}
-        ref_losses, ref_state = reference_run(prog.model, state, prog.inputs, args.steps,
+        start = int(stats[0].get("checkpoint", {}).get("start_step", 0))
+        ref_losses, ref_state = reference_run(prog.model, state, prog.inputs, start + args.steps,
                                               args.optimizer, args.lr, grad_peaks=peaks)
-        print("single device: " + ", ".join(f"{x:.6f}" for x in ref_losses))
-        chk = compare(prog, stats, out / "shards", ref_losses, ref_state, grad_peaks=peaks,
-                      lr=args.lr, steps=args.steps, optimizer=args.optimizer)
+        if start:
+            print(f"single device: {start} steps before the checkpoint, then "
+                  + ", ".join(f"{x:.6f}" for x in ref_losses[start:]))
+        else:
+            print("single device: " + ", ".join(f"{x:.6f}" for x in ref_losses))
+        chk = compare(prog, stats, out / "shards", ref_losses[start:], ref_state, grad_peaks=peaks,
+                      lr=args.lr, steps=start + args.steps, optimizer=args.optimizer)
         if chk.flat:
             print(f"zero gradient (rounding noise only), compared absolutely against lr x steps = "
                   f"{chk.flat_tol:.3g}: {', '.join(chk.flat[:4])}{', ...' if len(chk.flat) > 4 else ''} "

@@ -38,6 +38,9 @@ class Plan:
     # in backward, ZeRO-3 parameters gathered `prefetch` blocks ahead; enabled=False keeps
     # every collective where the plan puts it, synchronous
     overlap: dict[str, Any] = field(default_factory=lambda: dict(OVERLAP_DEFAULTS))
+    # training-state checkpoints from a plan file (the program's defaults): directory,
+    # every (steps, 0 = only at the end), keep, async, resume (a directory); empty: none
+    checkpoint: dict[str, Any] = field(default_factory=dict)
     cost: dict[str, Any] = field(default_factory=dict)   # breakdown (seconds, bytes)
     solver: dict[str, Any] = field(default_factory=dict) # statistics
     constraints: list[str] = field(default_factory=list) # from a plan file, as written
