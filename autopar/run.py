@@ -39,10 +39,13 @@ TOLERANCE = 1e-5
 # ---- the single-device reference --------------------------------------------------------------
 
 def reference_run(model: torch.nn.Module, state: dict, inputs: tuple, steps: int, optimizer: str,
-                  lr: float, grad_peaks: dict | None = None) -> tuple[list[float], dict]:
+                  lr: float, grad_peaks: dict | None = None, pieces: dict | None = None
+                  ) -> tuple[list[float], dict]:
     """Train the unmodified model on one device from `state`: losses and final state dict.
     `grad_peaks`, when given, is filled with each trainable parameter's largest |gradient|
-    over the steps (how `compare` recognises a gradient that is zero in exact arithmetic)."""
+    over the steps (how `compare` recognises a gradient that is zero in exact arithmetic),
+    and with each piece's of `pieces` (name -> `Piece` of a fused weight: the k bias of a
+    fused qkv bias has a zero gradient, the q and v biases do not)."""
     from autopar.compiler.interpret import loss_of
     with torch.no_grad():
         for name, t in model.state_dict(keep_vars=True).items():
@@ -62,6 +65,12 @@ def reference_run(model: torch.nn.Module, state: dict, inputs: tuple, steps: int
             for p in trainable:
                 g = 0.0 if p.grad is None or not p.numel() else p.grad.abs().max().item()
                 grad_peaks[names[id(p)]] = max(grad_peaks.get(names[id(p)], 0.0), g)
+            grads = {names[id(p)]: p.grad for p in trainable if p.grad is not None}
+            for key, piece in (pieces or {}).items():
+                if piece.source in grads:
+                    cut = piece.cut(grads[piece.source])
+                    g = cut.abs().max().item() if cut.numel() else 0.0
+                    grad_peaks[key] = max(grad_peaks.get(key, 0.0), g)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -159,8 +168,9 @@ def compare(program: Program, stats: list[dict], shard_dir: Path, ref_losses, re
                     problems.append(f"rank {s['rank']} {key}: values differ")
                 continue
             delta = (t.double() - want.double()).abs().max().item() if t.numel() else 0.0
-            if source in flat_names:
-                flat_seen.add(source)
+            flat_key = key if key in (grad_peaks or {}) else source    # a piece has its own peak
+            if flat_key in flat_names:
+                flat_seen.add(flat_key)
                 flat_abs = max(flat_abs, delta)
                 if delta > flat_tol:
                     problems.append(f"rank {s['rank']} {key}: its gradient is zero, yet it moved "
@@ -439,7 +449,7 @@ def _run(args) -> int:
     search_bytes = prog.plan.cost.get("bytes")
     tmp = None
     if args.out:
-        out = Path(args.out)
+        out = Path(args.out).resolve()        # the ranks run in the program's folder
     else:
         tmp = tempfile.TemporaryDirectory(prefix="autopar-run-")
         out = Path(tmp.name)
@@ -475,7 +485,8 @@ def _run(args) -> int:
         peaks: dict = {}
         start = int(stats[0].get("checkpoint", {}).get("start_step", 0))
         ref_losses, ref_state = reference_run(prog.model, state, prog.inputs, start + args.steps,
-                                              args.optimizer, args.lr, grad_peaks=peaks)
+                                              args.optimizer, args.lr, grad_peaks=peaks,
+                                              pieces=prog.graph.pieces)
         if start:
             print(f"single device: {start} steps before the checkpoint, then "
                   + ", ".join(f"{x:.6f}" for x in ref_losses[start:]))
