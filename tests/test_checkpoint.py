@@ -572,3 +572,146 @@ def test_programs_save_and_resume_across_plans_and_backends(tmp_path, monkeypatc
     diff = sum((got[k].double() - ref[k].double()).norm() ** 2 for k in normal) ** 0.5
     assert diff / sum(ref[k].double().norm() ** 2 for k in normal) ** 0.5 < 1e-5
     assert max((got[k] - ref[k]).abs().max().item() for k in ref) < 1e-3 * 5
+
+
+def _program_args(argv, defaults=None, optimizer="adamw"):
+    import argparse
+    parser = argparse.ArgumentParser()
+    rt.add_checkpoint_args(parser, defaults)
+    args = parser.parse_args(argv)
+    args.optimizer = optimizer
+    return args
+
+
+def _toy(seed=0, optimizer="adamw"):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 3))
+    model.register_buffer("scale", torch.tensor(2.0))
+    opt = (torch.optim.AdamW(model.parameters(), lr=0.01) if optimizer == "adamw"
+           else torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    specs = {k: ShardSpec(tuple(v.shape), ()) for k, v in model.state_dict().items()}
+    return model, opt, specs
+
+
+def _train(model, opt, steps, x):
+    for _ in range(steps):
+        (model(x).square().mean() * model.scale).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_training_checkpoint_every_keep_resume_and_errors(tmp_path, optimizer):
+    x = torch.randn(5, 4)
+    model, opt, specs = _toy(0, optimizer)
+    args = _program_args(["--checkpoint", str(tmp_path / "ck"), "--every", "2", "--keep", "2"], optimizer=optimizer)
+    ckpt = rt.TrainingCheckpoint(args, None, model, opt, specs, plan={"model": "toy"})
+    assert ckpt.resume() == 0
+    for step in range(5):
+        _train(model, opt, 1, x)
+        ckpt.step_done(step + 1)
+    ckpt.finish(5)
+    assert [s["step"] for s in ckpt.saves] == [2, 4, 5]
+    assert [s for s, _ in ck.list_checkpoints(tmp_path / "ck")] == [4, 5]
+    _train(model, opt, 2, x)                       # the run that never stopped
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model2, opt2, _ = _toy(1, optimizer)           # other weights: all of them come from the checkpoint
+    ckpt2 = rt.TrainingCheckpoint(_program_args(["--resume", str(tmp_path / "ck")], optimizer=optimizer),
+                                  None, model2, opt2, specs)
+    assert ckpt2.resume() == 5 and ckpt2.stats()["start_step"] == 5
+    _train(model2, opt2, 2, x)
+    assert all(torch.equal(model2.state_dict()[k], v) for k, v in want.items())
+
+    # the plan's resume directory may be empty (a first run); one given on the command line may not
+    fresh = _program_args([], {"resume": str(tmp_path / "none")}, optimizer)
+    assert rt.TrainingCheckpoint(fresh, None, *_toy(2, optimizer)).resume() == 0
+    with pytest.raises(CheckpointError, match="none: no such directory"):
+        rt.TrainingCheckpoint(_program_args(["--resume", str(tmp_path / "none")]), None, *_toy()).resume()
+    other = "sgd" if optimizer == "adamw" else "adamw"
+    with pytest.raises(CheckpointError, match=rf"no {other} state for parameter '0.weight'.*resume with the optimizer"):
+        rt.TrainingCheckpoint(_program_args(["--resume", str(tmp_path / "ck")], optimizer=other), None,
+                              *_toy(0, other)).resume()
+    wide = torch.nn.Sequential(torch.nn.Linear(4, 7), torch.nn.Linear(7, 3))
+    wide.register_buffer("scale", torch.tensor(2.0))
+    with pytest.raises(CheckpointError, match=r"tensor '0.weight' has shape \(6, 4\) in the checkpoint but \(7, 4\)"):
+        rt.TrainingCheckpoint(_program_args(["--resume", str(tmp_path / "ck")], optimizer=optimizer), None, wide,
+                              torch.optim.SGD(wide.parameters(), lr=0.1),
+                              {k: ShardSpec(tuple(v.shape), ()) for k, v in wide.state_dict().items()}).resume()
+
+
+def test_program_checkpoint_flags_and_plan_defaults():
+    args = _program_args([], {"directory": "ckpt/", "every": 100, "keep": 3, "async": True, "resume": "ckpt/"})
+    assert (args.checkpoint, args.every, args.keep, args.async_, args.resume) == ("ckpt/", 100, 3, True, "ckpt/")
+    args = _program_args(["--no-async", "--every", "0", "--resume", ""], {"directory": "c", "async": True})
+    assert (args.async_, args.every, args.resume) == (False, 0, "")
+    assert _program_args([]).checkpoint is None
+
+
+# --------------------------------------------------------------------------
+# --weights: start from a given single-device state dict
+# --------------------------------------------------------------------------
+def test_weights_file_errors_name_file_and_tensor(tmp_path):
+    from autopar.spec import WeightsError, load_weights
+    from autopar.spec import load_spec
+    model, _, _ = load_spec(GPT)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def weights(name, tensors):
+        rt.save_file(tmp_path / name, tensors)
+        return str(tmp_path / name)
+    no_head = {k: v for k, v in state.items() if k != "lm_head.weight"}     # tied to the embedding
+    no_head["transformer.wte.weight"] = torch.ones_like(state["transformer.wte.weight"])
+    assert load_weights(model, weights("hf.safetensors", no_head)) == []
+    assert torch.equal(model.lm_head.weight, torch.ones_like(model.lm_head.weight))
+    missing = {k: v for k, v in state.items() if k != "transformer.ln_f.bias"}
+    with pytest.raises(WeightsError, match=r"missing\.safetensors: tensor 'transformer\.ln_f\.bias' of GPT is not in the file"):
+        load_weights(model, weights("missing.safetensors", missing))
+    renamed = {("model." + k if k == "transformer.ln_f.bias" else k): v for k, v in state.items()}
+    with pytest.raises(WeightsError, match=r"the file has 'model\.transformer\.ln_f\.bias': saved under other names"):
+        load_weights(model, weights("renamed.safetensors", renamed))
+    with pytest.raises(WeightsError, match=r"extra\.safetensors: tensor 'head\.extra' is not in GPT"):
+        load_weights(model, weights("extra.safetensors", {**state, "head.extra": torch.zeros(2)}))
+    bad = {**state, "transformer.wpe.weight": torch.zeros(3, 3)}
+    with pytest.raises(WeightsError, match=r"tensor 'transformer\.wpe\.weight' has shape \(3, 3\) in the file but"):
+        load_weights(model, weights("shape.safetensors", bad))
+    untied = {**state, "lm_head.weight": state["lm_head.weight"] + 1}
+    with pytest.raises(WeightsError, match="are one tied tensor in GPT but differ in the file"):
+        load_weights(model, weights("untied.safetensors", untied))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(WeightsError, match=r"junk\.safetensors: not a readable safetensors file"):
+        load_weights(model, str(tmp_path / "junk.safetensors"))
+    half = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    notes = load_weights(model, weights("bf16.safetensors", half))
+    assert notes and "cast to the model's torch.float32" in notes[0]
+    assert torch.equal(model.transformer.wpe.weight, half["transformer.wpe.weight"].float())
+    # the CLI: one paragraph, exit 2, before any trace
+    rc, _, err = run_cli(["emit", GPT, "--mesh", "tp=2", "-o", str(tmp_path / "out"),
+                          "--weights", str(tmp_path / "missing.safetensors")])
+    assert rc == 2 and "tensor 'transformer.ln_f.bias' of GPT is not in the file" in err
+    rc, _, err = run_cli(["emit", GPT, "--mesh", "tp=2", "-o", str(tmp_path / "out"),
+                          "--weights", str(tmp_path / "nowhere.safetensors")])
+    assert rc == 2 and "--weights" in err and "no such file" in err
+
+
+def test_emit_with_weights_and_plan_checkpoint_settings(tmp_path):
+    """`emit --weights`: the init file holds those weights; a plan file's checkpoint
+    statement becomes the program's defaults and its header says so."""
+    from autopar.spec import load_spec
+    model, _, _ = load_spec(GPT)
+    state = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+    rt.save_file(tmp_path / "w.safetensors", state)
+    (tmp_path / "p.plan").write_text('mesh tp=2\ncheckpoint every 10 steps to "ck" keep 2 async\n'
+                                     'resume from "ck"\noverlap bucket 4MiB\n')
+    rc, out, err = run_cli(["emit", GPT, "--plan", str(tmp_path / "p.plan"), "-o", str(tmp_path / "out"),
+                            "--weights", str(tmp_path / "w.safetensors")])
+    assert rc == 0, err
+    init, _ = rt.load_init(tmp_path / "out" / "gpt_tp2_torch.init.safetensors")
+    assert all(torch.equal(init[k], v) for k, v in state.items())
+    src = (tmp_path / "out" / "gpt_tp2_torch.py").read_text()
+    assert "the plan saves every 10 steps and at the end to ck, keeping the last 2, asynchronously" in src
+    assert "rt.add_checkpoint_args(parser, {'directory': 'ck', 'every': 10, 'keep': 2, 'async': True, " \
+           "'resume': 'ck'})" in src
+    assert "for step in range(start, start + args.steps):" in src
+    plan = json.loads((tmp_path / "out" / "gpt_tp2_torch.plan.json").read_text())
+    assert plan["checkpoint"]["every"] == 10 and plan["overlap"]["bucket_bytes"] == 4 << 20
