@@ -1348,7 +1348,7 @@ def _emit_checkpoint_resume(w: Writer, opts: EmitOptions, zero: bool) -> None:
     zero_args = ", zero_chunks=zero.chunks, zero_axis=zero.axis" if zero else ""
     w("ckpt = rt.TrainingCheckpoint(args, mesh, model, optimizer, checkpoint_specs(model, full)"
       f"{zero_args},", 1)
-    w(f"plan=os.path.join(os.path.dirname(os.path.abspath(__file__)), {plan_file!r}))", 8)
+    w(" " * len("ckpt = rt.TrainingCheckpoint(") + f"plan=os.path.join(os.path.dirname(__file__), {plan_file!r}))", 1)
     w("start = ckpt.resume()  # 0, or the steps the --resume checkpoint was saved after", 1)
 
 

@@ -571,9 +571,13 @@ def save_checkpoint(directory, mesh, step: int, tensors: Mapping[str, object],
             handle.error = e
         handle.seconds = time.perf_counter() - t0
 
+    def background(handle: CheckpointHandle):
+        _lower_thread_priority()
+        work(handle)
+
     if async_:
         handle = CheckpointHandle(path)
-        th = threading.Thread(target=work, args=(handle,), name=f"checkpoint-step-{step}", daemon=True)
+        th = threading.Thread(target=background, args=(handle,), name=f"checkpoint-step-{step}", daemon=True)
         handle._thread = th
         th.start()
         _pending.append(handle)
@@ -584,6 +588,16 @@ def save_checkpoint(directory, mesh, step: int, tensors: Mapping[str, object],
         mesh.barrier()                           # every rank returns after the index exists
     handle.wait()
     return handle
+
+
+def _lower_thread_priority() -> None:
+    """Run this (writer) thread at the lowest CPU priority: where the ranks keep every core
+    busy, the training steps get the CPU first and the write takes what is left. Linux
+    schedules threads on their own, so only this thread is affected; best effort."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
 
 
 def _unpack(item, axes, what) -> Tuple[torch.Tensor, ShardSpec]:
