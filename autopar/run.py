@@ -403,7 +403,9 @@ def checkpoint_args(args, plan) -> list[str]:
     if resume:
         out += ["--resume", str(Path(resume).resolve())]
     elif settings.get("resume"):
-        out += ["--resume", ""]               # nothing there yet: start from the initial weights
+        print(f"note: the plan resumes from {settings['resume']}, which holds no checkpoint yet: "
+              "starting from the initial weights")
+        out += ["--resume", ""]
     return out
 
 

@@ -411,6 +411,9 @@ def describe_terminal(name: str) -> str:
         pattern = term.pattern
         if pattern.type == "str":
             return f"'{pattern.value}'"
+        word = re.fullmatch(r"([a-z]+)\??\\b", pattern.value)      # a whole-word keyword: /steps?\b/
+        if word:
+            return f"'{word.group(1)}'"
     except KeyError:
         pass
     return {"NAME": "a name", "NUMBER": "a number", "SIGNED_NUMBER": "a number",

@@ -1201,7 +1201,10 @@ class TrainingCheckpoint:
             == path.parent.resolve() else None
         if self.mesh is None or self.mesh.rank == 0:
             saved = ",".join(f"{a}={n}" for a, n in got.mesh.items()) or "one device"
-            print(f"checkpoint: resumed from {path} (step {got.step}, saved on {saved})", flush=True)
+            rng = "" if got.rng is not None else (
+                f"; RNG states not restored: saved by {index['world_size']} ranks, this run has "
+                f"{self.mesh.world_size if self.mesh is not None else 1}")
+            print(f"checkpoint: resumed from {path} (step {got.step}, saved on {saved}){rng}", flush=True)
         return got.step
 
 
