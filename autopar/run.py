@@ -14,6 +14,12 @@ max_rel_err=<x>` (exit 0) or `check: FAILED ...` naming the worst tensor (exit 1
 flag is checked before the trace (`check_flags`), and a model that cannot be trained or
 checked (meta weights, all frozen, dropout with --check) is refused before any rank starts.
 
+`--weights FILE` loads a single-device state dict into the model before the trace (so the
+program's init file and the --check reference start from it). `--checkpoint DIR` and
+`--resume DIR` (or the plan file's `checkpoint ... to` / `resume from`) go to the program as
+absolute paths; after a resume the reference trains the steps before the checkpoint too and
+compares the steps after it.
+
 A rank that crashes ends the job at once (the others are killed, its log tail printed); a
 job that runs past --timeout is killed as a whole (all ranks share one process group); a
 SIGINT or SIGTERM is forwarded to the ranks, the run directory removed, exit 130 or 143.

@@ -40,6 +40,14 @@ dim of the global tensor), ``flat`` (``[offset, length]`` of the region's row-ma
 flattening, or null) and ``crc32`` of the stored bytes), ``rng`` (rank -> key -> file/key)
 and ``aliases``.
 
+A generated program's training state
+-----------------------------------
+:class:`TrainingCheckpoint` (with :func:`add_checkpoint_args` for the program's flags) saves
+and resumes what a program trains: every tensor of its state dict under the model's own
+names (pieces of fused weights keep their ``source``), the optimizer state of each parameter
+or of its ZeRO chunk (``F``), the step and each rank's RNG state. Names and global shapes do
+not depend on the plan, so a program of any mesh or ZeRO stage resumes from it.
+
 No pickle anywhere: safetensors files and JSON only.
 """
 from __future__ import annotations
