@@ -415,6 +415,22 @@ def checkpoint_args(args, plan) -> list[str]:
     return out
 
 
+def check_resume(prog: Program, directory: str) -> None:
+    """A --resume checkpoint of another model is refused before any rank starts, naming a
+    parameter of this one it does not hold."""
+    from autopar.backends.runtime.checkpoint import read_index
+    from autopar.compiler.errors import InputError
+    path, index = read_index(directory)
+    have = {k for k, r in index["tensors"].items() if r["group"] == "model"} | set(index.get("aliases", {}))
+    want = [v.name for v in prog.graph.params if v.kind == "param" and v.name not in prog.graph.aliases]
+    missing = [n for n in want if n not in have]
+    if missing:
+        raise InputError(f"--resume {path}: the checkpoint holds no {missing[0]!r} of {type(prog.model).__name__}"
+                         f"{f' (nor {len(missing) - 1} more of its parameters)' if len(missing) > 1 else ''}; "
+                         f"it was saved by another model (it holds e.g. {sorted(have)[:2]}). Resume from a "
+                         f"checkpoint of this model, or start afresh without --resume.")
+
+
 def plan_line(plan) -> str:
     """One line on what the search chose and why it fits (`autopar plan` explains in full)."""
     from autopar.compiler.cluster import format_bytes, format_time
@@ -470,6 +486,8 @@ def _run(args) -> int:
         run_args = ["--steps", str(args.steps), "--optimizer", args.optimizer, "--lr", repr(args.lr),
                     "--device", args.target, "--save", str(out / "shards"), "--stats", str(out / "stats")]
         run_args += checkpoint_args(args, prog.plan)
+        if "--resume" in run_args and run_args[run_args.index("--resume") + 1]:
+            check_resume(prog, run_args[run_args.index("--resume") + 1])
         res = launch(prog.files["program"], prog.world, args.backend, run_args, args.timeout, out / "logs")
         if not res.ok:
             print(f"autopar run: FAILED: {res.message}", flush=True)

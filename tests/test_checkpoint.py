@@ -715,3 +715,15 @@ def test_emit_with_weights_and_plan_checkpoint_settings(tmp_path):
     assert "for step in range(start, start + args.steps):" in src
     plan = json.loads((tmp_path / "out" / "gpt_tp2_torch.plan.json").read_text())
     assert plan["checkpoint"]["every"] == 10 and plan["overlap"]["bucket_bytes"] == 4 << 20
+
+
+def test_run_refuses_a_checkpoint_of_another_model_before_starting_ranks(tmp_path):
+    model, opt, specs = _toy()
+    ckpt = rt.TrainingCheckpoint(_program_args(["--checkpoint", str(tmp_path / "toy")]), None, model, opt, specs)
+    ckpt.finish(0)
+    rc, out, err = run_cli(["run", f"{REPO}/examples/mlp.py:build", "--mesh", "tp=2", "--steps", "1",
+                            "--resume", str(tmp_path / "toy")])
+    assert rc == 2 and "the checkpoint holds no 'net.0.weight' of MLP" in err and "another model" in err, err
+    rc, out, err = run_cli(["run", f"{REPO}/examples/mlp.py:build", "--mesh", "tp=2", "--steps", "1",
+                            "--resume", str(tmp_path / "nothing")])
+    assert rc == 2 and "--resume" in err and "nothing: no such directory" in err, err

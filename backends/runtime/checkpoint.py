@@ -1176,6 +1176,8 @@ class TrainingCheckpoint:
             return 0
         path, index = read_index(d)
         have = index["tensors"]
+        if any(n not in have for n in self.specs):
+            load_checkpoint(path, self.mesh, self.specs)      # names what is missing: another model?
         keys = OPTIMIZER_KEYS.get(self.optimizer_name, ())
         opt_want: Dict[str, ShardSpec] = {}
         for name, (_, spec) in self.opt_params.items():
