@@ -1301,12 +1301,12 @@ def checkpoint_header(plan) -> list[str]:
     if c.get("directory"):
         every = f"every {c['every']} steps and " if c.get("every") else ""
         keep = f", keeping the last {c['keep']}" if c.get("keep") else ""
-        lines.append(f"    the plan saves {every}at the end to {c['directory']}{keep}"
+        lines.append(f"    the plan saves {every}at the end to \"{c['directory']}\"{keep}"
                      f"{', asynchronously' if c.get('async') else ''} (--checkpoint, --every, --keep, --async)")
     else:
         lines.append("    --checkpoint DIR saves at the end (--every N steps too, --keep K, --async)")
     if c.get("resume"):
-        lines.append(f"    the plan resumes from {c['resume']} when it holds a checkpoint (--resume DIR)")
+        lines.append(f"    the plan resumes from \"{c['resume']}\" when it holds a checkpoint (--resume DIR)")
     else:
         lines.append("    --resume DIR continues from the latest one in DIR")
     return lines

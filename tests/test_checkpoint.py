@@ -646,6 +646,10 @@ def test_program_checkpoint_flags_and_plan_defaults():
     args = _program_args(["--no-async", "--every", "0", "--resume", ""], {"directory": "c", "async": True})
     assert (args.async_, args.every, args.resume) == (False, 0, "")
     assert _program_args([]).checkpoint is None
+    with pytest.raises(CheckpointError, match="--keep 0: keep at least the latest"):
+        rt.TrainingCheckpoint(_program_args(["--keep", "0"]), None, *_toy())
+    with pytest.raises(CheckpointError, match="--every -1"):
+        rt.TrainingCheckpoint(_program_args(["--every", "-1"]), None, *_toy())
 
 
 # --------------------------------------------------------------------------
@@ -709,7 +713,7 @@ def test_emit_with_weights_and_plan_checkpoint_settings(tmp_path):
     init, _ = rt.load_init(tmp_path / "out" / "gpt_tp2_torch.init.safetensors")
     assert all(torch.equal(init[k], v) for k, v in state.items())
     src = (tmp_path / "out" / "gpt_tp2_torch.py").read_text()
-    assert "the plan saves every 10 steps and at the end to ck, keeping the last 2, asynchronously" in src
+    assert 'the plan saves every 10 steps and at the end to "ck", keeping the last 2, asynchronously' in src
     assert "rt.add_checkpoint_args(parser, {'directory': 'ck', 'every': 10, 'keep': 2, 'async': True, " \
            "'resume': 'ck'})" in src
     assert "for step in range(start, start + args.steps):" in src

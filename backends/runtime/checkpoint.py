@@ -1093,6 +1093,11 @@ class TrainingCheckpoint:
                  zero_axis: Optional[str] = None, plan=None):
         self.args, self.mesh, self.model, self.optimizer = args, mesh, model, optimizer
         self.optimizer_name = getattr(args, "optimizer", "adamw")
+        if int(getattr(args, "every", 0) or 0) < 0:
+            raise CheckpointError(f"--every {args.every}: give the steps between saves (0: only at the end)")
+        if getattr(args, "keep", None) is not None and args.keep < 1:
+            raise CheckpointError(f"--keep {args.keep}: keep at least the latest checkpoint (or leave "
+                                  f"--keep out to keep them all)")
         self.plan = _read_plan(plan)
         self.tensors: Dict[str, torch.Tensor] = {}
         self.aliases: Dict[str, str] = {}            # tied name -> the name saved
