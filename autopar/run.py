@@ -14,6 +14,12 @@ max_rel_err=<x>` (exit 0) or `check: FAILED ...` naming the worst tensor (exit 1
 flag is checked before the trace (`check_flags`), and a model that cannot be trained or
 checked (meta weights, all frozen, dropout with --check) is refused before any rank starts.
 
+`--weights FILE` loads a single-device state dict into the model before the trace (so the
+program's init file and the --check reference start from it). `--checkpoint DIR` and
+`--resume DIR` (or the plan file's `checkpoint ... to` / `resume from`) go to the program as
+absolute paths; after a resume the reference trains the steps before the checkpoint too and
+compares the steps after it.
+
 A rank that crashes ends the job at once (the others are killed, its log tail printed); a
 job that runs past --timeout is killed as a whole (all ranks share one process group); a
 SIGINT or SIGTERM is forwarded to the ranks, the run directory removed, exit 130 or 143.
@@ -39,10 +45,13 @@ TOLERANCE = 1e-5
 # ---- the single-device reference --------------------------------------------------------------
 
 def reference_run(model: torch.nn.Module, state: dict, inputs: tuple, steps: int, optimizer: str,
-                  lr: float, grad_peaks: dict | None = None) -> tuple[list[float], dict]:
+                  lr: float, grad_peaks: dict | None = None, pieces: dict | None = None
+                  ) -> tuple[list[float], dict]:
     """Train the unmodified model on one device from `state`: losses and final state dict.
     `grad_peaks`, when given, is filled with each trainable parameter's largest |gradient|
-    over the steps (how `compare` recognises a gradient that is zero in exact arithmetic)."""
+    over the steps (how `compare` recognises a gradient that is zero in exact arithmetic),
+    and with each piece's of `pieces` (name -> `Piece` of a fused weight: the k bias of a
+    fused qkv bias has a zero gradient, the q and v biases do not)."""
     from autopar.compiler.interpret import loss_of
     with torch.no_grad():
         for name, t in model.state_dict(keep_vars=True).items():
@@ -62,6 +71,12 @@ def reference_run(model: torch.nn.Module, state: dict, inputs: tuple, steps: int
             for p in trainable:
                 g = 0.0 if p.grad is None or not p.numel() else p.grad.abs().max().item()
                 grad_peaks[names[id(p)]] = max(grad_peaks.get(names[id(p)], 0.0), g)
+            grads = {names[id(p)]: p.grad for p in trainable if p.grad is not None}
+            for key, piece in (pieces or {}).items():
+                if piece.source in grads:
+                    cut = piece.cut(grads[piece.source])
+                    g = cut.abs().max().item() if cut.numel() else 0.0
+                    grad_peaks[key] = max(grad_peaks.get(key, 0.0), g)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -159,8 +174,9 @@ def compare(program: Program, stats: list[dict], shard_dir: Path, ref_losses, re
                     problems.append(f"rank {s['rank']} {key}: values differ")
                 continue
             delta = (t.double() - want.double()).abs().max().item() if t.numel() else 0.0
-            if source in flat_names:
-                flat_seen.add(source)
+            flat_key = key if key in (grad_peaks or {}) else source    # a piece has its own peak
+            if flat_key in flat_names:
+                flat_seen.add(flat_key)
                 flat_abs = max(flat_abs, delta)
                 if delta > flat_tol:
                     problems.append(f"rank {s['rank']} {key}: its gradient is zero, yet it moved "
@@ -216,6 +232,9 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--microbatches", type=int, default=None, metavar="M",
                    help="run each step's batch as M microbatches, gradients accumulated (the "
                         "batch each rank holds must divide by M)")
+    p.add_argument("--weights", metavar="FILE.safetensors",
+                   help="start from these weights: a single-device state dict under the model's own "
+                        "names (a Hugging Face model.safetensors, `autopar checkpoint consolidate`)")
 
 
 def add_emit_args(p: argparse.ArgumentParser) -> None:
@@ -228,7 +247,12 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     _common_args(p)
     p.add_argument("-o", "--out", metavar="DIR", help="keep the program here (default: a temp dir)")
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--check", action="store_true", help="compare with the single-device run")
+    p.add_argument("--check", action="store_true", help="compare with the single-device run "
+                   "(of all steps, those before the --resume checkpoint too)")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="save the training state under DIR at the end (and as the plan file says)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue from the latest checkpoint in DIR, saved under any plan")
     p.add_argument("--timeout", type=float, default=300, help="seconds before the job is killed")
     p.add_argument("--timeline", metavar="DIR", default=None,
                    help="write each rank's measured trace of the last step (Chrome/Perfetto JSON) "
@@ -293,6 +317,17 @@ def check_flags(args, verb: str) -> None:
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise InputError(f"-o {out}: that is an existing file; -o names the directory the "
                          "program is written to. Give a new or existing directory.")
+    weights = getattr(args, "weights", None)
+    if weights is not None and not Path(weights).is_file():
+        raise InputError(f"--weights {weights}: no such file; give a .safetensors state dict "
+                         "(e.g. one `autopar checkpoint consolidate DIR -o FILE` wrote)")
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        from autopar.backends.runtime.checkpoint import CheckpointError, latest_checkpoint
+        try:
+            latest_checkpoint(resume)
+        except CheckpointError as e:
+            raise InputError(f"--resume {e}") from None
     if verb == "run" and getattr(args, "target", "cpu") == "cuda" and not torch.cuda.is_available():
         raise InputError("--target cuda: this machine has no CUDA device (torch.cuda.is_available() "
                          "is False). Run on the CPU (--target cpu), or write the program with "
@@ -319,6 +354,11 @@ def _program_from_args(args, verb: str) -> Program:
     check_flags(args, verb)
     model, inputs, name = load_spec(args.spec, inputs=args.inputs)
     check_model(model, verb)
+    if getattr(args, "weights", None):
+        # before the trace: the program, its init file and the --check reference all start here
+        from autopar.spec import load_weights
+        for line in load_weights(model, args.weights):
+            print(line)
     return build_program(model, inputs, args.mesh, backend=args.backend, plan=args.plan,
                          device=args.device, memory=args.memory, optimizer=args.optimizer,
                          lr=args.lr, steps=args.steps, name=name, devices=args.devices,
@@ -392,6 +432,42 @@ def timeline_lines(prog, directory: Path, stats: list[dict]) -> list[str]:
         lines.append(f"  hidden behind compute: {min(fractions):.0%} (worst rank) of the asynchronous "
                      "communication (gradient buckets, ZeRO-3 gathers and reduce_scatters)")
     return lines
+def checkpoint_args(args, plan) -> list[str]:
+    """The program's --checkpoint / --resume for `autopar run`: the flags, else the plan's
+    directories, made absolute (the ranks run in the program's folder, relative paths mean
+    the caller's working directory)."""
+    out = []
+    settings = getattr(plan, "checkpoint", None) or {}
+    from autopar.backends.runtime.checkpoint import list_checkpoints
+    directory = args.checkpoint or settings.get("directory")
+    if directory:
+        out += ["--checkpoint", str(Path(directory).resolve())]
+    resume = args.resume
+    if resume is None and settings.get("resume") and list_checkpoints(settings["resume"]):
+        resume = settings["resume"]           # the plan's: only once there is something to resume
+    if resume:
+        out += ["--resume", str(Path(resume).resolve())]
+    elif settings.get("resume"):
+        print(f"note: the plan resumes from {settings['resume']}, which holds no checkpoint yet: "
+              "starting from the initial weights")
+        out += ["--resume", ""]
+    return out
+
+
+def check_resume(prog: Program, directory: str) -> None:
+    """A --resume checkpoint of another model is refused before any rank starts, naming a
+    parameter of this one it does not hold."""
+    from autopar.backends.runtime.checkpoint import read_index
+    from autopar.compiler.errors import InputError
+    path, index = read_index(directory)
+    have = {k for k, r in index["tensors"].items() if r["group"] == "model"} | set(index.get("aliases", {}))
+    want = [v.name for v in prog.graph.params if v.kind == "param" and v.name not in prog.graph.aliases]
+    missing = [n for n in want if n not in have]
+    if missing:
+        raise InputError(f"--resume {path}: the checkpoint holds no {missing[0]!r} of {type(prog.model).__name__}"
+                         f"{f' (nor {len(missing) - 1} more of its parameters)' if len(missing) > 1 else ''}; "
+                         f"it was saved by another model (it holds e.g. {sorted(have)[:2]}). Resume from a "
+                         f"checkpoint of this model, or start afresh without --resume.")
 
 
 def plan_line(plan) -> str:
@@ -436,7 +512,7 @@ def _run(args) -> int:
     search_bytes = prog.plan.cost.get("bytes")
     tmp = None
     if args.out:
-        out = Path(args.out)
+        out = Path(args.out).resolve()        # the ranks run in the program's folder
     else:
         tmp = tempfile.TemporaryDirectory(prefix="autopar-run-")
         out = Path(tmp.name)
@@ -450,6 +526,9 @@ def _run(args) -> int:
                     "--device", args.target, "--save", str(out / "shards"), "--stats", str(out / "stats")]
         if getattr(args, "timeline", None):
             run_args += ["--timeline", str(Path(args.timeline).resolve())]
+        run_args += checkpoint_args(args, prog.plan)
+        if "--resume" in run_args and run_args[run_args.index("--resume") + 1]:
+            check_resume(prog, run_args[run_args.index("--resume") + 1])
         res = launch(prog.files["program"], prog.world, args.backend, run_args, args.timeout, out / "logs")
         if not res.ok:
             print(f"autopar run: FAILED: {res.message}", flush=True)
@@ -473,11 +552,17 @@ def _run(args) -> int:
         if not args.check:
             return 0 if same else 1
         peaks: dict = {}
-        ref_losses, ref_state = reference_run(prog.model, state, prog.inputs, args.steps,
-                                              args.optimizer, args.lr, grad_peaks=peaks)
-        print("single device: " + ", ".join(f"{x:.6f}" for x in ref_losses))
-        chk = compare(prog, stats, out / "shards", ref_losses, ref_state, grad_peaks=peaks,
-                      lr=args.lr, steps=args.steps, optimizer=args.optimizer)
+        start = int(stats[0].get("checkpoint", {}).get("start_step", 0))
+        ref_losses, ref_state = reference_run(prog.model, state, prog.inputs, start + args.steps,
+                                              args.optimizer, args.lr, grad_peaks=peaks,
+                                              pieces=prog.graph.pieces)
+        if start:
+            print(f"single device: {start} steps before the checkpoint, then "
+                  + ", ".join(f"{x:.6f}" for x in ref_losses[start:]))
+        else:
+            print("single device: " + ", ".join(f"{x:.6f}" for x in ref_losses))
+        chk = compare(prog, stats, out / "shards", ref_losses[start:], ref_state, grad_peaks=peaks,
+                      lr=args.lr, steps=start + args.steps, optimizer=args.optimizer)
         if chk.flat:
             print(f"zero gradient (rounding noise only), compared absolutely against lr x steps = "
                   f"{chk.flat_tol:.3g}: {', '.join(chk.flat[:4])}{', ...' if len(chk.flat) > 4 else ''} "

@@ -95,3 +95,73 @@ def describe(x) -> str:
     if isinstance(x, tuple):
         return "a tuple of " + ", ".join(type(v).__name__ for v in x)
     return f"a {type(x).__name__}"
+
+
+class WeightsError(UserError):
+    """A `--weights` file that does not fit the model: the message names the file and tensor."""
+
+
+def load_weights(model: nn.Module, path: str) -> list[str]:
+    """Copy a single-device state dict from a safetensors file (a Hugging Face
+    `model.safetensors`, or what `autopar checkpoint consolidate` writes) into `model`, in
+    place, under the model's own state-dict names. Every tensor of the model must be there
+    with its shape, and nothing else; a tied name (`lm_head.weight` sharing the embedding)
+    may be left out. Floating tensors are cast to the model's dtype. Returns notes to print.
+
+        >>> notes = load_weights(model, "model.safetensors")      # doctest: +SKIP
+    """
+    import torch
+    from autopar.backends.runtime.checkpoint import CheckpointError, load_file
+    try:
+        given = load_file(path)
+    except CheckpointError as e:
+        raise WeightsError(f"--weights {e}") from None
+    own = model.state_dict(keep_vars=True)
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, t in own.items():
+        if id(t) in first:
+            tied[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+    missing = [n for n in own if n not in given and not (n in tied and tied[n] in given)
+               and not any(tied.get(m) == n and m in given for m in tied)]
+    extra = [n for n in given if n not in own]
+    fix = ("give the single-device state dict of this model under its own names "
+           "(`model.state_dict()` saved with safetensors, or `autopar checkpoint consolidate DIR -o FILE`)")
+    if missing:
+        close = ""
+        if extra:
+            import difflib
+            guess = difflib.get_close_matches(missing[0], extra, n=1, cutoff=0.6)
+            close = f" (the file has {guess[0]!r}: saved under other names?)" if guess else ""
+        raise WeightsError(f"--weights {path}: tensor {missing[0]!r} of {type(model).__name__} is not in the "
+                           f"file{f' ({len(missing) - 1} more missing)' if len(missing) > 1 else ''}{close}; {fix}")
+    if extra:
+        raise WeightsError(f"--weights {path}: tensor {extra[0]!r} is not in {type(model).__name__}"
+                           f"{f' ({len(extra) - 1} more like it)' if len(extra) > 1 else ''}; it holds "
+                           f"{len(own)} tensors, e.g. {list(own)[:2]}; {fix}")
+    notes = []
+    with torch.no_grad():
+        for name, t in own.items():
+            src = given.get(name)
+            if src is None:
+                src = given.get(tied.get(name, ""))
+            if src is None:                    # the tied name is in the file, this one is not
+                continue
+            if tuple(src.shape) != tuple(t.shape):
+                raise WeightsError(f"--weights {path}: tensor {name!r} has shape {tuple(src.shape)} in the "
+                                   f"file but {tuple(t.shape)} in {type(model).__name__}; the file is of a "
+                                   "model of another size or configuration")
+            if src.dtype != t.dtype:
+                if not (src.is_floating_point() and t.is_floating_point()):
+                    raise WeightsError(f"--weights {path}: tensor {name!r} is {src.dtype} in the file but "
+                                       f"{t.dtype} in the model")
+                if not notes:
+                    notes.append(f"note: --weights {path}: {src.dtype} tensors cast to the model's {t.dtype}")
+            t.copy_(src.to(t.dtype))
+    for name, target in tied.items():
+        if name in given and target in given and not torch.equal(given[name], given[target]):
+            raise WeightsError(f"--weights {path}: {name!r} and {target!r} are one tied tensor in "
+                               f"{type(model).__name__} but differ in the file")
+    return notes

@@ -82,7 +82,8 @@ RESERVED = set(keyword.kwlist) | {"self", "mesh", "torch", "F", "nn", "rt", "mat
                                   "os", "time", "json", "argparse", "LAYOUTS", "MESH", "shard",
                                   "input", "sum", "max", "min", "slice", "type", "len", "list",
                                   "print", "range", "float", "int", "id", "all", "any", "block",
-                                  "super", "set_checkpoint_early_stop", "resource", "dict"}
+                                  "super", "set_checkpoint_early_stop", "resource", "dict",
+                                  "ckpt", "start", "checkpoint_specs"}
 
 
 def identifier(name: str) -> str:
@@ -796,6 +797,8 @@ class Emitter:
         w()
         w(f"`{opts.init_file}` (safetensors) holds the full single-device state dict and the example batch; each")
         w("rank keeps its own block of every tensor (see LAYOUTS) and saves its final shards.")
+        for line in checkpoint_header(s.plan):
+            w(line)
         w('"""')
         w("import argparse")
         w("import collections")
@@ -1281,6 +1284,7 @@ def emit_program(s: ShardedGraph, backend: Backend, model_name: str, opts: EmitO
     e.model_class(cls)
     if s.zero.params:
         _emit_zero(e.w, s.zero)
+    _emit_checkpoint_specs(e.w, s)
     _emit_main(e.w, s, e.backend, cls, opts, e.top_names)
     if e.regions_written != len(s.regions):        # a block class or reordering lost one
         raise AssertionError(f"the program checkpoints {e.regions_written} regions, the plan has "
@@ -1380,6 +1384,69 @@ def microbatched_inputs(s: ShardedGraph) -> set | None:
             and s.global_shapes[v.name] and s.global_shapes[v.name][0] == n}
 
 
+# ---- training-state checkpoints (the runtime's rt.TrainingCheckpoint does the work) ----------
+
+CHECKPOINT_KEYS = ("directory", "every", "keep", "async", "resume")
+
+
+def checkpoint_header(plan) -> list[str]:
+    """The header's lines on checkpoints: the plan's settings and the flags."""
+    c = getattr(plan, "checkpoint", None) or {}
+    lines = ["", "Checkpoints (sharded safetensors + index.json; a program of any plan resumes from them):"]
+    if c.get("directory"):
+        every = f"every {c['every']} steps and " if c.get("every") else ""
+        keep = f", keeping the last {c['keep']}" if c.get("keep") else ""
+        lines.append(f"    the plan saves {every}at the end to \"{c['directory']}\"{keep}"
+                     f"{', asynchronously' if c.get('async') else ''} (--checkpoint, --every, --keep, --async)")
+    else:
+        lines.append("    --checkpoint DIR saves at the end (--every N steps too, --keep K, --async)")
+    if c.get("resume"):
+        lines.append(f"    the plan resumes from \"{c['resume']}\" when it holds a checkpoint (--resume DIR)")
+    else:
+        lines.append("    --resume DIR continues from the latest one in DIR")
+    return lines
+
+
+def _emit_checkpoint_specs(w: Writer, s: ShardedGraph) -> None:
+    """`checkpoint_specs(model, full)`: where each tensor of this rank sits in the
+    single-device state dict, the names and layouts a checkpoint is saved and read under."""
+    pieces = bool(s.graph.pieces)
+    w("def checkpoint_specs(model, full):")
+    w('"""name -> rt.ShardSpec(global shape, layout, source) of every tensor of this rank\'s state', 1)
+    w('dict; `source` places a piece of a fused weight in it (a checkpoint keeps the model\'s names)."""', 1)
+    w("specs = {}", 1)
+    w("for name in model.state_dict():", 1)
+    w("layout = table_row(LAYOUTS, name)[0] or REPLICATED", 2)
+    if pieces:
+        w("row, block = table_row(PIECES, name)", 2)
+        w("source = None", 2)
+        w("if row is not None:", 2)
+        w("src, dim, begin, end = row", 3)
+        w("if block is not None:", 3)
+        w('src = src.replace(f"{block[0]}.*.", f"{block[0]}.{block[1]}.", 1)', 4)
+        w("source = (src, dim, begin, end)", 3)
+        w("specs[name] = rt.ShardSpec(tuple(full_tensor(full, name).shape), layout, source=source)", 2)
+    else:
+        w("specs[name] = rt.ShardSpec(tuple(full[name].shape), layout)", 2)
+    w("return specs", 1)
+    w()
+    w()
+
+
+def _emit_checkpoint_args(w: Writer, s: ShardedGraph) -> None:
+    c = {k: v for k, v in (getattr(s.plan, "checkpoint", None) or {}).items() if k in CHECKPOINT_KEYS}
+    w(f"rt.add_checkpoint_args(parser, {c!r})  # --checkpoint, --every, --keep, --async, --resume", 1)
+
+
+def _emit_checkpoint_resume(w: Writer, opts: EmitOptions, zero: bool) -> None:
+    plan_file = opts.init_file.removesuffix(".init.safetensors") + ".plan.json"
+    zero_args = ", zero_chunks=zero.chunks, zero_axis=zero.axis" if zero else ""
+    w("ckpt = rt.TrainingCheckpoint(args, mesh, model, optimizer, checkpoint_specs(model, full)"
+      f"{zero_args},", 1)
+    w(" " * len("ckpt = rt.TrainingCheckpoint(") + f"plan=os.path.join(os.path.dirname(__file__), {plan_file!r}))", 1)
+    w("start = ckpt.resume()  # 0, or the steps the --resume checkpoint was saved after", 1)
+
+
 def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: EmitOptions, names) -> None:
     mesh, zero = s.mesh, s.zero
     loss = s.outputs[0]
@@ -1398,6 +1465,7 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
         w(f'parser.add_argument("--microbatches", type=int, default={s.plan.microbatches}, '
           'help="split each rank\'s batch into this many microbatches")', 1)
     w('parser.add_argument("--timeline", default=None, help="write the last step\'s trace and hidden communication to DIR")', 1)
+    _emit_checkpoint_args(w, s)
     w("args = parser.parse_args()", 1)
     w()
     w("rt.one_thread()", 1)
@@ -1432,10 +1500,11 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w("optimizer = torch.optim.AdamW(trainable, lr=args.lr)", 2)
     w("else:", 1)
     w("optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)", 2)
+    _emit_checkpoint_resume(w, opts, bool(zero.params))
     w()
     w("losses, traffic, calls, times = [], [], [], []", 1)
     w("timeline = rt.Timeline(mesh, args.timeline, args.steps)  # --timeline DIR: the last step, profiled", 1)
-    w("for step in range(args.steps):", 1)
+    w("for step in range(start, start + args.steps):", 1)
     w("mesh.reset_traffic()", 2)
     w("timeline.begin(step)", 2)
     w("t0 = time.perf_counter()", 2)
@@ -1477,6 +1546,8 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w('traffic.append({f"{kind}:{axis}": b for (kind, axis), b in sorted(mesh.traffic.items())})', 2)
     w('calls.append(collections.Counter(f"{e.kind}:{e.axis}" for e in mesh.events))', 2)
     w('rt.log(mesh, f"step {step}: loss {losses[-1]:.6f} ({times[-1] * 1e3:.1f} ms)")', 2)
+    w("ckpt.step_done(step + 1)  # saves every --every steps", 2)
+    w("ckpt.finish(start + args.steps)  # the last save; waits for background writers", 1)
     w()
     w("timeline.write()", 1)
     w("os.makedirs(args.save, exist_ok=True)", 1)
@@ -1484,7 +1555,8 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w("if args.stats:", 1)
     w('with open(f"{args.stats}.rank{mesh.rank}.json", "w") as f:', 2)
     w('json.dump({"rank": mesh.rank, "coords": mesh.coords, "losses": losses, "traffic": traffic, "calls": calls,', 3)
-    w('"times": times, "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}, f)', 3 + 2)
+    w('"times": times, "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,', 3 + 2)
+    w('"checkpoint": ckpt.stats()}, f)', 3 + 2)
     w("mesh.shutdown()", 1)
     w()
     w()

@@ -11,12 +11,18 @@ order (ABBA), each between two barriers, timed on rank 0; both writers fsync.
 Loads: "same plan" reads everything back on dp=2,tp=2; "reshard" reads the weights on
 tp=4 (each rank a quarter of every weight). Loads read from the page cache.
 
-The step time while an asynchronous save runs needs a generated training program; it is
-left to the program's own benchmark.
+Step time during an asynchronous save ("step time" part): the generated program of the small
+GPT of benchmarks/vs_pytorch.py (4 layers x 256, vocab 2048, batch 8 x 64) on dp=2 with
+ZeRO-1 (both ranks write: the weights from rank 0, each rank its AdamW chunks), trained
+three times: without checkpoints, saving every --every steps asynchronously, and saving
+synchronously. A step "during a save" is the first step after one was issued, while the
+background thread writes; its cost to the loop is that step plus the blocking part of the
+save (the host copy of the state), compared with a normal step of the run without saves.
 
     python benchmarks/checkpoint.py [--layers 8 --width 512 --reps 5]
+    python benchmarks/checkpoint.py --part step-time [--steps 41 --every 8]
     python benchmarks/checkpoint.py --report     # rewrite the .md from the .json
-Writes benchmarks/results/checkpoint.{json,md}.
+Writes benchmarks/results/checkpoint.{json,md} (a part run alone keeps the other's results).
 """
 from __future__ import annotations
 
@@ -161,7 +167,79 @@ def worker(args) -> None:
     mesh.shutdown()
 
 
+def step_time(args) -> dict:
+    """Launch the small GPT's program three times (no saves, async saves, sync saves) and
+    compare the step times; see the module docstring."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from vs_pytorch import build
+
+    from autopar.backends.launch import launch
+    from autopar.pipeline import build_program
+    model, inputs = build()
+    plan = Path(tempfile.mkdtemp(prefix="ckpt-step-")) / "dp2.plan"
+    plan.write_text('mesh dp=2\nzero 1 over dp\nlayout input "idx", input "targets" { dp: S(0) }\n')
+    prog = build_program(model, inputs, plan=str(plan), name="gpt", steps=args.steps)
+    tmp = plan.parent
+    prog.write(tmp)
+    runs = {"none": [], "async": ["--async"], "sync": ["--no-async"]}
+    stats = {}
+    for label, extra in runs.items():
+        ck = ["--checkpoint", str(tmp / f"ck-{label}"), "--every", str(args.every), "--keep", "2"] + extra \
+            if extra else []
+        res = launch(prog.files["program"], prog.world, "torch",
+                     ["--steps", str(args.steps), "--stats", str(tmp / label), "--save", str(tmp / "shards")] + ck,
+                     600, tmp / f"logs-{label}", out=open(os.devnull, "w"))
+        if not res.ok:
+            raise SystemExit(res.message)
+        stats[label] = [json.loads((tmp / f"{label}.rank{r}.json").read_text()) for r in range(prog.world)]
+    warm = args.every                                   # the first save comes after these
+    shards = sum(f.stat().st_size for f in (tmp / "ck-async" / f"step-{args.steps}").iterdir()
+                 if f.suffix == ".safetensors")
+
+    def slowest(label, i):                               # the step ends when the slowest rank's does
+        return max(s["times"][i] for s in stats[label])
+    normal = [slowest("none", i) for i in range(warm, args.steps)]
+    out = {"model": "GPT n_layer=4 n_embd=256 n_head=4 vocab=2048, batch 8 x 64", "mesh": "dp=2, ZeRO-1",
+           "steps": args.steps, "every": args.every, "checkpoint_bytes": shards,
+           "normal_step_s": statistics.median(normal), "normal_steps_s": normal}
+    for label in ("async", "sync"):
+        saves = [sv for sv in stats[label][0]["checkpoint"]["saves"] if sv["step"] < args.steps]
+        after = [slowest(label, sv["step"]) for sv in saves]          # the step right after the save
+        blocking = [max(s["checkpoint"]["saves"][k]["blocking_s"] for s in stats[label])
+                    for k in range(len(saves))]
+        write = [max(s["checkpoint"]["saves"][k]["write_s"] for s in stats[label]) for k in range(len(saves))]
+        others = [slowest(label, i) for i in range(warm, args.steps) if i not in {sv["step"] for sv in saves}]
+        out[label] = {"saves": len(saves), "step_after_save_s": after, "blocking_s": blocking, "write_s": write,
+                      "other_steps_median_s": statistics.median(others)}
+        out[label]["ratio"] = statistics.median(a + b for a, b in zip(after, blocking)) / out["normal_step_s"]
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def step_report(st: dict) -> list[str]:
+    n = st["normal_step_s"] * 1e3
+    lines = ["", "## Step time during an asynchronous save", "",
+             f"{st['model']}; {st['mesh']} (2 CPU ranks, gloo); a save every {st['every']} of {st['steps']} "
+             f"steps, {st['checkpoint_bytes'] / 2 ** 20:.1f} MiB of shards each; medians over the saves. "
+             f"Normal step (no saves): {n:.1f} ms.", "",
+             "| save | step during the save ms | + blocking part ms | = cost to the loop ms | ratio to a normal step "
+             "| background write ms | other steps ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label in ("async", "sync"):
+        r = st[label]
+        a, b = statistics.median(r["step_after_save_s"]) * 1e3, statistics.median(r["blocking_s"]) * 1e3
+        w = statistics.median(r["write_s"]) * 1e3 if label == "async" else 0.0
+        lines.append(f"| {label} | {a:.1f} | {b:.1f} | {statistics.median(x + y for x, y in zip(r['step_after_save_s'], r['blocking_s'])) * 1e3:.1f} "
+                     f"| {r['ratio']:.2f} | {w:.1f} | {r['other_steps_median_s'] * 1e3:.1f} |")
+    lines += ["", "A synchronous save blocks for the whole write (its \"step during the save\" runs after it); "
+              "an asynchronous one blocks for the host copy only and writes while the next steps run. "
+              "Target: cost to the loop <= 1.2x a normal step."]
+    return lines
+
+
 def report(res: dict) -> str:
+    if "times_s" not in res:                           # the step-time part alone
+        return "\n".join(["# Checkpoints: step time during an asynchronous save", *step_report(res["step_time"])]) + "\n"
     mib = res["state_bytes_all_ranks"] / 2 ** 20
     lines = ["# Checkpoint save / load: autopar vs torch.distributed.checkpoint", "",
              f"GPT-like state, {res['layers']} layers x width {res['width']}: weights split over tp "
@@ -178,8 +256,9 @@ def report(res: dict) -> str:
                      f"| {min(t['dcp']):.3f}-{max(t['dcp']):.3f} |")
     lines += ["", "Ratio = autopar / DCP time (lower is better for autopar). Both writers fsync; loads read "
               "from the page cache. \"reshard\" loads only the weights, each rank a quarter of every "
-              "weight on a tp=4 mesh. The step time during an asynchronous save needs a generated "
-              "training program and is not measured here. Timings on a shared 2-core machine are noisy."]
+              "weight on a tp=4 mesh. Timings on a shared 2-core machine are noisy."]
+    if "step_time" in res:
+        lines += step_report(res["step_time"])
     return "\n".join(lines) + "\n"
 
 
@@ -192,6 +271,9 @@ def main() -> int:
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--report", action="store_true", help="only rewrite checkpoint.md from checkpoint.json")
+    ap.add_argument("--part", choices=["all", "save-load", "step-time"], default="all")
+    ap.add_argument("--steps", type=int, default=41, help="step-time part: training steps")
+    ap.add_argument("--every", type=int, default=8, help="step-time part: save every N steps")
     args = ap.parse_args()
     if args.report:
         text = report(json.loads((OUT / "checkpoint.json").read_text()))
@@ -202,6 +284,16 @@ def main() -> int:
         worker(args)
         return 0
     from autopar.backends.launch import launch
+    old = json.loads((OUT / "checkpoint.json").read_text()) if (OUT / "checkpoint.json").exists() else {}
+    if args.part == "step-time":
+        data = {k: v for k, v in old.items() if k != "step_time"}
+        data["step_time"] = step_time(args)
+        OUT.mkdir(exist_ok=True)
+        (OUT / "checkpoint.json").write_text(json.dumps(data, indent=1) + "\n")
+        text = report(data)
+        (OUT / "checkpoint.md").write_text(text)
+        print(text)
+        return 0
     tmp = Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
     try:
         result = tmp / "result.json"
@@ -215,6 +307,10 @@ def main() -> int:
         data = json.loads(result.read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if args.part == "all":
+        data["step_time"] = step_time(args)
+    elif "step_time" in old:
+        data["step_time"] = old["step_time"]
     OUT.mkdir(exist_ok=True)
     (OUT / "checkpoint.json").write_text(json.dumps(data, indent=1) + "\n")
     text = report(data)

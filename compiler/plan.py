@@ -41,6 +41,9 @@ class Plan:
     # the example batch is the global batch; each step runs it as this many microbatches,
     # accumulating gradients (reduced once, after the last)
     microbatches: int = 1
+    # training-state checkpoints from a plan file (the program's defaults): directory,
+    # every (steps, 0 = only at the end), keep, async, resume (a directory); empty: none
+    checkpoint: dict[str, Any] = field(default_factory=dict)
     cost: dict[str, Any] = field(default_factory=dict)   # breakdown (seconds, bytes)
     solver: dict[str, Any] = field(default_factory=dict) # statistics
     constraints: list[str] = field(default_factory=list) # from a plan file, as written

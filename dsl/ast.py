@@ -132,6 +132,44 @@ class Include(Statement):
     plan: "PlanFile | None" = None   # the included file, once loaded
 
 
+@dataclass(frozen=True, kw_only=True)
+class Checkpoint(Statement):
+    """`checkpoint [every N steps] to "DIR" [keep K] [async]`: numbers as written."""
+    directory: str
+    directory_column: int
+    every: str | None = None
+    every_column: int = 0
+    keep: str | None = None
+    keep_column: int = 0
+    async_: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resume(Statement):
+    """`resume from "DIR"`."""
+    directory: str
+    directory_column: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class OverlapItem(Located):
+    """One setting of an `overlap` statement: key `enabled` (amount "on"/"off"),
+    `bucket_bytes`, `first_bucket_bytes` (amount and unit as written) or `prefetch`."""
+    key: str
+    amount: str
+    unit: str | None = None
+    unit_line: int = 0
+    unit_column: int = 0
+    amount_column: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Overlap(Statement):
+    """`overlap off`, `overlap bucket 25MB [first 1MB]`, `overlap prefetch 2` (several
+    settings may share one statement)."""
+    items: tuple[OverlapItem, ...]
+
+
 @dataclass(frozen=True)
 class PlanFile:
     """One parsed file: its path (as given, or `<string>`), its text (for error context)

@@ -20,11 +20,14 @@ from autopar.compiler.ir import Graph, Value
 from autopar.compiler.sharding import Pin, format_mesh
 from autopar.dsl import ast
 from autopar.dsl import errors as E
+from autopar.dsl.emit import checkpoint_lines, overlap_line
 from autopar.compiler.patterns import PatternError, closest, generalize, model_index
 
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15,
          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "PiB": 2**50}
 OBJECTIVES = ("time", "memory")
+OVERLAP_WORDS = {"enabled": "on/off", "bucket_bytes": "bucket", "first_bucket_bytes": "first",
+                 "prefetch": "prefetch"}
 PLACEMENT_WORDS = ("R", "S", "auto", "P")
 PLACEMENT_SYNONYMS = {"replicate": "R", "replicated": "R", "Replicate": "R", "r": "R",
                       "shard": "S", "Shard": "S", "s": "S", "split": "S",
@@ -55,6 +58,10 @@ class PlanSpec:
     names: dict[str, str] = field(default_factory=dict)   # value -> how a plan file names it
     types: dict[str, str] = field(default_factory=dict)   # value -> f32[...] (for printing)
     memory_written: str | None = None
+    # training-state checkpoints (Plan.checkpoint): directory, every, keep, async, resume
+    checkpoint: dict = field(default_factory=dict)
+    # communication-schedule settings the file gives (Plan.overlap keys; the rest default)
+    overlap: dict = field(default_factory=dict)
 
     def pin(self, value: str) -> Pin | None:
         return next((p for p in self.pins if p.value == value), None)
@@ -71,6 +78,9 @@ class PlanSpec:
         if self.zero is not None:
             lines.append(f"zero {self.zero}" + (f" over {self.dp_axis}" if self.dp_axis else ""))
         lines.append(f"minimize {self.objective}")
+        lines += checkpoint_lines(self.checkpoint)
+        if self.overlap:
+            lines.append(overlap_line(self.overlap))
         if self.recompute:
             lines.append("recompute " + ", ".join(f'"{p}"' for p in self.recompute)
                          + f"    # {len(self.recompute_modules)} modules")
@@ -129,7 +139,8 @@ class Resolver:
     def run(self, cli_mesh) -> PlanSpec:
         statements = list(self.plan.walk())
         for f, st in statements:
-            if isinstance(st, (ast.Mesh, ast.Device, ast.Memory, ast.Zero, ast.Objective)):
+            if isinstance(st, (ast.Mesh, ast.Device, ast.Memory, ast.Zero, ast.Objective,
+                               ast.Checkpoint, ast.Resume)):
                 self.setting(f, st)
         mesh = self.resolve_mesh(cli_mesh)
         spec = PlanSpec(mesh=mesh, files=self.plan.files())
@@ -145,6 +156,11 @@ class Resolver:
             spec.zero, spec.dp_axis = self.resolve_zero()
         elif "dp" in mesh:
             spec.dp_axis = "dp"
+        if "checkpoint" in self.settings:
+            spec.checkpoint.update(self.settings["checkpoint"][2])
+        if "resume" in self.settings:
+            spec.checkpoint["resume"] = self.settings["resume"][2]
+        spec.overlap = self.resolve_overlap([(f, st) for f, st in statements if isinstance(st, ast.Overlap)])
 
         self.pins: dict[str, dict[str, tuple[str | None, str, ast.PlanFile, ast.Located]]] = {}
         self.pin_origin: dict[str, list[str]] = {}
@@ -213,9 +229,10 @@ class Resolver:
 
     def setting(self, f: ast.PlanFile, st: ast.Statement) -> None:
         key = {ast.Mesh: "mesh", ast.Device: "device", ast.Memory: "memory", ast.Zero: "zero",
-               ast.Objective: "objective"}[type(st)]
+               ast.Objective: "objective", ast.Checkpoint: "checkpoint", ast.Resume: "resume"}[type(st)]
         value = {"mesh": self.check_mesh, "device": self.check_device, "memory": self.check_memory,
-                 "zero": self.check_zero_syntax, "objective": self.check_objective}[key](f, st)
+                 "zero": self.check_zero_syntax, "objective": self.check_objective,
+                 "checkpoint": self.check_checkpoint, "resume": self.check_resume}[key](f, st)
         if key in self.settings:
             f0, st0, v0 = self.settings[key]
             if v0 != value:
@@ -331,6 +348,82 @@ class Resolver:
                       fix="write minimize time (fastest plan that fits) or minimize memory "
                           "(smallest footprint)" + E.suggest(st.goal, OBJECTIVES))
         return st.goal
+
+    # ---- checkpoints and overlap -------------------------------------------------------------
+
+    def check_directory(self, f, st, directory: str, column: int, what: str) -> str:
+        if not directory.strip():
+            self.fail(E.BadCheckpointSetting, f'{what} "{directory}" names no directory', f, st.line, column,
+                      fix=f'give the directory in quotes, e.g. {what} "ckpt/"')
+        return directory
+
+    def check_checkpoint(self, f: ast.PlanFile, st: ast.Checkpoint) -> dict:
+        out: dict = {"directory": self.check_directory(f, st, st.directory, st.directory_column,
+                                                        "checkpoint to")}
+        if st.every is not None:
+            n = self.whole(st.every, f, st.line, st.every_column, "the checkpoint interval",
+                           E.BadCheckpointSetting)
+            if n < 1:
+                self.fail(E.BadCheckpointSetting, f"checkpoint every {st.every} steps: the interval must "
+                          "be at least 1 step", f, st.line, st.every_column,
+                          fix=f'leave `every` out to save only at the end: checkpoint to "{st.directory}"')
+            out["every"] = n
+        if st.keep is not None:
+            n = self.whole(st.keep, f, st.line, st.keep_column, "the number of checkpoints kept",
+                           E.BadCheckpointSetting)
+            if n < 1:
+                self.fail(E.BadCheckpointSetting, f"keep {st.keep}: at least the latest checkpoint must be "
+                          "kept", f, st.line, st.keep_column,
+                          fix="write keep 1 or more, or leave keep out to keep every checkpoint")
+            out["keep"] = n
+        if st.async_:
+            out["async"] = True
+        return out
+
+    def check_resume(self, f: ast.PlanFile, st: ast.Resume) -> str:
+        return self.check_directory(f, st, st.directory, st.directory_column, "resume from")
+
+    def resolve_overlap(self, statements) -> dict:
+        """The `overlap` statements' settings by Plan.overlap key; a key set twice to different
+        values is a ConflictingSetting."""
+        out: dict = {}
+        where: dict = {}
+        for f, st in statements:
+            for item in st.items:
+                value = self.overlap_value(f, item)
+                if item.key in out and out[item.key] != value:
+                    f0, i0 = where[item.key]
+                    self.fail(E.ConflictingSetting,
+                              f"overlap {OVERLAP_WORDS[item.key]} is set twice: at {f0.path}:{i0.line}:"
+                              f"{i0.column}, and differently here", f, item.line, item.column,
+                              fix=f"keep one overlap {OVERLAP_WORDS[item.key]} setting")
+                out[item.key], where[item.key] = value, (f, item)
+        return out
+
+    def overlap_value(self, f: ast.PlanFile, item: ast.OverlapItem):
+        if item.key == "enabled":
+            return item.amount == "on"
+        if item.key == "prefetch":
+            n = self.whole(item.amount, f, item.line, item.amount_column, "the prefetch depth",
+                           E.BadOverlapSetting)
+            return n                       # the grammar has no sign: >= 0 by construction
+        word = OVERLAP_WORDS[item.key]
+        if item.unit is None:
+            self.fail(E.UnknownUnit, f"overlap {word} {item.amount} has no unit", f, item.unit_line,
+                      item.unit_column, fix=f"write the unit after the size: {word} {item.amount}MB "
+                                             f"(units: {', '.join(UNITS)})")
+        unit = item.unit if item.unit in UNITS else {u.lower(): u for u in UNITS if u != "B"}.get(item.unit.lower())
+        if unit is None:
+            self.fail(E.UnknownUnit, f"unknown size unit '{item.unit}'", f, item.unit_line, item.unit_column,
+                      fix=f"use one of {', '.join(UNITS)} (MB = 10^6 bytes, MiB = 2^20; DDP's buckets are "
+                          "25MiB, the first 1MiB)" + E.suggest(item.unit, list(UNITS)))
+        size = self.number(item.amount, f, item.line, item.amount_column, f"the {word} size") * UNITS[unit]
+        if not 1 <= size <= 2 ** 50:
+            self.fail(E.BadOverlapSetting, f"overlap {word} {item.amount}{item.unit}: a bucket holds between "
+                      "1 byte and 1PiB", f, item.line, item.amount_column,
+                      fix="give a positive size, e.g. bucket 25MiB (DDP's default); overlap off turns "
+                          "the buckets off")
+        return int(size)
 
     # ---- numbers ---------------------------------------------------------------------------
 

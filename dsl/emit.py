@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Callable
 
 from autopar.compiler.ir import Graph
-from autopar.compiler.plan import Plan
+from autopar.compiler.plan import OVERLAP_DEFAULTS, Plan
 from autopar.compiler.sharding import format_mesh
 from autopar.compiler.patterns import fold_modules, generalize, is_pattern, model_index
 
@@ -57,6 +57,11 @@ def write_plan(plan: Plan, graph: Graph, activations: str = "modules") -> str:
         lines.append("minimize memory")         # time is the default
     if plan.recompute:
         lines.append("recompute " + ", ".join(f'"{p}"' for p in fold_modules(plan.recompute, graph)))
+    lines += checkpoint_lines(getattr(plan, "checkpoint", None) or {})
+    overlap = {k: v for k, v in (plan.overlap or {}).items()
+               if k in OVERLAP_DEFAULTS and v != OVERLAP_DEFAULTS[k]}
+    if overlap:                   # only what differs from DDP's defaults
+        lines.append(overlap_line(overlap))
 
     def section(title: str, kind: str, items: dict[str, PinLayout], universe: list[str],
                 select: Callable[[str], list[str]], layout_of: Callable[[str], PinLayout | None]):
@@ -90,6 +95,35 @@ def write_plan(plan: Plan, graph: Graph, activations: str = "modules") -> str:
         section("other values", "value", rest, list(index.values),
                 lambda p: [v.name for v in index.select_values(p)], layouts.get)
     return "\n".join(lines) + "\n"
+
+
+def checkpoint_lines(c: dict) -> list[str]:
+    """The `checkpoint` and `resume` statements for settings `c` (Plan.checkpoint)."""
+    lines = []
+    if c.get("directory"):
+        every = f"every {c['every']} steps " if c.get("every") else ""
+        keep = f" keep {c['keep']}" if c.get("keep") else ""
+        lines.append(f'checkpoint {every}to "{c["directory"]}"{keep}{" async" if c.get("async") else ""}')
+    if c.get("resume"):
+        lines.append(f'resume from "{c["resume"]}"')
+    return lines
+
+
+def overlap_line(o: dict) -> str:
+    """One `overlap` statement with the settings `o` (keys of Plan.overlap)."""
+    words = []
+    if "enabled" in o:
+        words.append("on" if o["enabled"] else "off")
+    if "bucket_bytes" in o:
+        words.append(f"bucket {format_bytes(o['bucket_bytes'])}")
+        if "first_bucket_bytes" in o:
+            words.append(f"first {format_bytes(o['first_bucket_bytes'])}")
+    elif "first_bucket_bytes" in o:
+        words.append(f"bucket {format_bytes(OVERLAP_DEFAULTS['bucket_bytes'])} "
+                     f"first {format_bytes(o['first_bucket_bytes'])}")
+    if "prefetch" in o:
+        words.append(f"prefetch {o['prefetch']}")
+    return "overlap " + " ".join(words)
 
 
 def statement(kind: str, patterns: list[str], layout: PinLayout, mesh: dict[str, int]) -> str:

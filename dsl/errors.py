@@ -145,6 +145,18 @@ class BadDevice(PlanSyntaxError):
     """`device` not followed by a profile name."""
 
 
+class BadCheckpoint(PlanSyntaxError):
+    """`checkpoint` not written `checkpoint [every N steps] to "DIR" [keep K] [async]`."""
+
+
+class BadResume(PlanSyntaxError):
+    """`resume` not written `resume from "DIR"`."""
+
+
+class BadOverlap(PlanSyntaxError):
+    """`overlap` not followed by off, on, bucket SIZE [first SIZE] or prefetch N."""
+
+
 # ---- semantic (raised by check.resolve and the include loader) ------------------------------
 
 class PlanNotFound(PlanFileError):
@@ -263,6 +275,14 @@ class ConflictingPins(PlanFileError):
     """Two statements pin the same value's axis to different placements."""
 
 
+class BadCheckpointSetting(PlanFileError):
+    """A checkpoint interval or count below 1, or an empty directory."""
+
+
+class BadOverlapSetting(PlanFileError):
+    """A bucket size that is not positive, or a prefetch depth that is not a whole number."""
+
+
 
 
 # ---- the catalogue: bad examples -> the class that names the mistake -------------------------
@@ -271,7 +291,7 @@ class ConflictingPins(PlanFileError):
 # (lark's `match_examples`); order matters only for ties within one parser state.
 
 KEYWORDS = ("mesh", "device", "memory", "zero", "minimize", "layout", "replicate", "auto",
-            "recompute", "include")
+            "recompute", "include", "checkpoint", "resume", "overlap")
 
 SYNTAX_EXAMPLES: dict[type[PlanSyntaxError], list[str]] = {
     UnclosedBrace: [
@@ -416,6 +436,45 @@ SYNTAX_EXAMPLES: dict[type[PlanSyntaxError], list[str]] = {
         'device = h100',
         'device h100 sxm',
     ],
+    BadCheckpoint: [
+        'checkpoint',
+        'checkpoint "ckpt/"',
+        'checkpoint to ckpt',
+        'checkpoint to',
+        'checkpoint every',
+        'checkpoint every steps to "c"',
+        'checkpoint every 100 to "c"',
+        'checkpoint every 100 steps',
+        'checkpoint every 100 steps "c"',
+        'checkpoint every "100" steps to "c"',
+        'checkpoint to "c" keep',
+        'checkpoint to "c" keep "3"',
+        'checkpoint to "c" keep all',
+        'checkpoint keep 3 to "c"',
+        'checkpoint async to "c"',
+        'checkpoint to "c" every 100 steps',
+    ],
+    BadResume: [
+        'resume',
+        'resume "ckpt/"',
+        'resume from',
+        'resume from ckpt',
+        'resume to "c"',
+    ],
+    BadOverlap: [
+        'overlap',
+        'overlap 25MB',
+        'overlap bucket',
+        'overlap bucket MB',
+        'overlap bucket "25MB"',
+        'overlap bucket 25MB first',
+        'overlap prefetch',
+        'overlap prefetch -1',
+        'overlap prefetch "2"',
+        'overlap first 1MB',
+        'overlap yes',
+        'overlap = off',
+    ],
 }
 
 
@@ -453,6 +512,10 @@ FIXES: dict[type[PlanSyntaxError], str] = {
     BadZero: "write the stage and the data-parallel axis: zero 1 over dp",
     BadObjective: "write minimize time or minimize memory",
     BadDevice: "name a device profile: device h100",
+    BadCheckpoint: 'write checkpoint [every N steps] to "DIR" [keep K] [async], e.g. '
+                   'checkpoint every 100 steps to "ckpt/" keep 3 async',
+    BadResume: 'write resume from "DIR"',
+    BadOverlap: "write overlap off, overlap bucket 25MB [first 1MB] or overlap prefetch 2",
     PlanSyntaxError: "compare with the examples in examples/plans/",
 }
 
@@ -473,5 +536,8 @@ MESSAGES: dict[type[PlanSyntaxError], str] = {
     BadZero: "expected zero <stage> over <axis>",
     BadObjective: "expected minimize time or minimize memory",
     BadDevice: "expected a device profile name",
+    BadCheckpoint: 'expected checkpoint [every N steps] to "DIR" [keep K] [async]',
+    BadResume: 'expected resume from "DIR"',
+    BadOverlap: "expected off, on, bucket SIZE [first SIZE] or prefetch N after overlap",
     PlanSyntaxError: "unexpected {token_desc}",
 }

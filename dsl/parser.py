@@ -216,6 +216,63 @@ class ToAst(Transformer):
                            column=meta.column, written=self.written(meta))
 
 
+    def checkpoint(self, meta, ch):
+        every = next((c for c in ch if isinstance(c, tuple) and c[0] == "every"), None)
+        keep = next((c for c in ch if isinstance(c, tuple) and c[0] == "keep"), None)
+        (to,) = [c for c in ch if isinstance(c, Token) and c.type == "STRING"]
+        return ast.Checkpoint(directory=unquote(to), directory_column=to.column,
+                              every=str(every[1]) if every else None,
+                              every_column=every[1].column if every else 0,
+                              keep=str(keep[1]) if keep else None,
+                              keep_column=keep[1].column if keep else 0,
+                              async_=any(isinstance(c, Token) and c.type == "ASYNC" for c in ch),
+                              line=meta.line, column=meta.column, written=self.written(meta))
+
+    def every(self, meta, ch):
+        return ("every", ch[1])
+
+    def keep(self, meta, ch):
+        return ("keep", ch[1])
+
+    def resume(self, meta, ch):
+        tok = ch[-1]
+        return ast.Resume(directory=unquote(tok), directory_column=tok.column, line=meta.line,
+                          column=meta.column, written=self.written(meta))
+
+    def overlap(self, meta, ch):
+        items = tuple(i for group in ch for i in group)
+        return ast.Overlap(items=items, line=meta.line, column=meta.column, written=self.written(meta))
+
+    def overlap_off(self, meta, ch):
+        (tok,) = ch
+        return [ast.OverlapItem(key="enabled", amount="off", line=tok.line, column=tok.column,
+                                amount_column=tok.column)]
+
+    def overlap_on(self, meta, ch):
+        (tok,) = ch
+        return [ast.OverlapItem(key="enabled", amount="on", line=tok.line, column=tok.column,
+                                amount_column=tok.column)]
+
+    def overlap_bucket(self, meta, ch):
+        out, key, i = [], "bucket_bytes", 0
+        while i < len(ch):
+            word, amount = ch[i], ch[i + 1]
+            unit = ch[i + 2] if i + 2 < len(ch) and ch[i + 2].type == "NAME" else None
+            out.append(ast.OverlapItem(
+                key=key, amount=str(amount), unit=str(unit) if unit is not None else None,
+                unit_line=unit.line if unit is not None else amount.line,
+                unit_column=unit.column if unit is not None else amount.end_column,
+                amount_column=amount.column, line=word.line, column=word.column))
+            i += 3 if unit is not None else 2
+            key = "first_bucket_bytes"
+        return out
+
+    def overlap_prefetch(self, meta, ch):
+        word, amount = ch
+        return [ast.OverlapItem(key="prefetch", amount=str(amount), amount_column=amount.column,
+                                line=word.line, column=word.column)]
+
+
 COMMENT = re.compile(r'("[^"\n]*")|#[^\n]*')
 
 
@@ -354,6 +411,9 @@ def describe_terminal(name: str) -> str:
         pattern = term.pattern
         if pattern.type == "str":
             return f"'{pattern.value}'"
+        word = re.fullmatch(r"([a-z]+)\??\\b", pattern.value)      # a whole-word keyword: /steps?\b/
+        if word:
+            return f"'{word.group(1)}'"
     except KeyError:
         pass
     return {"NAME": "a name", "NUMBER": "a number", "SIGNED_NUMBER": "a number",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from autopar.compiler.cluster import DeviceProfile
 from autopar.compiler.ir import Graph
-from autopar.compiler.plan import Plan
+from autopar.compiler.plan import OVERLAP_DEFAULTS, Plan
 from autopar.dsl.check import PlanSpec, resolve
 from autopar.dsl.parser import load_plan
 
@@ -45,4 +45,7 @@ def search_with(spec: PlanSpec, graph: Graph, device: str | DeviceProfile | None
             kw[key] = value
     plan = search(graph, spec.mesh, spec.device or device or "cpu", **kw)
     plan.constraints = list(spec.constraints)
+    # settings the search does not read: the program's checkpoints, the overlap stage's schedule
+    plan.checkpoint = dict(spec.checkpoint)
+    plan.overlap = {**OVERLAP_DEFAULTS, **spec.overlap}
     return plan

@@ -494,3 +494,240 @@ def test_mpi_4_ranks_save_dp2tp2_load_tp4_and_dp4(tmp_path):
     if not (Path(sys.executable).parent / "mpiexec").exists():
         pytest.skip(f"no mpiexec next to {sys.executable}")
     _launch_ranks("mpi", tmp_path)
+
+
+# --------------------------------------------------------------------------
+# generated programs: save, resume under another plan, --check over all steps
+# --------------------------------------------------------------------------
+GPT = f"{REPO}/examples/gpt.py:build"
+BLOCKS = REPO / "examples" / "plans" / "gpt_blocks.plan"
+
+
+def _has_mpi() -> bool:
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return False
+    return (Path(sys.executable).parent / "mpiexec").exists()
+
+
+def test_programs_save_and_resume_across_plans_and_backends(tmp_path, monkeypatch):
+    """Three launches, each checked against the single-device run of every step so far:
+    torch on dp=2,tp=2 with ZeRO-1, from --weights, saving every 2 steps asynchronously as
+    its plan file says (keep 2) -> mpi on tp=4, resuming and saving -> torch on dp=4 with
+    ZeRO-3, resuming. Then the consolidated checkpoint equals the single-device state."""
+    from autopar.run import reference_run
+    from autopar.spec import load_spec
+    monkeypatch.chdir(tmp_path)                      # the plan's relative directories
+    model, inputs, _ = load_spec(GPT)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():                            # tied weights stay tied
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    rt.save_file(tmp_path / "start.safetensors", start)
+    (tmp_path / "a.plan").write_text(
+        f'mesh dp=2, tp=2\ninclude "{BLOCKS}"\nlayout input "idx", input "targets" {{ dp: S(0), tp: R }}\n'
+        'zero 1 over dp\ncheckpoint every 2 steps to "ck" keep 2 async\n')
+    (tmp_path / "b.plan").write_text(f'mesh tp=4\ninclude "{BLOCKS}"\n')
+    (tmp_path / "c.plan").write_text('mesh dp=4\nzero 3 over dp\nlayout input "idx", input "targets" { dp: S(0) }\n'
+                                     'resume from "ck2"\n')
+    common = [GPT, "--check", "--weights", str(tmp_path / "start.safetensors")]
+
+    rc, out, err = run_cli(["run", *common, "--plan", "a.plan", "--steps", "3", "-o", "p1"])
+    assert rc == 0 and "check: ok" in out, out + err
+    assert [s for s, _ in ck.list_checkpoints(tmp_path / "ck")] == [2, 3]          # keep 2 of 2, 3
+    stats = json.loads((tmp_path / "p1" / "stats.rank0.json").read_text())["checkpoint"]
+    assert [(s["step"], s["async"]) for s in stats["saves"]] == [(2, True), (3, True)]
+    assert all(s["write_s"] > 0 for s in stats["saves"])
+    index = json.loads((tmp_path / "ck" / "step-3" / "index.json").read_text())
+    assert index["mesh"] == {"dp": 2, "tp": 2} and index["plan"]["zero"] == 1
+    assert index["plan"]["checkpoint"]["every"] == 2
+    # ZeRO-1: each rank's flat chunk of its tp block of the AdamW moments
+    assert [p["flat"] for p in index["tensors"]["transformer.h.0.mlp.c_fc.weight.exp_avg"]["pieces"]] \
+        == [[0, 4096], [0, 4096], [4096, 4096], [4096, 4096]]
+    assert sorted(f.name for f in (tmp_path / "ck" / "step-3").iterdir()) == \
+        ["index.json"] + [f"rank{r}.safetensors" for r in range(4)]
+
+    backend = "mpi" if _has_mpi() else "torch"
+    rc, out, err = run_cli(["run", *common, "--plan", "b.plan", "--backend", backend, "--steps", "2",
+                            "--resume", "ck", "--checkpoint", "ck2"])
+    assert rc == 0 and "check: ok" in out, out + err
+    assert "single device: 3 steps before the checkpoint, then" in out
+    assert [s for s, _ in ck.list_checkpoints(tmp_path / "ck2")] == [5]
+
+    rc, out, err = run_cli(["run", *common, "--plan", "c.plan", "--steps", "1"])     # resume from the plan
+    assert rc == 0 and "check: ok" in out, out + err
+    assert "single device: 5 steps before the checkpoint, then" in out and "ZeRO-3" in out
+
+    # consolidation: the single-device state dict after the same 5 steps
+    rc, _, err = run_cli(["checkpoint", "consolidate", "ck2", "-o", "five.safetensors"])
+    assert rc == 0, err
+    _, ref = reference_run(model, start, inputs, 5, "adamw", 1e-3)
+    got = rt.load_file(tmp_path / "five.safetensors")
+    assert set(got) == set(ref) and all(got[k].shape == ref[k].shape for k in ref)
+    # norm-wise over the model, as --check holds it; the fused qkv bias holds the k bias,
+    # whose gradient is zero in exact arithmetic: rounding noise moves it, within lr x steps
+    normal = [k for k in ref if not k.endswith("c_attn.bias")]
+    diff = sum((got[k].double() - ref[k].double()).norm() ** 2 for k in normal) ** 0.5
+    assert diff / sum(ref[k].double().norm() ** 2 for k in normal) ** 0.5 < 1e-5
+    assert max((got[k] - ref[k]).abs().max().item() for k in ref) < 1e-3 * 5
+
+
+def _program_args(argv, defaults=None, optimizer="adamw"):
+    import argparse
+    parser = argparse.ArgumentParser()
+    rt.add_checkpoint_args(parser, defaults)
+    args = parser.parse_args(argv)
+    args.optimizer = optimizer
+    return args
+
+
+def _toy(seed=0, optimizer="adamw"):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 3))
+    model.register_buffer("scale", torch.tensor(2.0))
+    opt = (torch.optim.AdamW(model.parameters(), lr=0.01) if optimizer == "adamw"
+           else torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    specs = {k: ShardSpec(tuple(v.shape), ()) for k, v in model.state_dict().items()}
+    return model, opt, specs
+
+
+def _train(model, opt, steps, x):
+    for _ in range(steps):
+        (model(x).square().mean() * model.scale).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_training_checkpoint_every_keep_resume_and_errors(tmp_path, optimizer):
+    x = torch.randn(5, 4)
+    model, opt, specs = _toy(0, optimizer)
+    args = _program_args(["--checkpoint", str(tmp_path / "ck"), "--every", "2", "--keep", "2"], optimizer=optimizer)
+    ckpt = rt.TrainingCheckpoint(args, None, model, opt, specs, plan={"model": "toy"})
+    assert ckpt.resume() == 0
+    for step in range(5):
+        _train(model, opt, 1, x)
+        ckpt.step_done(step + 1)
+    ckpt.finish(5)
+    assert [s["step"] for s in ckpt.saves] == [2, 4, 5]
+    assert [s for s, _ in ck.list_checkpoints(tmp_path / "ck")] == [4, 5]
+    _train(model, opt, 2, x)                       # the run that never stopped
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model2, opt2, _ = _toy(1, optimizer)           # other weights: all of them come from the checkpoint
+    ckpt2 = rt.TrainingCheckpoint(_program_args(["--resume", str(tmp_path / "ck")], optimizer=optimizer),
+                                  None, model2, opt2, specs)
+    assert ckpt2.resume() == 5 and ckpt2.stats()["start_step"] == 5
+    _train(model2, opt2, 2, x)
+    assert all(torch.equal(model2.state_dict()[k], v) for k, v in want.items())
+
+    # the plan's resume directory may be empty (a first run); one given on the command line may not
+    fresh = _program_args([], {"resume": str(tmp_path / "none")}, optimizer)
+    assert rt.TrainingCheckpoint(fresh, None, *_toy(2, optimizer)).resume() == 0
+    with pytest.raises(CheckpointError, match="none: no such directory"):
+        rt.TrainingCheckpoint(_program_args(["--resume", str(tmp_path / "none")]), None, *_toy()).resume()
+    other = "sgd" if optimizer == "adamw" else "adamw"
+    with pytest.raises(CheckpointError, match=rf"no {other} state for parameter '0.weight'.*resume with the optimizer"):
+        rt.TrainingCheckpoint(_program_args(["--resume", str(tmp_path / "ck")], optimizer=other), None,
+                              *_toy(0, other)).resume()
+    wide = torch.nn.Sequential(torch.nn.Linear(4, 7), torch.nn.Linear(7, 3))
+    wide.register_buffer("scale", torch.tensor(2.0))
+    with pytest.raises(CheckpointError, match=r"tensor '0.weight' has shape \(6, 4\) in the checkpoint but \(7, 4\)"):
+        rt.TrainingCheckpoint(_program_args(["--resume", str(tmp_path / "ck")], optimizer=optimizer), None, wide,
+                              torch.optim.SGD(wide.parameters(), lr=0.1),
+                              {k: ShardSpec(tuple(v.shape), ()) for k, v in wide.state_dict().items()}).resume()
+
+
+def test_program_checkpoint_flags_and_plan_defaults():
+    args = _program_args([], {"directory": "ckpt/", "every": 100, "keep": 3, "async": True, "resume": "ckpt/"})
+    assert (args.checkpoint, args.every, args.keep, args.async_, args.resume) == ("ckpt/", 100, 3, True, "ckpt/")
+    args = _program_args(["--no-async", "--every", "0", "--resume", ""], {"directory": "c", "async": True})
+    assert (args.async_, args.every, args.resume) == (False, 0, "")
+    assert _program_args([]).checkpoint is None
+    with pytest.raises(CheckpointError, match="--keep 0: keep at least the latest"):
+        rt.TrainingCheckpoint(_program_args(["--keep", "0"]), None, *_toy())
+    with pytest.raises(CheckpointError, match="--every -1"):
+        rt.TrainingCheckpoint(_program_args(["--every", "-1"]), None, *_toy())
+
+
+# --------------------------------------------------------------------------
+# --weights: start from a given single-device state dict
+# --------------------------------------------------------------------------
+def test_weights_file_errors_name_file_and_tensor(tmp_path):
+    from autopar.spec import WeightsError, load_weights
+    from autopar.spec import load_spec
+    model, _, _ = load_spec(GPT)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def weights(name, tensors):
+        rt.save_file(tmp_path / name, tensors)
+        return str(tmp_path / name)
+    no_head = {k: v for k, v in state.items() if k != "lm_head.weight"}     # tied to the embedding
+    no_head["transformer.wte.weight"] = torch.ones_like(state["transformer.wte.weight"])
+    assert load_weights(model, weights("hf.safetensors", no_head)) == []
+    assert torch.equal(model.lm_head.weight, torch.ones_like(model.lm_head.weight))
+    missing = {k: v for k, v in state.items() if k != "transformer.ln_f.bias"}
+    with pytest.raises(WeightsError, match=r"missing\.safetensors: tensor 'transformer\.ln_f\.bias' of GPT is not in the file"):
+        load_weights(model, weights("missing.safetensors", missing))
+    renamed = {("model." + k if k == "transformer.ln_f.bias" else k): v for k, v in state.items()}
+    with pytest.raises(WeightsError, match=r"the file has 'model\.transformer\.ln_f\.bias': saved under other names"):
+        load_weights(model, weights("renamed.safetensors", renamed))
+    with pytest.raises(WeightsError, match=r"extra\.safetensors: tensor 'head\.extra' is not in GPT"):
+        load_weights(model, weights("extra.safetensors", {**state, "head.extra": torch.zeros(2)}))
+    bad = {**state, "transformer.wpe.weight": torch.zeros(3, 3)}
+    with pytest.raises(WeightsError, match=r"tensor 'transformer\.wpe\.weight' has shape \(3, 3\) in the file but"):
+        load_weights(model, weights("shape.safetensors", bad))
+    untied = {**state, "lm_head.weight": state["lm_head.weight"] + 1}
+    with pytest.raises(WeightsError, match="are one tied tensor in GPT but differ in the file"):
+        load_weights(model, weights("untied.safetensors", untied))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(WeightsError, match=r"junk\.safetensors: not a readable safetensors file"):
+        load_weights(model, str(tmp_path / "junk.safetensors"))
+    half = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    notes = load_weights(model, weights("bf16.safetensors", half))
+    assert notes and "cast to the model's torch.float32" in notes[0]
+    assert torch.equal(model.transformer.wpe.weight, half["transformer.wpe.weight"].float())
+    # the CLI: one paragraph, exit 2, before any trace
+    rc, _, err = run_cli(["emit", GPT, "--mesh", "tp=2", "-o", str(tmp_path / "out"),
+                          "--weights", str(tmp_path / "missing.safetensors")])
+    assert rc == 2 and "tensor 'transformer.ln_f.bias' of GPT is not in the file" in err
+    rc, _, err = run_cli(["emit", GPT, "--mesh", "tp=2", "-o", str(tmp_path / "out"),
+                          "--weights", str(tmp_path / "nowhere.safetensors")])
+    assert rc == 2 and "--weights" in err and "no such file" in err
+
+
+def test_emit_with_weights_and_plan_checkpoint_settings(tmp_path):
+    """`emit --weights`: the init file holds those weights; a plan file's checkpoint
+    statement becomes the program's defaults and its header says so."""
+    from autopar.spec import load_spec
+    model, _, _ = load_spec(GPT)
+    state = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+    rt.save_file(tmp_path / "w.safetensors", state)
+    (tmp_path / "p.plan").write_text('mesh tp=2\ncheckpoint every 10 steps to "ck" keep 2 async\n'
+                                     'resume from "ck"\noverlap bucket 4MiB\n')
+    rc, out, err = run_cli(["emit", GPT, "--plan", str(tmp_path / "p.plan"), "-o", str(tmp_path / "out"),
+                            "--weights", str(tmp_path / "w.safetensors")])
+    assert rc == 0, err
+    init, _ = rt.load_init(tmp_path / "out" / "gpt_tp2_torch.init.safetensors")
+    assert all(torch.equal(init[k], v) for k, v in state.items())
+    src = (tmp_path / "out" / "gpt_tp2_torch.py").read_text()
+    assert 'the plan saves every 10 steps and at the end to "ck", keeping the last 2, asynchronously' in src
+    assert "rt.add_checkpoint_args(parser, {'directory': 'ck', 'every': 10, 'keep': 2, 'async': True, " \
+           "'resume': 'ck'})" in src
+    assert "for step in range(start, start + args.steps):" in src
+    plan = json.loads((tmp_path / "out" / "gpt_tp2_torch.plan.json").read_text())
+    assert plan["checkpoint"]["every"] == 10 and plan["overlap"]["bucket_bytes"] == 4 << 20
+
+
+def test_run_refuses_a_checkpoint_of_another_model_before_starting_ranks(tmp_path):
+    model, opt, specs = _toy()
+    ckpt = rt.TrainingCheckpoint(_program_args(["--checkpoint", str(tmp_path / "toy")]), None, model, opt, specs)
+    ckpt.finish(0)
+    rc, out, err = run_cli(["run", f"{REPO}/examples/mlp.py:build", "--mesh", "tp=2", "--steps", "1",
+                            "--resume", str(tmp_path / "toy")])
+    assert rc == 2 and "the checkpoint holds no 'net.0.weight' of MLP" in err and "another model" in err, err
+    rc, out, err = run_cli(["run", f"{REPO}/examples/mlp.py:build", "--mesh", "tp=2", "--steps", "1",
+                            "--resume", str(tmp_path / "nothing")])
+    assert rc == 2 and "--resume" in err and "nothing: no such directory" in err, err

@@ -6,6 +6,7 @@ Each example model is traced once per session (conftest's `traced`)."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import pathlib
 import random
@@ -220,7 +221,9 @@ SNIPPETS = ['"', "{", "}", ",", ":", "(", ")", "=", "#", "\n", " ", "\t", "\r", 
             "auto", "*", "**", "?", "[", "]", "[!", "-1", "99", "0", "2.5", "include ", 'include "',
             "mesh ", "layout ", "output of ", "input ", "value ", "zero ", "over", "dp", "tp", "pp",
             "memory ", "GB", "minimize ", "recompute ", "replicate ", "é", "\x00", "\u2028",
-            "999999999999999999999999999999", "transformer.h.*", "gpt_blocks.plan", "..", "/"]
+            "999999999999999999999999999999", "transformer.h.*", "gpt_blocks.plan", "..", "/",
+            "checkpoint ", "every 0 steps ", 'to "c" ', "keep ", " async", "resume ", 'from "c"',
+            "overlap ", "off", "bucket 25MB ", "first ", "prefetch "]
 
 
 @st.composite
@@ -498,3 +501,70 @@ def test_check_plan_cli(capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "UnknownAxis" in err and "^" in err and "did you mean 'tp'?" in err
+
+
+# ---- checkpoint, resume and overlap statements ---------------------------------------------------
+
+SETTINGS_TEXT = """mesh dp=2, tp=2
+checkpoint every 100 steps to "ckpt/" keep 3 async   # the program's defaults
+resume from "ckpt/"
+overlap bucket 50MiB first 2MiB
+overlap prefetch 2
+"""
+
+
+def test_checkpoint_and_overlap_statements_resolve_and_round_trip(graph):
+    from autopar.compiler.plan import OVERLAP_DEFAULTS
+    from autopar.dsl import search_with
+    g = graph("gpt")
+    spec = resolve(parse_plan(SETTINGS_TEXT), g)
+    assert spec.checkpoint == {"directory": "ckpt/", "every": 100, "keep": 3, "async": True, "resume": "ckpt/"}
+    assert spec.overlap == {"bucket_bytes": 50 << 20, "first_bucket_bytes": 2 << 20, "prefetch": 2}
+    assert any(c.startswith('resume from "ckpt/"    # <string>:3:1') for c in spec.constraints)
+    # the normalised form and write_plan both say it again, and read back the same
+    again = resolve(parse_plan(spec.format()), g)
+    assert (again.checkpoint, again.overlap) == (spec.checkpoint, spec.overlap)
+    plan = search_with(spec, g, deterministic=True, time_limit=3)
+    assert plan.checkpoint == spec.checkpoint
+    assert plan.overlap == {**OVERLAP_DEFAULTS, "bucket_bytes": 50 << 20, "first_bucket_bytes": 2 << 20,
+                            "prefetch": 2}
+    text = write_plan(plan, g)
+    assert 'checkpoint every 100 steps to "ckpt/" keep 3 async\nresume from "ckpt/"\n' in text
+    assert "overlap bucket 50MiB first 2MiB prefetch 2\n" in text
+    back = round_trip(plan, g)
+    assert (back.checkpoint, back.overlap) == (plan.checkpoint, plan.overlap)
+    # through the plan JSON; one written before the field existed still loads
+    assert Plan.from_json(plan.to_json()) == plan
+    old = json.loads(plan.to_json())
+    del old["checkpoint"]
+    assert Plan.from_json(json.dumps(old)).checkpoint == {}
+    # defaults are not written out; overlap off is, alone
+    plan.overlap, plan.checkpoint = dict(OVERLAP_DEFAULTS), {}
+    assert "overlap" not in write_plan(plan, g) and "checkpoint" not in write_plan(plan, g)
+    plan.overlap["enabled"] = False
+    assert "\noverlap off\n" in write_plan(plan, g)
+    assert round_trip(plan, g).overlap == {**OVERLAP_DEFAULTS, "enabled": False}
+
+
+def test_checkpoint_and_overlap_forms(graph):
+    g = graph("gpt")
+
+    def settings(text):
+        spec = resolve(parse_plan("mesh dp=2\n" + text), g)
+        return spec.checkpoint, spec.overlap
+    assert settings('checkpoint to "c"') == ({"directory": "c"}, {})
+    assert settings('checkpoint every 1 step to "c"\nresume from "c"') == (
+        {"directory": "c", "every": 1, "resume": "c"}, {})
+    # `first` is a word of the statement, not a unit; sizes take either spelling of units
+    assert settings("overlap bucket 25mb first 1MiB prefetch 0 off") == (
+        {}, {"bucket_bytes": 25_000_000, "first_bucket_bytes": 1 << 20, "prefetch": 0, "enabled": False})
+    # words of these statements stay free as names elsewhere (a mesh axis called `on`)
+    assert resolve(parse_plan("mesh on=2, first=2\noverlap on"), g).mesh == {"on": 2, "first": 2}
+    # the same setting twice agrees, or it is a ConflictingSetting naming both places
+    assert settings('overlap prefetch 2\noverlap prefetch 2') == ({}, {"prefetch": 2})
+    with pytest.raises(E.ConflictingSetting, match=r"overlap bucket is set twice: at <string>:2:9"):
+        settings("overlap bucket 1MB\noverlap bucket 2MB")
+    with pytest.raises(E.ConflictingSetting, match="resume is set twice"):
+        settings('resume from "a"\nresume from "b"')
+    with pytest.raises(E.UnknownStatement, match="did you mean 'checkpoint'"):
+        settings('checkpiont to "c"')

@@ -86,13 +86,16 @@ async_)``, ``wait_checkpoint()``, ``load_checkpoint(dir, mesh, wanted, optimizer
 (resharding on load), ``ShardSpec(shape, layout)`` with placements ``R``/``S(d)``/``F``
 (ZeRO flat chunk), ``optimizer_shards`` / ``optimizer_wanted`` / ``restore_optimizer``,
 ``capture_rng_state`` / ``restore_rng_state``, ``save_file`` / ``load_file``,
-``save_init`` / ``load_init`` (initial weights + example batch), ``CheckpointError``.
+``save_init`` / ``load_init`` (initial weights + example batch), ``CheckpointError``;
+``add_checkpoint_args(parser, defaults)`` and ``TrainingCheckpoint`` (a program's
+``--checkpoint`` / ``--resume``).
 """
 from .checkpoint import (CheckpointError, CheckpointHandle, LoadedCheckpoint, ShardSpec,
                          capture_rng_state, latest_checkpoint, load_checkpoint, load_file,
                          load_init, optimizer_shards, optimizer_wanted, read_tensor,
                          restore_optimizer, restore_rng_state, save_checkpoint, save_file,
-                         save_init, wait_checkpoint, zero_chunk)
+                         save_init, wait_checkpoint, zero_chunk, add_checkpoint_args,
+                         TrainingCheckpoint)
 from .collectives import all_gather, all_reduce, all_to_all, copy_to, reduce_scatter, scatter
 from .overlap import GradBuckets, ParamGather, gather_param
 from .timeline import Timeline
@@ -107,4 +110,5 @@ __all__ = [
     "wait_checkpoint", "load_checkpoint", "latest_checkpoint", "read_tensor", "zero_chunk",
     "optimizer_shards", "optimizer_wanted", "restore_optimizer", "capture_rng_state",
     "restore_rng_state", "save_file", "load_file", "save_init", "load_init",
+    "add_checkpoint_args", "TrainingCheckpoint",
 ]

@@ -40,6 +40,14 @@ dim of the global tensor), ``flat`` (``[offset, length]`` of the region's row-ma
 flattening, or null) and ``crc32`` of the stored bytes), ``rng`` (rank -> key -> file/key)
 and ``aliases``.
 
+A generated program's training state
+-----------------------------------
+:class:`TrainingCheckpoint` (with :func:`add_checkpoint_args` for the program's flags) saves
+and resumes what a program trains: every tensor of its state dict under the model's own
+names (pieces of fused weights keep their ``source``), the optimizer state of each parameter
+or of its ZeRO chunk (``F``), the step and each rank's RNG state. Names and global shapes do
+not depend on the plan, so a program of any mesh or ZeRO stage resumes from it.
+
 No pickle anywhere: safetensors files and JSON only.
 """
 from __future__ import annotations
@@ -65,6 +73,7 @@ __all__ = [
     "optimizer_shards", "optimizer_wanted", "restore_optimizer",
     "capture_rng_state", "restore_rng_state",
     "save_file", "load_file", "save_init", "load_init",
+    "add_checkpoint_args", "TrainingCheckpoint",
 ]
 
 FORMAT = "autopar-checkpoint"
@@ -570,9 +579,13 @@ def save_checkpoint(directory, mesh, step: int, tensors: Mapping[str, object],
             handle.error = e
         handle.seconds = time.perf_counter() - t0
 
+    def background(handle: CheckpointHandle):
+        _lower_thread_priority()
+        work(handle)
+
     if async_:
         handle = CheckpointHandle(path)
-        th = threading.Thread(target=work, args=(handle,), name=f"checkpoint-step-{step}", daemon=True)
+        th = threading.Thread(target=background, args=(handle,), name=f"checkpoint-step-{step}", daemon=True)
         handle._thread = th
         th.start()
         _pending.append(handle)
@@ -583,6 +596,16 @@ def save_checkpoint(directory, mesh, step: int, tensors: Mapping[str, object],
         mesh.barrier()                           # every rank returns after the index exists
     handle.wait()
     return handle
+
+
+def _lower_thread_priority() -> None:
+    """Run this (writer) thread at the lowest CPU priority: where the ranks keep every core
+    busy, the training steps get the CPU first and the write takes what is left. Linux
+    schedules threads on their own, so only this thread is affected; best effort."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
 
 
 def _unpack(item, axes, what) -> Tuple[torch.Tensor, ShardSpec]:
@@ -997,3 +1020,214 @@ def read_tensor(directory, name: str, verify: bool = False) -> torch.Tensor:
         return _read_into(files, name, rec, full, _dtype_of(rec["dtype"]), verify)
     finally:
         files.close()
+
+
+# --------------------------------------------------------------------------
+# a generated program's training state
+# --------------------------------------------------------------------------
+# per optimizer: the state keys a resumed step needs (torch.optim's own names)
+OPTIMIZER_KEYS = {"adamw": ("step", "exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
+
+
+def add_checkpoint_args(parser, defaults: Optional[Mapping[str, object]] = None) -> None:
+    """The program's checkpoint flags; ``defaults`` are the plan's (``Plan.checkpoint``:
+    ``directory``, ``every``, ``keep``, ``async``, ``resume``).
+
+        rt.add_checkpoint_args(parser, {"directory": "ckpt/", "every": 100, "keep": 3})
+    """
+    import argparse
+    d = dict(defaults or {})
+    g = parser.add_argument_group("training-state checkpoints (sharded safetensors + index.json)")
+    g.add_argument("--checkpoint", metavar="DIR", default=d.get("directory"),
+                   help="save parameters, optimizer state, step and RNG state under DIR/step-N at the "
+                        "end (and every --every steps)" + _shown(d.get("directory")))
+    g.add_argument("--every", type=int, default=int(d.get("every") or 0), metavar="N",
+                   help="also save every N steps (0: only at the end)" + _shown(d.get("every")))
+    g.add_argument("--keep", type=int, default=d.get("keep"), metavar="K",
+                   help="keep the last K complete checkpoints (default: all)" + _shown(d.get("keep")))
+    g.add_argument("--async", dest="async_", action=argparse.BooleanOptionalAction,
+                   default=bool(d.get("async", False)),
+                   help="copy the state to host memory and write it in a background thread while "
+                        "training goes on")
+    g.add_argument("--resume", metavar="DIR", default=d.get("resume"),
+                   help="continue from the latest complete checkpoint in DIR, resharded to this "
+                        "program's plan (from the plan: a DIR without one yet starts afresh)"
+                        + _shown(d.get("resume")))
+    parser.set_defaults(resume_from_plan=d.get("resume"))
+
+
+def _shown(value) -> str:
+    return f"; the plan says {value}" if value not in (None, 0, "") else ""
+
+
+def _with_zero_axis(spec: ShardSpec, axes: Mapping[str, int], axis: str, name: str) -> ShardSpec:
+    """The spec of a ZeRO flat chunk of ``name``: ``F`` on the ZeRO axis instead of ``R``."""
+    pl = list(spec.placements(axes, f"tensor {name!r}"))
+    i = list(axes).index(axis)
+    if pl[i] != "R":
+        raise CheckpointError(f"ZeRO chunks of {name!r} over {axis}: the parameter is {pl[i]} on "
+                              f"{axis}, not replicated")
+    pl[i] = "F"
+    return ShardSpec(spec.shape, tuple(pl), source=spec.source)
+
+
+class TrainingCheckpoint:
+    """Save and resume a generated program's training state under its plan.
+
+    ``specs``: name -> :class:`ShardSpec` of every tensor of ``model.state_dict()`` (global
+    shape, this plan's layout, ``source`` for a piece of a fused weight). ``zero_chunks`` and
+    ``zero_axis``: the flat chunks ZeRO-1/2 hands the optimizer instead of the parameters
+    (name -> chunk); their state is saved as ``F`` chunks. Names in the checkpoint are the
+    model's own, so a program of any other plan (mesh, ZeRO stage) resumes from it.
+
+        ckpt = rt.TrainingCheckpoint(args, mesh, model, optimizer, checkpoint_specs(model, full))
+        start = ckpt.resume()                         # 0 without --resume
+        for step in range(start, start + args.steps):
+            ...                                       # one training step
+            ckpt.step_done(step + 1)                  # saves every --every steps
+        ckpt.finish(start + args.steps)               # the last save, then waits for writers
+    """
+
+    def __init__(self, args, mesh, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 specs: Mapping[str, ShardSpec], zero_chunks: Optional[Mapping[str, torch.Tensor]] = None,
+                 zero_axis: Optional[str] = None, plan=None):
+        self.args, self.mesh, self.model, self.optimizer = args, mesh, model, optimizer
+        self.optimizer_name = getattr(args, "optimizer", "adamw")
+        if int(getattr(args, "every", 0) or 0) < 0:
+            raise CheckpointError(f"--every {args.every}: give the steps between saves (0: only at the end)")
+        if getattr(args, "keep", None) is not None and args.keep < 1:
+            raise CheckpointError(f"--keep {args.keep}: keep at least the latest checkpoint (or leave "
+                                  f"--keep out to keep them all)")
+        self.plan = _read_plan(plan)
+        self.tensors: Dict[str, torch.Tensor] = {}
+        self.aliases: Dict[str, str] = {}            # tied name -> the name saved
+        seen: Dict[int, str] = {}
+        for name, t in model.state_dict(keep_vars=True).items():
+            if id(t) in seen:
+                self.aliases[name] = seen[id(t)]
+                continue
+            seen[id(t)] = name
+            if name not in specs:
+                raise CheckpointError(f"tensor {name!r} of the model has no ShardSpec")
+            self.tensors[name] = t
+        self.specs = {n: _norm_spec(specs[n], n) for n in self.tensors}
+        axes = _axes_of(mesh)
+        chunks = dict(zero_chunks or {})
+        self.zero_axis = zero_axis
+        # name -> (the tensor the optimizer updates, its spec)
+        self.opt_params: Dict[str, Tuple[torch.Tensor, ShardSpec]] = {}
+        for name, t in self.tensors.items():
+            if not (isinstance(t, torch.nn.Parameter) and t.requires_grad):
+                continue
+            if name in chunks:
+                self.opt_params[name] = (chunks[name], _with_zero_axis(self.specs[name], axes, zero_axis, name))
+            else:
+                self.opt_params[name] = (t, self.specs[name])
+        self.saves: List[dict] = []                  # step, blocking seconds, write seconds
+        self._handles: List[Tuple[dict, CheckpointHandle]] = []
+        self.start = 0
+        self.last_saved: Optional[int] = None
+
+    # ---- save ----
+    def save(self, step: int) -> CheckpointHandle:
+        """Save the state after ``step`` steps (every rank calls it)."""
+        t0 = time.perf_counter()
+        tensors = {n: (t.detach(), self.specs[n]) for n, t in self.tensors.items()}
+        params = {n: p for n, (p, _) in self.opt_params.items()}
+        opt = optimizer_shards(self.optimizer, params, {n: s for n, (_, s) in self.opt_params.items()})
+        h = save_checkpoint(self.args.checkpoint, self.mesh, step, tensors, opt,
+                            rng_state=capture_rng_state(), plan_json=self.plan, keep=self.args.keep,
+                            async_=self.args.async_, aliases=self.aliases)
+        rec = {"step": step, "blocking_s": time.perf_counter() - t0, "async": bool(self.args.async_)}
+        self.saves.append(rec)
+        self._handles.append((rec, h))
+        self.last_saved = step
+        if self.mesh is None or self.mesh.rank == 0:
+            how = "writing in the background" if self.args.async_ else "written"
+            print(f"checkpoint: step {step} -> {h.path} ({how})", flush=True)
+        return h
+
+    def step_done(self, step: int) -> None:
+        """After ``step`` steps in all: save if --every says so."""
+        every = int(getattr(self.args, "every", 0) or 0)
+        if self.args.checkpoint and every > 0 and step % every == 0:
+            self.save(step)
+
+    def finish(self, step: int) -> None:
+        """The save at the end (unless this step is saved already); waits for every writer."""
+        if self.args.checkpoint and self.last_saved != step:
+            self.save(step)
+        wait_checkpoint()
+        for rec, h in self._handles:
+            rec["write_s"] = h.seconds
+        self._handles = []
+
+    def stats(self) -> dict:
+        return {"start_step": self.start, "saves": self.saves}
+
+    # ---- resume ----
+    def resume(self) -> int:
+        """Load the latest checkpoint of ``--resume`` into the model, the optimizer and the
+        RNG, resharded to this plan; returns the number of steps it was saved after (0
+        without --resume, or when the plan's resume directory holds no checkpoint yet)."""
+        d = getattr(self.args, "resume", None)
+        if not d:
+            return 0
+        if d == getattr(self.args, "resume_from_plan", None) and not list_checkpoints(d) \
+                and not (Path(d) / INDEX).is_file():
+            if self.mesh is None or self.mesh.rank == 0:
+                print(f"checkpoint: nothing to resume in {d} yet; starting from the initial weights",
+                      flush=True)
+            return 0
+        path, index = read_index(d)
+        have = index["tensors"]
+        if any(n not in have for n in self.specs):
+            load_checkpoint(path, self.mesh, self.specs)      # names what is missing: another model?
+        keys = OPTIMIZER_KEYS.get(self.optimizer_name, ())
+        opt_want: Dict[str, ShardSpec] = {}
+        for name, (_, spec) in self.opt_params.items():
+            got_keys = [k for k in keys if f"{name}.{k}" in have]
+            if not got_keys and int(index["step"]) > 0:
+                others = sorted({k.rsplit(".", 1)[1] for k, r in have.items() if r["group"] == "optim"})
+                raise CheckpointError(
+                    f"{path / INDEX}: no {self.optimizer_name} state for parameter {name!r} (the "
+                    f"checkpoint's optimizer state keys: {others or 'none'}); resume with the "
+                    f"optimizer it was saved with")
+            for k in got_keys:
+                opt_want[f"{name}.{k}"] = ShardSpec((), ()) if have[f"{name}.{k}"]["shape"] == [] else spec
+        got = load_checkpoint(path, self.mesh, self.specs, opt_want)
+        with torch.no_grad():
+            for name, t in self.tensors.items():
+                t.copy_(got.tensors[name].to(device=t.device, dtype=t.dtype))
+            for name, (p, spec) in self.opt_params.items():
+                if p is not self.tensors[name]:      # a ZeRO chunk: this rank's part of the parameter
+                    full = self.tensors[name].detach().reshape(-1)
+                    n, me = self.mesh.size(self.zero_axis), self.mesh.coord(self.zero_axis)
+                    off, size = zero_chunk(full.numel(), n, me)
+                    flat = torch.nn.functional.pad(full, (0, size * n - full.numel()))
+                    p.copy_(flat[off:off + size])
+        if got.optimizer:
+            restore_optimizer(self.optimizer, {n: p for n, (p, _) in self.opt_params.items()},
+                              got.optimizer)
+        if got.rng:
+            restore_rng_state(got.rng)
+        self.start = got.step
+        self.last_saved = got.step if self.args.checkpoint and Path(self.args.checkpoint).resolve() \
+            == path.parent.resolve() else None
+        if self.mesh is None or self.mesh.rank == 0:
+            saved = ",".join(f"{a}={n}" for a, n in got.mesh.items()) or "one device"
+            rng = "" if got.rng is not None else (
+                f"; RNG states not restored: saved by {index['world_size']} ranks, this run has "
+                f"{self.mesh.world_size if self.mesh is not None else 1}")
+            print(f"checkpoint: resumed from {path} (step {got.step}, saved on {saved}){rng}", flush=True)
+        return got.step
+
+
+def _read_plan(plan):
+    """The plan recorded in the index: a dict, JSON text, or the path of a plan JSON file."""
+    if plan is None or isinstance(plan, dict):
+        return plan
+    if isinstance(plan, (str, os.PathLike)) and not str(plan).lstrip().startswith("{"):
+        p = Path(plan)
+        return json.loads(p.read_text()) if p.is_file() else None
+    return json.loads(plan)

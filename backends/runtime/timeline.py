@@ -34,13 +34,15 @@ class Timeline:
         self.step_s = None
         self.log: list[dict] = []
         self._t0 = None
+        self._begun = 0                           # steps begun (a resumed run starts past 0)
 
     @property
     def enabled(self) -> bool:
         return bool(self.dir)
 
     def begin(self, step: int) -> None:
-        if not self.enabled or step != self.steps - 1:
+        self._begun += 1
+        if not self.enabled or self._begun != self.steps:
             return
         from torch.profiler import ProfilerActivity, profile
         activities = [ProfilerActivity.CPU]

@@ -15,6 +15,10 @@ Launch (from this directory):
 
 `gpt_dp2_tp2_torch.init.safetensors` (safetensors) holds the full single-device state dict and the example batch; each
 rank keeps its own block of every tensor (see LAYOUTS) and saves its final shards.
+
+Checkpoints (sharded safetensors + index.json; a program of any plan resumes from them):
+    --checkpoint DIR saves at the end (--every N steps too, --keep K, --async)
+    --resume DIR continues from the latest one in DIR
 """
 import argparse
 import collections
@@ -286,6 +290,23 @@ class GPTShard(nn.Module):
                 t.copy_(shard(full_tensor(full, name), name, self.mesh))
 
 
+def checkpoint_specs(model, full):
+    """name -> rt.ShardSpec(global shape, layout, source) of every tensor of this rank's state
+    dict; `source` places a piece of a fused weight in it (a checkpoint keeps the model's names)."""
+    specs = {}
+    for name in model.state_dict():
+        layout = table_row(LAYOUTS, name)[0] or REPLICATED
+        row, block = table_row(PIECES, name)
+        source = None
+        if row is not None:
+            src, dim, begin, end = row
+            if block is not None:
+                src = src.replace(f"{block[0]}.*.", f"{block[0]}.{block[1]}.", 1)
+            source = (src, dim, begin, end)
+        specs[name] = rt.ShardSpec(tuple(full_tensor(full, name).shape), layout, source=source)
+    return specs
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--init", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gpt_dp2_tp2_torch.init.safetensors'),
@@ -297,6 +318,7 @@ def main():
     parser.add_argument("--save", default="shards", help="directory for each rank's final shards")
     parser.add_argument("--stats", default=None, help="write losses, bytes and times to STATS.rank<r>.json")
     parser.add_argument("--timeline", default=None, help="write the last step's trace and hidden communication to DIR")
+    rt.add_checkpoint_args(parser, {})  # --checkpoint, --every, --keep, --async, --resume
     args = parser.parse_args()
 
     rt.one_thread()
@@ -313,10 +335,13 @@ def main():
         optimizer = torch.optim.AdamW(trainable, lr=args.lr)
     else:
         optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)
+    ckpt = rt.TrainingCheckpoint(args, mesh, model, optimizer, checkpoint_specs(model, full),
+                                 plan=os.path.join(os.path.dirname(__file__), 'gpt_dp2_tp2_torch.plan.json'))
+    start = ckpt.resume()  # 0, or the steps the --resume checkpoint was saved after
 
     losses, traffic, calls, times = [], [], [], []
     timeline = rt.Timeline(mesh, args.timeline, args.steps)  # --timeline DIR: the last step, profiled
-    for step in range(args.steps):
+    for step in range(start, start + args.steps):
         mesh.reset_traffic()
         timeline.begin(step)
         t0 = time.perf_counter()
@@ -330,6 +355,8 @@ def main():
         traffic.append({f"{kind}:{axis}": b for (kind, axis), b in sorted(mesh.traffic.items())})
         calls.append(collections.Counter(f"{e.kind}:{e.axis}" for e in mesh.events))
         rt.log(mesh, f"step {step}: loss {losses[-1]:.6f} ({times[-1] * 1e3:.1f} ms)")
+        ckpt.step_done(step + 1)  # saves every --every steps
+    ckpt.finish(start + args.steps)  # the last save; waits for background writers
 
     timeline.write()
     os.makedirs(args.save, exist_ok=True)
@@ -337,7 +364,8 @@ def main():
     if args.stats:
         with open(f"{args.stats}.rank{mesh.rank}.json", "w") as f:
             json.dump({"rank": mesh.rank, "coords": mesh.coords, "losses": losses, "traffic": traffic, "calls": calls,
-                    "times": times, "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}, f)
+                    "times": times, "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                    "checkpoint": ckpt.stats()}, f)
     mesh.shutdown()
 
 
