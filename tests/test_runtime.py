@@ -287,11 +287,102 @@ def _worker(backend: str) -> None:  # noqa: C901 - one long scripted check
 
     mesh.barrier()
     assert mesh.all_reduce_scalar(1.0) == float(WORLD)
+    overlap_checks(mesh, gen)
     rt.log(mesh, "rank-0-only log line")
     mesh.shutdown()
     mesh.shutdown()  # idempotent
     sys.stdout.flush()
     os.write(1, f"RANK {r} ok\n".encode())  # one write: lines of different ranks can't interleave
+
+
+def overlap_checks(mesh, gen) -> None:
+    """Gradient buckets and ZeRO-3's schedule against the plain per-use collectives: the same
+    gradients, the same bytes, one call per bucket, and a block's gathered weights gone after
+    its forward."""
+    import gc
+
+    import torch
+    from torch.testing import assert_close
+
+    from autopar.backends import runtime as rt
+
+    def blocks(n=3, d=8):
+        torch.manual_seed(0)
+        m = torch.nn.Module()
+        m.h = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(n))
+        m.head = torch.nn.Linear(d, 2)
+        return m
+    x = gen("ov", mesh.coord("dp"), shape=(4, 8), dtype=torch.float32)
+
+    # data parallel: per-use copy_to (all_reduce in backward) vs buckets
+    def dp_loss(m, wrap):
+        h = x
+        for blk in m.h:
+            h = torch.tanh(torch.nn.functional.linear(h, wrap(blk.weight), wrap(blk.bias)))
+        return torch.nn.functional.linear(h, wrap(m.head.weight), wrap(m.head.bias)).sum()
+    plain, bucketed = blocks(), blocks()
+    mesh.reset_traffic()
+    dp_loss(plain, lambda p: rt.copy_to(p, mesh, "dp")).backward()
+    per_use = dict(mesh.traffic)
+    order = [("head.bias", ("dp",)), ("head.weight", ("dp",)),
+             ("h.*", [("bias", ("dp",)), ("weight", ("dp",))], 3)]
+    grads = rt.GradBuckets(mesh, order, bucketed, bucket_bytes=300, first_bucket_bytes=40)
+    assert len(grads.buckets) >= 3
+    mesh.reset_traffic()
+    dp_loss(bucketed, lambda p: p).backward()          # the hooks reduce; backward's end waits
+    assert dict(mesh.traffic) == per_use
+    assert sum(e.kind == "all_reduce" for e in mesh.events) == len(grads.buckets)
+    for (name, a), b in zip(plain.named_parameters(), bucketed.parameters()):
+        assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-6, msg=name)
+    with grads.no_sync():                               # accumulate locally, reduce nothing
+        mesh.reset_traffic()
+        dp_loss(bucketed, lambda p: p).backward()
+        assert not mesh.events
+
+    # ZeRO-3: plain all_gather per use vs ParamGather (prefetch, reshard after forward)
+    def shards(m):
+        for p in m.parameters():
+            p.data = mesh.chunk(p.data, "dp", 0).clone()
+        return m
+    plain, z3 = shards(blocks()), shards(blocks())
+    live = []
+    gather = None
+
+    def z3_forward(m, gathered):
+        h = x
+        for blk in m.h:
+            w, b = gathered(blk.weight), gathered(blk.bias)
+            h = torch.tanh(torch.nn.functional.linear(h, w, b))
+            if m is z3:
+                live.append(len([1 for ref, _ in gather._live.values() if ref() is not None]))
+            del w, b
+        return torch.nn.functional.linear(h, gathered(m.head.weight), gathered(m.head.bias)).sum()
+
+    class Net(torch.nn.Module):                         # forward hooks install the packing
+        def __init__(self, m, gathered):
+            super().__init__()
+            self.m, self.gathered = m, gathered
+
+        def forward(self):
+            return z3_forward(self.m, self.gathered)
+    mesh.reset_traffic()
+    z3_forward(plain, lambda p: rt.all_gather(p, mesh, "dp", dim=0, partial_grad=True)).backward()
+    before = dict(mesh.traffic)
+    net = Net(z3, lambda p: rt.gather_param(p, mesh, "dp", dim=0))
+    gather = rt.ParamGather(mesh, "dp", net, lambda n: ("S(0)", "R"), blocks=["m.h"], prefetch=1)
+    assert [u.name for u in gather.units] == ["m.h.0", "m.h.1", "m.h.2"]
+    mesh.reset_traffic()
+    loss = net()
+    gc.collect()
+    # each block's weights are gone once the next block runs: only this block's two are alive
+    assert live == [2, 2, 2], live
+    loss.backward()
+    block_bytes = sum(p.numel() * 2 * 4 for p in z3.h.parameters())
+    assert mesh.traffic[("reduce_scatter", "dp")] == before[("reduce_scatter", "dp")]
+    assert mesh.traffic[("all_gather", "dp")] == before[("all_gather", "dp")] + block_bytes
+    for (name, a), b in zip(plain.named_parameters(), z3.parameters()):
+        assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-6, msg=name)
+    del gather
 
 
 # ==========================================================================

@@ -272,11 +272,14 @@ class ParamGather:
         self._queued = False
         self._saving = None
         module.register_forward_pre_hook(lambda m, args: self._begin_forward())
-        module.register_forward_hook(lambda m, args, out: self._end_forward())
+        # always_call: a forward that raises must not leave the hooks installed
+        module.register_forward_hook(lambda m, args, out: self._end_forward(), always_call=True)
 
     # forward
     def _begin_forward(self):
         self._entered, self._bw_entered = set(), set()
+        # weights of a forward that had no backward (evaluation) are gone: forget them
+        self._live = {k: v for k, v in self._live.items() if v[0]() is not None}
         self._saving = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._saving.__enter__()
 
