@@ -158,13 +158,9 @@ class GradBuckets:
                 for axis in b.axes[1:]:          # further axes: partial sums there too
                     self.mesh.all_reduce_(b.flat, axis, phase="backward")
                 off = 0
-                for p in b.params:
+                for p in b.params:               # the gradients become views of the sums
                     n = p.numel()
-                    chunk = b.flat[off:off + n].view_as(p)
-                    if p.grad is None:
-                        p.grad = chunk.clone()
-                    else:
-                        p.grad.copy_(chunk)
+                    p.grad = b.flat[off:off + n].view_as(p)
                     off += n
             self.timeline.append({"bucket": b.index, "axes": list(b.axes),
                                   "bytes": b.flat.numel() * b.flat.element_size(),
