@@ -271,6 +271,7 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
         if microbatches < 1:
             raise InputError(f"--microbatches {microbatches}: give a count of at least 1")
         plan.microbatches = microbatches
+    check_microbatches(graph, plan, inputs)
     # the communication schedule: gradient buckets reduced while backward runs
     sharded = overlap(apply_plan(graph, plan))
     plan.cost.setdefault("bytes", predict_traffic(sharded))
@@ -280,6 +281,24 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
                        state_keys=frozenset(model.state_dict().keys()))
     source = emit_program(sharded, backend_named(backend), type(model).__name__, opts, f"{stem}.py")
     return Program(name, model, tuple(inputs), graph, plan, sharded, backend, opts, stem, source)
+
+
+def check_microbatches(graph: Graph, plan, inputs) -> None:
+    """A microbatched plan must split each rank's share of the example batch evenly."""
+    m = getattr(plan, "microbatches", 1)
+    if m <= 1 or not graph.inputs or not inputs or not hasattr(inputs[0], "shape"):
+        return
+    batch = int(inputs[0].shape[0])
+    layout = plan.layouts.get(graph.inputs[0].name, ())
+    ranks = 1
+    for axis, placement in zip(plan.mesh, layout):
+        if placement == "S(0)":
+            ranks *= plan.mesh[axis]
+    if batch % ranks or (batch // ranks) % m:
+        raise InputError(f"{m} microbatches do not divide the batch: {batch} examples over {ranks} "
+                         f"rank(s) is {batch / ranks:g} per rank, not a multiple of {m}. Give a "
+                         f"microbatch count that divides {batch // ranks if batch % ranks == 0 else batch}"
+                         " (--microbatches, or pipeline microbatches in the plan file).")
 
 
 def _class_name(model) -> str:

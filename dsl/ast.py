@@ -170,6 +170,22 @@ class Overlap(Statement):
     items: tuple[OverlapItem, ...]
 
 
+@dataclass(frozen=True, kw_only=True)
+class Pipeline(Statement):
+    """`pipeline microbatches N [, schedule NAME [V]]`: numbers and words as written."""
+    microbatches: str | None = None
+    microbatches_column: int = 0
+    schedule: str | None = None
+    schedule_column: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stage(Statement):
+    """`stage N "pattern", ...`: modules pinned to pipeline stage N."""
+    index: str
+    patterns: tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class PlanFile:
     """One parsed file: its path (as given, or `<string>`), its text (for error context)

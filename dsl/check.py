@@ -62,6 +62,7 @@ class PlanSpec:
     checkpoint: dict = field(default_factory=dict)
     # communication-schedule settings the file gives (Plan.overlap keys; the rest default)
     overlap: dict = field(default_factory=dict)
+    microbatches: int | None = None            # None: no pipeline statement (one microbatch)
 
     def pin(self, value: str) -> Pin | None:
         return next((p for p in self.pins if p.value == value), None)
@@ -81,6 +82,8 @@ class PlanSpec:
         lines += checkpoint_lines(self.checkpoint)
         if self.overlap:
             lines.append(overlap_line(self.overlap))
+        if self.microbatches is not None:
+            lines.append(f"pipeline microbatches {self.microbatches}")
         if self.recompute:
             lines.append("recompute " + ", ".join(f'"{p}"' for p in self.recompute)
                          + f"    # {len(self.recompute_modules)} modules")
@@ -140,8 +143,13 @@ class Resolver:
         statements = list(self.plan.walk())
         for f, st in statements:
             if isinstance(st, (ast.Mesh, ast.Device, ast.Memory, ast.Zero, ast.Objective,
-                               ast.Checkpoint, ast.Resume)):
+                               ast.Checkpoint, ast.Resume, ast.Pipeline)):
                 self.setting(f, st)
+            elif isinstance(st, ast.Stage):
+                self.fail(E.NoPipelineStages, "stage pins place modules on pipeline stages of a pp axis, "
+                          "which autopar does not build yet", f, st.line, st.column,
+                          fix="remove the stage statement; pipeline microbatches N accumulates gradients "
+                              "over N microbatches on any mesh")
         mesh = self.resolve_mesh(cli_mesh)
         spec = PlanSpec(mesh=mesh, files=self.plan.files())
         self.mesh = mesh
@@ -160,6 +168,8 @@ class Resolver:
             spec.checkpoint.update(self.settings["checkpoint"][2])
         if "resume" in self.settings:
             spec.checkpoint["resume"] = self.settings["resume"][2]
+        if "pipeline" in self.settings:
+            spec.microbatches = self.settings["pipeline"][2]
         spec.overlap = self.resolve_overlap([(f, st) for f, st in statements if isinstance(st, ast.Overlap)])
 
         self.pins: dict[str, dict[str, tuple[str | None, str, ast.PlanFile, ast.Located]]] = {}
@@ -229,10 +239,12 @@ class Resolver:
 
     def setting(self, f: ast.PlanFile, st: ast.Statement) -> None:
         key = {ast.Mesh: "mesh", ast.Device: "device", ast.Memory: "memory", ast.Zero: "zero",
-               ast.Objective: "objective", ast.Checkpoint: "checkpoint", ast.Resume: "resume"}[type(st)]
+               ast.Objective: "objective", ast.Checkpoint: "checkpoint", ast.Resume: "resume",
+               ast.Pipeline: "pipeline"}[type(st)]
         value = {"mesh": self.check_mesh, "device": self.check_device, "memory": self.check_memory,
                  "zero": self.check_zero_syntax, "objective": self.check_objective,
-                 "checkpoint": self.check_checkpoint, "resume": self.check_resume}[key](f, st)
+                 "checkpoint": self.check_checkpoint, "resume": self.check_resume,
+                 "pipeline": self.check_pipeline}[key](f, st)
         if key in self.settings:
             f0, st0, v0 = self.settings[key]
             if v0 != value:
@@ -382,6 +394,27 @@ class Resolver:
 
     def check_resume(self, f: ast.PlanFile, st: ast.Resume) -> str:
         return self.check_directory(f, st, st.directory, st.directory_column, "resume from")
+
+    def check_pipeline(self, f: ast.PlanFile, st: ast.Pipeline) -> int:
+        """The microbatch count: a whole number >= 1 dividing the model's batch (the first
+        input's dim 0, as traced). A schedule is refused: it needs pp stages."""
+        if st.schedule is not None:
+            self.fail(E.NoPipelineStages, f"schedule {st.schedule} runs pipeline stages over a pp axis, "
+                      "which autopar does not build yet", f, st.line, st.schedule_column,
+                      fix=f"remove the schedule clause: pipeline microbatches {st.microbatches or 'N'} "
+                          "accumulates gradients over microbatches on any mesh")
+        n = self.whole(st.microbatches, f, st.line, st.microbatches_column, "the microbatch count",
+                       E.BadMicrobatches)
+        if n < 1:
+            self.fail(E.BadMicrobatches, f"pipeline microbatches {n}: a step runs at least one microbatch",
+                      f, st.line, st.microbatches_column, fix="write pipeline microbatches 1 or more")
+        batch = next((v.shape[0] for v in self.graph.inputs if v.shape), None)
+        if isinstance(batch, int) and batch % n:
+            ok = [d for d in range(1, batch + 1) if batch % d == 0]
+            self.fail(E.BadMicrobatches, f"pipeline microbatches {n} does not divide the batch of {batch} "
+                      f"(input '{self.graph.inputs[0].name}', dim 0)", f, st.line, st.microbatches_column,
+                      fix=f"use a divisor of {batch}: {', '.join(map(str, ok))}")
+        return n
 
     def resolve_overlap(self, statements) -> dict:
         """The `overlap` statements' settings by Plan.overlap key; a key set twice to different

@@ -62,6 +62,8 @@ def write_plan(plan: Plan, graph: Graph, activations: str = "modules") -> str:
                if k in OVERLAP_DEFAULTS and v != OVERLAP_DEFAULTS[k]}
     if overlap:                   # only what differs from DDP's defaults
         lines.append(overlap_line(overlap))
+    if getattr(plan, "microbatches", 1) > 1:
+        lines.append(f"pipeline microbatches {plan.microbatches}")
 
     def section(title: str, kind: str, items: dict[str, PinLayout], universe: list[str],
                 select: Callable[[str], list[str]], layout_of: Callable[[str], PinLayout | None]):

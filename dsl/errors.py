@@ -157,6 +157,14 @@ class BadOverlap(PlanSyntaxError):
     """`overlap` not followed by off, on, bucket SIZE [first SIZE] or prefetch N."""
 
 
+class BadPipeline(PlanSyntaxError):
+    """`pipeline` not written `pipeline microbatches N [, schedule NAME]`."""
+
+
+class BadStage(PlanSyntaxError):
+    """`stage` not written `stage N "pattern"`."""
+
+
 # ---- semantic (raised by check.resolve and the include loader) ------------------------------
 
 class PlanNotFound(PlanFileError):
@@ -283,6 +291,14 @@ class BadOverlapSetting(PlanFileError):
     """A bucket size that is not positive, or a prefetch depth that is not a whole number."""
 
 
+class BadMicrobatches(PlanFileError):
+    """A microbatch count below 1, or one that does not divide the model's batch."""
+
+
+class NoPipelineStages(PlanFileError):
+    """A pipeline schedule or stage pin: stages over a pp axis are not built yet."""
+
+
 
 
 # ---- the catalogue: bad examples -> the class that names the mistake -------------------------
@@ -291,7 +307,7 @@ class BadOverlapSetting(PlanFileError):
 # (lark's `match_examples`); order matters only for ties within one parser state.
 
 KEYWORDS = ("mesh", "device", "memory", "zero", "minimize", "layout", "replicate", "auto",
-            "recompute", "include", "checkpoint", "resume", "overlap")
+            "recompute", "include", "checkpoint", "resume", "overlap", "pipeline", "stage")
 
 SYNTAX_EXAMPLES: dict[type[PlanSyntaxError], list[str]] = {
     UnclosedBrace: [
@@ -475,6 +491,24 @@ SYNTAX_EXAMPLES: dict[type[PlanSyntaxError], list[str]] = {
         'overlap yes',
         'overlap = off',
     ],
+    BadPipeline: [
+        'pipeline',
+        'pipeline 4',
+        'pipeline microbatches',
+        'pipeline microbatches "4"',
+        'pipeline microbatches four',
+        'pipeline microbatches 4 schedule 1f1b',
+        'pipeline microbatches 4,',
+        'pipeline schedule',
+        'pipeline microbatches 4, schedule',
+        'pipeline = 4',
+    ],
+    BadStage: [
+        'stage',
+        'stage 0',
+        'stage "transformer.h.0"',
+        'stage 0 transformer',
+    ],
 }
 
 
@@ -516,6 +550,8 @@ FIXES: dict[type[PlanSyntaxError], str] = {
                    'checkpoint every 100 steps to "ckpt/" keep 3 async',
     BadResume: 'write resume from "DIR"',
     BadOverlap: "write overlap off, overlap bucket 25MB [first 1MB] or overlap prefetch 2",
+    BadPipeline: "write pipeline microbatches 4 (the batch of each step as 4 microbatches)",
+    BadStage: 'write stage 0 "transformer.h.[0-5]" (a stage number, then quoted module patterns)',
     PlanSyntaxError: "compare with the examples in examples/plans/",
 }
 
@@ -539,5 +575,7 @@ MESSAGES: dict[type[PlanSyntaxError], str] = {
     BadCheckpoint: 'expected checkpoint [every N steps] to "DIR" [keep K] [async]',
     BadResume: 'expected resume from "DIR"',
     BadOverlap: "expected off, on, bucket SIZE [first SIZE] or prefetch N after overlap",
+    BadPipeline: "expected pipeline microbatches N [, schedule NAME]",
+    BadStage: 'expected stage N "pattern"',
     PlanSyntaxError: "unexpected {token_desc}",
 }

@@ -272,6 +272,25 @@ class ToAst(Transformer):
         return [ast.OverlapItem(key="prefetch", amount=str(amount), amount_column=amount.column,
                                 line=word.line, column=word.column)]
 
+    def pipeline(self, meta, ch):
+        items = dict(i for i in ch)
+        mb, sched = items.get("microbatches"), items.get("schedule")
+        return ast.Pipeline(microbatches=str(mb) if mb is not None else None,
+                            microbatches_column=mb.column if mb is not None else 0,
+                            schedule=" ".join(str(t) for t in sched[1:]) if sched else None,
+                            schedule_column=sched[0].column if sched else 0,
+                            line=meta.line, column=meta.column, written=self.written(meta))
+
+    def pipeline_microbatches(self, meta, ch):
+        return ("microbatches", ch[1])
+
+    def pipeline_schedule(self, meta, ch):
+        return ("schedule", ch)
+
+    def stage(self, meta, ch):
+        return ast.Stage(index=str(ch[0]), patterns=tuple(unquote(t) for t in ch[1:]),
+                         line=meta.line, column=meta.column, written=self.written(meta))
+
 
 COMMENT = re.compile(r'("[^"\n]*")|#[^\n]*')
 

@@ -48,4 +48,6 @@ def search_with(spec: PlanSpec, graph: Graph, device: str | DeviceProfile | None
     # settings the search does not read: the program's checkpoints, the overlap stage's schedule
     plan.checkpoint = dict(spec.checkpoint)
     plan.overlap = {**OVERLAP_DEFAULTS, **spec.overlap}
+    if spec.microbatches is not None:
+        plan.microbatches = spec.microbatches
     return plan

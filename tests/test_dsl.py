@@ -568,3 +568,31 @@ def test_checkpoint_and_overlap_forms(graph):
         settings('resume from "a"\nresume from "b"')
     with pytest.raises(E.UnknownStatement, match="did you mean 'checkpoint'"):
         settings('checkpiont to "c"')
+
+
+# ---- pipeline statement: microbatches ------------------------------------------------------------
+
+def test_pipeline_microbatches_reach_the_plan_and_the_program(graph, traced):
+    from autopar.compiler.errors import InputError
+    from autopar.dsl import search_with
+    from autopar.pipeline import build_program
+    g = graph("gpt")
+    split = 'mesh dp=2\nlayout input "idx", input "targets" { dp: S(0) }\n'
+    spec = resolve(parse_plan(split + "pipeline microbatches 2\n"), g)
+    assert spec.microbatches == 2
+    assert "pipeline microbatches 2\n" in spec.format()
+    assert resolve(parse_plan(spec.format()), g).microbatches == 2
+    plan = search_with(spec, g, deterministic=True, time_limit=3)
+    assert plan.microbatches == 2
+    assert "\npipeline microbatches 2\n" in write_plan(plan, g)
+    assert round_trip(plan, g).microbatches == 2
+    # without the statement: one microbatch, nothing written
+    plain = search_with(resolve(parse_plan("mesh dp=2\n"), g), g, deterministic=True, time_limit=3)
+    assert plain.microbatches == 1 and "pipeline" not in write_plan(plain, g)
+    # the program's default is the plan's count; a count the rank's batch cannot split is
+    # refused before anything runs (batch 4 over dp=2 is 2 per rank)
+    model, inputs = traced("gpt")[:2]
+    program = build_program(model, inputs, mesh="dp=2", plan=plan)
+    assert 'parser.add_argument("--microbatches", type=int, default=2,' in program.source
+    with pytest.raises(InputError, match=r"4 microbatches do not divide the batch: 4 examples over 2 rank"):
+        build_program(model, inputs, mesh="dp=2", plan=plan, microbatches=4)
