@@ -248,7 +248,7 @@ def cpu_profile(remeasure: bool = False) -> DeviceProfile:
                 return read_profile_file(path)
         except (ProfileError, ValueError, OSError):
             pass                  # a stale or broken cache is measured again
-    data = measure_cpu()
+    data = {**measure_cpu(), "version": CPU_PROFILE_VERSION}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -292,7 +292,7 @@ def measure_cpu() -> dict:
         "name": "cpu", "description": f"this machine ({os.cpu_count()} cores), measured",
         "peak_flops": flops, "efficiency": 1.0, "hbm_bandwidth": hbm, "memory": float(mem),
         "node_size": max(os.cpu_count() or 1, 1), "intra": link, "inter": link,
-        "precision": "fp32", "op_overhead": overhead, "version": CPU_PROFILE_VERSION,
+        "precision": "fp32", "op_overhead": overhead,
         "sources": f"measured in {time.perf_counter() - t_start:.1f} s: torch {n}^3 fp32 matmul, "
                    "32 MiB copy, a chain of tiny autograd ops (per-op overhead), "
                    "gloo all_reduce of 4 B and 8 MiB between 2 processes",
