@@ -369,3 +369,33 @@ def test_the_search_prices_shared_reshards_once(traced):
         plan = search(g, mesh, load_profile("h100"), deterministic=True, zero=0, time_limit=20, overlap=False)
         assert plan.solver["shared_step_bools"] > 0
         assert plan.solver["objective"] == pytest.approx(plan.cost["step_time"], rel=1e-4)
+
+
+# a cpu-like profile: per-op host overhead, a link whose latency ~40 per-parameter
+# all_reduces cannot afford but a few buckets hidden behind backward can
+CPU_LIKE = DeviceProfile("cpu-like", peak_flops=2e10, efficiency=1.0, hbm_bandwidth=1e10, memory=8e9,
+                         node_size=2, intra=Link(5e-5, 1e9), inter=Link(5e-5, 1e9), precision="fp32",
+                         op_overhead=2e-5)
+
+
+def test_dp2_small_gpt_picks_bucketed_data_parallelism(small_gpt):
+    """The small GPT on dp=2: with every gradient all_reduced on its own (overlap off) the
+    latency makes replication-like plans fastest; with gradient buckets reduced during
+    backward the search picks data parallelism, and the schedule hides part of it."""
+    off = search(small_gpt, {"dp": 2}, CPU_LIKE, deterministic=True, overlap=False)
+    on = search(small_gpt, {"dp": 2}, CPU_LIKE, deterministic=True)
+    nodes = [n.outputs[0].name for n in small_gpt.nodes]
+    split = lambda p: sum(1 for k in nodes if p.strategies[k][0] is not None)
+    assert split(off) < len(nodes) // 4
+    assert split(on) > len(nodes) // 2
+    assert all(p.name in on.layouts and on.layouts[p.name][0] == "R" for p in small_gpt.params)
+    assert on.overlap["enabled"] and on.cost["overlap"]
+    c = on.cost
+    assert c["step_time"] < off.cost["step_time"]
+    assert c["step_time"] < c["additive_step_time"]
+    assert c["hidden_comm"]["dp"] > 0
+    # the schedule moves time, not bytes: the same bytes as the program's per-use reduction
+    cm = CostModel(small_gpt, Cluster({"dp": 2}, CPU_LIKE), overlap=False)
+    additive = cm.evaluate({k: tuple(v) for k, v in on.strategies.items()}, on.zero)
+    assert additive.bytes == c["bytes"]
+    assert additive.step_time == pytest.approx(c["additive_step_time"])
