@@ -62,6 +62,10 @@ class DeviceProfile:
     # host time per op outside the math (dispatch, autograd bookkeeping, kernel launch),
     # paid once in forward and once in backward; 0 where it hides behind the device
     op_overhead: float = 0.0
+    # the fraction by which compute slows while a collective runs beside it (communication
+    # kernels take SMs and memory bandwidth from the math): each second of hidden
+    # communication costs this many seconds of compute
+    overlap_slowdown: float = 0.0
     description: str = ""
     sources: str = ""
 
@@ -103,6 +107,11 @@ def profile_from_dict(data: dict, origin: str) -> DeviceProfile:
     overhead = data.get("op_overhead", 0.0)
     if overhead != 0.0:
         overhead = number("op_overhead", overhead)
+    slowdown = data.get("overlap_slowdown", 0.0)
+    if slowdown != 0.0:
+        slowdown = number("overlap_slowdown", slowdown)
+        if slowdown >= 1:
+            raise ProfileError(f"device profile {origin}: overlap_slowdown is a fraction [0, 1), got {slowdown}")
     if eff > 1:
         raise ProfileError(f"device profile {origin}: efficiency is a fraction of peak (0..1], got {eff}")
     return DeviceProfile(
@@ -112,6 +121,7 @@ def profile_from_dict(data: dict, origin: str) -> DeviceProfile:
         memory=number("memory", data["memory"]),
         node_size=int(number("node_size", data["node_size"])),
         intra=link("intra"), inter=link("inter"), precision=precision, op_overhead=float(overhead),
+        overlap_slowdown=float(slowdown),
         description=str(data.get("description", "")), sources=str(data.get("sources", "")))
 
 

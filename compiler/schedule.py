@@ -33,7 +33,10 @@ it is simulated:
   backward in reverse block order the same way, and each use's gradient reduce_scatter is
   launched asynchronously after that use's backward;
 - optimizer-phase collectives (ZeRO-1/2's all_gather of updated parameters) run after every
-  gradient collective has finished, synchronously.
+  gradient collective has finished, synchronously;
+- hiding is not free: compute beside a collective runs slower (the profile's
+  `overlap_slowdown`), so the makespan adds that fraction of the hidden time (`interference`;
+  the trace's events are not stretched).
 
 With overlap off every collective is synchronous and the makespan is the additive sum of
 compute and communication, the cost model without a schedule.
@@ -104,6 +107,7 @@ class Schedule:
     hidden: dict[str, float]        # per axis: communication compute overlaps
     compute: float                  # busy time of the compute stream
     overlap: bool
+    interference: float = 0.0       # compute slowed by the hidden communication (in makespan)
     prefetch: int = 0
     gathered_blocks: int = 0        # ZeRO-3: blocks whose full weights are alive at once
 
@@ -320,8 +324,9 @@ def simulate(model, report, zero: int = 0, overlap=None) -> Schedule:
     blocks = 0
     if zero3:
         blocks = min(prefetch + 1, len(order))
-    return Schedule(makespan, events, bucket_list, exposed, hidden,
-                    sum(e.dur for e in compute_events), on, prefetch, blocks)
+    interference = getattr(model.profile, "overlap_slowdown", 0.0) * sum(hidden.values())
+    return Schedule(makespan + interference, events, bucket_list, exposed, hidden,
+                    sum(e.dur for e in compute_events), on, interference, prefetch, blocks)
 
 
 @dataclass(frozen=True)
@@ -367,6 +372,7 @@ def trace(schedule: Schedule, name: str = "predicted step") -> dict:
                     "ts": round(e.start * 1e6, 3), "dur": round(e.dur * 1e6, 3), "args": args})
     return {"traceEvents": out, "displayTimeUnit": "ms",
             "otherData": {"makespan_us": round(schedule.makespan * 1e6, 3),
+                          "interference_us": round(schedule.interference * 1e6, 3),
                           "exposed_us": {a: round(t * 1e6, 3) for a, t in schedule.exposed.items()},
                           "hidden_us": {a: round(t * 1e6, 3) for a, t in schedule.hidden.items()}}}
 

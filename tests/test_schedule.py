@@ -157,9 +157,23 @@ def test_trace_json_has_one_track_per_stream():
     assert any(e["name"].startswith("bucket ") for e in events)
     assert any("blocks.0.fc" in e["name"] for e in events)
     end = max(e["ts"] + e["dur"] for e in events)
-    assert math.isclose(end, data["otherData"]["makespan_us"], rel_tol=1e-6)
+    other = data["otherData"]
+    assert math.isclose(end, other["makespan_us"] - other["interference_us"], rel_tol=1e-6)
 
 
 def test_bucket_caps():
     assert bucket_caps(400 << 10, 25 << 20, 1 << 20) == (100 << 10, 100 << 10)
     assert bucket_caps(1 << 30, 25 << 20, 1 << 20) == (1 << 20, 25 << 20)
+
+
+def test_hidden_communication_slows_compute_by_the_profiles_interference():
+    from dataclasses import replace
+    g = blocks_graph()
+    plain = model(None, graph=g)
+    rep = plain.evaluate(dp_strategies(plain, False), 0)
+    slow = CostModel(g, Cluster({"dp": 2}, replace(PROF, overlap_slowdown=0.5)))
+    rep2 = slow.evaluate(dp_strategies(slow, False), 0)
+    hidden = sum(rep.schedule.hidden.values())
+    assert hidden > 0 and rep.schedule.interference == 0.0
+    assert rep2.schedule.interference == pytest.approx(0.5 * hidden)
+    assert rep2.step_time == pytest.approx(rep.step_time + 0.5 * hidden)
