@@ -20,6 +20,14 @@ device, minimise the estimated step time (compiler/cost.py). What keeps it small
    search), which is also the answer when the time limit stops the solver before it has
    any plan -- a time limit, and a deterministic mode (one worker, fixed seed).
 
+The step time is a schedule (compiler/schedule.py: gradient buckets and ZeRO-3 prefetch
+overlap communication with compute), which no linear objective states exactly. The
+design is both: CP-SAT minimises a linear proxy (parameter communication priced at its
+exposed share, cost.GRAD_EXPOSED / GATHER_EXPOSED), and per mesh shape and ZeRO stage its
+answer, the improving solutions before it and the best plan by the additive prices (every
+collective exposed) are simulated; the shortest makespan wins. `overlap=False` is the
+additive model, where the objective is the cost model's step time exactly.
+
     >>> plan = search(graph, {"dp": 2, "tp": 4}, load_profile("h100"))   # doctest: +SKIP
     >>> plan.cost["step_time"], plan.zero                                # doctest: +SKIP
 
@@ -1258,6 +1266,7 @@ def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Seq
         c = plan.cost
         row.update(status=plan.solver["status"], step_time=c["step_time"], compute=c["compute_time"],
                    communication=c["comm_time"], comm_by_axis=c["communication"],
+                   exposed=sum(c.get("exposed_comm", {}).values()),
                    memory=c["memory"]["total"], zero=plan.zero,
                    tflops_per_device=c["tflops_per_device"], solve_time=plan.solver["solve_time"],
                    wall_time=plan.solver["wall_time"])
