@@ -168,6 +168,10 @@ def simulate(model, report, zero: int = 0, overlap=None) -> Schedule:
             grad_cols.setdefault(src, []).append(item)
             continue
         by_consumer.setdefault(dst, []).append(item)
+    forward_of: dict[int, int] = {}             # param member -> its forward collectives
+    for col, _, _, src in report.comms:
+        if col.phase == "forward" and members[src].kind == "param":
+            forward_of[src] = forward_of.get(src, 0) + 1
     first_use: dict[int, int] = {}
     for m in members:
         if m.is_source:
@@ -245,11 +249,14 @@ def simulate(model, report, zero: int = 0, overlap=None) -> Schedule:
     async_rs: dict[int, list] = {}              # ZeRO-3 per-use reduce_scatters, by consumer
     bucketed = []
     for p, items in grad_cols.items():
-        if any(c.kind == "reduce_scatter" and d != p for c, _, d, _ in items):
+        if forward_of.get(p) or any(c.kind == "reduce_scatter" and d != p for c, _, d, _ in items):
             # ZeRO-3's per-use reduce_scatters: asynchronous under FSDP's schedule, else
             # synchronous inside autograd
+            # a parameter resharded in forward (a gathered weight) keeps its per-use
+            # reductions in the program (the overlap pass buckets copy_to chains only)
             for item in items:
-                (async_rs if zero3 else by_consumer).setdefault(item[2], []).append(item)
+                rs = zero3 and item[0].kind == "reduce_scatter" and item[0].axis == dp
+                (async_rs if rs else by_consumer).setdefault(item[2], []).append(item)
             continue
         axes = tuple(dict.fromkeys(c.axis for c, *_ in items))
         kind = items[0][0].kind

@@ -1047,8 +1047,10 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
         removed = remove_dominated(prob, tab, protected | tab.shared_classes)
         left = time_limit - (time.perf_counter() - t_start)
         budget = max(left / (len(levels) - i), 0.1)
+        extra_budget = 0.0
         if cm.overlapped and objective == "time":
-            budget /= 2             # the other half: the additive prices' candidate below
+            # a quarter for the additive prices' candidate below (a hint to refine, mostly)
+            budget, extra_budget = 0.75 * budget, 0.25 * budget
         starts = [[int(np.argmin(u)) for u in tab.ut], [0] * len(tab.dom)]
         if hint is not None:
             starts.append([tab.dom[c].index(k) if k in tab.dom[c] else 0 for c, k in enumerate(hint)])
@@ -1063,7 +1065,7 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
         res.stats.update(variables_before_dominance=before, dominated_removed=removed,
                          variables_after_dominance=before - removed)
         if cm.overlapped and objective == "time" and res.choice is not None:
-            extra = additive_candidate(prob, z, limit, budget, deterministic, protected)
+            extra = additive_candidate(prob, z, limit, extra_budget, deterministic, protected)
             if extra is not None and extra != res.choice:
                 res.alternatives.append(extra)
         results.append((res, tab))
