@@ -100,7 +100,7 @@ def test_overlap_off_is_the_additive_sum_and_on_is_never_slower():
         assert rep.schedule.makespan == pytest.approx(rep.compute_time + rep.comm_time)
         assert rep.step_time == pytest.approx(rep.compute_time + rep.comm_time)
         assert sum(rep.schedule.hidden.values()) == 0.0
-        on = model(None, graph=g)
+        on = model({"bucket_bytes": 256 << 10, "first_bucket_bytes": 256 << 10}, graph=g)
         rep_on = on.evaluate(dp_strategies(on, zero == 3), zero)
         assert rep_on.step_time == rep_on.schedule.makespan
         assert rep_on.step_time < rep.step_time
@@ -162,16 +162,19 @@ def test_trace_json_has_one_track_per_stream():
 
 
 def test_bucket_caps():
-    assert bucket_caps(400 << 10, 25 << 20, 1 << 20) == (100 << 10, 100 << 10)
+    # the overlap pass's rule: a small model's gradients in one first-bucket
+    assert bucket_caps(400 << 10, 25 << 20, 1 << 20) == (1 << 20, 1 << 20)
+    assert bucket_caps(16 << 20, 25 << 20, 1 << 20) == (1 << 20, 4 << 20)
     assert bucket_caps(1 << 30, 25 << 20, 1 << 20) == (1 << 20, 25 << 20)
 
 
 def test_hidden_communication_slows_compute_by_the_profiles_interference():
     from dataclasses import replace
     g = blocks_graph()
-    plain = model(None, graph=g)
+    small = {"bucket_bytes": 256 << 10, "first_bucket_bytes": 256 << 10}
+    plain = model(small, graph=g)
     rep = plain.evaluate(dp_strategies(plain, False), 0)
-    slow = CostModel(g, Cluster({"dp": 2}, replace(PROF, overlap_slowdown=0.5)))
+    slow = CostModel(g, Cluster({"dp": 2}, replace(PROF, overlap_slowdown=0.5)), overlap=small)
     rep2 = slow.evaluate(dp_strategies(slow, False), 0)
     hidden = sum(rep.schedule.hidden.values())
     assert hidden > 0 and rep.schedule.interference == 0.0
