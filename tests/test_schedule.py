@@ -180,3 +180,21 @@ def test_hidden_communication_slows_compute_by_the_profiles_interference():
     assert hidden > 0 and rep.schedule.interference == 0.0
     assert rep2.schedule.interference == pytest.approx(0.5 * hidden)
     assert rep2.step_time == pytest.approx(rep.step_time + 0.5 * hidden)
+
+
+def test_a_weight_gathered_in_forward_keeps_its_gradient_reductions_synchronous():
+    """The overlap pass buckets only gradients whose every use is a copy_to chain: a weight
+    stored split over tp and all_gathered before use keeps its per-use reductions in the
+    program, so the schedule runs them on the critical path, not in a bucket."""
+    cm = model({"bucket_bytes": 256 << 10, "first_bucket_bytes": 256 << 10}, mesh={"dp": 2, "tp": 2})
+    strategies = dp_strategies(cm, False)
+    w = cm.by_key["blocks.2.fc.weight"]
+    strategies[w.key] = next(s for s in cm.strategies(w.index) if cm.out_layouts(w.index, s)[0] == ("R", "S(0)"))
+    rep = cm.evaluate(strategies, 0)
+    sched = rep.schedule
+    assert any(c.kind == "all_gather" and c.axis == "tp" and src == w.index for c, _, _, src in rep.comms)
+    assert all(w.key not in b.params for b in sched.buckets)
+    assert sorted(p for b in sched.buckets for p in b.params) == sorted(
+        f"blocks.{i}.fc.weight" for i in range(BLOCKS) if i != 2)
+    sync = [e for e in sched.events if e.axis == "dp" and w.key in e.name]
+    assert sync and all(e.hidden == 0.0 for e in sync)
