@@ -62,6 +62,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", choices=["export", "fx"], default="export", help="front end (default export)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of tables")
     p.add_argument("-o", "--output", metavar="PLAN.json", help="save the plan as JSON")
+    p.add_argument("--timeline", metavar="FILE.json",
+                   help="write the predicted step as a Chrome/Perfetto trace (one track per stream)")
     p.add_argument("--emit-plan", metavar="OUT.plan",
                    help="write the plan as a plan file (read back with --plan, it gives the same plan)")
 
@@ -115,9 +117,9 @@ def plan_summary(graph, plan: Plan, profile: DeviceProfile | None = None,
     plan file constrains (their parameters are marked in the module table)."""
     profile = profile or load_profile(plan.device)
     model = CostModel(graph, Cluster(dict(plan.mesh), profile), precision=plan.cost.get("precision"),
-                      recompute=plan.recompute, dp_axis=plan.dp_axis)
+                      recompute=plan.recompute, dp_axis=plan.dp_axis, overlap=plan.overlap)
     report = model.evaluate({k: tuple(v) for k, v in plan.strategies.items()}, plan.zero)
-    return {
+    out = {
         "model": plan.model, "mesh": sharding.format_mesh(plan.mesh), "device": plan.device,
         "devices": Cluster(dict(plan.mesh), profile).devices, "zero": plan.zero,
         "dp_axis": plan.dp_axis,
@@ -126,6 +128,44 @@ def plan_summary(graph, plan: Plan, profile: DeviceProfile | None = None,
         "constraints": list(plan.constraints),
         "modules": module_rows(graph, plan, report, model, pinned),
         "mesh_candidates": plan.solver.get("mesh_candidates"),
+        "schedule": schedule_summary(report.schedule),
+    }
+    return out
+
+
+def plan_report(graph, plan: Plan, profile: DeviceProfile | None = None) -> CostReport:
+    """The cost model's breakdown of `plan`, with its schedule (`report.schedule`)."""
+    profile = profile or load_profile(plan.device)
+    model = CostModel(graph, Cluster(dict(plan.mesh), profile), precision=plan.cost.get("precision"),
+                      recompute=plan.recompute, dp_axis=plan.dp_axis, overlap=plan.overlap)
+    return model.evaluate({k: tuple(v) for k, v in plan.strategies.items()}, plan.zero)
+
+
+def schedule_summary(sched) -> dict:
+    """The predicted schedule in numbers: step time, exposed and hidden communication per
+    axis, each gradient bucket (parameters, bytes, launch point, what it hides behind) and
+    the collectives that hide behind compute."""
+    def behind(e):
+        return list(e.behind) if e.behind else None
+    comm = [e for e in sched.events if e.stream != "compute"]
+    hiding = {}
+    for e in comm:
+        if e.hidden > 0 and not e.name.startswith("bucket "):
+            k = e.name.split(" ", 1)[0] + f" {e.phase}"
+            agg = hiding.setdefault(k, {"count": 0, "time": 0.0, "hidden": 0.0, "behind": behind(e)})
+            agg["count"] += 1
+            agg["time"] += e.dur
+            agg["hidden"] += e.hidden
+    return {
+        "overlap": sched.overlap, "makespan": sched.makespan, "compute": sched.compute,
+        "exposed": dict(sched.exposed), "hidden": dict(sched.hidden), "prefetch": sched.prefetch,
+        "gathered_blocks": sched.gathered_blocks,
+        "buckets": [{"index": b.index, "kind": b.kind, "axes": list(b.axes), "params": len(b.params),
+                     "first": b.params[0], "last": b.params[-1], "bytes": b.nbytes,
+                     "ready_after": b.ready, "launch": b.launch,
+                     "time": sum(e.dur for e in b.events), "hidden": sum(e.hidden for e in b.events),
+                     "behind": behind(b.events[0]) if b.events else None} for b in sched.buckets],
+        "hiding": hiding,
     }
 
 
@@ -188,6 +228,8 @@ def render(s: dict) -> str:
                f"optimizer {format_bytes(m['optimizer'])}, activations {format_bytes(m['activations'])})")
     if c["bytes"]:
         out.append("  bytes per rank " + ", ".join(f"{k} {format_bytes(v)}" for k, v in c["bytes"].items()))
+    if s.get("schedule"):
+        out.extend(render_schedule(s["schedule"]))
     cands = s.get("mesh_candidates")
     if cands:
         out.append("")
@@ -204,6 +246,33 @@ def render(s: dict) -> str:
                        f"{format_bytes(r['memory']):>11} {r['zero']:>4} {format_rate(r['tflops_per_device']):>14}"
                        + ("  <- winner" if r.get("winner") else ""))
     return "\n".join(out) + "\n"
+
+
+def render_schedule(sc: dict) -> list[str]:
+    out = ["", "schedule (overlap " + ("on" if sc["overlap"] else "off: every collective synchronous") + "):"]
+    out.append(f"  predicted step {format_time(sc['makespan'])}, compute stream busy {format_time(sc['compute'])}")
+    for a in sc["exposed"]:
+        e, h = sc["exposed"][a], sc["hidden"][a]
+        if e or h:
+            frac = h / (e + h) if e + h else 0.0
+            out.append(f"  {a}: exposed {format_time(e)}, hidden {format_time(h)} ({frac:.0%} hidden)")
+    if sc.get("gathered_blocks"):
+        out.append(f"  ZeRO-3: weights gathered {sc['prefetch']} block(s) ahead, "
+                   f"{sc['gathered_blocks']} block(s) gathered at once, gathered again in backward")
+    for b in sc["buckets"]:
+        what = f"{b['params']} gradients ({b['first']} ... {b['last']})" if b["params"] > 2 else \
+            (f"{b['first']}, {b['last']}" if b["params"] == 2 else b["first"])
+        hid = b["hidden"] / b["time"] if b["time"] else 0.0
+        line = (f"  bucket {b['index']}: {b['kind']} over {', '.join(b['axes'])}, {format_bytes(b['bytes'])}, {what}; "
+                f"launched at {format_time(b['launch'])} after the backward of %{b['ready_after']}, "
+                f"{format_time(b['time'])}, {hid:.0%} hidden")
+        if b["behind"]:
+            line += f" behind {b['behind'][0]}" + (f" .. {b['behind'][1]}" if b["behind"][1] != b["behind"][0] else "")
+        out.append(line)
+    for k, agg in sc.get("hiding", {}).items():
+        out.append(f"  {k} (x{agg['count']}): {format_time(agg['hidden'])} of {format_time(agg['time'])} hidden"
+                   + (f", e.g. behind {agg['behind'][0]}" if agg.get("behind") else ""))
+    return out
 
 
 def plan_main(args) -> int:
@@ -227,6 +296,11 @@ def plan_main(args) -> int:
     if plan.device != profile.name and plan.device in builtin_profiles():   # the file named the device
         profile = load_profile(plan.device)
     summary = plan_summary(graph, plan, profile, pinned)
+    if getattr(args, "timeline", None):
+        from autopar.compiler.schedule import trace
+        report = plan_report(graph, plan, profile)
+        with open(args.timeline, "w") as f:
+            json.dump(trace(report.schedule, f"{plan.model} on {summary['mesh']} (predicted)"), f)
     if args.json:
         print(json.dumps(summary, indent=2, default=_json_default))
     else:
@@ -238,6 +312,8 @@ def plan_main(args) -> int:
         plan.save(args.output)
         if not args.json:
             print(f"plan saved to {args.output}")
+    if getattr(args, "timeline", None) and not args.json:
+        print(f"predicted timeline written to {args.timeline} (open in ui.perfetto.dev or chrome://tracing)")
     if args.emit_plan:
         write_plan_file(args.emit_plan, plan, graph)
         if not args.json:
@@ -269,4 +345,5 @@ def _json_default(x):
         return str(x)
 
 
-__all__ = ["add_plan_args", "plan_main", "explain", "plan_summary", "render", "module_rows"]
+__all__ = ["add_plan_args", "plan_main", "explain", "plan_summary", "render", "module_rows",
+           "schedule_summary", "render_schedule", "plan_report"]

@@ -59,6 +59,13 @@ class DeviceProfile:
     intra: Link
     inter: Link
     precision: str = "mixed"
+    # host time per op outside the math (dispatch, autograd bookkeeping, kernel launch),
+    # paid once in forward and once in backward; 0 where it hides behind the device
+    op_overhead: float = 0.0
+    # the fraction by which compute slows while a collective runs beside it (communication
+    # kernels take SMs and memory bandwidth from the math): each second of hidden
+    # communication costs this many seconds of compute
+    overlap_slowdown: float = 0.0
     description: str = ""
     sources: str = ""
 
@@ -97,6 +104,14 @@ def profile_from_dict(data: dict, origin: str) -> DeviceProfile:
     if precision not in ("mixed", "fp32"):
         raise ProfileError(f"device profile {origin}: precision must be 'mixed' or 'fp32', got {precision!r}")
     eff = number("efficiency", data.get("efficiency", 0.5))
+    overhead = data.get("op_overhead", 0.0)
+    if overhead != 0.0:
+        overhead = number("op_overhead", overhead)
+    slowdown = data.get("overlap_slowdown", 0.0)
+    if slowdown != 0.0:
+        slowdown = number("overlap_slowdown", slowdown)
+        if slowdown >= 1:
+            raise ProfileError(f"device profile {origin}: overlap_slowdown is a fraction [0, 1), got {slowdown}")
     if eff > 1:
         raise ProfileError(f"device profile {origin}: efficiency is a fraction of peak (0..1], got {eff}")
     return DeviceProfile(
@@ -105,7 +120,8 @@ def profile_from_dict(data: dict, origin: str) -> DeviceProfile:
         hbm_bandwidth=number("hbm_bandwidth", data["hbm_bandwidth"]),
         memory=number("memory", data["memory"]),
         node_size=int(number("node_size", data["node_size"])),
-        intra=link("intra"), inter=link("inter"), precision=precision,
+        intra=link("intra"), inter=link("inter"), precision=precision, op_overhead=float(overhead),
+        overlap_slowdown=float(slowdown),
         description=str(data.get("description", "")), sources=str(data.get("sources", "")))
 
 
@@ -228,15 +244,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AUTOPAR_CACHE") or Path.home() / ".cache" / "autopar")
 
 
+# what `measure_cpu` measures: a cache written by an older version is measured again
+# (2: per-op overhead)
+CPU_PROFILE_VERSION = 2
+
+
 def cpu_profile(remeasure: bool = False) -> DeviceProfile:
     """This machine as a device, measured once and cached (see `measure_cpu`)."""
     path = cache_dir() / "cpu.json"
     if path.is_file() and not remeasure:
         try:
-            return read_profile_file(path)
-        except ProfileError:
+            data = json.loads(path.read_text())
+            # stale: measured by an older measure_cpu (a profile written by hand, e.g. a
+            # test's fixed one, has no version and is used as it is)
+            version = data.get("version", 1 if "measured" in str(data.get("sources", "")) else None)
+            if version in (None, CPU_PROFILE_VERSION):
+                return read_profile_file(path)
+        except (ProfileError, ValueError, OSError):
             pass                  # a stale or broken cache is measured again
-    data = measure_cpu()
+    data = {**measure_cpu(), "version": CPU_PROFILE_VERSION}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -265,6 +291,7 @@ def measure_cpu() -> dict:
     dst = torch.empty_like(src)
     dst.copy_(src)
     hbm = 2 * src.numel() * 4 / best_of(lambda: dst.copy_(src), 5)
+    overhead = measure_op_overhead()
     alpha, bw = measure_gloo()
     mem = 8e9
     try:
@@ -279,10 +306,31 @@ def measure_cpu() -> dict:
         "name": "cpu", "description": f"this machine ({os.cpu_count()} cores), measured",
         "peak_flops": flops, "efficiency": 1.0, "hbm_bandwidth": hbm, "memory": float(mem),
         "node_size": max(os.cpu_count() or 1, 1), "intra": link, "inter": link,
-        "precision": "fp32",
+        "precision": "fp32", "op_overhead": overhead,
         "sources": f"measured in {time.perf_counter() - t_start:.1f} s: torch {n}^3 fp32 matmul, "
-                   "32 MiB copy, gloo all_reduce of 4 B and 8 MiB between 2 processes",
+                   "32 MiB copy, a chain of tiny autograd ops (per-op overhead), "
+                   "gloo all_reduce of 4 B and 8 MiB between 2 processes",
     }
+
+
+def measure_op_overhead(ops: int = 200) -> float:
+    """Seconds per op of a chain of tiny autograd ops (forward and backward, halved): what
+    each op costs beyond its arithmetic on this host."""
+    import torch
+    x = torch.ones(8, requires_grad=True)
+
+    def step():
+        y = x
+        for _ in range(ops):
+            y = y * 1.0001
+        y.sum().backward()
+    step()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - t0)
+    return max(best / (2 * ops), 1e-9)
 
 
 def _gloo_worker(rank: int, port: int, queue) -> None:
@@ -332,4 +380,4 @@ def measure_gloo() -> tuple[float, float]:
 
 __all__ = ["Link", "DeviceProfile", "Cluster", "ProfileError", "load_profile", "read_profile_file",
            "profile_from_dict", "builtin_profiles", "cpu_profile", "measure_cpu", "parse_bytes",
-           "format_bytes", "format_time", "cache_dir"]
+           "format_bytes", "format_time", "cache_dir", "measure_op_overhead", "CPU_PROFILE_VERSION"]

@@ -10,7 +10,8 @@ the solver minimises is exactly `evaluate(...).step_time` up to integer rounding
 
 The facts (DESIGN.md, "Cost model"):
 
-- compute of an op per device = max(flops / (efficiency * peak), bytes / HBM), flops and
+- compute of an op per device = max(flops / (efficiency * peak), bytes / HBM) plus the
+  profile's per-op host overhead (measured on cpu, 0 on the GPU profiles), flops and
   bytes divided by the product of the axis sizes its strategy splits. Views move nothing.
 - backward = 2x forward flops for nodes whose outputs need a gradient; for a matmul-like
   op (linear, matmul, mm, bmm) 1x per operand that needs a gradient, so a frozen weight
@@ -22,8 +23,17 @@ The facts (DESIGN.md, "Cost model"):
   here are the bytes the runtime counts.
 - every edge costs `sharding.reshard(producer layout -> consumer layout)`, forward and
   backward (backward only when the value needs a gradient).
-- the step time is compute + communication: no overlap is modelled yet (that is the
-  overlap pass's job, later).
+- the step time is the makespan of the step's schedule (compiler/schedule.py): gradient
+  buckets reduced during backward, ZeRO-3 weights gathered `prefetch` blocks ahead, the
+  other collectives synchronous, as passes/overlap.py has the program run them. With
+  overlap off (`overlap=False` or Plan.overlap enabled=False) it is compute +
+  communication, every collective synchronous.
+
+The search's CP-SAT objective stays linear: with overlap on it prices a parameter's
+gradient reduction at GRAD_EXPOSED of its bandwidth time (buckets amortise the latency,
+backward hides part of the rest) and a ZeRO-3 weight gather at GATHER_EXPOSED of its time
+(twice for a block's weights: gathered again in backward); the search then re-ranks the
+solver's best candidates per mesh shape and ZeRO stage by the simulated makespan.
 
 Byte sizes. A floating value is counted at the training dtype: 2 bytes under "mixed"
 precision (bf16 activations, gradients and collectives), its own dtype size under "fp32"
@@ -50,6 +60,9 @@ Memory per device = params + grads + optimizer state + saved activations:
 outputs of nodes whose outputs need a gradient (views are free), the graph inputs, and
 the operand copies a forward collective makes for a consumer that runs a backward (an
 all-gathered weight under ZeRO-3, an all-gathered activation under sequence splits).
+Under ZeRO-3 with overlap on (FSDP's reshard after forward; no recompute regions), a
+block's gathered weights are alive only while `prefetch + 1` blocks are: each block's
+saved copy is counted at (prefetch + 1) / blocks, so the total is the window's.
 A recompute region (Plan.recompute pattern, one per matching module instance) saves
 only its inputs and costs one extra forward of its nodes, including the forward
 collectives into them (phase "recompute", run during the backward).
@@ -71,6 +84,19 @@ from autopar.compiler.sharding import Collective, Strategy
 
 MATMUL_OPS = {"linear", "matmul", "mm", "bmm"}
 PHASES = ("forward", "backward", "recompute", "optimizer")
+# the solver's linear prices of communication the schedule overlaps (see the docstring)
+GRAD_EXPOSED = 0.5
+GATHER_EXPOSED = 0.5
+
+
+def overlap_settings(overlap) -> dict:
+    """Plan.overlap from `overlap`: None/True = DDP's defaults, False = off, or a dict."""
+    from autopar.compiler.plan import OVERLAP_DEFAULTS
+    if overlap is None or overlap is True:
+        return dict(OVERLAP_DEFAULTS)
+    if overlap is False:
+        return {**OVERLAP_DEFAULTS, "enabled": False}
+    return {**OVERLAP_DEFAULTS, **overlap}
 
 
 def collective_time(kind: str, n: int, nbytes: float, link) -> float:
@@ -168,6 +194,12 @@ class CostReport:
     flops: float                              # model flops (fwd + bwd) / devices, per step
     nodes: dict[str, NodeCost]                # per member key
     zero_collectives: list = field(default_factory=list)   # (param, Collective, seconds)
+    # every collective: (Collective, seconds, consumer member, source member)
+    comms: list = field(default_factory=list)
+    additive_time: float = 0.0                # compute + communication, nothing overlapped
+    exposed: dict[str, float] = field(default_factory=dict)   # per axis (schedule)
+    hidden: dict[str, float] = field(default_factory=dict)
+    schedule: Any = None                      # compiler/schedule.Schedule
 
     def tflops_per_device(self) -> float:
         return self.flops / self.step_time / 1e12 if self.step_time > 0 else 0.0
@@ -184,6 +216,10 @@ class CostReport:
             "bytes_by_phase": {p: dict(b) for p, b in self.bytes_by_phase.items()},
             "flops_per_device": self.flops,
             "tflops_per_device": self.tflops_per_device(),
+            "additive_step_time": self.additive_time,
+            "exposed_comm": dict(self.exposed),
+            "hidden_comm": dict(self.hidden),
+            "overlap": bool(self.schedule is not None and self.schedule.overlap),
         }
 
 
@@ -191,11 +227,12 @@ class CostModel:
     """Costs of one graph on one cluster, per member strategy and per edge.
 
     `needs_grad` defaults to gradients.grad_info(graph).needs_grad; `precision` to the
-    profile's; `dp_axis` to "dp" when the mesh has it (the axis ZeRO shards over)."""
+    profile's; `dp_axis` to "dp" when the mesh has it (the axis ZeRO shards over);
+    `overlap` to Plan's OVERLAP_DEFAULTS (False: the synchronous, additive model)."""
 
     def __init__(self, graph: Graph, cluster: Cluster, precision: str | None = None,
                  recompute: Iterable[str] = (), needs_grad: set[str] | None = None,
-                 dp_axis: str | None = None):
+                 dp_axis: str | None = None, overlap=None):
         from autopar.compiler.gradients import grad_info
         self.graph = graph
         self.cluster = cluster
@@ -235,6 +272,26 @@ class CostModel:
         self._out_layouts: dict[tuple[int, Strategy], tuple] = {}
         self._compute: dict[tuple[int, Strategy], NodeCost] = {}
         self._region_inputs = self._find_region_inputs()
+        self.overlap = overlap_settings(overlap)
+        self.overlapped = bool(self.overlap["enabled"])
+        # how solver_time prices (the search also solves with the additive prices, for
+        # candidates the schedule re-ranks)
+        self.overlap_prices = self.overlapped
+        # ZeRO-3 blocks: parameter member -> (prefetch + 1) / blocks of its module list
+        self._window: dict[int, float] = {}
+        if self.overlapped and not self.regions:
+            from autopar.compiler.patterns import block_of
+            lists: dict[str, set] = {}
+            of: dict[int, str] = {}
+            for m in self.members:
+                if m.kind == "param" and m.module:
+                    b = block_of(m.module)
+                    if b:
+                        lists.setdefault(b[0], set()).add(b[1])
+                        of[m.index] = b[0]
+            window = int(self.overlap["prefetch"]) + 1
+            for mi, lst in of.items():
+                self._window[mi] = min(1.0, window / len(lists[lst]))
 
     def _add(self, key, kind, anno, inputs, outputs, module, node=None):
         anno = self._annos.setdefault(anno, anno)      # one object per distinct annotation
@@ -321,6 +378,9 @@ class CostModel:
             hbm = self.profile.hbm_bandwidth
             c.flops, c.bytes = flops, nbytes
             c.fwd_time = max(flops / peak, nbytes / hbm)
+            # host overhead per op (measured on cpu; views cost no kernel)
+            overhead = 0.0 if od.view else self.profile.op_overhead
+            c.fwd_time += overhead
             if self.has_backward(mi):
                 if m.node.op in MATMUL_OPS and len(m.inputs) >= 2:
                     ways = sum(1 for v in m.inputs[:2] if v.name in self.needs_grad)
@@ -328,7 +388,7 @@ class CostModel:
                 else:
                     bwd = 2 * flops
                 c.bwd_flops = bwd
-                c.bwd_time = max(bwd / peak, 2 * nbytes / hbm)
+                c.bwd_time = max(bwd / peak, 2 * nbytes / hbm) + overhead
             if m.key in self.regions:
                 c.recompute_time = c.fwd_time
         self._compute[k] = c
@@ -435,6 +495,36 @@ class CostModel:
     def time_of(self, c: Collective) -> float:
         return collective_time(c.kind, self.mesh[c.axis], c.bytes, self.cluster.link(c.axis))
 
+    def time_of_bytes(self, kind: str, axis: str, nbytes: float) -> float:
+        return collective_time(kind, self.mesh[axis], nbytes, self.cluster.link(axis))
+
+    def window_fraction(self, mi: int) -> float:
+        """The share of a ZeRO-3 block parameter's gathered copy counted as alive (1 for
+        everything else; see the module docstring)."""
+        return self._window.get(mi, 1.0)
+
+    def is_weight_gather(self, src: int, c: Collective) -> bool:
+        return (c.kind == "all_gather" and c.phase == "forward" and c.axis == self.dp_axis
+                and self.members[src].kind == "param")
+
+    def solver_time(self, c: Collective, src: int) -> float:
+        """The CP-SAT objective's linear price of collective `c` on a value of member
+        `src`: its time, or with overlap on the exposed share of parameter communication
+        (gradient reductions: GRAD_EXPOSED of the bandwidth time, the latency amortised by
+        buckets; ZeRO-3 weight gathers: GATHER_EXPOSED, twice for a block's)."""
+        t = self.time_of(c)
+        if not self.overlap_prices:
+            return t
+        m = self.members[src]
+        if m.trainable and c.phase == "backward" and c.kind == "all_reduce":
+            n = self.mesh[c.axis]
+            return GRAD_EXPOSED * max(t - 2 * (n - 1) * self.cluster.link(c.axis).alpha, 0.0)
+        if m.trainable and c.phase == "backward" and c.kind == "reduce_scatter":
+            return GRAD_EXPOSED * t
+        if not self.regions and self.is_weight_gather(src, c):
+            return GATHER_EXPOSED * t * (2 if src in self._window else 1)
+        return t
+
     def is_param_grad_reduce(self, e: Edge, c: Collective) -> bool:
         """The per-edge dp gradient all_reduce of a trainable param (ZeRO-2 replaces it)."""
         return (c.kind == "all_reduce" and c.phase == "backward" and c.axis == self.dp_axis
@@ -450,7 +540,10 @@ class CostModel:
             return 0.0
         if not self.has_backward(e.dst) or self.recomputed_edge(e):
             return 0.0
-        return float(self.local_bytes(e.value, dst))
+        b = float(self.local_bytes(e.value, dst))
+        if any(self.is_weight_gather(e.src, c) for c in cols):
+            b *= self.window_fraction(e.src)
+        return b
 
     def recomputed_edge(self, e: Edge) -> bool:
         """The edge's reshard runs inside a recompute region (so again in backward), as plan
@@ -500,10 +593,13 @@ class CostModel:
                 if prefix not in seen:
                     seen.add(prefix)
                     steps.append((st, region, e.dst, grad))
-            fwd = any(c.phase == "forward" for st in chain for c in st.collectives(grad))
-            if fwd and region is None and self.has_backward(e.dst) and prefix not in kept:
+            fwd_cols = [c for st in chain for c in st.collectives(grad) if c.phase == "forward"]
+            if fwd_cols and region is None and self.has_backward(e.dst) and prefix not in kept:
                 kept.add(prefix)
-                saved.append((e.dst, float(self.local_bytes(e.value, dst))))
+                b = float(self.local_bytes(e.value, dst))
+                if any(self.is_weight_gather(mi, c) for c in fwd_cols):
+                    b *= self.window_fraction(mi)
+                saved.append((e.dst, b))
         return steps, saved
 
     def rs_params(self, strat: list[Strategy], zero: int) -> set[int]:
@@ -524,7 +620,8 @@ class CostModel:
     def evaluate(self, strategies: dict[str, Strategy], zero: int = 0) -> CostReport:
         """The step time, bytes per collective and memory of a plan (missing keys are
         all-replicated). Collectives are counted as the program runs them: a step shared by
-        several consumers of a value once (collective CSE)."""
+        several consumers of a value once (collective CSE). The step time is the simulated
+        schedule's makespan (compiler/schedule.py), `additive_time` compute + communication."""
         strat = self.full_strategies(strategies)
         nodes: dict[str, NodeCost] = {}
         comp = {"forward": 0.0, "backward": 0.0, "recompute": 0.0}
@@ -534,6 +631,7 @@ class CostModel:
         mem = {"params": 0.0, "grads": 0.0, "optimizer": 0.0, "activations": 0.0}
         flops = 0.0
         zcols = []
+        comms = []
 
         def count(c: Collective) -> float:
             t = self.time_of(c)
@@ -568,7 +666,9 @@ class CostModel:
                                  for c in cols if c.phase == "forward"]
                     target = nodes[self.members[consumer].key]
                     for col in cols:
-                        target.collectives.append((col, count(col)))
+                        t = count(col)
+                        target.collectives.append((col, t))
+                        comms.append((col, t, consumer, m.index))
                 for _, b in saved:
                     mem["activations"] += b
         for m in self.members:
@@ -582,14 +682,22 @@ class CostModel:
             for col in cols:
                 t = count(col)
                 zcols.append((m.key, col, t))
+                comms.append((col, t, m.index, m.index))
                 nodes[m.key].collectives.append((col, t))
         mem["total"] = sum(mem.values())
         compute_time = sum(comp.values())
         comm_time = sum(comm_axis.values())
-        return CostReport(compute_time + comm_time, compute_time, comm_time, comp, comm_axis,
-                          dict(sorted(by_kind.items())),
-                          {p: dict(sorted(b.items())) for p, b in by_phase.items()},
-                          mem, flops, nodes, zcols)
+        report = CostReport(compute_time + comm_time, compute_time, comm_time, comp, comm_axis,
+                            dict(sorted(by_kind.items())),
+                            {p: dict(sorted(b.items())) for p, b in by_phase.items()},
+                            mem, flops, nodes, zcols, comms, compute_time + comm_time)
+        from autopar.compiler.schedule import simulate
+        sched = simulate(self, report, zero, self.overlap)
+        report.schedule = sched
+        report.exposed, report.hidden = dict(sched.exposed), dict(sched.hidden)
+        if sched.overlap:
+            report.step_time = sched.makespan
+        return report
 
 
 # ---- annotated IR -------------------------------------------------------------------------
@@ -613,7 +721,7 @@ def annotate_costs(graph: Graph, plan, profile: DeviceProfile | str | None = Non
     if profile is None or isinstance(profile, str):
         profile = load_profile(profile or plan.device)
     model = CostModel(graph, Cluster(dict(plan.mesh), profile), recompute=plan.recompute,
-                      dp_axis=plan.dp_axis)
+                      dp_axis=plan.dp_axis, overlap=plan.overlap)
     report = report or model.evaluate({k: tuple(v) for k, v in plan.strategies.items()}, plan.zero)
     mesh = dict(plan.mesh)
 
@@ -640,4 +748,5 @@ def annotate_costs(graph: Graph, plan, profile: DeviceProfile | str | None = Non
 
 
 __all__ = ["CostModel", "CostReport", "NodeCost", "Member", "Edge", "collective_time",
-           "annotate_costs", "recompute_regions", "PHASES"]
+           "annotate_costs", "recompute_regions", "PHASES", "GRAD_EXPOSED", "GATHER_EXPOSED",
+           "overlap_settings"]

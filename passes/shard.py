@@ -20,6 +20,14 @@ device, minimise the estimated step time (compiler/cost.py). What keeps it small
    search), which is also the answer when the time limit stops the solver before it has
    any plan -- a time limit, and a deterministic mode (one worker, fixed seed).
 
+The step time is a schedule (compiler/schedule.py: gradient buckets and ZeRO-3 prefetch
+overlap communication with compute), which no linear objective states exactly. The
+design is both: CP-SAT minimises a linear proxy (parameter communication priced at its
+exposed share, cost.GRAD_EXPOSED / GATHER_EXPOSED), and per mesh shape and ZeRO stage its
+answer, the improving solutions before it and the best plan by the additive prices (every
+collective exposed) are simulated; the shortest makespan wins. `overlap=False` is the
+additive model, where the objective is the cost model's step time exactly.
+
     >>> plan = search(graph, {"dp": 2, "tp": 4}, load_profile("h100"))   # doctest: +SKIP
     >>> plan.cost["step_time"], plan.zero                                # doctest: +SKIP
 
@@ -242,7 +250,8 @@ def edge_matrices(cm: CostModel, e: Edge, sps: Sequence[Strategy], scs: Sequence
     pair_memo = cm.__dict__.setdefault("_edge_pair_memo", {})   # lives and dies with `cm`
     kind = (v.shape, cm.itemsize(v), v.name in cm.needs_grad, cm.has_backward(e.dst),
             cm.recomputed_edge(e), src_m.trainable, fold_rs,
-            src_m.outputs[0].shape if src_m.is_source else None)
+            src_m.outputs[0].shape if src_m.is_source else None, src_m.kind, cm.window_fraction(e.src),
+            cm.overlap_prices)
     if memo is not None:
         # rows: out_layouts (by annotation object, strategy, output count) and
         # zero_applies (trainable, float, the dp layout); columns: in_layout by annotation
@@ -278,10 +287,10 @@ def edge_matrices(cm: CostModel, e: Edge, sps: Sequence[Strategy], scs: Sequence
                     if zapp and cm.is_param_grad_reduce(e, c):
                         replaced = True
                         continue
-                    t += cm.time_of(c)
+                    t += cm.solver_time(c, e.src)
                 if replaced and fold_rs:
-                    t += cm.time_of(Collective("reduce_scatter", cm.dp_axis,
-                                               cm.local_bytes(src_m.outputs[0], slay), "backward"))
+                    t += cm.solver_time(Collective("reduce_scatter", cm.dp_axis,
+                                                   cm.local_bytes(src_m.outputs[0], slay), "backward"), e.src)
                 hit = pair_memo[mk] = (t, cm.layout_edge_memory(e, dlay, cols))
             T[a, b], M[a, b] = hit
     r, c = np.array(row), np.array(col)
@@ -292,8 +301,9 @@ def edge_matrices(cm: CostModel, e: Edge, sps: Sequence[Strategy], scs: Sequence
 
 
 def build_problem(graph: Graph, cluster: Cluster, pins: Sequence[Pin], recompute, merge: bool,
-                  link: bool, precision: str | None, dp_axis: str | None) -> Problem:
-    cm = CostModel(graph, cluster, precision=precision, recompute=recompute, dp_axis=dp_axis)
+                  link: bool, precision: str | None, dp_axis: str | None, overlap=None) -> Problem:
+    cm = CostModel(graph, cluster, precision=precision, recompute=recompute, dp_axis=dp_axis,
+                   overlap=overlap)
     pin_members = []
     for pin in pins:
         v = next((v for v in cm.producer if v.name == pin.value), None)
@@ -396,7 +406,7 @@ def shared_terms(prob: Problem, full_dom, key, src: int, j: int, edges, mult: in
                     node = nodes.get(prefix)
                     if node is None:
                         cols = st.collectives(grad)
-                        t = sum(cm.time_of(c) for c in cols)
+                        t = sum(cm.solver_time(c, src) for c in cols)
                         if region is not None:
                             t += sum(cm.time_of(c) for c in cols if c.phase == "forward")
                         node = nodes[prefix] = {"t": t, "m": 0.0, "A": set(), "B": {}}
@@ -464,7 +474,7 @@ def build_tables(prob: Problem, zero: int) -> Tables:
         ca, cb, same_group = key[0], key[3], key[6]
         ga, gb = groups[prob.group_of[e.src]], groups[prob.group_of[e.dst]]
         fold = zero >= 2 and len(cm.out_edges[e.src]) == 1 and cm.members[e.src].trainable
-        ck = (key, zero >= 2)
+        ck = (key, zero >= 2, cm.overlap_prices)
         if ck not in prob.edge_cache:
             sps = [ga.strat[e.src][k] for k in range(ga.size)]
             scs = [gb.strat[e.dst][k] for k in range(gb.size)]
@@ -504,7 +514,7 @@ def build_tables(prob: Problem, zero: int) -> Tables:
                 continue
             seen.add(key)
             g = groups[gid]
-            cost = np.array([cm.time_of(cm.grad_reduce_scatter(m.index, g.strat[m.index][k]))
+            cost = np.array([cm.solver_time(cm.grad_reduce_scatter(m.index, g.strat[m.index][k]), m.index)
                              if cm.zero_applies(m.index, g.strat[m.index][k], zero) else 0.0
                              for k in full_dom[cid]]) * len(prob.classes[cid])
             if not cost.any():
@@ -585,6 +595,27 @@ class Solved:
     core: list[str] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     bound: float | None = None        # time objective: no plan of this stage is faster (seconds)
+    # the solver's last improving solutions before `choice` (time objective): the
+    # candidates the search re-ranks by the simulated schedule
+    alternatives: list[list[int]] = field(default_factory=list)
+
+
+# candidates per mesh shape and ZeRO stage re-ranked by the schedule: the solver's answer
+# and up to this many of the improving solutions it found before it
+ALTERNATIVES = 3
+
+
+class _Improving(cp_model.CpSolverSolutionCallback):
+    """Keeps the last few solutions the solver reports (each better than the one before)."""
+
+    def __init__(self, x, keep: int):
+        super().__init__()
+        self.x, self.keep, self.found = x, keep, []
+
+    def on_solution_callback(self):
+        picked = [next(k for k, b in enumerate(xc) if self.BooleanValue(b)) for xc in self.x]
+        self.found.append(picked)
+        del self.found[:-self.keep]
 
 
 def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | None,
@@ -754,7 +785,8 @@ def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | No
         with open(os.environ["AUTOPAR_DUMP"], "w") as f:
             f.write(str(model.Proto()))
     t0 = time.perf_counter()
-    status = solver.Solve(model)
+    keep = _Improving(x, ALTERNATIVES + 1) if minimize == "time" and not diagnose and prob.cm.overlapped else None
+    status = solver.Solve(model, keep) if keep is not None else solver.Solve(model)
     dt = time.perf_counter() - t0
     sname = solver.StatusName(status)
     stats = {"bools": sum(len(v) for v in x), "pair_bools": n_pair_bools, "tables": n_tables,
@@ -782,7 +814,13 @@ def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | No
                 picked = [next(k for k, b in enumerate(x[c]) if solver.BooleanValue(b)) for c in range(ncls)]
                 sname = solver.StatusName(again) if sname == "OPTIMAL" else sname
         choice = [tab.dom[c][k] for c, k in enumerate(picked)]
-        return Solved(sname, zero, choice, obj, dt, stats=stats, bound=bound)
+        alternatives = []
+        for p in reversed(keep.found if keep is not None else []):
+            alt = [tab.dom[c][k] for c, k in enumerate(p)]
+            if alt != choice and alt not in alternatives:
+                alternatives.append(alt)
+        return Solved(sname, zero, choice, obj, dt, stats=stats, bound=bound,
+                      alternatives=alternatives[:ALTERNATIVES])
     core = []
     if status == cp_model.INFEASIBLE and assumptions:
         # shrink the solver's core until every assumption in it is needed (deletion filter)
@@ -968,10 +1006,14 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
            memory_limit: float | None = None, zero: int | None = None, pins: Iterable[Pin] = (),
            time_limit: float = 10.0, deterministic: bool = False, recompute: Iterable[str] = (),
            precision: str | None = None, merge: bool = True, link: bool = True,
-           dp_axis: str | None = None, objective: str = "time") -> Plan:
+           dp_axis: str | None = None, objective: str = "time", overlap=None) -> Plan:
     """The fastest plan for `graph` on `mesh` that fits `memory_limit` bytes per device
     (default: the profile's memory). `zero=None` lets the search pick the ZeRO stage.
     `objective="memory"`: the plan of least memory per device instead, the fastest of those.
+    `overlap`: the communication schedule the plan will run (Plan.overlap; default DDP's
+    buckets and one block of ZeRO-3 prefetch, False: none) -- the solver prices it
+    linearly, then its best candidates of each ZeRO stage are re-ranked by the simulated
+    step (compiler/schedule.py).
     Raises `PlanInfeasible` naming the conflicting pins or the failing memory limit.
 
         >>> plan = search(graph, "dp=2,tp=2", "h100", deterministic=True)   # doctest: +SKIP
@@ -990,7 +1032,7 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
     recompute = resolve_modules(graph, list(recompute)) if recompute else []
     cluster = Cluster(dict(mesh), profile)
     limit = float(memory_limit) if memory_limit is not None else float(profile.memory)
-    prob = build_problem(graph, cluster, pins, recompute, merge, link, precision, dp_axis)
+    prob = build_problem(graph, cluster, pins, recompute, merge, link, precision, dp_axis, overlap)
     cm = prob.cm
     levels = zero_levels(cm, zero)
     if objective == "memory" and zero is None:
@@ -1005,6 +1047,10 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
         removed = remove_dominated(prob, tab, protected | tab.shared_classes)
         left = time_limit - (time.perf_counter() - t_start)
         budget = max(left / (len(levels) - i), 0.1)
+        extra_budget = 0.0
+        if cm.overlapped and objective == "time":
+            # a quarter for the additive prices' candidate below (a hint to refine, mostly)
+            budget, extra_budget = 0.75 * budget, 0.25 * budget
         starts = [[int(np.argmin(u)) for u in tab.ut], [0] * len(tab.dom)]
         if hint is not None:
             starts.append([tab.dom[c].index(k) if k in tab.dom[c] else 0 for c, k in enumerate(hint)])
@@ -1018,21 +1064,34 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
             res = hint_plan(prob, tab, z, h, limit, res)
         res.stats.update(variables_before_dominance=before, dominated_removed=removed,
                          variables_after_dominance=before - removed)
+        if cm.overlapped and objective == "time" and res.choice is not None:
+            extra = additive_candidate(prob, z, limit, extra_budget, deterministic, protected)
+            if extra is not None and extra != res.choice:
+                res.alternatives.append(extra)
         results.append((res, tab))
         if res.choice is not None:
             hint = res.choice
     ok = [(r, t) for r, t in results if r.choice is not None]
     if not ok:
         raise infeasible_error(prob, results, limit, deterministic, time_limit)
-    # the exact cost of each candidate decides (the solver's objective is rounded)
+    # the exact cost of each candidate decides (the solver's objective is rounded, and with
+    # overlap on linear where the step is a schedule): the solver's answer and the improving
+    # solutions before it, by the simulated makespan
     best = None
     exact = {}
+    reranked = 0
     for r, t in ok:
-        strategies = choice_strategies(prob, r.choice)
-        report = cm.evaluate(strategies, r.zero)
-        exact[r.zero] = report.step_time
-        if best is None or better(report, best[2], objective):
-            best = (r, strategies, report, t)
+        for k, choice in enumerate([r.choice] + r.alternatives):
+            strategies = choice_strategies(prob, choice)
+            report = cm.evaluate(strategies, r.zero)
+            if k and report.memory["total"] > limit:
+                continue
+            if k == 0 or report.step_time < exact[r.zero]:
+                exact[r.zero] = report.step_time
+            if best is None or better(report, best[2], objective):
+                if k:
+                    reranked += 1
+                best = (r, strategies, report, t)
     r, strategies, report, tab = best
     chosen_zero = r.zero
     d = cm.dp_index()
@@ -1065,9 +1124,29 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
         "deterministic": deterministic,
         "time_limit": time_limit,
         "minimize": objective,
+        "overlap": cm.overlapped,
+        "reranked": reranked,        # times a candidate beat the solver's answer on the schedule
     })
     return make_plan(graph, cm, strategies, report, chosen_zero, limit, recompute, solver_stats,
                      [str(p) for p in pins])
+
+
+def additive_candidate(prob: Problem, zero: int, limit: float, budget: float, deterministic: bool,
+                       protected: set[int]) -> list[int] | None:
+    """The fastest plan by the additive prices (every collective exposed): a candidate for
+    the schedule's re-ranking that the overlap prices may undervalue -- a plan that
+    communicates nothing where the schedule cannot hide the gradients' latency."""
+    cm = prob.cm
+    cm.overlap_prices = False
+    try:
+        tab = build_tables(prob, zero)
+        remove_dominated(prob, tab, protected | tab.shared_classes)
+        h = local_search_hint(tab, [[int(np.argmin(u)) for u in tab.ut], [0] * len(tab.dom)])
+        h = memory_hint(tab, limit * (1 - 1e-4), h) or h
+        res = solve_tables(prob, tab, zero, limit, budget, deterministic, hint=dict(enumerate(h)))
+        return res.choice
+    finally:
+        cm.overlap_prices = True
 
 
 def better(a: CostReport, b: CostReport, objective: str) -> bool:
@@ -1093,7 +1172,7 @@ def make_plan(graph: Graph, cm: CostModel, strategies: dict[str, Strategy], repo
                 strategies={k: list(v) for k, v in strategies.items()},
                 layouts={k: list(v) for k, v in layouts.items()}, zero=zero,
                 dp_axis=cm.dp_axis if cm.dp_index() is not None else None,
-                recompute=list(recompute), cost=cost, solver=solver_stats,
+                recompute=list(recompute), overlap=dict(cm.overlap), cost=cost, solver=solver_stats,
                 constraints=list(constraints))
 
 
@@ -1189,6 +1268,7 @@ def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Seq
         c = plan.cost
         row.update(status=plan.solver["status"], step_time=c["step_time"], compute=c["compute_time"],
                    communication=c["comm_time"], comm_by_axis=c["communication"],
+                   exposed=sum(c.get("exposed_comm", {}).values()),
                    memory=c["memory"]["total"], zero=plan.zero,
                    tflops_per_device=c["tflops_per_device"], solve_time=plan.solver["solve_time"],
                    wall_time=plan.solver["wall_time"])

@@ -222,3 +222,26 @@ def test_annotated_ir_prints_every_node_cost():
     lines = [l for l in text.splitlines() if " = " in l]
     assert len(lines) == 4 and all("[fwd " in l for l in lines)
     assert "{dp:S(0)}" in text and "all_reduce(dp) backward" in text
+
+
+def test_cpu_cache_of_an_older_measurement_is_measured_again(tmp_path, monkeypatch):
+    """A cache measure_cpu wrote before per-op overhead was measured (no version) is
+    measured again; a hand-written profile without a version is used as it is."""
+    import json
+    monkeypatch.setenv("AUTOPAR_CACHE", str(tmp_path))
+    old = {"name": "cpu", "peak_flops": 5e10, "efficiency": 1.0, "hbm_bandwidth": 1e10, "memory": 8e9,
+           "node_size": 2, "intra": {"alpha": 5e-5, "bandwidth": 2e9}, "inter": {"alpha": 5e-5, "bandwidth": 2e9},
+           "precision": "fp32"}
+    (tmp_path / "cpu.json").write_text(json.dumps(dict(old, sources="measured in 3.1 s: ...")))
+    calls = []
+
+    def fake_measure():
+        calls.append(1)
+        return dict(old, peak_flops=6e10, op_overhead=1e-5)
+    monkeypatch.setattr("autopar.compiler.cluster.measure_cpu", fake_measure)
+    prof = load_profile("cpu")
+    assert calls == [1] and prof.peak_flops == 6e10 and prof.op_overhead == 1e-5
+    assert json.loads((tmp_path / "cpu.json").read_text())["version"] >= 2
+    assert load_profile("cpu").peak_flops == 6e10 and calls == [1]      # cached now
+    (tmp_path / "cpu.json").write_text(json.dumps(old))                 # by hand: kept
+    assert load_profile("cpu").peak_flops == 5e10 and calls == [1]

@@ -148,3 +148,33 @@ def test_emit_plan_round_trips_through_the_cli(example, capsys, tmp_path):
     assert b.layouts == a.layouts
     assert (b.mesh, b.device, b.zero, b.dp_axis, b.recompute) == (a.mesh, a.device, a.zero, a.dp_axis, a.recompute)
     assert b.constraints and not a.constraints
+
+
+def test_plan_timeline_writes_the_predicted_trace_and_explains_the_schedule(capsys, tmp_path):
+    out = tmp_path / "step.json"
+    assert main(["plan", GPT, "--mesh", "dp=2", "--device", "a100-80g", "--deterministic",
+                 "--zero", "0", "--timeline", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "schedule (overlap on):" in text and f"predicted timeline written to {out}" in text
+    data = json.loads(out.read_text())
+    events = [e for e in data["traceEvents"] if e["ph"] == "X"]
+    tracks = {e["args"]["name"] for e in data["traceEvents"] if e["name"] == "thread_name"}
+    assert "compute" in tracks and events
+    assert all({"ts", "dur", "tid", "name"} <= set(e) for e in events)
+    if "comm:dp" in tracks:           # data parallel: buckets explained with their launch point
+        assert re.search(r"bucket 0: all_reduce over dp, .* launched at .* after the backward of %", text)
+        assert re.search(r"dp: exposed .*, hidden .* \(\d+% hidden\)", text)
+    # the step time the explanation prints is the schedule's makespan
+    assert data["otherData"]["makespan_us"] > 0
+
+
+def test_plan_with_overlap_off_plan_file_prices_collectives_synchronously(capsys, tmp_path):
+    plan_file = tmp_path / "off.plan"
+    plan_file.write_text("mesh dp=2\noverlap off\n")
+    out = tmp_path / "plan.json"
+    assert main(["plan", GPT, "--plan", str(plan_file), "--device", "a100-80g", "--deterministic",
+                 "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    plan = Plan.load(out)
+    assert plan.overlap["enabled"] is False
+    assert "schedule (overlap off" in text           # the explanation prices the file's schedule

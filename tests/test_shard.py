@@ -46,7 +46,7 @@ def mlp_graph(batch, d_in, hidden, d_out, act="gelu", bias=True, residual=False)
 
 
 def strategy_space(graph, mesh, profile, zero):
-    cm = CostModel(graph, Cluster(mesh, profile))
+    cm = CostModel(graph, Cluster(mesh, profile), overlap=False)
     d = cm.dp_index()
     choices = []
     for m in cm.members:
@@ -91,7 +91,7 @@ def test_cpsat_equals_brute_force(seed, mesh, zero):
     prof = SLOW if seed % 2 else PROF
     g = next(g for g in random_graph(rng) if space_size(g, mesh, prof, zero) <= 3000)
     best = min(t for t, _ in brute_force(g, mesh, prof, zero))
-    plan = search(g, mesh, prof, zero=zero, deterministic=True, merge=False, link=False)
+    plan = search(g, mesh, prof, zero=zero, deterministic=True, merge=False, link=False, overlap=False)
     assert math.isclose(plan.cost["step_time"], best, rel_tol=1e-6), (plan.strategies, best)
     # the solver's (integer-scaled) objective is the cost model's number
     assert math.isclose(plan.solver["objective"], plan.cost["step_time"], rel_tol=1e-4)
@@ -105,7 +105,7 @@ def test_cpsat_equals_brute_force_under_a_memory_limit():
     limit = max(m for _, m in points if m < m_fastest)      # the fastest plan does not fit
     best = min(t for t, m in points if m <= limit)
     assert best > fastest
-    plan = search(g, {"dp": 2}, SLOW, zero=2, memory_limit=limit, deterministic=True, merge=False, link=False)
+    plan = search(g, {"dp": 2}, SLOW, zero=2, memory_limit=limit, deterministic=True, merge=False, link=False, overlap=False)
     assert plan.cost["memory"]["total"] <= limit
     assert math.isclose(plan.cost["step_time"], best, rel_tol=1e-6)
 
@@ -114,7 +114,7 @@ def test_two_axis_mesh_against_brute_force():
     g = mlp_graph(3, 2, 2, 3, bias=False)
     assert space_size(g, {"dp": 2, "tp": 2}, SLOW, 0) > 1000
     best = min(t for t, _ in brute_force(g, {"dp": 2, "tp": 2}, SLOW, 0))
-    plan = search(g, {"dp": 2, "tp": 2}, SLOW, zero=0, deterministic=True, merge=False, link=False)
+    plan = search(g, {"dp": 2, "tp": 2}, SLOW, zero=0, deterministic=True, merge=False, link=False, overlap=False)
     assert math.isclose(plan.cost["step_time"], best, rel_tol=1e-6)
 
 
@@ -320,7 +320,7 @@ def test_memory_hint_fits_the_limit(small_gpt):
     from autopar.compiler.cluster import load_profile
     from autopar.passes import shard
     prob = shard.build_problem(small_gpt, Cluster({"dp": 2, "tp": 2}, load_profile("cpu")), [], [],
-                               True, True, "fp32", None)
+                               True, True, "fp32", None, overlap=False)
     for zero in (0, 3):
         tab = shard.build_tables(prob, zero)
         shard.remove_dominated(prob, tab, set())
@@ -345,7 +345,7 @@ def test_time_limit_without_a_plan_is_reported_as_such(small_gpt):
     from autopar.compiler.cluster import load_profile
     from autopar.passes import shard
     prob = shard.build_problem(small_gpt, Cluster({"dp": 2, "tp": 2}, load_profile("cpu")), [], [],
-                               True, True, "fp32", None)
+                               True, True, "fp32", None, overlap=False)
     tabs = {z: shard.build_tables(prob, z) for z in (0, 3)}
     unknown = [(shard.Solved("UNKNOWN", z, None, None, 1.0), tabs[z]) for z in (0, 3)]
     err = shard.infeasible_error(prob, unknown, 1.5e6, True, 10.0)
@@ -366,6 +366,41 @@ def test_the_search_prices_shared_reshards_once(traced):
     from autopar.compiler.cluster import load_profile
     g = traced("gpt")[3]
     for mesh in ({"dp": 2, "tp": 2}, {"tp": 4}):
-        plan = search(g, mesh, load_profile("h100"), deterministic=True, zero=0, time_limit=20)
+        plan = search(g, mesh, load_profile("h100"), deterministic=True, zero=0, time_limit=20, overlap=False)
         assert plan.solver["shared_step_bools"] > 0
         assert plan.solver["objective"] == pytest.approx(plan.cost["step_time"], rel=1e-4)
+
+
+# a cpu-like profile: per-op host overhead, a link whose latency ~40 per-parameter
+# all_reduces cannot afford but a few buckets hidden behind backward can
+CPU_LIKE = DeviceProfile("cpu-like", peak_flops=2e10, efficiency=1.0, hbm_bandwidth=1e10, memory=8e9,
+                         node_size=2, intra=Link(5e-5, 1e9), inter=Link(5e-5, 1e9), precision="fp32",
+                         op_overhead=2e-5)
+
+
+def test_dp2_small_gpt_picks_bucketed_data_parallelism(small_gpt):
+    """The small GPT on dp=2: with every gradient all_reduced on its own (overlap off) the
+    latency makes replication-like plans fastest; with the gradients reduced in a bucket
+    the search picks data parallelism."""
+    off = search(small_gpt, {"dp": 2}, CPU_LIKE, deterministic=True, overlap=False)
+    on = search(small_gpt, {"dp": 2}, CPU_LIKE, deterministic=True)
+    nodes = [n.outputs[0].name for n in small_gpt.nodes]
+    split = lambda p: sum(1 for k in nodes if p.strategies[k][0] is not None)
+    assert split(off) < len(nodes) // 4
+    assert split(on) > len(nodes) // 2
+    assert all(p.name in on.layouts and on.layouts[p.name][0] == "R" for p in small_gpt.params)
+    assert on.overlap["enabled"] and on.cost["overlap"]
+    c = on.cost
+    assert c["step_time"] < off.cost["step_time"]
+    assert c["step_time"] < c["additive_step_time"]
+    # the schedule moves time, not bytes: the same bytes as the program's per-use reduction
+    strategies = {k: tuple(v) for k, v in on.strategies.items()}
+    additive = CostModel(small_gpt, Cluster({"dp": 2}, CPU_LIKE), overlap=False).evaluate(strategies, on.zero)
+    assert additive.bytes == c["bytes"]
+    assert additive.step_time == pytest.approx(c["additive_step_time"])
+    # under 4 MiB of gradients the overlap pass reduces them in one bucket: one call
+    # instead of one per parameter, which is what pays here
+    sched = CostModel(small_gpt, Cluster({"dp": 2}, CPU_LIKE)).evaluate(strategies, on.zero).schedule
+    assert len(sched.buckets) == 1
+    assert 0.9 * c["bytes"]["all_reduce:dp"] <= sched.buckets[0].nbytes <= c["bytes"]["all_reduce:dp"]
+    assert len(sched.buckets[0].params) > 20

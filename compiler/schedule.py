@@ -1,0 +1,388 @@
+"""The predicted training step as a schedule: one compute stream, one communication stream
+per mesh axis, the collectives placed where the program runs them.
+
+The cost model (compiler/cost.py) prices every op and collective; this module decides what
+runs at the same time. Its makespan is the step time the search ranks plans by, and its
+per-axis split of communication time into *exposed* (the compute stream waits) and
+*hidden* (compute runs meanwhile) is what the explanation and `autopar plan --timeline`
+show.
+
+    >>> sched = simulate(model, report, zero=0, overlap=OVERLAP_DEFAULTS)   # doctest: +SKIP
+    >>> sched.makespan, sched.exposed, sched.hidden                        # doctest: +SKIP
+    (0.0123, {'dp': 0.0004}, {'dp': 0.0031})
+    >>> json.dump(trace(sched), open("step.json", "w"))                    # doctest: +SKIP
+
+How the program runs a step (passes/overlap.py, backends/runtime/overlap.py), and so how
+it is simulated:
+
+- forward: nodes in program order on the compute stream; backward: the nodes in reverse,
+  each taking its backward time (2x forward, as the cost model prices it) plus its
+  recompute time when it lies in a recompute region;
+- a collective into a node that is not parameter communication (an activation reshard, a
+  tensor-parallel reduction) is synchronous in the program: the compute stream waits for it
+  (forward collectives before the node's forward, backward ones after its backward);
+- gradient buckets: parameters whose gradient is reduced (the per-use dp/tp all_reduce of
+  a replicated parameter, ZeRO-2's reduce_scatter) are grouped with `buckets.fill` in the
+  order backward finishes them (latest first use first), the first bucket small; a bucket
+  is one collective per axis, launched on that axis's stream when its last gradient is
+  produced (after the backward of the earliest first use of its parameters) and waited for
+  before the optimizer step;
+- ZeRO-3 (FSDP's schedule, when the overlap pass applies it: no recompute regions): the
+  all_gathers of a block's parameters are issued when the compute stream enters the block
+  `prefetch` blocks earlier (parameters outside blocks at the start), gathered again in
+  backward in reverse block order the same way, and each use's gradient reduce_scatter is
+  launched asynchronously after that use's backward;
+- optimizer-phase collectives (ZeRO-1/2's all_gather of updated parameters) run after every
+  gradient collective has finished, synchronously;
+- hiding is not free: compute beside a collective runs slower (the profile's
+  `overlap_slowdown`), so the makespan adds that fraction of the hidden time (`interference`;
+  the trace's events are not stretched).
+
+With overlap off every collective is synchronous and the makespan is the additive sum of
+compute and communication, the cost model without a schedule.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from autopar.compiler import buckets
+from autopar.compiler.patterns import block_of
+
+# Bucket caps, as passes/overlap.py sets them: gradients that would fill fewer than
+# MIN_BUCKETS buckets of `bucket_bytes` get buckets of a MIN_BUCKETS-th of the total, never
+# below the first bucket's size (so a model with under 4 first-buckets of gradients reduces
+# them in one bucket, at the end of backward -- see the report's request to lower that floor).
+MIN_BUCKETS = 4
+
+
+def bucket_caps(total: int, bucket_bytes: int, first_bucket_bytes: int) -> tuple[int, int]:
+    """(first bucket's cap, the others' cap) for `total` gradient bytes, the overlap pass's rule.
+
+        >>> bucket_caps(400 << 10, 25 << 20, 1 << 20)     # a small model: one bucket
+        (1048576, 1048576)
+        >>> bucket_caps(1 << 30, 25 << 20, 1 << 20)       # DDP's sizes
+        (1048576, 26214400)
+    """
+    cap = max(int(first_bucket_bytes), min(int(bucket_bytes), -(-int(total) // MIN_BUCKETS)))
+    return int(first_bucket_bytes), cap
+
+
+@dataclass
+class Event:
+    """One interval on one stream ("compute" or "comm:<axis>"). Times in seconds."""
+    stream: str
+    name: str
+    start: float
+    dur: float
+    phase: str                      # forward | backward | recompute | optimizer
+    kind: str = "compute"           # compute, or the collective kind
+    axis: str | None = None
+    hidden: float = 0.0             # seconds of it that compute overlaps (communication)
+    behind: tuple[str, str] | None = None   # first and last compute event it hides behind
+
+    @property
+    def end(self) -> float:
+        return self.start + self.dur
+
+
+@dataclass
+class Bucket:
+    """A gradient bucket as the simulator launches it."""
+    index: int
+    kind: str                       # all_reduce | reduce_scatter
+    axes: tuple[str, ...]
+    params: tuple[str, ...]
+    nbytes: float
+    ready: str                      # the node whose backward completes its last gradient
+    launch: float = 0.0             # seconds from the step's start
+    events: list[Event] = field(default_factory=list)
+
+
+@dataclass
+class Schedule:
+    makespan: float
+    events: list[Event]
+    buckets: list[Bucket]
+    exposed: dict[str, float]       # per axis: communication the compute stream waits for
+    hidden: dict[str, float]        # per axis: communication compute overlaps
+    compute: float                  # busy time of the compute stream
+    overlap: bool
+    interference: float = 0.0       # compute slowed by the hidden communication (in makespan)
+    prefetch: int = 0
+    gathered_blocks: int = 0        # ZeRO-3: blocks whose full weights are alive at once
+
+    def streams(self) -> list[str]:
+        out = ["compute"]
+        for e in self.events:
+            if e.stream not in out:
+                out.append(e.stream)
+        return out
+
+
+def simulate(model, report, zero: int = 0, overlap=None) -> Schedule:
+    """Run one training step of the plan `report` prices (CostModel.evaluate's breakdown,
+    with its `comms` list) on the streams; `overlap`: Plan.overlap (default: DDP's
+    defaults), False or {"enabled": False} for the synchronous program."""
+    from autopar.compiler.cost import overlap_settings
+    cfg = overlap_settings(overlap)
+    on = bool(cfg["enabled"])
+    prefetch = max(int(cfg["prefetch"]), 0)
+    members = model.members
+    dp = model.dp_axis
+    events: list[Event] = []
+    free: dict[str, float] = {}                 # per stream: when it is next free
+    tc = 0.0                                    # compute stream
+
+    def comm(col, seconds, name, phase, earliest, blocking):
+        nonlocal tc
+        stream = f"comm:{col.axis}"
+        start = max(free.get(stream, 0.0), earliest)
+        if blocking:
+            start = max(start, tc)
+        ev = Event(stream, name, start, seconds, phase, col.kind, col.axis)
+        events.append(ev)
+        free[stream] = ev.end
+        if blocking:
+            tc = ev.end
+        return ev
+
+    def run(name, seconds, phase):
+        nonlocal tc
+        if seconds <= 0:
+            return
+        events.append(Event("compute", name, tc, seconds, phase))
+        tc += seconds
+
+    # ---- what each collective is: parameter communication or on the critical path ----------
+    # report.comms: (Collective, seconds, consumer member, source member)
+    by_consumer: dict[int, list] = {}
+    grad_cols: dict[int, list] = {}             # param member -> its gradient reductions
+    optimizer = []
+    for item in report.comms:
+        col, t, dst, src = item
+        if col.phase == "optimizer":
+            optimizer.append(item)
+            continue
+        sm = members[src]
+        if on and col.phase == "backward" and sm.trainable and col.kind in ("all_reduce", "reduce_scatter"):
+            grad_cols.setdefault(src, []).append(item)
+            continue
+        by_consumer.setdefault(dst, []).append(item)
+    forward_of: dict[int, int] = {}             # param member -> its forward collectives
+    for col, _, _, src in report.comms:
+        if col.phase == "forward" and members[src].kind == "param":
+            forward_of[src] = forward_of.get(src, 0) + 1
+    first_use: dict[int, int] = {}
+    for m in members:
+        if m.is_source:
+            continue
+        for v in m.inputs:
+            p = model.producer[v][0]
+            if members[p].kind == "param":
+                first_use.setdefault(p, m.index)
+    # ZeRO-3's schedule: forward all_gathers of dp-sharded parameters become prefetches
+    zero3 = (on and zero == 3 and dp is not None and model.mesh.get(dp, 1) > 1 and not model.regions)
+    gathers: dict[int, list] = {}               # consumer -> gather items
+    if zero3:
+        for dst, items in by_consumer.items():
+            keep = []
+            for item in items:
+                col, _, _, src = item
+                if (col.kind == "all_gather" and col.phase == "forward" and col.axis == dp
+                        and members[src].kind == "param"):
+                    gathers.setdefault(dst, []).append(item)
+                else:
+                    keep.append(item)
+            by_consumer[dst] = keep
+        zero3 = bool(gathers)
+
+    def block_index_of(mi):
+        b = block_of(members[mi].module) if members[mi].module else None
+        return b[1] if b else None
+    nodes = [m for m in members if not m.is_source]
+    order: list[str] = []                       # block instances in forward order
+    for m in nodes:
+        b = block_index_of(m.index)
+        if b is not None and b not in order:
+            order.append(b)
+    pos = {b: k for k, b in enumerate(order)}
+
+    def param_block(src):
+        name = members[src].key
+        b = block_of(name.rsplit(".", 1)[0]) if "." in name else None
+        return b[1] if b else None
+    gather_of_block: dict = {}                  # block instance (None: outside blocks) -> items
+    for dst in sorted(gathers):
+        for item in gathers[dst]:
+            gather_of_block.setdefault(param_block(item[3]), []).append(item)
+    done_gather: dict[int, float] = {}          # consumer -> when its gathers are done
+
+    def issue_gathers(block, phase, tag=""):
+        for col, t, dst, src in gather_of_block.pop(block, []) if phase == "forward" else regather.pop(block, []):
+            ev = comm(col, t, f"{col.kind}({col.axis}) {members[src].key}{tag}", phase, tc, False)
+            done_gather[dst] = max(done_gather.get(dst, 0.0), ev.end)
+
+    # ---- forward -------------------------------------------------------------------------
+    regather = {b: list(items) for b, items in gather_of_block.items() if b is not None}
+    if zero3:
+        issue_gathers(None, "forward")
+        for b in order[:prefetch + 1]:
+            issue_gathers(b, "forward")
+    current = None
+    for m in nodes:
+        nc = report.nodes[m.key]
+        b = block_index_of(m.index)
+        if zero3 and b is not None and b != current:
+            current = b
+            k = pos[b] + prefetch
+            if k < len(order):
+                issue_gathers(order[k], "forward")
+        if m.index in done_gather:
+            tc = max(tc, done_gather.pop(m.index))
+        for col, t, dst, src in by_consumer.get(m.index, []):
+            if col.phase == "forward":
+                comm(col, t, f"{col.kind}({col.axis}) -> {m.key}", "forward", tc, True)
+        run(f"{m.module or '(root)'} {m.node.op} %{m.key}", nc.fwd_time, "forward")
+    # ---- buckets -------------------------------------------------------------------------
+    bucket_list: list[Bucket] = []
+    launch_after: dict[int, list[Bucket]] = {}
+    async_rs: dict[int, list] = {}              # ZeRO-3 per-use reduce_scatters, by consumer
+    bucketed = []
+    for p, items in grad_cols.items():
+        if forward_of.get(p) or any(c.kind == "reduce_scatter" and d != p for c, _, d, _ in items):
+            # ZeRO-3's per-use reduce_scatters: asynchronous under FSDP's schedule, else
+            # synchronous inside autograd
+            # a parameter resharded in forward (a gathered weight) keeps its per-use
+            # reductions in the program (the overlap pass buckets copy_to chains only)
+            for item in items:
+                rs = zero3 and item[0].kind == "reduce_scatter" and item[0].axis == dp
+                (async_rs if rs else by_consumer).setdefault(item[2], []).append(item)
+            continue
+        axes = tuple(dict.fromkeys(c.axis for c, *_ in items))
+        kind = items[0][0].kind
+        size = max(sum(c.bytes for c, *_ in items if c.axis == a) for a in axes)
+        bucketed.append((p, kind, axes, size))
+    if bucketed:
+        bucketed.sort(key=lambda x: (-first_use.get(x[0], -1), members[x[0]].key))
+        total = sum(x[3] for x in bucketed)
+        first, cap = bucket_caps(total, int(cfg["bucket_bytes"]), int(cfg["first_bucket_bytes"]))
+        items = [((kind, axes, str(members[p].outputs[0].dtype)), size) for p, kind, axes, size in bucketed]
+        for i, group in enumerate(buckets.fill(items, first, cap)):
+            ps = [bucketed[j] for j in group]
+            ready = min(first_use.get(p, 0) for p, *_ in ps)
+            bk = Bucket(i, ps[0][1], ps[0][2], tuple(members[p].key for p, *_ in ps),
+                        sum(x[3] for x in ps), members[ready].key)
+            bucket_list.append(bk)
+            launch_after.setdefault(ready, []).append(bk)
+    # ---- backward ------------------------------------------------------------------------
+    if zero3:
+        rev = order[::-1]
+        for b in rev[:prefetch + 1]:
+            issue_gathers(b, "backward", " (again)")
+    current = None
+    for m in reversed(nodes):
+        nc = report.nodes[m.key]
+        if nc.bwd_time <= 0 and nc.recompute_time <= 0 and m.index not in launch_after \
+                and not by_consumer.get(m.index) and m.index not in async_rs:
+            continue
+        b = block_index_of(m.index)
+        if zero3 and b is not None and b != current:
+            current = b
+            k = pos[b] - prefetch
+            if k >= 0:
+                issue_gathers(order[k], "backward", " (again)")
+        if m.index in done_gather:
+            tc = max(tc, done_gather.pop(m.index))
+        for col, t, dst, src in by_consumer.get(m.index, []):
+            if col.phase == "recompute":
+                comm(col, t, f"{col.kind}({col.axis}) -> {m.key} (recompute)", "recompute", tc, True)
+        run(f"{m.module or '(root)'} {m.node.op} %{m.key} (recompute)", nc.recompute_time, "recompute")
+        run(f"{m.module or '(root)'} {m.node.op} %{m.key} (backward)", nc.bwd_time, "backward")
+        for col, t, dst, src in by_consumer.get(m.index, []):
+            if col.phase == "backward":
+                comm(col, t, f"{col.kind}({col.axis}) grad of {members[src].key} at {m.key}",
+                     "backward", tc, True)
+        for col, t, dst, src in async_rs.get(m.index, []):
+            comm(col, t, f"{col.kind}({col.axis}) grad {members[src].key}", "backward", tc, False)
+        for bk in launch_after.get(m.index, []):
+            bk.launch = tc
+            for a in bk.axes:
+                col = _Col(bk.kind, a)
+                t = model.time_of_bytes(bk.kind, a, bk.nbytes)
+                name = f"bucket {bk.index} {bk.kind}({a}) {len(bk.params)} grads"
+                bk.events.append(comm(col, t, name, "backward", bk.events[-1].end if bk.events else tc, False))
+    # ---- optimizer step: every gradient reduced first -----------------------------------
+    tc = max([tc] + list(free.values()))
+    for col, t, dst, src in optimizer:
+        comm(col, t, f"{col.kind}({col.axis}) {members[src].key} (optimizer)", "optimizer", tc, True)
+    makespan = max([tc] + [e.end for e in events])
+    compute_events = [e for e in events if e.stream == "compute"]
+    exposed = {a: 0.0 for a in model.axes}
+    hidden = {a: 0.0 for a in model.axes}
+    starts = [e.start for e in compute_events]
+    for e in events:
+        if e.stream == "compute":
+            continue
+        h, first, last = _overlap(compute_events, starts, e.start, e.end)
+        e.hidden = h
+        e.behind = (first, last) if first else None
+        hidden[e.axis] += h
+        exposed[e.axis] += e.dur - h
+    blocks = 0
+    if zero3:
+        blocks = min(prefetch + 1, len(order))
+    interference = getattr(model.profile, "overlap_slowdown", 0.0) * sum(hidden.values())
+    return Schedule(makespan + interference, events, bucket_list, exposed, hidden,
+                    sum(e.dur for e in compute_events), on, interference, prefetch, blocks)
+
+
+@dataclass(frozen=True)
+class _Col:
+    kind: str
+    axis: str
+
+
+def _overlap(compute: list[Event], starts: list[float], s: float, e: float):
+    """Seconds of [s, e) the compute events cover, and the first and last they overlap."""
+    if e <= s:
+        return 0.0, None, None
+    i = max(bisect.bisect_right(starts, s) - 1, 0)
+    total, first, last = 0.0, None, None
+    while i < len(compute) and compute[i].start < e:
+        c = compute[i]
+        o = min(e, c.end) - max(s, c.start)
+        if o > 0:
+            total += o
+            first = first or c.name
+            last = c.name
+        i += 1
+    return total, first, last
+
+
+def trace(schedule: Schedule, name: str = "predicted step") -> dict:
+    """The schedule as Chrome/Perfetto trace JSON (`chrome://tracing`, ui.perfetto.dev):
+    one track (tid) per stream, complete ("X") events in microseconds.
+
+        >>> json.dump(trace(sched), open("plan.trace.json", "w"))     # doctest: +SKIP
+    """
+    streams = schedule.streams()
+    tid = {s: i for i, s in enumerate(streams)}
+    out = [{"ph": "M", "pid": 0, "tid": 0, "name": "process_name", "args": {"name": name}}]
+    for s, i in tid.items():
+        out.append({"ph": "M", "pid": 0, "tid": i, "name": "thread_name", "args": {"name": s}})
+    for e in schedule.events:
+        args = {"phase": e.phase}
+        if e.stream != "compute":
+            args.update(kind=e.kind, axis=e.axis, hidden_us=round(e.hidden * 1e6, 3))
+        out.append({"ph": "X", "pid": 0, "tid": tid[e.stream], "name": e.name,
+                    "cat": e.phase if e.stream == "compute" else e.kind,
+                    "ts": round(e.start * 1e6, 3), "dur": round(e.dur * 1e6, 3), "args": args})
+    return {"traceEvents": out, "displayTimeUnit": "ms",
+            "otherData": {"makespan_us": round(schedule.makespan * 1e6, 3),
+                          "interference_us": round(schedule.interference * 1e6, 3),
+                          "exposed_us": {a: round(t * 1e6, 3) for a, t in schedule.exposed.items()},
+                          "hidden_us": {a: round(t * 1e6, 3) for a, t in schedule.hidden.items()}}}
+
+
+__all__ = ["simulate", "trace", "Schedule", "Event", "Bucket", "bucket_caps", "MIN_BUCKETS"]
