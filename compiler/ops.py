@@ -588,8 +588,15 @@ def a_baddbmm(ins, outs, attrs):
 
 
 def a_addmm(ins, outs, attrs):
-    """self + mat1 @ mat2, the 2-D baddbmm. Lowering writes HF Conv1D's addmm as mm + add
-    (so its contraction can split, Megatron's row parallel); a kept addmm splits m and n."""
+    """bias + mat1 @ mat2 (HF Conv1D: mat2 is the [in, out] weight). With a bias over the
+    output features (a row vector) it splits like linear: column (n) or row parallel (k,
+    partial sums; plan application adds 1/n of the bias on each rank, as for linear's). A
+    bias with rows keeps the contraction whole: it would be summed once per rank."""
+    bias = ins[0]
+    if attrs.get("beta", 1) == 1 and attrs.get("alpha", 1) == 1 and (
+            len(bias) == 1 or (len(bias) == 2 and bias[0] == 1)) and bias[-1] == outs[0][1] > 1:
+        lead = (None,) if len(bias) == 2 else ()
+        return DimAnno((lead + ("n",), ("m", "k"), ("k", "n")), (("m", "n"),), reduce=frozenset({"k"}))
     b = dims.broadcast([ins[0]], outs[0])
     return DimAnno((b.inputs[0], ("d0", "k"), ("k", "d1")), (("d0", "d1"),), frozen=frozenset({"k"}))
 
@@ -619,10 +626,12 @@ def f_grouped_mm(ins, outs, attrs):
 # became; tests/test_hf_models.py checks that no op of those six is left without a rule.
 #
 #   op (model)                          rule, or why not
-#   addmm (GPT-2 Conv1D)                lowered as mm + add: column (n) or row parallel (k,
-#                                       partial sums, bias added once after the reduction);
-#                                       a kept addmm/baddbmm splits all but k (the added
-#                                       input would be summed once per rank)
+#   addmm (GPT-2 Conv1D)                lowered as mm + add, folded back into addmm by
+#                                       passes/unfuse.py where the bias is a parameter row:
+#                                       column (n) or row parallel (k, partial sums, 1/n of
+#                                       the bias per rank, like linear); baddbmm and an addmm
+#                                       with a matrix bias split all but k (the added input
+#                                       would be summed once per rank)
 #   to.dtype_layout, to.device (all)    elementwise casts
 #   le, __and__, min.other (masks, T5)  elementwise, like every comparison / logical op
 #   floor_divide (Mixtral)              elementwise
