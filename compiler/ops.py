@@ -333,10 +333,15 @@ def a_loss(ins, outs, attrs):
     lead = ("n",) + tuple(f"e{i}" for i in range(len(target) - 1))
     lab_logits = (lead[0], "c") + lead[1:] if len(logits) > len(target) else lead
     mean = reduction == 1
-    # mean with ignore_index depends on the global count of kept targets: only exact
-    # when nothing is ignored, so mean-reduced losses split only the leading dim.
+    # a mean over class-index targets divides by the targets kept (not ignore_index) in the
+    # whole batch: plan application sums each shard's losses and divides by the count of
+    # kept targets all-reduced over the split axes (passes/apply.py). A class-weighted mean
+    # divides by the kept targets' weights instead: its batch stays whole.
+    frozen = frozenset({"c"}) | frozenset(lead[1:])
+    if mean and len(ins) > 2 and len(logits) > len(target):
+        frozen |= frozenset(lead)
     return DimAnno((lab_logits, lead) + tuple(("c",) for _ in ins[2:]), ((),),
-                   reduce=frozenset(lead), frozen=frozenset({"c"}) | frozenset(lead[1:]),
+                   reduce=frozenset(lead), frozen=frozen,
                    mean=frozenset(lead) if mean else frozenset())
 
 

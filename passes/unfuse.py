@@ -13,6 +13,12 @@ a bias parameter back into its matmul, so the bias is fused as in `linear` (one 
 1/n of it per rank when the contraction is split) instead of an elementwise op of its own
 between the partial sum and its reduction.
 
+Cross-entropy's mean over class indices is cut the same way (`mean_over_kept_targets`):
+its sum, the count of targets kept (not `ignore_index`) and their quotient. A shard of the
+batch cannot divide by the kept targets of the whole batch; written out, both the sum and
+the count are partial sums over a split batch, reduced before the division, and the cost
+model prices those two one-number all_reduces like any other collective.
+
 Sharding the fused output features in contiguous blocks would hand each rank a mix of q, k
 and v columns; after the split, each piece shards on its own and the search can choose
 Megatron's head-parallel attention. The pieces stay tied to the state-dict tensor they
@@ -24,6 +30,8 @@ the original names.
     64
 """
 from __future__ import annotations
+
+import torch
 
 from autopar.compiler.ir import Graph, Node, Piece, Value
 
@@ -97,7 +105,7 @@ def _fused_chain(graph: Graph, users, node: Node) -> tuple[list[Node], Value, li
 
 
 def split_fused_projections(graph: Graph) -> Graph:
-    graph = fold_bias_adds(graph)
+    graph = mean_over_kept_targets(fold_bias_adds(graph))
     users = graph.users()
     tied = set(graph.aliases.values())
     taken = {v.name for v in graph.values()}
@@ -169,4 +177,45 @@ def split_fused_projections(graph: Graph) -> Graph:
     g = graph.copy(nodes=new_nodes, params=params, pieces=pieces)
     g.notes.append(f"split_fused_projections: {len(unfused)} fused projections cut into pieces "
                    f"({'; '.join(unfused[:3])}{'; ...' if len(unfused) > 3 else ''})")
+    return g
+
+
+def mean_over_kept_targets(graph: Graph) -> Graph:
+    """`cross_entropy_loss(x, t)` (mean over class indices) ->
+    `cross_entropy_loss(x, t, reduction=sum) / sum(t != ignore_index)`: exact on one device,
+    and the mean stays global when the batch is split. A class-weighted mean (divided by
+    the kept targets' weights) is left whole; its rule keeps the batch unsplit."""
+    taken = {v.name for v in graph.values()}
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        return name
+
+    nodes, cut = [], 0
+    for node in graph.nodes:
+        attr = node.attr
+        logits, target = (node.inputs + (None, None))[:2]
+        if (node.op != "cross_entropy_loss" or attr.get("reduction", 1) != 1 or len(node.inputs) != 2
+                or target.dtype.is_floating_point or len(logits.shape) <= len(target.shape)):
+            nodes.append(node)
+            continue
+        y = node.outputs[0]
+        attrs = tuple((k, 2 if k == "reduction" else a) for k, a in node.attrs)
+        if "reduction" not in attr:
+            attrs += (("reduction", 2),)
+        total = Value(fresh(f"{y.name}_sum"), y.shape, y.dtype)
+        kept = Value(fresh(f"{y.name}_kept"), target.shape, torch.bool)
+        count = Value(fresh(f"{y.name}_count"), (), torch.int64)
+        nodes += [node.replace(attrs=attrs, outputs=(total,)),
+                  Node("ne.Scalar", (target,), (("other", attr.get("ignore_index", -100)),), (kept,), node.meta),
+                  Node("sum", (kept,), (), (count,), node.meta),
+                  Node("div", (total, count), (), (y,), node.meta)]
+        cut += 1
+    if not cut:
+        return graph
+    g = graph.copy(nodes=nodes)
+    g.notes.append(f"mean_over_kept_targets: {cut} cross-entropy means written as sum / kept targets")
     return g

@@ -186,3 +186,26 @@ def test_hf_gpt2_shape_is_priced_like_the_nn_linear_gpt(example):
                      if k in conv and s[tp] is not None}
             assert any(".attn.c_attn.weight.1" in w for w in split), split
             assert any(w.endswith("mlp.c_fc.weight") for w in split), split
+
+
+# ---- multi-rank: one run, several checks ---------------------------------------------------
+
+def test_hf_gpt2_runs_with_pieces_and_a_global_mean_over_kept_targets(tmp_path, capsys):
+    """HF GPT-2 on dp=2,tp=2 (the least-memory plan: c_attn's q/k/v pieces split over tp,
+    the batch over dp), its labels ignored (-100) unevenly across the batch: the ranks'
+    losses and final shards match the single-device run, so the pieces round-trip and the
+    loss divides by the kept targets of the whole batch, not of each shard."""
+    from pathlib import Path
+    from autopar.cli import main
+    repo = Path(__file__).resolve().parents[1]
+    code = main(["run", f"{repo}/tests/models/ignored_targets.py:hf_gpt2", "--plan",
+                 f"{repo}/tests/models/sharded_2x2.plan", "--steps", "2", "--check", "-o", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0 and "check: ok" in out, out[-3000:]
+    program = next(tmp_path.glob("*_torch.py")).read_text()
+    assert "c_attn.weight[1]" in program and "(64/dp, 32/tp)" in program     # q, k, v pieces on tp
+    # the kept targets are counted over dp (the mask gathered or the count reduced)
+    kept = [line for line in program.splitlines() if "_kept" in line or "_count" in line]
+    assert any(("rt.all_reduce(" in line or "rt.all_gather(" in line) and '"dp"' in line
+               for line in kept), kept
+    assert "reduction='sum'" in program
