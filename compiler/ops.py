@@ -793,6 +793,24 @@ for _op in collectives.OPS.values():
 NOOPS = {"alias", "detach", "lift_fresh_copy", "clone", "contiguous", "_assert_tensor_metadata"}
 
 
+def library_modules(ops) -> list[str]:
+    """The Python modules that define the ops of other libraries among `ops` (IR names):
+    a program calling `torch.ops.transformers.grouped_mm_fallback` imports
+    `transformers.integrations.moe` first, or the op does not exist in its ranks."""
+    from torch._library.custom_ops import OPDEFS
+    out = []
+    for op in ops:
+        d = REGISTRY.get(op)
+        schema = getattr(getattr(d, "target", None), "_schema", None)
+        if schema is None or schema.name.split("::")[0] in ("aten", "prims"):
+            continue
+        opdef_ = OPDEFS.get(schema.name)
+        module = getattr(getattr(opdef_, "_init_fn", None), "__module__", None)
+        if module and module not in out:
+            out.append(module)
+    return out
+
+
 def bytes_moved(in_values, out_values) -> int:
     """Bytes read and written by an op (the memory side of the roofline)."""
     return sum(v.nbytes for v in in_values) + sum(v.nbytes for v in out_values)
