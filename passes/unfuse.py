@@ -2,28 +2,27 @@
 (GPT-2's `c_attn`, which computes q, k and v in one matmul) becomes one projection per piece
 over a piece of the weight.
 
-Two forms are cut:
+Sharding the fused output features in contiguous blocks would hand each rank a mix of q, k
+and v columns; after the split, each piece shards on its own and the search can choose
+Megatron's head-parallel attention. The pieces stay tied to the state-dict tensor they
+were cut from (`Graph.pieces`, which records the dim of the cut), so loading and saving use
+the original names. Two forms are cut:
 - `linear(x, W, b)` -> `split` (nn.Linear: W is [out, in], the pieces are row blocks of W);
 - `addmm(b, x, W)` or `mm(x, W)` -> `view` -> `split` (Hugging Face's Conv1D: W is
   [in, out], the pieces are column blocks of W). Views that keep the feature dim last are
   cut along with the matmul.
 
-Lowering writes Conv1D's `addmm` as `mm` + `add`; `fold_bias_adds` first folds an `add` of
-a bias parameter back into its matmul, so the bias is fused as in `linear` (one kernel, and
-1/n of it per rank when the contraction is split) instead of an elementwise op of its own
-between the partial sum and its reduction.
-
-Cross-entropy's mean over class indices is cut the same way (`mean_over_kept_targets`):
-its sum, the count of targets kept (not `ignore_index`) and their quotient. A shard of the
-batch cannot divide by the kept targets of the whole batch; written out, both the sum and
-the count are partial sums over a split batch, reduced before the division, and the cost
-model prices those two one-number all_reduces like any other collective.
-
-Sharding the fused output features in contiguous blocks would hand each rank a mix of q, k
-and v columns; after the split, each piece shards on its own and the search can choose
-Megatron's head-parallel attention. The pieces stay tied to the state-dict tensor they
-were cut from (`Graph.pieces`, which records the dim of the cut), so loading and saving use
-the original names.
+`split_fused_projections` (the pass `prepare` runs) first applies two rewrites of the same
+kind, each a fused op written as the pieces that shard on their own:
+- `fold_bias_adds`: lowering writes Conv1D's `addmm` as `mm` + `add`; an `add` of a bias
+  parameter is folded back into its matmul, so the bias is fused as in `linear` (one
+  kernel, and 1/n of it per rank when the contraction is split) instead of an elementwise
+  op of its own between the partial sum and its reduction.
+- `mean_over_kept_targets`: cross-entropy's mean over class indices becomes its sum, the
+  count of targets kept (not `ignore_index`) and their quotient. A shard of the batch
+  cannot divide by the kept targets of the whole batch; written out, the sum and the count
+  are partial sums over a split batch, reduced before the division, and the cost model
+  prices those two one-number all_reduces like any other collective.
 
     >>> g = split_fused_projections(graph)   # doctest: +SKIP
     >>> g.pieces["transformer.h.0.attn.c_attn.weight.1"].start

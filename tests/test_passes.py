@@ -229,3 +229,33 @@ def test_split_fused_projections_cuts_conv1d_columns_through_bias_and_view():
     a = V("a", (6, 24), "input")
     g3 = verify(Graph("act", [x, a], [w], [N("mm", [x, w], [mm]), N("add", [mm, a], [y])], [y]))
     assert split_fused_projections(g3) is g3
+
+
+def test_mean_over_kept_targets_writes_the_mean_as_sum_over_kept():
+    """cross_entropy's mean over class indices -> sum / count of targets != ignore_index:
+    the same value on one device; halves of the batch then add up to the global mean,
+    which the mean of each half's mean does not when the halves ignore different counts."""
+    from autopar.passes.unfuse import mean_over_kept_targets
+    x = V("x", (6, 5), "input")
+    t = Value("t", (6,), torch.int64, "input")
+    loss = V("loss", ())
+    g = verify(Graph("ce", [x, t], [], [N("cross_entropy_loss", [x, t], [loss], "", weight=None,
+                                          reduction=1, ignore_index=-1)], [loss]))
+    u = verify(mean_over_kept_targets(g))
+    assert [n.op for n in u.nodes] == ["cross_entropy_loss", "ne.Scalar", "sum", "div"]
+    assert u.nodes[0].attr["reduction"] == 2 and u.nodes[1].attr["other"] == -1
+    assert u.outputs[0].name == "loss"
+    xx = torch.randn(6, 5)
+    tt = torch.tensor([1, -1, -1, 4, 0, 2])
+    want = torch.nn.functional.cross_entropy(xx, tt, ignore_index=-1)
+    torch.testing.assert_close(interpret(u, {}, (xx, tt))[0], want)
+    sums = [torch.nn.functional.cross_entropy(xx[h], tt[h], ignore_index=-1, reduction="sum")
+            for h in (slice(0, 3), slice(3, 6))]
+    kept = [(tt[h] != -1).sum() for h in (slice(0, 3), slice(3, 6))]
+    torch.testing.assert_close((sums[0] + sums[1]) / (kept[0] + kept[1]), want)
+    assert not torch.allclose((sums[0] / kept[0] + sums[1] / kept[1]) / 2, want)
+    # a class-weighted mean divides by the kept targets' weights: left whole
+    w = V("w", (5,), "input")
+    gw = Graph("cew", [x, t, w], [], [N("cross_entropy_loss", [x, t, w], [loss], "", reduction=1,
+                                         ignore_index=-1)], [loss])
+    assert mean_over_kept_targets(gw) is gw
