@@ -25,6 +25,7 @@ import torch
 from autopar.compiler import buckets, collectives, sharding
 from autopar.compiler.errors import InputError
 from autopar.compiler.ir import Node, SymInt, Value
+from autopar.compiler.ops import library_modules
 from autopar.compiler.patterns import block_of
 from autopar.compiler.sharded import (BIAS_SHARE, MEAN_SCALE, ShardedGraph, format_bytes,
                                       is_collective, is_inserted_scale, nbytes, region_io)
@@ -814,6 +815,8 @@ class Emitter:
         w("import torch")
         w("import torch.nn as nn")
         w("import torch.nn.functional as F")
+        for module in library_modules(dict.fromkeys(n.op for n in s.nodes)):
+            w(f"import {module}  # defines the torch.ops of that library this program calls")
         if s.regions:
             w("from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop")
         w()

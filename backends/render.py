@@ -48,21 +48,9 @@ def literal(v: Any) -> str:
 
 
 def bind(node: Node, operand: list[str]) -> dict[str, Any]:
-    """Schema argument name -> rendered operand or attribute value (absent defaults left out)."""
-    d = REGISTRY[node.op]
-    it = iter(operand)
-    attrs = node.attr
-    out: dict[str, Any] = {}
-    for a in d.args:
-        if a.kind == "tensor":
-            out[a.name] = attrs[a.name] if a.name in attrs else Expr(next(it))
-        elif a.kind == "tensor_list":
-            out[a.name] = [Expr(x) for x in it]
-        elif a.kind == "opt_tensor":
-            out[a.name] = attrs[a.name] if a.name in attrs else Expr(next(it))
-        elif a.name in attrs:
-            out[a.name] = attrs[a.name]
-    return out
+    """Schema argument name -> rendered operand or attribute value (absent defaults left out);
+    the op table's own binding (a tensor list followed by tensors: `index_put`)."""
+    return REGISTRY[node.op].bind([Expr(x) for x in operand], node.attr)
 
 
 def call(fn: str, args: list, kwargs: dict) -> str:

@@ -333,10 +333,15 @@ def a_loss(ins, outs, attrs):
     lead = ("n",) + tuple(f"e{i}" for i in range(len(target) - 1))
     lab_logits = (lead[0], "c") + lead[1:] if len(logits) > len(target) else lead
     mean = reduction == 1
-    # mean with ignore_index depends on the global count of kept targets: only exact
-    # when nothing is ignored, so mean-reduced losses split only the leading dim.
+    # a mean over class-index targets divides by the targets kept (not ignore_index) in the
+    # whole batch: plan application sums each shard's losses and divides by the count of
+    # kept targets all-reduced over the split axes (passes/apply.py). A class-weighted mean
+    # divides by the kept targets' weights instead: its batch stays whole.
+    frozen = frozenset({"c"}) | frozenset(lead[1:])
+    if mean and len(ins) > 2 and len(logits) > len(target):
+        frozen |= frozenset(lead)
     return DimAnno((lab_logits, lead) + tuple(("c",) for _ in ins[2:]), ((),),
-                   reduce=frozenset(lead), frozen=frozenset({"c"}) | frozenset(lead[1:]),
+                   reduce=frozenset(lead), frozen=frozen,
                    mean=frozenset(lead) if mean else frozenset())
 
 
@@ -588,8 +593,15 @@ def a_baddbmm(ins, outs, attrs):
 
 
 def a_addmm(ins, outs, attrs):
-    """self + mat1 @ mat2, the 2-D baddbmm. Lowering writes HF Conv1D's addmm as mm + add
-    (so its contraction can split, Megatron's row parallel); a kept addmm splits m and n."""
+    """bias + mat1 @ mat2 (HF Conv1D: mat2 is the [in, out] weight). With a bias over the
+    output features (a row vector) it splits like linear: column (n) or row parallel (k,
+    partial sums; plan application adds 1/n of the bias on each rank, as for linear's). A
+    bias with rows keeps the contraction whole: it would be summed once per rank."""
+    bias = ins[0]
+    if attrs.get("beta", 1) == 1 and attrs.get("alpha", 1) == 1 and (
+            len(bias) == 1 or (len(bias) == 2 and bias[0] == 1)) and bias[-1] == outs[0][1] > 1:
+        lead = (None,) if len(bias) == 2 else ()
+        return DimAnno((lead + ("n",), ("m", "k"), ("k", "n")), (("m", "n"),), reduce=frozenset({"k"}))
     b = dims.broadcast([ins[0]], outs[0])
     return DimAnno((b.inputs[0], ("d0", "k"), ("k", "d1")), (("d0", "d1"),), frozen=frozenset({"k"}))
 
@@ -619,10 +631,12 @@ def f_grouped_mm(ins, outs, attrs):
 # became; tests/test_hf_models.py checks that no op of those six is left without a rule.
 #
 #   op (model)                          rule, or why not
-#   addmm (GPT-2 Conv1D)                lowered as mm + add: column (n) or row parallel (k,
-#                                       partial sums, bias added once after the reduction);
-#                                       a kept addmm/baddbmm splits all but k (the added
-#                                       input would be summed once per rank)
+#   addmm (GPT-2 Conv1D)                lowered as mm + add, folded back into addmm by
+#                                       passes/unfuse.py where the bias is a parameter row:
+#                                       column (n) or row parallel (k, partial sums, 1/n of
+#                                       the bias per rank, like linear); baddbmm and an addmm
+#                                       with a matrix bias split all but k (the added input
+#                                       would be summed once per rank)
 #   to.dtype_layout, to.device (all)    elementwise casts
 #   le, __and__, min.other (masks, T5)  elementwise, like every comparison / logical op
 #   floor_divide (Mixtral)              elementwise
@@ -777,6 +791,24 @@ for _op in collectives.OPS.values():
 
 # Ops that never change values: pruning removes them (`same-dtype to` is checked there).
 NOOPS = {"alias", "detach", "lift_fresh_copy", "clone", "contiguous", "_assert_tensor_metadata"}
+
+
+def library_modules(ops) -> list[str]:
+    """The Python modules that define the ops of other libraries among `ops` (IR names):
+    a program calling `torch.ops.transformers.grouped_mm_fallback` imports
+    `transformers.integrations.moe` first, or the op does not exist in its ranks."""
+    from torch._library.custom_ops import OPDEFS
+    out = []
+    for op in ops:
+        d = REGISTRY.get(op)
+        schema = getattr(getattr(d, "target", None), "_schema", None)
+        if schema is None or schema.name.split("::")[0] in ("aten", "prims"):
+            continue
+        opdef_ = OPDEFS.get(schema.name)
+        module = getattr(getattr(opdef_, "_init_fn", None), "__module__", None)
+        if module and module not in out:
+            out.append(module)
+    return out
 
 
 def bytes_moved(in_values, out_values) -> int:

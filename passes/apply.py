@@ -156,7 +156,7 @@ def apply_plan(graph: Graph, plan: Plan) -> ShardedGraph:
                         needs.add(y.name)
                 x = y
             ways = prod(n for lab, n in zip(strat, mesh.values()) if lab is not None and lab in anno.reduce)
-            if node.op == "linear" and i == 2 and ways > 1:
+            if ways > 1 and ((node.op == "linear" and i == 2) or (node.op == "addmm" and i == 0)):
                 # the contraction dim is split: each rank holds a partial sum, and would add
                 # the replicated bias once per rank; each adds 1/n of it (DTensor's R -> P)
                 y = local(Value(x.name, v.shape, v.dtype), out_layouts[x.name], fresh(f"{v.name}_share"))

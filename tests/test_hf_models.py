@@ -133,20 +133,24 @@ def test_mixtral_router_and_dispatch_ops_have_rules(hf):
 
 def test_gpt2_conv1d_projections_split_like_linear(hf):
     _, _, g = hf("gpt2")
-    mms = [n for n in g.nodes if n.op == "mm" and n.inputs[1].kind == "param"]
-    assert len(mms) == 4 * LAYERS                          # c_attn, c_proj, c_fc, mlp.c_proj
+    # Conv1D's bias add is folded back into addmm; c_attn is cut into its q, k, v columns
+    mms = [n for n in g.nodes if n.op == "addmm"]
+    assert len(mms) == 6 * LAYERS                          # c_attn x3, c_proj, c_fc, mlp.c_proj
     for n in mms:
         anno = node_anno(n)
         assert set(anno.splittable()) == {"m", "k", "n"} and anno.reduce == {"k"}
-    assert not any(n.op == "addmm" for n in g.nodes)
+    assert not any(n.op in ("mm", "split") for n in g.nodes)
+    cut = [p for p in g.pieces.values() if p.source.endswith("h.0.attn.c_attn.weight")]
+    assert [(p.dim, p.start, p.stop) for p in cut] == [(1, 0, HIDDEN), (1, HIDDEN, 2 * HIDDEN),
+                                                       (1, 2 * HIDDEN, 3 * HIDDEN)]
 
 
 # ---- the GPT-2 small shape on meta: HF's Conv1D against nn.Linear ---------------------------
 
-def gpt2_small_on_meta(layers=12, width=768, batch=8, seq=1024, vocab=50304):
+def gpt2_small_on_meta(layers=12, width=768, batch=8, seq=1024, vocab=50304, activation="gelu_new"):
     cfg = tf.GPT2Config(n_layer=layers, n_embd=width, n_head=width // 64, n_positions=seq,
                         vocab_size=vocab, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        use_cache=False)
+                        use_cache=False, activation_function=activation)
     with torch.device("meta"):
         model = LossOf(tf.GPT2LMHeadModel(cfg)).train()
         ids = torch.empty((batch, seq), dtype=torch.long)
@@ -154,25 +158,75 @@ def gpt2_small_on_meta(layers=12, width=768, batch=8, seq=1024, vocab=50304):
 
 
 def test_hf_gpt2_shape_is_priced_like_the_nn_linear_gpt(example):
-    mesh = "dp=2,tp=4"
+    # the same activation as examples/gpt.py (nn.GELU): HF's default "gelu_new" is written
+    # as eight elementwise ops, eight kernels in eager mode, and is priced as such (11-19%
+    # slower on these meshes); what is compared here is Conv1D against nn.Linear
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, inputs = gpt2_small_on_meta()
+        model, inputs = gpt2_small_on_meta(activation="gelu")
         g_hf = prepared_graph(model, inputs, name="hf_gpt2")
         m = example("gpt")
         ref, ref_inputs = m.build_meta("gpt2-small", batch=8, seq=1024, vocab_size=50304)
         g_ref = prepared_graph(ref, ref_inputs, name="gpt")
-    hf_plan, _ = make_plan(g_hf, mesh, device="h100", deterministic=True)
-    ref_plan, _ = make_plan(g_ref, mesh, device="h100", deterministic=True)
-    # the Conv1D matmuls are priced as matmuls: same FLOPs per step as nn.Linear's
-    assert hf_plan.cost["flops_per_device"] == pytest.approx(ref_plan.cost["flops_per_device"], rel=0.01)
-    # never cheaper than the same shape written with nn.Linear (whose fused q/k/v is cut into
-    # pieces; GPT-2's Conv1D c_attn is not yet, so issue 11's "within 10%" is not met here)
-    ratio = hf_plan.cost["step_time"] / ref_plan.cost["step_time"]
-    assert ratio >= 0.99, f"HF GPT-2 {hf_plan.cost['step_time'] * 1e3:.2f} ms vs nn.Linear " \
-                          f"{ref_plan.cost['step_time'] * 1e3:.2f} ms"
-    # and the projections are no longer all replicated: some split over tp
-    tp = list(hf_plan.mesh).index("tp")
-    conv = {n.outputs[0].name: n.meta.module for n in g_hf.nodes if n.op == "mm"}
-    split = {conv[k] for k, s in hf_plan.strategies.items() if k in conv and s[tp] is not None}
-    assert any(p.endswith("mlp.c_fc") for p in split) and any(p.endswith("mlp.c_proj") for p in split), split
+    for devices in (8, 64):
+        hf_plan, _ = make_plan(g_hf, devices=devices, device="h100", deterministic=True)
+        ref_plan, _ = make_plan(g_ref, devices=devices, device="h100", deterministic=True)
+        # the Conv1D matmuls are priced as matmuls: same FLOPs per step as nn.Linear's
+        assert hf_plan.cost["flops_per_device"] == pytest.approx(ref_plan.cost["flops_per_device"],
+                                                                 rel=0.01)
+        # issue 11: within 10% of the same shape written with nn.Linear
+        ratio = hf_plan.cost["step_time"] / ref_plan.cost["step_time"]
+        assert ratio <= 1.10, f"{devices} devices: HF GPT-2 {hf_plan.cost['step_time'] * 1e3:.2f} ms " \
+                              f"vs nn.Linear {ref_plan.cost['step_time'] * 1e3:.2f} ms"
+        # head-parallel attention: c_attn's q, k and v pieces split over tp, as do the MLPs
+        if "tp" in hf_plan.mesh and hf_plan.mesh["tp"] > 1:
+            tp = list(hf_plan.mesh).index("tp")
+            conv = {n.outputs[0].name: n for n in g_hf.nodes if n.op == "addmm"}
+            split = {conv[k].inputs[2].name for k, s in hf_plan.strategies.items()
+                     if k in conv and s[tp] is not None}
+            assert any(".attn.c_attn.weight.1" in w for w in split), split
+            assert any(w.endswith("mlp.c_fc.weight") for w in split), split
+
+
+# ---- multi-rank: one run, several checks ---------------------------------------------------
+
+def test_hf_gpt2_runs_with_pieces_and_a_global_mean_over_kept_targets(tmp_path, capsys):
+    """HF GPT-2 on dp=2,tp=2 (the least-memory plan: c_attn's q/k/v pieces split over tp,
+    the batch over dp), its labels ignored (-100) unevenly across the batch: the ranks'
+    losses and final shards match the single-device run, so the pieces round-trip and the
+    loss divides by the kept targets of the whole batch, not of each shard."""
+    from pathlib import Path
+    from autopar.cli import main
+    repo = Path(__file__).resolve().parents[1]
+    code = main(["run", f"{repo}/tests/models/ignored_targets.py:hf_gpt2", "--plan",
+                 f"{repo}/tests/models/sharded_2x2.plan", "--steps", "2", "--check", "-o", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0 and "check: ok" in out, out[-3000:]
+    program = next(tmp_path.glob("*_torch.py")).read_text()
+    assert "c_attn.weight[1]" in program and "(64/dp, 32/tp)" in program     # q, k, v pieces on tp
+    # the kept targets are counted over dp (the mask gathered or the count reduced)
+    kept = [line for line in program.splitlines() if "_kept" in line or "_count" in line]
+    assert any(("rt.all_reduce(" in line or "rt.all_gather(" in line) and '"dp"' in line
+               for line in kept), kept
+    assert "reduction='sum'" in program
+
+
+def test_hf_models_run_sharded_and_match_the_single_device(tmp_path, capsys):
+    """Llama, Qwen2 and BERT on dp=2,tp=2 under the least-memory plan (every weight split),
+    Mixtral's router and experts on tp=2 (its grouped matmuls split): each a launched run
+    whose losses, final shards and collective bytes match the single-device run."""
+    from pathlib import Path
+    from autopar.cli import main
+    repo = Path(__file__).resolve().parents[1]
+    tp2 = tmp_path / "tp2.plan"
+    tp2.write_text("mesh tp=2\nminimize memory\n")
+    runs = [("llama", repo / "tests/models/sharded_2x2.plan"), ("qwen2", repo / "tests/models/sharded_2x2.plan"),
+            ("bert", repo / "tests/models/sharded_2x2.plan"), ("mixtral", tp2)]
+    for name, plan in runs:
+        code = main(["run", f"{repo}/tests/models/hf_zoo.py:{name}", "--plan", str(plan), "--steps", "2",
+                     "--check", "-o", str(tmp_path / name)])
+        out = capsys.readouterr().out
+        assert code == 0 and "check: ok" in out and "DIFFERENT" not in out, f"{name}:\n{out[-3000:]}"
+        program = next((tmp_path / name).glob("*_torch.py")).read_text()
+        assert "rt.all_gather(" in program or "rt.all_reduce(" in program, name     # really sharded
+    assert "import transformers.integrations.moe" in program       # Mixtral's grouped_mm_fallback

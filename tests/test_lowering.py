@@ -133,6 +133,10 @@ def test_untraceable_model_gives_a_trace_error():
 
 # ---- op rules: each splittable label really splits ---------------------------------------
 
+# the bias each rank adds 1/n of when the contraction is split (passes/apply.py)
+BIAS_INPUT = {"linear": 2, "addmm": 0}
+
+
 def split_matches_whole(op: str, inputs: list, attrs: dict) -> list[str]:
     """Check an op's dim annotation against its reference implementation: for every label
     the search may split, cut each tensor carrying it into two halves, run the op per half,
@@ -153,6 +157,8 @@ def split_matches_whole(op: str, inputs: list, attrs: dict) -> list[str]:
                     n = t.shape[dim] // 2
                     t = t.narrow(dim, c * n, n)
                 ins.append(t)
+            if lab in anno.reduce and op in BIAS_INPUT:          # plan application's bias share
+                ins[BIAS_INPUT[op]] = ins[BIAS_INPUT[op]] / 2
             at = dict(attrs)
             if lab in anno.outputs[0] and "size" in at:       # plan application makes it local
                 at["size"] = list(at["size"])
@@ -192,7 +198,9 @@ def test_rules_for_real_model_ops_split_exactly():
         "baddbmm": ([torch.randn(6, 2, generator=g), x, torch.randn(4, 8, 2, generator=g)], {},
                     {"d0", "d1", "d2"}),
         "addmm": ([torch.randn(2, generator=g), x[0], torch.randn(8, 2, generator=g)], {},
-                  {"d0", "d1"}),
+                  {"m", "k", "n"}),
+        "addmm#matrix_bias": ([torch.randn(6, 2, generator=g), x[0], torch.randn(8, 2, generator=g)],
+                              {}, {"d0", "d1"}),
         "new_ones": ([x], {"size": [4, 2]}, {"d0", "d1"}),
         "new_zeros": ([x], {"size": [4, 6, 8]}, {"d0", "d1", "d2"}),
         "select_scatter": ([x, torch.randn(4, 8, generator=g)], {"dim": 1, "index": 3}, {"d0", "d2"}),
@@ -203,7 +211,7 @@ def test_rules_for_real_model_ops_split_exactly():
         "floor_divide": ([idx, torch.tensor(2)], {}, {"d0", "d1", "d2"}),
     }
     for op, (ins, attrs, want) in cases.items():
-        assert set(split_matches_whole(op, ins, attrs)) == want, op
+        assert set(split_matches_whole(op.split("#")[0], ins, attrs)) == want, op
     # 2-D x N-D matmul: batch, rows, columns and the contraction all split
     assert set(split_matches_whole("matmul", [torch.randn(2, 1, 4, 6, generator=g),
                                               torch.randn(4, 6, 8, generator=g)], {})) == \

@@ -191,3 +191,71 @@ def test_split_fused_projections_cuts_weight_and_keeps_values():
     # a weight also used elsewhere (tied) is left fused
     g2 = g.copy(nodes=g.nodes + [N("linear", [x, w], [V("z", (4, 24))])])
     assert split_fused_projections(g2) is g2
+
+
+def test_split_fused_projections_cuts_conv1d_columns_through_bias_and_view():
+    """HF GPT-2's Conv1D c_attn lowers to mm(x, W[in, out]) + b, a view back to (B, T, 3C)
+    and a split: the bias add folds into addmm, each piece is a column block of W and a
+    block of b, the view follows."""
+    from autopar.passes.unfuse import split_fused_projections
+    x = V("x", (6, 8), "input")
+    w = V("c_attn.weight", (8, 24), "param", True)
+    b = V("c_attn.bias", (24,), "param", True)
+    mm, y, y3 = V("mm", (6, 24)), V("addmm", (6, 24)), V("y3", (2, 3, 24))
+    q, k, v = V("q", (2, 3, 8)), V("k", (2, 3, 8)), V("v", (2, 3, 8))
+    s = V("s", (2, 3, 8))
+    g = verify(Graph("conv1d", [x], [w, b], [
+        N("mm", [x, w], [mm], "c_attn"), N("add", [mm, b], [y], "c_attn"),
+        N("view", [y], [y3], "c_attn", size=[2, 3, 24]),
+        N("split", [y3], [q, k, v], "", split_size=8, dim=2),
+        N("mul", [q, v], [s])], [s]))
+    u = verify(split_fused_projections(g))
+    assert [n.op for n in u.nodes] == ["addmm", "view"] * 3 + ["mul"]
+    assert [p.name for p in u.params] == [f"c_attn.weight.{i}" for i in range(3)] + \
+                                         [f"c_attn.bias.{i}" for i in range(3)]
+    w2 = u.pieces["c_attn.weight.2"]
+    assert (w2.dim, w2.start, w2.stop) == (1, 16, 24) and u.param("c_attn.weight.2").shape == (8, 8)
+    assert u.pieces["c_attn.bias.1"].dim == 0 and u.nodes[1].attr["size"] == [2, 3, 8]
+    assert [v.name for v in u.nodes[2].inputs] == ["c_attn.bias.1", "x", "c_attn.weight.1"]
+    assert len({val.name for val in u.values()}) == len(list(u.values()))   # names stay unique
+    state = {"c_attn.weight": torch.randn(8, 24), "c_attn.bias": torch.randn(24)}
+    xx = torch.randn(6, 8)
+    torch.testing.assert_close(interpret(u, state, (xx,))[0], interpret(g, state, (xx,))[0])
+    # the fused output used by a second consumer is left fused (the bias still folds)
+    g2 = g.copy(nodes=g.nodes[:2] + [N("neg", [y], [V("z", (6, 24))])] + g.nodes[2:])
+    u2 = split_fused_projections(g2)
+    assert [n.op for n in u2.nodes] == ["addmm", "neg", "view", "split", "mul"] and not u2.pieces
+    # an add of an activation is not a bias: left alone
+    a = V("a", (6, 24), "input")
+    g3 = verify(Graph("act", [x, a], [w], [N("mm", [x, w], [mm]), N("add", [mm, a], [y])], [y]))
+    assert split_fused_projections(g3) is g3
+
+
+def test_mean_over_kept_targets_writes_the_mean_as_sum_over_kept():
+    """cross_entropy's mean over class indices -> sum / count of targets != ignore_index:
+    the same value on one device; halves of the batch then add up to the global mean,
+    which the mean of each half's mean does not when the halves ignore different counts."""
+    from autopar.passes.unfuse import mean_over_kept_targets
+    x = V("x", (6, 5), "input")
+    t = Value("t", (6,), torch.int64, "input")
+    loss = V("loss", ())
+    g = verify(Graph("ce", [x, t], [], [N("cross_entropy_loss", [x, t], [loss], "", weight=None,
+                                          reduction=1, ignore_index=-1)], [loss]))
+    u = verify(mean_over_kept_targets(g))
+    assert [n.op for n in u.nodes] == ["cross_entropy_loss", "ne.Scalar", "sum", "div"]
+    assert u.nodes[0].attr["reduction"] == 2 and u.nodes[1].attr["other"] == -1
+    assert u.outputs[0].name == "loss"
+    xx = torch.randn(6, 5)
+    tt = torch.tensor([1, -1, -1, 4, 0, 2])
+    want = torch.nn.functional.cross_entropy(xx, tt, ignore_index=-1)
+    torch.testing.assert_close(interpret(u, {}, (xx, tt))[0], want)
+    sums = [torch.nn.functional.cross_entropy(xx[h], tt[h], ignore_index=-1, reduction="sum")
+            for h in (slice(0, 3), slice(3, 6))]
+    kept = [(tt[h] != -1).sum() for h in (slice(0, 3), slice(3, 6))]
+    torch.testing.assert_close((sums[0] + sums[1]) / (kept[0] + kept[1]), want)
+    assert not torch.allclose((sums[0] / kept[0] + sums[1] / kept[1]) / 2, want)
+    # a class-weighted mean divides by the kept targets' weights: left whole
+    w = V("w", (5,), "input")
+    gw = Graph("cew", [x, t, w], [], [N("cross_entropy_loss", [x, t, w], [loss], "", reduction=1,
+                                         ignore_index=-1)], [loss])
+    assert mean_over_kept_targets(gw) is gw

@@ -2,8 +2,8 @@
 
 Plan:
     mesh dp=2,tp=2 (4 ranks), ZeRO stage 0
-    collectives per step: all_gather x7, all_to_all x7, reduce_scatter x4, scatter x1
-    bytes per step and rank: all_gather:dp 4 KiB, all_gather:tp 192 KiB, all_reduce:dp 213.2 KiB, all_reduce:tp 7.5 KiB, all_to_all:tp 312 KiB, reduce_scatter:dp 4 KiB, reduce_scatter:tp 160 KiB
+    collectives per step: all_gather x7, all_reduce x2, all_to_all x7, reduce_scatter x4, scatter x1
+    bytes per step and rank: all_gather:dp 4 KiB, all_gather:tp 192 KiB, all_reduce:dp 213.3 KiB, all_reduce:tp 7.5 KiB, all_to_all:tp 312 KiB, reduce_scatter:dp 4 KiB, reduce_scatter:tp 160 KiB
     gradient buckets: 3 (all_reduce:dp x2, all_reduce:tp x2), launched asynchronously in backward
     transformer.h.*: 2 blocks of one class (Block), its forward written once
 
@@ -278,9 +278,14 @@ class GPTShard(nn.Module):
         view_9 = targets.reshape(-1)                                      # (128/dp,)
         # {dp:S(0), tp:S(1)} -> {dp:S(0), tp:R}: gather the shards (all_gather 32 KiB fwd)
         view_8 = rt.all_gather(view_8, mesh, "tp", dim=1)                 # (128/dp, 128)
-        cross_entropy_loss = F.cross_entropy(view_8, view_9, ignore_index=-1)  # () partial sum over dp
-        # a mean over this rank's shard: divide by the 2 shards so that they sum up
-        cross_entropy_loss = cross_entropy_loss / 2                       # () partial sum over dp
+        cross_entropy_loss_sum = F.cross_entropy(view_8, view_9, ignore_index=-1, reduction='sum')  # () partial sum over dp
+        cross_entropy_loss_kept = torch.ops.aten.ne.Scalar(view_9, -1)    # (128/dp,)
+        cross_entropy_loss_count = cross_entropy_loss_kept.sum()          # () partial sum over dp
+        # {dp:P, tp:R} -> {dp:R, tp:R}: sum the partial results (all_reduce 4 B fwd)
+        cross_entropy_loss_sum = rt.all_reduce(cross_entropy_loss_sum, mesh, "dp")  # ()
+        # {dp:P, tp:R} -> {dp:R, tp:R}: sum the partial results (all_reduce 8 B fwd)
+        cross_entropy_loss_count = rt.all_reduce(cross_entropy_loss_count, mesh, "dp")  # ()
+        cross_entropy_loss = cross_entropy_loss_sum / cross_entropy_loss_count  # ()
         return cross_entropy_loss
 
     def load_full_state_dict(self, full):
@@ -345,13 +350,13 @@ def main():
         mesh.reset_traffic()
         timeline.begin(step)
         t0 = time.perf_counter()
-        loss = model(idx, targets)  # this rank's loss (partial sum over dp)
+        loss = model(idx, targets)  # this rank's loss (replicated)
         loss.backward()  # activations' collectives run inside backward; gradient buckets reduce behind it
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
         timeline.end(step)
-        losses.append(mesh.all_reduce_scalar(loss.item(), "dp"))  # the global loss
+        losses.append(loss.item())  # the global loss
         traffic.append({f"{kind}:{axis}": b for (kind, axis), b in sorted(mesh.traffic.items())})
         calls.append(collections.Counter(f"{e.kind}:{e.axis}" for e in mesh.events))
         rt.log(mesh, f"step {step}: loss {losses[-1]:.6f} ({times[-1] * 1e3:.1f} ms)")
