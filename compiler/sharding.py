@@ -182,7 +182,17 @@ def reshard_steps(src: Layout, dst: Layout, shape: Sequence[int], itemsize: int,
     reached so far. `consumer_splits` are the axes the consuming op divides its work over."""
     cur = list(src)
     out: list[Step] = []
-    for i, (a, n) in enumerate(mesh.items()):
+    axes = list(mesh.items())
+
+    def step(i: int, op: str, attrs: tuple, placement: str) -> None:
+        before = tuple(cur)
+        x_bytes = prod(local_shape(shape, before, mesh)) * itemsize
+        cur[i] = placement
+        after = tuple(cur)
+        out.append(Step(axes[i][0], op, attrs, before, after, x_bytes,
+                        prod(local_shape(shape, after, mesh)) * itemsize))
+
+    for i, (a, n) in enumerate(axes):
         s, d = cur[i], dst[i]
         if n == 1 or s == d and not (d == "R" and i in consumer_splits and needs_grad):
             cur[i] = d
@@ -191,13 +201,17 @@ def reshard_steps(src: Layout, dst: Layout, shape: Sequence[int], itemsize: int,
             ops = collectives.transition(s, d, i in consumer_splits, needs_grad)
         except collectives.ReshardError as e:
             raise ValueError(f"{e} on axis {a}") from None
+        # Where several axes split one dim, the chunks nest in mesh order (the earlier axis
+        # outside). Splitting or gathering a dim on this axis while a later axis already splits
+        # it would nest them the wrong way round: that later axis gathers first, and splits
+        # again (a free slice) when the loop reaches it.
+        touched = {x for x in (shard_dim(s), shard_dim(d)) if x is not None}
+        for j in range(i + 1, len(axes)):
+            if axes[j][1] > 1 and shard_dim(cur[j]) in touched:
+                (op, attrs), = collectives.transition(cur[j], "R", False, needs_grad)
+                step(j, op, attrs, "R")
         for op, attrs in ops:
-            before = tuple(cur)
-            x_bytes = prod(local_shape(shape, before, mesh)) * itemsize
-            cur[i] = "R" if op == "all_reduce" else d
-            after = tuple(cur)
-            out.append(Step(a, op, attrs, before, after, x_bytes,
-                            prod(local_shape(shape, after, mesh)) * itemsize))
+            step(i, op, attrs, "R" if op == "all_reduce" else d)
         cur[i] = d
     return out
 

@@ -96,6 +96,60 @@ def test_reshard_steps_reach_the_target_and_move_what_the_table_says(src, dst, s
             assert c.bytes == (full // 4 if c.kind == "all_to_all" else full)
 
 
+def _local(full, layout, coords, mesh):
+    """A rank's chunk under `layout`: the axes splitting one dim nest in mesh order (the
+    earlier axis outside), as the runtime's shard() cuts it."""
+    out = full
+    for d in range(full.dim()):
+        axes = [i for i, p in enumerate(layout) if p == f"S({d})"]
+        n, k = 1, 0
+        for i in axes:
+            size = list(mesh.values())[i]
+            n, k = n * size, k * size + coords[i]
+        out = out.chunk(n, dim=d)[k] if n > 1 else out
+    return out
+
+
+def _run_steps(full, steps, mesh):
+    """Every rank's chunk after `steps`, moved as the collectives move data (forward)."""
+    import itertools as it
+    import torch
+    sizes = list(mesh.values())
+    ranks = list(it.product(*[range(n) for n in sizes]))
+    layout = steps[0].before if steps else ()
+    local = {r: _local(full, layout, r, mesh) for r in ranks}
+    for st in steps:
+        i, attrs = list(mesh).index(st.axis), dict(st.attrs)
+        group = lambda r: [r[:i] + (c,) + r[i + 1:] for c in range(sizes[i])]
+        if st.op == "all_gather":
+            local = {r: torch.cat([local[q] for q in group(r)], attrs["dim"]) for r in ranks}
+        elif st.op == "scatter":
+            local = {r: local[r].chunk(sizes[i], attrs["dim"])[r[i]] for r in ranks}
+        elif st.op == "all_to_all":
+            local = {r: torch.cat([local[q].chunk(sizes[i], attrs["split_dim"])[r[i]] for q in group(r)],
+                                  attrs["concat_dim"]) for r in ranks}
+        elif st.op != "copy_to":
+            raise AssertionError(f"unexpected step {st.op}")
+    return local
+
+
+@pytest.mark.parametrize("src,dst", [
+    (("S(0)", "S(1)"), ("S(1)", "S(1)")), (("S(1)", "S(0)"), ("S(0)", "S(0)")),
+    (("S(1)", "S(1)"), ("S(0)", "S(1)")), (("R", "S(0)"), ("S(0)", "S(0)")),
+    (("S(0)", "S(0)"), ("R", "R")), (("S(0)", "S(0)"), ("S(1)", "S(0)")),
+    (("S(1)", "R"), ("S(1)", "S(1)")), (("S(0)", "S(1)"), ("S(1)", "S(0)"))])
+def test_reshard_steps_keep_the_mesh_order_of_a_dim_split_by_two_axes(src, dst):
+    """Two axes splitting one dim nest dp outside tp; a step on dp while tp already splits
+    that dim must not nest them the other way (Mixtral's and a sharded lm_head's bug)."""
+    import torch
+    mesh = {"dp": 2, "tp": 2}
+    full = torch.arange(8 * 8.0).reshape(8, 8)
+    steps = sharding.reshard_steps(src, dst, (8, 8), 4, mesh)
+    assert steps and steps[0].before == src and steps[-1].after == dst
+    for r, t in _run_steps(full, steps, mesh).items():
+        assert torch.equal(t, _local(full, dst, r, mesh)), (r, [(s.axis, s.op) for s in steps])
+
+
 def test_data_parallel_rewrite():
     g = tiny_mlp()
     mesh = {"dp": 2}
