@@ -949,7 +949,7 @@ class Emitter:
             what = (b.params[0] if len(b.params) == 1 else
                     f"{len(b.params)} gradients, {b.params[0]} .. {b.params[-1]}")
             w(f"#   bucket {b.index}: {b.kind} {format_bytes(b.nbytes)} over {', '.join(b.axes)}, {what}")
-        w(f"BUCKET_BYTES, FIRST_BUCKET_BYTES = {o.cap}, {o.first_bucket_bytes}"
+        w(f"BUCKET_BYTES, FIRST_BUCKET_BYTES = {o.cap}, {o.first_cap}"
           + (f"  # the plan's {o.bucket_bytes} is more than a quarter of all gradients"
              if o.cap < o.bucket_bytes else ""))
         w("GRAD_ORDER = [")

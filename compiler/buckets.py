@@ -18,6 +18,25 @@ from __future__ import annotations
 
 import re
 
+# A model whose gradients fill fewer than MIN_BUCKETS buckets of the plan's size would reduce
+# nearly all of them in one bucket at the very end of backward, hiding nothing: its buckets
+# are a MIN_BUCKETS-th of all gradients instead (the first one no larger).
+MIN_BUCKETS = 4
+
+
+def caps(total: int, bucket_bytes: int, first_bucket_bytes: int) -> tuple[int, int]:
+    """(first bucket's cap, the others' cap) for `total` bytes of gradients.
+
+        >>> caps(400 << 10, 25 << 20, 1 << 20)      # a small model: four buckets of 100 KiB
+        (102400, 102400)
+        >>> caps(16 << 20, 25 << 20, 1 << 20)       # 4 MiB buckets, DDP's small first one
+        (1048576, 4194304)
+        >>> caps(1 << 30, 25 << 20, 1 << 20)        # DDP's sizes
+        (1048576, 26214400)
+    """
+    cap = max(1, min(int(bucket_bytes), -(-int(total) // MIN_BUCKETS)))
+    return min(int(first_bucket_bytes), cap), cap
+
 
 def fill(items, first_cap: int, cap: int) -> list[list[int]]:
     """`items`: (group key, bytes) in backward order -> buckets as lists of item indices,

@@ -50,22 +50,12 @@ from autopar.compiler import buckets
 from autopar.compiler.patterns import block_of
 
 # Bucket caps, as passes/overlap.py sets them: gradients that would fill fewer than
-# MIN_BUCKETS buckets of `bucket_bytes` get buckets of a MIN_BUCKETS-th of the total, never
-# below the first bucket's size (so a model with under 4 first-buckets of gradients reduces
-# them in one bucket, at the end of backward -- see the report's request to lower that floor).
-MIN_BUCKETS = 4
+MIN_BUCKETS = buckets.MIN_BUCKETS
 
 
 def bucket_caps(total: int, bucket_bytes: int, first_bucket_bytes: int) -> tuple[int, int]:
-    """(first bucket's cap, the others' cap) for `total` gradient bytes, the overlap pass's rule.
-
-        >>> bucket_caps(400 << 10, 25 << 20, 1 << 20)     # a small model: one bucket
-        (1048576, 1048576)
-        >>> bucket_caps(1 << 30, 25 << 20, 1 << 20)       # DDP's sizes
-        (1048576, 26214400)
-    """
-    cap = max(int(first_bucket_bytes), min(int(bucket_bytes), -(-int(total) // MIN_BUCKETS)))
-    return int(first_bucket_bytes), cap
+    """(first bucket's cap, the others' cap): the overlap pass's rule, `buckets.caps`."""
+    return buckets.caps(total, bucket_bytes, first_bucket_bytes)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from autopar.compiler.plan import OVERLAP_DEFAULTS
 from autopar.compiler.sharded import Region, ShardedGraph, nbytes, zero_chunk
 
 
-MIN_BUCKETS = 4
+MIN_BUCKETS = buckets.MIN_BUCKETS
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class Overlap:
     prefetch: int = OVERLAP_DEFAULTS["prefetch"]
     buckets: list[GradBucket] = field(default_factory=list)
     cap: int = 0                    # the bucket size used: bucket_bytes, or less (MIN_BUCKETS)
+    first_cap: int = 0              # the first bucket's: first_bucket_bytes, or cap if smaller
     # ZeRO-3 (FSDP's schedule): gather nodes run through rt.gather_param (output value names),
     # the module lists whose blocks are the units, and the weights gathered again in backward
     gathers: set[str] = field(default_factory=set)
@@ -134,12 +135,10 @@ def overlap(s: ShardedGraph) -> ShardedGraph:
     kinds = {name: "all_reduce" for name in axes_of}
     for p in scattered:
         axes_of[p.name], kinds[p.name] = (s.zero.axis,), "reduce_scatter"
-    # a model whose gradients fill fewer than MIN_BUCKETS caps would reduce nearly all of them
-    # in one bucket at the very end of backward, hiding nothing: cut it into MIN_BUCKETS
+    # a small model's buckets are a quarter of its gradients (buckets.caps: MIN_BUCKETS)
     total = sum(grad_bytes(out, p.name, kinds[p.name]) for p in [*chains, *scattered])
-    cap = max(sched.first_bucket_bytes, min(sched.bucket_bytes, -(-total // MIN_BUCKETS)))
-    sched.cap = cap
-    sched.buckets = assign_buckets(out, axes_of, cap, sched.first_bucket_bytes, kinds)
+    sched.first_cap, sched.cap = buckets.caps(total, sched.bucket_bytes, sched.first_bucket_bytes)
+    sched.buckets = assign_buckets(out, axes_of, sched.cap, sched.first_cap, kinds)
     out.overlap = sched
     return out
 

@@ -162,8 +162,8 @@ def test_trace_json_has_one_track_per_stream():
 
 
 def test_bucket_caps():
-    # the overlap pass's rule: a small model's gradients in one first-bucket
-    assert bucket_caps(400 << 10, 25 << 20, 1 << 20) == (1 << 20, 1 << 20)
+    # the overlap pass's rule: a small model's gradients in four buckets, the first no larger
+    assert bucket_caps(400 << 10, 25 << 20, 1 << 20) == (100 << 10, 100 << 10)
     assert bucket_caps(16 << 20, 25 << 20, 1 << 20) == (1 << 20, 4 << 20)
     assert bucket_caps(1 << 30, 25 << 20, 1 << 20) == (1 << 20, 25 << 20)
 
