@@ -34,20 +34,26 @@ def search_with(spec: PlanSpec, graph: Graph, device: str | DeviceProfile | None
 
         >>> plan = search_with(spec, graph, zero=1, deterministic=True)   # doctest: +SKIP
     """
+    from autopar.compiler.cost import overlap_settings
     from autopar.passes.shard import search
     kw = dict(memory_limit=spec.memory_limit if spec.memory_limit is not None else memory,
               zero=spec.zero, pins=list(spec.pins), recompute=list(spec.recompute_modules),
-              dp_axis=spec.dp_axis, objective=spec.objective)
+              dp_axis=spec.dp_axis, objective=spec.objective,
+              # the schedule the file sets is the one the cost model ranks plans by
+              overlap={**OVERLAP_DEFAULTS, **spec.overlap})
     for key, value in search_kw.items():
         if key in ("pins", "recompute"):
             kw[key] += list(value)
+        elif key == "overlap":
+            # the file's settings win; False (the additive model) keeps them off
+            kw[key] = {**overlap_settings(value), **spec.overlap}
         elif key not in ("zero", "dp_axis", "memory_limit") or kw[key] is None:
             kw[key] = value
     plan = search(graph, spec.mesh, spec.device or device or "cpu", **kw)
     plan.constraints = list(spec.constraints)
-    # settings the search does not read: the program's checkpoints, the overlap stage's schedule
+    # settings the search does not read: the program's checkpoints; the schedule it priced
     plan.checkpoint = dict(spec.checkpoint)
-    plan.overlap = {**OVERLAP_DEFAULTS, **spec.overlap}
+    plan.overlap = dict(kw["overlap"])
     if spec.microbatches is not None:
         plan.microbatches = spec.microbatches
     return plan
