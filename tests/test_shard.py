@@ -398,9 +398,12 @@ def test_dp2_small_gpt_picks_bucketed_data_parallelism(small_gpt):
     additive = CostModel(small_gpt, Cluster({"dp": 2}, CPU_LIKE), overlap=False).evaluate(strategies, on.zero)
     assert additive.bytes == c["bytes"]
     assert additive.step_time == pytest.approx(c["additive_step_time"])
-    # under 4 MiB of gradients the overlap pass reduces them in one bucket: one call
-    # instead of one per parameter, which is what pays here
+    # a small model's gradients go into about MIN_BUCKETS buckets of a quarter each: a few
+    # calls instead of one per parameter (which is what pays here), most launched before
+    # backward ends
+    from autopar.compiler.buckets import MIN_BUCKETS
     sched = CostModel(small_gpt, Cluster({"dp": 2}, CPU_LIKE)).evaluate(strategies, on.zero).schedule
-    assert len(sched.buckets) == 1
-    assert 0.9 * c["bytes"]["all_reduce:dp"] <= sched.buckets[0].nbytes <= c["bytes"]["all_reduce:dp"]
-    assert len(sched.buckets[0].params) > 20
+    assert MIN_BUCKETS <= len(sched.buckets) <= MIN_BUCKETS + 1
+    total = sum(b.nbytes for b in sched.buckets)
+    assert 0.9 * c["bytes"]["all_reduce:dp"] <= total <= c["bytes"]["all_reduce:dp"]
+    assert sum(len(b.params) for b in sched.buckets) > 20

@@ -4,7 +4,7 @@ Plan:
     mesh dp=2,tp=2 (4 ranks), ZeRO stage 0
     collectives per step: all_gather x7, all_reduce x2, all_to_all x7, reduce_scatter x4, scatter x1
     bytes per step and rank: all_gather:dp 4 KiB, all_gather:tp 192 KiB, all_reduce:dp 213.3 KiB, all_reduce:tp 7.5 KiB, all_to_all:tp 312 KiB, reduce_scatter:dp 4 KiB, reduce_scatter:tp 160 KiB
-    gradient buckets: 3 (all_reduce:dp x2, all_reduce:tp x2), launched asynchronously in backward
+    gradient buckets: 7 (all_reduce:dp x6, all_reduce:tp x2), launched asynchronously in backward
     transformer.h.*: 2 blocks of one class (Block), its forward written once
 
 Ranks: torchrun (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from the environment). Process groups: init_process_group (gloo on CPU, NCCL on GPU) and one dist.new_group per slice of each mesh axis, made by rt.init_mesh.
@@ -64,11 +64,32 @@ BLOCK_LISTS = ['transformer.h']
 # into buckets of up to BUCKET_BYTES (the first FIRST_BUCKET_BYTES); each bucket is
 # all_reduced as one flat tensor, launched asynchronously the moment backward has
 # accumulated its last gradient, and finished when backward returns. This plan:
-#   bucket 0: all_reduce 3.5 KiB over dp, tp, 14 gradients, transformer.ln_f.bias .. transformer.h.0.ln_1.weight
-#   bucket 1: all_reduce 4 KiB over tp, transformer.wpe.weight
-#   bucket 2: all_reduce 209.8 KiB over dp, 21 gradients, transformer.h.1.mlp.c_proj.weight .. transformer.wte.weight
-BUCKET_BYTES, FIRST_BUCKET_BYTES = 1048576, 1048576  # the plan's 26214400 is more than a quarter of all gradients
+#   bucket 0: all_reduce 32.5 KiB over dp, 2 gradients, transformer.h.1.mlp.c_proj.weight .. transformer.h.1.mlp.c_fc.bias
+#   bucket 1: all_reduce 48.2 KiB over dp, 5 gradients, transformer.h.1.mlp.c_fc.weight .. transformer.h.1.attn.c_attn.bias.1
+#   bucket 2: all_reduce 48.6 KiB over dp, 5 gradients, transformer.h.1.attn.c_attn.weight.1 .. transformer.h.0.mlp.c_fc.bias
+#   bucket 3: all_reduce 48.2 KiB over dp, 5 gradients, transformer.h.0.mlp.c_fc.weight .. transformer.h.0.attn.c_attn.bias.1
+#   bucket 4: all_reduce 3.5 KiB over dp, tp, 14 gradients, transformer.ln_f.bias .. transformer.h.0.ln_1.weight
+#   bucket 5: all_reduce 4 KiB over tp, transformer.wpe.weight
+#   bucket 6: all_reduce 32.1 KiB over dp, 4 gradients, transformer.h.0.attn.c_attn.weight.1 .. transformer.wte.weight
+BUCKET_BYTES, FIRST_BUCKET_BYTES = 55616, 55616  # the plan's 26214400 is more than a quarter of all gradients
 GRAD_ORDER = [
+    ('transformer.h.1.mlp.c_proj.weight', ('dp',)),
+    ('transformer.h.1.mlp.c_fc.bias', ('dp',)),
+    ('transformer.h.1.mlp.c_fc.weight', ('dp',)),
+    ('transformer.h.1.attn.c_proj.weight', ('dp',)),
+    ('transformer.h.1.attn.c_attn.bias.2', ('dp',)),
+    ('transformer.h.1.attn.c_attn.weight.2', ('dp',)),
+    ('transformer.h.1.attn.c_attn.bias.1', ('dp',)),
+    ('transformer.h.1.attn.c_attn.weight.1', ('dp',)),
+    ('transformer.h.1.attn.c_attn.bias.0', ('dp',)),
+    ('transformer.h.1.attn.c_attn.weight.0', ('dp',)),
+    ('transformer.h.0.mlp.c_proj.weight', ('dp',)),
+    ('transformer.h.0.mlp.c_fc.bias', ('dp',)),
+    ('transformer.h.0.mlp.c_fc.weight', ('dp',)),
+    ('transformer.h.0.attn.c_proj.weight', ('dp',)),
+    ('transformer.h.0.attn.c_attn.bias.2', ('dp',)),
+    ('transformer.h.0.attn.c_attn.weight.2', ('dp',)),
+    ('transformer.h.0.attn.c_attn.bias.1', ('dp',)),
     ('transformer.ln_f.bias', ('dp', 'tp')),
     ('transformer.ln_f.weight', ('dp', 'tp')),
     ('transformer.h.*', [
@@ -80,18 +101,9 @@ GRAD_ORDER = [
         ('ln_1.weight', ('dp', 'tp')),
     ], 2),
     ('transformer.wpe.weight', ('tp',)),
-    ('transformer.h.*', [
-        ('mlp.c_proj.weight', ('dp',)),
-        ('mlp.c_fc.bias', ('dp',)),
-        ('mlp.c_fc.weight', ('dp',)),
-        ('attn.c_proj.weight', ('dp',)),
-        ('attn.c_attn.bias.2', ('dp',)),
-        ('attn.c_attn.weight.2', ('dp',)),
-        ('attn.c_attn.bias.1', ('dp',)),
-        ('attn.c_attn.weight.1', ('dp',)),
-        ('attn.c_attn.bias.0', ('dp',)),
-        ('attn.c_attn.weight.0', ('dp',)),
-    ], 2),
+    ('transformer.h.0.attn.c_attn.weight.1', ('dp',)),
+    ('transformer.h.0.attn.c_attn.bias.0', ('dp',)),
+    ('transformer.h.0.attn.c_attn.weight.0', ('dp',)),
     ('transformer.wte.weight', ('dp',)),
 ]
 
