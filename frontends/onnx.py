@@ -356,6 +356,7 @@ class _Lowering:
                 self.lower_node(node)
             i += 1
         loss = self._loss_output()
+        self._refuse_gradients_through_opaque_nodes()
         graph = self.b.graph([loss])
         graph.constants = self.b.constants
         notes = []
@@ -392,6 +393,26 @@ class _Lowering:
                          + ", ".join(self.frozen_consts))
         graph.notes.extend(notes)
         return graph, self.tensors, self.loss_onnx_name
+
+    def _refuse_gradients_through_opaque_nodes(self) -> None:
+        """An opaque node has no gradient: refuse a graph where a trainable parameter's
+        gradient would have to pass through one (it would silently not train)."""
+        grad: dict[str, str] = {v.name: v.name for v in self.b.params if v.kind == "param"}
+        for n in self.b.nodes:
+            src = next((grad[v.name] for v in n.inputs if v.name in grad), None)
+            if src is None:
+                continue
+            floats = [o for o in n.outputs if o.dtype.is_floating_point]
+            if n.op.startswith("onnx.") and floats:
+                raise OnnxError(
+                    f"{self.path}: ONNX node '{n.meta.source}' ({n.op[5:]}, module "
+                    f"{n.meta.module or 'root'}) has no lowering and no gradient, but the "
+                    f"parameter '{src}' before it trains through it. autopar runs such a node "
+                    "forward only (ONNX's reference implementation). Export the model with "
+                    "ops the front end lowers (frontends/onnx.py lists them), or apply this op "
+                    "to the inputs only, before any parameter, where no gradient is needed.")
+            for o in floats:
+                grad[o.name] = src
 
     def _loss_output(self) -> Value:
         for o in self.proto.graph.output:
@@ -672,6 +693,11 @@ class _Lowering:
     def v(self, node, i: int, role: str | None = None) -> Value:
         return self.tensor(node.input[i], node, role)
 
+    def opset_of(self, domain: str) -> int:
+        want = "" if domain in ("", "ai.onnx") else domain
+        return next((o.version for o in self.proto.opset_import
+                     if (o.domain if o.domain != "ai.onnx" else "") == want), 0)
+
     def opaque(self, node):
         op = f"onnx.{node.op_type}"
         d = REGISTRY.get(op)
@@ -687,7 +713,10 @@ class _Lowering:
                           "implementation (no gradient flows through it).", stacklevel=2)
         inputs = [self.tensor(x, node) for x in node.input if x]
         a = tuple(sorted(self.attrs(node).items())) + (("optional", tuple(bool(x) for x in node.input)),
-                                                       ("n_outputs", len(node.output)))
+                                                       ("n_outputs", len(node.output)),
+                                                       ("opset", self.opset_of(node.domain)))
+        if node.domain not in ("", "ai.onnx"):
+            a += (("domain", node.domain),)
         feeds = [np.zeros(v.shape, dtype=torch.empty((), dtype=v.dtype).numpy().dtype) for v in inputs]
         shapes = self.fold(node, feeds)
         outs = [Value(self.b.fresh(ir_name(o or f"{node.name}_{k}")), tuple(s.shape),
@@ -1299,25 +1328,18 @@ class _Lowering:
 
 
 class OnnxOpDef(OpDef):
-    """An ONNX op with no lowering: runs through ONNX's reference implementation on numpy
-    (forward only) and is replicated (no sharding rule)."""
+    """An ONNX op with no lowering: replicated (no sharding rule), evaluated node by node
+    by ONNX's reference implementation (`backends/runtime/onnx_node.py`, which generated
+    programs call too), forward only."""
 
     def run(self, inputs, attrs):
-        import onnx
-        from onnx.reference import ReferenceEvaluator
-        h = onnx.helper
+        from autopar.backends.runtime import onnx_node
         attrs = dict(attrs)
-        optional = attrs.pop("optional")
-        n_out = attrs.pop("n_outputs")
-        it = iter(range(len(inputs)))
-        names = [f"in{next(it)}" if present else "" for present in optional]
-        outs = [f"out{i}" for i in range(n_out)]
-        node = h.make_node(self.name.split(".", 1)[1], names, outs, **attrs)
-        feeds = {f"in{i}": t.detach().cpu().numpy() for i, t in enumerate(inputs)}
-        g = h.make_graph([node], "opaque", [h.make_tensor_value_info(n, 0, None) for n in feeds],
-                         [h.make_tensor_value_info(o, 0, None) for o in outs])
-        res = ReferenceEvaluator(h.make_model(g)).run(None, feeds)
-        return tuple(torch.from_numpy(np.array(r)) for r in res)
+        optional, n_out = attrs.pop("optional"), attrs.pop("n_outputs")
+        opset, domain = attrs.pop("opset", None), attrs.pop("domain", "")
+        out = onnx_node.run(self.name.split(".", 1)[1], list(inputs), attrs, optional, n_out,
+                            opset, domain)
+        return out if isinstance(out, tuple) else (out,)
 
 
 __all__ = ["load_onnx", "lower_onnx", "OnnxError", "OnnxReference"]

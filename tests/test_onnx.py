@@ -286,6 +286,42 @@ def test_unsupported_node_is_opaque_and_replicated(tmp_path):
     assert "w -> w_t (transposed)" in str(graph)
 
 
+def opaque_mlp(path, *, on_hidden=False):
+    """softplus(x) @ w1 -> relu -> @ w2 -> mean, Softplus being an op the lowering does
+    not know; `on_hidden`: softplus after the first matmul instead, so w1's gradient
+    would have to pass through it."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array((0.1 * rng.standard_normal((128, 256))).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array((0.1 * rng.standard_normal((256, 128))).astype(np.float32), "w2")
+    mk = helper.make_node
+    if on_hidden:
+        head = [mk("MatMul", ["x", "w1"], ["h"], name="fc1"), mk("Softplus", ["h"], ["h2"], name="odd_node"),
+                mk("Relu", ["h2"], ["r"], name="relu")]
+    else:
+        head = [mk("Softplus", ["x"], ["xo"], name="odd_node"), mk("MatMul", ["xo", "w1"], ["h"], name="fc1"),
+                mk("Relu", ["h"], ["r"], name="relu")]
+    nodes = head + [mk("MatMul", ["r", "w2"], ["y"], name="fc2"),
+                    mk("ReduceMean", ["y"], ["loss"], keepdims=0, name="mean")]
+    g = helper.make_graph(nodes, "opaque", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 128])],
+                          [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])], initializer=[w1, w2])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)]), path)
+    return str(path)
+
+
+def test_gradient_through_an_opaque_node_is_refused(tmp_path, capsys):
+    """No gradient flows through ONNX's reference implementation: a parameter that would
+    train through the node is refused when the file is read, naming node, op and
+    parameter, instead of training silently wrong or failing inside a rank."""
+    p = opaque_mlp(tmp_path / "odd_hidden.onnx", on_hidden=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(OnnxError, match=r"node 'odd_node' \(Softplus, module root\) has no lowering "
+                                             r"and no gradient, but the parameter 'w1_t' before it"):
+            load_onnx(p)
+        assert main(["plan", p, "--mesh", "dp=2"]) == 2
+    assert "no gradient" in capsys.readouterr().err
+
+
 # ---- one multi-rank run ---------------------------------------------------------------------------
 
 def test_run_check_gpt_torch_backend(exported, capsys):
@@ -389,3 +425,24 @@ def test_hand_built_graph_covers_the_op_list(tmp_path, opset):
     assert sorted(module.state_dict()) == ["b1", "beta", "g", "w1_t", "w2_t"]
     module(*inputs).backward()
     assert all(p.grad is not None for p in module.parameters())
+
+
+def test_program_runs_an_opaque_node(tmp_path, capsys):
+    """An op the lowering does not know runs in the generated program through
+    `backends/runtime/onnx_node.py` (ONNX's reference implementation, on the replicated
+    input), under a plan that shards the layers after it: `run --check` matches the
+    single-device run, which evaluates the node the same way."""
+    p = opaque_mlp(tmp_path / "odd_mlp.onnx")
+    out_dir = tmp_path / "prog"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(["run", p, "--mesh", "dp=2", "--memory", "700KiB", "--steps", "2", "--check",
+                     "-o", str(out_dir)])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    assert out.splitlines()[-1].startswith("check: ok"), out[-3000:]
+    assert any(line.startswith("  reduce_scatter:dp") for line in out.splitlines()), out[-2000:]
+    (prog,) = out_dir.glob("*.py")
+    text = prog.read_text()
+    assert "from autopar.backends.runtime import onnx_node" in text
+    assert "onnx_node.run('Softplus', [x], {}, optional=(True,), n_outputs=1, opset=20)" in text
