@@ -34,8 +34,15 @@ What the lowering does, in order:
   the search shards them column/row-parallel as it does the torch graph's.
 - shape arithmetic (`Shape`, `Gather` on shapes, `Concat`, `Range`, `Trilu` of constants,
   ...) is folded to constants by running the node on them.
+- what the exporter writes out comes back as the op torch's graph has, under torch's names
+  and with the scalars and attributes torch records (`sqrt` -> `reciprocal` is `rsqrt`,
+  `x * sigmoid(x)` is `silu`, `mean((a - b)^2)` is `mse_loss`, a Transpose of two dims is
+  `transpose`, equal Split pieces `split` named `split_0...`, `1e-05` not its float32
+  rounding): the same IR gives the same plan as the torch front end's.
 - a node with no lowering becomes an opaque `onnx.<Op>` node, replicated on every rank,
-  with a warning naming it; it runs through ONNX's reference implementation (no gradient).
+  with a warning naming it. The single-device run and the generated program both evaluate
+  it with ONNX's reference implementation (`backends/runtime/onnx_node.py`). It has no
+  gradient: a graph where a parameter would train through one is refused, naming the node.
 """
 from __future__ import annotations
 
