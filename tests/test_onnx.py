@@ -260,6 +260,28 @@ def test_input_missing_from_npz(tmp_path, exported):
         load_onnx(path, str(npz))
 
 
+def test_bad_files_and_npz_name_the_fix(tmp_path, capsys):
+    """The other ways a SPEC or --inputs file is unusable: each message names the file
+    (or array) and what to do; the CLI prints it and exits 2."""
+    with pytest.raises(OnnxError, match=r"SPEC '.*nowhere.onnx': no such file .*Check the path"):
+        load_onnx(str(tmp_path / "nowhere.onnx"))
+    empty = tmp_path / "empty.onnx"
+    onnx.save(helper.make_model(helper.make_graph([], "empty", [], [])), empty)
+    with pytest.raises(OnnxError, match=r"empty.onnx is not an ONNX model \(no graph nodes\)"):
+        load_onnx(str(empty))
+    p = tiny_model(tmp_path / "t.onnx")
+    junk = tmp_path / "junk.npz"
+    junk.write_text("not numpy")
+    with pytest.raises(OnnxError, match=r"--inputs .*junk.npz is not a .npz file.*numpy.savez"):
+        load_onnx(p, str(junk))
+    extra = tmp_path / "extra.npz"
+    np.savez(extra, x=np.ones((4, 8), np.float32), y=np.ones(3))
+    with pytest.raises(OnnxError, match=r"arrays y name no input of .*t.onnx \(its inputs: x\)"):
+        load_onnx(p, str(extra))
+    assert main(["ir", p, "--inputs", str(extra)]) == 2
+    assert "name no input" in capsys.readouterr().err
+
+
 def test_dynamic_dims_need_inputs(tmp_path, capsys):
     p = tiny_model(tmp_path / "dyn.onnx", dim="batch")
     with pytest.raises(OnnxError, match=r"input 'x' has dynamic dims \(batch\).*--inputs FILE.npz"):
