@@ -174,6 +174,19 @@ def test_gpt_plan_has_the_torch_plans_layouts(exported, traced, memory):
             "transformer.h.0.mlp.c_proj.bias"]
 
 
+def test_mlp_plan_has_the_torch_plans_layouts(exported, traced):
+    """The MLP (Gemm with its bias, the loss written out as mean((y - t)^2)) lowers to the
+    torch graph's linear/gelu/mse_loss under the same names: under 6 MiB per device (the
+    search must shard) every value gets the torch plan's layout."""
+    path, npz, _, _ = exported("mlp")
+    module, inputs, _ = load_onnx(path, npz)
+    g_onnx = prepared_graph(module, inputs, "mlp")
+    p_onnx, _ = make_plan(g_onnx, "dp=2,tp=2", device="cpu", memory="6MiB", deterministic=True)
+    p_torch, _ = make_plan(traced("mlp")[3], "dp=2,tp=2", device="cpu", memory="6MiB", deterministic=True)
+    assert p_onnx.layouts == p_torch.layouts and len(p_onnx.layouts) >= 10
+    assert any(set(lay) != {"R"} for lay in p_onnx.layouts.values())
+
+
 def test_lowering_writes_the_torch_graphs_ops(exported, traced):
     """MLP, GPT and Llama: the ops the exporter writes out (x @ W + b, sqrt -> reciprocal,
     x * sigmoid(x), mean((a - b)^2), Transpose of two dims, Unsqueeze of one) come back as
