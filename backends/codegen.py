@@ -30,6 +30,7 @@ from autopar.compiler.patterns import block_of
 from autopar.compiler.sharded import (BIAS_SHARE, MEAN_SCALE, ShardedGraph, format_bytes,
                                       is_collective, is_inserted_scale, nbytes, region_io)
 from autopar.backends.render import Expr, render_op
+from autopar.backends.runtime import onnx_node
 
 
 @dataclass(frozen=True)
@@ -725,6 +726,8 @@ class Emitter:
         elif n.meta.source == BIAS_SHARE:
             w(f"# the output is a partial sum over {n.attr['other']} ranks: each adds 1/{n.attr['other']} of the bias", indent)
             code = f"{outs} = {operand[0]} / {n.attr['other']}"
+        elif n.op.startswith("onnx."):   # an ONNX op without a lowering: ONNX's reference implementation
+            code = f"{outs} = {onnx_node.call_source(n.op, operand, n.attr)}"
         else:
             code = f"{outs} = {render_op(self.with_sizes(n), operand)}"
         comment = shape_comment(s, n.outputs[0]) if len(n.outputs) == 1 else ""
@@ -821,6 +824,8 @@ class Emitter:
             w("from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop")
         w()
         w("from autopar.backends import runtime as rt")
+        if any(n.op.startswith("onnx.") for n in s.nodes):
+            w("from autopar.backends.runtime import onnx_node")
         w()
 
     def folded_kinds(self) -> list[str]:

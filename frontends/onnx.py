@@ -13,6 +13,18 @@ What the lowering does, in order:
   (`val_8` = a transposed weight) and its de-duplication merges equal tensors (every zero
   bias of a fresh model becomes one initializer). A merged tensor (all elements equal,
   used in several places) gets one copy per use, so each module trains its own.
+- buffers the exporter folded: ONNX has no parameter/buffer distinction, and a table the
+  exporter's optimizer computed (value_info `pkg.onnxscript.optimizer.folded_from`) has no
+  record. Such a table trains when it is read as a parameter is -- a MatMul/Gemm operand
+  (the transposed copy `val_N` of a weight), a Gather's table, an Add (GPT's position table
+  `embedding_1`, folded from `wpe.weight[arange(T)]`) -- or when one of its sources is
+  recorded as a parameter. Read only as a factor of elementwise `Mul`s, it is what a torch
+  model keeps as a buffer (Llama's rope `cos`/`sin` slices, 0/1 masks) and stays a frozen
+  constant. Weights are folded by data movement only and end in a matmul, gather or sum;
+  tables multiplied into activations are positions and masks. The exception -- a
+  parameter folded by a reshape and only multiplied (a layer-scale `gamma.view(1, C, 1,
+  1)`) -- is frozen by this rule: the graph's notes list every folded table kept frozen,
+  and exporting with `optimize=False` keeps every initializer's record.
 - names: a parameter the exporter renamed is named after the module that uses it and its
   role there (`transformer.h.0.attn.c_attn.weight`), from the node's
   `pkg.torch.onnx.name_scopes`; the same metadata gives every node its module path, so
@@ -22,8 +34,15 @@ What the lowering does, in order:
   the search shards them column/row-parallel as it does the torch graph's.
 - shape arithmetic (`Shape`, `Gather` on shapes, `Concat`, `Range`, `Trilu` of constants,
   ...) is folded to constants by running the node on them.
+- what the exporter writes out comes back as the op torch's graph has, under torch's names
+  and with the scalars and attributes torch records (`sqrt` -> `reciprocal` is `rsqrt`,
+  `x * sigmoid(x)` is `silu`, `mean((a - b)^2)` is `mse_loss`, a Transpose of two dims is
+  `transpose`, equal Split pieces `split` named `split_0...`, `1e-05` not its float32
+  rounding): the same IR gives the same plan as the torch front end's.
 - a node with no lowering becomes an opaque `onnx.<Op>` node, replicated on every rank,
-  with a warning naming it; it runs through ONNX's reference implementation (no gradient).
+  with a warning naming it. The single-device run and the generated program both evaluate
+  it with ONNX's reference implementation (`backends/runtime/onnx_node.py`). It has no
+  gradient: a graph where a parameter would train through one is refused, naming the node.
 """
 from __future__ import annotations
 
@@ -54,6 +73,7 @@ MASK_LIMIT = 1e30          # |x| at or above this marks a mask, not a weight
 SCOPES = "pkg.torch.onnx.name_scopes"
 KIND = "pkg.torch.export.graph_signature.InputSpec.kind"
 SDPA = "aten.scaled_dot_product_attention.default"
+FOLDED = "pkg.onnxscript.optimizer.folded_from"
 
 
 class OnnxError(UserError):
@@ -242,6 +262,16 @@ def first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
+def py_scalar(c) -> float | int | bool:
+    """A one-element constant as the Python number a torch model would have written: a
+    float32 as its shortest decimal (`1e-05`, not `9.999999747378752e-06`), which is the
+    same float32 value."""
+    x = np.asarray(c).reshape(-1)[0]
+    if isinstance(x, np.floating) and x.dtype.itemsize <= 4:
+        return float(str(x))
+    return x.item()
+
+
 def ir_name(name: str) -> str:
     """An ONNX tensor name as an IR value name (`val_154/shape` -> `val_154_shape`)."""
     return re.sub(r"[^0-9A-Za-z_.]", "_", name) or "v"
@@ -265,10 +295,23 @@ class _Lowering:
             if n.op_type == "Constant":
                 self.arrays[n.output[0]] = self._constant_value(n)
         self.recorded = {}
+        self.folded_from: dict[str, list[str]] = {}   # initializer -> what the exporter folded
         for vi in g.value_info:
             md = {p.key: p.value for p in vi.metadata_props}
             if KIND in md:
                 self.recorded[vi.name] = md[KIND]
+            if FOLDED in md:
+                try:
+                    self.folded_from[vi.name] = [str(x) for x in ast.literal_eval(md[FOLDED])]
+                except (ValueError, SyntaxError):
+                    self.folded_from[vi.name] = []
+        self.folded_tables: dict[str, str] = {}        # folded initializer -> why it is frozen
+        # every node gets a name (rewrites skip nodes by name; messages name them)
+        taken = {n.name for n in g.node if n.name}
+        for k, n in enumerate(g.node):
+            if not n.name:
+                n.name = next(c for c in (f"{n.op_type}_{k}", f"{n.op_type}_{k}_") if c not in taken)
+                taken.add(n.name)
         self.uses: dict[str, int] = {}
         self.consumers: dict[str, list] = {}
         for n in g.node:
@@ -289,7 +332,7 @@ class _Lowering:
         self.tried: set[str] = set()            # nodes of attention groups already matched
         from onnx import numpy_helper
         self.numpy_helper = numpy_helper
-        self.skip: set[str] = set()             # Add nodes folded into a linear's bias
+        self.skip: set[str] = set()             # nodes already lowered with an earlier one
         self.scope_of: dict[str, str] = {}      # onnx value -> module of its producer
 
     # -- entry --
@@ -320,6 +363,7 @@ class _Lowering:
                 self.lower_node(node)
             i += 1
         loss = self._loss_output()
+        self._refuse_gradients_through_opaque_nodes()
         graph = self.b.graph([loss])
         graph.constants = self.b.constants
         notes = []
@@ -345,11 +389,37 @@ class _Lowering:
         if self.unrecorded:
             notes.append("onnx: initializers with no parameter record (folded by the exporter), "
                          "trained as parameters: " + ", ".join(self.unrecorded))
+        if self.folded_tables:
+            notes.append("onnx: tables the exporter folded, read only as factors of a Mul (rope "
+                         "tables, masks: a torch model's buffers), are constants, not trained: "
+                         + ", ".join(f"{ir_name(k)} (from {v})" for k, v in self.folded_tables.items())
+                         + "; to train one, export with optimize=False, which keeps the "
+                         "exporter's parameter records")
         if self.frozen_consts:
             notes.append("onnx: constants (integer, scalar or mask initializers, not trained): "
                          + ", ".join(self.frozen_consts))
         graph.notes.extend(notes)
         return graph, self.tensors, self.loss_onnx_name
+
+    def _refuse_gradients_through_opaque_nodes(self) -> None:
+        """An opaque node has no gradient: refuse a graph where a trainable parameter's
+        gradient would have to pass through one (it would silently not train)."""
+        grad: dict[str, str] = {v.name: v.name for v in self.b.params if v.kind == "param"}
+        for n in self.b.nodes:
+            src = next((grad[v.name] for v in n.inputs if v.name in grad), None)
+            if src is None:
+                continue
+            floats = [o for o in n.outputs if o.dtype.is_floating_point]
+            if n.op.startswith("onnx.") and floats:
+                raise OnnxError(
+                    f"{self.path}: ONNX node '{n.meta.source}' ({n.op[5:]}, module "
+                    f"{n.meta.module or 'root'}) has no lowering and no gradient, but the "
+                    f"parameter '{src}' before it trains through it. autopar runs such a node "
+                    "forward only (ONNX's reference implementation). Export the model with "
+                    "ops the front end lowers (frontends/onnx.py lists them), or apply this op "
+                    "to the inputs only, before any parameter, where no gradient is needed.")
+            for o in floats:
+                grad[o.name] = src
 
     def _loss_output(self) -> Value:
         for o in self.proto.graph.output:
@@ -420,8 +490,17 @@ class _Lowering:
         if users and all(n.op_type == "Cast" and not DTYPES.get(self.attrs(n).get("to"), torch.float32)
                          .is_floating_point for n in users):
             return False              # a mask or index table stored as floats
-        return (np.issubdtype(a.dtype, np.floating) and a.size > 1
-                and bool(np.all(np.abs(a) < MASK_LIMIT)))
+        if not (np.issubdtype(a.dtype, np.floating) and a.size > 1
+                and bool(np.all(np.abs(a) < MASK_LIMIT))):
+            return False
+        if init in self.folded_from and users and all(n.op_type == "Mul" for n in users) and not any(
+                self.recorded.get(x) == "PARAMETER" for x in self.folded_from[init]):
+            # a table the exporter computed from constants, read only as a factor: rope
+            # cos/sin, a 0/1 mask -- what a torch model keeps as a buffer (module docstring)
+            named = [x for x in self.folded_from[init] if not re.fullmatch(r"val_\d+", x)]
+            self.folded_tables.setdefault(init, ", ".join(named) or "constants")
+            return False
+        return True
 
     def tensor(self, name: str, node, role: str | None = None, want_transposed: bool = False) -> Value:
         """The IR Value of ONNX tensor `name` as `node` uses it; `role` names a parameter
@@ -450,7 +529,7 @@ class _Lowering:
         self.b.used_names.add(key)
         self.b.param_by_name[key] = v
         self.b.params.append(v)
-        if name in self.arrays:
+        if name in self.arrays and name not in self.folded_tables:
             self.frozen_consts.append(key)
         return v
 
@@ -621,6 +700,11 @@ class _Lowering:
     def v(self, node, i: int, role: str | None = None) -> Value:
         return self.tensor(node.input[i], node, role)
 
+    def opset_of(self, domain: str) -> int:
+        want = "" if domain in ("", "ai.onnx") else domain
+        return next((o.version for o in self.proto.opset_import
+                     if (o.domain if o.domain != "ai.onnx" else "") == want), 0)
+
     def opaque(self, node):
         op = f"onnx.{node.op_type}"
         d = REGISTRY.get(op)
@@ -636,7 +720,10 @@ class _Lowering:
                           "implementation (no gradient flows through it).", stacklevel=2)
         inputs = [self.tensor(x, node) for x in node.input if x]
         a = tuple(sorted(self.attrs(node).items())) + (("optional", tuple(bool(x) for x in node.input)),
-                                                       ("n_outputs", len(node.output)))
+                                                       ("n_outputs", len(node.output)),
+                                                       ("opset", self.opset_of(node.domain)))
+        if node.domain not in ("", "ai.onnx"):
+            a += (("domain", node.domain),)
         feeds = [np.zeros(v.shape, dtype=torch.empty((), dtype=v.dtype).numpy().dtype) for v in inputs]
         shapes = self.fold(node, feeds)
         outs = [Value(self.b.fresh(ir_name(o or f"{node.name}_{k}")), tuple(s.shape),
@@ -792,33 +879,95 @@ class _Lowering:
         if cb is not None and cb.size == 1 and scalar_op is not None:
             x = self.v(node, 0)
             if len(x.shape) >= cb.ndim:
-                return self.emit(scalar_op, [x, cb.reshape(-1)[0].item()], {}, node)
+                return self.emit(scalar_op, [x, py_scalar(cb)], {}, node)
         if ca is not None and ca.size == 1 and node.op_type in ("Add", "Mul"):
             y = self.v(node, 1)
             if len(y.shape) >= ca.ndim:
-                return self.emit(scalar_op, [y, ca.reshape(-1)[0].item()], {}, node)
+                return self.emit(scalar_op, [y, py_scalar(ca)], {}, node)
         if ca is not None and ca.size == 1 and node.op_type == "Sub":
             y = self.v(node, 1)
             if len(y.shape) >= ca.ndim:
-                return self.emit(aten.rsub.Scalar, [y, ca.reshape(-1)[0].item()], {}, node)
+                return self.emit(aten.rsub.Scalar, [y, py_scalar(ca)], {}, node)
         return self.emit(tensor_op, [self.v(node, 0), self.v(node, 1)], {}, node)
 
+    # a Python number as the other operand: `x + 1e-05` traces to add.Tensor in torch too
     def op_Add(self, node, a):
-        return self._binary(node, aten.add.Tensor, aten.add.Scalar)
+        return self._binary(node, aten.add.Tensor, aten.add.Tensor)
 
     def op_Sub(self, node, a):
-        return self._binary(node, aten.sub.Tensor, aten.sub.Scalar)
+        if (mse := self._mse(node)) is not None:
+            return mse
+        return self._binary(node, aten.sub.Tensor, aten.sub.Tensor)
 
     def op_Mul(self, node, a):
-        return self._binary(node, aten.mul.Tensor, aten.mul.Scalar)
+        return self._binary(node, aten.mul.Tensor, aten.mul.Tensor)
 
     def op_Div(self, node, a):
-        return self._binary(node, aten.div.Tensor, aten.div.Scalar)
+        return self._binary(node, aten.div.Tensor, aten.div.Tensor)
+
+    # ops the exporter writes out, put back as the one op torch's graph has (the same IR,
+    # so the same plan): sqrt -> reciprocal is rsqrt, x * sigmoid(x) is silu,
+    # mean((a - b)^2) over every dim is mse_loss
+
+    def _sole_user(self, node, op_type: str):
+        out = node.output[0]
+        users = list({n.name: n for n in self.consumers.get(out, [])}.values())   # x * x: one user
+        if len(users) == 1 and users[0].op_type == op_type and out not in self.graph_outputs \
+                and users[0].name not in self.skip:
+            return users[0]
+        return None
+
+    def _replace(self, node, later, target, args):
+        """Emit `target(args)` as the output of `later`, a node after `node` that is then
+        skipped."""
+        v = self.emit(target, args, {}, node, out=later.output[0])
+        self.skip.add(later.name)
+        self.env[later.output[0]] = v
+        self.scope_of[later.output[0]] = self.module_of(node)
+        return v
+
+    def op_Sqrt(self, node, a):
+        rec = self._sole_user(node, "Reciprocal")
+        if rec is not None:
+            return self._replace(node, rec, aten.rsqrt.default, [self.v(node, 0)])
+        return self.emit(aten.sqrt.default, [self.v(node, 0)], {}, node)
+
+    def op_Sigmoid(self, node, a):
+        mul = self._sole_user(node, "Mul")
+        if mul is not None and node.input[0] in mul.input and self.const(node.input[0]) is None:
+            return self._replace(node, mul, aten.silu.default, [self.v(node, 0)])
+        return self.emit(aten.sigmoid.default, [self.v(node, 0)], {}, node)
+
+    def _mse(self, node):
+        sq = self._sole_user(node, "Mul") or self._sole_user(node, "Pow")
+        if sq is None or any(self.const(x) is not None for x in node.input[:2]):
+            return None
+        if sq.op_type == "Mul" and list(sq.input) != [node.output[0]] * 2:
+            return None
+        if sq.op_type == "Pow" and not (self.const(sq.input[1]) is not None
+                                        and np.asarray(self.const(sq.input[1])).size == 1
+                                        and float(np.asarray(self.const(sq.input[1])).reshape(-1)[0]) == 2.0):
+            return None
+        mean = self._sole_user(sq, "ReduceMean")
+        x, y = self.v(node, 0), self.v(node, 1)
+        if mean is None or x.shape != y.shape or not x.dtype.is_floating_point:
+            return None
+        ma = self.attrs(mean)
+        axes = (self.ints(mean.input[1], mean, "axes") if len(mean.input) > 1 and mean.input[1]
+                else list(ma.get("axes", [])))
+        if ma.get("keepdims", 1) or sorted(ax % len(x.shape) for ax in axes) != list(range(len(x.shape))) \
+                and not (not axes and not ma.get("noop_with_empty_axes", 0)):
+            return None
+        self.skip.add(sq.name)
+        return self._replace(node, mean, aten.mse_loss.default, [x, y])
 
     def op_Pow(self, node, a):
         e = self.const(node.input[1])
         if e is not None and e.size == 1:
-            return self.emit(aten.pow.Tensor_Scalar, [self.v(node, 0), e.reshape(-1)[0].item()], {}, node)
+            exp = py_scalar(e)
+            if isinstance(exp, float) and exp.is_integer():
+                exp = int(exp)          # x.pow(2), as torch models write it
+            return self.emit(aten.pow.Tensor_Scalar, [self.v(node, 0), exp], {}, node)
         return self.emit(aten.pow.Tensor_Tensor, [self.v(node, 0), self.v(node, 1)], {}, node)
 
     def _unary(target):
@@ -826,11 +975,9 @@ class _Lowering:
             return self.emit(target, [self.v(node, 0)], {}, node)
         return fn
 
-    op_Sqrt = _unary(aten.sqrt.default)
     op_Erf = _unary(aten.erf.default)
     op_Tanh = _unary(aten.tanh.default)
     op_Relu = _unary(aten.relu.default)
-    op_Sigmoid = _unary(aten.sigmoid.default)
     op_Neg = _unary(aten.neg.default)
     op_Exp = _unary(aten.exp.default)
     op_Log = _unary(aten.log.default)
@@ -841,8 +988,9 @@ class _Lowering:
     op_Not = _unary(aten.logical_not.default)
 
     def op_Gelu(self, node, a):
+        approx = a.get("approximate", "none")
         return self.emit(aten.gelu.default, [self.v(node, 0)],
-                         {"approximate": a.get("approximate", "none")}, node)
+                         {} if approx == "none" else {"approximate": approx}, node)
 
     def op_Identity(self, node, a):
         return self.v(node, 0)
@@ -972,9 +1120,10 @@ class _Lowering:
             return self.opaque(node)
         w = self.tensor(node.input[1], node, "weight")
         b = self.tensor(node.input[2], node, "bias") if len(node.input) > 2 and node.input[2] else None
+        # as F.layer_norm records it (cudnn_enable=False), eps in the model's decimal
         return self.emit(aten.layer_norm.default,
-                         [x, list(x.shape[axis:]), w, b, float(np.float32(a.get("epsilon", 1e-5)))],
-                         {}, node)
+                         [x, list(x.shape[axis:]), w, b, py_scalar(np.float32(a.get("epsilon", 1e-5))),
+                          False], {}, node)
 
     def op_Softmax(self, node, a):
         x = self.v(node, 0)
@@ -991,7 +1140,7 @@ class _Lowering:
         weight = self.v(node, 2) if len(node.input) > 2 and node.input[2] else None
         red = {"none": 0, "mean": 1, "sum": 2}[a.get("reduction", "mean")]
         return self.emit(aten.cross_entropy_loss.default,
-                         [scores, labels, weight, red, a.get("ignore_index", -100), 0.0], {}, node)
+                         [scores, labels, weight, red, a.get("ignore_index", -100)], {}, node)
 
     def _reduce(self, node, a, mean: bool):
         x = self.v(node, 0)
@@ -1057,6 +1206,8 @@ class _Lowering:
         rank = len(x.shape) + len(self.ints(node.input[1], node, "axes") if len(node.input) > 1
                                   else a["axes"])
         axes = sorted(self._axes(node, a, rank))
+        if len(axes) == 1:          # x.unsqueeze(d), as torch writes it
+            return self.emit(aten.unsqueeze.default, [x, axes[0]], {}, node)
         shape = list(x.shape)
         for ax in axes:
             shape.insert(ax, 1)
@@ -1070,6 +1221,9 @@ class _Lowering:
             return Init(ref.name, not ref.transposed)   # decided by its use (MatMul: linear)
         x = self.v(node, 0)
         perm = list(perm) if perm is not None else list(reversed(range(len(x.shape))))
+        moved = [i for i, p in enumerate(perm) if p != i]
+        if len(moved) == 2:         # a swap of two dims: x.transpose(d0, d1), as torch writes it
+            return self.emit(aten.transpose.int, [x, moved[0], moved[1]], {}, node)
         return self.emit(aten.permute.default, [x, perm], {}, node)
 
     def op_Split(self, node, a):
@@ -1084,8 +1238,16 @@ class _Lowering:
             dim, k = x.shape[axis], a.get("num_outputs", n_out)
             chunk = -(-dim // k)
             sizes = [min(chunk, dim - i * chunk) for i in range(k)]
-        outs = self.b.emit_op(aten.split_with_sizes.default, [x, sizes, axis], {},
-                              ir_name(node.output[0]), self.module_of(node))
+        # the exporter names the pieces of torch's `split` `<name>_split_<i>`: name them
+        # `<name>_<i>` as the torch front end does
+        m = [re.fullmatch(r"(.+)_split_(\d+)", o) for o in node.output]
+        base = m[0].group(1) if all(m) and len({x.group(1) for x in m}) == 1 else node.output[0]
+        if len(sizes) > 1 and len(set(sizes[:-1])) == 1 and sizes[-1] <= sizes[0]:
+            args = [x, sizes[0], axis]          # x.split(size, dim): torch's `split`
+            outs = self.b.emit_op(aten.split.Tensor, args, {}, ir_name(base), self.module_of(node))
+        else:
+            outs = self.b.emit_op(aten.split_with_sizes.default, [x, sizes, axis], {},
+                                  ir_name(base), self.module_of(node))
         return list(outs)
 
     def op_SplitToSequence(self, node, a):
@@ -1173,25 +1335,18 @@ class _Lowering:
 
 
 class OnnxOpDef(OpDef):
-    """An ONNX op with no lowering: runs through ONNX's reference implementation on numpy
-    (forward only) and is replicated (no sharding rule)."""
+    """An ONNX op with no lowering: replicated (no sharding rule), evaluated node by node
+    by ONNX's reference implementation (`backends/runtime/onnx_node.py`, which generated
+    programs call too), forward only."""
 
     def run(self, inputs, attrs):
-        import onnx
-        from onnx.reference import ReferenceEvaluator
-        h = onnx.helper
+        from autopar.backends.runtime import onnx_node
         attrs = dict(attrs)
-        optional = attrs.pop("optional")
-        n_out = attrs.pop("n_outputs")
-        it = iter(range(len(inputs)))
-        names = [f"in{next(it)}" if present else "" for present in optional]
-        outs = [f"out{i}" for i in range(n_out)]
-        node = h.make_node(self.name.split(".", 1)[1], names, outs, **attrs)
-        feeds = {f"in{i}": t.detach().cpu().numpy() for i, t in enumerate(inputs)}
-        g = h.make_graph([node], "opaque", [h.make_tensor_value_info(n, 0, None) for n in feeds],
-                         [h.make_tensor_value_info(o, 0, None) for o in outs])
-        res = ReferenceEvaluator(h.make_model(g)).run(None, feeds)
-        return tuple(torch.from_numpy(np.array(r)) for r in res)
+        optional, n_out = attrs.pop("optional"), attrs.pop("n_outputs")
+        opset, domain = attrs.pop("opset", None), attrs.pop("domain", "")
+        out = onnx_node.run(self.name.split(".", 1)[1], list(inputs), attrs, optional, n_out,
+                            opset, domain)
+        return out if isinstance(out, tuple) else (out,)
 
 
 __all__ = ["load_onnx", "lower_onnx", "OnnxError", "OnnxReference"]

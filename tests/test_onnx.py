@@ -115,27 +115,54 @@ def test_gpt_parameters_carry_the_torch_names(exported):
     assert len(attn) == 2 and all(n.attr["is_causal"] for n in attn)
 
 
+def test_folded_buffers_stay_constants(exported):
+    """Llama's rope tables are buffers; the exporter folds `rope_cos[:T]` into initializers
+    with no parameter record (`slice_1`, `slice_2`). Read only as factors of a Mul, they
+    stay frozen constants: the trainable tensors are exactly the torch model's parameters
+    (by count and size), one step leaves the tables as they were, and the graph says why.
+    GPT's folded position table (`wpe.weight[arange(T)]`, read by an Add) still trains."""
+    path, npz, model, _ = exported("llama")
+    module, inputs, _ = load_onnx(path, npz)
+    params = dict(module.named_parameters())
+    assert "slice_1" not in params and "slice_2" not in params
+    assert sorted(p.numel() for p in params.values()) == sorted(p.numel() for p in model.parameters())
+    graph = module.graph
+    tables = {v.name: v for v in graph.params if v.name in ("slice_1", "slice_2")}
+    assert {v.kind for v in tables.values()} == {"buffer"}
+    assert torch.equal(graph.constants["slice_1"], model.rope_cos[:32])
+    assert "slice_1 (from rope_cos), slice_2 (from rope_sin)" in "\n".join(graph.notes)
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    losses, final = reference_run(module, state, inputs, 2, "adamw", 1e-3)
+    assert losses[1] < losses[0] and "slice_1" not in final
+    gpt_path, gpt_npz, gpt, _ = exported("gpt")
+    gmod, _, _ = load_onnx(gpt_path, gpt_npz)
+    assert torch.equal(dict(gmod.named_parameters())["embedding_1"].detach(),
+                       gpt.transformer.wpe.weight.detach()[:32])
+
+
 @pytest.mark.parametrize("memory", [None, "2MiB"])
 def test_gpt_plan_has_the_torch_plans_layouts(exported, traced, memory):
-    """Same mesh, profile and memory limit: every value both graphs have gets the same
-    layout, every linear/layer_norm the same strategy, the tied embedding the same layout.
-    Under 2 MiB per device the search shards (c_fc column-, c_proj row-parallel, q/k/v
-    pieces); without a limit this tiny model stays replicated."""
+    """Same mesh, profile and memory limit: every value and parameter gets the same layout
+    as in the torch graph's plan, every linear/layer_norm the same strategy. The lowering
+    writes the torch graph's ops (linear with its bias, transpose, split, ...) under the
+    torch graph's names; the only names that differ are the exporter's: the tied embedding
+    is `lm_head.weight` (torch: `transformer.wte.weight`), and the position table it folded,
+    `embedding_1` (= wpe[arange(T)], torch's value of that name), has no `arange` or
+    `transformer.wpe.weight` before it. Under 2 MiB per device the search shards (c_fc
+    column-, c_proj row-parallel, q/k/v pieces); without a limit this tiny model stays
+    replicated."""
     path, npz, _, _ = exported("gpt")
     module, inputs, _ = load_onnx(path, npz)
     g_onnx = prepared_graph(module, inputs, "gpt")
     g_torch = traced("gpt")[3]
     p_onnx, _ = make_plan(g_onnx, "dp=2,tp=2", device="cpu", memory=memory, deterministic=True)
     p_torch, _ = make_plan(g_torch, "dp=2,tp=2", device="cpu", memory=memory, deterministic=True)
-    common = set(p_onnx.layouts) & set(p_torch.layouts)
-    assert len(common) >= 70                 # every block parameter (pieces included), activations
-    # a row-parallel bias is added once either way: replicated, or split and gathered with the
-    # output -- choices priced within 0.1% of each other that the two graphs (bias inside
-    # linear vs a separate add) break
-    # differently; every other value must agree
-    common = {k for k in common if not k.endswith("c_proj.bias")}
-    assert {k: p_onnx.layouts[k] for k in common} == {k: p_torch.layouts[k] for k in common}
-    assert p_onnx.layouts["lm_head.weight"] == p_torch.layouts["transformer.wte.weight"]
+    renamed = {"lm_head.weight": "transformer.wte.weight"}
+    onnx_layouts = {renamed.get(k, k): v for k, v in p_onnx.layouts.items()}
+    assert set(p_torch.layouts) - set(onnx_layouts) == {"arange", "transformer.wpe.weight"}
+    assert set(onnx_layouts) <= set(p_torch.layouts)
+    assert len(onnx_layouts) >= 80
+    assert onnx_layouts == {k: p_torch.layouts[k] for k in onnx_layouts}
 
     def strategies(graph, plan):
         return {(n.meta.module, n.op, k): tuple(plan.strategies.get(n.outputs[0].name) or ())
@@ -143,6 +170,49 @@ def test_gpt_plan_has_the_torch_plans_layouts(exported, traced, memory):
     assert strategies(g_onnx, p_onnx) == strategies(g_torch, p_torch)
     if memory:
         assert p_onnx.layouts["transformer.h.0.mlp.c_fc.weight"] != ["R", "R"]
+        assert p_onnx.layouts["transformer.h.0.mlp.c_proj.bias"] == p_torch.layouts[
+            "transformer.h.0.mlp.c_proj.bias"]
+
+
+def test_mlp_plan_has_the_torch_plans_layouts(exported, traced):
+    """The MLP (Gemm with its bias, the loss written out as mean((y - t)^2)) lowers to the
+    torch graph's linear/gelu/mse_loss under the same names: under 6 MiB per device (the
+    search must shard) every value gets the torch plan's layout."""
+    path, npz, _, _ = exported("mlp")
+    module, inputs, _ = load_onnx(path, npz)
+    g_onnx = prepared_graph(module, inputs, "mlp")
+    p_onnx, _ = make_plan(g_onnx, "dp=2,tp=2", device="cpu", memory="6MiB", deterministic=True)
+    p_torch, _ = make_plan(traced("mlp")[3], "dp=2,tp=2", device="cpu", memory="6MiB", deterministic=True)
+    assert p_onnx.layouts == p_torch.layouts and len(p_onnx.layouts) >= 10
+    assert any(set(lay) != {"R"} for lay in p_onnx.layouts.values())
+
+
+def test_lowering_writes_the_torch_graphs_ops(exported, traced):
+    """MLP, GPT and Llama: the ops the exporter writes out (x @ W + b, sqrt -> reciprocal,
+    x * sigmoid(x), mean((a - b)^2), Transpose of two dims, Unsqueeze of one) come back as
+    the one op torch's graph has, so the prepared graphs have the same ops, operands,
+    shapes and (but for the exporter's folded names) value names."""
+    def sig(graph, names):
+        return [(n.op, tuple(names.get(v.name, v.name) for v in n.inputs),
+                 tuple(v.shape for v in n.outputs)) for n in graph.nodes
+                if n.op not in ("view", "reshape", "arange.start")]
+    for name, renamed in [("mlp", {}),
+                          ("gpt", {"lm_head.weight": "transformer.wte.weight"}),
+                          ("llama", {"slice_1": "rope_cos", "slice_2": "rope_sin"})]:
+        path, npz, _, _ = exported(name)
+        module, inputs, _ = load_onnx(path, npz)
+        g_onnx = prepared_graph(module, inputs, name)
+        g_torch = traced(name)[3]
+        ops_t = [n.op for n in g_torch.nodes if n.op not in ("view", "reshape", "arange.start")]
+        ops_o = [n.op for n in g_onnx.nodes if n.op not in ("view", "reshape", "arange.start")]
+        if name == "gpt":          # the position embedding was folded to its table
+            ops_t.remove("embedding")
+        assert ops_o == ops_t, name
+        lin_t = [(n.meta.module, len(n.inputs), n.inputs[1].shape) for n in g_torch.nodes if n.op == "linear"]
+        lin_o = [(n.meta.module, len(n.inputs), n.inputs[1].shape) for n in g_onnx.nodes if n.op == "linear"]
+        assert lin_o == lin_t, name                 # bias folded in, weights stored (out, in)
+        err, scale = max_abs_error(module, g_onnx, inputs)
+        assert err <= 1e-6 * max(scale, 1.0), (name, err)
 
 
 def test_cli_ir_verify_and_made_inputs(exported, capsys):
@@ -203,6 +273,28 @@ def test_input_missing_from_npz(tmp_path, exported):
         load_onnx(path, str(npz))
 
 
+def test_bad_files_and_npz_name_the_fix(tmp_path, capsys):
+    """The other ways a SPEC or --inputs file is unusable: each message names the file
+    (or array) and what to do; the CLI prints it and exits 2."""
+    with pytest.raises(OnnxError, match=r"SPEC '.*nowhere.onnx': no such file .*Check the path"):
+        load_onnx(str(tmp_path / "nowhere.onnx"))
+    empty = tmp_path / "empty.onnx"
+    onnx.save(helper.make_model(helper.make_graph([], "empty", [], [])), empty)
+    with pytest.raises(OnnxError, match=r"empty.onnx is not an ONNX model \(no graph nodes\)"):
+        load_onnx(str(empty))
+    p = tiny_model(tmp_path / "t.onnx")
+    junk = tmp_path / "junk.npz"
+    junk.write_text("not numpy")
+    with pytest.raises(OnnxError, match=r"--inputs .*junk.npz is not a .npz file.*numpy.savez"):
+        load_onnx(p, str(junk))
+    extra = tmp_path / "extra.npz"
+    np.savez(extra, x=np.ones((4, 8), np.float32), y=np.ones(3))
+    with pytest.raises(OnnxError, match=r"arrays y name no input of .*t.onnx \(its inputs: x\)"):
+        load_onnx(p, str(extra))
+    assert main(["ir", p, "--inputs", str(extra)]) == 2
+    assert "name no input" in capsys.readouterr().err
+
+
 def test_dynamic_dims_need_inputs(tmp_path, capsys):
     p = tiny_model(tmp_path / "dyn.onnx", dim="batch")
     with pytest.raises(OnnxError, match=r"input 'x' has dynamic dims \(batch\).*--inputs FILE.npz"):
@@ -227,6 +319,42 @@ def test_unsupported_node_is_opaque_and_replicated(tmp_path):
     (w,) = [p for p in module.parameters()]
     assert w.shape == (8, 8) and w.grad is not None and w.grad.abs().sum() > 0
     assert "w -> w_t (transposed)" in str(graph)
+
+
+def opaque_mlp(path, *, on_hidden=False):
+    """softplus(x) @ w1 -> relu -> @ w2 -> mean, Softplus being an op the lowering does
+    not know; `on_hidden`: softplus after the first matmul instead, so w1's gradient
+    would have to pass through it."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array((0.1 * rng.standard_normal((128, 256))).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array((0.1 * rng.standard_normal((256, 128))).astype(np.float32), "w2")
+    mk = helper.make_node
+    if on_hidden:
+        head = [mk("MatMul", ["x", "w1"], ["h"], name="fc1"), mk("Softplus", ["h"], ["h2"], name="odd_node"),
+                mk("Relu", ["h2"], ["r"], name="relu")]
+    else:
+        head = [mk("Softplus", ["x"], ["xo"], name="odd_node"), mk("MatMul", ["xo", "w1"], ["h"], name="fc1"),
+                mk("Relu", ["h"], ["r"], name="relu")]
+    nodes = head + [mk("MatMul", ["r", "w2"], ["y"], name="fc2"),
+                    mk("ReduceMean", ["y"], ["loss"], keepdims=0, name="mean")]
+    g = helper.make_graph(nodes, "opaque", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 128])],
+                          [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])], initializer=[w1, w2])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)]), path)
+    return str(path)
+
+
+def test_gradient_through_an_opaque_node_is_refused(tmp_path, capsys):
+    """No gradient flows through ONNX's reference implementation: a parameter that would
+    train through the node is refused when the file is read, naming node, op and
+    parameter, instead of training silently wrong or failing inside a rank."""
+    p = opaque_mlp(tmp_path / "odd_hidden.onnx", on_hidden=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(OnnxError, match=r"node 'odd_node' \(Softplus, module root\) has no lowering "
+                                             r"and no gradient, but the parameter 'w1_t' before it"):
+            load_onnx(p)
+        assert main(["plan", p, "--mesh", "dp=2"]) == 2
+    assert "no gradient" in capsys.readouterr().err
 
 
 # ---- one multi-rank run ---------------------------------------------------------------------------
@@ -326,9 +454,30 @@ def test_hand_built_graph_covers_the_op_list(tmp_path, opset):
     assert not [n.op for n in graph.nodes if n.op.startswith("onnx.")]
     err, scale = max_abs_error(module, graph, inputs)
     assert err <= 1e-6 * max(scale, 1.0), (err, scale)
-    assert {"linear", "layer_norm", "softmax", "cat", "split_with_sizes", "where.self", "expand",
-            "slice", "permute", "sum.dim_IntList", "select"} <= {n.op for n in graph.nodes}
+    assert {"linear", "layer_norm", "softmax", "cat", "split", "where.self", "expand",
+            "slice", "transpose", "sum.dim_IntList", "select"} <= {n.op for n in graph.nodes}
     # the 0/1 float table read only as booleans is a constant, not a weight
     assert sorted(module.state_dict()) == ["b1", "beta", "g", "w1_t", "w2_t"]
     module(*inputs).backward()
     assert all(p.grad is not None for p in module.parameters())
+
+
+def test_program_runs_an_opaque_node(tmp_path, capsys):
+    """An op the lowering does not know runs in the generated program through
+    `backends/runtime/onnx_node.py` (ONNX's reference implementation, on the replicated
+    input), under a plan that shards the layers after it: `run --check` matches the
+    single-device run, which evaluates the node the same way."""
+    p = opaque_mlp(tmp_path / "odd_mlp.onnx")
+    out_dir = tmp_path / "prog"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(["run", p, "--mesh", "dp=2", "--memory", "700KiB", "--steps", "2", "--check",
+                     "-o", str(out_dir)])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    assert out.splitlines()[-1].startswith("check: ok"), out[-3000:]
+    assert any(line.startswith("  reduce_scatter:dp") for line in out.splitlines()), out[-2000:]
+    (prog,) = out_dir.glob("*.py")
+    text = prog.read_text()
+    assert "from autopar.backends.runtime import onnx_node" in text
+    assert "onnx_node.run('Softplus', [x], {}, optional=(True,), n_outputs=1, opset=20)" in text
