@@ -30,7 +30,7 @@ from autopar.compiler.patterns import block_of
 from autopar.compiler.sharded import (BIAS_SHARE, MEAN_SCALE, ShardedGraph, format_bytes,
                                       is_collective, is_inserted_scale, nbytes, region_io)
 from autopar.backends.render import Expr, render_op
-from autopar.backends.runtime import onnx_node
+from autopar.compiler import onnx_node
 
 
 @dataclass(frozen=True)
@@ -825,7 +825,7 @@ class Emitter:
         w()
         w("from autopar.backends import runtime as rt")
         if any(n.op.startswith("onnx.") for n in s.nodes):
-            w("from autopar.backends.runtime import onnx_node")
+            w("from autopar.compiler import onnx_node")
         w()
 
     def folded_kinds(self) -> list[str]:

@@ -41,7 +41,7 @@ What the lowering does, in order:
   rounding): the same IR gives the same plan as the torch front end's.
 - a node with no lowering becomes an opaque `onnx.<Op>` node, replicated on every rank,
   with a warning naming it. The single-device run and the generated program both evaluate
-  it with ONNX's reference implementation (`backends/runtime/onnx_node.py`). It has no
+  it with ONNX's reference implementation (`compiler/onnx_node.py`). It has no
   gradient: a graph where a parameter would train through one is refused, naming the node.
 """
 from __future__ import annotations
@@ -1336,11 +1336,11 @@ class _Lowering:
 
 class OnnxOpDef(OpDef):
     """An ONNX op with no lowering: replicated (no sharding rule), evaluated node by node
-    by ONNX's reference implementation (`backends/runtime/onnx_node.py`, which generated
+    by ONNX's reference implementation (`compiler/onnx_node.py`, which generated
     programs call too), forward only."""
 
     def run(self, inputs, attrs):
-        from autopar.backends.runtime import onnx_node
+        from autopar.compiler import onnx_node
         attrs = dict(attrs)
         optional, n_out = attrs.pop("optional"), attrs.pop("n_outputs")
         opset, domain = attrs.pop("opset", None), attrs.pop("domain", "")

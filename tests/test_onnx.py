@@ -150,13 +150,25 @@ def test_gpt_plan_has_the_torch_plans_layouts(exported, traced, memory):
     `embedding_1` (= wpe[arange(T)], torch's value of that name), has no `arange` or
     `transformer.wpe.weight` before it. Under 2 MiB per device the search shards (c_fc
     column-, c_proj row-parallel, q/k/v pieces); without a limit this tiny model stays
-    replicated."""
+    replicated.
+
+    The layouts are compared under the additive step model (`overlap=False`): with the
+    schedule's re-ranking on, the folded position table makes the two graphs' near ties
+    (within a few percent) break differently, so there the two plans are held to each
+    other's predicted step time instead."""
+    from autopar.compiler.cluster import parse_bytes
+    from autopar.passes.shard import search
     path, npz, _, _ = exported("gpt")
     module, inputs, _ = load_onnx(path, npz)
     g_onnx = prepared_graph(module, inputs, "gpt")
     g_torch = traced("gpt")[3]
-    p_onnx, _ = make_plan(g_onnx, "dp=2,tp=2", device="cpu", memory=memory, deterministic=True)
-    p_torch, _ = make_plan(g_torch, "dp=2,tp=2", device="cpu", memory=memory, deterministic=True)
+    limit = parse_bytes(memory) if memory else None
+    ranked = [make_plan(g, "dp=2,tp=2", device="cpu", memory=memory, deterministic=True)[0]
+              for g in (g_onnx, g_torch)]
+    a, b = (p.cost["step_time"] for p in ranked)
+    assert abs(a - b) <= 0.1 * b, (a, b)
+    p_onnx, p_torch = (search(g, {"dp": 2, "tp": 2}, "cpu", memory_limit=limit, deterministic=True,
+                              overlap=False) for g in (g_onnx, g_torch))
     renamed = {"lm_head.weight": "transformer.wte.weight"}
     onnx_layouts = {renamed.get(k, k): v for k, v in p_onnx.layouts.items()}
     assert set(p_torch.layouts) - set(onnx_layouts) == {"arange", "transformer.wpe.weight"}
@@ -464,7 +476,7 @@ def test_hand_built_graph_covers_the_op_list(tmp_path, opset):
 
 def test_program_runs_an_opaque_node(tmp_path, capsys):
     """An op the lowering does not know runs in the generated program through
-    `backends/runtime/onnx_node.py` (ONNX's reference implementation, on the replicated
+    `compiler/onnx_node.py` (ONNX's reference implementation, on the replicated
     input), under a plan that shards the layers after it: `run --check` matches the
     single-device run, which evaluates the node the same way."""
     p = opaque_mlp(tmp_path / "odd_mlp.onnx")
@@ -479,5 +491,5 @@ def test_program_runs_an_opaque_node(tmp_path, capsys):
     assert any(line.startswith("  reduce_scatter:dp") for line in out.splitlines()), out[-2000:]
     (prog,) = out_dir.glob("*.py")
     text = prog.read_text()
-    assert "from autopar.backends.runtime import onnx_node" in text
+    assert "from autopar.compiler import onnx_node" in text
     assert "onnx_node.run('Softplus', [x], {}, optional=(True,), n_outputs=1, opset=20)" in text

@@ -1,6 +1,7 @@
 """One ONNX node the lowering has no op for, evaluated by ONNX's own reference
 implementation (`onnx.reference`), as the generated program and the single-device
-reference both run it.
+reference both run it (here, in the core, so that the front end and the programs read one
+definition).
 
     >>> run("Round", [x], {}, optional=(True,), n_outputs=1, opset=20)     # doctest: +SKIP
     tensor([...])
