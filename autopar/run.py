@@ -427,6 +427,14 @@ def timeline_lines(prog, directory: Path, stats: list[dict]) -> list[str]:
         lines.append(f"  {row['rank']:<6}{format_time(predicted) if predicted else '-':>16}"
                      f"{format_time(row['step_s']):>16}{format_time(row['alone_s']):>18}"
                      f"{format_time(row['exposed_s']):>10}{'-' if hidden is None else f'{hidden:.0%}':>8}")
+    exposed, hidden = prog.plan.cost.get("exposed_comm") or {}, prog.plan.cost.get("hidden_comm") or {}
+    if any(exposed.values()) or any(hidden.values()):   # the schedule the cost model predicted
+        per_axis = []
+        for axis in prog.plan.mesh:
+            e, h = exposed.get(axis, 0.0), hidden.get(axis, 0.0)
+            if e or h:
+                per_axis.append(f"{axis} {format_time(h)} hidden, {format_time(e)} exposed ({h / (e + h):.0%})")
+        lines.append("  predicted: " + "; ".join(per_axis))
     fractions = [row["hidden_fraction"] for row in rows if row["hidden_fraction"] is not None]
     if fractions:
         lines.append(f"  hidden behind compute: {min(fractions):.0%} (worst rank) of the asynchronous "

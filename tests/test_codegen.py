@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import re
 import subprocess
 import sys
 import time
@@ -165,6 +166,8 @@ def test_cli_run_check(tmp_path):
     prog = next((tmp_path / "run").glob("mlp_dp2_torch.py")).read_text()
     assert "torchrun --nproc-per-node 2" in prog and "rt.GradBuckets(" in prog
     assert "hidden behind compute:" in out.stdout
+    # the cost model's predicted schedule beside the measurement: dp's hidden and exposed time
+    assert re.search(r"  predicted: dp [\d.]+ [mu]?s hidden, [\d.]+ [mu]?s exposed \(\d+%\)", out.stdout), out.stdout
     for r in range(2):
         trace = json.loads((tmp_path / "tl" / f"rank{r}.trace.json").read_text())
         assert any(e.get("ph") == "X" and "aten::" in e.get("name", "") for e in trace["traceEvents"])
