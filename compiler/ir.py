@@ -194,6 +194,18 @@ class Graph:
 
 # ---- printer -------------------------------------------------------------------------
 
+def namer(taken: set[str]):
+    """`fresh(base)` -> `base`, or `base_1`, `base_2`, ... : the first name not in `taken`
+    (which it joins), for values a pass adds to a graph."""
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        return name
+    return fresh
+
+
 def format_attr(v: Any) -> str:
     if isinstance(v, SymInt):
         return str(int(v))

@@ -29,7 +29,7 @@ from math import prod
 from autopar.compiler import sharding
 from autopar.compiler.errors import UserError
 from autopar.compiler.gradients import grad_info
-from autopar.compiler.ir import Graph, Node, NodeMeta, SymInt, Value
+from autopar.compiler.ir import Graph, Node, NodeMeta, SymInt, Value, namer
 from autopar.compiler.ops import node_anno
 from autopar.compiler.patterns import recompute_runs
 from autopar.compiler.plan import Plan
@@ -91,12 +91,7 @@ def apply_plan(graph: Graph, plan: Plan) -> ShardedGraph:
         global_shapes[nv.name] = tuple(v.shape)
         return nv
 
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in used:
-            name, k = f"{base}_{k}", k + 1
-        used.add(name)
-        return name
+    fresh = namer(used)
 
     inputs = [local(v, layouts[v.name]) for v in graph.inputs]
     params = [local(v, layouts[v.name]) for v in graph.params]

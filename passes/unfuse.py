@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from autopar.compiler.ir import Graph, Node, Piece, Value
+from autopar.compiler.ir import Graph, Node, Piece, Value, namer
 
 # views between the projection and the split: they must keep the feature dim last
 VIEWS = ("view", "reshape", "_unsafe_view")
@@ -186,12 +186,7 @@ def mean_over_kept_targets(graph: Graph) -> Graph:
     the kept targets' weights) is left whole; its rule keeps the batch unsplit."""
     taken = {v.name for v in graph.values()}
 
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        taken.add(name)
-        return name
+    fresh = namer(taken)
 
     nodes, cut = [], 0
     for node in graph.nodes:
