@@ -181,7 +181,7 @@ class Graph:
         g = Graph(self.name, list(self.inputs), list(self.params), list(self.nodes),
                   list(self.outputs), dict(self.aliases), list(self.notes), dict(self.pieces),
                   self.constants, dict(self.input_sizes))
-        for extra in ("pass_counts", "trace_seconds"):
+        for extra in ("pass_counts", "trace_seconds", "trace_cached"):
             if hasattr(self, extra):
                 setattr(g, extra, getattr(self, extra))
         for k, v in changes.items():

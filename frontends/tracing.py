@@ -22,6 +22,7 @@ import torch.nn as nn
 from autopar.compiler.errors import UserError
 from autopar.compiler.interpret import loss_of
 from autopar.compiler.ir import Graph
+from autopar.frontends import cache
 from autopar.frontends.lower import LoweringError, lower_export, lower_fx
 
 
@@ -46,6 +47,37 @@ def trace(model: nn.Module, example_inputs: tuple, mode: str = "export",
         example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
     name = name or type(model).__name__.lower()
     t0 = time.perf_counter()
+    key = None
+    if cache.enabled() and mode in ("export", "fx"):
+        key = cache.key_of(model, example_inputs, mode, name, symbolic)
+        hit = cache.load(key)
+        if hit is not None:
+            graph, warned = hit
+            cache.replay(warned)
+            graph.trace_seconds = time.perf_counter() - t0   # type: ignore[attr-defined]
+            graph.trace_cached = True                        # type: ignore[attr-defined]
+            return graph
+    graph = _trace(model, example_inputs, mode, name, symbolic)
+    graph.trace_seconds = time.perf_counter() - t0   # type: ignore[attr-defined]
+    if key is not None:
+        cache.store(key, graph, opaque_ops(graph))
+    return graph
+
+
+def opaque_ops(graph: Graph) -> list[tuple[str, str]]:
+    """(op, where) of the first node of each op without a sharding rule: the warnings a
+    trace of this graph issues (`ops.warn_opaque`), replayed when it comes from the cache."""
+    from autopar.compiler.ops import REGISTRY
+    seen, out = set(), []
+    for n in graph.nodes:
+        d = REGISTRY.get(n.op)
+        if d is not None and not d.has_rule and n.op not in seen:
+            seen.add(n.op)
+            out.append((n.op, f"from {n.meta.module or 'the root module'}"))
+    return out
+
+
+def _trace(model: nn.Module, example_inputs: tuple, mode: str, name: str, symbolic: bool) -> Graph:
     if mode == "export":
         captured = io.StringIO()
         seen = OutputsSeen()
@@ -85,7 +117,6 @@ def trace(model: nn.Module, example_inputs: tuple, mode: str = "export",
         graph = lower_fx(gm, model, example_inputs, name)
     else:
         raise TraceError(f"unknown trace mode '{mode}': use 'export' or 'fx'")
-    graph.trace_seconds = time.perf_counter() - t0   # type: ignore[attr-defined]
     return graph
 
 
