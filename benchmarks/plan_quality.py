@@ -103,7 +103,7 @@ def megatron_pins(graph, t: int) -> list[Pin]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=[c[0] for c in CONFIGS])
+    ap.add_argument("--models", nargs="*", default=[c[0] for c in CONFIGS])
     ap.add_argument("--time-limit", type=float, default=10.0)
     ap.add_argument("--extra", nargs="*", default=["llama", "100b", "100b-searched", "gpt2-96"],
                     help="the LLaMA-3-8B, 100B and searched-recompute rows")
