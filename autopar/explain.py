@@ -275,6 +275,8 @@ def render_recompute(rs: dict | None, cost: dict) -> list[str]:
             return f"{format_bytes(t['memory'])}, step {format_time(t['step_time'])}"
         if t.get("least_memory"):
             return f"no plan fits (the least any plan needs: {format_bytes(t['least_memory'])})"
+        if t["status"] == "skipped":
+            return f"not searched: {t.get('reason', '')}"
         return t["status"]
     lim = rs.get("limit")
     out = [f"recompute (searched, because {rs.get('tried_because', '')}; limit {format_bytes(lim)}):"

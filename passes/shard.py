@@ -1166,13 +1166,29 @@ def recompute_candidates(graph: Graph, precision_itemsize=None) -> list[tuple[li
     return out
 
 
+def compute_bound(graph: Graph, cluster: Cluster, recompute: Sequence[str], precision: str | None) -> float:
+    """No plan with these recompute regions steps faster than this: its FLOPs (forward,
+    backward, the regions' forward again) over every device at the profile's achievable
+    peak -- each node's compute is at least its FLOPs over its split factor, which is at
+    most the device count, and the step's schedule runs all compute on one stream."""
+    cm = CostModel(graph, cluster, precision=precision, recompute=recompute)
+    rep = tuple(None for _ in cm.mesh)
+    flops = 0.0
+    for m in cm.members:
+        if m.is_source:
+            continue
+        c = cm.compute(m.index, rep)
+        flops += c.flops + c.bwd_flops + (c.flops if m.key in cm.regions else 0.0)
+    return flops / (cluster.devices * cm.profile.efficiency * cm.profile.peak_flops)
+
+
 @_gc_paused
 def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | str,
            memory_limit: float | None = None, zero: int | None = None, pins: Iterable[Pin] = (),
            time_limit: float = 10.0, deterministic: bool = False, recompute: Iterable[str] = (),
            precision: str | None = None, merge: bool = True, link: bool = True,
            dp_axis: str | None = None, objective: str = "time", overlap=None,
-           search_recompute: bool = True) -> Plan:
+           search_recompute: bool = True, step_to_beat: float | None = None) -> Plan:
     """The fastest plan for `graph` on `mesh` that fits `memory_limit` bytes per device
     (default: the profile's memory), recompute included: `search_fixed` without recompute,
     then -- when no plan fits, or the plan found needs RECOMPUTE_TRY_FRACTION of the limit
@@ -1185,6 +1201,10 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
     structure, not one linear term -- so each choice is priced by the exact model it
     runs under, at the price of one more search per candidate (a few, and only when
     memory binds).
+
+    A candidate is skipped, unsearched, when `compute_bound` proves it slower than the plan
+    without recompute or than `step_to_beat` (search_devices passes the best step of the
+    mesh shapes searched before): what keeps the extra searches few.
 
     `recompute` given (a plan file's `recompute` lines): exactly those regions, nothing
     added or removed. `search_recompute=False`, or objective="memory": no recompute
@@ -1239,7 +1259,17 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
         prec = precision or profile.precision
         saved = recompute_candidates(graph, (lambda v: 2 if v.dtype.is_floating_point else v.itemsize)
                                      if prec == "mixed" else None)
+        cluster = Cluster(dict(sharding.parse_mesh(mesh) if isinstance(mesh, str) else mesh), profile)
         for paths, b in saved:
+            beat = min([x for x in (step_to_beat, base.cost["step_time"] if base else None) if x is not None],
+                       default=None)
+            lb = compute_bound(graph, cluster, paths, precision) if beat is not None else None
+            if lb is not None and lb >= beat:
+                tried.append({"recompute": fold_modules(paths, graph), "modules": len(paths),
+                              "status": "skipped", "lower_bound": lb, "saves_estimate": b,
+                              "reason": f"its compute alone takes {lb:.4g} s per step, no faster than "
+                                        f"{beat:.4g} s (a plan found already)", "wall_time": 0.0})
+                continue
             attempt(paths)
             tried[-1]["saves_estimate"] = b
     info = {"mode": "searched", "tried": tried, "limit": limit,
@@ -1272,8 +1302,17 @@ def recompute_infeasible(graph: Graph, mesh, base_err: PlanInfeasible | None,
     from autopar.compiler.patterns import fold_modules
     if base_err is None:                       # cannot happen: the first attempt failed
         base_err = errors[0][1]
+    skipped = [t for t in tried if t["status"] == "skipped"]
     if len(errors) == 1 or getattr(base_err, "least_memory", None) is None:
-        return base_err
+        if not skipped:
+            return base_err
+        # say why recompute was not searched here (another mesh shape is faster anyway)
+        note = " ".join(f"Recompute of {', '.join(t['recompute'])} was not searched on this mesh: "
+                        f"{t['reason']}." for t in skipped)
+        err = PlanInfeasible(f"{base_err} {note}")
+        err.__dict__.update(base_err.__dict__)
+        err.recompute_tried = tried                 # type: ignore[attr-defined]
+        return err
     least = [(getattr(e, "least_memory", None), paths) for paths, e in errors]
     known = [(m, p) for m, p in least if m is not None]
     if not known:
@@ -1436,7 +1475,9 @@ def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Seq
     for mesh in mesh_shapes(n, axes, max_inner if max_inner is not None else profile.node_size):
         row = {"mesh": sharding.format_mesh(mesh)}
         try:
-            plan = search(graph, mesh, profile, **kwargs)
+            beat = {} if best is None or kwargs.get("objective", "time") != "time" else \
+                {"step_to_beat": best.cost["step_time"]}
+            plan = search(graph, mesh, profile, **kwargs, **beat)
         except PlanInfeasible as e:
             row.update(status="infeasible", reason=str(e),
                        least_memory=getattr(e, "least_memory", None),
@@ -1478,4 +1519,4 @@ def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Seq
 
 
 __all__ = ["search", "search_fixed", "search_devices", "PlanInfeasible", "mesh_shapes", "block_of",
-           "build_problem", "recompute_candidates"]
+           "build_problem", "recompute_candidates", "compute_bound"]
