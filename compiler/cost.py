@@ -65,7 +65,9 @@ block's gathered weights are alive only while `prefetch + 1` blocks are: each bl
 saved copy is counted at (prefetch + 1) / blocks, so the total is the window's.
 A recompute region (Plan.recompute pattern, one per matching module instance) saves
 only its inputs and costs one extra forward of its nodes, including the forward
-collectives into them (phase "recompute", run during the backward).
+collectives into them (phase "recompute", run during the backward). Which blocks to
+recompute is the search's choice when no plan file names them (passes/shard.py `search`,
+candidates ordered by `recompute_savings`).
 """
 from __future__ import annotations
 
