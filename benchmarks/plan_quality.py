@@ -26,13 +26,14 @@ Two more rows check the overlap-aware model on what it changes most:
 - GPT 100B (examples/gpt.py preset 100b), batch 64, ZeRO-3 on dp=64 H100s without
   recompute: memory counts the gathered window (prefetch + 1 blocks), not the gathered model.
 
-Two rows plan with no plan file, recompute chosen by the search (passes/shard.py `search`):
+Three rows plan with no plan file, recompute chosen by the search (passes/shard.py `search`):
 - GPT 100B, batch 64, on 64 H100s: `search_devices(graph, 64, "h100")`, every dp x tp shape;
 - Hugging Face GPT-2 (transformers, random init on meta), 96 layers, 4096 wide, batch
-  8 x 2048 tokens, on 64 H100s (80 GB): without recompute no plan fits (issue 11: 593 GiB
-  per device on main).
+  8 x 2048 tokens, on 64 H100s (80 GB) -- issue 11 measured 593 GiB per device when Conv1D
+  had no sharding rule; with the rule it fits without recompute -- and the same under a
+  40 GiB limit, where it needs recompute.
 
-    python benchmarks/plan_quality.py [--models 1.7b 3.6b] [--extra llama 100b 100b-searched gpt2-96]
+    python benchmarks/plan_quality.py [--models 1.7b 3.6b] [--extra llama 100b 100b-searched gpt2-96 gpt2-96-40g]
 """
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="*", default=[c[0] for c in CONFIGS])
     ap.add_argument("--time-limit", type=float, default=10.0)
-    ap.add_argument("--extra", nargs="*", default=["llama", "100b", "100b-searched", "gpt2-96"],
+    ap.add_argument("--extra", nargs="*", default=["llama", "100b", "100b-searched", "gpt2-96", "gpt2-96-40g"],
                     help="the LLaMA-3-8B, 100B and searched-recompute rows")
     # 10 s per mesh leaves the solver far from optimal on LLaMA's dp=8,tp=8 (FEASIBLE, ~1.9x
     # the optimum's step); 40 s proves it
@@ -248,6 +249,7 @@ SEARCHED_TITLES = {
     "gpt_100b_searched": "GPT 100B, batch 64, on 64 H100s, no plan file (recompute searched)",
     "hf_gpt2_96": "HF GPT-2, 96 layers x 4096, batch 8 x 2048, on 64 H100s (80 GB), no plan file "
                   "(recompute searched)",
+    "hf_gpt2_96_40g": "The same HF GPT-2 under --memory 40GiB (recompute searched)",
 }
 
 
@@ -272,12 +274,12 @@ def hf_gpt2_meta(layers=96, width=4096, batch=8, seq=2048, vocab=50304):
     return model, (ids, ids)
 
 
-def searched_row(graph, n: int, prof, time_limit: float) -> dict:
+def searched_row(graph, n: int, prof, time_limit: float, memory_limit: float | None = None) -> dict:
     """`search_devices` with nothing given: the winner, what recompute it chose, and per mesh
     shape the memory without recompute and the outcome."""
     t = time.perf_counter()
     try:
-        plan, rows = search_devices(graph, n, prof, time_limit=time_limit)
+        plan, rows = search_devices(graph, n, prof, time_limit=time_limit, memory_limit=memory_limit)
     except PlanInfeasible as e:
         return {"status": "infeasible", "reason": str(e), "search_s": time.perf_counter() - t,
                 "least_memory_gib": (getattr(e, "least_memory", 0) or 0) / 2**30}
@@ -292,7 +294,7 @@ def searched_row(graph, n: int, prof, time_limit: float) -> dict:
             "zero": plan.zero, "recompute": rs.get("chosen", []), "step_time": c["step_time"],
             "compute": c["compute_time"], "recompute_time": c["compute"]["recompute"],
             "communication": c["comm_time"], "memory_gib": c["memory"]["total"] / 2**30,
-            "limit_gib": prof.memory / 2**30, "tflops_per_gpu": c["tflops_per_device"],
+            "limit_gib": (memory_limit or prof.memory) / 2**30, "tflops_per_gpu": c["tflops_per_device"],
             "without_recompute": {k: (v / 2**30 if k in ("memory", "least_memory") and v else v)
                                   for k, v in without.items()},
             "tried_because": rs.get("tried_because"), "shapes": shapes,
@@ -391,6 +393,9 @@ def extra_rows(which, time_limit: float, llama_time_limit: float = 40.0) -> dict
             graph = prepare(trace(*hf_gpt2_meta(), name="hf-gpt2-96"))
         out["hf_gpt2_96"] = searched_row(graph, 64, load_profile("h100"), time_limit)
         print(f"HF GPT-2 96 x 4096 on 64 H100s: {out['hf_gpt2_96']}", flush=True)
+        if "gpt2-96-40g" in which:
+            out["hf_gpt2_96_40g"] = searched_row(graph, 64, load_profile("h100"), time_limit, 40 * 2**30)
+            print(f"HF GPT-2 96 x 4096 on 64 H100s under 40 GiB: {out['hf_gpt2_96_40g']}", flush=True)
     return out
 
 
