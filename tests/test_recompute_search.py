@@ -88,6 +88,20 @@ def test_recompute_is_not_chosen_with_memory_to_spare(gpt):
     assert bound.solver["recompute_search"]["chosen"] == list(best)
 
 
+def test_a_candidate_the_compute_bound_rules_out_is_not_searched(gpt, least):
+    """No plan with the regions is faster than `compute_bound` (FLOPs over every device at
+    peak); a candidate it proves slower than a step already found is skipped and said so."""
+    from autopar.passes.shard import compute_bound
+    limit = 0.5 * (least["with"] + least["without"])
+    plan = search(gpt, MESH, "cpu", memory_limit=limit, deterministic=True)
+    lb = compute_bound(gpt, Cluster(MESH, load_profile("cpu")), BLOCKS, None)
+    assert 0 < lb <= plan.cost["compute_time"] <= plan.cost["step_time"]
+    with pytest.raises(PlanInfeasible) as info:
+        search(gpt, MESH, "cpu", memory_limit=limit, deterministic=True, step_to_beat=0.5 * lb)
+    assert "Recompute of transformer.h.* was not searched on this mesh" in str(info.value)
+    assert [t["status"] for t in info.value.recompute_tried] == ["infeasible", "skipped"]
+
+
 def test_a_plan_file_recompute_is_kept(gpt, least, tmp_path):
     from autopar.dsl import compile_plan
     limit = 0.5 * (least["with"] + least["without"])
