@@ -203,6 +203,10 @@ def render(s: dict) -> str:
                            for z, v in (sv.get("zero_levels") or {}).items())
         out.append(f"  status {sv.get('status')}, solve {sv.get('solve_time', 0):.2f} s, "
                    f"wall {sv.get('wall_time', 0):.2f} s ({levels})")
+    rc_lines = render_recompute(sv.get("recompute_search"), c)
+    if rc_lines:
+        out.append("")
+        out.extend(rc_lines)
     out.append("")
     out.append("per module (identical repeated blocks shown once):")
     width = max([len(r["module"]) + 6 for r in s["modules"]] + [20])
@@ -239,13 +243,64 @@ def render(s: dict) -> str:
         for r in cands:
             if r["status"] == "infeasible":
                 least = f"needs {format_bytes(r['least_memory'])}" if r.get("least_memory") else r.get("reason", "")[:60]
+                if r.get("least_memory_recompute"):
+                    least += f" with recompute of {', '.join(r['least_memory_recompute'])}"
                 out.append(f"  {r['mesh']:<14} {'infeasible':<11} {least}")
                 continue
             out.append(f"  {r['mesh']:<14} {r['status']:<11} {format_time(r['step_time']):>11} "
                        f"{format_time(r['compute']):>11} {format_time(r['communication']):>11} "
                        f"{format_bytes(r['memory']):>11} {r['zero']:>4} {format_rate(r['tflops_per_device']):>14}"
-                       + ("  <- winner" if r.get("winner") else ""))
+                       + ("  <- winner" if r.get("winner") else "")
+                       + (f"  recompute {', '.join(r['recompute'])}" if r.get("recompute") else ""))
     return "\n".join(out) + "\n"
+
+
+def render_recompute(rs: dict | None, cost: dict) -> list[str]:
+    """Why the plan recomputes what it does (Plan.solver["recompute_search"]): the user's
+    regions, or what the search tried, why, and the memory and step time with and without."""
+    if not rs:
+        return []
+    chosen = rs.get("chosen") or []
+    if rs.get("mode") == "given":
+        return [f"recompute (from the plan): {', '.join(chosen)} -- kept as written, not searched"]
+    if rs.get("mode") != "searched":
+        return []
+    tried = rs.get("tried") or []
+    base = tried[0] if tried else {}
+    if len(tried) <= 1:
+        return [f"recompute: none; not tried ({rs.get('tried_because', '')})"]
+
+    def outcome(t: dict) -> str:
+        if t["status"] == "fits":
+            return f"{format_bytes(t['memory'])}, step {format_time(t['step_time'])}"
+        if t.get("least_memory"):
+            return f"no plan fits (the least any plan needs: {format_bytes(t['least_memory'])})"
+        if t["status"] == "skipped":
+            return f"not searched: {t.get('reason', '')}"
+        return t["status"]
+    lim = rs.get("limit")
+    out = [f"recompute (searched, because {rs.get('tried_because', '')}; limit {format_bytes(lim)}):"
+           if lim else "recompute (searched):"]
+    out.append(f"  without recompute: {outcome(base)}")
+    for t in tried[1:]:
+        mark = "  <- chosen" if t["recompute"] == chosen else ""
+        est = f"; saves ~{format_bytes(t['saves_estimate'])} unsplit" if t.get("saves_estimate") else ""
+        out.append(f"  recompute {', '.join(t['recompute'])} ({t['modules']} modules{est}): {outcome(t)}{mark}")
+    if chosen:
+        with_rc = next((t for t in tried[1:] if t["recompute"] == chosen), None)
+        why = ("it is the only choice that fits" if base.get("status") != "fits"
+               else "it lets a faster plan fit than any without it")
+        line = f"  chosen: recompute {', '.join(chosen)}, because {why}"
+        rt = (cost.get("compute") or {}).get("recompute")
+        if rt:
+            line += f"; the forward run again in backward costs {format_time(rt)} per step"
+        if with_rc and base.get("status") == "fits":
+            line += (f"; memory {format_bytes(base['memory'])} -> {format_bytes(with_rc['memory'])}, "
+                     f"step {format_time(base['step_time'])} -> {format_time(with_rc['step_time'])}")
+        out.append(line)
+    else:
+        out.append("  chosen: no recompute (the plans with recompute are slower)")
+    return out
 
 
 def render_schedule(sc: dict) -> list[str]:
@@ -346,4 +401,4 @@ def _json_default(x):
 
 
 __all__ = ["add_plan_args", "plan_main", "explain", "plan_summary", "render", "module_rows",
-           "schedule_summary", "render_schedule", "plan_report"]
+           "schedule_summary", "render_schedule", "plan_report", "render_recompute"]

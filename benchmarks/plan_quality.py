@@ -26,7 +26,14 @@ Two more rows check the overlap-aware model on what it changes most:
 - GPT 100B (examples/gpt.py preset 100b), batch 64, ZeRO-3 on dp=64 H100s without
   recompute: memory counts the gathered window (prefetch + 1 blocks), not the gathered model.
 
-    python benchmarks/plan_quality.py [--models 1.7b 3.6b] [--extra llama 100b]
+Three rows plan with no plan file, recompute chosen by the search (passes/shard.py `search`):
+- GPT 100B, batch 64, on 64 H100s: `search_devices(graph, 64, "h100")`, every dp x tp shape;
+- Hugging Face GPT-2 (transformers, random init on meta), 96 layers, 4096 wide, batch
+  8 x 2048 tokens, on 64 H100s (80 GB) -- issue 11 measured 593 GiB per device when Conv1D
+  had no sharding rule; with the rule it fits without recompute -- and the same under a
+  40 GiB limit, where it needs recompute.
+
+    python benchmarks/plan_quality.py [--models 1.7b 3.6b] [--extra llama 100b 100b-searched gpt2-96 gpt2-96-40g]
 """
 from __future__ import annotations
 
@@ -97,9 +104,10 @@ def megatron_pins(graph, t: int) -> list[Pin]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=[c[0] for c in CONFIGS])
+    ap.add_argument("--models", nargs="*", default=[c[0] for c in CONFIGS])
     ap.add_argument("--time-limit", type=float, default=10.0)
-    ap.add_argument("--extra", nargs="*", default=["llama", "100b"], help="the LLaMA-3-8B and 100B rows")
+    ap.add_argument("--extra", nargs="*", default=["llama", "100b", "100b-searched", "gpt2-96", "gpt2-96-40g"],
+                    help="the LLaMA-3-8B, 100B and searched-recompute rows")
     # 10 s per mesh leaves the solver far from optimal on LLaMA's dp=8,tp=8 (FEASIBLE, ~1.9x
     # the optimum's step); 40 s proves it
     ap.add_argument("--llama-time-limit", type=float, default=40.0)
@@ -185,6 +193,14 @@ def main() -> None:
                     "rows": rows, "ok": ok, "within_15pct": within, "verdict": verdict})
     extra = extra_rows(args.extra, args.time_limit, args.llama_time_limit)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    # a run of some rows keeps the recorded results of the others
+    old = RESULTS / "plan_quality.json"
+    if old.exists():
+        prev = json.loads(old.read_text())
+        rerun = {m["model"] for m in out}
+        out = sorted([m for m in prev.get("megatron", []) if m["model"] not in rerun] + out,
+                     key=lambda m: [c[0] for c in CONFIGS].index(m["model"]))
+        extra = {**{k: v for k, v in prev.items() if k != "megatron"}, **extra}
     (RESULTS / "plan_quality.json").write_text(json.dumps({"megatron": out, **extra}, indent=2) + "\n")
     md = ["# Searched vs hand plans on the cost model (A100-80G profile, full recompute)", ""]
     for m in out:
@@ -225,7 +241,94 @@ def main() -> None:
                    f"the whole gathered model would be {r['gathered_model_gib']:.1f} GiB); "
                    f"step {r['step_time']:.3f} s"]
         md.append("")
+    md += searched_recompute_md(extra)
     (RESULTS / "plan_quality.md").write_text("\n".join(md) + "\n")
+
+
+SEARCHED_TITLES = {
+    "gpt_100b_searched": "GPT 100B, batch 64, on 64 H100s, no plan file (recompute searched)",
+    "hf_gpt2_96": "HF GPT-2, 96 layers x 4096, batch 8 x 2048, on 64 H100s (80 GB), no plan file "
+                  "(recompute searched)",
+    "hf_gpt2_96_40g": "The same HF GPT-2 under --memory 40GiB (recompute searched)",
+}
+
+
+def hf_gpt2_meta(layers=96, width=4096, batch=8, seq=2048, vocab=50304):
+    """The Hugging Face GPT-2 (Conv1D projections) of that shape on meta, forward -> its loss."""
+    import torch
+    import transformers as tf
+
+    class LossOf(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids, labels):
+            return self.model(input_ids=ids, labels=labels).loss
+    cfg = tf.GPT2Config(n_layer=layers, n_embd=width, n_head=width // 64, n_positions=seq,
+                        vocab_size=vocab, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        use_cache=False)
+    with torch.device("meta"):
+        model = LossOf(tf.GPT2LMHeadModel(cfg)).train()
+        ids = torch.empty((batch, seq), dtype=torch.long)
+    return model, (ids, ids)
+
+
+def searched_row(graph, n: int, prof, time_limit: float, memory_limit: float | None = None) -> dict:
+    """`search_devices` with nothing given: the winner, what recompute it chose, and per mesh
+    shape the memory without recompute and the outcome."""
+    t = time.perf_counter()
+    try:
+        plan, rows = search_devices(graph, n, prof, time_limit=time_limit, memory_limit=memory_limit)
+    except PlanInfeasible as e:
+        return {"status": "infeasible", "reason": str(e), "search_s": time.perf_counter() - t,
+                "least_memory_gib": (getattr(e, "least_memory", 0) or 0) / 2**30}
+    c = plan.cost
+    rs = plan.solver.get("recompute_search", {})
+    shapes = []
+    for r in rows:
+        shapes.append({k: r.get(k) for k in ("mesh", "status", "step_time", "memory", "zero", "recompute",
+                                              "least_memory", "least_memory_recompute", "wall_time")})
+    without = rs.get("without", {})
+    return {"status": plan.solver["status"], "mesh": ",".join(f"{a}={s}" for a, s in plan.mesh.items()),
+            "zero": plan.zero, "recompute": rs.get("chosen", []), "step_time": c["step_time"],
+            "compute": c["compute_time"], "recompute_time": c["compute"]["recompute"],
+            "communication": c["comm_time"], "memory_gib": c["memory"]["total"] / 2**30,
+            "limit_gib": (memory_limit or prof.memory) / 2**30, "tflops_per_gpu": c["tflops_per_device"],
+            "without_recompute": {k: (v / 2**30 if k in ("memory", "least_memory") and v else v)
+                                  for k, v in without.items()},
+            "tried_because": rs.get("tried_because"), "shapes": shapes,
+            "search_s": time.perf_counter() - t}
+
+
+def searched_recompute_md(extra: dict) -> list[str]:
+    md = []
+    for key, title in SEARCHED_TITLES.items():
+        r = extra.get(key)
+        if r is None:
+            continue
+        md += [f"## {title}", ""]
+        if r["status"] == "infeasible":
+            md += [f"infeasible: {r['reason']}", ""]
+            continue
+        w = r["without_recompute"]
+        wtxt = (f"{w['memory']:.1f} GiB, step {w['step_time']:.3f} s" if "memory" in w else
+                f"no plan fits (least {w['least_memory']:.1f} GiB)" if w.get("least_memory") else "-")
+        md += [f"searched: {r['mesh']}, ZeRO-{r['zero']}, recompute {', '.join(r['recompute']) or 'none'}; "
+               f"step {r['step_time']:.3f} s (recompute {r['recompute_time']:.3f} s of compute), "
+               f"{r['memory_gib']:.1f} GiB of {r['limit_gib']:.1f} per device, {r['tflops_per_gpu']:.0f} TFLOP/s/GPU; "
+               f"the winner's mesh without recompute: {wtxt}; search {r['search_s']:.1f} s", "",
+               "| mesh | status | step s | memory GiB | ZeRO | recompute | least GiB (infeasible) | search s |",
+               "|---|---|---|---|---|---|---|---|"]
+        for x in r["shapes"]:
+            if x["status"] == "infeasible":
+                md.append(f"| {x['mesh']} | infeasible | | | | {', '.join(x.get('least_memory_recompute') or []) or '-'} | "
+                          f"{(x['least_memory'] or 0) / 2**30:.1f} | |")
+            else:
+                md.append(f"| {x['mesh']} | {x['status']} | {x['step_time']:.4f} | {x['memory'] / 2**30:.1f} | {x['zero']} | "
+                          f"{', '.join(x['recompute'] or []) or 'none'} | | {x['wall_time']:.1f} |")
+        md.append("")
+    return md
 
 
 def gathered_row(graph, plan, prof) -> dict:
@@ -271,12 +374,28 @@ def extra_rows(which, time_limit: float, llama_time_limit: float = 40.0) -> dict
         graph = prepare(trace(*gpt.build_meta("100b", batch=64), name="gpt-100b"))
         prof = load_profile("h100")
         try:
-            plan = search(graph, {"dp": 64, "tp": 1}, prof, zero=3, time_limit=time_limit)
+            plan = search(graph, {"dp": 64, "tp": 1}, prof, zero=3, time_limit=time_limit,
+                          search_recompute=False)
         except PlanInfeasible as e:
             out["gpt_100b"] = {"status": "infeasible", "least_memory_gib": (getattr(e, "least_memory", 0) or 0) / 2**30}
             return out
         out["gpt_100b"] = gathered_row(graph, plan, prof)
         print(f"GPT 100B ZeRO-3 dp=64: {out['gpt_100b']}", flush=True)
+    if "100b-searched" in which:
+        gpt = load_gpt()
+        graph = prepare(trace(*gpt.build_meta("100b", batch=64), name="gpt-100b"))
+        out["gpt_100b_searched"] = searched_row(graph, 64, load_profile("h100"), time_limit)
+        print(f"GPT 100B searched on 64 H100s: {out['gpt_100b_searched']}", flush=True)
+    if "gpt2-96" in which:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = prepare(trace(*hf_gpt2_meta(), name="hf-gpt2-96"))
+        out["hf_gpt2_96"] = searched_row(graph, 64, load_profile("h100"), time_limit)
+        print(f"HF GPT-2 96 x 4096 on 64 H100s: {out['hf_gpt2_96']}", flush=True)
+        if "gpt2-96-40g" in which:
+            out["hf_gpt2_96_40g"] = searched_row(graph, 64, load_profile("h100"), time_limit, 40 * 2**30)
+            print(f"HF GPT-2 96 x 4096 on 64 H100s under 40 GiB: {out['hf_gpt2_96_40g']}", flush=True)
     return out
 
 

@@ -65,7 +65,9 @@ block's gathered weights are alive only while `prefetch + 1` blocks are: each bl
 saved copy is counted at (prefetch + 1) / blocks, so the total is the window's.
 A recompute region (Plan.recompute pattern, one per matching module instance) saves
 only its inputs and costs one extra forward of its nodes, including the forward
-collectives into them (phase "recompute", run during the backward).
+collectives into them (phase "recompute", run during the backward). Which blocks to
+recompute is the search's choice when no plan file names them (passes/shard.py `search`,
+candidates ordered by `recompute_savings`).
 """
 from __future__ import annotations
 
@@ -134,6 +136,37 @@ def recompute_regions(graph: Graph, modules: Iterable[str]) -> dict[str, str]:
         for n in graph.nodes[start:end]:
             out[sharding.producer_key(n)] = f"{path}#{k}"
     return out
+
+
+def recompute_savings(graph: Graph, modules: Iterable[str], needs_grad: set[str],
+                      itemsize=lambda v: v.itemsize) -> float:
+    """Activation bytes (whole graph, nothing split) that recomputing `modules` stops
+    saving: the non-view outputs inside them that backward needs, less the inputs each
+    region must keep instead (values made outside it and read inside). The search orders
+    its recompute candidates by this; the plan's own memory comes from `evaluate`."""
+    regions = recompute_regions(graph, modules)
+    if not regions:
+        return 0.0
+    made_in: dict[Value, str | None] = {}
+    saved = kept = 0.0
+    for n in graph.nodes:
+        r = regions.get(sharding.producer_key(n))
+        for v in n.outputs:
+            made_in[v] = r
+        if r is None:
+            continue
+        if not REGISTRY[n.op].view:
+            saved += sum(v.numel * itemsize(v) for v in n.outputs if v.name in needs_grad)
+    seen: set[tuple[str, str]] = set()
+    for n in graph.nodes:
+        r = regions.get(sharding.producer_key(n))
+        if r is None:
+            continue
+        for v in n.inputs:
+            if v in made_in and made_in[v] != r and (r, v.name) not in seen:
+                seen.add((r, v.name))
+                kept += v.numel * itemsize(v)
+    return saved - kept
 
 
 # ---- the members of a graph: sources and nodes ----------------------------------------------
@@ -748,5 +781,5 @@ def annotate_costs(graph: Graph, plan, profile: DeviceProfile | str | None = Non
 
 
 __all__ = ["CostModel", "CostReport", "NodeCost", "Member", "Edge", "collective_time",
-           "annotate_costs", "recompute_regions", "PHASES", "GRAD_EXPOSED", "GATHER_EXPOSED",
+           "annotate_costs", "recompute_regions", "recompute_savings", "PHASES", "GRAD_EXPOSED", "GATHER_EXPOSED",
            "overlap_settings"]

@@ -287,3 +287,16 @@ def block_of(path: str) -> tuple[str, str] | None:
     if not m:
         return None
     return m.group(1), f"{m.group(1)}.{m.group(2)}"
+
+
+def repeated_blocks(graph: Graph) -> dict[str, list[str]]:
+    """Module lists with more than one instance, in graph order: `transformer.h` ->
+    [`transformer.h.0`, `transformer.h.1`, ...]. These are the block kinds the sharding
+    search links (one set of variables per repeated block) and the unit its recompute
+    decision is made for."""
+    lists: dict[str, dict[str, None]] = {}
+    for n in graph.nodes:
+        b = block_of(n.meta.module) if n.meta.module else None
+        if b is not None:
+            lists.setdefault(b[0], {})[b[1]] = None
+    return {name: list(insts) for name, insts in lists.items() if len(insts) > 1}

@@ -28,7 +28,8 @@ def compile_plan(path: str, graph: Graph, mesh: dict[str, int] | None = None,
 def search_with(spec: PlanSpec, graph: Graph, device: str | DeviceProfile | None = None,
                 memory: float | None = None, **search_kw) -> Plan:
     """`passes.shard.search` under the spec's mesh, limits, objective, pins and recompute
-    regions. `search_kw` go to the search (time_limit, deterministic, ...); a zero stage,
+    regions. A file with `recompute` lines gets exactly those regions (the search adds and
+    removes none); a file without lets the search choose recompute as it does with no file. `search_kw` go to the search (time_limit, deterministic, ...); a zero stage,
     dp axis or memory limit there only fills in what the file leaves out, pins and
     recompute regions there are added to the file's.
 

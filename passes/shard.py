@@ -1001,13 +1001,13 @@ def _gc_paused(fn):
     return run
 
 
-@_gc_paused
-def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | str,
-           memory_limit: float | None = None, zero: int | None = None, pins: Iterable[Pin] = (),
-           time_limit: float = 10.0, deterministic: bool = False, recompute: Iterable[str] = (),
-           precision: str | None = None, merge: bool = True, link: bool = True,
-           dp_axis: str | None = None, objective: str = "time", overlap=None) -> Plan:
-    """The fastest plan for `graph` on `mesh` that fits `memory_limit` bytes per device
+def search_fixed(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | str,
+                 memory_limit: float | None = None, zero: int | None = None, pins: Iterable[Pin] = (),
+                 time_limit: float = 10.0, deterministic: bool = False, recompute: Iterable[str] = (),
+                 precision: str | None = None, merge: bool = True, link: bool = True,
+                 dp_axis: str | None = None, objective: str = "time", overlap=None) -> Plan:
+    """`search` with the recompute regions fixed to `recompute` (patterns or module paths;
+    none: nothing recomputed). The fastest plan for `graph` on `mesh` that fits `memory_limit` bytes per device
     (default: the profile's memory). `zero=None` lets the search pick the ZeRO stage.
     `objective="memory"`: the plan of least memory per device instead, the fastest of those.
     `overlap`: the communication schedule the plan will run (Plan.overlap; default DDP's
@@ -1131,6 +1131,216 @@ def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | st
                      [str(p) for p in pins])
 
 
+# ---- recompute chosen by the search ----------------------------------------------------------------
+
+# a plan needing at least this share of the memory limit without recompute is memory-bound:
+# recompute may let a faster layout fit, so the search tries it too (below it, recompute
+# only adds a forward and is never tried)
+RECOMPUTE_TRY_FRACTION = 0.8
+# at most this many recompute candidates per mesh shape (block kinds added one at a time,
+# the one saving most memory first)
+RECOMPUTE_CANDIDATES = 3
+
+
+def recompute_candidates(graph: Graph, precision_itemsize=None) -> list[tuple[list[str], float]]:
+    """The recompute choices the search tries, in order: every instance of the repeated
+    block kind saving the most activation memory, then that and the next kind, ... --
+    each as (module paths, activation bytes saved, whole graph unsplit)."""
+    from autopar.compiler.cost import recompute_savings
+    from autopar.compiler.gradients import grad_info
+    from autopar.compiler.patterns import repeated_blocks
+    lists = repeated_blocks(graph)
+    if not lists:
+        return []
+    needs_grad = grad_info(graph).needs_grad
+    size = precision_itemsize or (lambda v: v.itemsize)
+    saving = sorted(((recompute_savings(graph, insts, needs_grad, size), name)
+                     for name, insts in lists.items()), key=lambda x: -x[0])
+    out, paths, total = [], [], 0.0
+    for saved, name in saving[:RECOMPUTE_CANDIDATES]:
+        if saved <= 0:
+            break
+        paths = paths + lists[name]
+        total += saved
+        out.append((list(paths), total))
+    return out
+
+
+def compute_bound(graph: Graph, cluster: Cluster, recompute: Sequence[str], precision: str | None) -> float:
+    """No plan with these recompute regions steps faster than this: its FLOPs (forward,
+    backward, the regions' forward again) over every device at the profile's achievable
+    peak -- each node's compute is at least its FLOPs over its split factor, which is at
+    most the device count, and the step's schedule runs all compute on one stream."""
+    cm = CostModel(graph, cluster, precision=precision, recompute=recompute)
+    rep = tuple(None for _ in cm.mesh)
+    flops = 0.0
+    for m in cm.members:
+        if m.is_source:
+            continue
+        c = cm.compute(m.index, rep)
+        flops += c.flops + c.bwd_flops + (c.flops if m.key in cm.regions else 0.0)
+    return flops / (cluster.devices * cm.profile.efficiency * cm.profile.peak_flops)
+
+
+@_gc_paused
+def search(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfile | str,
+           memory_limit: float | None = None, zero: int | None = None, pins: Iterable[Pin] = (),
+           time_limit: float = 10.0, deterministic: bool = False, recompute: Iterable[str] = (),
+           precision: str | None = None, merge: bool = True, link: bool = True,
+           dp_axis: str | None = None, objective: str = "time", overlap=None,
+           search_recompute: bool = True, step_to_beat: float | None = None) -> Plan:
+    """The fastest plan for `graph` on `mesh` that fits `memory_limit` bytes per device
+    (default: the profile's memory), recompute included: `search_fixed` without recompute,
+    then -- when no plan fits, or the plan found needs RECOMPUTE_TRY_FRACTION of the limit
+    or more -- with recompute of each candidate of `recompute_candidates` (every instance
+    of a repeated block kind, the one saving most memory first); the fastest plan by
+    the predicted step time wins (Plan.recompute says which, Plan.solver["recompute_search"]
+    what was tried). An enumeration, not a CP-SAT decision: recomputing a block changes
+    which values are saved, where its reshards run (again in backward), the ZeRO-3 prefetch
+    window and the simulated schedule the candidates are ranked by -- the cost model's
+    structure, not one linear term -- so each choice is priced by the exact model it
+    runs under, at the price of one more search per candidate (a few, and only when
+    memory binds).
+
+    A candidate is skipped, unsearched, when `compute_bound` proves it slower than the plan
+    without recompute or than `step_to_beat` (search_devices passes the best step of the
+    mesh shapes searched before): what keeps the extra searches few.
+
+    `recompute` given (a plan file's `recompute` lines): exactly those regions, nothing
+    added or removed. `search_recompute=False`, or objective="memory": no recompute
+    unless given. Other arguments as `search_fixed`. Raises `PlanInfeasible`; a memory
+    limit nothing meets names the least memory per device with and without recompute.
+
+        >>> plan = search(graph, "dp=2,tp=2", "h100", deterministic=True)   # doctest: +SKIP
+        >>> plan.recompute, plan.solver["recompute_search"]["chosen"]        # doctest: +SKIP
+    """
+    from autopar.compiler.patterns import fold_modules
+    kw = dict(memory_limit=memory_limit, zero=zero, pins=list(pins), time_limit=time_limit,
+              deterministic=deterministic, precision=precision, merge=merge, link=link,
+              dp_axis=dp_axis, objective=objective, overlap=overlap)
+    recompute = list(recompute)
+    if recompute or not search_recompute or objective != "time":
+        plan = search_fixed(graph, mesh, profile, recompute=recompute, **kw)
+        plan.solver["recompute_search"] = {
+            "mode": "given" if recompute else "off", "chosen": fold_modules(plan.recompute, graph)}
+        return plan
+    if isinstance(profile, str):
+        profile = load_profile(profile)
+    limit = float(memory_limit) if memory_limit is not None else float(profile.memory)
+    t0 = time.perf_counter()
+    tried: list[dict] = []
+    plans: list[Plan] = []
+    errors: list[tuple[list[str], PlanInfeasible]] = []
+
+    def attempt(paths: list[str]) -> None:
+        t = time.perf_counter()
+        entry: dict = {"recompute": fold_modules(paths, graph), "modules": len(paths)}
+        try:
+            plan = search_fixed(graph, mesh, profile, recompute=paths, **kw)
+        except PlanInfeasible as e:
+            entry.update(status="timed out" if getattr(e, "timed_out", False) else "infeasible",
+                         least_memory=getattr(e, "least_memory", None), reason=str(e))
+            errors.append((paths, e))
+        else:
+            entry.update(status="fits", step_time=plan.cost["step_time"],
+                         memory=plan.cost["memory"]["total"], zero=plan.zero)
+            plans.append(plan)
+        entry["wall_time"] = time.perf_counter() - t
+        tried.append(entry)
+
+    attempt([])
+    base = plans[0] if plans else None
+    base_err = errors[0][1] if errors else None
+    # recompute cannot resolve conflicting pins; it may only help memory
+    hopeless = base_err is not None and getattr(base_err, "reason", "memory") == "pins"
+    bound = base is not None and base.cost["memory"]["total"] >= RECOMPUTE_TRY_FRACTION * limit
+    saved = []
+    if not hopeless and (base is None or bound):
+        prec = precision or profile.precision
+        saved = recompute_candidates(graph, (lambda v: 2 if v.dtype.is_floating_point else v.itemsize)
+                                     if prec == "mixed" else None)
+        cluster = Cluster(dict(sharding.parse_mesh(mesh) if isinstance(mesh, str) else mesh), profile)
+        for paths, b in saved:
+            beat = min([x for x in (step_to_beat, base.cost["step_time"] if base else None) if x is not None],
+                       default=None)
+            lb = compute_bound(graph, cluster, paths, precision) if beat is not None else None
+            if lb is not None and lb >= beat:
+                tried.append({"recompute": fold_modules(paths, graph), "modules": len(paths),
+                              "status": "skipped", "lower_bound": lb, "saves_estimate": b,
+                              "reason": f"its compute alone takes {lb:.4g} s per step, no faster than "
+                                        f"{beat:.4g} s (a plan found already)", "wall_time": 0.0})
+                continue
+            attempt(paths)
+            tried[-1]["saves_estimate"] = b
+    info = {"mode": "searched", "tried": tried, "limit": limit,
+            "tried_because": ("nothing fits without recompute" if base is None else
+                              f"the plan without recompute needs {base.cost['memory']['total'] / limit:.0%} "
+                              f"of the memory limit" if bound else
+                              f"the plan without recompute needs less than "
+                              f"{RECOMPUTE_TRY_FRACTION:.0%} of the memory limit: recompute not tried"),
+            "wall_time": time.perf_counter() - t0}
+    if not plans:
+        raise recompute_infeasible(graph, mesh, base_err, errors, tried, limit)
+    best = min(plans, key=lambda p: p.cost["step_time"])
+    info["chosen"] = fold_modules(best.recompute, graph)
+    if base is not None:
+        info["without"] = {"step_time": base.cost["step_time"], "memory": base.cost["memory"]["total"],
+                           "zero": base.zero}
+    else:
+        info["without"] = {"least_memory": getattr(base_err, "least_memory", None)}
+    best.solver["recompute_search"] = info
+    # the whole search's time, every candidate included
+    best.solver["wall_time"] = info["wall_time"]
+    return best
+
+
+def recompute_infeasible(graph: Graph, mesh, base_err: PlanInfeasible | None,
+                         errors: list[tuple[list[str], PlanInfeasible]], tried: list[dict],
+                         limit: float) -> PlanInfeasible:
+    """No candidate fits: the error without recompute, with what recompute would need
+    added (the smallest memory limit any tried choice fits)."""
+    from autopar.compiler.patterns import fold_modules
+    if base_err is None:                       # cannot happen: the first attempt failed
+        base_err = errors[0][1]
+    skipped = [t for t in tried if t["status"] == "skipped"]
+    if len(errors) == 1 or getattr(base_err, "least_memory", None) is None:
+        if not skipped:
+            return base_err
+        # say why recompute was not searched here (another mesh shape is faster anyway)
+        note = " ".join(f"Recompute of {', '.join(t['recompute'])} was not searched on this mesh: "
+                        f"{t['reason']}." for t in skipped)
+        err = PlanInfeasible(f"{base_err} {note}")
+        err.__dict__.update(base_err.__dict__)
+        err.recompute_tried = tried                 # type: ignore[attr-defined]
+        return err
+    least = [(getattr(e, "least_memory", None), paths) for paths, e in errors]
+    known = [(m, p) for m, p in least if m is not None]
+    if not known:
+        return base_err
+    m_best, p_best = min(known, key=lambda x: x[0])
+    m0 = base_err.least_memory                 # type: ignore[attr-defined]
+    mesh_s = sharding.format_mesh(sharding.parse_mesh(mesh) if isinstance(mesh, str) else mesh)
+    rc = ", ".join(fold_modules(p_best, graph)) or "nothing"
+    parts = [f"memory per device: no plan on mesh {mesh_s} fits the limit of {format_bytes(limit)}, "
+             f"with or without recompute. Without recompute the least any plan needs is "
+             f"{format_bytes(m0)}; with recompute of {rc} (every block's activations dropped "
+             f"to its input, its forward run again in backward) the least is {format_bytes(m_best)}"]
+    br = getattr(next(e for p, e in errors if p is p_best), "memory_breakdown", None)
+    if br:
+        parts.append(f" (params {format_bytes(br['params'])}, grads {format_bytes(br['grads'])}, "
+                     f"optimizer {format_bytes(br['optimizer'])}, activations {format_bytes(br['activations'])})")
+    parts.append(f". A limit of {format_bytes(m_best)} per device would fit on this mesh; "
+                 "otherwise use more devices or a smaller batch.")
+    err = PlanInfeasible("".join(parts))
+    err.least_memory = m_best                       # type: ignore[attr-defined]
+    err.least_memory_without_recompute = m0         # type: ignore[attr-defined]
+    err.least_memory_recompute = fold_modules(p_best, graph)   # type: ignore[attr-defined]
+    err.memory_breakdown = br                       # type: ignore[attr-defined]
+    err.reason = "memory"                           # type: ignore[attr-defined]
+    err.recompute_tried = tried                     # type: ignore[attr-defined]
+    return err
+
+
 def additive_candidate(prob: Problem, zero: int, limit: float, budget: float, deterministic: bool,
                        protected: set[int]) -> list[int] | None:
     """The fastest plan by the additive prices (every collective exposed): a candidate for
@@ -1187,14 +1397,17 @@ def infeasible_error(prob: Problem, results, limit: float, deterministic: bool,
         f"before any plan was found on mesh {mesh} ({levels}); a plan may well exist -- none is "
         "proven impossible. Raise --time-limit (or the search's time_limit).")
     timed_out.timed_out = True              # type: ignore[attr-defined]
+    timed_out.reason = "time limit"         # type: ignore[attr-defined]
     cores = [r.core for r, _ in results if r.status == "INFEASIBLE"]
     pin_cores = [c for c in cores if c and "memory" not in c]
     if pin_cores and len(pin_cores) == len(results):
         core = min(pin_cores, key=len)
-        return PlanInfeasible(f"the pins cannot all hold on mesh {mesh}: {'; '.join(core)}. "
+        err = PlanInfeasible(f"the pins cannot all hold on mesh {mesh}: {'; '.join(core)}. "
                               "No strategy gives these values those layouts together (a dim that "
                               "no axis size divides, a dim the op cannot split, or two pins on "
                               "one decision). Remove or change one of them.")
+        err.reason = "pins"                 # type: ignore[attr-defined]
+        return err
     if not any(r.status == "INFEASIBLE" for r, _ in results):
         return timed_out
     pinned_memory = sorted({p for c in cores for p in c if p != "memory"})
@@ -1210,7 +1423,9 @@ def infeasible_error(prob: Problem, results, limit: float, deterministic: bool,
     if best is None:
         if any(r.status != "INFEASIBLE" for r, _ in results):
             return timed_out
-        return PlanInfeasible(f"no plan exists on mesh {mesh} even without a memory limit")
+        err = PlanInfeasible(f"no plan exists on mesh {mesh} even without a memory limit")
+        err.reason = "pins"                 # type: ignore[attr-defined]
+        return err
     z, rep = best
     m = rep.memory
     if m["total"] <= limit and any(r.status != "INFEASIBLE" for r, _ in results):
@@ -1224,6 +1439,7 @@ def infeasible_error(prob: Problem, results, limit: float, deterministic: bool,
         + (f" The pins {'; '.join(pinned_memory)} take part in this." if pinned_memory else ""))
     err.least_memory = m["total"]           # type: ignore[attr-defined]
     err.memory_breakdown = dict(m)          # type: ignore[attr-defined]
+    err.reason = "memory"                   # type: ignore[attr-defined]
     return err
 
 
@@ -1259,10 +1475,13 @@ def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Seq
     for mesh in mesh_shapes(n, axes, max_inner if max_inner is not None else profile.node_size):
         row = {"mesh": sharding.format_mesh(mesh)}
         try:
-            plan = search(graph, mesh, profile, **kwargs)
+            beat = {} if best is None or kwargs.get("objective", "time") != "time" else \
+                {"step_to_beat": best.cost["step_time"]}
+            plan = search(graph, mesh, profile, **kwargs, **beat)
         except PlanInfeasible as e:
             row.update(status="infeasible", reason=str(e),
-                       least_memory=getattr(e, "least_memory", None))
+                       least_memory=getattr(e, "least_memory", None),
+                       least_memory_recompute=getattr(e, "least_memory_recompute", None))
             rows.append(row)
             continue
         c = plan.cost
@@ -1271,18 +1490,33 @@ def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Seq
                    exposed=sum(c.get("exposed_comm", {}).values()),
                    memory=c["memory"]["total"], zero=plan.zero,
                    tflops_per_device=c["tflops_per_device"], solve_time=plan.solver["solve_time"],
-                   wall_time=plan.solver["wall_time"])
+                   wall_time=plan.solver["wall_time"],
+                   recompute=(plan.solver.get("recompute_search") or {}).get("chosen", []))
         rows.append(row)
         if best is None or rank(plan) < rank(best):
             best = plan
     if best is None:
 
         detail = "; ".join(f"{r['mesh']}: {r['reason']}" for r in rows)
-        raise PlanInfeasible(f"no mesh shape of {n} devices has a plan. {detail}")
+        sized = [r for r in rows if r.get("least_memory")]
+        head = f"no mesh shape of {n} devices has a plan."
+        if sized:
+            r = min(sized, key=lambda r: r["least_memory"])
+            rc = r.get("least_memory_recompute")
+            head += (f" The least memory per device of any shape is {format_bytes(r['least_memory'])}, "
+                     f"on {r['mesh']}" + (f" with recompute of {', '.join(rc)}" if rc else "")
+                     + ": a limit of that fits.")
+        err = PlanInfeasible(f"{head} {detail}")
+        if sized:
+            err.least_memory = r["least_memory"]           # type: ignore[attr-defined]
+            err.least_memory_mesh = r["mesh"]               # type: ignore[attr-defined]
+        err.rows = rows                                     # type: ignore[attr-defined]
+        raise err
     for r in rows:
         r["winner"] = r["mesh"] == sharding.format_mesh(best.mesh)
     best.solver["mesh_candidates"] = rows
     return best, rows
 
 
-__all__ = ["search", "search_devices", "PlanInfeasible", "mesh_shapes", "block_of", "build_problem"]
+__all__ = ["search", "search_fixed", "search_devices", "PlanInfeasible", "mesh_shapes", "block_of",
+           "build_problem", "recompute_candidates", "compute_bound"]

@@ -167,8 +167,10 @@ def test_gpt_plan_has_the_torch_plans_layouts(exported, traced, memory):
               for g in (g_onnx, g_torch)]
     a, b = (p.cost["step_time"] for p in ranked)
     assert abs(a - b) <= 0.1 * b, (a, b)
+    # recompute left out: under the limit the layouts themselves must give (the search
+    # would otherwise recompute the blocks and shard less)
     p_onnx, p_torch = (search(g, {"dp": 2, "tp": 2}, "cpu", memory_limit=limit, deterministic=True,
-                              overlap=False) for g in (g_onnx, g_torch))
+                              overlap=False, search_recompute=False) for g in (g_onnx, g_torch))
     renamed = {"lm_head.weight": "transformer.wte.weight"}
     onnx_layouts = {renamed.get(k, k): v for k, v in p_onnx.layouts.items()}
     assert set(p_torch.layouts) - set(onnx_layouts) == {"arange", "transformer.wpe.weight"}
