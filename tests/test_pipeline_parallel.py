@@ -131,3 +131,61 @@ def test_pp2_launch_matches_one_device_and_predicted_bytes(schedule):
         assert re.search(r"send:pp\s+32,768\s+32,768\s+ok.*4 / 4", part), part
         assert re.search(r"recv:pp\s+32,768\s+32,768\s+ok.*4 / 4", part), part
         assert re.search(r"all_reduce:pp\s+32,768\s+32,768\s+ok", part), part
+
+
+# ---- plan files ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpt2(traced):
+    return traced("gpt")[3]
+
+
+def test_plan_file_schedule_reaches_the_plan(gpt2):
+    from autopar.dsl import parse_plan, resolve, search_with, write_plan
+    text = "mesh pp=2, dp=2\npipeline microbatches 2, schedule gpipe\n"
+    spec = resolve(parse_plan(text), gpt2)
+    assert (spec.microbatches, spec.schedule, spec.mesh) == (2, "gpipe", {"pp": 2, "dp": 2})
+    assert "pipeline microbatches 2, schedule gpipe" in spec.format()
+    plan = search_with(spec, gpt2, deterministic=True, time_limit=3)
+    assert plan.pipeline["schedule"] == "gpipe" and plan.pipeline["ranges"] == [[0, 1], [1, 2]]
+    assert plan.mesh == {"pp": 2, "dp": 2}
+    assert all(s[0] is None for s in plan.strategies.values())          # nothing split over pp
+    assert all(lay[0] == "R" for lay in plan.layouts.values())
+    assert plan.overlap["enabled"] is False
+    assert "pipeline microbatches 2, schedule gpipe" in write_plan(plan, gpt2)
+
+
+@pytest.mark.parametrize("text,cls,where,words", [
+    # a schedule needs a pp axis: points at the schedule
+    ("mesh dp=2\npipeline microbatches 2, schedule 1f1b\n", "NoPipelineStages", "2:26", "has none"),
+    # more stages than the two blocks: points at the mesh's pp axis
+    ("mesh dp=1, pp=3\npipeline microbatches 2, schedule 1f1b\n", "NoPipelineStages", "1:12",
+     "more stages than blocks"),
+    # M must divide the batch of 4
+    ("mesh pp=2\npipeline microbatches 3, schedule gpipe\n", "BadMicrobatches", "2:23", "does not divide"),
+    ("mesh pp=2\npipeline microbatches 2, schedule interleaved 2\n", "NoPipelineStages", "2:26",
+     "GPipe or 1F1B"),
+    ('mesh pp=2\nstage 0 "transformer.h.0"\n', "NoPipelineStages", "2:1", "stage pins are not supported"),
+])
+def test_plan_file_pipeline_errors_name_file_line_column(gpt2, text, cls, where, words):
+    from autopar.dsl import errors as E
+    from autopar.dsl import parse_plan, resolve
+    with pytest.raises(getattr(E, cls)) as info:
+        resolve(parse_plan(text), gpt2)
+    msg = str(info.value)
+    assert f"<string>:{where}" in msg and words in msg, msg
+
+
+def test_pp2_tp2_plan_file_launch_matches_one_device():
+    """examples/plans/pipeline_gpt.plan: 2 stages x Megatron tp=2 inside each, 1F1B over 2
+    microbatches: the intra-stage collectives over tp and the pipeline's send/recv over pp
+    are both as predicted, per stage."""
+    rc, out = _run(["run", "examples/gpt.py:build", "--plan", "examples/plans/pipeline_gpt.plan",
+                    "--steps", "2", "--check"])
+    assert rc == 0, out
+    assert "check: ok" in out
+    for k in (0, 1):
+        part = out.split(f"stage {k} (pp={k}")[1].split("stage")[0]
+        assert re.search(r"all_reduce:tp\s+[\d,]+\s+[\d,]+\s+ok", part), part
+        # 2 microbatches of (2, 32, 64) fp32 = 16 KiB each
+        assert re.search(r"send:pp\s+32,768\s+32,768\s+ok.*2 / 2", part), part

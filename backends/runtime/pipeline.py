@@ -68,6 +68,22 @@ def measured_stage_class():
             super().__init__(*args, **kwargs)
             self._mesh, self._axis = mesh, axis
 
+        # The first step infers the shapes crossing each cut by running the stage once on
+        # the first microbatch (and its backward): a one-time setup, not part of a training
+        # step, so the collectives it runs are left out of the step's traffic.
+        def _unrecorded(self, fn, *args, **kwargs):
+            traffic, events = dict(self._mesh.traffic), list(self._mesh.events)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._mesh.traffic, self._mesh.events = traffic, events
+
+        def _forward_metadata_inference(self, *args, **kwargs):
+            return self._unrecorded(super()._forward_metadata_inference, *args, **kwargs)
+
+        def _backward_metadata_inference(self, *args, **kwargs):
+            return self._unrecorded(super()._backward_metadata_inference, *args, **kwargs)
+
         def _note(self, kind, ops, phase):
             for op in ops:
                 self._mesh._record(kind, self._axis, _bytes([op]), phase)
