@@ -280,7 +280,7 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
     check_microbatches(graph, plan, inputs)
     if plan.pipeline or schedule:
         from autopar.compiler.stages import check_pipeline
-        check_pipeline(plan, schedule, backend)
+        check_pipeline(plan, schedule, backend, graph)      # and priced with the final M
     # the communication schedule: gradient buckets reduced while backward runs
     sharded = overlap(apply_plan(graph, plan))
     plan.cost.setdefault("bytes", predict_traffic(sharded))

@@ -184,7 +184,118 @@ def stage_node_times(graph, plan, profile) -> list[float]:
     return out
 
 
-def check_pipeline(plan, schedule: str | None, backend: str) -> None:
+def price_pipeline(plan, graph, profile) -> dict:
+    """The pipeline's step time and memory per device, from the intra-stage plan's cost
+    model, into plan.cost (step_time, memory: the worst stage) and plan.cost["pipeline"].
+
+    Stage k's time t_k: its nodes' forward + backward compute, plus its share of the
+    intra-stage plan's communication. GPipe and 1F1B idle each stage for (p-1) microbatch
+    slots while the pipeline fills and drains, so the step is the slowest stage stretched by
+    the bubble, max_k t_k * (1 + (p-1)/m), plus the point-to-point sends on the fill / drain
+    path (2 (p-1) microbatch activations, forward and backward) and the tied weights'
+    gradient all_reduce. Memory: a stage's parameters, gradients and optimizer state, plus
+    the activations of the microbatches in flight -- GPipe keeps all m, 1F1B at most p - k on
+    stage k (p on the first)."""
+    from autopar.compiler import sharding
+    from autopar.compiler.cluster import Cluster
+    from autopar.compiler.cost import CostModel, collective_time
+    pp = plan.pipeline
+    pp.setdefault("unpipelined_step", plan.cost.get("step_time"))   # the intra-stage plan's, whole model
+    p, m = pp["stages"], max(1, int(plan.microbatches or 1))
+    pos = list(plan.mesh).index(pp["axis"])
+    intra = {a: n for a, n in plan.mesh.items() if a != pp["axis"]}
+    cm = CostModel(graph, Cluster(intra, profile), precision=plan.cost.get("precision"))
+    stages = cut_stages(graph, p, ranges=pp["ranges"])
+
+    def strat(key):
+        v = plan.strategies.get(key)
+        return tuple(x for i, x in enumerate(v) if i != pos) if v is not None else tuple(None for _ in intra)
+    node_t, node_act = [], []
+    for n in graph.nodes:
+        mi = cm.by_key[sharding.producer_key(n)].index
+        c = cm.compute(mi, strat(cm.members[mi].key))
+        node_t.append(c.fwd_time + c.bwd_time + c.recompute_time)
+        node_act.append(cm.activation_bytes(mi, strat(cm.members[mi].key)))
+    total_compute = sum(node_t) or 1.0
+    comm = plan.cost.get("comm_time", 0.0)
+    link = Cluster(dict(plan.mesh), profile).link(pp["axis"])
+    state = {}
+    for prm in graph.params:
+        mi = cm.by_key[prm.name].index
+        state[prm.name] = cm.param_state(mi, strat(prm.name), plan.zero)
+    rows = []
+    for st in stages:
+        compute = sum(node_t[i] for i in st.nodes)
+        t = compute + comm * compute / total_compute
+        acts = sum(node_act[i] for i in st.nodes)            # the whole batch's, this rank's shard
+        flight = m if pp["schedule"] == "gpipe" else min(m, p - st.index)
+        parts = [sum(state.get(n, (0.0, 0.0, 0.0))[j] for n in st.params) for j in range(3)]
+        rows.append({"stage": st.index, "time": t, "compute": compute, "in_flight": flight,
+                     "activations": acts * flight / m, "state": sum(parts), "params": parts[0],
+                     "grads": parts[1], "optimizer": parts[2], "memory": sum(parts) + acts * flight / m})
+    # one microbatch's boundary activations (the largest cut), fp32 as traced
+    from autopar.compiler.sharded import depends_on
+    cut_bytes = 0.0
+    for k in range(p - 1):
+        defined = {v for i in stages[k].nodes for v in graph.nodes[i].outputs}
+        crossing = {v for i in stages[k + 1].nodes for v in graph.nodes[i].inputs if v in defined}
+        b = sum(prod_local(v, plan, pos) * cm.itemsize(v) for v in crossing) / m
+        cut_bytes = max(cut_bytes, b)
+    p2p = link.alpha + cut_bytes / link.bandwidth if p > 1 else 0.0
+    tied_bytes = sum(v.numel * cm.itemsize(v) for v in graph.params if v.requires_grad
+                     and len(owners(stages).get(v.name, [])) > 1)
+    tied_t = collective_time("all_reduce", 2, tied_bytes, link) if tied_bytes else 0.0
+    bubble = (p - 1) / m
+    slowest = max(r["time"] for r in rows)
+    step = slowest * (1 + bubble) + 2 * (p - 1) * p2p + tied_t
+    out = {"schedule": pp["schedule"], "stages": p, "microbatches": m, "bubble": bubble,
+           "stage_rows": rows, "p2p_per_microbatch": p2p, "boundary_bytes": cut_bytes,
+           "tied_all_reduce": tied_t, "unpipelined_step": pp["unpipelined_step"], "step_time": step}
+    plan.cost["pipeline"] = out
+    plan.cost["step_time"] = step
+    worst = max(rows, key=lambda r: r["memory"])
+    mem = dict(plan.cost.get("memory") or {})
+    mem.update({k: int(worst[k]) for k in ("params", "grads", "optimizer", "activations")})
+    mem["total"] = int(worst["memory"])            # the fullest stage's device
+    plan.cost["memory"] = mem
+    pp["stage_time"] = [r["time"] for r in rows]
+    return out
+
+
+def prod_local(v, plan, pos) -> int:
+    """Elements of this rank's block of `v` under the plan (pp left out)."""
+    from autopar.compiler import sharding
+    lay = plan.layouts.get(v.name)
+    if lay is None:
+        return v.numel
+    intra = {a: n for a, n in plan.mesh.items() if a != PP_AXIS}
+    out = 1
+    for d in sharding.local_shape(v.shape, tuple(x for i, x in enumerate(lay) if i != pos), intra):
+        out *= int(d)
+    return out
+
+
+def pipeline_lines(c: dict) -> list[str]:
+    """The explanation's lines on the pipeline (plan.cost["pipeline"])."""
+    from autopar.compiler.cluster import format_bytes, format_time
+    out = ["", f"pipeline: {c['stages']} stages, schedule {c['schedule']}, {c['microbatches']} microbatches; "
+               f"bubble (p-1)/m = {c['bubble']:.3g}"]
+    for r in c["stage_rows"]:
+        out.append(f"  stage {r['stage']}: {format_time(r['time'])} per step (compute {format_time(r['compute'])}), "
+                   f"memory {format_bytes(r['memory'])} (state {format_bytes(r['state'])}, activations of "
+                   f"{r['in_flight']} microbatch(es) in flight {format_bytes(r['activations'])})")
+    out.append(f"  step = slowest stage x (1 + bubble) + 2(p-1) sends of {format_bytes(c['boundary_bytes'])} "
+               f"({format_time(c['p2p_per_microbatch'])} each) + tied-weight all_reduce "
+               f"{format_time(c['tied_all_reduce'])} = {format_time(c['step_time'])}")
+    return out
+
+
+def pp_profile(name):
+    from autopar.compiler.cluster import DeviceProfile, load_profile
+    return name if isinstance(name, DeviceProfile) else load_profile(name)
+
+
+def check_pipeline(plan, schedule: str | None, backend: str, graph=None) -> None:
     """What a pipelined plan does not run (yet), refused with the flag to change."""
     pp = plan.pipeline
     if not pp:
@@ -192,6 +303,13 @@ def check_pipeline(plan, schedule: str | None, backend: str) -> None:
                          "(e.g. --mesh pp=2); drop --schedule")
     if schedule:
         pp["schedule"] = schedule
+    if pp.get("profile") is not None and graph is not None:
+        try:
+            profile = pp_profile(pp["profile"])
+        except Exception:            # a profile file no longer at hand: keep the plan's prices
+            profile = None
+        if profile is not None:
+            price_pipeline(plan, graph, profile)
     if pp["schedule"] not in SCHEDULES:
         raise InputError(f"pipeline schedule {pp['schedule']!r}: use one of {', '.join(SCHEDULES)}")
     if backend != "torch":
@@ -229,7 +347,8 @@ def pipeline_plan(graph, mesh: dict[str, int], search: Callable, profile, schedu
     plan.pipeline = {"axis": PP_AXIS, "stages": p, "schedule": schedule or "1f1b",
                      "blocks": block_list(graph.nodes)[0],
                      "ranges": [list(s.blocks) for s in stages],
-                     "stage_time": [s.time for s in stages]}
+                     "stage_time": [s.time for s in stages], "profile": profile.name}
+    price_pipeline(plan, graph, profile)
     return plan
 
 

@@ -189,3 +189,37 @@ def test_pp2_tp2_plan_file_launch_matches_one_device():
         assert re.search(r"all_reduce:tp\s+[\d,]+\s+[\d,]+\s+ok", part), part
         # 2 microbatches of (2, 32, 64) fp32 = 16 KiB each
         assert re.search(r"send:pp\s+32,768\s+32,768\s+ok.*2 / 2", part), part
+
+
+# ---- the cost model ---------------------------------------------------------------------------------
+
+def _priced(g, schedule, m, p=2):
+    from autopar.compiler.cluster import load_profile
+    from autopar.compiler.stages import pipeline_plan, price_pipeline
+    from autopar.passes.shard import search
+    prof = load_profile("h100")
+    plan = pipeline_plan(g, {"pp": p}, lambda gg, mm, **kw: search(gg, mm, prof, deterministic=True,
+                                                                  precision="fp32", **kw),
+                         prof, schedule=schedule)
+    plan.microbatches = m
+    return plan, price_pipeline(plan, g, prof)
+
+
+def test_bubble_and_in_flight_activations_are_priced(gpt4):
+    _, _, g = gpt4
+    plan1, c1 = _priced(g, "1f1b", 1)
+    plan4, c4 = _priced(g, "1f1b", 4)
+    assert c1["bubble"] == 1.0 and c4["bubble"] == 0.25
+    slow4 = max(r["time"] for r in c4["stage_rows"])
+    assert c4["step_time"] == pytest.approx(slow4 * 1.25 + 2 * c4["p2p_per_microbatch"] + c4["tied_all_reduce"])
+    assert plan4.cost["step_time"] == c4["step_time"] < c1["step_time"]
+    # in flight: GPipe all m microbatches on every stage, 1F1B at most p - k on stage k
+    _, g4 = _priced(g, "gpipe", 4)
+    assert [r["in_flight"] for r in g4["stage_rows"]] == [4, 4]
+    assert [r["in_flight"] for r in c4["stage_rows"]] == [2, 1]
+    for a, b in zip(g4["stage_rows"], c4["stage_rows"]):
+        assert b["activations"] == pytest.approx(a["activations"] * b["in_flight"] / 4)
+    assert plan4.cost["memory"]["total"] == int(max(r["memory"] for r in c4["stage_rows"]))
+    from autopar.compiler.stages import pipeline_lines
+    text = "\n".join(pipeline_lines(c4))
+    assert "bubble (p-1)/m = 0.25" in text and "2 microbatch(es) in flight" in text
