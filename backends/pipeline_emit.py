@@ -45,9 +45,8 @@ class PipelineParts:
                          + (f" (predicted {pp['stage_time'][st.index] * 1e3:.3g} ms fwd+bwd per step)"
                             if pp.get("stage_time") else ""))
             if io.outs and st.index + 1 < len(self.ios):
-                per = sum(v.numel * v.itemsize for v in io.outs) // self.m
                 lines.append(f"    sends {', '.join(names.get(v, v.name) for v in io.outs)} to stage "
-                             f"{st.index + 1}: {format_bytes(per)} per microbatch forward, its gradient back")
+                             f"{st.index + 1}: {self.mb_bytes(io.outs)} per microbatch forward, its gradient back")
         for name, st in self.tied.items():
             lines.append(f"  tied weight {name} on stages {', '.join(map(str, st))}: its gradient is "
                          f"all_reduced over them after backward")
@@ -82,13 +81,25 @@ class PipelineParts:
             k = io.stage.index
             what = ("the batch's inputs" if k == 0 else f"stage {k - 1}'s activations")
             to = (f"what stage {k + 1} reads (sent to it)" if k + 1 < p else "what the loss reads")
+            recv = send = None
+            if k > 0:
+                recv = (f"received from stage {k - 1} (recv over {self.axis}, "
+                        f"{self.mb_bytes(io.args)} per microbatch); its gradient is sent back in backward")
+            if k + 1 < p:
+                send = (f"the schedule sends this to stage {k + 1} (send over {self.axis}, "
+                        f"{self.mb_bytes(io.outs)} per microbatch) and receives its gradient in backward")
             self.method(f"stage{k}", io.forward_nodes, io.args, io.outs,
-                        f"Stage {k} of {p}: {what} -> {to}.")
+                        f"Stage {k} of {p}: {what} -> {to}.\nShapes below are the whole "
+                        f"batch's; each call runs one of the {self.m} microbatches.", recv, send)
         last = self.ios[-1]
         self.method("loss", last.loss_nodes, [*last.outs, last.target], [e.s.outputs[0]],
                     "The schedule's loss_fn on the last stage: this microbatch's mean loss.")
 
-    def method(self, name, idx, args, outs, doc) -> None:
+    def mb_bytes(self, values) -> str:
+        from autopar.compiler.stages import microbatch_bytes
+        return format_bytes(sum(microbatch_bytes(self.e.s, v, self.m) for v in values))
+
+    def method(self, name, idx, args, outs, doc, recv=None, send=None) -> None:
         e = self.e
         s, w = e.s, e.w
         nodes = s.nodes
@@ -102,10 +113,17 @@ class PipelineParts:
                     if i in mine:
                         in_class[i] = inst.path
         w(f"def {name}(self, {', '.join(names[v] for v in args)}):", 1)
-        w(f'"""{doc}"""', 2)
+        doc_lines = doc.split("\n")
+        if len(doc_lines) == 1:
+            w(f'"""{doc}"""', 2)
+        else:
+            w(f'"""{doc_lines[0]}', 2)
+            for line in doc_lines[1:-1]:
+                w(line, 2)
+            w(f'{doc_lines[-1]}"""', 2)
         w("mesh = self.mesh", 2)
         for v in args:
-            w(f"# {names[v]}: {e_shape(s, v)}", 2)
+            w(f"# {names[v]}: {e_shape(s, v)}" + (f", {recv}" if recv else ""), 2)
         top = [nodes[i] for i in order if i not in in_class]
         lines, known = e.sizes.block_lines(list(args), names, e.sizes.used(top))
         for line in lines:
@@ -143,6 +161,8 @@ class PipelineParts:
             e.emit_run(c, run, names)
             emitted.update(r.path for r in run)
         flush()
+        if send:
+            w(f"# {send}", 2)
         w(f"return {', '.join(names[v] for v in outs)}", 2)
         w()
         e.known_sizes = None

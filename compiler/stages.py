@@ -210,11 +210,15 @@ def price_pipeline(plan, graph, profile) -> dict:
     def strat(key):
         v = plan.strategies.get(key)
         return tuple(x for i, x in enumerate(v) if i != pos) if v is not None else tuple(None for _ in intra)
-    node_t, node_act = [], []
+    from autopar.compiler.ops import REGISTRY
+    node_t, node_act, node_ovh = [], [], []
     for n in graph.nodes:
         mi = cm.by_key[sharding.producer_key(n)].index
         c = cm.compute(mi, strat(cm.members[mi].key))
         node_t.append(c.fwd_time + c.bwd_time + c.recompute_time)
+        # a kernel's launch overhead is paid once per microbatch (the flops split, it does not)
+        ovh = 0.0 if REGISTRY[n.op].view else cm.profile.op_overhead * (2 if cm.has_backward(mi) else 1)
+        node_ovh.append(ovh)
         node_act.append(cm.activation_bytes(mi, strat(cm.members[mi].key)))
     total_compute = sum(node_t) or 1.0
     comm = plan.cost.get("comm_time", 0.0)
@@ -225,8 +229,8 @@ def price_pipeline(plan, graph, profile) -> dict:
         state[prm.name] = cm.param_state(mi, strat(prm.name), plan.zero)
     rows = []
     for st in stages:
-        compute = sum(node_t[i] for i in st.nodes)
-        t = compute + comm * compute / total_compute
+        compute = sum(node_t[i] for i in st.nodes) + (m - 1) * sum(node_ovh[i] for i in st.nodes)
+        t = compute + comm * sum(node_t[i] for i in st.nodes) / total_compute
         acts = sum(node_act[i] for i in st.nodes)            # the whole batch's, this rank's shard
         flight = m if pp["schedule"] == "gpipe" else min(m, p - st.index)
         parts = [sum(state.get(n, (0.0, 0.0, 0.0))[j] for n in st.params) for j in range(3)]
@@ -250,7 +254,8 @@ def price_pipeline(plan, graph, profile) -> dict:
     step = slowest * (1 + bubble) + 2 * (p - 1) * p2p + tied_t
     out = {"schedule": pp["schedule"], "stages": p, "microbatches": m, "bubble": bubble,
            "stage_rows": rows, "p2p_per_microbatch": p2p, "boundary_bytes": cut_bytes,
-           "tied_all_reduce": tied_t, "unpipelined_step": pp["unpipelined_step"], "step_time": step}
+           "tied_all_reduce": tied_t, "unpipelined_step": pp["unpipelined_step"], "step_time": step,
+           "microbatches_tried": pp.get("microbatches_tried")}
     plan.cost["pipeline"] = out
     plan.cost["step_time"] = step
     worst = max(rows, key=lambda r: r["memory"])
@@ -280,6 +285,9 @@ def pipeline_lines(c: dict) -> list[str]:
     from autopar.compiler.cluster import format_bytes, format_time
     out = ["", f"pipeline: {c['stages']} stages, schedule {c['schedule']}, {c['microbatches']} microbatches; "
                f"bubble (p-1)/m = {c['bubble']:.3g}"]
+    if c.get("microbatches_tried"):
+        out.append("  microbatches compared (predicted step): " + ", ".join(
+            f"{m}: {format_time(t)}" for m, t in c["microbatches_tried"].items()))
     for r in c["stage_rows"]:
         out.append(f"  stage {r['stage']}: {format_time(r['time'])} per step (compute {format_time(r['compute'])}), "
                    f"memory {format_bytes(r['memory'])} (state {format_bytes(r['state'])}, activations of "
@@ -348,8 +356,38 @@ def pipeline_plan(graph, mesh: dict[str, int], search: Callable, profile, schedu
                      "blocks": block_list(graph.nodes)[0],
                      "ranges": [list(s.blocks) for s in stages],
                      "stage_time": [s.time for s in stages], "profile": profile.name}
-    price_pipeline(plan, graph, profile)
+    choose_microbatches(plan, graph, profile)
     return plan
+
+
+def rank_batch(plan, graph) -> int | None:
+    """The examples of the batch each rank holds (the first input's dim 0 over the axes it
+    is split on)."""
+    if not graph.inputs or not graph.inputs[0].shape:
+        return None
+    batch = int(graph.inputs[0].shape[0])
+    lay = plan.layouts.get(graph.inputs[0].name, ())
+    for (axis, n), pl in zip(plan.mesh.items(), lay):
+        if pl == "S(0)":
+            batch //= n
+    return batch
+
+
+def choose_microbatches(plan, graph, profile) -> int:
+    """The microbatch count of the fastest predicted pipeline step among the divisors of the
+    batch each rank holds (more microbatches shrink the bubble, each costs its kernels'
+    launches once more); the plan keeps it and its price. A plan file or --microbatches
+    overrides it."""
+    batch = rank_batch(plan, graph) or 1
+    tried = {}
+    for m in [d for d in range(1, batch + 1) if batch % d == 0]:
+        plan.microbatches = m
+        tried[m] = price_pipeline(plan, graph, profile)["step_time"]
+    best = min(tried, key=lambda m: (tried[m], m))
+    plan.microbatches = best
+    plan.pipeline["microbatches_tried"] = {str(k): v for k, v in tried.items()}
+    price_pipeline(plan, graph, profile)
+    return best
 
 
 @dataclass

@@ -119,18 +119,40 @@ def _run(argv):
     return rc, out.getvalue()
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_pp2_launch_matches_one_device_and_predicted_bytes(schedule):
+def _table(out, k):
+    return out.split(f"stage {k} (pp={k}")[1].split("\nstage")[0].split("job:")[0]
+
+
+def test_pp2_gpipe_launch_matches_one_device_and_predicted_bytes():
     rc, out = _run(["run", "examples/gpt.py:build", "--mesh", "pp=2", "--microbatches", "4",
-                    "--schedule", schedule, "--steps", "3", "--check"])
+                    "--schedule", "gpipe", "--steps", "3", "--check"])
     assert rc == 0, out
     assert "check: ok" in out
-    # each stage's send/recv: 4 microbatches of (1, 32, 64) fp32 = 8 KiB, both directions
+    # each stage's send/recv: 4 microbatches of (1, 32, 64) fp32 = 8 KiB, both directions;
+    # the tied embedding / head gradient (128 x 64 fp32) all_reduced over the two stages
     for k in (0, 1):
-        part = out.split(f"stage {k} (pp={k}")[1].split("stage")[0]
+        part = _table(out, k)
         assert re.search(r"send:pp\s+32,768\s+32,768\s+ok.*4 / 4", part), part
         assert re.search(r"recv:pp\s+32,768\s+32,768\s+ok.*4 / 4", part), part
         assert re.search(r"all_reduce:pp\s+32,768\s+32,768\s+ok", part), part
+
+
+def test_pp4_1f1b_launch_middle_stages_send_both_ways():
+    """4 stages of a 4-block GPT under 1F1B: the middle stages receive from and send to both
+    neighbours (twice the ends' bytes); the tied weight's all_reduce runs on stages 0 and 3 only."""
+    rc, out = _run(["run", "tests/models/gpt_layers.py:four", "--mesh", "pp=4", "--microbatches", "4",
+                    "--schedule", "1f1b", "--steps", "2", "--check"])
+    assert rc == 0, out
+    assert "check: ok" in out
+    for k in (0, 3):
+        part = _table(out, k)
+        assert re.search(r"send:pp\s+32,768\s+32,768\s+ok.*4 / 4", part), part
+        assert re.search(r"all_reduce:pp\s+32,768\s+32,768\s+ok", part), part
+    for k in (1, 2):
+        part = _table(out, k)
+        assert re.search(r"send:pp\s+65,536\s+65,536\s+ok.*8 / 8", part), part
+        assert re.search(r"recv:pp\s+65,536\s+65,536\s+ok.*8 / 8", part), part
+        assert "all_reduce:pp" not in part
 
 
 # ---- plan files ------------------------------------------------------------------------------------
@@ -185,7 +207,7 @@ def test_pp2_tp2_plan_file_launch_matches_one_device():
     assert rc == 0, out
     assert "check: ok" in out
     for k in (0, 1):
-        part = out.split(f"stage {k} (pp={k}")[1].split("stage")[0]
+        part = _table(out, k)
         assert re.search(r"all_reduce:tp\s+[\d,]+\s+[\d,]+\s+ok", part), part
         # 2 microbatches of (2, 32, 64) fp32 = 16 KiB each
         assert re.search(r"send:pp\s+32,768\s+32,768\s+ok.*2 / 2", part), part
