@@ -193,7 +193,7 @@ def make_plan(graph: Graph, mesh=None, devices: int | None = None, plan=None, de
               precision=precision)
     if mesh is not None and "pp" in mesh:
         from autopar.compiler.stages import pipeline_plan
-        plan = pipeline_plan(graph, mesh, lambda g, m, **more: search(g, m, profile, **kw, **more), profile,
+        plan = pipeline_plan(graph, mesh, lambda g, m, **more: search(g, m, profile, **{**kw, **more}), profile,
                              schedule=schedule)
     elif mesh is not None:
         plan = search(graph, mesh, profile, **kw)

@@ -1134,7 +1134,7 @@ class Emitter:
             w("# their gradients are reduce_scattered asynchronously and land on the shards when backward ends", 2)
             w(f'self.zero3 = rt.ParamGather(mesh, "{o.zero3_axis}", self, lambda name: table_row(LAYOUTS, name)[0] or REPLICATED,', 2)
             w(f"                            blocks={o.zero3_blocks!r}, prefetch={o.prefetch})", 2)
-        if s.overlap is not None and s.overlap.buckets:
+        if s.overlap is not None and s.overlap.buckets and not self.pp:   # a stage makes its own
             w("# the replicated parameters' gradients: all_reduced in buckets while backward runs", 2)
             w("self.grad_buckets = rt.GradBuckets(mesh, GRAD_ORDER, self, BUCKET_BYTES, FIRST_BUCKET_BYTES)", 2)
         w()

@@ -207,6 +207,12 @@ class PipelineParts:
         w(f'assert {names[s.inputs[0]]}.shape[0] % args.microbatches == 0, '
           f'f"this rank\'s batch of {{{names[s.inputs[0]]}.shape[0]}} does not split into {{args.microbatches}} microbatches"', 1)
         w()
+        buckets = s.overlap is not None and bool(s.overlap.buckets)
+        if buckets:
+            w("# this stage's replicated parameters' gradients: accumulated over the microbatches, then", 1)
+            w("# all_reduced in buckets (GRAD_ORDER kept to the parameters this stage holds)", 1)
+            w("model.grad_buckets = rt.GradBuckets(mesh, rt.stage_grad_order(GRAD_ORDER, model), model,", 1)
+            w("                                    BUCKET_BYTES, FIRST_BUCKET_BYTES)", 1)
         w("trainable = [p for p in model.parameters() if p.requires_grad]", 1)
         w('if args.optimizer == "adamw":', 1)
         w("optimizer = torch.optim.AdamW(trainable, lr=args.lr)", 2)
@@ -231,8 +237,14 @@ class PipelineParts:
         w("t0 = time.perf_counter()", 2)
         w("microbatch_losses = []", 2)
         w(f"# the first stage is fed the batch ({first_args}), the last stage the targets ({target})", 2)
-        w(f"schedule.step(*(({first_args},) if first else ()), target={target} if last else None,", 2)
-        w("              losses=microbatch_losses if last else None)", 2)
+        ind = 2
+        if buckets:
+            w("with model.grad_buckets.no_sync():  # the gradients stay local through the microbatches", 2)
+            ind = 3
+        w(f"schedule.step(*(({first_args},) if first else ()), target={target} if last else None,", ind)
+        w("              losses=microbatch_losses if last else None)", ind)
+        if buckets:
+            w("rt.reduce_grad_buckets(model.grad_buckets)  # then each bucket once, after the last microbatch", 2)
         w(f'rt.reduce_tied_grads(model, mesh, "{axis}", TIED, tied)  # all_reduce over the stages holding it', 2)
         w("optimizer.step()", 2)
         w("optimizer.zero_grad(set_to_none=True)", 2)

@@ -346,9 +346,11 @@ def pipeline_plan(graph, mesh: dict[str, int], search: Callable, profile, schedu
     if p < 2:
         raise InputError(f"--mesh pp={p}: one pipeline stage is no pipeline; drop the pp axis or use pp >= 2")
     intra = {a: n for a, n in mesh.items() if a != PP_AXIS}
-    # gradients reduce inside each microbatch's backward (no buckets held back across a
-    # schedule's microbatches yet): the search prices that, the synchronous model
-    plan = search(graph, intra, overlap=False)
+    # ZeRO is not run under a pipeline yet: the search keeps stage 0
+    plan = search(graph, intra, zero=0)
+    pins = same_batch_split(graph, plan)
+    if pins:
+        plan = search(graph, intra, zero=0, pins=pins)
     times = stage_node_times(graph, plan, profile)
     stages = cut_stages(graph, p, lambda i: times[i], ranges=ranges)
     lift_plan(plan, mesh)
@@ -358,6 +360,29 @@ def pipeline_plan(graph, mesh: dict[str, int], search: Callable, profile, schedu
                      "stage_time": [s.time for s in stages], "profile": profile.name}
     choose_microbatches(plan, graph, profile)
     return plan
+
+
+def batch_inputs(graph) -> list:
+    """The inputs whose dim 0 is the batch (the first input's)."""
+    if not graph.inputs or not graph.inputs[0].shape:
+        return []
+    # the traced sizes name each input's batch dim apart: the same size is the batch
+    return [v for v in graph.inputs if v.shape and int(v.shape[0]) == int(graph.inputs[0].shape[0])]
+
+
+def same_batch_split(graph, plan) -> list:
+    """Pins giving every batch input the first input's layout, when the plan splits them
+    differently. A schedule cuts each input into microbatches on this rank's rows; an input
+    split over dp and one kept whole (then sliced inside the model) would pair the rows of
+    different examples in every microbatch but the first."""
+    from autopar.compiler.sharding import Pin
+    inputs = batch_inputs(graph)
+    if len(inputs) < 2:
+        return []
+    want = tuple(plan.layouts[inputs[0].name])
+    if all(tuple(plan.layouts[v.name]) == want for v in inputs):
+        return []
+    return [Pin(v.name, want, "the pipeline: every batch input split like the first") for v in inputs]
 
 
 def rank_batch(plan, graph) -> int | None:
@@ -547,10 +572,32 @@ def stage_traffic(s, ios: list[StageIO]) -> list[list[tuple[str, int]]]:
             for _ in range(m):
                 calls += [(f"recv:{axis}", microbatch_bytes(s, v, m)) for v in io.outs
                           if v.name in s.needs_grad]
+        calls += stage_bucket_calls(s, io)
         for name, st in sorted(hold.items()):
             if len(st) > 1 and k in st and params[name].requires_grad:
                 calls.append((f"all_reduce:{axis}", params[name].numel * params[name].itemsize))
         out.append(calls)
+    return out
+
+
+def stage_bucket_calls(s, io: StageIO) -> list[tuple[str, int]]:
+    """The gradient buckets one stage reduces after the schedule's last microbatch: the
+    plan's bucket order (GRAD_ORDER) kept to the stage's parameters, filled with the same
+    caps, as rt.GradBuckets fills them in the program."""
+    from autopar.compiler import buckets
+    from autopar.passes.overlap import grad_bytes
+    o = s.overlap
+    if o is None or not o.buckets:
+        return []
+    mine = set(io.stage.params)
+    by_name = {v.name: v for v in s.params}
+    rows = [(n, b.axes, b.kind) for b in o.buckets for n in b.params if n in mine]
+    items = [((axes, by_name[n].dtype, kind), grad_bytes(s, n, kind)) for n, axes, kind in rows]
+    out = []
+    for members in buckets.fill(items, o.first_cap, o.cap):
+        axes, _, kind = items[members[0]][0]
+        total = sum(items[j][1] for j in members)
+        out += [(f"{kind}:{a}", total) for a in axes]
     return out
 
 

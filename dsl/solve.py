@@ -63,7 +63,8 @@ def search_with(spec: PlanSpec, graph: Graph, device: str | DeviceProfile | None
                                  "value is whole on each pipeline stage; leave pp out of the layout")
         kw["pins"] = [type(p)(p.value, tuple(p.layout[:pos]) + tuple(p.layout[pos + 1:]), p.origin)
                       for p in kw["pins"]]
-        plan = pipeline_plan(graph, spec.mesh, lambda g, m, **more: search(g, m, profile, **{**kw, **more}),
+        plan = pipeline_plan(graph, spec.mesh, lambda g, m, **more: search(g, m, profile, **{
+            **kw, **more, "pins": kw["pins"] + list(more.get("pins", []))}),
                              profile, schedule=spec.schedule)
     else:
         plan = search(graph, spec.mesh, spec.device or device or "cpu", **kw)
@@ -71,8 +72,6 @@ def search_with(spec: PlanSpec, graph: Graph, device: str | DeviceProfile | None
     # settings the search does not read: the program's checkpoints; the schedule it priced
     plan.checkpoint = dict(spec.checkpoint)
     plan.overlap = dict(kw["overlap"])
-    if plan.pipeline:               # priced without buckets (pipeline_plan): run without them
-        plan.overlap["enabled"] = False
     if spec.microbatches is not None:
         plan.microbatches = spec.microbatches
     return plan

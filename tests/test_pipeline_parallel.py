@@ -173,7 +173,6 @@ def test_plan_file_schedule_reaches_the_plan(gpt2):
     assert plan.mesh == {"pp": 2, "dp": 2}
     assert all(s[0] is None for s in plan.strategies.values())          # nothing split over pp
     assert all(lay[0] == "R" for lay in plan.layouts.values())
-    assert plan.overlap["enabled"] is False
     assert "pipeline microbatches 2, schedule gpipe" in write_plan(plan, gpt2)
 
 
@@ -245,3 +244,29 @@ def test_bubble_and_in_flight_activations_are_priced(gpt4):
     from autopar.compiler.stages import pipeline_lines
     text = "\n".join(pipeline_lines(c4))
     assert "bubble (p-1)/m = 0.25" in text and "2 microbatch(es) in flight" in text
+
+
+def test_pp2_dp2_launch_reduces_each_stages_gradients_over_dp():
+    """A batch of 32 makes data parallelism pay: the intra-stage plan splits the batch over
+    dp (the targets split like idx, so each microbatch pairs the same examples), each stage
+    accumulates its gradients over the microbatches and all_reduces them in its own buckets
+    over dp once -- the bytes of the stage's parameters only."""
+    rc, out = _run(["run", "tests/models/gpt_layers.py:four_batch32", "--mesh", "pp=2,dp=2",
+                    "--microbatches", "2", "--steps", "2", "--check"])
+    assert rc == 0, out
+    assert "check: ok" in out
+    got = []
+    for k in (0, 1):
+        part = _table(out, k)
+        m = re.search(r"all_reduce:dp\s+([\d,]+)\s+([\d,]+)\s+ok", part)
+        assert m and m.group(1) == m.group(2), part
+        got.append(int(m.group(1).replace(",", "")))
+        # 2 microbatches of this dp rank's (8, 32, 64) fp32 = 64 KiB each
+        assert re.search(r"send:pp\s+131,072\s+131,072\s+ok.*2 / 2", part), part
+    # each stage reduces its own parameters' gradients (about half of the model's each, the
+    # tied one on both), not the whole model's
+    from autopar.pipeline import load_model
+    model, _, _ = load_model("tests/models/gpt_layers.py:four_batch32")
+    total = sum(p.numel() * 4 for p in model.parameters())
+    assert all(0.4 * total < g < 0.6 * total for g in got), (got, total)
+    assert sum(got) >= total + model.transformer.wte.weight.numel() * 4

@@ -153,10 +153,28 @@ def reduce_tied_grads(model: nn.Module, mesh, axis: str, tied: dict, groups: dic
         mesh._record("all_reduce", axis, g.numel() * g.element_size(), "optimizer")
 
 
+def stage_grad_order(order, model: nn.Module) -> list[tuple]:
+    """The program's GRAD_ORDER kept to the parameters this stage holds (the rows of the
+    others' are dropped; the buckets fill from what is left, as the plan predicted)."""
+    from autopar.compiler.buckets import expand
+    have = dict(model.named_parameters(remove_duplicate=False))
+    return [row for row in expand(order) if row[0] in have]
+
+
+def reduce_grad_buckets(buckets) -> None:
+    """Launch every bucket of an `rt.GradBuckets` whose gradients were accumulated under
+    `no_sync()` (the schedule's microbatches) and wait for them: each gradient becomes its
+    sum over the bucket's axes."""
+    for b in buckets.buckets:
+        if b.flat is None:
+            buckets._launch(b)
+    buckets.wait()
+
+
 def first_last(mesh, axis: str) -> tuple[bool, bool]:
     c, n = mesh.coord(axis), mesh.size(axis)
     return c == 0, c == n - 1
 
 
-__all__ = ["keep_stage_params", "StageModule", "PipelineStageOf", "pipeline_schedule",
+__all__ = ["stage_grad_order", "reduce_grad_buckets", "keep_stage_params", "StageModule", "PipelineStageOf", "pipeline_schedule",
            "tied_groups", "reduce_tied_grads", "first_last"]

@@ -20,3 +20,8 @@ def four(batch: int = 4):
 
 def eight(batch: int = 8):
     return _build(8, batch)
+
+
+def four_batch32():
+    """4 blocks, a batch of 32: large enough that the search splits it over dp."""
+    return _build(4, 32)
