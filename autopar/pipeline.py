@@ -86,6 +86,12 @@ class Program:
             lay = self.sharded.layouts[p.name]                         # type: ignore[attr-defined]
             flag = "" if p.requires_grad or p.kind == "buffer" else " (frozen)"
             lines.append(f"  {p.name:<48} {sharding.format_layout(mesh, lay)}{flag}")
+        if self.plan.pipeline:          # each stage moves its own bytes
+            from autopar.backends.pipeline_emit import predicted_stage_traffic
+            for k, per in enumerate(predicted_stage_traffic(self.sharded)):
+                lines.append(f"bytes per step and rank of pipeline stage {k}:")
+                lines += [f"  {kind:<24} {format_bytes(b)}" for kind, b in per.items()]
+            return "\n".join(lines)
         lines.append("bytes per step and rank:")
         for k, b in predict_traffic(self.sharded).items():
             lines.append(f"  {k:<24} {format_bytes(b)}")
@@ -96,6 +102,10 @@ class Program:
         source, load this rank's block of `model`'s weights; returns a callable taking the
         full inputs."""
         from autopar.backends import runtime as rt
+        if self.plan.pipeline:
+            raise InputError(f"a plan with a pp axis ({sharding.format_mesh(self.plan.mesh)}) has no "
+                             "single forward to call: each rank runs one stage under a pipeline "
+                             "schedule. Launch its program (autopar run / emit) instead.")
         ns: dict = {"__name__": f"autopar_program_{self.stem}"}
         exec(compile(self.source, f"<autopar {self.stem}.py>", "exec"), ns)
         mesh = rt.init_mesh(self.plan.mesh, backend=backend_named(self.backend).runtime, device=self.opts.device)
