@@ -585,7 +585,14 @@ def stage_bucket_calls(s, io: StageIO) -> list[tuple[str, int]]:
     plan's bucket order (GRAD_ORDER) kept to the stage's parameters, filled with the same
     caps, as rt.GradBuckets fills them in the program."""
     from autopar.compiler import buckets
-    from autopar.passes.overlap import grad_bytes
+    from autopar.compiler.sharded import nbytes, zero_chunk
+
+    def grad_bytes(s, name, kind):           # as passes/overlap.grad_bytes counts a bucket's share
+        v = by_name[name]
+        if kind == "reduce_scatter":
+            n = s.mesh[s.zero.axis]
+            return zero_chunk(v.numel, n) * n * v.itemsize
+        return nbytes(v)
     o = s.overlap
     if o is None or not o.buckets:
         return []
