@@ -232,6 +232,9 @@ def render(s: dict) -> str:
                f"optimizer {format_bytes(m['optimizer'])}, activations {format_bytes(m['activations'])})")
     if c["bytes"]:
         out.append("  bytes per rank " + ", ".join(f"{k} {format_bytes(v)}" for k, v in c["bytes"].items()))
+    if c.get("pipeline"):
+        from autopar.compiler.stages import pipeline_lines
+        out.extend(pipeline_lines(c["pipeline"]))
     if s.get("schedule"):
         out.extend(render_schedule(s["schedule"]))
     cands = s.get("mesh_candidates")

@@ -86,6 +86,12 @@ class Program:
             lay = self.sharded.layouts[p.name]                         # type: ignore[attr-defined]
             flag = "" if p.requires_grad or p.kind == "buffer" else " (frozen)"
             lines.append(f"  {p.name:<48} {sharding.format_layout(mesh, lay)}{flag}")
+        if self.plan.pipeline:          # each stage moves its own bytes
+            from autopar.backends.pipeline_emit import predicted_stage_traffic
+            for k, per in enumerate(predicted_stage_traffic(self.sharded)):
+                lines.append(f"bytes per step and rank of pipeline stage {k}:")
+                lines += [f"  {kind:<24} {format_bytes(b)}" for kind, b in per.items()]
+            return "\n".join(lines)
         lines.append("bytes per step and rank:")
         for k, b in predict_traffic(self.sharded).items():
             lines.append(f"  {k:<24} {format_bytes(b)}")
@@ -96,6 +102,10 @@ class Program:
         source, load this rank's block of `model`'s weights; returns a callable taking the
         full inputs."""
         from autopar.backends import runtime as rt
+        if self.plan.pipeline:
+            raise InputError(f"a plan with a pp axis ({sharding.format_mesh(self.plan.mesh)}) has no "
+                             "single forward to call: each rank runs one stage under a pipeline "
+                             "schedule. Launch its program (autopar run / emit) instead.")
         ns: dict = {"__name__": f"autopar_program_{self.stem}"}
         exec(compile(self.source, f"<autopar {self.stem}.py>", "exec"), ns)
         mesh = rt.init_mesh(self.plan.mesh, backend=backend_named(self.backend).runtime, device=self.opts.device)
@@ -158,7 +168,8 @@ def parse_mesh(mesh) -> dict[str, int] | None:
 
 def make_plan(graph: Graph, mesh=None, devices: int | None = None, plan=None, device="cpu",
               memory: float | str | None = None, zero: int | None = None, time_limit: float = 10.0,
-              deterministic: bool = False, precision: str | None = None) -> tuple[Plan, list[str]]:
+              deterministic: bool = False, precision: str | None = None,
+              schedule: str | None = None) -> tuple[Plan, list[str]]:
     """The plan for `graph` and the values a plan file pins (for the explanation).
 
     `plan`: a `Plan`, a plan JSON (used as is) or a plan file (its constraints, then the
@@ -190,7 +201,11 @@ def make_plan(graph: Graph, mesh=None, devices: int | None = None, plan=None, de
     profile = device if isinstance(device, DeviceProfile) else load_profile(device)
     kw = dict(memory_limit=memory, zero=zero, time_limit=time_limit, deterministic=deterministic,
               precision=precision)
-    if mesh is not None:
+    if mesh is not None and "pp" in mesh:
+        from autopar.compiler.stages import pipeline_plan
+        plan = pipeline_plan(graph, mesh, lambda g, m, **more: search(g, m, profile, **{**kw, **more}), profile,
+                             schedule=schedule)
+    elif mesh is not None:
         plan = search(graph, mesh, profile, **kw)
     else:
         plan, _ = search_devices(graph, devices, profile, **kw)
@@ -209,7 +224,7 @@ def idle_axes(graph: Graph, plan: Plan, profile, kw: dict) -> list[dict]:
     model = CostModel(graph, cluster, precision=kw.get("precision") or plan.cost.get("precision"))
     grads = sum(p.numel * model.itemsize(p) for p in graph.params if p.requires_grad)
     for i, (axis, n) in enumerate(plan.mesh.items()):
-        if n == 1 or any(s[i] is not None for s in plan.strategies.values()):
+        if n == 1 or axis == (plan.pipeline or {}).get("axis") or any(s[i] is not None for s in plan.strategies.values()):
             continue
         saved = plan.cost["compute_time"] * (1 - 1 / n)
         reduce = collective_time("all_reduce", n, grads, cluster.link(axis))
@@ -245,7 +260,8 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
                   memory: float | str | None = None, optimizer: str = "adamw", lr: float = 1e-3,
                   steps: int = 10, name: str = "model", class_name: str | None = None,
                   graph: Graph | None = None, devices: int | None = None,
-                  target: str = "cpu", microbatches: int | None = None) -> Program:
+                  target: str = "cpu", microbatches: int | None = None,
+                  schedule: str | None = None) -> Program:
     """trace -> prepare -> plan -> apply -> emit, in that order.
 
     `mesh` ("dp=2,tp=2"), or `devices` (a count: the search compares mesh shapes), or a plan
@@ -261,7 +277,7 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
     mesh = parse_mesh(mesh)
     # the generated programs train in fp32: plan for what they run
     plan, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
-                        precision="fp32")
+                        precision="fp32", schedule=schedule)
     mesh = mesh or dict(plan.mesh)
     if dict(plan.mesh) != mesh:
         raise InputError(f"the plan is for mesh {sharding.format_mesh(plan.mesh)}, not "
@@ -272,6 +288,9 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
             raise InputError(f"--microbatches {microbatches}: give a count of at least 1")
         plan.microbatches = microbatches
     check_microbatches(graph, plan, inputs)
+    if plan.pipeline or schedule:
+        from autopar.compiler.stages import check_pipeline
+        check_pipeline(plan, schedule, backend, graph)      # and priced with the final M
     # the communication schedule: gradient buckets reduced while backward runs
     sharded = overlap(apply_plan(graph, plan))
     plan.cost.setdefault("bytes", predict_traffic(sharded))

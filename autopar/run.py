@@ -232,6 +232,8 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--microbatches", type=int, default=None, metavar="M",
                    help="run each step's batch as M microbatches, gradients accumulated (the "
                         "batch each rank holds must divide by M)")
+    p.add_argument("--schedule", choices=["gpipe", "1f1b"], default=None,
+                   help="pipeline schedule of a mesh with a pp axis (default 1f1b)")
     p.add_argument("--weights", metavar="FILE.safetensors",
                    help="start from these weights: a single-device state dict under the model's own "
                         "names (a Hugging Face model.safetensors, `autopar checkpoint consolidate`)")
@@ -362,7 +364,8 @@ def _program_from_args(args, verb: str) -> Program:
     return build_program(model, inputs, args.mesh, backend=args.backend, plan=args.plan,
                          device=args.device, memory=args.memory, optimizer=args.optimizer,
                          lr=args.lr, steps=args.steps, name=name, devices=args.devices,
-                         target=args.target, microbatches=getattr(args, "microbatches", None))
+                         target=args.target, microbatches=getattr(args, "microbatches", None),
+                         schedule=getattr(args, "schedule", None))
 
 
 def emit_main(args) -> int:
@@ -548,8 +551,12 @@ def _run(args) -> int:
                 print(f"autopar run: FAILED: rank {r} wrote no statistics ({path})")
                 return 1
             stats.append(json.loads(path.read_text()))
-        predicted = predict_traffic(prog.sharded)
-        same, lines = traffic_table(predicted, search_bytes or {}, stats, prog.sharded.call_counts())
+        if prog.plan.pipeline:          # each pipeline stage has its own traffic
+            from autopar.backends.pipeline_emit import stage_traffic_table
+            same, lines = stage_traffic_table(prog.sharded, stats, traffic_table)
+        else:
+            predicted = predict_traffic(prog.sharded)
+            same, lines = traffic_table(predicted, search_bytes or {}, stats, prog.sharded.call_counts())
         print("\n".join(lines))
         print(f"job: {res.seconds:.1f} s wall, step times (rank 0): "
               + ", ".join(f"{t * 1e3:.1f} ms" for t in stats[0]["times"]))

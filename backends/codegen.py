@@ -685,6 +685,11 @@ class Emitter:
         self.regions_written = 0
         self.sizes = Sizes(s)
         self.known_sizes: set[str] | None = None       # size names defined in the current body
+        from autopar.backends.pipeline_emit import PipelineParts, is_pipeline
+        if is_pipeline(s) and backend.name != "torch":
+            raise InputError(f"--mesh {sharding.format_mesh(s.mesh)} --backend {backend.name}: pipeline "
+                             "parallelism (pp) is torch-only for now; use --backend torch")
+        self.pp = PipelineParts(self) if is_pipeline(s) else None   # a plan with a pp axis
 
     # ---- helpers ----
 
@@ -790,6 +795,8 @@ class Emitter:
         w("Plan:")
         for line in plan_summary(s):
             w(f"    {line}")
+        for line in (self.pp.header_lines() if self.pp else []):
+            w(f"    {line}")
         for c in self.classes:
             w(f"    {c.kind}.*: {len(c.instances)} blocks of one class ({c.name}), its forward written once")
         w()
@@ -887,6 +894,8 @@ class Emitter:
         w(f"REPLICATED = {rep!r}")
         w(f"INPUTS = {[v.name for v in s.inputs]!r}")
         w(f"BLOCK_LISTS = {kinds!r}")
+        if self.pp:
+            self.pp.tables()
         self.grad_buckets()
         if s.graph.pieces:
             w()
@@ -1125,11 +1134,14 @@ class Emitter:
             w("# their gradients are reduce_scattered asynchronously and land on the shards when backward ends", 2)
             w(f'self.zero3 = rt.ParamGather(mesh, "{o.zero3_axis}", self, lambda name: table_row(LAYOUTS, name)[0] or REPLICATED,', 2)
             w(f"                            blocks={o.zero3_blocks!r}, prefetch={o.prefetch})", 2)
-        if s.overlap is not None and s.overlap.buckets:
+        if s.overlap is not None and s.overlap.buckets and not self.pp:   # a stage makes its own
             w("# the replicated parameters' gradients: all_reduced in buckets while backward runs", 2)
             w("self.grad_buckets = rt.GradBuckets(mesh, GRAD_ORDER, self, BUCKET_BYTES, FIRST_BUCKET_BYTES)", 2)
         w()
-        self.forward()
+        if self.pp:
+            self.pp.methods()          # one method per pipeline stage, and the loss
+        else:
+            self.forward()
         w()
         if getattr(s.plan, "microbatches", 1) > 1:
             w("def no_sync(self):", 1)
@@ -1284,16 +1296,19 @@ def emit_program(s: ShardedGraph, backend: Backend, model_name: str, opts: EmitO
     """The whole generated program for sharded graph `s`."""
     e = Emitter(s, backend, model_name, opts, file_name)
     cls = identifier(opts.class_name)
+    e.top_names = top_names(e)
     e.header()
     e.tables()
-    e.top_names = top_names(e)
     for c in e.classes:
         e.block_class(c)
     e.model_class(cls)
     if s.zero.params:
         _emit_zero(e.w, s.zero)
     _emit_checkpoint_specs(e.w, s)
-    _emit_main(e.w, s, e.backend, cls, opts, e.top_names)
+    if e.pp:
+        e.pp.main(e.w, s, e.backend, cls, opts, e.top_names, (_emit_checkpoint_args, _emit_checkpoint_resume))
+    else:
+        _emit_main(e.w, s, e.backend, cls, opts, e.top_names)
     if e.regions_written != len(s.regions):        # a block class or reordering lost one
         raise AssertionError(f"the program checkpoints {e.regions_written} regions, the plan has "
                              f"{len(s.regions)}")

@@ -63,6 +63,7 @@ class PlanSpec:
     # communication-schedule settings the file gives (Plan.overlap keys; the rest default)
     overlap: dict = field(default_factory=dict)
     microbatches: int | None = None            # None: no pipeline statement (one microbatch)
+    schedule: str | None = None                # pipeline schedule over the pp axis (gpipe | 1f1b)
 
     def pin(self, value: str) -> Pin | None:
         return next((p for p in self.pins if p.value == value), None)
@@ -83,7 +84,8 @@ class PlanSpec:
         if self.overlap:
             lines.append(overlap_line(self.overlap))
         if self.microbatches is not None:
-            lines.append(f"pipeline microbatches {self.microbatches}")
+            lines.append(f"pipeline microbatches {self.microbatches}"
+                         + (f", schedule {self.schedule}" if self.schedule else ""))
         if self.recompute:
             lines.append("recompute " + ", ".join(f'"{p}"' for p in self.recompute)
                          + f"    # {len(self.recompute_modules)} modules")
@@ -146,10 +148,10 @@ class Resolver:
                                ast.Checkpoint, ast.Resume, ast.Pipeline)):
                 self.setting(f, st)
             elif isinstance(st, ast.Stage):
-                self.fail(E.NoPipelineStages, "stage pins place modules on pipeline stages of a pp axis, "
-                          "which autopar does not build yet", f, st.line, st.column,
-                          fix="remove the stage statement; pipeline microbatches N accumulates gradients "
-                              "over N microbatches on any mesh")
+                self.fail(E.NoPipelineStages, "stage pins are not supported yet: the pipeline stages "
+                          "of a pp axis are cut at block boundaries and balanced by the cost model",
+                          f, st.line, st.column,
+                          fix="remove the stage statement (a mesh with a pp axis cuts the stages itself)")
         mesh = self.resolve_mesh(cli_mesh)
         spec = PlanSpec(mesh=mesh, files=self.plan.files())
         self.mesh = mesh
@@ -169,7 +171,10 @@ class Resolver:
         if "resume" in self.settings:
             spec.checkpoint["resume"] = self.settings["resume"][2]
         if "pipeline" in self.settings:
-            spec.microbatches = self.settings["pipeline"][2]
+            spec.microbatches, spec.schedule = self.settings["pipeline"][2]
+            self.check_stages(mesh)
+        elif "pp" in mesh:
+            self.check_stages(mesh)
         spec.overlap = self.resolve_overlap([(f, st) for f, st in statements if isinstance(st, ast.Overlap)])
 
         self.pins: dict[str, dict[str, tuple[str | None, str, ast.PlanFile, ast.Located]]] = {}
@@ -395,14 +400,41 @@ class Resolver:
     def check_resume(self, f: ast.PlanFile, st: ast.Resume) -> str:
         return self.check_directory(f, st, st.directory, st.directory_column, "resume from")
 
-    def check_pipeline(self, f: ast.PlanFile, st: ast.Pipeline) -> int:
+    def check_stages(self, mesh) -> None:
+        """A schedule needs a pp axis; a pp axis at most one stage per block."""
+        from autopar.compiler.stages import block_list
+        if "pipeline" in self.settings:
+            f, st, (_, schedule) = self.settings["pipeline"]
+            if schedule is not None and "pp" not in mesh:
+                self.fail(E.NoPipelineStages, f"schedule {schedule} runs pipeline stages over a pp axis, "
+                          f"and the mesh {format_mesh(mesh)} has none", f, st.line, st.schedule_column,
+                          fix="add a pp axis to the mesh (mesh pp=2, ...), or remove the schedule clause: "
+                              f"pipeline microbatches {st.microbatches or 'N'} accumulates gradients on any mesh")
+        if "pp" not in mesh:
+            return
+        found = block_list(self.graph.nodes)
+        blocks = len(found[1]) if found else 0
+        if mesh["pp"] > blocks:
+            if "mesh" in self.settings:
+                f, st, _ = self.settings["mesh"]
+                ax = next(a for a in st.axes if a.name == "pp")
+                line, col = ax.line, ax.column
+            else:
+                f, line, col = self.plan, 1, 1
+            what = f"{found[0]} has {blocks} blocks" if found else "the model has no module list of repeated blocks"
+            self.fail(E.NoPipelineStages, f"pp={mesh['pp']}: more stages than blocks ({what}; a stage "
+                      "holds at least one whole block)", f, line, col,
+                      fix=f"use pp={max(1, blocks)} or fewer" if blocks else "drop the pp axis")
+
+    def check_pipeline(self, f: ast.PlanFile, st: ast.Pipeline) -> tuple[int, str | None]:
         """The microbatch count: a whole number >= 1 dividing the model's batch (the first
-        input's dim 0, as traced). A schedule is refused: it needs pp stages."""
-        if st.schedule is not None:
-            self.fail(E.NoPipelineStages, f"schedule {st.schedule} runs pipeline stages over a pp axis, "
-                      "which autopar does not build yet", f, st.line, st.schedule_column,
-                      fix=f"remove the schedule clause: pipeline microbatches {st.microbatches or 'N'} "
-                          "accumulates gradients over microbatches on any mesh")
+        input's dim 0, as traced), and the schedule (gpipe or 1f1b; it needs a pp axis,
+        checked once the mesh is known)."""
+        schedule = st.schedule.lower() if st.schedule is not None else None
+        if schedule is not None and schedule not in ("gpipe", "1f1b"):
+            self.fail(E.NoPipelineStages, f"schedule {st.schedule}: the pipeline runs PyTorch's GPipe "
+                      "or 1F1B schedule (interleaved and zero-bubble schedules are not built yet)",
+                      f, st.line, st.schedule_column, fix="write schedule gpipe or schedule 1f1b")
         n = self.whole(st.microbatches, f, st.line, st.microbatches_column, "the microbatch count",
                        E.BadMicrobatches)
         if n < 1:
@@ -414,7 +446,7 @@ class Resolver:
             self.fail(E.BadMicrobatches, f"pipeline microbatches {n} does not divide the batch of {batch} "
                       f"(input '{self.graph.inputs[0].name}', dim 0)", f, st.line, st.microbatches_column,
                       fix=f"use a divisor of {batch}: {', '.join(map(str, ok))}")
-        return n
+        return n, schedule
 
     def resolve_overlap(self, statements) -> dict:
         """The `overlap` statements' settings by Plan.overlap key; a key set twice to different

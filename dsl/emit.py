@@ -62,8 +62,10 @@ def write_plan(plan: Plan, graph: Graph, activations: str = "modules") -> str:
                if k in OVERLAP_DEFAULTS and v != OVERLAP_DEFAULTS[k]}
     if overlap:                   # only what differs from DDP's defaults
         lines.append(overlap_line(overlap))
-    if getattr(plan, "microbatches", 1) > 1:
-        lines.append(f"pipeline microbatches {plan.microbatches}")
+    pp = getattr(plan, "pipeline", None) or {}
+    if getattr(plan, "microbatches", 1) > 1 or pp:
+        lines.append(f"pipeline microbatches {plan.microbatches}"
+                     + (f", schedule {pp['schedule']}" if pp else ""))
 
     def section(title: str, kind: str, items: dict[str, PinLayout], universe: list[str],
                 select: Callable[[str], list[str]], layout_of: Callable[[str], PinLayout | None]):

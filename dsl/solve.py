@@ -7,6 +7,8 @@ plan="x.plan")` and `autopar plan/emit/run --plan x.plan` take plan files.
 """
 from __future__ import annotations
 
+from autopar.compiler.errors import InputError
+
 from autopar.compiler.cluster import DeviceProfile
 from autopar.compiler.ir import Graph
 from autopar.compiler.plan import OVERLAP_DEFAULTS, Plan
@@ -50,7 +52,23 @@ def search_with(spec: PlanSpec, graph: Graph, device: str | DeviceProfile | None
             kw[key] = {**overlap_settings(value), **spec.overlap}
         elif key not in ("zero", "dp_axis", "memory_limit") or kw[key] is None:
             kw[key] = value
-    plan = search(graph, spec.mesh, spec.device or device or "cpu", **kw)
+    if "pp" in spec.mesh:        # a pipeline: the search over the other axes, stages cut after
+        from autopar.compiler.stages import pipeline_plan
+        from autopar.compiler.cluster import DeviceProfile, load_profile
+        profile = spec.device or device or "cpu"
+        profile = profile if isinstance(profile, DeviceProfile) else load_profile(profile)
+        pos = list(spec.mesh).index("pp")
+        for p in kw["pins"]:
+            if p.layout[pos] not in (None, "R"):
+                raise InputError(f"{p.origin or p.value}: a layout over pp ({p.layout[pos]}) -- every "
+                                 "value is whole on each pipeline stage; leave pp out of the layout")
+        kw["pins"] = [type(p)(p.value, tuple(p.layout[:pos]) + tuple(p.layout[pos + 1:]), p.origin)
+                      for p in kw["pins"]]
+        plan = pipeline_plan(graph, spec.mesh, lambda g, m, **more: search(g, m, profile, **{
+            **kw, **more, "pins": kw["pins"] + list(more.get("pins", []))}),
+                             profile, schedule=spec.schedule)
+    else:
+        plan = search(graph, spec.mesh, spec.device or device or "cpu", **kw)
     plan.constraints = list(spec.constraints)
     # settings the search does not read: the program's checkpoints; the schedule it priced
     plan.checkpoint = dict(spec.checkpoint)

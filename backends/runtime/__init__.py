@@ -99,6 +99,8 @@ from .checkpoint import (CheckpointError, CheckpointHandle, LoadedCheckpoint, Sh
 from .collectives import all_gather, all_reduce, all_to_all, copy_to, reduce_scatter, scatter
 from .overlap import GradBuckets, ParamGather, gather_param
 from .timeline import Timeline
+from .pipeline import (PipelineStageOf, StageModule, keep_stage_params, pipeline_schedule,
+                       reduce_grad_buckets, reduce_tied_grads, stage_grad_order, tied_groups)
 from .mesh import KINDS, PHASES, CommEvent, Mesh, in_backward, init_mesh
 from .utils import log, one_thread, set_seed
 
@@ -111,4 +113,6 @@ __all__ = [
     "optimizer_shards", "optimizer_wanted", "restore_optimizer", "capture_rng_state",
     "restore_rng_state", "save_file", "load_file", "save_init", "load_init",
     "add_checkpoint_args", "TrainingCheckpoint",
+    "PipelineStageOf", "StageModule", "keep_stage_params", "pipeline_schedule",
+    "reduce_tied_grads", "tied_groups", "reduce_grad_buckets", "stage_grad_order",
 ]

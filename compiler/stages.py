@@ -1,0 +1,619 @@
+"""Pipeline stages: a `pp` mesh axis cuts the model into contiguous ranges of its repeated
+blocks, one range per pp coordinate.
+
+A stage owns whole blocks of the model's one module list of repeated blocks (the
+`transformer.h.*` of a GPT); the nodes before the first block (the embeddings) go with
+stage 0, the nodes after the last (the final norm, the head and the loss) with the last
+stage. The cut balances the stages' forward + backward time as the cost model prices each
+node under the intra-stage plan (the plan over the mesh's other axes), so the embedding
+and the loss head count where they fall.
+
+    >>> stages = cut_stages(graph, 2, node_time)                  # doctest: +SKIP
+    >>> [s.blocks for s in stages]                                 # doctest: +SKIP
+    [(0, 1), (1, 2)]
+
+The plan keeps the result as `Plan.pipeline`:
+`{"axis": "pp", "stages": p, "schedule": "1f1b", "blocks": "transformer.h",
+"ranges": [[0, 1], [1, 2]], "stage_time": [...]}`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from autopar.compiler.errors import InputError
+from autopar.compiler.patterns import block_of
+
+PP_AXIS = "pp"
+SCHEDULES = ("gpipe", "1f1b")
+
+
+@dataclass
+class Stage:
+    index: int
+    blocks: tuple[int, int]            # block indices [first, end)
+    nodes: list[int]                   # node indices (into the graph's node list) it runs
+    params: list[str]                  # the parameters and buffers its nodes read
+    modules: list[str]                 # top-level modules it owns (for the header)
+    time: float = 0.0                  # forward + backward, the cost model's
+
+
+def block_list(nodes) -> tuple[str, list[int]] | None:
+    """The module list of repeated blocks with the most instances, and their indices."""
+    kinds: dict[str, set[int]] = {}
+    for n in nodes:
+        b = block_of(n.meta.module) if n.meta.module else None
+        if b is not None:
+            kinds.setdefault(b[0], set()).add(int(b[1].rsplit(".", 1)[1]))
+    if not kinds:
+        return None
+    kind = max(kinds, key=lambda k: len(kinds[k]))
+    return kind, sorted(kinds[kind])
+
+
+def node_blocks(nodes, kind: str) -> list[int]:
+    """Block position of every node: its block's index, nodes between blocks with the next
+    block, nodes before the first with block -1 (stage 0), after the last with a position
+    past every block (the last stage)."""
+    pos: list[int | None] = []
+    for n in nodes:
+        b = block_of(n.meta.module) if n.meta.module else None
+        pos.append(int(b[1].rsplit(".", 1)[1]) if b is not None and b[0] == kind else None)
+    out: list[int] = [0] * len(nodes)
+    nxt = None
+    for i in range(len(nodes) - 1, -1, -1):
+        if pos[i] is not None:
+            nxt = pos[i]
+            out[i] = pos[i]
+        else:
+            out[i] = nxt if nxt is not None else 10 ** 9
+    seen = False
+    for i in range(len(nodes)):
+        if pos[i] is not None:
+            seen = True
+        elif not seen:
+            out[i] = -1
+    return out
+
+
+def balanced_ranges(times: Sequence[float], p: int) -> list[tuple[int, int]]:
+    """Contiguous ranges of `times` (one per block, the pre/post nodes added to the first
+    and last) into `p` parts minimising the largest part; ties go to the earlier cut."""
+    n = len(times)
+    prefix = [0.0]
+    for t in times:
+        prefix.append(prefix[-1] + t)
+    INF = float("inf")
+    # best[k][i]: the least max part of times[:i] in k parts
+    best = [[INF] * (n + 1) for _ in range(p + 1)]
+    cut = [[0] * (n + 1) for _ in range(p + 1)]
+    best[0][0] = 0.0
+    for k in range(1, p + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                v = max(best[k - 1][j], prefix[i] - prefix[j])
+                if v < best[k][i] * (1 - 1e-12):
+                    best[k][i], cut[k][i] = v, j
+    ranges, i = [], n
+    for k in range(p, 0, -1):
+        j = cut[k][i]
+        ranges.append((j, i))
+        i = j
+    return ranges[::-1]
+
+
+def cut_stages(graph, p: int, node_time: Callable[[int], float] | None = None,
+               ranges: Sequence[Sequence[int]] | None = None) -> list[Stage]:
+    """`p` stages of `graph` (any object with .nodes, .params, .outputs; a prepared or a
+    sharded graph), cut at block boundaries, balanced by `node_time(i)` (seconds of node i,
+    forward + backward), or at the given block `ranges`."""
+    nodes = graph.nodes
+    found = block_list(nodes)
+    if found is None:
+        raise InputError(f"--mesh pp={p}: {getattr(graph, 'name', 'the model')} has no module list of "
+                         "repeated blocks (like transformer.h.0, .1, ...) to cut into pipeline stages; "
+                         "pipeline parallelism cuts at block boundaries. Drop the pp axis.")
+    kind, indices = found
+    nblocks = len(indices)
+    if indices != list(range(nblocks)):
+        raise InputError(f"--mesh pp={p}: the blocks of {kind} are not numbered 0..{nblocks - 1}")
+    if p > nblocks:
+        raise InputError(f"--mesh pp={p}: more stages than blocks -- {kind} has {nblocks} "
+                         f"blocks and each stage needs at least one. Use pp <= {nblocks}.")
+    where = node_blocks(nodes, kind)
+    if ranges is None:
+        times = [0.0] * nblocks
+        for i, b in enumerate(where):
+            t = node_time(i) if node_time is not None else 1.0
+            times[min(max(b, 0), nblocks - 1)] += t
+        ranges = balanced_ranges(times, p)
+    ranges = [tuple(r) for r in ranges]
+    stages = []
+    for k, (a, b) in enumerate(ranges):
+        idx = [i for i, w in enumerate(where)
+               if (a <= w < b) or (k == 0 and w < 0) or (k == p - 1 and w >= nblocks)]
+        read = []
+        for i in idx:
+            for v in nodes[i].inputs:
+                if v.kind in ("param", "buffer") and v.name not in read:
+                    read.append(v.name)
+        mods = []
+        for i in idx:
+            m = nodes[i].meta.module
+            if not m:
+                continue
+            bb = block_of(m)
+            top = (f"{kind}.{a}" if b - a == 1 else f"{kind}.{a}-{b - 1}") if bb is not None and bb[0] == kind else m
+            if top not in mods:
+                mods.append(top)
+        t = sum(node_time(i) for i in idx) if node_time is not None else 0.0
+        stages.append(Stage(k, (a, b), idx, read, mods, t))
+    # a parameter no node reads stays with stage 0 (it is saved and loaded there)
+    used = {n for s in stages for n in s.params}
+    for prm in graph.params:
+        if prm.name not in used:
+            stages[0].params.append(prm.name)
+    return stages
+
+
+def owners(stages: list[Stage]) -> dict[str, list[int]]:
+    """parameter -> the stages that hold it; more than one: a tied weight (its gradient is
+    summed over those stages after backward, so every copy takes the same update)."""
+    out: dict[str, list[int]] = {}
+    for s in stages:
+        for n in s.params:
+            out.setdefault(n, []).append(s.index)
+    return out
+
+
+def stage_node_times(graph, plan, profile) -> list[float]:
+    """Forward + backward seconds of every node of `graph` under `plan` (its intra-stage
+    strategies; the pp axis left out), from the cost model."""
+    from autopar.compiler.cluster import Cluster
+    from autopar.compiler.cost import CostModel
+    intra = {a: n for a, n in plan.mesh.items() if a != PP_AXIS}
+    keep = [i for i, a in enumerate(plan.mesh) if a != PP_AXIS]
+    cm = CostModel(graph, Cluster(intra, profile), precision=plan.cost.get("precision"))
+    out = []
+    from autopar.compiler import sharding
+    for n in graph.nodes:
+        key = sharding.producer_key(n)
+        s = tuple(plan.strategies[key][i] for i in keep) if key in plan.strategies else tuple(None for _ in intra)
+        c = cm.compute(cm.by_key[key].index, s)
+        out.append(c.fwd_time + c.bwd_time + c.recompute_time)
+    return out
+
+
+def price_pipeline(plan, graph, profile) -> dict:
+    """The pipeline's step time and memory per device, from the intra-stage plan's cost
+    model, into plan.cost (step_time, memory: the worst stage) and plan.cost["pipeline"].
+
+    Stage k's time t_k: its nodes' forward + backward compute, plus its share of the
+    intra-stage plan's communication. GPipe and 1F1B idle each stage for (p-1) microbatch
+    slots while the pipeline fills and drains, so the step is the slowest stage stretched by
+    the bubble, max_k t_k * (1 + (p-1)/m), plus the point-to-point sends on the fill / drain
+    path (2 (p-1) microbatch activations, forward and backward) and the tied weights'
+    gradient all_reduce. Memory: a stage's parameters, gradients and optimizer state, plus
+    the activations of the microbatches in flight -- GPipe keeps all m, 1F1B at most p - k on
+    stage k (p on the first)."""
+    from autopar.compiler import sharding
+    from autopar.compiler.cluster import Cluster
+    from autopar.compiler.cost import CostModel, collective_time
+    pp = plan.pipeline
+    pp.setdefault("unpipelined_step", plan.cost.get("step_time"))   # the intra-stage plan's, whole model
+    p, m = pp["stages"], max(1, int(plan.microbatches or 1))
+    pos = list(plan.mesh).index(pp["axis"])
+    intra = {a: n for a, n in plan.mesh.items() if a != pp["axis"]}
+    cm = CostModel(graph, Cluster(intra, profile), precision=plan.cost.get("precision"))
+    stages = cut_stages(graph, p, ranges=pp["ranges"])
+
+    def strat(key):
+        v = plan.strategies.get(key)
+        return tuple(x for i, x in enumerate(v) if i != pos) if v is not None else tuple(None for _ in intra)
+    from autopar.compiler.ops import REGISTRY
+    node_t, node_act, node_ovh = [], [], []
+    for n in graph.nodes:
+        mi = cm.by_key[sharding.producer_key(n)].index
+        c = cm.compute(mi, strat(cm.members[mi].key))
+        node_t.append(c.fwd_time + c.bwd_time + c.recompute_time)
+        # a kernel's launch overhead is paid once per microbatch (the flops split, it does not)
+        ovh = 0.0 if REGISTRY[n.op].view else cm.profile.op_overhead * (2 if cm.has_backward(mi) else 1)
+        node_ovh.append(ovh)
+        node_act.append(cm.activation_bytes(mi, strat(cm.members[mi].key)))
+    total_compute = sum(node_t) or 1.0
+    comm = plan.cost.get("comm_time", 0.0)
+    link = Cluster(dict(plan.mesh), profile).link(pp["axis"])
+    state = {}
+    for prm in graph.params:
+        mi = cm.by_key[prm.name].index
+        state[prm.name] = cm.param_state(mi, strat(prm.name), plan.zero)
+    rows = []
+    for st in stages:
+        compute = sum(node_t[i] for i in st.nodes) + (m - 1) * sum(node_ovh[i] for i in st.nodes)
+        t = compute + comm * sum(node_t[i] for i in st.nodes) / total_compute
+        acts = sum(node_act[i] for i in st.nodes)            # the whole batch's, this rank's shard
+        flight = m if pp["schedule"] == "gpipe" else min(m, p - st.index)
+        parts = [sum(state.get(n, (0.0, 0.0, 0.0))[j] for n in st.params) for j in range(3)]
+        rows.append({"stage": st.index, "time": t, "compute": compute, "in_flight": flight,
+                     "activations": acts * flight / m, "state": sum(parts), "params": parts[0],
+                     "grads": parts[1], "optimizer": parts[2], "memory": sum(parts) + acts * flight / m})
+    # one microbatch's boundary activations (the largest cut), fp32 as traced
+    from autopar.compiler.sharded import depends_on
+    cut_bytes = 0.0
+    for k in range(p - 1):
+        defined = {v for i in stages[k].nodes for v in graph.nodes[i].outputs}
+        crossing = {v for i in stages[k + 1].nodes for v in graph.nodes[i].inputs if v in defined}
+        b = sum(prod_local(v, plan, pos) * cm.itemsize(v) for v in crossing) / m
+        cut_bytes = max(cut_bytes, b)
+    p2p = link.alpha + cut_bytes / link.bandwidth if p > 1 else 0.0
+    tied_bytes = sum(v.numel * cm.itemsize(v) for v in graph.params if v.requires_grad
+                     and len(owners(stages).get(v.name, [])) > 1)
+    tied_t = collective_time("all_reduce", 2, tied_bytes, link) if tied_bytes else 0.0
+    bubble = (p - 1) / m
+    slowest = max(r["time"] for r in rows)
+    step = slowest * (1 + bubble) + 2 * (p - 1) * p2p + tied_t
+    out = {"schedule": pp["schedule"], "stages": p, "microbatches": m, "bubble": bubble,
+           "stage_rows": rows, "p2p_per_microbatch": p2p, "boundary_bytes": cut_bytes,
+           "tied_all_reduce": tied_t, "unpipelined_step": pp["unpipelined_step"], "step_time": step,
+           "microbatches_tried": pp.get("microbatches_tried")}
+    plan.cost["pipeline"] = out
+    plan.cost["step_time"] = step
+    worst = max(rows, key=lambda r: r["memory"])
+    mem = dict(plan.cost.get("memory") or {})
+    mem.update({k: int(worst[k]) for k in ("params", "grads", "optimizer", "activations")})
+    mem["total"] = int(worst["memory"])            # the fullest stage's device
+    plan.cost["memory"] = mem
+    pp["stage_time"] = [r["time"] for r in rows]
+    return out
+
+
+def prod_local(v, plan, pos) -> int:
+    """Elements of this rank's block of `v` under the plan (pp left out)."""
+    from autopar.compiler import sharding
+    lay = plan.layouts.get(v.name)
+    if lay is None:
+        return v.numel
+    intra = {a: n for a, n in plan.mesh.items() if a != PP_AXIS}
+    out = 1
+    for d in sharding.local_shape(v.shape, tuple(x for i, x in enumerate(lay) if i != pos), intra):
+        out *= int(d)
+    return out
+
+
+def pipeline_lines(c: dict) -> list[str]:
+    """The explanation's lines on the pipeline (plan.cost["pipeline"])."""
+    from autopar.compiler.cluster import format_bytes, format_time
+    out = ["", f"pipeline: {c['stages']} stages, schedule {c['schedule']}, {c['microbatches']} microbatches; "
+               f"bubble (p-1)/m = {c['bubble']:.3g}"]
+    if c.get("microbatches_tried"):
+        out.append("  microbatches compared (predicted step): " + ", ".join(
+            f"{m}: {format_time(t)}" for m, t in c["microbatches_tried"].items()))
+    for r in c["stage_rows"]:
+        out.append(f"  stage {r['stage']}: {format_time(r['time'])} per step (compute {format_time(r['compute'])}), "
+                   f"memory {format_bytes(r['memory'])} (state {format_bytes(r['state'])}, activations of "
+                   f"{r['in_flight']} microbatch(es) in flight {format_bytes(r['activations'])})")
+    out.append(f"  step = slowest stage x (1 + bubble) + 2(p-1) sends of {format_bytes(c['boundary_bytes'])} "
+               f"({format_time(c['p2p_per_microbatch'])} each) + tied-weight all_reduce "
+               f"{format_time(c['tied_all_reduce'])} = {format_time(c['step_time'])}")
+    return out
+
+
+def pp_profile(name):
+    from autopar.compiler.cluster import DeviceProfile, load_profile
+    return name if isinstance(name, DeviceProfile) else load_profile(name)
+
+
+def check_pipeline(plan, schedule: str | None, backend: str, graph=None) -> None:
+    """What a pipelined plan does not run (yet), refused with the flag to change."""
+    pp = plan.pipeline
+    if not pp:
+        raise InputError(f"--schedule {schedule}: a pipeline schedule needs a pp axis in the mesh "
+                         "(e.g. --mesh pp=2); drop --schedule")
+    if schedule:
+        pp["schedule"] = schedule
+    if pp.get("profile") is not None and graph is not None:
+        try:
+            profile = pp_profile(pp["profile"])
+        except Exception:            # a profile file no longer at hand: keep the plan's prices
+            profile = None
+        if profile is not None:
+            price_pipeline(plan, graph, profile)
+    if pp["schedule"] not in SCHEDULES:
+        raise InputError(f"pipeline schedule {pp['schedule']!r}: use one of {', '.join(SCHEDULES)}")
+    if backend != "torch":
+        raise InputError(f"--backend {backend} with a pp axis: pipeline parallelism (pp) is "
+                         "torch-only for now; use --backend torch")
+    if plan.zero:
+        raise InputError(f"ZeRO-{plan.zero} with a pp axis: not supported yet; plan with --zero 0")
+
+
+def lift_plan(plan, mesh: dict[str, int]):
+    """The intra-stage plan (over the mesh's axes but pp) as a plan over the whole mesh:
+    every value replicated over pp (each pp coordinate runs its own stage of it)."""
+    pos = list(mesh).index(PP_AXIS)
+    plan.mesh = dict(mesh)
+    plan.strategies = {k: list(v[:pos]) + [None] + list(v[pos:]) for k, v in plan.strategies.items()}
+    plan.layouts = {k: list(v[:pos]) + ["R"] + list(v[pos:]) for k, v in plan.layouts.items()}
+    return plan
+
+
+def pipeline_plan(graph, mesh: dict[str, int], search: Callable, profile, schedule: str | None = None,
+                  ranges=None):
+    """The plan for a mesh with a pp axis: the search over the other axes (the intra-stage
+    plan, one for every stage), lifted over pp, with the stages cut and balanced by its
+    per-node times."""
+    p = mesh[PP_AXIS]
+    if p < 2:
+        raise InputError(f"--mesh pp={p}: one pipeline stage is no pipeline; drop the pp axis or use pp >= 2")
+    intra = {a: n for a, n in mesh.items() if a != PP_AXIS}
+    # ZeRO is not run under a pipeline yet: the search keeps stage 0
+    plan = search(graph, intra, zero=0)
+    pins = same_batch_split(graph, plan)
+    if pins:
+        plan = search(graph, intra, zero=0, pins=pins)
+    times = stage_node_times(graph, plan, profile)
+    stages = cut_stages(graph, p, lambda i: times[i], ranges=ranges)
+    lift_plan(plan, mesh)
+    plan.pipeline = {"axis": PP_AXIS, "stages": p, "schedule": schedule or "1f1b",
+                     "blocks": block_list(graph.nodes)[0],
+                     "ranges": [list(s.blocks) for s in stages],
+                     "stage_time": [s.time for s in stages], "profile": profile.name}
+    choose_microbatches(plan, graph, profile)
+    return plan
+
+
+def batch_inputs(graph) -> list:
+    """The inputs whose dim 0 is the batch (the first input's)."""
+    if not graph.inputs or not graph.inputs[0].shape:
+        return []
+    # the traced sizes name each input's batch dim apart: the same size is the batch
+    return [v for v in graph.inputs if v.shape and int(v.shape[0]) == int(graph.inputs[0].shape[0])]
+
+
+def same_batch_split(graph, plan) -> list:
+    """Pins giving every batch input the first input's layout, when the plan splits them
+    differently. A schedule cuts each input into microbatches on this rank's rows; an input
+    split over dp and one kept whole (then sliced inside the model) would pair the rows of
+    different examples in every microbatch but the first."""
+    from autopar.compiler.sharding import Pin
+    inputs = batch_inputs(graph)
+    if len(inputs) < 2:
+        return []
+    want = tuple(plan.layouts[inputs[0].name])
+    if all(tuple(plan.layouts[v.name]) == want for v in inputs):
+        return []
+    return [Pin(v.name, want, "the pipeline: every batch input split like the first") for v in inputs]
+
+
+def rank_batch(plan, graph) -> int | None:
+    """The examples of the batch each rank holds (the first input's dim 0 over the axes it
+    is split on)."""
+    if not graph.inputs or not graph.inputs[0].shape:
+        return None
+    batch = int(graph.inputs[0].shape[0])
+    lay = plan.layouts.get(graph.inputs[0].name, ())
+    for (axis, n), pl in zip(plan.mesh.items(), lay):
+        if pl == "S(0)":
+            batch //= n
+    return batch
+
+
+def choose_microbatches(plan, graph, profile) -> int:
+    """The microbatch count of the fastest predicted pipeline step among the divisors of the
+    batch each rank holds (more microbatches shrink the bubble, each costs its kernels'
+    launches once more); the plan keeps it and its price. A plan file or --microbatches
+    overrides it."""
+    batch = rank_batch(plan, graph) or 1
+    tried = {}
+    for m in [d for d in range(1, batch + 1) if batch % d == 0]:
+        plan.microbatches = m
+        tried[m] = price_pipeline(plan, graph, profile)["step_time"]
+    best = min(tried, key=lambda m: (tried[m], m))
+    plan.microbatches = best
+    plan.pipeline["microbatches_tried"] = {str(k): v for k, v in tried.items()}
+    price_pipeline(plan, graph, profile)
+    return best
+
+
+@dataclass
+class StageIO:
+    """What one stage of a sharded graph reads and hands on, for the program and the
+    traffic prediction. `args`: its forward's arguments (the batch's inputs on stage 0, the
+    previous stage's activations after); `outs`: what its forward returns (sent to the next
+    stage; on the last stage what the loss reads); the last stage's `loss_nodes` run in the
+    schedule's loss_fn over `outs` and `target`."""
+    stage: Stage
+    args: list
+    outs: list
+    forward_nodes: list[int]
+    loss_nodes: list[int]
+    target: object = None
+    owns: list[str] = None
+
+
+def stage_io(s, ranges) -> list[StageIO]:
+    """The stages of sharded graph `s` cut at `ranges` and what crosses each cut. Raises
+    InputError for what one schedule cannot run: a stage past the first reading the batch
+    (other than the loss its targets), a value skipping a stage, a loss of several targets."""
+    p = len(ranges)
+    stages = cut_stages(s, p, ranges=ranges)
+    nodes = s.nodes
+    inputs = list(s.inputs)
+    where = {}
+    for st in stages:
+        for i in st.nodes:
+            for v in nodes[i].outputs:
+                where[v] = st.index
+
+    def reads(idx):
+        out = []
+        for i in idx:
+            for v in nodes[i].inputs:
+                if v.kind not in ("param", "buffer") and v not in out:
+                    out.append(v)
+        return out
+    first_reads = [v for v in reads(stages[0].nodes) if v in inputs]
+    result = []
+    for st in stages:
+        r = reads(st.nodes)
+        own = {v for i in st.nodes for v in nodes[i].outputs}
+        ext = [v for v in r if v not in own]
+        batch = [v for v in ext if v in inputs]
+        acts = [v for v in ext if v not in inputs]
+        for v in acts:
+            if where.get(v) != st.index - 1:
+                raise InputError(f"pipeline stage {st.index} reads {v.name} from stage {where.get(v)}; "
+                                 "a value may only cross into the next stage. Cut the stages elsewhere "
+                                 "or drop the pp axis.")
+        last = st.index == p - 1
+        target = None
+        loss_nodes: list[int] = []
+        fwd = list(st.nodes)
+        if st.index == 0:
+            args = batch
+        else:
+            extra = [v for v in batch if not last or v in first_reads]
+            if extra:
+                raise InputError(f"pipeline stage {st.index} reads the model input {extra[0].name}; "
+                                 "under a pipeline schedule only the first stage reads the batch "
+                                 "(and the loss its targets). Drop the pp axis for this model.")
+            args = acts
+        if last:
+            targets = [v for v in batch if v not in first_reads] if st.index else [
+                v for v in inputs if v not in first_reads]
+            if len(targets) != 1:
+                raise InputError(f"the loss reads {len(targets)} model inputs the first stage does "
+                                 f"not ({', '.join(v.name for v in targets) or 'none'}); the "
+                                 "pipeline schedule hands its loss_fn one target tensor")
+            target = targets[0]
+            dep = {target}
+            for i in st.nodes:
+                if any(v in dep for v in nodes[i].inputs):
+                    loss_nodes.append(i)
+                    dep.update(nodes[i].outputs)
+            ls = set(loss_nodes)
+            fwd = [i for i in st.nodes if i not in ls]
+            if s.outputs[0] not in dep:
+                raise InputError("the loss does not depend on the targets; the pipeline cannot "
+                                 "tell the loss from the model's forward")
+        result.append(StageIO(st, args, [], fwd, loss_nodes, target))
+    for k, io in enumerate(result):
+        if k + 1 < p:
+            io.outs = list(result[k + 1].args)
+        else:
+            fwd_out = {v for i in io.forward_nodes for v in nodes[i].outputs}
+            io.outs = [v for v in reads(io.loss_nodes) if v in fwd_out]
+            # the loss nodes may read what the previous stage sent: pass it through
+            io.outs += [v for v in reads(io.loss_nodes) if v in io.args and v not in io.outs]
+    return result
+
+
+def owned_prefixes(s, io: StageIO, kind: str) -> list[str]:
+    """The module prefixes of the parameters a stage holds (its blocks one by one, the other
+    modules by path): what the program keeps on that stage."""
+    out = []
+    for name in io.stage.params:
+        b = block_of(name.rsplit(".", 1)[0])
+        pre = b[1] if b is not None and b[0] == kind else name.rsplit(".", 1)[0]
+        if b is None and name in s.graph.pieces:
+            pre = s.graph.pieces[name].source.rsplit(".", 1)[0]
+        if pre not in out:
+            out.append(pre)
+    return out
+
+
+def microbatch_bytes(s, v, m: int) -> int:
+    """Bytes of this rank's block of `v` in one microbatch."""
+    from autopar.compiler.sharded import depends_on
+    b = v.numel * v.itemsize
+    if m > 1 and depends_on(s.global_shapes.get(v.name, ()), s.batch_symbols()):
+        b //= m
+    return b
+
+
+def stage_traffic(s, ios: list[StageIO]) -> list[list[tuple[str, int]]]:
+    """Per stage, the calls of one step and rank (`kind:axis`, bytes) the pipeline adds:
+    each microbatch's activations sent forward to the next stage and received from the
+    previous one, their gradients sent back and received in backward (the values needing
+    a gradient), and the all_reduce of each tied weight's gradient over its stages."""
+    axis = s.plan.pipeline.get("axis", PP_AXIS)
+    m = max(1, int(s.plan.microbatches or 1))
+    p = len(ios)
+    out = []
+    hold = owners([io.stage for io in ios])
+    params = {v.name: v for v in s.params}
+    from autopar.compiler.sharded import depends_on, is_collective
+    again = s.recomputed()
+    batch = s.batch_symbols() if m > 1 else set()
+    for k, io in enumerate(ios):
+        calls = []
+        # the plan's collectives of the nodes this stage runs, once per microbatch (the
+        # gradient reductions too: a pipelined plan reduces inside each backward)
+        per_mb = []
+        for i in io.stage.nodes:
+            n = s.nodes[i]
+            if not is_collective(n):
+                continue
+            share = m if batch and depends_on(s.global_shapes.get(n.inputs[0].name, ()), batch) else 1
+            for kind, ax, b, phase in s.node_traffic(n):
+                per_mb.append((f"{kind}:{ax}", b // share))
+                if phase == "forward" and i in again:
+                    per_mb.append((f"{kind}:{ax}", b // share))
+        calls += per_mb * m
+        if k > 0:
+            for _ in range(m):
+                calls += [(f"recv:{axis}", microbatch_bytes(s, v, m)) for v in io.args]
+            for _ in range(m):
+                calls += [(f"send:{axis}", microbatch_bytes(s, v, m)) for v in io.args
+                          if v.name in s.needs_grad]
+        if k + 1 < p:
+            for _ in range(m):
+                calls += [(f"send:{axis}", microbatch_bytes(s, v, m)) for v in io.outs]
+            for _ in range(m):
+                calls += [(f"recv:{axis}", microbatch_bytes(s, v, m)) for v in io.outs
+                          if v.name in s.needs_grad]
+        calls += stage_bucket_calls(s, io)
+        for name, st in sorted(hold.items()):
+            if len(st) > 1 and k in st and params[name].requires_grad:
+                calls.append((f"all_reduce:{axis}", params[name].numel * params[name].itemsize))
+        out.append(calls)
+    return out
+
+
+def stage_bucket_calls(s, io: StageIO) -> list[tuple[str, int]]:
+    """The gradient buckets one stage reduces after the schedule's last microbatch: the
+    plan's bucket order (GRAD_ORDER) kept to the stage's parameters, filled with the same
+    caps, as rt.GradBuckets fills them in the program."""
+    from autopar.compiler import buckets
+    from autopar.compiler.sharded import nbytes, zero_chunk
+
+    def grad_bytes(s, name, kind):           # as passes/overlap.grad_bytes counts a bucket's share
+        v = by_name[name]
+        if kind == "reduce_scatter":
+            n = s.mesh[s.zero.axis]
+            return zero_chunk(v.numel, n) * n * v.itemsize
+        return nbytes(v)
+    o = s.overlap
+    if o is None or not o.buckets:
+        return []
+    mine = set(io.stage.params)
+    by_name = {v.name: v for v in s.params}
+    rows = [(n, b.axes, b.kind) for b in o.buckets for n in b.params if n in mine]
+    items = [((axes, by_name[n].dtype, kind), grad_bytes(s, n, kind)) for n, axes, kind in rows]
+    out = []
+    for members in buckets.fill(items, o.first_cap, o.cap):
+        axes, _, kind = items[members[0]][0]
+        total = sum(items[j][1] for j in members)
+        out += [(f"{kind}:{a}", total) for a in axes]
+    return out
+
+
+def tied(ios: list[StageIO], s) -> dict[str, list[int]]:
+    """Trainable weights several stages hold -> those stages."""
+    params = {v.name: v for v in s.params}
+    return {n: st for n, st in sorted(owners([io.stage for io in ios]).items())
+            if len(st) > 1 and params[n].requires_grad}
+
+
+__all__ = ["StageIO", "stage_io", "stage_traffic", "owned_prefixes", "tied", "PP_AXIS", "SCHEDULES", "Stage", "cut_stages", "balanced_ranges", "owners",
+           "pipeline_plan", "lift_plan", "stage_node_times", "block_list", "node_blocks"]

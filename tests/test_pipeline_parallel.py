@@ -1,0 +1,272 @@
+"""Pipeline parallelism over a pp mesh axis: stage cutting (balanced, at block boundaries,
+refusals), the generated program's pipeline parts, and multi-rank launches with PyTorch's
+GPipe and 1F1B schedules (parity with one device, send/recv bytes predicted == measured)."""
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+from contextlib import redirect_stdout
+
+import pytest
+
+from autopar.compiler.errors import InputError
+from autopar.compiler.stages import balanced_ranges, cut_stages
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def gpt4():
+    """A 4-block GPT, traced with symbolic sizes as `autopar emit/run` trace it."""
+    from autopar.pipeline import prepared_graph
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    from conftest import load_example
+    gpt = load_example("gpt")
+    cfg = gpt.GPTConfig(block_size=32, vocab_size=128, n_layer=4, n_head=4, n_embd=64)
+    model, inputs = gpt.build(cfg)
+    return model, inputs, prepared_graph(model, inputs, "gpt", symbolic=True)
+
+
+def test_balanced_ranges_minimise_the_largest_stage():
+    assert balanced_ranges([1, 1, 1, 1], 2) == [(0, 2), (2, 4)]
+    # a heavy last block (the loss head counted with it) moves the cut forward
+    assert balanced_ranges([1, 1, 1, 3], 2) == [(0, 3), (3, 4)]
+    assert balanced_ranges([5, 1, 1, 1], 2) == [(0, 1), (1, 4)]
+    assert balanced_ranges([1, 2, 3, 4, 5], 3) == [(0, 3), (3, 4), (4, 5)]
+
+
+def test_stages_cut_at_block_boundaries_with_embedding_first_and_head_last(gpt4):
+    _, _, g = gpt4
+    stages = cut_stages(g, 2, lambda i: 1.0)
+    assert [s.blocks for s in stages] == [(0, 2), (2, 4)]
+    assert stages[0].modules[:2] == ["transformer.wte", "transformer.wpe"]
+    assert "lm_head" in stages[1].modules and "transformer.ln_f" in stages[1].modules
+    # every node in exactly one stage; a block's nodes all in one
+    seen = sorted(i for s in stages for i in s.nodes)
+    assert seen == list(range(len(g.nodes)))
+    for s in stages:
+        for i in s.nodes:
+            m = g.nodes[i].meta.module
+            if m.startswith("transformer.h."):
+                assert s.blocks[0] <= int(m.split(".")[2]) < s.blocks[1]
+    # the tied embedding / head weight is held by both ends
+    assert "transformer.wte.weight" in stages[0].params and "transformer.wte.weight" in stages[1].params
+
+
+def test_stages_balance_by_node_time(gpt4):
+    _, _, g = gpt4
+    # make everything before block 1 costly: stage 0 gets block 0 alone
+    heavy = {i for i, n in enumerate(g.nodes) if not n.meta.module.startswith("transformer.h.")
+             and i < 5}
+    stages = cut_stages(g, 2, lambda i: 100.0 if i in heavy else 1.0)
+    assert stages[0].blocks == (0, 1)
+
+
+def test_more_stages_than_blocks_is_refused(gpt4):
+    _, _, g = gpt4
+    with pytest.raises(InputError, match="more stages than blocks.*4 blocks"):
+        cut_stages(g, 5, lambda i: 1.0)
+
+
+def test_a_model_without_blocks_is_refused():
+    import torch
+    from autopar.pipeline import prepared_graph
+
+    class TwoLayers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
+
+        def forward(self, x, y):
+            return torch.nn.functional.mse_loss(self.b(torch.relu(self.a(x))), y)
+    g = prepared_graph(TwoLayers(), (torch.randn(4, 8), torch.randn(4, 1)), "two")
+    with pytest.raises(InputError, match="no module list of repeated blocks"):
+        cut_stages(g, 2, lambda i: 1.0)
+
+
+def test_program_has_stage_methods_header_and_schedule(gpt4):
+    from autopar.pipeline import build_program
+    model, inputs, g = gpt4
+    prog = build_program(model, inputs, "pp=2", name="gpt", graph=g, microbatches=4, schedule="gpipe")
+    src = prog.source
+    assert prog.plan.pipeline["ranges"] in ([[0, 2], [2, 4]], [[0, 1], [1, 4]], [[0, 3], [3, 4]])
+    header = src.split('"""')[1]
+    assert "pipeline: 2 stages over pp" in header and "schedule gpipe, 4 microbatches" in header
+    assert re.search(r"stage 0: transformer\.h\.\d(-\d)?; owns transformer\.wte, transformer\.wpe", header)
+    assert "sends x to stage 1: 8 KiB per microbatch" in header
+    assert "bubble (p-1)/m = 0.25" in header
+    assert "def stage0(self, idx):" in src and "def stage1(self, x):" in src
+    assert "def loss(self, " in src and "def forward(" not in src.split("class GPT")[1].split("def main")[0].replace("def forward(self, x):", "")
+    assert "rt.PipelineStageOf(" in src and "rt.pipeline_schedule(args.schedule" in src
+    assert "TIED = {'transformer.wte.weight': [0, 1]}" in src
+    compile(src, "program.py", "exec")
+
+
+def test_mpi_backend_refuses_pp(gpt4):
+    from autopar.pipeline import build_program
+    model, inputs, g = gpt4
+    with pytest.raises(InputError, match="pp.*torch-only for now"):
+        build_program(model, inputs, "pp=2", backend="mpi", name="gpt", graph=g, microbatches=2)
+
+
+def _run(argv):
+    from autopar.cli import main
+    out = io.StringIO()
+    with redirect_stdout(out):
+        rc = main(argv)
+    return rc, out.getvalue()
+
+
+def _table(out, k):
+    return out.split(f"stage {k} (pp={k}")[1].split("\nstage")[0].split("job:")[0]
+
+
+def test_pp2_gpipe_launch_matches_one_device_and_predicted_bytes():
+    rc, out = _run(["run", "examples/gpt.py:build", "--mesh", "pp=2", "--microbatches", "4",
+                    "--schedule", "gpipe", "--steps", "3", "--check"])
+    assert rc == 0, out
+    assert "check: ok" in out
+    # each stage's send/recv: 4 microbatches of (1, 32, 64) fp32 = 8 KiB, both directions;
+    # the tied embedding / head gradient (128 x 64 fp32) all_reduced over the two stages
+    for k in (0, 1):
+        part = _table(out, k)
+        assert re.search(r"send:pp\s+32,768\s+32,768\s+ok.*4 / 4", part), part
+        assert re.search(r"recv:pp\s+32,768\s+32,768\s+ok.*4 / 4", part), part
+        assert re.search(r"all_reduce:pp\s+32,768\s+32,768\s+ok", part), part
+
+
+def test_pp4_1f1b_launch_middle_stages_send_both_ways():
+    """4 stages of a 4-block GPT under 1F1B: the middle stages receive from and send to both
+    neighbours (twice the ends' bytes); the tied weight's all_reduce runs on stages 0 and 3 only."""
+    rc, out = _run(["run", "tests/models/gpt_layers.py:four", "--mesh", "pp=4", "--microbatches", "4",
+                    "--schedule", "1f1b", "--steps", "2", "--check"])
+    assert rc == 0, out
+    assert "check: ok" in out
+    for k in (0, 3):
+        part = _table(out, k)
+        assert re.search(r"send:pp\s+32,768\s+32,768\s+ok.*4 / 4", part), part
+        assert re.search(r"all_reduce:pp\s+32,768\s+32,768\s+ok", part), part
+    for k in (1, 2):
+        part = _table(out, k)
+        assert re.search(r"send:pp\s+65,536\s+65,536\s+ok.*8 / 8", part), part
+        assert re.search(r"recv:pp\s+65,536\s+65,536\s+ok.*8 / 8", part), part
+        assert "all_reduce:pp" not in part
+
+
+# ---- plan files ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpt2(traced):
+    return traced("gpt")[3]
+
+
+def test_plan_file_schedule_reaches_the_plan(gpt2):
+    from autopar.dsl import parse_plan, resolve, search_with, write_plan
+    text = "mesh pp=2, dp=2\npipeline microbatches 2, schedule gpipe\n"
+    spec = resolve(parse_plan(text), gpt2)
+    assert (spec.microbatches, spec.schedule, spec.mesh) == (2, "gpipe", {"pp": 2, "dp": 2})
+    assert "pipeline microbatches 2, schedule gpipe" in spec.format()
+    plan = search_with(spec, gpt2, deterministic=True, time_limit=3)
+    assert plan.pipeline["schedule"] == "gpipe" and plan.pipeline["ranges"] == [[0, 1], [1, 2]]
+    assert plan.mesh == {"pp": 2, "dp": 2}
+    assert all(s[0] is None for s in plan.strategies.values())          # nothing split over pp
+    assert all(lay[0] == "R" for lay in plan.layouts.values())
+    assert "pipeline microbatches 2, schedule gpipe" in write_plan(plan, gpt2)
+
+
+@pytest.mark.parametrize("text,cls,where,words", [
+    # a schedule needs a pp axis: points at the schedule
+    ("mesh dp=2\npipeline microbatches 2, schedule 1f1b\n", "NoPipelineStages", "2:26", "has none"),
+    # more stages than the two blocks: points at the mesh's pp axis
+    ("mesh dp=1, pp=3\npipeline microbatches 2, schedule 1f1b\n", "NoPipelineStages", "1:12",
+     "more stages than blocks"),
+    # M must divide the batch of 4
+    ("mesh pp=2\npipeline microbatches 3, schedule gpipe\n", "BadMicrobatches", "2:23", "does not divide"),
+    ("mesh pp=2\npipeline microbatches 2, schedule interleaved 2\n", "NoPipelineStages", "2:26",
+     "GPipe or 1F1B"),
+    ('mesh pp=2\nstage 0 "transformer.h.0"\n', "NoPipelineStages", "2:1", "stage pins are not supported"),
+])
+def test_plan_file_pipeline_errors_name_file_line_column(gpt2, text, cls, where, words):
+    from autopar.dsl import errors as E
+    from autopar.dsl import parse_plan, resolve
+    with pytest.raises(getattr(E, cls)) as info:
+        resolve(parse_plan(text), gpt2)
+    msg = str(info.value)
+    assert f"<string>:{where}" in msg and words in msg, msg
+
+
+def test_pp2_tp2_plan_file_launch_matches_one_device():
+    """examples/plans/pipeline_gpt.plan: 2 stages x Megatron tp=2 inside each, 1F1B over 2
+    microbatches: the intra-stage collectives over tp and the pipeline's send/recv over pp
+    are both as predicted, per stage."""
+    rc, out = _run(["run", "examples/gpt.py:build", "--plan", "examples/plans/pipeline_gpt.plan",
+                    "--steps", "2", "--check"])
+    assert rc == 0, out
+    assert "check: ok" in out
+    for k in (0, 1):
+        part = _table(out, k)
+        assert re.search(r"all_reduce:tp\s+[\d,]+\s+[\d,]+\s+ok", part), part
+        # 2 microbatches of (2, 32, 64) fp32 = 16 KiB each
+        assert re.search(r"send:pp\s+32,768\s+32,768\s+ok.*2 / 2", part), part
+
+
+# ---- the cost model ---------------------------------------------------------------------------------
+
+def _priced(g, schedule, m, p=2):
+    from autopar.compiler.cluster import load_profile
+    from autopar.compiler.stages import pipeline_plan, price_pipeline
+    from autopar.passes.shard import search
+    prof = load_profile("h100")
+    plan = pipeline_plan(g, {"pp": p}, lambda gg, mm, **kw: search(gg, mm, prof, deterministic=True,
+                                                                  precision="fp32", **kw),
+                         prof, schedule=schedule)
+    plan.microbatches = m
+    return plan, price_pipeline(plan, g, prof)
+
+
+def test_bubble_and_in_flight_activations_are_priced(gpt4):
+    _, _, g = gpt4
+    plan1, c1 = _priced(g, "1f1b", 1)
+    plan4, c4 = _priced(g, "1f1b", 4)
+    assert c1["bubble"] == 1.0 and c4["bubble"] == 0.25
+    slow4 = max(r["time"] for r in c4["stage_rows"])
+    assert c4["step_time"] == pytest.approx(slow4 * 1.25 + 2 * c4["p2p_per_microbatch"] + c4["tied_all_reduce"])
+    assert plan4.cost["step_time"] == c4["step_time"] < c1["step_time"]
+    # in flight: GPipe all m microbatches on every stage, 1F1B at most p - k on stage k
+    _, g4 = _priced(g, "gpipe", 4)
+    assert [r["in_flight"] for r in g4["stage_rows"]] == [4, 4]
+    assert [r["in_flight"] for r in c4["stage_rows"]] == [2, 1]
+    for a, b in zip(g4["stage_rows"], c4["stage_rows"]):
+        assert b["activations"] == pytest.approx(a["activations"] * b["in_flight"] / 4)
+    assert plan4.cost["memory"]["total"] == int(max(r["memory"] for r in c4["stage_rows"]))
+    from autopar.compiler.stages import pipeline_lines
+    text = "\n".join(pipeline_lines(c4))
+    assert "bubble (p-1)/m = 0.25" in text and "2 microbatch(es) in flight" in text
+
+
+def test_pp2_dp2_launch_reduces_each_stages_gradients_over_dp():
+    """A batch of 32 makes data parallelism pay: the intra-stage plan splits the batch over
+    dp (the targets split like idx, so each microbatch pairs the same examples), each stage
+    accumulates its gradients over the microbatches and all_reduces them in its own buckets
+    over dp once -- the bytes of the stage's parameters only."""
+    rc, out = _run(["run", "tests/models/gpt_layers.py:four_batch32", "--mesh", "pp=2,dp=2",
+                    "--microbatches", "2", "--steps", "2", "--check"])
+    assert rc == 0, out
+    assert "check: ok" in out
+    got = []
+    for k in (0, 1):
+        part = _table(out, k)
+        m = re.search(r"all_reduce:dp\s+([\d,]+)\s+([\d,]+)\s+ok", part)
+        assert m and m.group(1) == m.group(2), part
+        got.append(int(m.group(1).replace(",", "")))
+        # 2 microbatches of this dp rank's (8, 32, 64) fp32 = 64 KiB each
+        assert re.search(r"send:pp\s+131,072\s+131,072\s+ok.*2 / 2", part), part
+    # each stage reduces its own parameters' gradients (about half of the model's each, the
+    # tied one on both), not the whole model's
+    from autopar.pipeline import load_model
+    model, _, _ = load_model("tests/models/gpt_layers.py:four_batch32")
+    total = sum(p.numel() * 4 for p in model.parameters())
+    assert all(0.4 * total < g < 0.6 * total for g in got), (got, total)
+    assert sum(got) >= total + model.transformer.wte.weight.numel() * 4
