@@ -75,6 +75,11 @@ class Program:
         self.files = {"program": prog, "plan": d / f"{self.stem}.plan.json", "init": d / self.opts.init_file}
         return self.launch_command()
 
+    def predicted_traffic(self) -> dict[str, int]:
+        """Bytes per step and rank the program sends, under its precision."""
+        from autopar.compiler.sharded import predict_traffic
+        return traffic_under(self.sharded, self.opts.precision)
+
     def explain(self) -> str:
         from autopar.compiler.sharded import format_bytes, predict_traffic
         mesh = self.plan.mesh
@@ -87,7 +92,7 @@ class Program:
             flag = "" if p.requires_grad or p.kind == "buffer" else " (frozen)"
             lines.append(f"  {p.name:<48} {sharding.format_layout(mesh, lay)}{flag}")
         lines.append("bytes per step and rank:")
-        for k, b in predict_traffic(self.sharded).items():
+        for k, b in self.predicted_traffic().items():
             lines.append(f"  {k:<24} {format_bytes(b)}")
         return "\n".join(lines)
 
@@ -245,12 +250,15 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
                   memory: float | str | None = None, optimizer: str = "adamw", lr: float = 1e-3,
                   steps: int = 10, name: str = "model", class_name: str | None = None,
                   graph: Graph | None = None, devices: int | None = None,
-                  target: str = "cpu", microbatches: int | None = None) -> Program:
+                  target: str = "cpu", microbatches: int | None = None,
+                  precision: str | None = None) -> Program:
     """trace -> prepare -> plan -> apply -> emit, in that order.
 
     `mesh` ("dp=2,tp=2"), or `devices` (a count: the search compares mesh shapes), or a plan
     file that names its mesh. `device` is the cost model's profile (cpu, h100, a file);
-    `target` is where the generated program runs (cpu: gloo, cuda: NCCL)."""
+    `target` is where the generated program runs (cpu: gloo, cuda: NCCL). `precision`
+    (fp32 or bf16; default: the profile's, bf16 for a mixed-precision profile) is what the
+    program computes and communicates in; the plan is searched and priced under it."""
     from autopar.backends.codegen import backend_named
     from autopar.passes.apply import apply_plan, predict_traffic
     from autopar.passes.overlap import overlap
@@ -259,9 +267,10 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
         # sizes from the batch stay symbolic: the program trains on any batch the mesh divides
         graph = prepared_graph(model, inputs, name, symbolic=True)
     mesh = parse_mesh(mesh)
-    # the generated programs train in fp32: plan for what they run
+    precision = resolve_precision(precision, device)
+    # plan for what the program runs: bf16 programs are priced as the "mixed" recipe
     plan, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
-                        precision="fp32")
+                        precision="mixed" if precision == "bf16" else "fp32")
     mesh = mesh or dict(plan.mesh)
     if dict(plan.mesh) != mesh:
         raise InputError(f"the plan is for mesh {sharding.format_mesh(plan.mesh)}, not "
@@ -274,13 +283,65 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
     check_microbatches(graph, plan, inputs)
     # the communication schedule: gradient buckets reduced while backward runs
     sharded = overlap(apply_plan(graph, plan))
-    plan.cost.setdefault("bytes", predict_traffic(sharded))
+    check_precision(precision, backend, plan)
+    plan.cost.setdefault("bytes", traffic_under(sharded, precision))
     stem = f"{name}_{mesh_tag(mesh)}_{backend}"
     opts = EmitOptions(steps=steps, optimizer=optimizer, lr=lr, device=target,
                        init_file=f"{stem}.init.safetensors", class_name=class_name or _class_name(model),
-                       state_keys=frozenset(model.state_dict().keys()))
+                       state_keys=frozenset(model.state_dict().keys()), precision=precision)
     source = emit_program(sharded, backend_named(backend), type(model).__name__, opts, f"{stem}.py")
     return Program(name, model, tuple(inputs), graph, plan, sharded, backend, opts, stem, source)
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def resolve_precision(precision: str | None, device="cpu") -> str:
+    """The program's precision: as given, else the cost profile's recipe (bf16 for a
+    mixed-precision profile such as h100, fp32 for the measured cpu profile)."""
+    from autopar.compiler.cluster import DeviceProfile, load_profile
+    if precision is None:
+        profile = device if isinstance(device, DeviceProfile) else load_profile(device)
+        return "bf16" if profile.precision == "mixed" else "fp32"
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision}: use fp32 or bf16")
+    return precision
+
+
+def check_precision(precision: str, backend: str, plan) -> None:
+    """Combinations the bf16 programs do not run yet, refused with the way out."""
+    if precision != "bf16":
+        return
+    if backend == "mpi":
+        raise InputError("--backend mpi --precision bf16: MPI has no bfloat16 datatype, so its "
+                         "reductions cannot sum bf16 buffers. Use --backend torch for bf16, or "
+                         "--precision fp32 with MPI.")
+    if plan.zero:
+        raise InputError(f"--precision bf16 with ZeRO-{plan.zero}: the bf16 programs keep whole fp32 "
+                         "master weights per rank and do not shard them yet. Use --zero 0 (or a "
+                         "plan without zero) with bf16, or --precision fp32 for ZeRO.")
+
+
+def traffic_under(sharded, precision: str) -> dict[str, int]:
+    """Bytes per step and rank the program sends under `precision`. The sharded graph counts
+    in its own dtypes (fp32); a bf16 program sends every floating collective buffer (and every
+    gradient bucket) at half that, while integer ones (token ids, targets) keep their size."""
+    from autopar.compiler.sharded import depends_on, is_collective, predict_traffic
+    traffic = predict_traffic(sharded)
+    if precision != "bf16":
+        return dict(traffic)
+    m = max(1, int(getattr(sharded.plan, "microbatches", 1) or 1))
+    batch = sharded.batch_symbols() if m > 1 else set()
+    again = sharded.recomputed()
+    ints: dict[str, int] = {}
+    for i, n in enumerate(sharded.nodes):     # as ShardedGraph.calls counts them
+        if not is_collective(n) or n.inputs[0].dtype.is_floating_point:
+            continue
+        share = m if batch and depends_on(sharded.global_shapes.get(n.inputs[0].name, ()), batch) else 1
+        for kind, axis, b, phase in sharded.node_traffic(n):
+            times = m * (2 if phase == "forward" and i in again else 1)
+            ints[f"{kind}:{axis}"] = ints.get(f"{kind}:{axis}", 0) + times * (b // share)
+    return {k: (b - ints.get(k, 0)) // 2 + ints.get(k, 0) for k, b in traffic.items()}
 
 
 def check_microbatches(graph: Graph, plan, inputs) -> None:

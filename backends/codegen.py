@@ -78,6 +78,7 @@ class EmitOptions:
     init_file: str = "init.safetensors"   # full state dict + example batch, next to the program
     state_keys: frozenset = frozenset()   # the model's state_dict keys (persistent buffers)
     class_name: str = "Model"
+    precision: str = "fp32"               # fp32, or bf16 compute/communication + fp32 masters
 
 
 RESERVED = set(keyword.kwlist) | {"self", "mesh", "torch", "F", "nn", "rt", "math", "checkpoint",
@@ -803,6 +804,11 @@ class Emitter:
         w("rank keeps its own block of every tensor (see LAYOUTS) and saves its final shards.")
         for line in checkpoint_header(s.plan):
             w(line)
+        if opts.precision == "bf16":
+            w()
+            w("Precision: bf16. Weights, activations, gradients and every collective are bfloat16;")
+            w("the optimizer steps fp32 master weights (fp32 moments), the bf16 weights are rounded")
+            w("from them after each step, and the saved shards are the fp32 masters.")
         w('"""')
         w("import argparse")
         w("import collections")
@@ -1486,6 +1492,14 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w(f"{inputs}{',' if len(s.inputs) == 1 else ''} = [shard(t, name, mesh).to(mesh.device)", 1)
     w(f"{' ' * (len(inputs) + 4)}for name, t in zip(INPUTS, example)]", 1)
     w()
+    bf16 = opts.precision == "bf16"
+    if bf16:
+        w("# precision bf16: the module computes and communicates in bfloat16; the optimizer", 1)
+        w("# steps fp32 masters of its trainable parameters (taken before the cast)", 1)
+        w("masters = rt.MasterWeights(model)", 1)
+        w(f"{inputs}{',' if len(s.inputs) == 1 else ''} = [rt.to_compute(t) for t in ({inputs}{',' if len(s.inputs) == 1 else ''})]  # float inputs in bf16", 1)
+        w('if args.checkpoint or args.resume:', 1)
+        w('raise SystemExit("--checkpoint/--resume: not supported by bf16 programs yet; emit with --precision fp32")', 2)
     if zero.params:
         w(f"# ZeRO-{zero.stage}: the optimizer owns 1/{zero.axis} chunks of the data-parallel parameters", 1)
         w("params = dict(model.named_parameters())", 1)
@@ -1502,6 +1516,8 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
             w("]}, partial=set())", 1)
         w("trainable = [*zero.chunks.values(),", 1)
         w("             *[p for name, p in params.items() if p.requires_grad and name not in zero.params]]", 1)
+    elif bf16:
+        w("trainable = masters.params()  # fp32", 1)
     else:
         w("trainable = [p for p in model.parameters() if p.requires_grad]", 1)
     w('if args.optimizer == "adamw":', 1)
@@ -1541,8 +1557,12 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
             w("zero.reduce_grads(model.grad_buckets.reduced)  # ZeRO-2's chunks came from the buckets", 2)
         else:
             w("zero.reduce_grads()", 2)
+    if bf16:
+        w("masters.grads_to_masters()  # bf16 gradients (already reduced) widened onto the fp32 masters", 2)
     w("optimizer.step()", 2)
     w("optimizer.zero_grad(set_to_none=True)", 2)
+    if bf16:
+        w("masters.refresh()  # bf16 weights rounded from the stepped masters", 2)
     if zero.params:
         w("zero.gather_params()", 2)
     w("times.append(time.perf_counter() - t0)", 2)
@@ -1559,7 +1579,8 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w()
     w("timeline.write()", 1)
     w("os.makedirs(args.save, exist_ok=True)", 1)
-    w('rt.save_file(os.path.join(args.save, f"rank{mesh.rank}.safetensors"), model.state_dict())', 1)
+    state, note = ("masters.state_dict()", "  # the fp32 masters") if bf16 else ("model.state_dict()", "")
+    w(f'rt.save_file(os.path.join(args.save, f"rank{{mesh.rank}}.safetensors"), {state}){note}', 1)
     w("if args.stats:", 1)
     w('with open(f"{args.stats}.rank{mesh.rank}.json", "w") as f:', 2)
     w('json.dump({"rank": mesh.rank, "coords": mesh.coords, "losses": losses, "traffic": traffic, "calls": calls,', 3)

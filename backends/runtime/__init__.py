@@ -98,6 +98,7 @@ from .checkpoint import (CheckpointError, CheckpointHandle, LoadedCheckpoint, Sh
                          TrainingCheckpoint)
 from .collectives import all_gather, all_reduce, all_to_all, copy_to, reduce_scatter, scatter
 from .overlap import GradBuckets, ParamGather, gather_param
+from .precision import MasterWeights, to_compute
 from .timeline import Timeline
 from .mesh import KINDS, PHASES, CommEvent, Mesh, in_backward, init_mesh
 from .utils import log, one_thread, set_seed
@@ -110,5 +111,5 @@ __all__ = [
     "wait_checkpoint", "load_checkpoint", "latest_checkpoint", "read_tensor", "zero_chunk",
     "optimizer_shards", "optimizer_wanted", "restore_optimizer", "capture_rng_state",
     "restore_rng_state", "save_file", "load_file", "save_init", "load_init",
-    "add_checkpoint_args", "TrainingCheckpoint",
+    "add_checkpoint_args", "TrainingCheckpoint", "MasterWeights", "to_compute",
 ]
