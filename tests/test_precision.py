@@ -1,0 +1,227 @@
+"""`--precision bf16`: fp32 master weights (backends/runtime/precision.py), bf16 programs on
+4 ranks against the bf16 single-device run, the bf16 bytes they are planned and predicted
+with, and the combinations bf16 refuses.
+
+The multi-rank test launches ONE 4-rank job: this file is also its worker (`python
+tests/test_precision.py MANIFEST`, as tests/test_codegen.py does), running each program of
+the manifest in turn in the same ranks: the bf16 program, and deliberately wrong ones (a
+wrong learning rate, bf16 weights that never follow their masters), so the bf16 tolerance
+is shown to reject what it must.
+"""
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+WORLD = 4
+STEPS = 3
+
+
+def _worker(manifest_path: str) -> None:
+    manifest = json.loads(Path(manifest_path).read_text())
+    import torch.distributed as dist
+    dist.init_process_group("gloo")        # every program's mesh reuses this world
+    for case in manifest["cases"]:
+        sys.argv = [case["program"], *case["args"]]
+        runpy.run_path(case["program"], run_name="__main__")
+    dist.destroy_process_group()
+
+
+# ---- MasterWeights, no processes ------------------------------------------------------------
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(8, 4)
+        self.frozen = torch.nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("scale", torch.full((4,), 0.5))
+
+    def forward(self, x):
+        return (self.frozen(self.fc(x)) * self.scale).square().mean()
+
+
+def test_master_weights_step_fp32_and_the_bf16_copies_follow():
+    from autopar.backends import runtime as rt
+    model = Tiny()
+    fp32 = {k: v.clone() for k, v in model.state_dict().items()}
+    masters = rt.MasterWeights(model)
+    # the module is bf16 now (integer buffers untouched); masters are exact fp32 copies of
+    # the weights before the cast, one per trainable parameter
+    assert model.fc.weight.dtype == model.frozen.weight.dtype == model.scale.dtype == torch.bfloat16
+    assert model.steps.dtype == torch.int64
+    assert [m.dtype for m in masters.params()] == [torch.float32] * 2
+    assert torch.equal(masters.params()[0], fp32["fc.weight"])
+    assert len(masters.params()) == 2                     # frozen layer: no master
+    opt = torch.optim.SGD(masters.params(), lr=0.1)
+    x = rt.to_compute(torch.randn(16, 8))
+    assert x.dtype == torch.bfloat16 and rt.to_compute(torch.arange(3)).dtype == torch.int64
+    model(x).backward()
+    bf16_grad = model.fc.weight.grad.clone()
+    assert bf16_grad.dtype == torch.bfloat16
+    masters.grads_to_masters()
+    # the gradient lands on the fp32 master (widened exactly), the bf16 one is released
+    master = masters.params()[0]
+    assert model.fc.weight.grad is None and master.grad.dtype == torch.float32
+    assert torch.equal(master.grad, bf16_grad.float())
+    before = master.detach().clone()
+    opt.step()
+    # the optimizer stepped the fp32 master, not the bf16 weight ...
+    assert torch.equal(master.detach(), before - 0.1 * bf16_grad.float())
+    assert torch.equal(model.fc.weight.float(), fp32["fc.weight"].bfloat16().float())
+    masters.refresh()
+    # ... which is rounded from it after the step; an update below bf16's resolution is kept
+    # by the master, not lost
+    assert torch.equal(model.fc.weight, master.detach().bfloat16())
+    assert not torch.equal(master.detach(), model.fc.weight.float())
+    # what a rank saves: fp32 masters for trainable parameters, others widened, ints as they are
+    state = masters.state_dict()
+    assert torch.equal(state["fc.weight"], master.detach())
+    assert state["frozen.weight"].dtype == torch.float32 and state["steps"].dtype == torch.int64
+    assert torch.equal(state["frozen.weight"], fp32["frozen.weight"].bfloat16().float())
+
+
+def test_small_updates_accumulate_on_the_masters():
+    """Steps of lr * grad below bf16's spacing vanish when stepped in bf16; on fp32 masters
+    they add up and reach the bf16 weights (the reason for masters)."""
+    from autopar.backends import runtime as rt
+    p = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        p.weight.fill_(1.0)
+    masters = rt.MasterWeights(p)
+    for _ in range(64):
+        p.weight.grad = torch.full_like(p.weight, 1e-3)
+        masters.grads_to_masters()
+        with torch.no_grad():
+            masters.params()[0].sub_(masters.params()[0].grad)
+        masters.refresh()
+    # 64 steps of 1e-3 below 1: each under half bf16's spacing at 1 (2^-8 / 2), together 0.064
+    assert 1.0 - p.weight.item() > 0.05
+    naive = torch.ones((), dtype=torch.bfloat16)
+    for _ in range(64):
+        naive -= torch.tensor(1e-3, dtype=torch.bfloat16)
+    assert naive.item() == 1.0
+
+
+# ---- one 4-rank job: the bf16 program and deliberately wrong ones ---------------------------
+
+def bf16_program(traced, precision="bf16", **plan_options):
+    """GPT on dp=2,tp=2 under Megatron tensor parallelism with sequence parallelism and the
+    batch split over dp (bucketed dp gradients): every collective kind on both axes."""
+    import plan_helpers
+    from autopar.pipeline import build_program
+    model, inputs, _, graph = traced("gpt")
+    plan = plan_helpers.forced_plan(graph, {"dp": 2, "tp": 2}, plan_helpers.MEGATRON_SP, **plan_options)
+    return build_program(model, inputs, {"dp": 2, "tp": 2}, plan=plan, optimizer="adamw",
+                         steps=STEPS, name="gpt", graph=graph, precision=precision)
+
+
+# name -> (extra program arguments, edit of the program's source)
+WRONG = {
+    "lr_twice": (["--lr", "2e-3"], None),
+    # the bf16 weights are never rounded from the stepped masters: every step computes at
+    # the initial weights
+    "stale_weights": ([], ("masters.refresh()", "pass")),
+}
+
+
+@pytest.fixture(scope="module")
+def bf16_job(traced, tmp_path_factory):
+    from autopar.run import launch
+    tmp = tmp_path_factory.mktemp("bf16")
+    prog = bf16_program(traced)
+    entries, dirs = [], {}
+    for name, (extra, edit) in {"right": ([], None), **WRONG}.items():
+        d = tmp / name
+        prog.write(d)
+        if edit is not None:
+            src = prog.files["program"].read_text()
+            assert src.count(edit[0]) == 1, edit
+            prog.files["program"].write_text(src.replace(edit[0], edit[1]))
+        dirs[name] = d
+        entries.append({"program": str(prog.files["program"]),
+                        "args": ["--steps", str(STEPS), "--optimizer", "adamw", "--save", str(d / "shards"),
+                                 "--stats", str(d / "stats"), *extra]})
+    manifest = tmp / "manifest.json"
+    manifest.write_text(json.dumps({"cases": entries}))
+    res = launch(Path(__file__), WORLD, "torch", [str(manifest)], timeout=240, log_dir=tmp / "logs",
+                 out=open(os.devnull, "w"))
+    assert res.ok, res.message
+    stats = {name: [json.loads((d / f"stats.rank{r}.json").read_text()) for r in range(WORLD)]
+             for name, d in dirs.items()}
+    return prog, dirs, stats
+
+
+def check_against(prog, stats, shard_dir, precision="bf16", inputs=None, lr=1e-3):
+    from autopar.backends import runtime as rt
+    from autopar.run import compare, reference_run, tolerance
+    init, _ = rt.load_init(prog.files["init"])
+    peaks: dict = {}
+    losses, state = reference_run(prog.model, init, inputs or prog.inputs, STEPS, "adamw", lr,
+                                  grad_peaks=peaks, pieces=prog.graph.pieces, precision=precision)
+    return compare(prog, stats, shard_dir, losses, state, grad_peaks=peaks, lr=lr, steps=STEPS,
+                   optimizer="adamw", tol=tolerance("bf16"))
+
+
+def test_bf16_program_matches_the_bf16_single_device_run(bf16_job):
+    from autopar.compiler.sharded import predict_traffic
+    from autopar.run import traffic_table
+    prog, dirs, stats = bf16_job
+    assert prog.opts.precision == "bf16" and "masters = rt.MasterWeights(model)" in prog.source
+    chk = check_against(prog, stats["right"], dirs["right"] / "shards")
+    assert chk.ok, f"{chk.max_rel_err:.3g} at {chk.worst} {chk.problems}"
+    # measured bytes and calls (every rank, every step) equal the bf16 prediction ...
+    predicted = prog.predicted_traffic()
+    same, lines = traffic_table(predicted, {}, stats["right"], prog.sharded.call_counts())
+    assert same, "\n".join(lines)
+    # ... which is half the fp32 program's, but for integer collectives (the loss's token
+    # count over dp), which keep their size
+    from autopar.compiler.sharded import is_collective
+    fp32 = predict_traffic(prog.sharded)
+    assert set(predicted) == set(fp32) and {"all_reduce:dp", "all_reduce:tp", "all_gather:tp",
+                                            "reduce_scatter:tp", "all_to_all:tp"} <= set(fp32)
+    ints = {}
+    for n in prog.sharded.nodes:
+        if is_collective(n) and not n.inputs[0].dtype.is_floating_point:
+            for kind, axis, b, _ in prog.sharded.node_traffic(n):
+                ints[f"{kind}:{axis}"] = ints.get(f"{kind}:{axis}", 0) + b
+    assert sum(ints.values()) <= 64, ints
+    assert all(2 * (predicted[k] - ints.get(k, 0)) == fp32[k] - ints.get(k, 0) for k in fp32), (predicted, fp32)
+    print(f"bf16 bytes per step and rank {sum(predicted.values()):,}, fp32 {sum(fp32.values()):,} "
+          f"(integer collectives {ints}); max_rel_err {chk.max_rel_err:.3g}")
+    # the dp gradients are reduced in buckets, as many calls as under fp32
+    assert prog.sharded.overlap.buckets and "rt.GradBuckets(" in prog.source
+    # the plan the program was built from counts the same bf16 bytes
+    assert prog.plan.cost["bytes"] == predicted
+
+
+def test_bf16_tolerance_rejects_wrong_programs(bf16_job):
+    """The bf16 check is not vacuous: a wrong learning rate, weights that never follow their
+    masters, or a reference that skipped the dp gradient reduction (each dp rank trained on
+    its half of the batch alone) all fail it, by more than the right program's error."""
+    from autopar.run import BF16_TOLERANCE
+    prog, dirs, stats = bf16_job
+    right = check_against(prog, stats["right"], dirs["right"] / "shards").max_rel_err
+    for name in WRONG:
+        chk = check_against(prog, stats[name], dirs[name] / "shards")
+        assert not chk.ok and chk.max_rel_err > 2 * BF16_TOLERANCE, (name, chk.max_rel_err, chk.worst)
+        print(f"{name}: max_rel_err {chk.max_rel_err:.3g} ({chk.worst}); right program {right:.3g}")
+    half = tuple(t.chunk(2, 0)[0] for t in prog.inputs)
+    chk = check_against(prog, stats["right"], dirs["right"] / "shards", inputs=half)
+    assert not chk.ok, chk.max_rel_err
+    print(f"no dp reduction: max_rel_err {chk.max_rel_err:.3g} ({chk.worst})")
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
