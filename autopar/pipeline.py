@@ -77,7 +77,6 @@ class Program:
 
     def predicted_traffic(self) -> dict[str, int]:
         """Bytes per step and rank the program sends, under its precision."""
-        from autopar.compiler.sharded import predict_traffic
         return traffic_under(self.sharded, self.opts.precision)
 
     def explain(self) -> str:
@@ -267,10 +266,7 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
         # sizes from the batch stay symbolic: the program trains on any batch the mesh divides
         graph = prepared_graph(model, inputs, name, symbolic=True)
     mesh = parse_mesh(mesh)
-    precision = resolve_precision(precision, device)
-    # plan for what the program runs: bf16 programs are priced as the "mixed" recipe
-    plan, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
-                        precision="mixed" if precision == "bf16" else "fp32")
+    plan, precision = plan_and_precision(graph, mesh, devices, plan, device, memory, precision, backend)
     mesh = mesh or dict(plan.mesh)
     if dict(plan.mesh) != mesh:
         raise InputError(f"the plan is for mesh {sharding.format_mesh(plan.mesh)}, not "
@@ -294,6 +290,8 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
 
 
 PRECISIONS = ("fp32", "bf16")
+# the cost model's recipe for each program precision
+RECIPE = {"fp32": "fp32", "bf16": "mixed"}
 
 
 def resolve_precision(precision: str | None, device="cpu") -> str:
@@ -308,6 +306,57 @@ def resolve_precision(precision: str | None, device="cpu") -> str:
     return precision
 
 
+def plan_and_precision(graph, mesh, devices, plan, device, memory, precision: str | None,
+                       backend: str) -> tuple:
+    """The plan and the precision of the program built from it, which always agree: the
+    plan is searched and priced under the recipe of the precision the program runs.
+
+    Given `precision`, the search runs under its recipe. Without one the program takes the
+    recipe the plan was made under -- the profile's (bf16 on a mixed-precision profile such
+    as h100, whether named by --device or by the plan file's `device`; fp32 on cpu), or a
+    plan JSON's -- except where bf16 programs do not run: the MPI backend (MPI has no
+    bfloat16 reductions) and ZeRO-3 are planned and run in fp32."""
+    if precision is not None and precision not in PRECISIONS:
+        raise InputError(f"--precision {precision}: use fp32 or bf16")
+    if precision is None and backend == "mpi":
+        precision = "fp32"
+    given = isinstance(plan, Plan) or plan is not None and Path(os.fspath(plan)).suffix == ".json"
+    made, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
+                        precision=RECIPE.get(precision))
+    if precision == "bf16" and made.zero == 3 and not given:
+        # bf16 programs shard fp32 masters for ZeRO-1/2 only: the best plan of those
+        from autopar.passes.shard import PlanInfeasible
+        try:
+            made, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
+                                precision="mixed", zero=2)
+        except PlanInfeasible as e:
+            raise PlanInfeasible(f"{e} (--precision bf16 plans ZeRO-0 to 2 only: bf16 programs do "
+                                 "not run ZeRO-3 yet; --precision fp32 allows it)") from e
+    if precision is None:
+        recipe = made.cost.get("precision") or RECIPE[resolve_precision(None, device)]
+        precision = "bf16" if recipe == "mixed" else "fp32"
+        if precision == "bf16" and made.zero == 3:
+            # ZeRO-3 runs in fp32: plan again under fp32 (a given plan keeps its layouts)
+            precision = "fp32"
+            if not given:
+                made, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
+                                    precision="fp32")
+    return made, precision
+
+
+def precision_lines(plan, precision: str) -> list[str]:
+    """A note when a given plan (JSON) was priced under another recipe than the program
+    runs: its own time, memory and bytes are then for that recipe."""
+    recipe = plan.cost.get("precision")
+    if not recipe or recipe == RECIPE[precision]:
+        return []
+    other = "bf16" if recipe == "mixed" else "fp32"
+    return [f"note: the plan was priced for {other} programs ({recipe} recipe); this program runs "
+            f"{precision} (--precision), so its bytes are predicted for {precision} and the plan's "
+            f"own figures are {'twice' if other == 'fp32' else 'half'} those. Give --precision {other} "
+            "to run what the plan priced."]
+
+
 def check_precision(precision: str, backend: str, plan) -> None:
     """Combinations the bf16 programs do not run yet, refused with the way out."""
     if precision != "bf16":
@@ -316,10 +365,10 @@ def check_precision(precision: str, backend: str, plan) -> None:
         raise InputError("--backend mpi --precision bf16: MPI has no bfloat16 datatype, so its "
                          "reductions cannot sum bf16 buffers. Use --backend torch for bf16, or "
                          "--precision fp32 with MPI.")
-    if plan.zero:
-        raise InputError(f"--precision bf16 with ZeRO-{plan.zero}: the bf16 programs keep whole fp32 "
-                         "master weights per rank and do not shard them yet. Use --zero 0 (or a "
-                         "plan without zero) with bf16, or --precision fp32 for ZeRO.")
+    if plan.zero == 3:
+        raise InputError("--precision bf16 with ZeRO-3: bf16 programs shard their fp32 master "
+                         "weights for ZeRO-1 and ZeRO-2 only, not the parameters themselves. Use "
+                         "`zero 2` (or lower) in the plan with bf16, or --precision fp32 for ZeRO-3.")
 
 
 def traffic_under(sharded, precision: str) -> dict[str, int]:

@@ -46,6 +46,12 @@ TOLERANCE = 1e-5
 BF16_TOLERANCE = 4 * 2.0 ** -8
 
 
+BF16_CHECKPOINTS = ("--checkpoint/--resume with a bf16 program (--precision bf16, the default on "
+                    "mixed-precision profiles such as h100): checkpoints of bf16 programs (bf16 "
+                    "weights + fp32 masters) are not supported yet. Run with --precision fp32, or "
+                    "without --checkpoint/--resume (and without the plan file's checkpoint settings).")
+
+
 def tolerance(precision: str) -> float:
     return BF16_TOLERANCE if precision == "bf16" else TOLERANCE
 
@@ -330,6 +336,13 @@ def check_flags(args, verb: str) -> None:
                          f"{'none' if 'dp' not in mesh else 'dp=1'}. Add one (e.g. --mesh dp=2,"
                          f"{sharding.format_mesh({a: n for a, n in mesh.items() if a != 'dp'})}) "
                          "or leave --zero out.")
+    if getattr(args, "precision", None) == "bf16":
+        if getattr(args, "backend", None) == "mpi":
+            raise InputError("--backend mpi --precision bf16: MPI has no bfloat16 datatype, so its "
+                             "reductions cannot sum bf16 buffers. Use --backend torch for bf16, or "
+                             "--precision fp32 with MPI.")
+        if getattr(args, "checkpoint", None) or getattr(args, "resume", None):
+            raise InputError(BF16_CHECKPOINTS)
     steps = getattr(args, "steps", None)
     if steps is not None and steps < 0:
         raise InputError(f"--steps {steps}: give a number of training steps >= 0")
@@ -402,8 +415,8 @@ def emit_main(args) -> int:
     print(f"wrote {prog.files['plan']}")
     print(f"wrote {prog.files['init']}")
     print(f"launch (from {args.out}):\n    {cmd}")
-    from autopar.pipeline import idle_axis_lines
-    for line in idle_axis_lines(prog.plan):
+    from autopar.pipeline import idle_axis_lines, precision_lines
+    for line in idle_axis_lines(prog.plan) + precision_lines(prog.plan, prog.opts.precision):
         print(line)
     return 0
 
@@ -508,11 +521,12 @@ def check_resume(prog: Program, directory: str) -> None:
                          f"checkpoint of this model, or start afresh without --resume.")
 
 
-def plan_line(plan) -> str:
+def plan_line(plan, precision: str | None = None) -> str:
     """One line on what the search chose and why it fits (`autopar plan` explains in full)."""
     from autopar.compiler.cluster import format_bytes, format_time
     cost, solver = plan.cost, plan.solver
-    parts = [f"plan: {sharding.format_mesh(plan.mesh)}, ZeRO-{plan.zero}"]
+    parts = [f"plan: {sharding.format_mesh(plan.mesh)}, ZeRO-{plan.zero}"
+             + (f", {precision} program" if precision else "")]
     if "step_time" in cost:
         parts.append(f"estimated step {format_time(cost['step_time'])}")
     mem = cost.get("memory", {}).get("total")
@@ -524,8 +538,9 @@ def plan_line(plan) -> str:
         parts.append(f"{len(cands)} mesh shapes compared")
     if plan.recompute:
         parts.append(f"recompute {', '.join(plan.recompute)}")
-    from autopar.pipeline import idle_axis_lines
-    return "\n".join(["; ".join(parts), *idle_axis_lines(plan)])
+    from autopar.pipeline import idle_axis_lines, precision_lines
+    return "\n".join(["; ".join(parts), *idle_axis_lines(plan),
+                      *(precision_lines(plan, precision) if precision else [])])
 
 
 def run_main(args) -> int:
@@ -559,16 +574,14 @@ def _run(args) -> int:
         state = prog.initial_state()
         print(f"autopar run: {prog.name} on {sharding.format_mesh(prog.plan.mesh)} "
               f"({prog.world} ranks, {args.backend}); program {prog.files['program']}", flush=True)
-        print(plan_line(prog.plan), flush=True)
+        print(plan_line(prog.plan, prog.opts.precision), flush=True)
         run_args = ["--steps", str(args.steps), "--optimizer", args.optimizer, "--lr", repr(args.lr),
                     "--device", args.target, "--save", str(out / "shards"), "--stats", str(out / "stats")]
         if getattr(args, "timeline", None):
             run_args += ["--timeline", str(Path(args.timeline).resolve())]
         run_args += checkpoint_args(args, prog.plan)
         if prog.opts.precision == "bf16" and ("--checkpoint" in run_args or "--resume" in run_args):
-            raise InputError("--checkpoint/--resume with --precision bf16: checkpoints of bf16 programs "
-                             "(bf16 weights + fp32 masters) are not supported yet. Run with "
-                             "--precision fp32, or without --checkpoint/--resume.")
+            raise InputError(BF16_CHECKPOINTS)
         if "--resume" in run_args and run_args[run_args.index("--resume") + 1]:
             check_resume(prog, run_args[run_args.index("--resume") + 1])
         res = launch(prog.files["program"], prog.world, args.backend, run_args, args.timeout, out / "logs")

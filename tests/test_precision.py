@@ -141,16 +141,18 @@ def bf16_job(traced, tmp_path_factory):
     from autopar.run import launch
     tmp = tmp_path_factory.mktemp("bf16")
     prog = bf16_program(traced)
-    entries, dirs = [], {}
-    for name, (extra, edit) in {"right": ([], None), **WRONG}.items():
+    zero2 = bf16_program(traced, zero=2)
+    entries, dirs, progs = [], {}, {}
+    for name, (extra, edit) in {"right": ([], None), "zero2": ([], None), **WRONG}.items():
         d = tmp / name
-        prog.write(d)
+        progs[name] = zero2 if name == "zero2" else prog
+        progs[name].write(d)
         if edit is not None:
             src = prog.files["program"].read_text()
             assert src.count(edit[0]) == 1, edit
             prog.files["program"].write_text(src.replace(edit[0], edit[1]))
         dirs[name] = d
-        entries.append({"program": str(prog.files["program"]),
+        entries.append({"program": str(progs[name].files["program"]),
                         "args": ["--steps", str(STEPS), "--optimizer", "adamw", "--save", str(d / "shards"),
                                  "--stats", str(d / "stats"), *extra]})
     manifest = tmp / "manifest.json"
@@ -160,7 +162,7 @@ def bf16_job(traced, tmp_path_factory):
     assert res.ok, res.message
     stats = {name: [json.loads((d / f"stats.rank{r}.json").read_text()) for r in range(WORLD)]
              for name, d in dirs.items()}
-    return prog, dirs, stats
+    return progs, dirs, stats
 
 
 def check_against(prog, stats, shard_dir, precision="bf16", inputs=None, lr=1e-3):
@@ -177,7 +179,8 @@ def check_against(prog, stats, shard_dir, precision="bf16", inputs=None, lr=1e-3
 def test_bf16_program_matches_the_bf16_single_device_run(bf16_job):
     from autopar.compiler.sharded import predict_traffic
     from autopar.run import traffic_table
-    prog, dirs, stats = bf16_job
+    progs, dirs, stats = bf16_job
+    prog = progs["right"]
     assert prog.opts.precision == "bf16" and "masters = rt.MasterWeights(model)" in prog.source
     chk = check_against(prog, stats["right"], dirs["right"] / "shards")
     assert chk.ok, f"{chk.max_rel_err:.3g} at {chk.worst} {chk.problems}"
@@ -206,12 +209,35 @@ def test_bf16_program_matches_the_bf16_single_device_run(bf16_job):
     assert prog.plan.cost["bytes"] == predicted
 
 
+def test_bf16_zero2_shards_fp32_masters(bf16_job):
+    """ZeRO-2 under bf16: each rank's optimizer steps fp32 chunks (the masters' shards), the
+    gradients are reduce_scattered and the weights all_gathered in bf16; parity with the bf16
+    single-device run, bytes and calls as predicted (half of fp32's)."""
+    from autopar.compiler.sharded import predict_traffic
+    from autopar.run import traffic_table
+    progs, dirs, stats = bf16_job
+    prog = progs["zero2"]
+    assert prog.plan.zero == 2 and "rt.MasterWeights(model, skip=zero.params)" in prog.source
+    assert "masters.state_dict(zero.full_masters())" in prog.source
+    chk = check_against(prog, stats["zero2"], dirs["zero2"] / "shards")
+    assert chk.ok, f"{chk.max_rel_err:.3g} at {chk.worst} {chk.problems}"
+    predicted = prog.predicted_traffic()
+    same, lines = traffic_table(predicted, {}, stats["zero2"], prog.sharded.call_counts())
+    assert same, "\n".join(lines)
+    fp32 = predict_traffic(prog.sharded)
+    for k in ("all_gather:dp", "reduce_scatter:dp"):
+        assert fp32[k] > 0 and 2 * predicted[k] == fp32[k], (k, predicted, fp32)
+    print(f"zero2 bf16: max_rel_err {chk.max_rel_err:.3g}; all_gather:dp {predicted['all_gather:dp']:,} "
+          f"(fp32 {fp32['all_gather:dp']:,})")
+
+
 def test_bf16_tolerance_rejects_wrong_programs(bf16_job):
     """The bf16 check is not vacuous: a wrong learning rate, weights that never follow their
     masters, or a reference that skipped the dp gradient reduction (each dp rank trained on
     its half of the batch alone) all fail it, by more than the right program's error."""
     from autopar.run import BF16_TOLERANCE
-    prog, dirs, stats = bf16_job
+    progs, dirs, stats = bf16_job
+    prog = progs["right"]
     right = check_against(prog, stats["right"], dirs["right"] / "shards").max_rel_err
     for name in WRONG:
         chk = check_against(prog, stats[name], dirs[name] / "shards")

@@ -11,12 +11,19 @@ import torch
 
 
 class MasterWeights:
-    """fp32 masters of `model`'s trainable parameters, taken before the model is cast."""
+    """fp32 masters of `model`'s trainable parameters, taken before the model is cast.
+    `skip`: parameter names that get none here (ZeRO-1/2's, whose fp32 chunks, cut before
+    the cast, are their masters); they are cast to bf16 all the same.
 
-    def __init__(self, model: torch.nn.Module):
+        >>> masters = MasterWeights(model)                # doctest: +SKIP
+        >>> opt = torch.optim.AdamW(masters.params())     # doctest: +SKIP
+    """
+
+    def __init__(self, model: torch.nn.Module, skip=()):
         self.model = model
+        skip = set(skip)
         self.pairs = [(p, p.detach().float().clone().requires_grad_(True))
-                      for p in model.parameters() if p.requires_grad]
+                      for name, p in model.named_parameters() if p.requires_grad and name not in skip]
         self.of = {id(p): m for p, m in self.pairs}
         model.to(torch.bfloat16)          # floating tensors only; integer buffers stay
 
@@ -33,12 +40,15 @@ class MasterWeights:
         for p, m in self.pairs:
             p.copy_(m)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self, exact=None) -> dict[str, torch.Tensor]:
         """The model's state with each trainable parameter's fp32 master in its place (what
-        a rank saves); other floating entries widened back to fp32."""
+        a rank saves); other floating entries widened back to fp32. `exact`: fp32 values by
+        name for the skipped parameters (ZeRO's masters, gathered)."""
         out = {}
+        params = dict(self.model.named_parameters())      # a tied name shares its tensor's
+        given = {id(params[n]): v for n, v in (exact or {}).items()}
         for k, t in self.model.state_dict(keep_vars=True).items():
-            m = self.of.get(id(t))
+            m = given.get(id(t), self.of.get(id(t)))
             out[k] = (m if m is not None else t).detach().float() if t.is_floating_point() else t.detach()
         return out
 
