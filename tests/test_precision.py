@@ -249,5 +249,93 @@ def test_bf16_tolerance_rejects_wrong_programs(bf16_job):
     print(f"no dp reduction: max_rel_err {chk.max_rel_err:.3g} ({chk.worst})")
 
 
+
+# ---- the plan's precision is the program's; refusals --------------------------------------------
+
+@pytest.fixture(scope="module")
+def h100_programs(traced):
+    """The search's programs for GPT on dp=2,tp=2 with the h100 profile under 1.5 MB per
+    device: by default (bf16, the profile's mixed recipe) and with --precision fp32."""
+    from autopar.pipeline import build_program
+    model, inputs, _, graph = traced("gpt")
+    return {prec: build_program(model, inputs, "dp=2,tp=2", device="h100", memory="1.5MB", steps=STEPS,
+                                name="gpt", precision=prec) for prec in (None, "fp32")}
+
+
+def test_mixed_profiles_default_to_bf16_planned_as_run(h100_programs):
+    bf16, fp32 = h100_programs[None], h100_programs["fp32"]
+    assert bf16.opts.precision == "bf16" and bf16.plan.cost["precision"] == "mixed"
+    assert fp32.opts.precision == "fp32" and fp32.plan.cost["precision"] == "fp32"
+    assert "masters = rt.MasterWeights(model)" in bf16.source and "MasterWeights" not in fp32.source
+    # the plan's bytes are the program's bytes, under either precision
+    assert bf16.plan.cost["bytes"] == bf16.predicted_traffic()
+    assert fp32.plan.cost["bytes"] == fp32.predicted_traffic()
+
+
+def test_bf16_plan_without_dp_reduction_is_the_cheaper_plan(h100_programs, traced):
+    """Why a bf16 plan of GPT on dp=2,tp=2 under 1.5 MB has no gradient all_reduce over dp:
+    it replicates the batch over dp (dp's ranks compute the same), which under the fp32
+    recipe does not fit -- activations are twice the size -- so the fp32 plan splits the
+    batch over dp. Under the mixed recipe that dp-split plan costs more than the one chosen:
+    the choice is the search's, not a lost reduction."""
+    from autopar.compiler.cluster import Cluster, load_profile
+    from autopar.compiler.cost import CostModel
+    bf16, fp32 = h100_programs[None], h100_programs["fp32"]
+    g = bf16.graph
+    dp = list(bf16.plan.mesh).index("dp")
+    assert not any(s[dp] is not None for s in bf16.plan.strategies.values())
+    assert [r["axis"] for r in bf16.plan.solver["idle_axes"]] == ["dp"]
+    assert not any(k.endswith(":dp") for k in bf16.predicted_traffic())
+    assert any(k.endswith(":dp") for k in fp32.predicted_traffic())
+    assert any(s[dp] is not None for s in fp32.plan.strategies.values())
+
+    def cost(plan, recipe):
+        cm = CostModel(g, Cluster(dict(plan.mesh), load_profile("h100")), precision=recipe,
+                       recompute=plan.recompute, dp_axis=plan.dp_axis, overlap=plan.overlap)
+        return cm.evaluate({k: tuple(v) for k, v in plan.strategies.items()}, plan.zero)
+    assert cost(bf16.plan, "mixed").step_time <= cost(fp32.plan, "mixed").step_time
+    assert cost(bf16.plan, "fp32").memory["total"] > 1.5e6 >= cost(bf16.plan, "mixed").memory["total"]
+
+
+def test_a_given_plan_runs_in_the_precision_it_was_priced_in(h100_programs, tmp_path):
+    from autopar.pipeline import build_program, precision_lines
+    bf16 = h100_programs[None]
+    bf16.write(tmp_path)
+    saved = bf16.files["plan"]
+    again = build_program(bf16.model, bf16.inputs, plan=saved, name="gpt", graph=bf16.graph)
+    assert again.opts.precision == "bf16" and not precision_lines(again.plan, "bf16")
+    # MPI programs are fp32 (no bf16 reductions); fp32 asked for: both say what the plan priced
+    for prog in (build_program(bf16.model, bf16.inputs, plan=saved, backend="mpi", name="gpt", graph=bf16.graph),
+                 build_program(bf16.model, bf16.inputs, plan=saved, precision="fp32", name="gpt", graph=bf16.graph)):
+        assert prog.opts.precision == "fp32"
+        note = precision_lines(prog.plan, "fp32")
+        assert len(note) == 1 and "priced for bf16" in note[0] and "--precision bf16" in note[0]
+
+
+def test_bf16_refusals_name_the_flag_and_the_way_out(traced, tmp_path, capsys):
+    from autopar.cli import main
+    from autopar.compiler.errors import InputError
+    import plan_helpers
+    from autopar.pipeline import build_program
+    model, inputs, _, graph = traced("gpt")
+    plan = plan_helpers.forced_plan(graph, {"dp": 2, "tp": 2}, plan_helpers.MEGATRON_SP)
+    with pytest.raises(InputError, match=r"--backend mpi --precision bf16: MPI has no bfloat16.*--backend torch"):
+        build_program(model, inputs, plan=plan, backend="mpi", precision="bf16", name="gpt", graph=graph)
+    with pytest.raises(InputError, match=r"--precision fp16: use fp32 or bf16"):
+        build_program(model, inputs, plan=plan, precision="fp16", name="gpt", graph=graph)
+    with pytest.raises(InputError, match=r"--precision bf16 with ZeRO-3.*zero 2.*--precision fp32"):
+        bf16_program(traced, zero3=True)
+    # the command line refuses before the trace
+    gpt = str(ROOT / "examples" / "gpt.py") + ":build"
+    for extra, words in [(["--backend", "mpi"], "--backend mpi --precision bf16"),
+                         (["--checkpoint", str(tmp_path / "ck")], "--checkpoint/--resume with a bf16 program"),
+                         (["--resume", str(tmp_path / "ck")], "Run with --precision fp32")]:
+        assert main(["run", gpt, "--mesh", "dp=2", "--precision", "bf16", *extra]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "--precision fp32" in err, err
+    # and the bf16 program itself refuses checkpoint flags it cannot honour
+    assert 'raise SystemExit("--checkpoint/--resume: not supported by bf16 programs yet' in bf16_program(traced).source
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])
