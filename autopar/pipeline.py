@@ -290,6 +290,9 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
 
 
 PRECISIONS = ("fp32", "bf16")
+BF16_MPI = ("--backend mpi --precision bf16: MPI has no bfloat16 datatype, so the MPI backend "
+            "would sum bf16 buffers as fp32 copies, sending twice the bytes a bf16 plan counts. "
+            "Use --backend torch for bf16, or --precision fp32 with MPI (the default for MPI).")
 # the cost model's recipe for each program precision
 RECIPE = {"fp32": "fp32", "bf16": "mixed"}
 
@@ -320,7 +323,7 @@ def plan_and_precision(graph, mesh, devices, plan, device, memory, precision: st
         raise InputError(f"--precision {precision}: use fp32 or bf16")
     if precision is None and backend == "mpi":
         precision = "fp32"
-    given = isinstance(plan, Plan) or plan is not None and Path(os.fspath(plan)).suffix == ".json"
+    given = isinstance(plan, Plan) or plan is not None and _is_plan_json(plan)
     made, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
                         precision=RECIPE.get(precision))
     if precision == "bf16" and made.zero == 3 and not given:
@@ -344,6 +347,14 @@ def plan_and_precision(graph, mesh, devices, plan, device, memory, precision: st
     return made, precision
 
 
+def _is_plan_json(path) -> bool:
+    """A plan JSON (used as is), not a plan file (searched), as make_plan tells them apart."""
+    try:
+        return Path(os.fspath(path)).read_text().lstrip().startswith("{")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def precision_lines(plan, precision: str) -> list[str]:
     """A note when a given plan (JSON) was priced under another recipe than the program
     runs: its own time, memory and bytes are then for that recipe."""
@@ -362,9 +373,7 @@ def check_precision(precision: str, backend: str, plan) -> None:
     if precision != "bf16":
         return
     if backend == "mpi":
-        raise InputError("--backend mpi --precision bf16: MPI has no bfloat16 datatype, so its "
-                         "reductions cannot sum bf16 buffers. Use --backend torch for bf16, or "
-                         "--precision fp32 with MPI.")
+        raise InputError(BF16_MPI)
     if plan.zero == 3:
         raise InputError("--precision bf16 with ZeRO-3: bf16 programs shard their fp32 master "
                          "weights for ZeRO-1 and ZeRO-2 only, not the parameters themselves. Use "

@@ -338,9 +338,8 @@ def check_flags(args, verb: str) -> None:
                          "or leave --zero out.")
     if getattr(args, "precision", None) == "bf16":
         if getattr(args, "backend", None) == "mpi":
-            raise InputError("--backend mpi --precision bf16: MPI has no bfloat16 datatype, so its "
-                             "reductions cannot sum bf16 buffers. Use --backend torch for bf16, or "
-                             "--precision fp32 with MPI.")
+            from autopar.pipeline import BF16_MPI
+            raise InputError(BF16_MPI)
         if getattr(args, "checkpoint", None) or getattr(args, "resume", None):
             raise InputError(BF16_CHECKPOINTS)
     steps = getattr(args, "steps", None)

@@ -319,7 +319,7 @@ def test_bf16_refusals_name_the_flag_and_the_way_out(traced, tmp_path, capsys):
     from autopar.pipeline import build_program
     model, inputs, _, graph = traced("gpt")
     plan = plan_helpers.forced_plan(graph, {"dp": 2, "tp": 2}, plan_helpers.MEGATRON_SP)
-    with pytest.raises(InputError, match=r"--backend mpi --precision bf16: MPI has no bfloat16.*--backend torch"):
+    with pytest.raises(InputError, match=r"--backend mpi --precision bf16: MPI has no bfloat16.*twice the bytes.*--backend torch"):
         build_program(model, inputs, plan=plan, backend="mpi", precision="bf16", name="gpt", graph=graph)
     with pytest.raises(InputError, match=r"--precision fp16: use fp32 or bf16"):
         build_program(model, inputs, plan=plan, precision="fp16", name="gpt", graph=graph)
