@@ -256,8 +256,9 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
     `mesh` ("dp=2,tp=2"), or `devices` (a count: the search compares mesh shapes), or a plan
     file that names its mesh. `device` is the cost model's profile (cpu, h100, a file);
     `target` is where the generated program runs (cpu: gloo, cuda: NCCL). `precision`
-    (fp32 or bf16; default: the profile's, bf16 for a mixed-precision profile) is what the
-    program computes and communicates in; the plan is searched and priced under it."""
+    (fp32 or bf16) is what the program computes and communicates in; the plan is searched
+    and priced under it. Default: the recipe the plan is made under (bf16 for a mixed-
+    precision profile, fp32 for cpu; fp32 with MPI or ZeRO-3), see plan_and_precision."""
     from autopar.backends.codegen import backend_named
     from autopar.passes.apply import apply_plan, predict_traffic
     from autopar.passes.overlap import overlap

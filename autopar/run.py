@@ -261,8 +261,9 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="what the program computes and communicates in: fp32, or bf16 with fp32 "
-                        "master weights (default: the --device profile's, bf16 for mixed-precision "
-                        "profiles such as h100, fp32 for cpu)")
+                        "master weights (default: the recipe the plan is made under: bf16 on "
+                        "mixed-precision profiles such as h100, fp32 on cpu, with --backend mpi "
+                        "and for ZeRO-3)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--microbatches", type=int, default=None, metavar="M",
                    help="run each step's batch as M microbatches, gradients accumulated (the "
