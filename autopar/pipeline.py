@@ -319,7 +319,8 @@ def plan_and_precision(graph, mesh, devices, plan, device, memory, precision: st
     recipe the plan was made under -- the profile's (bf16 on a mixed-precision profile such
     as h100, whether named by --device or by the plan file's `device`; fp32 on cpu), or a
     plan JSON's -- except where bf16 programs do not run: the MPI backend (MPI has no
-    bfloat16 reductions) and ZeRO-3 are planned and run in fp32."""
+    bfloat16 reductions) runs fp32, and where the search picks ZeRO-3 the best plan of
+    ZeRO-0..2 runs bf16, or, when none fits, ZeRO-3 is planned and run in fp32."""
     if precision is not None and precision not in PRECISIONS:
         raise InputError(f"--precision {precision}: use fp32 or bf16")
     if precision is None and backend == "mpi":
@@ -327,25 +328,36 @@ def plan_and_precision(graph, mesh, devices, plan, device, memory, precision: st
     given = isinstance(plan, Plan) or plan is not None and _is_plan_json(plan)
     made, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
                         precision=RECIPE.get(precision))
-    if precision == "bf16" and made.zero == 3 and not given:
-        # bf16 programs shard fp32 masters for ZeRO-1/2 only: the best plan of those
-        from autopar.passes.shard import PlanInfeasible
-        try:
-            made, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
-                                precision="mixed", zero=2)
-        except PlanInfeasible as e:
-            raise PlanInfeasible(f"{e} (--precision bf16 plans ZeRO-0 to 2 only: bf16 programs do "
-                                 "not run ZeRO-3 yet; --precision fp32 allows it)") from e
     if precision is None:
         recipe = made.cost.get("precision") or RECIPE[resolve_precision(None, device)]
-        precision = "bf16" if recipe == "mixed" else "fp32"
-        if precision == "bf16" and made.zero == 3:
-            # ZeRO-3 runs in fp32: plan again under fp32 (a given plan keeps its layouts)
-            precision = "fp32"
+        wanted = "bf16" if recipe == "mixed" else "fp32"
+    else:
+        wanted = precision
+    if wanted == "bf16" and made.zero == 3:
+        # bf16 programs shard fp32 masters for ZeRO-1/2 only: the best plan of those. Without
+        # --precision, when none fits (or the plan is given, or its file says zero 3), ZeRO-3
+        # runs in fp32; with --precision bf16 that is refused (check_precision)
+        from autopar.passes.shard import PlanInfeasible
+        below, error = None, None
+        if not given:
+            try:
+                below, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
+                                     precision="mixed", zero=2)
+            except PlanInfeasible as e:
+                error = e
+            if below is not None and below.zero == 3:     # a plan file's `zero 3` wins
+                below = None
+        if below is not None:
+            made = below
+        elif precision is None:
+            wanted = "fp32"
             if not given:
                 made, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
                                     precision="fp32")
-    return made, precision
+        elif error is not None:
+            raise PlanInfeasible(f"{error} (--precision bf16 plans ZeRO-0 to 2 only: bf16 programs "
+                                 "do not run ZeRO-3 yet; --precision fp32 allows it)") from error
+    return made, wanted
 
 
 def _is_plan_json(path) -> bool:

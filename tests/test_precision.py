@@ -314,22 +314,23 @@ def test_a_given_plan_runs_in_the_precision_it_was_priced_in(h100_programs, tmp_
 
 def test_where_the_search_picks_zero3_bf16_stays_below_it(traced):
     """GPT on dp=4 with the h100 profile under 1.2 MB: the mixed-recipe search picks ZeRO-3,
-    which bf16 programs do not run. --precision bf16 takes the best plan of ZeRO-0..2 (or
-    says none fits and why); without --precision the program is fp32, planned under fp32."""
-    from autopar.passes.shard import PlanInfeasible
+    which bf16 programs do not run; the best plan of ZeRO-0..2 fits and runs bf16 (asked for
+    or by default). A given ZeRO-3 plan runs fp32 by default and is refused under bf16."""
     from autopar.pipeline import build_program, make_plan
     model, inputs, _, graph = traced("gpt")
     mixed, _ = make_plan(graph, "dp=4", device="h100", memory="1.2MB", deterministic=True, precision="mixed")
     assert mixed.zero == 3
-    try:
-        bf16 = build_program(model, inputs, "dp=4", device="h100", memory="1.2MB", precision="bf16",
+    for prec in ("bf16", None):
+        bf16 = build_program(model, inputs, "dp=4", device="h100", memory="1.2MB", precision=prec,
                              name="gpt", graph=graph)
-        assert bf16.opts.precision == "bf16" and bf16.plan.zero <= 2 and bf16.plan.cost["precision"] == "mixed"
-    except PlanInfeasible as e:
-        assert "--precision bf16 plans ZeRO-0 to 2 only" in str(e) and "--precision fp32" in str(e)
-    default = build_program(model, inputs, "dp=4", device="h100", memory="1.2MB", name="gpt", graph=graph)
-    assert default.opts.precision == "fp32" and default.plan.cost["precision"] == "fp32"
-    assert "MasterWeights" not in default.source
+        assert bf16.opts.precision == "bf16" and bf16.plan.zero == 2 and bf16.plan.cost["precision"] == "mixed"
+    import plan_helpers
+    from autopar.compiler.errors import InputError
+    zero3 = plan_helpers.forced_plan(graph, {"dp": 4}, plan_helpers.DDP, zero3=True)
+    default = build_program(model, inputs, plan=zero3, device="h100", name="gpt", graph=graph)
+    assert default.opts.precision == "fp32" and default.plan.zero == 3 and "MasterWeights" not in default.source
+    with pytest.raises(InputError, match="--precision bf16 with ZeRO-3"):
+        build_program(model, inputs, plan=zero3, device="h100", precision="bf16", name="gpt", graph=graph)
 
 
 def test_bf16_refusals_name_the_flag_and_the_way_out(traced, tmp_path, capsys):
