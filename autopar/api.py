@@ -63,7 +63,10 @@ class Compiled:
         prog = build_program(model, self.example_inputs, mesh, backend=backend, plan=plan,
                              device=device, memory=memory, optimizer=optimizer, lr=lr,
                              name=name or type(model).__name__.lower(), devices=devices,
-                             target=target)
+                             target=target,
+                             # the callable runs the module in the user's own loop in fp32
+                             # (no master weights there): plan and program for fp32
+                             precision="fp32")
         self.program = prog
         self.plan: Plan = prog.plan
         self.graph = prog.graph

@@ -75,6 +75,10 @@ class Program:
         self.files = {"program": prog, "plan": d / f"{self.stem}.plan.json", "init": d / self.opts.init_file}
         return self.launch_command()
 
+    def predicted_traffic(self) -> dict[str, int]:
+        """Bytes per step and rank the program sends, under its precision."""
+        return traffic_under(self.sharded, self.opts.precision)
+
     def explain(self) -> str:
         from autopar.compiler.sharded import format_bytes, predict_traffic
         mesh = self.plan.mesh
@@ -93,7 +97,7 @@ class Program:
                 lines += [f"  {kind:<24} {format_bytes(b)}" for kind, b in per.items()]
             return "\n".join(lines)
         lines.append("bytes per step and rank:")
-        for k, b in predict_traffic(self.sharded).items():
+        for k, b in self.predicted_traffic().items():
             lines.append(f"  {k:<24} {format_bytes(b)}")
         return "\n".join(lines)
 
@@ -261,12 +265,15 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
                   steps: int = 10, name: str = "model", class_name: str | None = None,
                   graph: Graph | None = None, devices: int | None = None,
                   target: str = "cpu", microbatches: int | None = None,
-                  schedule: str | None = None) -> Program:
+                  schedule: str | None = None, precision: str | None = None) -> Program:
     """trace -> prepare -> plan -> apply -> emit, in that order.
 
     `mesh` ("dp=2,tp=2"), or `devices` (a count: the search compares mesh shapes), or a plan
     file that names its mesh. `device` is the cost model's profile (cpu, h100, a file);
-    `target` is where the generated program runs (cpu: gloo, cuda: NCCL)."""
+    `target` is where the generated program runs (cpu: gloo, cuda: NCCL). `precision`
+    (fp32 or bf16) is what the program computes and communicates in; the plan is searched
+    and priced under it. Default: the recipe the plan is made under (bf16 for a mixed-
+    precision profile, fp32 for cpu; fp32 with MPI or ZeRO-3), see plan_and_precision."""
     from autopar.backends.codegen import backend_named
     from autopar.passes.apply import apply_plan, predict_traffic
     from autopar.passes.overlap import overlap
@@ -275,9 +282,8 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
         # sizes from the batch stay symbolic: the program trains on any batch the mesh divides
         graph = prepared_graph(model, inputs, name, symbolic=True)
     mesh = parse_mesh(mesh)
-    # the generated programs train in fp32: plan for what they run
-    plan, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
-                        precision="fp32", schedule=schedule)
+    plan, precision = plan_and_precision(graph, mesh, devices, plan, device, memory, precision,
+                                         backend, schedule)
     mesh = mesh or dict(plan.mesh)
     if dict(plan.mesh) != mesh:
         raise InputError(f"the plan is for mesh {sharding.format_mesh(plan.mesh)}, not "
@@ -293,13 +299,150 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
         check_pipeline(plan, schedule, backend, graph)      # and priced with the final M
     # the communication schedule: gradient buckets reduced while backward runs
     sharded = overlap(apply_plan(graph, plan))
-    plan.cost.setdefault("bytes", predict_traffic(sharded))
+    check_precision(precision, backend, plan)
+    plan.cost.setdefault("bytes", traffic_under(sharded, precision))
     stem = f"{name}_{mesh_tag(mesh)}_{backend}"
     opts = EmitOptions(steps=steps, optimizer=optimizer, lr=lr, device=target,
                        init_file=f"{stem}.init.safetensors", class_name=class_name or _class_name(model),
-                       state_keys=frozenset(model.state_dict().keys()))
+                       state_keys=frozenset(model.state_dict().keys()), precision=precision)
     source = emit_program(sharded, backend_named(backend), type(model).__name__, opts, f"{stem}.py")
     return Program(name, model, tuple(inputs), graph, plan, sharded, backend, opts, stem, source)
+
+
+PRECISIONS = ("fp32", "bf16")
+BF16_MPI = ("--backend mpi --precision bf16: MPI has no bfloat16 datatype, so the MPI backend "
+            "would sum bf16 buffers as fp32 copies, sending twice the bytes a bf16 plan counts. "
+            "Use --backend torch for bf16, or --precision fp32 with MPI (the default for MPI).")
+# the cost model's recipe for each program precision
+RECIPE = {"fp32": "fp32", "bf16": "mixed"}
+
+
+def resolve_precision(precision: str | None, device="cpu") -> str:
+    """The program's precision: as given, else the cost profile's recipe (bf16 for a
+    mixed-precision profile such as h100, fp32 for the measured cpu profile)."""
+    from autopar.compiler.cluster import DeviceProfile, load_profile
+    if precision is None:
+        profile = device if isinstance(device, DeviceProfile) else load_profile(device)
+        return "bf16" if profile.precision == "mixed" else "fp32"
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision}: use fp32 or bf16")
+    return precision
+
+
+def plan_and_precision(graph, mesh, devices, plan, device, memory, precision: str | None,
+                       backend: str, schedule: str | None = None) -> tuple:
+    """The plan and the precision of the program built from it, which always agree: the
+    plan is searched and priced under the recipe of the precision the program runs.
+
+    Given `precision`, the search runs under its recipe. Without one the program takes the
+    recipe the plan was made under -- the profile's (bf16 on a mixed-precision profile such
+    as h100, whether named by --device or by the plan file's `device`; fp32 on cpu), or a
+    plan JSON's -- except where bf16 programs do not run: the MPI backend (MPI has no
+    bfloat16 reductions) runs fp32, and where the search picks ZeRO-3 the best plan of
+    ZeRO-0..2 runs bf16, or, when none fits, ZeRO-3 is planned and run in fp32. Pipeline
+    programs (a pp axis) run fp32 for now: without --precision a pp plan is made under fp32."""
+    if precision is not None and precision not in PRECISIONS:
+        raise InputError(f"--precision {precision}: use fp32 or bf16")
+    if precision is None and (backend == "mpi" or "pp" in (mesh or {}) or schedule):
+        precision = "fp32"
+    given = isinstance(plan, Plan) or plan is not None and _is_plan_json(plan)
+    made, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
+                        precision=RECIPE.get(precision), schedule=schedule)
+    if precision is None and made.pipeline:
+        # a plan file's pp mesh: pipeline programs run fp32, so plan for that
+        precision = "fp32"
+        if made.cost.get("precision") != RECIPE["fp32"] and not given:
+            made, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
+                                precision=RECIPE["fp32"], schedule=schedule)
+    if precision is None:
+        recipe = made.cost.get("precision") or RECIPE[resolve_precision(None, device)]
+        wanted = "bf16" if recipe == "mixed" else "fp32"
+    else:
+        wanted = precision
+    if wanted == "bf16" and made.zero == 3:
+        # bf16 programs shard fp32 masters for ZeRO-1/2 only: the best plan of those. Without
+        # --precision, when none fits (or the plan is given, or its file says zero 3), ZeRO-3
+        # runs in fp32; with --precision bf16 that is refused (check_precision)
+        from autopar.passes.shard import PlanInfeasible
+        below, error = None, None
+        if not given:
+            try:
+                below, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
+                                     precision="mixed", zero=2)
+            except PlanInfeasible as e:
+                error = e
+            if below is not None and below.zero == 3:     # a plan file's `zero 3` wins
+                below = None
+        if below is not None:
+            made = below
+        elif precision is None:
+            wanted = "fp32"
+            if not given:
+                made, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
+                                    precision="fp32")
+        elif error is not None:
+            raise PlanInfeasible(f"{error} (--precision bf16 plans ZeRO-0 to 2 only: bf16 programs "
+                                 "do not run ZeRO-3 yet; --precision fp32 allows it)") from error
+    return made, wanted
+
+
+def _is_plan_json(path) -> bool:
+    """A plan JSON (used as is), not a plan file (searched), as make_plan tells them apart."""
+    try:
+        return Path(os.fspath(path)).read_text().lstrip().startswith("{")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def precision_lines(plan, precision: str) -> list[str]:
+    """A note when a given plan (JSON) was priced under another recipe than the program
+    runs: its own time, memory and bytes are then for that recipe."""
+    recipe = plan.cost.get("precision")
+    if not recipe or recipe == RECIPE[precision]:
+        return []
+    other = "bf16" if recipe == "mixed" else "fp32"
+    return [f"note: the plan was priced for {other} programs ({recipe} recipe); this program runs "
+            f"{precision} (--precision), so its bytes are predicted for {precision} and the plan's "
+            f"own figures are {'twice' if other == 'fp32' else 'half'} those. Give --precision {other} "
+            "to run what the plan priced."]
+
+
+def check_precision(precision: str, backend: str, plan) -> None:
+    """Combinations the bf16 programs do not run yet, refused with the way out."""
+    if precision != "bf16":
+        return
+    if backend == "mpi":
+        raise InputError(BF16_MPI)
+    if plan.pipeline:
+        raise InputError("--precision bf16 with a pp axis: pipeline programs run fp32 for now "
+                         "(their stages keep no fp32 master weights yet). Use --precision fp32, "
+                         "or a mesh without pp for bf16.")
+    if plan.zero == 3:
+        raise InputError("--precision bf16 with ZeRO-3: bf16 programs shard their fp32 master "
+                         "weights for ZeRO-1 and ZeRO-2 only, not the parameters themselves. Use "
+                         "`zero 2` (or lower) in the plan with bf16, or --precision fp32 for ZeRO-3.")
+
+
+def traffic_under(sharded, precision: str) -> dict[str, int]:
+    """Bytes per step and rank the program sends under `precision`. The sharded graph counts
+    in its own dtypes (fp32); a bf16 program sends every floating collective buffer (and every
+    gradient bucket) at half that, while integer ones (token ids, targets) keep their size."""
+    from autopar.compiler.sharded import depends_on, is_collective, predict_traffic
+    traffic = predict_traffic(sharded)
+    if precision != "bf16":
+        return dict(traffic)
+    m = max(1, int(getattr(sharded.plan, "microbatches", 1) or 1))
+    batch = sharded.batch_symbols() if m > 1 else set()
+    again = sharded.recomputed()
+    ints: dict[str, int] = {}
+    for i, n in enumerate(sharded.nodes):     # as ShardedGraph.calls counts them
+        if not is_collective(n) or n.inputs[0].dtype.is_floating_point:
+            continue
+        share = m if batch and depends_on(sharded.global_shapes.get(n.inputs[0].name, ()), batch) else 1
+        for kind, axis, b, phase in sharded.node_traffic(n):
+            times = m * (2 if phase == "forward" and i in again else 1)
+            ints[f"{kind}:{axis}"] = ints.get(f"{kind}:{axis}", 0) + times * (b // share)
+    return {k: (b - ints.get(k, 0)) // 2 + ints.get(k, 0) for k, b in traffic.items()}
 
 
 def check_microbatches(graph: Graph, plan, inputs) -> None:

@@ -40,18 +40,37 @@ from autopar.compiler import sharding
 from autopar.pipeline import Program, build_program
 
 TOLERANCE = 1e-5
+# bf16 programs: bf16's unit roundoff u = 2^-8, times 4 for the few orders the ranks sum in
+# (tensor-parallel partial sums, the gradient all_reduce, the loss) -- 1/64, about 1.6%. A
+# skipped reduction or a wrong learning rate moves the weights or losses by far more.
+BF16_TOLERANCE = 4 * 2.0 ** -8
+
+
+BF16_CHECKPOINTS = ("--checkpoint/--resume with a bf16 program (--precision bf16, the default on "
+                    "mixed-precision profiles such as h100): checkpoints of bf16 programs (bf16 "
+                    "weights + fp32 masters) are not supported yet. Run with --precision fp32, or "
+                    "without --checkpoint/--resume (and without the plan file's checkpoint settings).")
+
+
+def tolerance(precision: str) -> float:
+    return BF16_TOLERANCE if precision == "bf16" else TOLERANCE
 
 
 # ---- the single-device reference --------------------------------------------------------------
 
 def reference_run(model: torch.nn.Module, state: dict, inputs: tuple, steps: int, optimizer: str,
-                  lr: float, grad_peaks: dict | None = None, pieces: dict | None = None
-                  ) -> tuple[list[float], dict]:
+                  lr: float, grad_peaks: dict | None = None, pieces: dict | None = None,
+                  precision: str = "fp32") -> tuple[list[float], dict]:
     """Train the unmodified model on one device from `state`: losses and final state dict.
     `grad_peaks`, when given, is filled with each trainable parameter's largest |gradient|
     over the steps (how `compare` recognises a gradient that is zero in exact arithmetic),
     and with each piece's of `pieces` (name -> `Piece` of a fused weight: the k bias of a
-    fused qkv bias has a zero gradient, the q and v biases do not)."""
+    fused qkv bias has a zero gradient, the q and v biases do not).
+
+    `precision` "bf16": the programs' policy on one device -- a bf16 copy of the model for
+    forward and backward, fp32 masters stepped by the optimizer (rt.MasterWeights); the
+    state returned is the masters'."""
+    import copy
     from autopar.compiler.interpret import loss_of
     with torch.no_grad():
         for name, t in model.state_dict(keep_vars=True).items():
@@ -59,9 +78,15 @@ def reference_run(model: torch.nn.Module, state: dict, inputs: tuple, steps: int
                 t.copy_(state[name])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)          # as the ranks run: the same kernels, the same rounding
+    masters = None
+    if precision == "bf16":
+        model = copy.deepcopy(model)
+        masters = rt.MasterWeights(model)
+        inputs = tuple(rt.to_compute(t) if isinstance(t, torch.Tensor) else t for t in inputs)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.AdamW(trainable, lr=lr) if optimizer == "adamw"
-           else torch.optim.SGD(trainable, lr=lr, momentum=0.9))
+    stepped = masters.params() if masters is not None else trainable
+    opt = (torch.optim.AdamW(stepped, lr=lr) if optimizer == "adamw"
+           else torch.optim.SGD(stepped, lr=lr, momentum=0.9))
     losses = []
     names = {id(p): n for n, p in model.named_parameters()}
     for _ in range(steps):
@@ -77,10 +102,16 @@ def reference_run(model: torch.nn.Module, state: dict, inputs: tuple, steps: int
                     cut = piece.cut(grads[piece.source])
                     g = cut.abs().max().item() if cut.numel() else 0.0
                     grad_peaks[key] = max(grad_peaks.get(key, 0.0), g)
+        if masters is not None:
+            masters.grads_to_masters()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if masters is not None:
+            masters.refresh()
         losses.append(loss.item())
     torch.set_num_threads(threads)
+    if masters is not None:
+        return losses, {k: v.clone() for k, v in masters.state_dict().items()}
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -120,7 +151,7 @@ FLAT_GRADIENT = 1e-6
 
 def compare(program: Program, stats: list[dict], shard_dir: Path, ref_losses, ref_state,
             grad_peaks: dict | None = None, lr: float | None = None, steps: int | None = None,
-            optimizer: str = "adamw") -> Check:
+            optimizer: str = "adamw", tol: float = TOLERANCE) -> Check:
     """Every rank's losses and final shards against the single-device run.
 
     The error of the parameters is norm-wise over all of a rank's shards together,
@@ -192,7 +223,7 @@ def compare(program: Program, stats: list[dict], shard_dir: Path, ref_losses, re
         e = (diff2 ** 0.5) / max(ref2 ** 0.5, 1e-30)
         if e > worst:
             worst, where = e, f"parameters of rank {s['rank']}"
-    ok = worst <= TOLERANCE and not problems
+    ok = worst <= tol and not problems
     return Check(ok, worst, where, problems, tensor_worst, tensor_where, tensor_abs, tensor_scale,
                  sorted(flat_seen), flat_abs, flat_tol)
 
@@ -228,6 +259,11 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", default=None,
                    help="memory per device for the search, e.g. 80GB, 2MiB")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="what the program computes and communicates in: fp32, or bf16 with fp32 "
+                        "master weights (default: the recipe the plan is made under: bf16 on "
+                        "mixed-precision profiles such as h100, fp32 on cpu, with --backend mpi "
+                        "and for ZeRO-3)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--microbatches", type=int, default=None, metavar="M",
                    help="run each step's batch as M microbatches, gradients accumulated (the "
@@ -303,6 +339,12 @@ def check_flags(args, verb: str) -> None:
                          f"{'none' if 'dp' not in mesh else 'dp=1'}. Add one (e.g. --mesh dp=2,"
                          f"{sharding.format_mesh({a: n for a, n in mesh.items() if a != 'dp'})}) "
                          "or leave --zero out.")
+    if getattr(args, "precision", None) == "bf16":
+        if getattr(args, "backend", None) == "mpi":
+            from autopar.pipeline import BF16_MPI
+            raise InputError(BF16_MPI)
+        if getattr(args, "checkpoint", None) or getattr(args, "resume", None):
+            raise InputError(BF16_CHECKPOINTS)
     steps = getattr(args, "steps", None)
     if steps is not None and steps < 0:
         raise InputError(f"--steps {steps}: give a number of training steps >= 0")
@@ -365,7 +407,8 @@ def _program_from_args(args, verb: str) -> Program:
                          device=args.device, memory=args.memory, optimizer=args.optimizer,
                          lr=args.lr, steps=args.steps, name=name, devices=args.devices,
                          target=args.target, microbatches=getattr(args, "microbatches", None),
-                         schedule=getattr(args, "schedule", None))
+                         schedule=getattr(args, "schedule", None),
+                         precision=getattr(args, "precision", None))
 
 
 def emit_main(args) -> int:
@@ -375,8 +418,8 @@ def emit_main(args) -> int:
     print(f"wrote {prog.files['plan']}")
     print(f"wrote {prog.files['init']}")
     print(f"launch (from {args.out}):\n    {cmd}")
-    from autopar.pipeline import idle_axis_lines
-    for line in idle_axis_lines(prog.plan):
+    from autopar.pipeline import idle_axis_lines, precision_lines
+    for line in idle_axis_lines(prog.plan) + precision_lines(prog.plan, prog.opts.precision):
         print(line)
     return 0
 
@@ -481,11 +524,12 @@ def check_resume(prog: Program, directory: str) -> None:
                          f"checkpoint of this model, or start afresh without --resume.")
 
 
-def plan_line(plan) -> str:
+def plan_line(plan, precision: str | None = None) -> str:
     """One line on what the search chose and why it fits (`autopar plan` explains in full)."""
     from autopar.compiler.cluster import format_bytes, format_time
     cost, solver = plan.cost, plan.solver
-    parts = [f"plan: {sharding.format_mesh(plan.mesh)}, ZeRO-{plan.zero}"]
+    parts = [f"plan: {sharding.format_mesh(plan.mesh)}, ZeRO-{plan.zero}"
+             + (f", {precision} program" if precision else "")]
     if "step_time" in cost:
         parts.append(f"estimated step {format_time(cost['step_time'])}")
     mem = cost.get("memory", {}).get("total")
@@ -497,8 +541,9 @@ def plan_line(plan) -> str:
         parts.append(f"{len(cands)} mesh shapes compared")
     if plan.recompute:
         parts.append(f"recompute {', '.join(plan.recompute)}")
-    from autopar.pipeline import idle_axis_lines
-    return "\n".join(["; ".join(parts), *idle_axis_lines(plan)])
+    from autopar.pipeline import idle_axis_lines, precision_lines
+    return "\n".join(["; ".join(parts), *idle_axis_lines(plan),
+                      *(precision_lines(plan, precision) if precision else [])])
 
 
 def run_main(args) -> int:
@@ -532,12 +577,14 @@ def _run(args) -> int:
         state = prog.initial_state()
         print(f"autopar run: {prog.name} on {sharding.format_mesh(prog.plan.mesh)} "
               f"({prog.world} ranks, {args.backend}); program {prog.files['program']}", flush=True)
-        print(plan_line(prog.plan), flush=True)
+        print(plan_line(prog.plan, prog.opts.precision), flush=True)
         run_args = ["--steps", str(args.steps), "--optimizer", args.optimizer, "--lr", repr(args.lr),
                     "--device", args.target, "--save", str(out / "shards"), "--stats", str(out / "stats")]
         if getattr(args, "timeline", None):
             run_args += ["--timeline", str(Path(args.timeline).resolve())]
         run_args += checkpoint_args(args, prog.plan)
+        if prog.opts.precision == "bf16" and ("--checkpoint" in run_args or "--resume" in run_args):
+            raise InputError(BF16_CHECKPOINTS)
         if "--resume" in run_args and run_args[run_args.index("--resume") + 1]:
             check_resume(prog, run_args[run_args.index("--resume") + 1])
         res = launch(prog.files["program"], prog.world, args.backend, run_args, args.timeout, out / "logs")
@@ -551,11 +598,11 @@ def _run(args) -> int:
                 print(f"autopar run: FAILED: rank {r} wrote no statistics ({path})")
                 return 1
             stats.append(json.loads(path.read_text()))
-        if prog.plan.pipeline:          # each pipeline stage has its own traffic
+        if prog.plan.pipeline:          # each pipeline stage has its own traffic (fp32)
             from autopar.backends.pipeline_emit import stage_traffic_table
             same, lines = stage_traffic_table(prog.sharded, stats, traffic_table)
         else:
-            predicted = predict_traffic(prog.sharded)
+            predicted = prog.predicted_traffic()
             same, lines = traffic_table(predicted, search_bytes or {}, stats, prog.sharded.call_counts())
         print("\n".join(lines))
         print(f"job: {res.seconds:.1f} s wall, step times (rank 0): "
@@ -570,14 +617,15 @@ def _run(args) -> int:
         start = int(stats[0].get("checkpoint", {}).get("start_step", 0))
         ref_losses, ref_state = reference_run(prog.model, state, prog.inputs, start + args.steps,
                                               args.optimizer, args.lr, grad_peaks=peaks,
-                                              pieces=prog.graph.pieces)
+                                              pieces=prog.graph.pieces, precision=prog.opts.precision)
         if start:
             print(f"single device: {start} steps before the checkpoint, then "
                   + ", ".join(f"{x:.6f}" for x in ref_losses[start:]))
         else:
             print("single device: " + ", ".join(f"{x:.6f}" for x in ref_losses))
         chk = compare(prog, stats, out / "shards", ref_losses[start:], ref_state, grad_peaks=peaks,
-                      lr=args.lr, steps=start + args.steps, optimizer=args.optimizer)
+                      lr=args.lr, steps=start + args.steps, optimizer=args.optimizer,
+                      tol=tolerance(prog.opts.precision))
         if chk.flat:
             print(f"zero gradient (rounding noise only), compared absolutely against lr x steps = "
                   f"{chk.flat_tol:.3g}: {', '.join(chk.flat[:4])}{', ...' if len(chk.flat) > 4 else ''} "
@@ -585,7 +633,8 @@ def _run(args) -> int:
         if chk.ok and same:
             print(f"check: ok max_rel_err={chk.max_rel_err:.3g}")
             return 0
-        why = [f"max_rel_err={chk.max_rel_err:.3g} ({chk.worst}), tolerance {TOLERANCE:g}"]
+        why = [f"max_rel_err={chk.max_rel_err:.3g} ({chk.worst}), tolerance "
+               f"{tolerance(prog.opts.precision):g} ({prog.opts.precision})"]
         if chk.tensor:
             why.append(f"worst single tensor {chk.tensor}: rel_err={chk.tensor_err:.3g} (max abs "
                        f"err {chk.tensor_abs:.2g} on values up to {chk.tensor_scale:.2g})")

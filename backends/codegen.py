@@ -78,6 +78,7 @@ class EmitOptions:
     init_file: str = "init.safetensors"   # full state dict + example batch, next to the program
     state_keys: frozenset = frozenset()   # the model's state_dict keys (persistent buffers)
     class_name: str = "Model"
+    precision: str = "fp32"               # fp32, or bf16 compute/communication + fp32 masters
 
 
 RESERVED = set(keyword.kwlist) | {"self", "mesh", "torch", "F", "nn", "rt", "math", "checkpoint",
@@ -810,6 +811,11 @@ class Emitter:
         w("rank keeps its own block of every tensor (see LAYOUTS) and saves its final shards.")
         for line in checkpoint_header(s.plan):
             w(line)
+        if opts.precision == "bf16":
+            w()
+            w("Precision: bf16. Weights, activations, gradients and every collective are bfloat16;")
+            w("the optimizer steps fp32 master weights (fp32 moments), the bf16 weights are rounded")
+            w("from them after each step, and the saved shards are the fp32 masters.")
         w('"""')
         w("import argparse")
         w("import collections")
@@ -1303,7 +1309,7 @@ def emit_program(s: ShardedGraph, backend: Backend, model_name: str, opts: EmitO
         e.block_class(c)
     e.model_class(cls)
     if s.zero.params:
-        _emit_zero(e.w, s.zero)
+        _emit_zero(e.w, s.zero, opts.precision == "bf16")
     _emit_checkpoint_specs(e.w, s)
     if e.pp:
         e.pp.main(e.w, s, e.backend, cls, opts, e.top_names, (_emit_checkpoint_args, _emit_checkpoint_resume))
@@ -1347,12 +1353,31 @@ def top_names(e: Emitter) -> dict:
     return run_names(fixed).names if fixed else first.names
 
 
-def _emit_zero(w: Writer, zero) -> None:
+def _emit_masters(w: Writer, inputs: str, s: ShardedGraph, skip: str) -> None:
+    """bf16: fp32 masters of the trainable parameters (but `skip`, ZeRO's, whose chunks are
+    their masters), taken before the module and the float inputs are cast."""
+    w("# precision bf16: the module computes and communicates in bfloat16; the optimizer", 1)
+    w("# steps fp32 masters of its trainable parameters (taken before the cast)", 1)
+    w(f"masters = rt.MasterWeights(model{', skip=' + skip if skip else ''})", 1)
+    comma = "," if len(s.inputs) == 1 else ""
+    w(f"{inputs}{comma} = [rt.to_compute(t) for t in ({inputs}{comma})]  # float inputs in bf16", 1)
+    w('if args.checkpoint or args.resume:', 1)
+    w('raise SystemExit("--checkpoint/--resume: not supported by bf16 programs yet; emit with --precision fp32")', 2)
+
+
+def _emit_zero(w: Writer, zero, bf16: bool = False) -> None:
     w("class ZeroShards:")
     w(f'"""ZeRO-{zero.stage} over `{zero.axis}`: each rank keeps the optimizer state of 1/{zero.axis} of every', 1)
     w("data-parallel parameter (flattened, padded to equal chunks), updates that chunk and", 1)
     w("all-gathers the parameter after the step. A gradient that is still a partial sum over", 1)
-    w(f'{zero.axis} (`partial`) is reduce-scattered; one already summed is just sliced."""', 1)
+    if bf16:
+        w(f"{zero.axis} (`partial`) is reduce-scattered; one already summed is just sliced.", 1)
+        w("", 0)
+        w("bf16: the chunks are taken before the module is cast, so they are the fp32 master", 1)
+        w("weights' shards; gradients arrive in bf16 and are widened onto them, and the gather", 1)
+        w('after the step sends the chunks rounded to bf16."""', 1)
+    else:
+        w(f'{zero.axis} (`partial`) is reduce-scattered; one already summed is just sliced."""', 1)
     w()
     w("def __init__(self, mesh, params, partial):", 1)
     w(f'self.mesh, self.axis = mesh, "{zero.axis}"', 2)
@@ -1371,22 +1396,33 @@ def _emit_zero(w: Writer, zero) -> None:
     w("reduced = reduced or {}", 2)
     w("for name, p in self.params.items():", 2)
     w("chunk = self.chunks[name]", 3)
+    widen = ".float()" if bf16 else ""
     w("if name in reduced:", 3)
-    w("chunk.grad = reduced.pop(name)", 4)
+    w(f"chunk.grad = reduced.pop(name){widen}", 4)
     w("p.grad = None", 4)
     w("continue", 4)
     w("flat = F.pad(p.grad.reshape(-1), (0, chunk.numel() * n - p.numel()))", 3)
     w("if name in self.partial:", 3)
-    w("chunk.grad = self.mesh.reduce_scatter_flat(flat, self.axis)", 4)
+    w(f"chunk.grad = self.mesh.reduce_scatter_flat(flat, self.axis){widen}", 4)
     w("else:", 3)
-    w("chunk.grad = flat[me * chunk.numel():(me + 1) * chunk.numel()].clone()", 4)
+    w(f"chunk.grad = flat[me * chunk.numel():(me + 1) * chunk.numel()]{widen or '.clone()'}", 4)
     w("p.grad = None", 3)
     w()
     w("@torch.no_grad()", 1)
     w("def gather_params(self):", 1)
     w("for name, p in self.params.items():", 2)
-    w("full = self.mesh.all_gather_flat(self.chunks[name], self.axis)", 3)
+    if bf16:
+        w("full = self.mesh.all_gather_flat(self.chunks[name].detach().to(p.dtype), self.axis)  # bf16", 3)
+    else:
+        w("full = self.mesh.all_gather_flat(self.chunks[name], self.axis)", 3)
     w("p.copy_(full[:p.numel()].view_as(p))", 3)
+    if bf16:
+        w()
+        w("@torch.no_grad()", 1)
+        w("def full_masters(self):", 1)
+        w('"""The fp32 masters whole (what a rank saves), gathered once after training."""', 2)
+        w("return {name: self.mesh.all_gather_flat(self.chunks[name].detach(), self.axis)[:p.numel()].view(p.shape)", 2)
+        w("        for name, p in self.params.items()}", 2)
     w()
     w()
 
@@ -1501,6 +1537,9 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w(f"{inputs}{',' if len(s.inputs) == 1 else ''} = [shard(t, name, mesh).to(mesh.device)", 1)
     w(f"{' ' * (len(inputs) + 4)}for name, t in zip(INPUTS, example)]", 1)
     w()
+    bf16 = opts.precision == "bf16"
+    if bf16 and not zero.params:
+        _emit_masters(w, inputs, s, "")
     if zero.params:
         w(f"# ZeRO-{zero.stage}: the optimizer owns 1/{zero.axis} chunks of the data-parallel parameters", 1)
         w("params = dict(model.named_parameters())", 1)
@@ -1515,8 +1554,14 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
             w("})", 1)
         else:
             w("]}, partial=set())", 1)
-        w("trainable = [*zero.chunks.values(),", 1)
-        w("             *[p for name, p in params.items() if p.requires_grad and name not in zero.params]]", 1)
+        if bf16:
+            _emit_masters(w, inputs, s, "zero.params")
+            w("trainable = [*zero.chunks.values(), *masters.params()]  # fp32", 1)
+        else:
+            w("trainable = [*zero.chunks.values(),", 1)
+            w("             *[p for name, p in params.items() if p.requires_grad and name not in zero.params]]", 1)
+    elif bf16:
+        w("trainable = masters.params()  # fp32", 1)
     else:
         w("trainable = [p for p in model.parameters() if p.requires_grad]", 1)
     w('if args.optimizer == "adamw":', 1)
@@ -1556,8 +1601,12 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
             w("zero.reduce_grads(model.grad_buckets.reduced)  # ZeRO-2's chunks came from the buckets", 2)
         else:
             w("zero.reduce_grads()", 2)
+    if bf16:
+        w("masters.grads_to_masters()  # bf16 gradients (already reduced) widened onto the fp32 masters", 2)
     w("optimizer.step()", 2)
     w("optimizer.zero_grad(set_to_none=True)", 2)
+    if bf16:
+        w("masters.refresh()  # bf16 weights rounded from the stepped masters", 2)
     if zero.params:
         w("zero.gather_params()", 2)
     w("times.append(time.perf_counter() - t0)", 2)
@@ -1574,7 +1623,10 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w()
     w("timeline.write()", 1)
     w("os.makedirs(args.save, exist_ok=True)", 1)
-    w('rt.save_file(os.path.join(args.save, f"rank{mesh.rank}.safetensors"), model.state_dict())', 1)
+    state, note = ("model.state_dict()", "")
+    if bf16:
+        state, note = (f"masters.state_dict({'zero.full_masters()' if zero.params else ''})", "  # the fp32 masters")
+    w(f'rt.save_file(os.path.join(args.save, f"rank{{mesh.rank}}.safetensors"), {state}){note}', 1)
     w("if args.stats:", 1)
     w('with open(f"{args.stats}.rank{mesh.rank}.json", "w") as f:', 2)
     w('json.dump({"rank": mesh.rank, "coords": mesh.coords, "losses": losses, "traffic": traffic, "calls": calls,', 3)
