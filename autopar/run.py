@@ -540,7 +540,13 @@ def plan_line(plan, precision: str | None = None) -> str:
     if cands:
         parts.append(f"{len(cands)} mesh shapes compared")
     if plan.recompute:
-        parts.append(f"recompute {', '.join(plan.recompute)}")
+        # instances of one block kind as one pattern (`transformer.h.* (12 modules)`)
+        from autopar.compiler.patterns import generalize
+        kinds: dict[str, list[str]] = {}
+        for m in plan.recompute:
+            kinds.setdefault(generalize(m), []).append(m)
+        shown = [f"{k} ({len(v)} modules)" if len(v) > 1 else v[0] for k, v in kinds.items()]
+        parts.append(f"recompute {', '.join(shown)}")
     from autopar.pipeline import idle_axis_lines, precision_lines
     return "\n".join(["; ".join(parts), *idle_axis_lines(plan),
                       *(precision_lines(plan, precision) if precision else [])])

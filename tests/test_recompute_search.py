@@ -150,7 +150,7 @@ def test_a_searched_recompute_plan_runs_and_matches_the_single_device(gpt, least
                  "--steps", "2", "--check", "-o", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0 and "check: ok" in out, out[-3000:]
-    assert "recompute transformer.h.0, transformer.h.1" in out
+    assert "recompute transformer.h.* (2 modules)" in out
     program = next(tmp_path.glob("*_torch.py")).read_text()
     assert "_recomputed" in program and "checkpoint" in program
     assert parse_bytes(str(limit)) == limit
