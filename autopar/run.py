@@ -9,7 +9,7 @@ streams rank 0's per-step losses, then prints the bytes every collective moved p
 and rank next to the prediction (they must be equal). `--check` trains the single-device
 model with the same optimizer and compares every step's loss and every rank's final
 parameter shards (relative error, norm-wise, fp32: <= 1e-5; a parameter whose gradient is
-zero in exact arithmetic absolutely, within lr x steps), ending with `check: ok
+zero in exact arithmetic absolutely, within about 2 x lr x steps), ending with `check: ok
 max_rel_err=<x>` (exit 0) or `check: FAILED ...` naming the worst tensor (exit 1). Every
 flag is checked before the trace (`check_flags`), and a model that cannot be trained or
 checked (meta weights, all frozen, dropout with --check) is refused before any rank starts.
@@ -61,7 +61,9 @@ def tolerance(precision: str) -> float:
 def reference_run(model: torch.nn.Module, state: dict, inputs: tuple, steps: int, optimizer: str,
                   lr: float, grad_peaks: dict | None = None, pieces: dict | None = None,
                   precision: str = "fp32") -> tuple[list[float], dict]:
-    """Train the unmodified model on one device from `state`: losses and final state dict.
+    """Train a copy of the unmodified model on one device from `state`: losses and final
+    state dict. The model given is left as it was (a check must not train the user's model,
+    nor change what later programs are built from).
     `grad_peaks`, when given, is filled with each trainable parameter's largest |gradient|
     over the steps (how `compare` recognises a gradient that is zero in exact arithmetic),
     and with each piece's of `pieces` (name -> `Piece` of a fused weight: the k bias of a
@@ -72,6 +74,7 @@ def reference_run(model: torch.nn.Module, state: dict, inputs: tuple, steps: int
     state returned is the masters'."""
     import copy
     from autopar.compiler.interpret import loss_of
+    model = copy.deepcopy(model)
     with torch.no_grad():
         for name, t in model.state_dict(keep_vars=True).items():
             if name in state:
@@ -80,7 +83,6 @@ def reference_run(model: torch.nn.Module, state: dict, inputs: tuple, steps: int
     torch.set_num_threads(1)          # as the ranks run: the same kernels, the same rounding
     masters = None
     if precision == "bf16":
-        model = copy.deepcopy(model)
         masters = rt.MasterWeights(model)
         inputs = tuple(rt.to_compute(t) if isinstance(t, torch.Tensor) else t for t in inputs)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -149,6 +151,19 @@ class Check:
 FLAT_GRADIENT = 1e-6
 
 
+def adam_drift(steps: int, betas: tuple[float, float] = (0.9, 0.999)) -> float:
+    """The farthest AdamW can move a parameter in `steps` steps, in units of lr, whatever its
+    gradients: step t moves it by |m_hat| / sqrt(v_hat) <= sqrt(sum_i w_i^2 / u_i) (Cauchy-
+    Schwarz over the bias-corrected weights w of the first moment and u of the second), which
+    is 1 at step 1, 1.0014 at step 2, 1.011 at step 5, 1.043 at step 10."""
+    b1, b2 = betas
+    total = 0.0
+    for t in range(1, steps + 1):
+        total += sum(((1 - b1) * b1 ** (t - i) / (1 - b1 ** t)) ** 2
+                     / ((1 - b2) * b2 ** (t - i) / (1 - b2 ** t)) for i in range(1, t + 1)) ** 0.5
+    return total
+
+
 def compare(program: Program, stats: list[dict], shard_dir: Path, ref_losses, ref_state,
             grad_peaks: dict | None = None, lr: float | None = None, steps: int | None = None,
             optimizer: str = "adamw", tol: float = TOLERANCE) -> Check:
@@ -162,10 +177,12 @@ def compare(program: Program, stats: list[dict], shard_dir: Path, ref_losses, re
     A parameter whose gradient is zero in exact arithmetic (a bias before a normalisation
     over the batch, a softmax over the batch dim) is different: its reference gradient is
     pure rounding noise, and AdamW divides noise by its own magnitude, so each step moves it
-    by up to lr in a direction no reduction order reproduces. With `grad_peaks` from
-    `reference_run`, such parameters (peak |gradient| below FLAT_GRADIENT of the model's
-    largest) are compared absolutely against that update scale, |shard - reference| <=
-    lr * steps, and left out of the norm-wise error."""
+    by up to lr in a direction no reduction order reproduces. The program and the reference
+    each take such steps, independently, so they can end up twice AdamW's largest drift apart,
+    2 x lr x adam_drift(steps) (about 2 x lr x steps over the first steps). With
+    `grad_peaks` from `reference_run`, such parameters (peak |gradient| below FLAT_GRADIENT
+    of the model's largest) are compared absolutely against that bound and left out of the
+    norm-wise error."""
     layouts = program.sharded.layouts                  # type: ignore[attr-defined]
     aliases = program.graph.aliases
     mesh = program.plan.mesh
@@ -174,7 +191,7 @@ def compare(program: Program, stats: list[dict], shard_dir: Path, ref_losses, re
     if grad_peaks and lr and steps and optimizer == "adamw":
         top = max(grad_peaks.values(), default=0.0)
         flat_names = {n for n, g in grad_peaks.items() if g <= FLAT_GRADIENT * top}
-        flat_tol = lr * steps
+        flat_tol = 2 * lr * adam_drift(steps)
     worst, where, problems = 0.0, "", []
     tensor_worst, tensor_where, tensor_abs, tensor_scale = 0.0, "", 0.0, 0.0
     flat_seen, flat_abs = set(), 0.0
@@ -211,7 +228,7 @@ def compare(program: Program, stats: list[dict], shard_dir: Path, ref_losses, re
                 flat_abs = max(flat_abs, delta)
                 if delta > flat_tol:
                     problems.append(f"rank {s['rank']} {key}: its gradient is zero, yet it moved "
-                                    f"{delta:.3g} away from the reference (more than lr x steps = {flat_tol:.3g})")
+                                    f"{delta:.3g} away from the reference (more than AdamW's farthest drift of each, 2 x {flat_tol / 2:.3g})")
                 continue
             diff2 += (t.double() - want.double()).norm().item() ** 2
             ref2 += want.double().norm().item() ** 2
@@ -633,7 +650,7 @@ def _run(args) -> int:
                       lr=args.lr, steps=start + args.steps, optimizer=args.optimizer,
                       tol=tolerance(prog.opts.precision))
         if chk.flat:
-            print(f"zero gradient (rounding noise only), compared absolutely against lr x steps = "
+            print(f"zero gradient (rounding noise only), compared absolutely against 2 x AdamW's drift = "
                   f"{chk.flat_tol:.3g}: {', '.join(chk.flat[:4])}{', ...' if len(chk.flat) > 4 else ''} "
                   f"(max abs err {chk.flat_abs:.2g})")
         if chk.ok and same:

@@ -361,7 +361,7 @@ def test_user_models_match_single_device_on_2x2(tmp_path):
     """The straight-through model (dict output, a zero-gradient bias), `(loss, logits)` and a
     default-configured HF Llama returning its ModelOutput: each planned on dp=2,tp=2 with
     the least memory under ZeRO-1 (`minimize memory`), trained 3 AdamW steps, compared as `autopar run
-    --check` compares (losses, every shard, zero-gradient parameters against lr x steps,
+    --check` compares (losses, every shard, zero-gradient parameters against 2 x lr x steps,
     measured bytes against the prediction)."""
     import json
     from autopar.passes.apply import predict_traffic
@@ -400,3 +400,32 @@ def test_user_models_match_single_device_on_2x2(tmp_path):
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+
+class SquaredOutput(nn.Module):
+    """A loss-returning model: the mean square of a two-layer MLP's output."""
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, x):
+        return self.net(x).pow(2).mean()
+
+
+def test_the_check_leaves_the_users_model_untouched():
+    """`reference_run` (what --check trains on one device) trains a copy: the model it is
+    given keeps its weights, in fp32 and under bf16, even when started from another state;
+    otherwise every program built from that model afterwards would start from trained
+    weights."""
+    from autopar.run import reference_run
+    torch.manual_seed(0)
+    model = SquaredOutput()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    start = {k: v + 0.5 for k, v in before.items()}
+    x = torch.randn(6, 4)
+    for precision in ("fp32", "bf16"):
+        losses, after = reference_run(model, start, (x,), 3, "adamw", 1e-2, precision=precision)
+        assert len(losses) == 3 and losses[-1] < losses[0], losses
+        assert not torch.equal(after["net.0.weight"], start["net.0.weight"])
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items()), precision
