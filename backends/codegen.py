@@ -1497,10 +1497,11 @@ def _emit_checkpoint_args(w: Writer, s: ShardedGraph) -> None:
     w(f"rt.add_checkpoint_args(parser, {c!r})  # --checkpoint, --every, --keep, --async, --resume", 1)
 
 
-def _emit_checkpoint_resume(w: Writer, opts: EmitOptions, zero: bool) -> None:
+def _emit_checkpoint_resume(w: Writer, opts: EmitOptions, zero: bool, specs: str = "checkpoint_specs(model, full)",
+                            extra: str = "") -> None:
     plan_file = opts.init_file.removesuffix(".init.safetensors") + ".plan.json"
-    zero_args = ", zero_chunks=zero.chunks, zero_axis=zero.axis" if zero else ""
-    w("ckpt = rt.TrainingCheckpoint(args, mesh, model, optimizer, checkpoint_specs(model, full)"
+    zero_args = (", zero_chunks=zero.chunks, zero_axis=zero.axis" if zero else "") + extra
+    w(f"ckpt = rt.TrainingCheckpoint(args, mesh, model, optimizer, {specs}"
       f"{zero_args},", 1)
     w(" " * len("ckpt = rt.TrainingCheckpoint(") + f"plan=os.path.join(os.path.dirname(__file__), {plan_file!r}))", 1)
     w("start = ckpt.resume()  # 0, or the steps the --resume checkpoint was saved after", 1)

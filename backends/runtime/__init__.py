@@ -95,7 +95,7 @@ from .checkpoint import (CheckpointError, CheckpointHandle, LoadedCheckpoint, Sh
                          load_init, optimizer_shards, optimizer_wanted, read_tensor,
                          restore_optimizer, restore_rng_state, save_checkpoint, save_file,
                          save_init, wait_checkpoint, zero_chunk, add_checkpoint_args,
-                         TrainingCheckpoint)
+                         stage_specs, TrainingCheckpoint)
 from .collectives import all_gather, all_reduce, all_to_all, copy_to, reduce_scatter, scatter
 from .overlap import GradBuckets, ParamGather, gather_param
 from .precision import MasterWeights, to_compute
@@ -113,7 +113,7 @@ __all__ = [
     "wait_checkpoint", "load_checkpoint", "latest_checkpoint", "read_tensor", "zero_chunk",
     "optimizer_shards", "optimizer_wanted", "restore_optimizer", "capture_rng_state",
     "restore_rng_state", "save_file", "load_file", "save_init", "load_init",
-    "add_checkpoint_args", "TrainingCheckpoint", "MasterWeights", "to_compute",
+    "add_checkpoint_args", "stage_specs", "TrainingCheckpoint", "MasterWeights", "to_compute",
     "PipelineStageOf", "StageModule", "keep_stage_params", "pipeline_schedule",
     "reduce_tied_grads", "tied_groups", "reduce_grad_buckets", "stage_grad_order",
 ]

@@ -73,7 +73,7 @@ __all__ = [
     "optimizer_shards", "optimizer_wanted", "restore_optimizer",
     "capture_rng_state", "restore_rng_state",
     "save_file", "load_file", "save_init", "load_init",
-    "add_checkpoint_args", "TrainingCheckpoint",
+    "add_checkpoint_args", "stage_specs", "TrainingCheckpoint",
 ]
 
 FORMAT = "autopar-checkpoint"
@@ -104,6 +104,10 @@ class ShardSpec:
     chunks that ``"F"`` axes give.
     ``source``: ``(name, dim, start, stop)`` when the tensor is rows ``start:stop`` along
     ``dim`` of the state-dict tensor ``name`` (a fused QKV weight cut in three).
+    ``held``: ``(axis, coordinate)`` when only some ranks hold the tensor at all -- a pipeline
+    stage's parameters, on the ranks at that ``pp`` coordinate -- and the one writing it must
+    be among them (``"R"`` on that axis otherwise means "coordinate 0 writes it"). A weight
+    several stages hold (a tied embedding and head) names the first of them.
 
         ShardSpec((1024, 256), ("R", "S(0)"))          # dp=2, tp=2: rows split over tp
         ShardSpec((1024, 256), ("F", "S(0)"))          # ZeRO over dp of the tp shard
@@ -113,6 +117,7 @@ class ShardSpec:
     flat: Optional[Tuple[int, int]] = None
     source: Optional[Tuple[str, int, int, int]] = None
     dtype: Optional[torch.dtype] = None
+    held: Optional[Tuple[str, int]] = None
 
     def placements(self, axes: Mapping[str, int], what: str = "tensor") -> Tuple[str, ...]:
         """The layout as one placement string per mesh axis, checked."""
@@ -144,7 +149,8 @@ class ShardSpec:
 
 def _norm_spec(spec, what: str) -> ShardSpec:
     if isinstance(spec, ShardSpec):
-        return ShardSpec(tuple(int(s) for s in spec.shape), spec.layout, spec.flat, spec.source, spec.dtype)
+        return ShardSpec(tuple(int(s) for s in spec.shape), spec.layout, spec.flat, spec.source, spec.dtype,
+                         spec.held)
     if isinstance(spec, (tuple, list)) and len(spec) in (1, 2, 3):
         return ShardSpec(tuple(int(s) for s in spec[0]), *spec[1:])
     raise CheckpointError(f"{what}: expected a ShardSpec or (global shape, layout[, flat]), got {spec!r}")
@@ -216,9 +222,16 @@ def _slice_of(spec: ShardSpec, axes: Mapping[str, int], coords: Mapping[str, int
 
 
 def _writes(spec: ShardSpec, axes: Mapping[str, int], coords: Mapping[str, int], what: str) -> bool:
-    """Whether this rank stores the shard: coordinate 0 along every replicated axis."""
+    """Whether this rank stores the shard: coordinate 0 along every replicated axis (but the
+    axis of ``held``, where it is the holding coordinate)."""
     pl = spec.placements(axes, what)
-    return all(coords[a] == 0 for a, p in zip(axes, pl) if p == "R")
+    if spec.held is not None:
+        axis, at = spec.held
+        if axis not in axes:
+            raise CheckpointError(f"{what}: held on axis {axis!r}, which the mesh {dict(axes)} does not have")
+        if coords[axis] != at:
+            return False
+    return all(coords[a] == 0 for a, p in zip(axes, pl) if p == "R" and (spec.held is None or a != spec.held[0]))
 
 
 # --------------------------------------------------------------------------
@@ -410,7 +423,7 @@ def optimizer_shards(optimizer: torch.optim.Optimizer, params: Mapping[str, torc
 
 def _state_spec(v: torch.Tensor, p: torch.Tensor, spec: ShardSpec, what: str) -> ShardSpec:
     if v.dim() == 0:
-        return ShardSpec((), ())
+        return ShardSpec((), (), held=spec.held)     # AdamW's step: written where its parameter is
     if tuple(v.shape) == tuple(p.shape):
         return _norm_spec(spec, what)
     raise CheckpointError(f"optimizer state {what} has shape {tuple(v.shape)}, neither a scalar nor "
@@ -943,12 +956,13 @@ class LoadedCheckpoint:
 
 def load_checkpoint(directory, mesh, wanted: Mapping[str, object],
                     optimizer: Optional[Mapping[str, object]] = None, strict: bool = True,
-                    verify: bool = False) -> LoadedCheckpoint:
+                    verify: bool = False, elsewhere: Iterable[str] = ()) -> LoadedCheckpoint:
     """Read this rank's shards of the latest complete checkpoint under ``directory`` (or of
     the ``step-N`` directory given) for the NEW plan: ``wanted`` (and ``optimizer``) map
     names to a :class:`ShardSpec` over ``mesh``. Only the overlapping slices are read.
 
-    ``strict``: every model tensor in the checkpoint must be wanted (a subset raises).
+    ``strict``: every model tensor in the checkpoint must be wanted (a subset raises) or in
+    ``elsewhere``, the model's tensors that other ranks hold (a pipeline's other stages).
     ``verify``: check the crc32 of every piece read (reads those pieces whole).
 
         got = rt.load_checkpoint("ckpt", mesh, {"fc.weight": rt.ShardSpec((256, 64), ("S(0)",))})
@@ -968,7 +982,8 @@ def load_checkpoint(directory, mesh, wanted: Mapping[str, object],
         raise CheckpointError(f"{idx_file}: {len(missing)} wanted tensors are not in the checkpoint, "
                               f"e.g. {missing[:3]} (it has {len(have)}, {common} in common){hint}")
     if strict:
-        extra = [k for k, r in have.items() if r["group"] == "model" and k not in want]
+        others = set(elsewhere)
+        extra = [k for k, r in have.items() if r["group"] == "model" and k not in want and k not in others]
         if extra:
             raise CheckpointError(f"{idx_file}: the checkpoint holds {len(extra)} tensors the model does not "
                                   f"have, e.g. {extra[:3]}; it is from another model (pass strict=False "
@@ -1068,7 +1083,23 @@ def _with_zero_axis(spec: ShardSpec, axes: Mapping[str, int], axis: str, name: s
         raise CheckpointError(f"ZeRO chunks of {name!r} over {axis}: the parameter is {pl[i]} on "
                               f"{axis}, not replicated")
     pl[i] = "F"
-    return ShardSpec(spec.shape, tuple(pl), source=spec.source)
+    return ShardSpec(spec.shape, tuple(pl), source=spec.source, held=spec.held)
+
+
+def stage_specs(specs: Mapping[str, ShardSpec], axis: str, stage: int,
+                tied: Mapping[str, Sequence[int]]) -> Dict[str, ShardSpec]:
+    """A pipeline rank's specs: each tensor held by this stage (``stage`` on ``axis``), a tied
+    weight by the first of the stages in ``tied`` (name -> stages), so that exactly one
+    stage writes each tensor of the model.
+
+        specs = rt.stage_specs(checkpoint_specs(model, full), "pp", stage, TIED)
+    """
+    out = {}
+    for name, spec in specs.items():
+        at = min(tied[name]) if name in tied else stage
+        sp = _norm_spec(spec, name)
+        out[name] = ShardSpec(sp.shape, sp.layout, sp.flat, sp.source, sp.dtype, (axis, int(at)))
+    return out
 
 
 class TrainingCheckpoint:
@@ -1090,8 +1121,9 @@ class TrainingCheckpoint:
 
     def __init__(self, args, mesh, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  specs: Mapping[str, ShardSpec], zero_chunks: Optional[Mapping[str, torch.Tensor]] = None,
-                 zero_axis: Optional[str] = None, plan=None):
+                 zero_axis: Optional[str] = None, plan=None, elsewhere: Iterable[str] = ()):
         self.args, self.mesh, self.model, self.optimizer = args, mesh, model, optimizer
+        self.elsewhere = tuple(elsewhere)            # the model's tensors other ranks hold
         self.optimizer_name = getattr(args, "optimizer", "adamw")
         if int(getattr(args, "every", 0) or 0) < 0:
             raise CheckpointError(f"--every {args.every}: give the steps between saves (0: only at the end)")
@@ -1182,7 +1214,7 @@ class TrainingCheckpoint:
         path, index = read_index(d)
         have = index["tensors"]
         if any(n not in have for n in self.specs):
-            load_checkpoint(path, self.mesh, self.specs)      # names what is missing: another model?
+            load_checkpoint(path, self.mesh, self.specs, elsewhere=self.elsewhere)  # names what is missing
         keys = OPTIMIZER_KEYS.get(self.optimizer_name, ())
         opt_want: Dict[str, ShardSpec] = {}
         for name, (_, spec) in self.opt_params.items():
@@ -1195,7 +1227,7 @@ class TrainingCheckpoint:
                     f"optimizer it was saved with")
             for k in got_keys:
                 opt_want[f"{name}.{k}"] = ShardSpec((), ()) if have[f"{name}.{k}"]["shape"] == [] else spec
-        got = load_checkpoint(path, self.mesh, self.specs, opt_want)
+        got = load_checkpoint(path, self.mesh, self.specs, opt_want, elsewhere=self.elsewhere)
         with torch.no_grad():
             for name, t in self.tensors.items():
                 t.copy_(got.tensors[name].to(device=t.device, dtype=t.dtype))
