@@ -576,8 +576,8 @@ def test_programs_save_and_resume_across_plans_and_backends(tmp_path, monkeypatc
 
 
 def test_pipeline_checkpoints_resume_under_tensor_parallelism_and_back(tmp_path, monkeypatch):
-    """pp=2 -> tp=2 -> pp=2,dp=2, each launch checked against the single-device run of every
-    step so far. A pipeline rank holds only its stage's parameters: each tensor of the model
+    """pp=2 -> tp=2 (the MPI backend) -> pp=2,dp=2, each launch checked against the
+    single-device run of every step so far. A pipeline rank holds only its stage's parameters: each tensor of the model
     is written once, by the stage holding it (the tied embedding and head by the first), and
     a pipeline program resumes its stage's tensors from a tensor-parallel checkpoint."""
     monkeypatch.chdir(tmp_path)
@@ -599,8 +599,9 @@ def test_pipeline_checkpoints_resume_under_tensor_parallelism_and_back(tmp_path,
     assert file_of["transformer.ln_f.weight"] == "rank1.safetensors"
     assert "lm_head.weight" not in tensors                                        # saved once, as wte
 
-    rc, out, err = run_cli(["run", GPT, "--check", "--plan", "tp.plan", "--steps", "2", "--resume", "ck",
-                            "--checkpoint", "ck2"])
+    backend = "mpi" if _has_mpi() else "torch"          # a pipeline is torch's; its checkpoint is not
+    rc, out, err = run_cli(["run", GPT, "--check", "--plan", "tp.plan", "--backend", backend, "--steps", "2",
+                            "--resume", "ck", "--checkpoint", "ck2"])
     assert rc == 0 and "check: ok" in out and "all_reduce:tp" in out, out + err
     assert "single device: 3 steps before the checkpoint, then" in out
     assert json.loads((tmp_path / "ck2" / "step-5" / "index.json").read_text())["mesh"] == {"tp": 2}
