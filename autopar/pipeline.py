@@ -310,9 +310,6 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
 
 
 PRECISIONS = ("fp32", "bf16")
-BF16_MPI = ("--backend mpi --precision bf16: MPI has no bfloat16 datatype, so the MPI backend "
-            "would sum bf16 buffers as fp32 copies, sending twice the bytes a bf16 plan counts. "
-            "Use --backend torch for bf16, or --precision fp32 with MPI (the default for MPI).")
 # the cost model's recipe for each program precision
 RECIPE = {"fp32": "fp32", "bf16": "mixed"}
 
@@ -337,13 +334,12 @@ def plan_and_precision(graph, mesh, devices, plan, device, memory, precision: st
     Given `precision`, the search runs under its recipe. Without one the program takes the
     recipe the plan was made under -- the profile's (bf16 on a mixed-precision profile such
     as h100, whether named by --device or by the plan file's `device`; fp32 on cpu), or a
-    plan JSON's -- except where bf16 programs do not run: the MPI backend (MPI has no
-    bfloat16 reductions) runs fp32, and where the search picks ZeRO-3 the best plan of
+    plan JSON's -- except where bf16 programs do not run: where the search picks ZeRO-3 the best plan of
     ZeRO-0..2 runs bf16, or, when none fits, ZeRO-3 is planned and run in fp32. Pipeline
     programs (a pp axis) run fp32 for now: without --precision a pp plan is made under fp32."""
     if precision is not None and precision not in PRECISIONS:
         raise InputError(f"--precision {precision}: use fp32 or bf16")
-    if precision is None and (backend == "mpi" or "pp" in (mesh or {}) or schedule):
+    if precision is None and ("pp" in (mesh or {}) or schedule):
         precision = "fp32"
     given = isinstance(plan, Plan) or plan is not None and _is_plan_json(plan)
     made, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
@@ -411,8 +407,6 @@ def check_precision(precision: str, backend: str, plan) -> None:
     """Combinations the bf16 programs do not run yet, refused with the way out."""
     if precision != "bf16":
         return
-    if backend == "mpi":
-        raise InputError(BF16_MPI)
     if plan.pipeline:
         raise InputError("--precision bf16 with a pp axis: pipeline programs run fp32 for now "
                          "(their stages keep no fp32 master weights yet). Use --precision fp32, "

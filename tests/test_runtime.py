@@ -167,7 +167,7 @@ def _worker(backend: str) -> None:  # noqa: C901 - one long scripted check
     assert_close(b_s.grad, chunk(Br.grad, 0, tc))
     expect([("all_reduce", "tp", b * h * 8, "forward"), ("all_reduce", "tp", b * h * 8, "backward")])
 
-    # -- dtypes are kept (MPI: byte path for bf16, upcast path for half/bool)
+    # -- dtypes are kept (MPI: byte path for gathers, a 16-bit op for bf16/fp16 sums, upcast for bool)
     tpeers = mesh.axis_ranks("tp")
     xb = gen("bf", r, shape=(2, 4), dtype=torch.bfloat16)
     yb = rt.all_gather(xb, mesh, "tp", dim=0)
@@ -182,8 +182,21 @@ def _worker(backend: str) -> None:  # noqa: C901 - one long scripted check
     tb = torch.tensor([r == 0, False])
     mesh.all_reduce_(tb, None, op="max")
     assert tb.dtype == torch.bool and tb.tolist() == [True, False]
+    # 16-bit floats are reduced as themselves (MPI: int16 buffers and a user op that adds in
+    # fp32 and rounds to bf16): over the 4 ranks the sum within bf16 rounding of its 3 adds,
+    # the max exact
+    parts = [gen("b16", p, shape=(3, 5), dtype=torch.bfloat16) for p in range(WORLD)]
+    t16 = parts[r].clone()
+    mesh.all_reduce_(t16, None)
+    exact = sum(x.double() for x in parts)
+    bound = 3 * 2 ** -8 * sum(x.double().abs() for x in parts)
+    assert t16.dtype == torch.bfloat16 and bool(((t16.double() - exact).abs() <= bound).all())
+    m16 = parts[r].clone()
+    mesh.all_reduce_(m16, None, op="max")
+    assert torch.equal(m16, torch.stack(parts).max(0).values)
     expect([("all_gather", "tp", 32, "forward"), ("reduce_scatter", "tp", 8, "forward"),
-            ("all_reduce", "dp", 48, "optimizer"), ("all_reduce", None, 2, "optimizer")])
+            ("all_reduce", "dp", 48, "optimizer"), ("all_reduce", None, 2, "optimizer"),
+            ("all_reduce", None, 30, "optimizer"), ("all_reduce", None, 30, "optimizer")])
 
     # -- utility (non-autograd) ops, on both axes and on the whole world
     for axis in ("dp", "tp", None):

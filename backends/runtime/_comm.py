@@ -14,10 +14,12 @@ torch.distributed and MPI paths are byte-for-byte the same algorithm:
 * ``iallgather0(t)``, ``ireduce_scatter0(t, op)``: nonblocking, the handle's ``wait()``
   returns the result.
 
-Only torch, numpy (through ``Tensor.numpy``) and, lazily, mpi4py are used.
+Only torch, numpy (``Tensor.numpy`` and the 16-bit reduction op's buffer views) and,
+lazily, mpi4py are used.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -144,6 +146,32 @@ def _reduce_dtype(dt: torch.dtype) -> torch.dtype:
     return torch.int64                # small ints
 
 
+# 16-bit floats travel as themselves: MPI has no bfloat16 / float16 datatype, so their
+# buffers are passed as 16-bit integers and reduced by a user-defined op that combines two
+# values in fp32 and rounds back, as torch's own bf16 arithmetic does -- the bytes on the
+# wire are the bf16 bytes the plan counts, not fp32 copies
+_HALF = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_HALF_OPS: dict = {}
+
+
+def _half_op(MPI, dtype: torch.dtype, op: str):
+    key = (dtype, op)
+    if key not in _HALF_OPS:
+        combine = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum, "prod": torch.mul}[op]
+
+        def reduce_half(inmem, inoutmem, datatype):
+            a = torch.from_numpy(np.frombuffer(inmem, dtype=np.int16).copy()).view(dtype)
+            b = torch.from_numpy(np.frombuffer(inoutmem, dtype=np.int16)).view(dtype)
+            b.copy_(combine(a.float(), b.float()))
+        _HALF_OPS[key] = MPI.Op.Create(reduce_half, commute=True)
+    return _HALF_OPS[key]
+
+
+def _half_buf(MPI, t: torch.Tensor):
+    """[int16 numpy view, MPI.INT16_T] of a contiguous CPU 16-bit float tensor."""
+    return [t.reshape(-1).view(torch.int16).numpy(), MPI.INT16_T]
+
+
 def _bytes(t: torch.Tensor):
     """numpy uint8 view sharing memory with a contiguous CPU tensor."""
     return t.reshape(-1).view(torch.uint8).numpy()
@@ -167,6 +195,11 @@ class MpiComm:
         return {"sum": M.SUM, "max": M.MAX, "min": M.MIN, "prod": M.PROD}[op]
 
     def allreduce_(self, t, op="sum"):
+        if t.dtype in _HALF:
+            work = t.detach().to("cpu", copy=True).contiguous()
+            self.comm.Allreduce(self.MPI.IN_PLACE, _half_buf(self.MPI, work), op=_half_op(self.MPI, t.dtype, op))
+            t.copy_(work)
+            return t
         rd = _reduce_dtype(t.dtype)
         if t.device.type == "cpu" and t.is_contiguous() and rd == t.dtype:
             self.comm.Allreduce(self.MPI.IN_PLACE, t.detach().numpy(), op=self._op(op))
@@ -178,6 +211,17 @@ class MpiComm:
 
     def iallreduce_(self, t, op="sum"):
         rd = _reduce_dtype(t.dtype)
+        if t.dtype in _HALF:
+            work = t.detach().to("cpu", copy=True).contiguous()
+            req = self.comm.Iallreduce(self.MPI.IN_PLACE, _half_buf(self.MPI, work),
+                                       op=_half_op(self.MPI, t.dtype, op))
+
+            def finish_half():
+                req.Wait()
+                t.copy_(work)
+            h = Handle(finish_half, req.Test, t)
+            h._keep = work
+            return h
         if t.device.type == "cpu" and t.is_contiguous() and rd == t.dtype:
             buf = t.detach().numpy()
             req = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self._op(op))
@@ -205,10 +249,14 @@ class MpiComm:
         return h
 
     def ireduce_scatter0(self, t, op="sum"):
-        rd = _reduce_dtype(t.dtype)
+        rd = t.dtype if t.dtype in _HALF else _reduce_dtype(t.dtype)
         src = t.detach().to(device="cpu", dtype=rd).contiguous()
         out = torch.empty((src.shape[0] // self.size,) + tuple(src.shape[1:]), dtype=rd)
-        req = self.comm.Ireduce_scatter_block(src.numpy(), out.numpy(), op=self._op(op))
+        if rd in _HALF:
+            req = self.comm.Ireduce_scatter_block(_half_buf(self.MPI, src), _half_buf(self.MPI, out),
+                                                  op=_half_op(self.MPI, rd, op))
+        else:
+            req = self.comm.Ireduce_scatter_block(src.numpy(), out.numpy(), op=self._op(op))
         h = Handle(None, req.Test)
         h._wait = lambda: (req.Wait(), setattr(h, "result", out.to(device=t.device, dtype=t.dtype)))
         h._keep = src
@@ -222,10 +270,14 @@ class MpiComm:
         return out.to(t.device)
 
     def reduce_scatter0(self, t, op="sum"):
-        rd = _reduce_dtype(t.dtype)
+        rd = t.dtype if t.dtype in _HALF else _reduce_dtype(t.dtype)
         src = t.detach().to(device="cpu", dtype=rd).contiguous()
         out = torch.empty((src.shape[0] // self.size,) + tuple(src.shape[1:]), dtype=rd)
-        self.comm.Reduce_scatter_block(src.numpy(), out.numpy(), op=self._op(op))
+        if rd in _HALF:
+            self.comm.Reduce_scatter_block(_half_buf(self.MPI, src), _half_buf(self.MPI, out),
+                                           op=_half_op(self.MPI, rd, op))
+        else:
+            self.comm.Reduce_scatter_block(src.numpy(), out.numpy(), op=self._op(op))
         return out.to(device=t.device, dtype=t.dtype)
 
     def alltoall0(self, t):
