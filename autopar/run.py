@@ -46,12 +46,6 @@ TOLERANCE = 1e-5
 BF16_TOLERANCE = 4 * 2.0 ** -8
 
 
-BF16_CHECKPOINTS = ("--checkpoint/--resume with a bf16 program (--precision bf16, the default on "
-                    "mixed-precision profiles such as h100): checkpoints of bf16 programs (bf16 "
-                    "weights + fp32 masters) are not supported yet. Run with --precision fp32, or "
-                    "without --checkpoint/--resume (and without the plan file's checkpoint settings).")
-
-
 def tolerance(precision: str) -> float:
     return BF16_TOLERANCE if precision == "bf16" else TOLERANCE
 
@@ -279,8 +273,8 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="what the program computes and communicates in: fp32, or bf16 with fp32 "
                         "master weights (default: the recipe the plan is made under: bf16 on "
-                        "mixed-precision profiles such as h100, fp32 on cpu, with --backend mpi "
-                        "and for ZeRO-3)")
+                        "mixed-precision profiles such as h100, fp32 on cpu, for ZeRO-3 and with "
+                        "a pp axis)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--microbatches", type=int, default=None, metavar="M",
                    help="run each step's batch as M microbatches, gradients accumulated (the "
@@ -356,12 +350,6 @@ def check_flags(args, verb: str) -> None:
                          f"{'none' if 'dp' not in mesh else 'dp=1'}. Add one (e.g. --mesh dp=2,"
                          f"{sharding.format_mesh({a: n for a, n in mesh.items() if a != 'dp'})}) "
                          "or leave --zero out.")
-    if getattr(args, "precision", None) == "bf16":
-        if getattr(args, "backend", None) == "mpi":
-            from autopar.pipeline import BF16_MPI
-            raise InputError(BF16_MPI)
-        if getattr(args, "checkpoint", None) or getattr(args, "resume", None):
-            raise InputError(BF16_CHECKPOINTS)
     steps = getattr(args, "steps", None)
     if steps is not None and steps < 0:
         raise InputError(f"--steps {steps}: give a number of training steps >= 0")
@@ -606,8 +594,6 @@ def _run(args) -> int:
         if getattr(args, "timeline", None):
             run_args += ["--timeline", str(Path(args.timeline).resolve())]
         run_args += checkpoint_args(args, prog.plan)
-        if prog.opts.precision == "bf16" and ("--checkpoint" in run_args or "--resume" in run_args):
-            raise InputError(BF16_CHECKPOINTS)
         if "--resume" in run_args and run_args[run_args.index("--resume") + 1]:
             check_resume(prog, run_args[run_args.index("--resume") + 1])
         res = launch(prog.files["program"], prog.world, args.backend, run_args, args.timeout, out / "logs")

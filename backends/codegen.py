@@ -1361,8 +1361,6 @@ def _emit_masters(w: Writer, inputs: str, s: ShardedGraph, skip: str) -> None:
     w(f"masters = rt.MasterWeights(model{', skip=' + skip if skip else ''})", 1)
     comma = "," if len(s.inputs) == 1 else ""
     w(f"{inputs}{comma} = [rt.to_compute(t) for t in ({inputs}{comma})]  # float inputs in bf16", 1)
-    w('if args.checkpoint or args.resume:', 1)
-    w('raise SystemExit("--checkpoint/--resume: not supported by bf16 programs yet; emit with --precision fp32")', 2)
 
 
 def _emit_zero(w: Writer, zero, bf16: bool = False) -> None:
@@ -1569,7 +1567,7 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w("optimizer = torch.optim.AdamW(trainable, lr=args.lr)", 2)
     w("else:", 1)
     w("optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)", 2)
-    _emit_checkpoint_resume(w, opts, bool(zero.params))
+    _emit_checkpoint_resume(w, opts, bool(zero.params), extra=", masters=masters" if bf16 else "")
     w()
     w("losses, traffic, calls, times = [], [], [], []", 1)
     w("timeline = rt.Timeline(mesh, args.timeline, args.steps)  # --timeline DIR: the last step, profiled", 1)

@@ -611,6 +611,42 @@ def test_pipeline_checkpoints_resume_under_tensor_parallelism_and_back(tmp_path,
     assert "single device: 5 steps before the checkpoint, then" in out
 
 
+def test_bf16_checkpoints_hold_the_fp32_masters(tmp_path, monkeypatch):
+    """bf16 programs checkpoint their fp32 masters (ZeRO's fp32 chunks) and the masters'
+    AdamW state, so a resume continues exactly: bf16 on dp=2,tp=2 with ZeRO-1 -> bf16 on tp=2
+    (MPI) -> bf16 on dp=2 with ZeRO-2, each with --check against the bf16 single-device run of
+    every step so far."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.plan").write_text(
+        f'mesh dp=2, tp=2\ninclude "{BLOCKS}"\nlayout input "idx", input "targets" {{ dp: S(0), tp: R }}\n'
+        'zero 1 over dp\n')
+    (tmp_path / "tp.plan").write_text(f'mesh tp=2\ninclude "{BLOCKS}"\n')
+    bf16 = ["--precision", "bf16"]
+    rc, out, err = run_cli(["run", GPT, "--check", *bf16, "--plan", "a.plan", "--steps", "3", "--checkpoint", "ck",
+                            "-o", "p1"])
+    assert rc == 0 and "check: ok" in out and "bf16 program" in out and "ZeRO-1" in out, out + err
+    index = json.loads((tmp_path / "ck" / "step-3" / "index.json").read_text())
+    tensors = index["tensors"]
+    assert {r["dtype"] for r in tensors.values()} == {"float32", "int64"} or \
+        {r["dtype"] for r in tensors.values()} == {"float32"}, {r["dtype"] for r in tensors.values()}
+    # a ZeRO-1 parameter is saved as its fp32 chunks (the masters), flat over dp
+    assert all(p["flat"] is not None for p in tensors["transformer.h.0.mlp.c_fc.weight"]["pieces"])
+    # the saved values are the masters the program ends with, not their bf16 roundings
+    name = "transformer.ln_f.weight"
+    saved, final = ck.read_tensor(tmp_path / "ck", name), rt.load_file(tmp_path / "p1" / "shards" / "rank0.safetensors")[name]
+    assert torch.equal(saved, final) and not torch.equal(saved, saved.bfloat16().float())
+
+    backend = "mpi" if _has_mpi() else "torch"
+    rc, out, err = run_cli(["run", GPT, "--check", *bf16, "--plan", "tp.plan", "--backend", backend, "--steps", "2",
+                            "--resume", "ck", "--checkpoint", "ck2"])
+    assert rc == 0 and "check: ok" in out and "single device: 3 steps before the checkpoint" in out, out + err
+
+    (tmp_path / "c.plan").write_text('mesh dp=2\nzero 2 over dp\nlayout input "idx", input "targets" { dp: S(0) }\n')
+    rc, out, err = run_cli(["run", GPT, "--check", *bf16, "--plan", "c.plan", "--steps", "1", "--resume", "ck2"])
+    assert rc == 0 and "check: ok" in out and "ZeRO-2" in out, out + err
+    assert "single device: 5 steps before the checkpoint" in out
+
+
 def _program_args(argv, defaults=None, optimizer="adamw"):
     import argparse
     parser = argparse.ArgumentParser()

@@ -1109,7 +1109,12 @@ class TrainingCheckpoint:
     shape, this plan's layout, ``source`` for a piece of a fused weight). ``zero_chunks`` and
     ``zero_axis``: the flat chunks ZeRO-1/2 hands the optimizer instead of the parameters
     (name -> chunk); their state is saved as ``F`` chunks. Names in the checkpoint are the
-    model's own, so a program of any other plan (mesh, ZeRO stage) resumes from it.
+    model's own, so a program of any other plan (mesh, ZeRO stage) resumes from it. ``masters``:
+    a bf16 program's :class:`MasterWeights`: the checkpoint holds the fp32 masters in the
+    parameters' place (ZeRO's fp32 chunks for its parameters), other floating tensors widened
+    to fp32, the optimizer state of the masters; a resume loads the masters exactly and rounds
+    the bf16 weights from them, so a bf16 run continues as if never stopped, and a checkpoint
+    of either precision resumes under the other.
 
         ckpt = rt.TrainingCheckpoint(args, mesh, model, optimizer, checkpoint_specs(model, full))
         start = ckpt.resume()                         # 0 without --resume
@@ -1121,9 +1126,11 @@ class TrainingCheckpoint:
 
     def __init__(self, args, mesh, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  specs: Mapping[str, ShardSpec], zero_chunks: Optional[Mapping[str, torch.Tensor]] = None,
-                 zero_axis: Optional[str] = None, plan=None, elsewhere: Iterable[str] = ()):
+                 zero_axis: Optional[str] = None, plan=None, elsewhere: Iterable[str] = (),
+                 masters=None):
         self.args, self.mesh, self.model, self.optimizer = args, mesh, model, optimizer
         self.elsewhere = tuple(elsewhere)            # the model's tensors other ranks hold
+        self.masters = masters                       # bf16: the fp32 masters (MasterWeights)
         self.optimizer_name = getattr(args, "optimizer", "adamw")
         if int(getattr(args, "every", 0) or 0) < 0:
             raise CheckpointError(f"--every {args.every}: give the steps between saves (0: only at the end)")
@@ -1145,7 +1152,9 @@ class TrainingCheckpoint:
         self.specs = {n: _norm_spec(specs[n], n) for n in self.tensors}
         axes = _axes_of(mesh)
         chunks = dict(zero_chunks or {})
+        self.chunk_names = set(chunks)
         self.zero_axis = zero_axis
+        of = masters.of if masters is not None else {}
         # name -> (the tensor the optimizer updates, its spec)
         self.opt_params: Dict[str, Tuple[torch.Tensor, ShardSpec]] = {}
         for name, t in self.tensors.items():
@@ -1154,7 +1163,7 @@ class TrainingCheckpoint:
             if name in chunks:
                 self.opt_params[name] = (chunks[name], _with_zero_axis(self.specs[name], axes, zero_axis, name))
             else:
-                self.opt_params[name] = (t, self.specs[name])
+                self.opt_params[name] = (of.get(id(t), t), self.specs[name])
         self.saves: List[dict] = []                  # step, blocking seconds, write seconds
         self._handles: List[Tuple[dict, CheckpointHandle]] = []
         self.start = 0
@@ -1164,7 +1173,7 @@ class TrainingCheckpoint:
     def save(self, step: int) -> CheckpointHandle:
         """Save the state after ``step`` steps (every rank calls it)."""
         t0 = time.perf_counter()
-        tensors = {n: (t.detach(), self.specs[n]) for n, t in self.tensors.items()}
+        tensors = {n: self._saved(n, t) for n, t in self.tensors.items()}
         params = {n: p for n, (p, _) in self.opt_params.items()}
         opt = optimizer_shards(self.optimizer, params, {n: s for n, (_, s) in self.opt_params.items()})
         h = save_checkpoint(self.args.checkpoint, self.mesh, step, tensors, opt,
@@ -1178,6 +1187,15 @@ class TrainingCheckpoint:
             how = "writing in the background" if self.args.async_ else "written"
             print(f"checkpoint: step {step} -> {h.path} ({how})", flush=True)
         return h
+
+    def _saved(self, name: str, t: torch.Tensor) -> Tuple[torch.Tensor, ShardSpec]:
+        """What is saved for tensor ``name``: itself, or under bf16 its fp32 master (a ZeRO
+        parameter's: this rank's fp32 chunk), a floating buffer widened to fp32."""
+        if self.masters is None:
+            return t.detach(), self.specs[name]
+        if name in self.opt_params and self.opt_params[name][0] is not t:
+            return self.opt_params[name][0].detach(), self.opt_params[name][1]
+        return (t.detach().float() if t.is_floating_point() else t.detach()), self.specs[name]
 
     def step_done(self, step: int) -> None:
         """After ``step`` steps in all: save if --every says so."""
@@ -1232,12 +1250,17 @@ class TrainingCheckpoint:
             for name, t in self.tensors.items():
                 t.copy_(got.tensors[name].to(device=t.device, dtype=t.dtype))
             for name, (p, spec) in self.opt_params.items():
-                if p is not self.tensors[name]:      # a ZeRO chunk: this rank's part of the parameter
-                    full = self.tensors[name].detach().reshape(-1)
+                if p is self.tensors[name]:
+                    continue
+                # from the values read (fp32), not the model's copy (bf16 under masters)
+                full = got.tensors[name].to(device=p.device, dtype=p.dtype).reshape(-1)
+                if name in self.chunk_names:         # a ZeRO chunk: this rank's part of the parameter
                     n, me = self.mesh.size(self.zero_axis), self.mesh.coord(self.zero_axis)
                     off, size = zero_chunk(full.numel(), n, me)
                     flat = torch.nn.functional.pad(full, (0, size * n - full.numel()))
                     p.copy_(flat[off:off + size])
+                else:                                # a bf16 program's fp32 master
+                    p.copy_(full.view(p.shape))
         if got.optimizer:
             restore_optimizer(self.optimizer, {n: p for n, (p, _) in self.opt_params.items()},
                               got.optimizer)
