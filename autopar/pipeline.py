@@ -92,7 +92,7 @@ class Program:
             lines.append(f"  {p.name:<48} {sharding.format_layout(mesh, lay)}{flag}")
         if self.plan.pipeline:          # each stage moves its own bytes
             from autopar.backends.pipeline_emit import predicted_stage_traffic
-            for k, per in enumerate(predicted_stage_traffic(self.sharded)):
+            for k, per in enumerate(predicted_stage_traffic(self.sharded, self.opts.precision)):
                 lines.append(f"bytes per step and rank of pipeline stage {k}:")
                 lines += [f"  {kind:<24} {format_bytes(b)}" for kind, b in per.items()]
             return "\n".join(lines)
@@ -336,20 +336,13 @@ def plan_and_precision(graph, mesh, devices, plan, device, memory, precision: st
     as h100, whether named by --device or by the plan file's `device`; fp32 on cpu), or a
     plan JSON's -- except where bf16 programs do not run: where the search picks ZeRO-3 the best plan of
     ZeRO-0..2 runs bf16, or, when none fits, ZeRO-3 is planned and run in fp32. Pipeline
-    programs (a pp axis) run fp32 for now: without --precision a pp plan is made under fp32."""
+    programs (a pp axis) take the same rule: each stage keeps fp32 masters of its own
+    parameters."""
     if precision is not None and precision not in PRECISIONS:
         raise InputError(f"--precision {precision}: use fp32 or bf16")
-    if precision is None and ("pp" in (mesh or {}) or schedule):
-        precision = "fp32"
     given = isinstance(plan, Plan) or plan is not None and _is_plan_json(plan)
     made, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
                         precision=RECIPE.get(precision), schedule=schedule)
-    if precision is None and made.pipeline:
-        # a plan file's pp mesh: pipeline programs run fp32, so plan for that
-        precision = "fp32"
-        if made.cost.get("precision") != RECIPE["fp32"] and not given:
-            made, _ = make_plan(graph, mesh, devices, plan, device, memory, deterministic=True,
-                                precision=RECIPE["fp32"], schedule=schedule)
     if precision is None:
         recipe = made.cost.get("precision") or RECIPE[resolve_precision(None, device)]
         wanted = "bf16" if recipe == "mixed" else "fp32"
@@ -407,10 +400,6 @@ def check_precision(precision: str, backend: str, plan) -> None:
     """Combinations the bf16 programs do not run yet, refused with the way out."""
     if precision != "bf16":
         return
-    if plan.pipeline:
-        raise InputError("--precision bf16 with a pp axis: pipeline programs run fp32 for now "
-                         "(their stages keep no fp32 master weights yet). Use --precision fp32, "
-                         "or a mesh without pp for bf16.")
     if plan.zero == 3:
         raise InputError("--precision bf16 with ZeRO-3: bf16 programs shard their fp32 master "
                          "weights for ZeRO-1 and ZeRO-2 only, not the parameters themselves. Use "

@@ -273,8 +273,7 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="what the program computes and communicates in: fp32, or bf16 with fp32 "
                         "master weights (default: the recipe the plan is made under: bf16 on "
-                        "mixed-precision profiles such as h100, fp32 on cpu, for ZeRO-3 and with "
-                        "a pp axis)")
+                        "mixed-precision profiles such as h100, fp32 on cpu and for ZeRO-3)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--microbatches", type=int, default=None, metavar="M",
                    help="run each step's batch as M microbatches, gradients accumulated (the "
@@ -607,9 +606,9 @@ def _run(args) -> int:
                 print(f"autopar run: FAILED: rank {r} wrote no statistics ({path})")
                 return 1
             stats.append(json.loads(path.read_text()))
-        if prog.plan.pipeline:          # each pipeline stage has its own traffic (fp32)
+        if prog.plan.pipeline:          # each pipeline stage has its own traffic
             from autopar.backends.pipeline_emit import stage_traffic_table
-            same, lines = stage_traffic_table(prog.sharded, stats, traffic_table)
+            same, lines = stage_traffic_table(prog.sharded, stats, traffic_table, prog.opts.precision)
         else:
             predicted = prog.predicted_traffic()
             same, lines = traffic_table(predicted, search_bytes or {}, stats, prog.sharded.call_counts())

@@ -28,6 +28,7 @@ class PipelineParts:
         self.ios = stage_io(s, self.pp["ranges"])
         self.tied = tied(self.ios, s)
         self.m = max(1, int(s.plan.microbatches or 1))
+        self.precision = e.opts.precision
 
     # ---- header and tables ----
 
@@ -36,8 +37,7 @@ class PipelineParts:
         names = self.e.top_names if hasattr(self.e, "top_names") else {}
         lines = [f"pipeline: {pp['stages']} stages over {self.axis} (a rank runs the stage at its {self.axis} "
                  f"coordinate), schedule {pp['schedule']}, {self.m} microbatches per step"]
-        traffic = stage_traffic(s, self.ios)
-        for io, calls in zip(self.ios, traffic):
+        for io in self.ios:
             st = io.stage
             a, b = st.blocks
             blocks = f"{pp['blocks']}.{a}" if b - a == 1 else f"{pp['blocks']}.{a}-{b - 1}"
@@ -97,7 +97,9 @@ class PipelineParts:
 
     def mb_bytes(self, values) -> str:
         from autopar.compiler.stages import microbatch_bytes
-        return format_bytes(sum(microbatch_bytes(self.e.s, v, self.m) for v in values))
+        half = 2 if self.precision == "bf16" else 1
+        return format_bytes(sum(microbatch_bytes(self.e.s, v, self.m) // (half if v.dtype.is_floating_point else 1)
+                                for v in values))
 
     def method(self, name, idx, args, outs, doc, recv=None, send=None) -> None:
         e = self.e
@@ -204,6 +206,13 @@ class PipelineParts:
         inputs = ", ".join(names[v] for v in s.inputs)
         w(f"{inputs}{',' if len(s.inputs) == 1 else ''} = [shard(t, name, mesh).to(mesh.device)", 1)
         w(f"{' ' * (len(inputs) + 4)}for name, t in zip(INPUTS, example)]", 1)
+        bf16 = self.precision == "bf16"
+        if bf16:
+            w("# precision bf16: this stage computes, sends and receives in bfloat16; the optimizer steps", 1)
+            w("# fp32 masters of the stage's trainable parameters (taken before the cast)", 1)
+            w("masters = rt.MasterWeights(model)", 1)
+            comma = "," if len(s.inputs) == 1 else ""
+            w(f"{inputs}{comma} = [rt.to_compute(t) for t in ({inputs}{comma})]  # float inputs in bf16", 1)
         w(f'assert {names[s.inputs[0]]}.shape[0] % args.microbatches == 0, '
           f'f"this rank\'s batch of {{{names[s.inputs[0]]}.shape[0]}} does not split into {{args.microbatches}} microbatches"', 1)
         w()
@@ -213,7 +222,7 @@ class PipelineParts:
             w("# all_reduced in buckets (GRAD_ORDER kept to the parameters this stage holds)", 1)
             w("model.grad_buckets = rt.GradBuckets(mesh, rt.stage_grad_order(GRAD_ORDER, model), model,", 1)
             w("                                    BUCKET_BYTES, FIRST_BUCKET_BYTES)", 1)
-        w("trainable = [p for p in model.parameters() if p.requires_grad]", 1)
+        w("trainable = masters.params()  # fp32" if bf16 else "trainable = [p for p in model.parameters() if p.requires_grad]", 1)
         w('if args.optimizer == "adamw":', 1)
         w("optimizer = torch.optim.AdamW(trainable, lr=args.lr)", 2)
         w("else:", 1)
@@ -222,7 +231,7 @@ class PipelineParts:
         w("# writes it; a resume reads this stage's tensors (`elsewhere`: the other stages'), resharded", 1)
         w("# from any plan", 1)
         emit_checkpoint_resume(w, opts, False, f'rt.stage_specs(checkpoint_specs(model, full), "{axis}", stage, TIED)',
-                               ", elsewhere=elsewhere")
+                               ", elsewhere=elsewhere" + (", masters=masters" if bf16 else ""))
         w()
         w("# PyTorch's pipeline: this rank's stage method in a PipelineStage; the schedule splits the", 1)
         w("# batch into microbatches, sends each microbatch's activations to the next stage (send/recv", 1)
@@ -250,8 +259,12 @@ class PipelineParts:
         if buckets:
             w("rt.reduce_grad_buckets(model.grad_buckets)  # then each bucket once, after the last microbatch", 2)
         w(f'rt.reduce_tied_grads(model, mesh, "{axis}", TIED, tied)  # all_reduce over the stages holding it', 2)
+        if bf16:
+            w("masters.grads_to_masters()  # bf16 gradients (already reduced) widened onto the fp32 masters", 2)
         w("optimizer.step()", 2)
         w("optimizer.zero_grad(set_to_none=True)", 2)
+        if bf16:
+            w("masters.refresh()  # bf16 weights rounded from the stepped masters", 2)
         w("times.append(time.perf_counter() - t0)", 2)
         w("timeline.end(step)", 2)
         w("# the step's loss: the mean of the microbatches' means, from the last stage to every stage", 2)
@@ -267,7 +280,10 @@ class PipelineParts:
         w()
         w("timeline.write()", 1)
         w("os.makedirs(args.save, exist_ok=True)", 1)
-        w('rt.save_file(os.path.join(args.save, f"rank{mesh.rank}.safetensors"), model.state_dict())', 1)
+        if bf16:
+            w('rt.save_file(os.path.join(args.save, f"rank{mesh.rank}.safetensors"), masters.state_dict())  # the fp32 masters', 1)
+        else:
+            w('rt.save_file(os.path.join(args.save, f"rank{mesh.rank}.safetensors"), model.state_dict())', 1)
         w("if args.stats:", 1)
         w('with open(f"{args.stats}.rank{mesh.rank}.json", "w") as f:', 2)
         w('json.dump({"rank": mesh.rank, "coords": mesh.coords, "losses": losses, "traffic": traffic, "calls": calls,', 3)
@@ -285,12 +301,12 @@ def e_shape(s, v) -> str:
     return shape_comment(s, v)
 
 
-def predicted_stage_traffic(s) -> list[dict[str, int]]:
+def predicted_stage_traffic(s, precision: str = "fp32") -> list[dict[str, int]]:
     """Bytes per step and rank of each stage: its own collectives (the plan's, of the nodes
-    it runs) and the pipeline's send / recv / tied all_reduce."""
+    it runs) and the pipeline's send / recv / tied all_reduce, in `precision`."""
     ios = stage_io(s, s.plan.pipeline["ranges"])
     out = []
-    for io, extra in zip(ios, stage_traffic(s, ios)):
+    for io, extra in zip(ios, stage_traffic(s, ios, precision)):
         total: dict[str, int] = {}
         for k, b in extra:
             total[k] = total.get(k, 0) + b
@@ -309,12 +325,12 @@ def predicted_stage_calls(s) -> list[dict[str, int]]:
     return out
 
 
-def stage_traffic_table(s, stats: list[dict], table) -> tuple[bool, list[str]]:
+def stage_traffic_table(s, stats: list[dict], table, precision: str = "fp32") -> tuple[bool, list[str]]:
     """`autopar run`'s bytes table, one per pipeline stage: the ranks of stage k (pp
     coordinate k) against stage k's prediction (`table`: run.traffic_table)."""
     axis = s.plan.pipeline["axis"]
     ok, lines = True, []
-    for k, (want, calls) in enumerate(zip(predicted_stage_traffic(s), predicted_stage_calls(s))):
+    for k, (want, calls) in enumerate(zip(predicted_stage_traffic(s, precision), predicted_stage_calls(s))):
         mine = [st for st in stats if st["coords"][axis] == k]
         same, part = table(want, {}, mine, calls)
         ok &= same

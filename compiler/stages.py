@@ -531,11 +531,15 @@ def microbatch_bytes(s, v, m: int) -> int:
     return b
 
 
-def stage_traffic(s, ios: list[StageIO]) -> list[list[tuple[str, int]]]:
+def stage_traffic(s, ios: list[StageIO], precision: str = "fp32") -> list[list[tuple[str, int]]]:
     """Per stage, the calls of one step and rank (`kind:axis`, bytes) the pipeline adds:
     each microbatch's activations sent forward to the next stage and received from the
     previous one, their gradients sent back and received in backward (the values needing
-    a gradient), and the all_reduce of each tied weight's gradient over its stages."""
+    a gradient), and the all_reduce of each tied weight's gradient over its stages.
+    `precision` "bf16": every floating buffer is sent at half its (fp32) size; integer
+    ones (token ids) keep theirs."""
+    def sized(b, dtype):
+        return b // 2 if precision == "bf16" and dtype.is_floating_point else b
     axis = s.plan.pipeline.get("axis", PP_AXIS)
     m = max(1, int(s.plan.microbatches or 1))
     p = len(ios)
@@ -555,27 +559,29 @@ def stage_traffic(s, ios: list[StageIO]) -> list[list[tuple[str, int]]]:
             if not is_collective(n):
                 continue
             share = m if batch and depends_on(s.global_shapes.get(n.inputs[0].name, ()), batch) else 1
+            dt = n.inputs[0].dtype
             for kind, ax, b, phase in s.node_traffic(n):
-                per_mb.append((f"{kind}:{ax}", b // share))
+                per_mb.append((f"{kind}:{ax}", sized(b // share, dt)))
                 if phase == "forward" and i in again:
-                    per_mb.append((f"{kind}:{ax}", b // share))
+                    per_mb.append((f"{kind}:{ax}", sized(b // share, dt)))
         calls += per_mb * m
         if k > 0:
             for _ in range(m):
-                calls += [(f"recv:{axis}", microbatch_bytes(s, v, m)) for v in io.args]
+                calls += [(f"recv:{axis}", sized(microbatch_bytes(s, v, m), v.dtype)) for v in io.args]
             for _ in range(m):
-                calls += [(f"send:{axis}", microbatch_bytes(s, v, m)) for v in io.args
+                calls += [(f"send:{axis}", sized(microbatch_bytes(s, v, m), v.dtype)) for v in io.args
                           if v.name in s.needs_grad]
         if k + 1 < p:
             for _ in range(m):
-                calls += [(f"send:{axis}", microbatch_bytes(s, v, m)) for v in io.outs]
+                calls += [(f"send:{axis}", sized(microbatch_bytes(s, v, m), v.dtype)) for v in io.outs]
             for _ in range(m):
-                calls += [(f"recv:{axis}", microbatch_bytes(s, v, m)) for v in io.outs
+                calls += [(f"recv:{axis}", sized(microbatch_bytes(s, v, m), v.dtype)) for v in io.outs
                           if v.name in s.needs_grad]
-        calls += stage_bucket_calls(s, io)
+        calls += [(k, b // 2 if precision == "bf16" else b) for k, b in stage_bucket_calls(s, io)]
         for name, st in sorted(hold.items()):
             if len(st) > 1 and k in st and params[name].requires_grad:
-                calls.append((f"all_reduce:{axis}", params[name].numel * params[name].itemsize))
+                calls.append((f"all_reduce:{axis}", sized(params[name].numel * params[name].itemsize,
+                                                           params[name].dtype)))
         out.append(calls)
     return out
 

@@ -614,8 +614,8 @@ def test_pipeline_checkpoints_resume_under_tensor_parallelism_and_back(tmp_path,
 def test_bf16_checkpoints_hold_the_fp32_masters(tmp_path, monkeypatch):
     """bf16 programs checkpoint their fp32 masters (ZeRO's fp32 chunks) and the masters'
     AdamW state, so a resume continues exactly: bf16 on dp=2,tp=2 with ZeRO-1 -> bf16 on tp=2
-    (MPI) -> bf16 on dp=2 with ZeRO-2, each with --check against the bf16 single-device run of
-    every step so far."""
+    (MPI) -> bf16 on dp=2 with ZeRO-2 and on pp=2, each with --check against the bf16
+    single-device run of every step so far."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a.plan").write_text(
         f'mesh dp=2, tp=2\ninclude "{BLOCKS}"\nlayout input "idx", input "targets" {{ dp: S(0), tp: R }}\n'
@@ -644,6 +644,10 @@ def test_bf16_checkpoints_hold_the_fp32_masters(tmp_path, monkeypatch):
     (tmp_path / "c.plan").write_text('mesh dp=2\nzero 2 over dp\nlayout input "idx", input "targets" { dp: S(0) }\n')
     rc, out, err = run_cli(["run", GPT, "--check", *bf16, "--plan", "c.plan", "--steps", "1", "--resume", "ck2"])
     assert rc == 0 and "check: ok" in out and "ZeRO-2" in out, out + err
+    assert "single device: 5 steps before the checkpoint" in out
+    # and a bf16 pipeline: each stage's masters from the same checkpoint
+    rc, out, err = run_cli(["run", GPT, "--check", *bf16, "--mesh", "pp=2", "--steps", "1", "--resume", "ck2"])
+    assert rc == 0 and "check: ok" in out and "stage 1 (pp=1" in out, out + err
     assert "single device: 5 steps before the checkpoint" in out
 
 

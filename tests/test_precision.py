@@ -363,8 +363,7 @@ def test_where_the_search_picks_zero3_bf16_stays_below_it(traced):
         build_program(model, inputs, plan=zero3, device="h100", precision="bf16", name="gpt", graph=graph)
 
 
-def test_bf16_refusals_name_the_flag_and_the_way_out(traced, tmp_path, capsys):
-    from autopar.cli import main
+def test_bf16_refusals_name_the_flag_and_the_way_out(traced):
     from autopar.compiler.errors import InputError
     import plan_helpers
     from autopar.pipeline import build_program
@@ -374,11 +373,32 @@ def test_bf16_refusals_name_the_flag_and_the_way_out(traced, tmp_path, capsys):
         build_program(model, inputs, plan=plan, precision="fp16", name="gpt", graph=graph)
     with pytest.raises(InputError, match=r"--precision bf16 with ZeRO-3.*zero 2.*--precision fp32"):
         bf16_program(traced, zero3=True)
-    # the command line: a pipeline (its stages keep no fp32 masters yet), before any rank starts
+
+
+def test_bf16_pipeline_steps_each_stages_masters(capsys):
+    """pp=2 with 4 microbatches under bf16 (1F1B): each stage keeps fp32 masters of its own
+    parameters; --check ok against the bf16 single device; every stage's sends, receives and
+    tied all_reduce measured as predicted, half of what the fp32 program sends."""
+    from autopar.cli import main
     gpt = str(ROOT / "examples" / "gpt.py") + ":build"
-    assert main(["run", gpt, "--mesh", "pp=2", "--precision", "bf16", "--steps", "1"]) == 2
-    err = capsys.readouterr().err
-    assert "--precision bf16 with a pp axis" in err and "--precision fp32" in err, err
+    rows = {}
+    for precision in ("bf16", "fp32"):
+        assert main(["run", gpt, "--mesh", "pp=2", "--microbatches", "4", "--schedule", "1f1b",
+                     "--precision", precision, "--steps", str(STEPS), "--check"]) == 0
+        out = capsys.readouterr().out
+        assert out.splitlines()[-1].startswith("check: ok") and f"{precision} program" in out, out[-3000:]
+        stage, got = None, {}
+        for line in out.splitlines():
+            if line.startswith("stage "):
+                stage = int(line.split()[1])
+            elif stage is not None and line.startswith("    ") and ":pp" in line:
+                f = line.split()
+                assert f[3] == "ok", line
+                got[(stage, f[0])] = int(f[1].replace(",", ""))
+        rows[precision] = got
+    assert set(rows["bf16"]) == set(rows["fp32"]) == {(k, f"{kind}:pp") for k in (0, 1)
+                                                       for kind in ("send", "recv", "all_reduce")}
+    assert all(2 * rows["bf16"][k] == rows["fp32"][k] for k in rows["fp32"]), rows
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
