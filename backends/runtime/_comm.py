@@ -194,42 +194,37 @@ class MpiComm:
         M = self.MPI
         return {"sum": M.SUM, "max": M.MAX, "min": M.MIN, "prod": M.PROD}[op]
 
-    def allreduce_(self, t, op="sum"):
+    def _reduction(self, t, op):
+        """A CPU copy of `t` to reduce in, its MPI buffer and the MPI op: 16-bit floats as
+        themselves (int16 buffers, the 16-bit op), others in `_reduce_dtype`."""
         if t.dtype in _HALF:
             work = t.detach().to("cpu", copy=True).contiguous()
-            self.comm.Allreduce(self.MPI.IN_PLACE, _half_buf(self.MPI, work), op=_half_op(self.MPI, t.dtype, op))
-            t.copy_(work)
-            return t
-        rd = _reduce_dtype(t.dtype)
-        if t.device.type == "cpu" and t.is_contiguous() and rd == t.dtype:
+            return work, _half_buf(self.MPI, work), _half_op(self.MPI, t.dtype, op)
+        work = t.detach().to(device="cpu", dtype=_reduce_dtype(t.dtype), copy=True).contiguous()
+        return work, work.numpy(), self._op(op)
+
+    def _in_place(self, t) -> bool:
+        """Whether MPI can reduce `t`'s own memory (a contiguous CPU tensor of an MPI type)."""
+        return t.device.type == "cpu" and t.is_contiguous() and t.dtype in _MPI_DIRECT
+
+    def allreduce_(self, t, op="sum"):
+        if self._in_place(t):
             self.comm.Allreduce(self.MPI.IN_PLACE, t.detach().numpy(), op=self._op(op))
             return t
-        work = t.detach().to(device="cpu", dtype=rd, copy=True).contiguous()
-        self.comm.Allreduce(self.MPI.IN_PLACE, work.numpy(), op=self._op(op))
+        work, buf, mop = self._reduction(t, op)
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=mop)
         t.copy_(work)
         return t
 
     def iallreduce_(self, t, op="sum"):
-        rd = _reduce_dtype(t.dtype)
-        if t.dtype in _HALF:
-            work = t.detach().to("cpu", copy=True).contiguous()
-            req = self.comm.Iallreduce(self.MPI.IN_PLACE, _half_buf(self.MPI, work),
-                                       op=_half_op(self.MPI, t.dtype, op))
-
-            def finish_half():
-                req.Wait()
-                t.copy_(work)
-            h = Handle(finish_half, req.Test, t)
-            h._keep = work
-            return h
-        if t.device.type == "cpu" and t.is_contiguous() and rd == t.dtype:
+        if self._in_place(t):
             buf = t.detach().numpy()
             req = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self._op(op))
             h = Handle(req.Wait, req.Test, t)
             h._keep = buf               # MPI writes into it until the request completes
             return h
-        work = t.detach().to(device="cpu", dtype=rd, copy=True).contiguous()
-        req = self.comm.Iallreduce(self.MPI.IN_PLACE, work.numpy(), op=self._op(op))
+        work, buf, mop = self._reduction(t, op)
+        req = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=mop)
 
         def finish():
             req.Wait()
