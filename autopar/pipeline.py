@@ -282,8 +282,7 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
         # sizes from the batch stay symbolic: the program trains on any batch the mesh divides
         graph = prepared_graph(model, inputs, name, symbolic=True)
     mesh = parse_mesh(mesh)
-    plan, precision = plan_and_precision(graph, mesh, devices, plan, device, memory, precision,
-                                         backend, schedule)
+    plan, precision = plan_and_precision(graph, mesh, devices, plan, device, memory, precision, schedule)
     mesh = mesh or dict(plan.mesh)
     if dict(plan.mesh) != mesh:
         raise InputError(f"the plan is for mesh {sharding.format_mesh(plan.mesh)}, not "
@@ -299,7 +298,7 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
         check_pipeline(plan, schedule, backend, graph)      # and priced with the final M
     # the communication schedule: gradient buckets reduced while backward runs
     sharded = overlap(apply_plan(graph, plan))
-    check_precision(precision, backend, plan)
+    check_precision(precision, plan)
     plan.cost.setdefault("bytes", traffic_under(sharded, precision))
     stem = f"{name}_{mesh_tag(mesh)}_{backend}"
     opts = EmitOptions(steps=steps, optimizer=optimizer, lr=lr, device=target,
@@ -327,7 +326,7 @@ def resolve_precision(precision: str | None, device="cpu") -> str:
 
 
 def plan_and_precision(graph, mesh, devices, plan, device, memory, precision: str | None,
-                       backend: str, schedule: str | None = None) -> tuple:
+                       schedule: str | None = None) -> tuple:
     """The plan and the precision of the program built from it, which always agree: the
     plan is searched and priced under the recipe of the precision the program runs.
 
@@ -396,7 +395,7 @@ def precision_lines(plan, precision: str) -> list[str]:
             "to run what the plan priced."]
 
 
-def check_precision(precision: str, backend: str, plan) -> None:
+def check_precision(precision: str, plan) -> None:
     """Combinations the bf16 programs do not run yet, refused with the way out."""
     if precision != "bf16":
         return

@@ -1312,7 +1312,7 @@ def emit_program(s: ShardedGraph, backend: Backend, model_name: str, opts: EmitO
         _emit_zero(e.w, s.zero, opts.precision == "bf16")
     _emit_checkpoint_specs(e.w, s)
     if e.pp:
-        e.pp.main(e.w, s, e.backend, cls, opts, e.top_names, (_emit_checkpoint_args, _emit_checkpoint_resume))
+        e.pp.main(e.w, s, e.backend, cls, opts, e.top_names, (_emit_checkpoint_args, _emit_checkpoint_resume, _emit_masters))
     else:
         _emit_main(e.w, s, e.backend, cls, opts, e.top_names)
     if e.regions_written != len(s.regions):        # a block class or reordering lost one

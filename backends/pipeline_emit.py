@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from autopar.compiler import sharding
 from autopar.compiler.sharded import format_bytes
-from autopar.compiler.stages import owned_prefixes, stage_io, stage_traffic, tied
+from autopar.compiler.stages import owned_prefixes, stage_io, stage_traffic, tied, wire_bytes
 
 
 def is_pipeline(s) -> bool:
@@ -97,8 +97,7 @@ class PipelineParts:
 
     def mb_bytes(self, values) -> str:
         from autopar.compiler.stages import microbatch_bytes
-        half = 2 if self.precision == "bf16" else 1
-        return format_bytes(sum(microbatch_bytes(self.e.s, v, self.m) // (half if v.dtype.is_floating_point else 1)
+        return format_bytes(sum(wire_bytes(microbatch_bytes(self.e.s, v, self.m), v.dtype, self.precision)
                                 for v in values))
 
     def method(self, name, idx, args, outs, doc, recv=None, send=None) -> None:
@@ -172,7 +171,7 @@ class PipelineParts:
     # ---- main ----
 
     def main(self, w, s, backend, cls, opts, names, helpers) -> None:
-        emit_checkpoint_args, emit_checkpoint_resume = helpers
+        emit_checkpoint_args, emit_checkpoint_resume, emit_masters = helpers
         mesh, axis = s.mesh, self.axis
         loss = s.outputs[0]
         partial = [a for a, p in zip(mesh, s.layouts[loss.name]) if p == "P"]
@@ -207,12 +206,8 @@ class PipelineParts:
         w(f"{inputs}{',' if len(s.inputs) == 1 else ''} = [shard(t, name, mesh).to(mesh.device)", 1)
         w(f"{' ' * (len(inputs) + 4)}for name, t in zip(INPUTS, example)]", 1)
         bf16 = self.precision == "bf16"
-        if bf16:
-            w("# precision bf16: this stage computes, sends and receives in bfloat16; the optimizer steps", 1)
-            w("# fp32 masters of the stage's trainable parameters (taken before the cast)", 1)
-            w("masters = rt.MasterWeights(model)", 1)
-            comma = "," if len(s.inputs) == 1 else ""
-            w(f"{inputs}{comma} = [rt.to_compute(t) for t in ({inputs}{comma})]  # float inputs in bf16", 1)
+        if bf16:            # this stage's masters: of the parameters it kept
+            emit_masters(w, inputs, s, "")
         w(f'assert {names[s.inputs[0]]}.shape[0] % args.microbatches == 0, '
           f'f"this rank\'s batch of {{{names[s.inputs[0]]}.shape[0]}} does not split into {{args.microbatches}} microbatches"', 1)
         w()

@@ -531,15 +531,21 @@ def microbatch_bytes(s, v, m: int) -> int:
     return b
 
 
+def wire_bytes(b: int, dtype, precision: str) -> int:
+    """What a buffer counted at `b` bytes in its traced dtype sends under `precision`: a bf16
+    program sends every floating buffer at half its (fp32) size, integer ones (token ids) as
+    they are."""
+    return b // 2 if precision == "bf16" and dtype.is_floating_point else b
+
+
 def stage_traffic(s, ios: list[StageIO], precision: str = "fp32") -> list[list[tuple[str, int]]]:
     """Per stage, the calls of one step and rank (`kind:axis`, bytes) the pipeline adds:
     each microbatch's activations sent forward to the next stage and received from the
     previous one, their gradients sent back and received in backward (the values needing
     a gradient), and the all_reduce of each tied weight's gradient over its stages.
-    `precision` "bf16": every floating buffer is sent at half its (fp32) size; integer
-    ones (token ids) keep theirs."""
+    Bytes are counted in `precision` (wire_bytes)."""
     def sized(b, dtype):
-        return b // 2 if precision == "bf16" and dtype.is_floating_point else b
+        return wire_bytes(b, dtype, precision)
     axis = s.plan.pipeline.get("axis", PP_AXIS)
     m = max(1, int(s.plan.microbatches or 1))
     p = len(ios)
@@ -577,7 +583,8 @@ def stage_traffic(s, ios: list[StageIO], precision: str = "fp32") -> list[list[t
             for _ in range(m):
                 calls += [(f"recv:{axis}", sized(microbatch_bytes(s, v, m), v.dtype)) for v in io.outs
                           if v.name in s.needs_grad]
-        calls += [(k, b // 2 if precision == "bf16" else b) for k, b in stage_bucket_calls(s, io)]
+        calls += [(kind, b // 2 if precision == "bf16" else b)      # gradients: all floating
+                  for kind, b in stage_bucket_calls(s, io)]
         for name, st in sorted(hold.items()):
             if len(st) > 1 and k in st and params[name].requires_grad:
                 calls.append((f"all_reduce:{axis}", sized(params[name].numel * params[name].itemsize,
@@ -621,5 +628,5 @@ def tied(ios: list[StageIO], s) -> dict[str, list[int]]:
             if len(st) > 1 and params[n].requires_grad}
 
 
-__all__ = ["StageIO", "stage_io", "stage_traffic", "owned_prefixes", "tied", "PP_AXIS", "SCHEDULES", "Stage", "cut_stages", "balanced_ranges", "owners",
+__all__ = ["StageIO", "stage_io", "stage_traffic", "wire_bytes", "owned_prefixes", "tied", "PP_AXIS", "SCHEDULES", "Stage", "cut_stages", "balanced_ranges", "owners",
            "pipeline_plan", "lift_plan", "stage_node_times", "block_list", "node_blocks"]

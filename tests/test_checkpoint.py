@@ -627,8 +627,8 @@ def test_bf16_checkpoints_hold_the_fp32_masters(tmp_path, monkeypatch):
     assert rc == 0 and "check: ok" in out and "bf16 program" in out and "ZeRO-1" in out, out + err
     index = json.loads((tmp_path / "ck" / "step-3" / "index.json").read_text())
     tensors = index["tensors"]
-    assert {r["dtype"] for r in tensors.values()} == {"float32", "int64"} or \
-        {r["dtype"] for r in tensors.values()} == {"float32"}, {r["dtype"] for r in tensors.values()}
+    dtypes = {r["dtype"] for r in tensors.values()}
+    assert "float32" in dtypes and dtypes <= {"float32", "int64"}, dtypes
     # a ZeRO-1 parameter is saved as its fp32 chunks (the masters), flat over dp
     assert all(p["flat"] is not None for p in tensors["transformer.h.0.mlp.c_fc.weight"]["pieces"])
     # the saved values are the masters the program ends with, not their bf16 roundings

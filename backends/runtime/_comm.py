@@ -150,7 +150,7 @@ def _reduce_dtype(dt: torch.dtype) -> torch.dtype:
 # buffers are passed as 16-bit integers and reduced by a user-defined op that combines two
 # values in fp32 and rounds back, as torch's own bf16 arithmetic does -- the bytes on the
 # wire are the bf16 bytes the plan counts, not fp32 copies
-_HALF = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_HALF = frozenset({torch.bfloat16, torch.float16})
 _HALF_OPS: dict = {}
 
 
@@ -203,6 +203,16 @@ class MpiComm:
         work = t.detach().to(device="cpu", dtype=_reduce_dtype(t.dtype), copy=True).contiguous()
         return work, work.numpy(), self._op(op)
 
+    def _scatter_buffers(self, t, op):
+        """(source, result, send buffer, receive buffer, MPI op) of a reduce_scatter of `t`
+        over dim 0: 16-bit floats as themselves, others in `_reduce_dtype`."""
+        rd = t.dtype if t.dtype in _HALF else _reduce_dtype(t.dtype)
+        src = t.detach().to(device="cpu", dtype=rd).contiguous()
+        out = torch.empty((src.shape[0] // self.size,) + tuple(src.shape[1:]), dtype=rd)
+        if rd in _HALF:
+            return src, out, _half_buf(self.MPI, src), _half_buf(self.MPI, out), _half_op(self.MPI, rd, op)
+        return src, out, src.numpy(), out.numpy(), self._op(op)
+
     def _in_place(self, t) -> bool:
         """Whether MPI can reduce `t`'s own memory (a contiguous CPU tensor of an MPI type)."""
         return t.device.type == "cpu" and t.is_contiguous() and t.dtype in _MPI_DIRECT
@@ -244,14 +254,8 @@ class MpiComm:
         return h
 
     def ireduce_scatter0(self, t, op="sum"):
-        rd = t.dtype if t.dtype in _HALF else _reduce_dtype(t.dtype)
-        src = t.detach().to(device="cpu", dtype=rd).contiguous()
-        out = torch.empty((src.shape[0] // self.size,) + tuple(src.shape[1:]), dtype=rd)
-        if rd in _HALF:
-            req = self.comm.Ireduce_scatter_block(_half_buf(self.MPI, src), _half_buf(self.MPI, out),
-                                                  op=_half_op(self.MPI, rd, op))
-        else:
-            req = self.comm.Ireduce_scatter_block(src.numpy(), out.numpy(), op=self._op(op))
+        src, out, send, recv, mop = self._scatter_buffers(t, op)
+        req = self.comm.Ireduce_scatter_block(send, recv, op=mop)
         h = Handle(None, req.Test)
         h._wait = lambda: (req.Wait(), setattr(h, "result", out.to(device=t.device, dtype=t.dtype)))
         h._keep = src
@@ -265,14 +269,8 @@ class MpiComm:
         return out.to(t.device)
 
     def reduce_scatter0(self, t, op="sum"):
-        rd = t.dtype if t.dtype in _HALF else _reduce_dtype(t.dtype)
-        src = t.detach().to(device="cpu", dtype=rd).contiguous()
-        out = torch.empty((src.shape[0] // self.size,) + tuple(src.shape[1:]), dtype=rd)
-        if rd in _HALF:
-            self.comm.Reduce_scatter_block(_half_buf(self.MPI, src), _half_buf(self.MPI, out),
-                                           op=_half_op(self.MPI, rd, op))
-        else:
-            self.comm.Reduce_scatter_block(src.numpy(), out.numpy(), op=self._op(op))
+        _, out, send, recv, mop = self._scatter_buffers(t, op)
+        self.comm.Reduce_scatter_block(send, recv, op=mop)
         return out.to(device=t.device, dtype=t.dtype)
 
     def alltoall0(self, t):

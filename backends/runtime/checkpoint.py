@@ -60,7 +60,7 @@ import shutil
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -149,8 +149,7 @@ class ShardSpec:
 
 def _norm_spec(spec, what: str) -> ShardSpec:
     if isinstance(spec, ShardSpec):
-        return ShardSpec(tuple(int(s) for s in spec.shape), spec.layout, spec.flat, spec.source, spec.dtype,
-                         spec.held)
+        return replace(spec, shape=tuple(int(s) for s in spec.shape))
     if isinstance(spec, (tuple, list)) and len(spec) in (1, 2, 3):
         return ShardSpec(tuple(int(s) for s in spec[0]), *spec[1:])
     raise CheckpointError(f"{what}: expected a ShardSpec or (global shape, layout[, flat]), got {spec!r}")
@@ -225,13 +224,14 @@ def _writes(spec: ShardSpec, axes: Mapping[str, int], coords: Mapping[str, int],
     """Whether this rank stores the shard: coordinate 0 along every replicated axis (but the
     axis of ``held``, where it is the holding coordinate)."""
     pl = spec.placements(axes, what)
+    held_axis = None
     if spec.held is not None:
-        axis, at = spec.held
-        if axis not in axes:
-            raise CheckpointError(f"{what}: held on axis {axis!r}, which the mesh {dict(axes)} does not have")
-        if coords[axis] != at:
+        held_axis, at = spec.held
+        if held_axis not in axes:
+            raise CheckpointError(f"{what}: held on axis {held_axis!r}, which the mesh {dict(axes)} does not have")
+        if coords[held_axis] != at:
             return False
-    return all(coords[a] == 0 for a, p in zip(axes, pl) if p == "R" and (spec.held is None or a != spec.held[0]))
+    return all(coords[a] == 0 for a, p in zip(axes, pl) if p == "R" and a != held_axis)
 
 
 # --------------------------------------------------------------------------
@@ -1094,12 +1094,8 @@ def stage_specs(specs: Mapping[str, ShardSpec], axis: str, stage: int,
 
         specs = rt.stage_specs(checkpoint_specs(model, full), "pp", stage, TIED)
     """
-    out = {}
-    for name, spec in specs.items():
-        at = min(tied[name]) if name in tied else stage
-        sp = _norm_spec(spec, name)
-        out[name] = ShardSpec(sp.shape, sp.layout, sp.flat, sp.source, sp.dtype, (axis, int(at)))
-    return out
+    return {name: replace(_norm_spec(spec, name), held=(axis, int(min(tied[name]) if name in tied else stage)))
+            for name, spec in specs.items()}
 
 
 class TrainingCheckpoint:
