@@ -687,9 +687,6 @@ class Emitter:
         self.sizes = Sizes(s)
         self.known_sizes: set[str] | None = None       # size names defined in the current body
         from autopar.backends.pipeline_emit import PipelineParts, is_pipeline
-        if is_pipeline(s) and backend.name != "torch":
-            raise InputError(f"--mesh {sharding.format_mesh(s.mesh)} --backend {backend.name}: pipeline "
-                             "parallelism (pp) is torch-only for now; use --backend torch")
         self.pp = PipelineParts(self) if is_pipeline(s) else None   # a plan with a pp axis
 
     # ---- helpers ----

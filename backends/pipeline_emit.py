@@ -6,7 +6,8 @@ activations, `stage1(x)` -> ..., and `loss(logits, targets)`: the last stage's f
 stops where the loss begins (the nodes that read the targets), and the loss runs as the
 schedule's `loss_fn`. Each rank keeps only its stage's parameters
 (`rt.keep_stage_params`), wraps its method in a `PipelineStage` and trains with PyTorch's
-`ScheduleGPipe` / `Schedule1F1B` (backends/runtime/pipeline.py).
+`ScheduleGPipe` / `Schedule1F1B`; under MPI, `rt.MpiStage` and `rt.MpiSchedule` run the same
+orders with nonblocking send/recv (backends/runtime/pipeline.py).
 """
 from __future__ import annotations
 
@@ -228,10 +229,17 @@ class PipelineParts:
         emit_checkpoint_resume(w, opts, False, f'rt.stage_specs(checkpoint_specs(model, full), "{axis}", stage, TIED)',
                                ", elsewhere=elsewhere" + (", masters=masters" if bf16 else ""))
         w()
-        w("# PyTorch's pipeline: this rank's stage method in a PipelineStage; the schedule splits the", 1)
-        w("# batch into microbatches, sends each microbatch's activations to the next stage (send/recv", 1)
-        w("# over pp, forward) and their gradients back (backward), runs `model.loss` on the last", 1)
-        w("# stage and divides the accumulated gradients by the microbatch count (scale_grads)", 1)
+        if backend.runtime == "mpi":
+            w("# the pipeline over MPI: this rank's stage method in an rt.MpiStage; the schedule splits the", 1)
+            w("# batch into microbatches, runs their forwards and backwards in GPipe or 1F1B order, sends", 1)
+            w("# each microbatch's activations to the next stage (Isend/Irecv over pp, forward) and their", 1)
+            w("# gradients back (backward), runs `model.loss` on the last stage and divides the", 1)
+            w("# accumulated gradients by the microbatch count", 1)
+        else:
+            w("# PyTorch's pipeline: this rank's stage method in a PipelineStage; the schedule splits the", 1)
+            w("# batch into microbatches, sends each microbatch's activations to the next stage (send/recv", 1)
+            w("# over pp, forward) and their gradients back (backward), runs `model.loss` on the last", 1)
+            w("# stage and divides the accumulated gradients by the microbatch count (scale_grads)", 1)
         w(f'pipe = rt.PipelineStageOf(model, STAGES[stage]["forward"], mesh, "{axis}")', 1)
         w("schedule = rt.pipeline_schedule(args.schedule, pipe, args.microbatches, loss_fn=model.loss)", 1)
         w(f'tied = rt.tied_groups(mesh, "{axis}", TIED)  # the ranks of each tied weight\'s stages', 1)

@@ -320,9 +320,6 @@ def check_pipeline(plan, schedule: str | None, backend: str, graph=None) -> None
             price_pipeline(plan, graph, profile)
     if pp["schedule"] not in SCHEDULES:
         raise InputError(f"pipeline schedule {pp['schedule']!r}: use one of {', '.join(SCHEDULES)}")
-    if backend != "torch":
-        raise InputError(f"--backend {backend} with a pp axis: pipeline parallelism (pp) is "
-                         "torch-only for now; use --backend torch")
     if plan.zero:
         raise InputError(f"ZeRO-{plan.zero} with a pp axis: not supported yet; plan with --zero 0")
 

@@ -1,6 +1,7 @@
 """Pipeline parallelism over a pp mesh axis: stage cutting (balanced, at block boundaries,
 refusals), the generated program's pipeline parts, and multi-rank launches with PyTorch's
-GPipe and 1F1B schedules (parity with one device, send/recv bytes predicted == measured)."""
+GPipe and 1F1B schedules and with the MPI backend's (parity with one device, send/recv
+bytes predicted == measured)."""
 from __future__ import annotations
 
 import io
@@ -104,11 +105,35 @@ def test_program_has_stage_methods_header_and_schedule(gpt4):
     compile(src, "program.py", "exec")
 
 
-def test_mpi_backend_refuses_pp(gpt4):
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("p,m", [(2, 1), (2, 4), (4, 4), (4, 2), (3, 5)])
+def test_mpi_schedule_order_runs_each_microbatch_once_within_its_in_flight_bound(name, p, m):
+    from autopar.backends.runtime.pipeline import schedule_order
+    for stage in range(p):
+        order = schedule_order(name, stage, p, m)
+        assert sorted(order) == sorted([("F", i) for i in range(m)] + [("B", i) for i in range(m)])
+        live, most = set(), 0
+        for kind, i in order:
+            if kind == "F":
+                live.add(i)
+            else:
+                assert i in live, (stage, order)         # a backward after its forward
+                live.remove(i)
+            most = max(most, len(live))
+        # GPipe holds every microbatch; 1F1B at most the stages from this one to the last
+        assert most == (m if name == "gpipe" else min(p - stage, m))
+        backwards = [i for kind, i in order if kind == "B"]
+        assert backwards == sorted(backwards)              # gradients leave in microbatch order
+
+
+def test_mpi_program_runs_the_pipeline_with_mpi_stages(gpt4):
     from autopar.pipeline import build_program
     model, inputs, g = gpt4
-    with pytest.raises(InputError, match="pp.*torch-only for now"):
-        build_program(model, inputs, "pp=2", backend="mpi", name="gpt", graph=g, microbatches=2)
+    prog = build_program(model, inputs, "pp=2", backend="mpi", name="gpt", graph=g, microbatches=2)
+    src = prog.source
+    assert 'rt.init_mesh(MESH, backend="mpi"' in src and "rt.PipelineStageOf(" in src
+    assert "Isend/Irecv over pp" in src
+    compile(src, "program.py", "exec")
 
 
 def _run(argv):
@@ -152,6 +177,41 @@ def test_pp4_1f1b_launch_middle_stages_send_both_ways():
         part = _table(out, k)
         assert re.search(r"send:pp\s+65,536\s+65,536\s+ok.*8 / 8", part), part
         assert re.search(r"recv:pp\s+65,536\s+65,536\s+ok.*8 / 8", part), part
+        assert "all_reduce:pp" not in part
+
+
+def test_mpi_pp2_tp2_plan_file_launch_matches_one_device():
+    """examples/plans/pipeline_gpt.plan under MPI: Megatron tp=2 inside each of 2 stages and
+    1F1B over 2 microbatches, activations and gradients by Isend/Irecv: parity, and every
+    row (tp collectives, send/recv, the tied all_reduce) as predicted per stage."""
+    rc, out = _run(["run", "examples/gpt.py:build", "--plan", "examples/plans/pipeline_gpt.plan",
+                    "--backend", "mpi", "--steps", "2", "--check"])
+    assert rc == 0, out
+    assert "(4 ranks, mpi)" in out and "check: ok" in out
+    for k in (0, 1):
+        part = _table(out, k)
+        assert re.search(r"all_reduce:tp\s+[\d,]+\s+[\d,]+\s+ok", part), part
+        assert re.search(r"send:pp\s+32,768\s+32,768\s+ok.*2 / 2", part), part
+        assert re.search(r"recv:pp\s+32,768\s+32,768\s+ok.*2 / 2", part), part
+        assert re.search(r"all_reduce:pp\s+32,768\s+32,768\s+ok", part), part
+
+
+def test_mpi_pp4_gpipe_bf16_launch_matches_one_device():
+    """4 stages under MPI's GPipe in bf16: the middle stages send both ways (twice the ends'
+    bytes, half of fp32's), the tied weight's all_reduce runs on stages 0 and 3 only."""
+    rc, out = _run(["run", "tests/models/gpt_layers.py:four", "--mesh", "pp=4", "--microbatches", "4",
+                    "--schedule", "gpipe", "--backend", "mpi", "--precision", "bf16", "--steps", "2",
+                    "--check"])
+    assert rc == 0, out
+    assert "(4 ranks, mpi)" in out and "check: ok" in out
+    for k in (0, 3):
+        part = _table(out, k)
+        assert re.search(r"send:pp\s+16,384\s+16,384\s+ok.*4 / 4", part), part
+        assert re.search(r"all_reduce:pp\s+16,384\s+16,384\s+ok", part), part
+    for k in (1, 2):
+        part = _table(out, k)
+        assert re.search(r"send:pp\s+32,768\s+32,768\s+ok.*8 / 8", part), part
+        assert re.search(r"recv:pp\s+32,768\s+32,768\s+ok.*8 / 8", part), part
         assert "all_reduce:pp" not in part
 
 

@@ -289,6 +289,23 @@ class MpiComm:
         t.copy_(work)
         return t
 
+    # ---- point to point (a pipeline's activations and their gradients) ----
+    def isend(self, t, dest, tag=0):
+        """Send `t` to coordinate `dest` without waiting: returns the request and the CPU
+        buffer, which must live until the request is waited on."""
+        buf = t.detach().to("cpu").contiguous()
+        return self.comm.Isend([_bytes(buf), self.MPI.BYTE], dest=dest, tag=tag), buf
+
+    def irecv(self, buf, source, tag=0):
+        """Receive into the contiguous CPU tensor `buf` from coordinate `source`."""
+        return self.comm.Irecv([_bytes(buf), self.MPI.BYTE], source=source, tag=tag)
+
+    def send_object(self, obj, dest, tag):
+        self.comm.send(obj, dest=dest, tag=tag)
+
+    def recv_object(self, source, tag):
+        return self.comm.recv(source=source, tag=tag)
+
     def allreduce_scalar(self, value, op="sum", device=None):
         return float(self.comm.allreduce(float(value), op=self._op(op)))
 

@@ -10,7 +10,7 @@ import socket
 import threading
 from collections import OrderedDict, namedtuple
 from datetime import timedelta
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -217,6 +217,25 @@ class Mesh:
             return self._world if self.world_size > 1 else None
         self._check_axis(axis)
         return self._comms.get(axis)
+
+    def subcomm(self, groups: Sequence[Sequence[int]]):
+        """This rank's communicator over the one of `groups` (disjoint lists of global
+        ranks, coordinate = position in the list) that holds it, or ``None``. Every rank
+        calls it with the same `groups` (torch creates every group on every rank; MPI
+        splits the world once)."""
+        groups = [list(g) for g in groups]
+        mine = next((g for g in groups if self.rank in g), None)
+        if self.backend == "torch":
+            out = None
+            for g in groups:
+                pg = dist.new_group(g)
+                if g is mine:
+                    out = TorchComm(pg, g, g.index(self.rank))
+            return out
+        MPI = self._world.MPI
+        color = groups.index(mine) if mine is not None else MPI.UNDEFINED
+        sub = self._world.comm.Split(color=color, key=mine.index(self.rank) if mine else 0)
+        return MpiComm(MPI, sub, mine, mine.index(self.rank)) if mine is not None else None
 
     def chunk(self, t: torch.Tensor, axis: AxisArg, dim: int = 0) -> torch.Tensor:
         """This rank's chunk of ``t`` along ``dim`` (no communication, no autograd magic)."""
