@@ -57,6 +57,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int,
                    help="batch size: passed as batch=N to the SPEC function (it must take a batch argument)")
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="fix the ZeRO stage (default: searched)")
+    from autopar.run import _schedule
+    p.add_argument("--schedule", type=_schedule, default=None, metavar="{gpipe,1f1b,interleaved[:V]}",
+                   help="pipeline schedule the plan is priced and cut for, with a pp axis (default 1f1b)")
     p.add_argument("--time-limit", type=float, default=10.0, help="solver time limit in seconds per mesh (default 10)")
     p.add_argument("--deterministic", action="store_true", help="one solver worker, fixed seed: same plan every run")
     p.add_argument("--trace", choices=["export", "fx"], default="export", help="front end (default export)")
@@ -350,7 +353,8 @@ def plan_main(args) -> int:
     model, inputs, name = load_model(args.spec, args.batch, inputs=args.inputs)
     graph = prepared_graph(model, inputs, name, mode=args.trace)
     plan, pinned = make_plan(graph, args.mesh, args.devices, args.plan, profile, limit, zero=args.zero,
-                             time_limit=args.time_limit, deterministic=args.deterministic)
+                             time_limit=args.time_limit, deterministic=args.deterministic,
+                             schedule=args.schedule)
     if plan.device != profile.name and plan.device in builtin_profiles():   # the file named the device
         profile = load_profile(plan.device)
     summary = plan_summary(graph, plan, profile, pinned)

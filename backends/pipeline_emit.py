@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from autopar.compiler import sharding
 from autopar.compiler.sharded import format_bytes
-from autopar.compiler.stages import owned_prefixes, stage_io, stage_traffic, tied, wire_bytes
+from autopar.compiler.stages import chunk_coord, owned_prefixes, stage_io, stage_traffic, tied, wire_bytes
 
 
 def is_pipeline(s) -> bool:
@@ -29,6 +29,7 @@ class PipelineParts:
         self.ios = stage_io(s, self.pp["ranges"])
         self.tied = tied(self.ios, s)
         self.m = max(1, int(s.plan.microbatches or 1))
+        self.v = int(self.pp.get("virtual", 1))        # model chunks per rank (interleaved: > 1)
         self.precision = e.opts.precision
 
     # ---- header and tables ----
@@ -36,41 +37,59 @@ class PipelineParts:
     def header_lines(self) -> list[str]:
         s, pp = self.e.s, self.pp
         names = self.e.top_names if hasattr(self.e, "top_names") else {}
-        lines = [f"pipeline: {pp['stages']} stages over {self.axis} (a rank runs the stage at its {self.axis} "
-                 f"coordinate), schedule {pp['schedule']}, {self.m} microbatches per step"]
+        p = pp["stages"]
+        if self.v > 1:
+            lines = [f"pipeline: {p} stages over {self.axis}, schedule interleaved 1F1B, {self.v} model chunks "
+                     f"per rank (chunk j on {self.axis} coordinate j mod {p}), {self.m} microbatches per step"]
+        else:
+            lines = [f"pipeline: {p} stages over {self.axis} (a rank runs the stage at its {self.axis} "
+                     f"coordinate), schedule {pp['schedule']}, {self.m} microbatches per step"]
+        times = pp.get("stage_time") or []
         for io in self.ios:
             st = io.stage
             a, b = st.blocks
             blocks = f"{pp['blocks']}.{a}" if b - a == 1 else f"{pp['blocks']}.{a}-{b - 1}"
-            lines.append(f"  stage {st.index}: {blocks}; owns {', '.join(st.modules)}"
-                         + (f" (predicted {pp['stage_time'][st.index] * 1e3:.3g} ms fwd+bwd per step)"
-                            if pp.get("stage_time") else ""))
+            on = f" (on {self.axis}={chunk_coord(st.index, p)})" if self.v > 1 else ""
+            lines.append(f"  {'chunk' if self.v > 1 else 'stage'} {st.index}{on}: {blocks}; owns {', '.join(st.modules)}"
+                         + (f" (predicted {times[st.index] * 1e3:.3g} ms fwd+bwd per step)"
+                            if self.v == 1 and len(times) > st.index else ""))
             if io.outs and st.index + 1 < len(self.ios):
                 lines.append(f"    sends {', '.join(names.get(v, v.name) for v in io.outs)} to stage "
                              f"{st.index + 1}: {self.mb_bytes(io.outs)} per microbatch forward, its gradient back")
         for name, st in self.tied.items():
             lines.append(f"  tied weight {name} on stages {', '.join(map(str, st))}: its gradient is "
                          f"all_reduced over them after backward")
-        bubble = (pp["stages"] - 1) / self.m
-        lines.append(f"  bubble (p-1)/m = {bubble:.3g} of the step's compute idle on each stage")
+        if self.v > 1:
+            bubble = (p - 1) / (self.v * self.m)
+            lines.append(f"  bubble (p-1)/(v m) = {bubble:.3g} of the step's compute idle on each stage")
+        else:
+            bubble = (p - 1) / self.m
+            lines.append(f"  bubble (p-1)/m = {bubble:.3g} of the step's compute idle on each stage")
         return lines
 
     def tables(self) -> None:
         w, s = self.e.w, self.e.s
         w()
-        w(f"# Pipeline: stage k runs on the ranks at {self.axis} coordinate k; `forward` names its")
-        w("# method of the model class, `owns` the module prefixes of the parameters it keeps.")
+        if self.v > 1:
+            w(f"# Pipeline: model chunk k runs on the ranks at {self.axis} coordinate `coord` (k mod "
+              f"{self.pp['stages']}, {self.v} chunks per")
+            w("# rank); `forward` names its method of the model class, `owns` the module prefixes of the")
+            w("# parameters it keeps.")
+        else:
+            w(f"# Pipeline: stage k runs on the ranks at {self.axis} coordinate k; `forward` names its")
+            w("# method of the model class, `owns` the module prefixes of the parameters it keeps.")
         w(f"PIPELINE = {{'axis': {self.axis!r}, 'schedule': {self.pp['schedule']!r}, "
           f"'microbatches': {self.m}}}")
         w("STAGES = [")
         for io in self.ios:
             owns = owned_prefixes(s, io, self.pp["blocks"])
-            w(f"    {{'forward': 'stage{io.stage.index}', 'blocks': {tuple(io.stage.blocks)!r}, 'owns': [", 0)
+            w(f"    {{'forward': 'stage{io.stage.index}', 'coord': {chunk_coord(io.stage.index, self.pp['stages'])}, "
+              f"'blocks': {tuple(io.stage.blocks)!r}, 'owns': [", 0)
             for o in owns:
                 w(f"        {o!r},", 0)
             w("    ]},", 0)
         w("]")
-        w("# trainable weights several stages hold (a tied embedding and head) -> those stages")
+        w(f"# trainable weights several stages hold (a tied embedding and head) -> their {self.axis} coordinates")
         w(f"TIED = {self.tied!r}")
 
     # ---- the stage methods ----
@@ -190,7 +209,8 @@ class PipelineParts:
         w('parser.add_argument("--stats", default=None, help="write losses, bytes and times to STATS.rank<r>.json")', 1)
         w('parser.add_argument("--microbatches", type=int, default=PIPELINE["microbatches"], '
           'help="microbatches per step (each rank\'s batch must divide by it)")', 1)
-        w('parser.add_argument("--schedule", choices=["gpipe", "1f1b"], default=PIPELINE["schedule"])', 1)
+        choices = '["interleaved"]' if self.v > 1 else '["gpipe", "1f1b"]'
+        w(f'parser.add_argument("--schedule", choices={choices}, default=PIPELINE["schedule"])', 1)
         w('parser.add_argument("--timeline", default=None, help="write the last step\'s trace and hidden communication to DIR")', 1)
         emit_checkpoint_args(w, s)
         w("args = parser.parse_args()", 1)
@@ -199,8 +219,13 @@ class PipelineParts:
         w(f'mesh = rt.init_mesh(MESH, backend="{backend.runtime}", device=args.device)', 1)
         w("full, example = rt.load_init(args.init)  # safetensors: nothing is unpickled", 1)
         w(f'stage = mesh.coord("{axis}")  # this rank runs pipeline stage `stage`', 1)
+        if self.v > 1:
+            w('chunks = [c for c in STAGES if c["coord"] == stage]  # its model chunks, in order', 1)
         w(f"model = {cls}(mesh)", 1)
-        w('elsewhere = rt.keep_stage_params(model, STAGES[stage]["owns"])  # drop the other stages\' parameters', 1)
+        if self.v > 1:
+            w('elsewhere = rt.keep_stage_params(model, [o for c in chunks for o in c["owns"]])  # drop the other ranks\' parameters', 1)
+        else:
+            w('elsewhere = rt.keep_stage_params(model, STAGES[stage]["owns"])  # drop the other stages\' parameters', 1)
         w("model.load_full_state_dict(full)", 1)
         w("model.to(mesh.device)", 1)
         inputs = ", ".join(names[v] for v in s.inputs)
@@ -240,7 +265,12 @@ class PipelineParts:
             w("# batch into microbatches, sends each microbatch's activations to the next stage (send/recv", 1)
             w("# over pp, forward) and their gradients back (backward), runs `model.loss` on the last", 1)
             w("# stage and divides the accumulated gradients by the microbatch count (scale_grads)", 1)
-        w(f'pipe = rt.PipelineStageOf(model, STAGES[stage]["forward"], mesh, "{axis}")', 1)
+        if self.v > 1:
+            w("# interleaved: one stage object per model chunk this rank runs (chunk k is stage k of", 1)
+            w(f"# {len(self.ios)}); the schedule alternates between them, chunk by chunk", 1)
+            w(f'pipe = rt.PipelineStageOf(model, [c["forward"] for c in chunks], mesh, "{axis}")', 1)
+        else:
+            w(f'pipe = rt.PipelineStageOf(model, STAGES[stage]["forward"], mesh, "{axis}")', 1)
         w("schedule = rt.pipeline_schedule(args.schedule, pipe, args.microbatches, loss_fn=model.loss)", 1)
         w(f'tied = rt.tied_groups(mesh, "{axis}", TIED)  # the ranks of each tied weight\'s stages', 1)
         w(f'first, last = stage == 0, stage == mesh.size("{axis}") - 1', 1)
@@ -309,7 +339,7 @@ def predicted_stage_traffic(s, precision: str = "fp32") -> list[dict[str, int]]:
     it runs) and the pipeline's send / recv / tied all_reduce, in `precision`."""
     ios = stage_io(s, s.plan.pipeline["ranges"])
     out = []
-    for io, extra in zip(ios, stage_traffic(s, ios, precision)):
+    for extra in stage_traffic(s, ios, precision):
         total: dict[str, int] = {}
         for k, b in extra:
             total[k] = total.get(k, 0) + b

@@ -25,7 +25,35 @@ from autopar.compiler.errors import InputError
 from autopar.compiler.patterns import block_of
 
 PP_AXIS = "pp"
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+
+
+def parse_schedule(text: str | None) -> tuple[str | None, int]:
+    """`gpipe`, `1f1b`, `interleaved` (2 model chunks per rank) or `interleaved:V` /
+    `interleaved V` -> (name, V); V is 1 for the schedules with one chunk per rank."""
+    if text is None:
+        return None, 1
+    name, _, v = str(text).replace(" ", ":").partition(":")
+    name = name.lower()
+    if name not in SCHEDULES:
+        raise InputError(f"pipeline schedule {text!r}: use one of gpipe, 1f1b, interleaved[:V]")
+    if name != "interleaved":
+        if v:
+            raise InputError(f"pipeline schedule {text!r}: only the interleaved schedule takes a count "
+                             "of model chunks per rank")
+        return name, 1
+    if not v:
+        return name, 2
+    if not v.isdigit() or int(v) < 2:
+        raise InputError(f"pipeline schedule {text!r}: interleaved needs a whole number of model chunks "
+                         "per rank, 2 or more (interleaved:2)")
+    return name, int(v)
+
+
+def chunk_coord(chunk: int, p: int) -> int:
+    """The pp coordinate that runs model chunk `chunk` of a pipeline over `p` ranks: chunk j
+    on rank j mod p (one chunk per rank unless interleaved, v chunks j, j+p, ... on rank j)."""
+    return chunk % p
 
 
 @dataclass
@@ -184,6 +212,20 @@ def stage_node_times(graph, plan, profile) -> list[float]:
     return out
 
 
+def in_flight(schedule: str, r: int, p: int, m: int, v: int = 1) -> float:
+    """Microbatches whose activations rank `r` of `p` holds at its peak, in units of its whole
+    share (all its chunks): GPipe all m; 1F1B p - r; interleaved the forwards it runs before
+    its first backward plus one, each one chunk (1/v of the share): the warm-up of PyTorch's
+    ScheduleInterleaved1F1B, (v-1) microbatches per round plus 2 per rank after it."""
+    if schedule == "gpipe":
+        return m
+    if schedule == "interleaved":
+        per_round = m // max(1, m // p)
+        warm = min((v - 1) * per_round + 2 * (p - 1 - r), m * v)
+        return min(warm + 1, m * v) / v
+    return min(m, p - r)
+
+
 def price_pipeline(plan, graph, profile) -> dict:
     """The pipeline's step time and memory per device, from the intra-stage plan's cost
     model, into plan.cost (step_time, memory: the worst stage) and plan.cost["pipeline"].
@@ -202,10 +244,11 @@ def price_pipeline(plan, graph, profile) -> dict:
     pp = plan.pipeline
     pp.setdefault("unpipelined_step", plan.cost.get("step_time"))   # the intra-stage plan's, whole model
     p, m = pp["stages"], max(1, int(plan.microbatches or 1))
+    v = int(pp.get("virtual", 1))
     pos = list(plan.mesh).index(pp["axis"])
     intra = {a: n for a, n in plan.mesh.items() if a != pp["axis"]}
     cm = CostModel(graph, Cluster(intra, profile), precision=plan.cost.get("precision"))
-    stages = cut_stages(graph, p, ranges=pp["ranges"])
+    stages = cut_stages(graph, p * v, ranges=pp["ranges"])
 
     def strat(key):
         v = plan.strategies.get(key)
@@ -228,31 +271,37 @@ def price_pipeline(plan, graph, profile) -> dict:
         mi = cm.by_key[prm.name].index
         state[prm.name] = cm.param_state(mi, strat(prm.name), plan.zero)
     rows = []
-    for st in stages:
-        compute = sum(node_t[i] for i in st.nodes) + (m - 1) * sum(node_ovh[i] for i in st.nodes)
-        t = compute + comm * sum(node_t[i] for i in st.nodes) / total_compute
-        acts = sum(node_act[i] for i in st.nodes)            # the whole batch's, this rank's shard
-        flight = m if pp["schedule"] == "gpipe" else min(m, p - st.index)
-        parts = [sum(state.get(n, (0.0, 0.0, 0.0))[j] for n in st.params) for j in range(3)]
-        rows.append({"stage": st.index, "time": t, "compute": compute, "in_flight": flight,
+    for r in range(p):                 # a row per rank: its chunk (its v chunks, interleaved)
+        mine = [st for st in stages if chunk_coord(st.index, p) == r]
+        idx = [i for st in mine for i in st.nodes]
+        held = list(dict.fromkeys(n for st in mine for n in st.params))
+        compute = sum(node_t[i] for i in idx) + (m - 1) * sum(node_ovh[i] for i in idx)
+        t = compute + comm * sum(node_t[i] for i in idx) / total_compute
+        acts = sum(node_act[i] for i in idx)            # the whole batch's, this rank's shard
+        flight = in_flight(pp["schedule"], r, p, m, v)
+        parts = [sum(state.get(n, (0.0, 0.0, 0.0))[j] for n in held) for j in range(3)]
+        rows.append({"stage": r, "time": t, "compute": compute, "in_flight": flight,
                      "activations": acts * flight / m, "state": sum(parts), "params": parts[0],
                      "grads": parts[1], "optimizer": parts[2], "memory": sum(parts) + acts * flight / m})
     # one microbatch's boundary activations (the largest cut), fp32 as traced
     from autopar.compiler.sharded import depends_on
     cut_bytes = 0.0
-    for k in range(p - 1):
-        defined = {v for i in stages[k].nodes for v in graph.nodes[i].outputs}
-        crossing = {v for i in stages[k + 1].nodes for v in graph.nodes[i].inputs if v in defined}
-        b = sum(prod_local(v, plan, pos) * cm.itemsize(v) for v in crossing) / m
+    for k in range(p * v - 1):
+        defined = {x for i in stages[k].nodes for x in graph.nodes[i].outputs}
+        crossing = {x for i in stages[k + 1].nodes for x in graph.nodes[i].inputs if x in defined}
+        b = sum(prod_local(x, plan, pos) * cm.itemsize(x) for x in crossing) / m
         cut_bytes = max(cut_bytes, b)
     p2p = link.alpha + cut_bytes / link.bandwidth if p > 1 else 0.0
-    tied_bytes = sum(v.numel * cm.itemsize(v) for v in graph.params if v.requires_grad
-                     and len(owners(stages).get(v.name, [])) > 1)
+    holders = owners(stages)
+    tied_bytes = sum(x.numel * cm.itemsize(x) for x in graph.params if x.requires_grad
+                     and len({chunk_coord(c, p) for c in holders.get(x.name, [])}) > 1)
     tied_t = collective_time("all_reduce", 2, tied_bytes, link) if tied_bytes else 0.0
-    bubble = (p - 1) / m
+    # the fill and drain idle each rank (p-1) microbatch slots of one chunk: 1/v of its work
+    bubble = (p - 1) / (v * m)
     slowest = max(r["time"] for r in rows)
-    step = slowest * (1 + bubble) + 2 * (p - 1) * p2p + tied_t
-    out = {"schedule": pp["schedule"], "stages": p, "microbatches": m, "bubble": bubble,
+    # the fill / drain path crosses every cut between chunks, forward and backward
+    step = slowest * (1 + bubble) + 2 * (p * v - 1) * p2p + tied_t
+    out = {"schedule": pp["schedule"], "virtual": v, "stages": p, "microbatches": m, "bubble": bubble,
            "stage_rows": rows, "p2p_per_microbatch": p2p, "boundary_bytes": cut_bytes,
            "tied_all_reduce": tied_t, "unpipelined_step": pp["unpipelined_step"], "step_time": step,
            "microbatches_tried": pp.get("microbatches_tried")}
@@ -283,16 +332,18 @@ def prod_local(v, plan, pos) -> int:
 def pipeline_lines(c: dict) -> list[str]:
     """The explanation's lines on the pipeline (plan.cost["pipeline"])."""
     from autopar.compiler.cluster import format_bytes, format_time
-    out = ["", f"pipeline: {c['stages']} stages, schedule {c['schedule']}, {c['microbatches']} microbatches; "
-               f"bubble (p-1)/m = {c['bubble']:.3g}"]
+    sched = c["schedule"] + (f" ({c['virtual']} model chunks per rank)" if c.get("virtual", 1) > 1 else "")
+    v = c.get("virtual", 1)
+    out = ["", f"pipeline: {c['stages']} stages, schedule {sched}, {c['microbatches']} microbatches; "
+               f"bubble (p-1)/{'(v m)' if v > 1 else 'm'} = {c['bubble']:.3g}"]
     if c.get("microbatches_tried"):
         out.append("  microbatches compared (predicted step): " + ", ".join(
             f"{m}: {format_time(t)}" for m, t in c["microbatches_tried"].items()))
     for r in c["stage_rows"]:
         out.append(f"  stage {r['stage']}: {format_time(r['time'])} per step (compute {format_time(r['compute'])}), "
                    f"memory {format_bytes(r['memory'])} (state {format_bytes(r['state'])}, activations of "
-                   f"{r['in_flight']} microbatch(es) in flight {format_bytes(r['activations'])})")
-    out.append(f"  step = slowest stage x (1 + bubble) + 2(p-1) sends of {format_bytes(c['boundary_bytes'])} "
+                   f"{r['in_flight']:.3g} microbatch(es) in flight {format_bytes(r['activations'])})")
+    out.append(f"  step = slowest stage x (1 + bubble) + {'2(pv-1)' if v > 1 else '2(p-1)'} sends of {format_bytes(c['boundary_bytes'])} "
                f"({format_time(c['p2p_per_microbatch'])} each) + tied-weight all_reduce "
                f"{format_time(c['tied_all_reduce'])} = {format_time(c['step_time'])}")
     return out
@@ -310,7 +361,12 @@ def check_pipeline(plan, schedule: str | None, backend: str, graph=None) -> None
         raise InputError(f"--schedule {schedule}: a pipeline schedule needs a pp axis in the mesh "
                          "(e.g. --mesh pp=2); drop --schedule")
     if schedule:
-        pp["schedule"] = schedule
+        name, v = parse_schedule(schedule)
+        if v != int(pp.get("virtual", 1)):
+            raise InputError(f"--schedule {schedule}: the plan's stages were cut for "
+                             f"{pp.get('virtual', 1)} model chunk(s) per rank ({pp['schedule']}); plan again "
+                             f"with this schedule (autopar plan ... --schedule {schedule})")
+        pp["schedule"] = name
     if pp.get("profile") is not None and graph is not None:
         try:
             profile = pp_profile(pp["profile"])
@@ -320,6 +376,11 @@ def check_pipeline(plan, schedule: str | None, backend: str, graph=None) -> None
             price_pipeline(plan, graph, profile)
     if pp["schedule"] not in SCHEDULES:
         raise InputError(f"pipeline schedule {pp['schedule']!r}: use one of {', '.join(SCHEDULES)}")
+    m = max(1, int(plan.microbatches or 1))
+    if pp["schedule"] == "interleaved" and m % max(1, m // pp["stages"]):
+        raise InputError(f"interleaved schedule over pp={pp['stages']} with {m} microbatches: PyTorch's "
+                         f"ScheduleInterleaved1F1B runs rounds of microbatches, so fewer than pp or a "
+                         f"multiple of the rounds; use --microbatches {pp['stages']} or {2 * pp['stages']}")
     if plan.zero:
         raise InputError(f"ZeRO-{plan.zero} with a pp axis: not supported yet; plan with --zero 0")
 
@@ -342,6 +403,12 @@ def pipeline_plan(graph, mesh: dict[str, int], search: Callable, profile, schedu
     p = mesh[PP_AXIS]
     if p < 2:
         raise InputError(f"--mesh pp={p}: one pipeline stage is no pipeline; drop the pp axis or use pp >= 2")
+    schedule, v = parse_schedule(schedule)
+    found = block_list(graph.nodes)
+    if v > 1 and found is not None and p * v > len(found[1]):
+        raise InputError(f"--mesh pp={p} --schedule interleaved:{v}: {p * v} model chunks (pp x chunks per "
+                         f"rank) but {found[0]} has {len(found[1])} blocks, and each chunk needs one; use "
+                         f"interleaved:{max(1, len(found[1]) // p)} or fewer, or schedule 1f1b")
     intra = {a: n for a, n in mesh.items() if a != PP_AXIS}
     # ZeRO is not run under a pipeline yet: the search keeps stage 0
     plan = search(graph, intra, zero=0)
@@ -349,9 +416,9 @@ def pipeline_plan(graph, mesh: dict[str, int], search: Callable, profile, schedu
     if pins:
         plan = search(graph, intra, zero=0, pins=pins)
     times = stage_node_times(graph, plan, profile)
-    stages = cut_stages(graph, p, lambda i: times[i], ranges=ranges)
+    stages = cut_stages(graph, p * v, lambda i: times[i], ranges=ranges)
     lift_plan(plan, mesh)
-    plan.pipeline = {"axis": PP_AXIS, "stages": p, "schedule": schedule or "1f1b",
+    plan.pipeline = {"axis": PP_AXIS, "stages": p, "virtual": v, "schedule": schedule or "1f1b",
                      "blocks": block_list(graph.nodes)[0],
                      "ranges": [list(s.blocks) for s in stages],
                      "stage_time": [s.time for s in stages], "profile": profile.name}
@@ -402,7 +469,10 @@ def choose_microbatches(plan, graph, profile) -> int:
     overrides it."""
     batch = rank_batch(plan, graph) or 1
     tried = {}
+    p = plan.pipeline["stages"]
     for m in [d for d in range(1, batch + 1) if batch % d == 0]:
+        if plan.pipeline["schedule"] == "interleaved" and m % max(1, m // p):
+            continue                  # PyTorch's interleaved rounds do not divide m
         plan.microbatches = m
         tried[m] = price_pipeline(plan, graph, profile)["step_time"]
     best = min(tried, key=lambda m: (tried[m], m))
@@ -536,16 +606,19 @@ def wire_bytes(b: int, dtype, precision: str) -> int:
 
 
 def stage_traffic(s, ios: list[StageIO], precision: str = "fp32") -> list[list[tuple[str, int]]]:
-    """Per stage, the calls of one step and rank (`kind:axis`, bytes) the pipeline adds:
-    each microbatch's activations sent forward to the next stage and received from the
-    previous one, their gradients sent back and received in backward (the values needing
-    a gradient), and the all_reduce of each tied weight's gradient over its stages.
-    Bytes are counted in `precision` (wire_bytes)."""
+    """Per pp coordinate (the ranks of one stage; interleaved, of its v model chunks), the
+    calls of one step and rank (`kind:axis`, bytes) the pipeline adds: each microbatch's
+    activations sent forward to the next chunk and received from the previous one, their
+    gradients sent back and received in backward (the values needing a gradient), the
+    gradient buckets of the parameters the rank holds, and the all_reduce of each tied
+    weight's gradient over the coordinates holding it. Bytes are counted in `precision`
+    (wire_bytes)."""
     def sized(b, dtype):
         return wire_bytes(b, dtype, precision)
     axis = s.plan.pipeline.get("axis", PP_AXIS)
     m = max(1, int(s.plan.microbatches or 1))
     p = len(ios)
+    ranks = int(s.plan.pipeline.get("stages", p))
     out = []
     hold = owners([io.stage for io in ios])
     params = {v.name: v for v in s.params}
@@ -580,20 +653,25 @@ def stage_traffic(s, ios: list[StageIO], precision: str = "fp32") -> list[list[t
             for _ in range(m):
                 calls += [(f"recv:{axis}", sized(microbatch_bytes(s, v, m), v.dtype)) for v in io.outs
                           if v.name in s.needs_grad]
-        calls += [(kind, b // 2 if precision == "bf16" else b)      # gradients: all floating
-                  for kind, b in stage_bucket_calls(s, io)]
-        for name, st in sorted(hold.items()):
-            if len(st) > 1 and k in st and params[name].requires_grad:
-                calls.append((f"all_reduce:{axis}", sized(params[name].numel * params[name].itemsize,
-                                                           params[name].dtype)))
         out.append(calls)
-    return out
+    per_rank = [[c for k, calls in enumerate(out) if chunk_coord(k, ranks) == r for c in calls]
+                for r in range(ranks)]
+    for r in range(ranks):
+        held = {n for k, io in enumerate(ios) if chunk_coord(k, ranks) == r for n in io.stage.params}
+        per_rank[r] += [(kind, b // 2 if precision == "bf16" else b)      # gradients: all floating
+                        for kind, b in stage_bucket_calls(s, held)]
+        for name, st in sorted(hold.items()):
+            coords = {chunk_coord(k, ranks) for k in st}
+            if len(coords) > 1 and r in coords and params[name].requires_grad:
+                per_rank[r].append((f"all_reduce:{axis}", sized(params[name].numel * params[name].itemsize,
+                                                                 params[name].dtype)))
+    return per_rank
 
 
-def stage_bucket_calls(s, io: StageIO) -> list[tuple[str, int]]:
-    """The gradient buckets one stage reduces after the schedule's last microbatch: the
-    plan's bucket order (GRAD_ORDER) kept to the stage's parameters, filled with the same
-    caps, as rt.GradBuckets fills them in the program."""
+def stage_bucket_calls(s, held: set) -> list[tuple[str, int]]:
+    """The gradient buckets a pipeline rank reduces after the schedule's last microbatch: the
+    plan's bucket order (GRAD_ORDER) kept to the parameters it holds (`held`), filled with the
+    same caps, as rt.GradBuckets fills them in the program."""
     from autopar.compiler import buckets
     from autopar.compiler.sharded import nbytes, zero_chunk
 
@@ -606,7 +684,7 @@ def stage_bucket_calls(s, io: StageIO) -> list[tuple[str, int]]:
     o = s.overlap
     if o is None or not o.buckets:
         return []
-    mine = set(io.stage.params)
+    mine = set(held)
     by_name = {v.name: v for v in s.params}
     rows = [(n, b.axes, b.kind) for b in o.buckets for n in b.params if n in mine]
     items = [((axes, by_name[n].dtype, kind), grad_bytes(s, n, kind)) for n, axes, kind in rows]
@@ -619,11 +697,17 @@ def stage_bucket_calls(s, io: StageIO) -> list[tuple[str, int]]:
 
 
 def tied(ios: list[StageIO], s) -> dict[str, list[int]]:
-    """Trainable weights several stages hold -> those stages."""
+    """Trainable weights the ranks of several pp coordinates hold -> those coordinates (the
+    model chunks holding one, interleaved, mapped to the coordinates running them)."""
     params = {v.name: v for v in s.params}
-    return {n: st for n, st in sorted(owners([io.stage for io in ios]).items())
-            if len(st) > 1 and params[n].requires_grad}
+    ranks = int(s.plan.pipeline.get("stages", len(ios)))
+    out = {}
+    for n, st in sorted(owners([io.stage for io in ios]).items()):
+        coords = sorted({chunk_coord(k, ranks) for k in st})
+        if len(coords) > 1 and params[n].requires_grad:
+            out[n] = coords
+    return out
 
 
-__all__ = ["StageIO", "stage_io", "stage_traffic", "wire_bytes", "owned_prefixes", "tied", "PP_AXIS", "SCHEDULES", "Stage", "cut_stages", "balanced_ranges", "owners",
+__all__ = ["parse_schedule", "chunk_coord", "in_flight", "StageIO", "stage_io", "stage_traffic", "wire_bytes", "owned_prefixes", "tied", "PP_AXIS", "SCHEDULES", "Stage", "cut_stages", "balanced_ranges", "owners",
            "pipeline_plan", "lift_plan", "stage_node_times", "block_list", "node_blocks"]

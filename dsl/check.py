@@ -63,7 +63,7 @@ class PlanSpec:
     # communication-schedule settings the file gives (Plan.overlap keys; the rest default)
     overlap: dict = field(default_factory=dict)
     microbatches: int | None = None            # None: no pipeline statement (one microbatch)
-    schedule: str | None = None                # pipeline schedule over the pp axis (gpipe | 1f1b)
+    schedule: str | None = None                # pipeline schedule over the pp axis (gpipe | 1f1b | interleaved:V)
 
     def pin(self, value: str) -> Pin | None:
         return next((p for p in self.pins if p.value == value), None)
@@ -85,7 +85,7 @@ class PlanSpec:
             lines.append(overlap_line(self.overlap))
         if self.microbatches is not None:
             lines.append(f"pipeline microbatches {self.microbatches}"
-                         + (f", schedule {self.schedule}" if self.schedule else ""))
+                         + (f", schedule {self.schedule.replace(':', ' ')}" if self.schedule else ""))
         if self.recompute:
             lines.append("recompute " + ", ".join(f'"{p}"' for p in self.recompute)
                          + f"    # {len(self.recompute_modules)} modules")
@@ -428,13 +428,20 @@ class Resolver:
 
     def check_pipeline(self, f: ast.PlanFile, st: ast.Pipeline) -> tuple[int, str | None]:
         """The microbatch count: a whole number >= 1 dividing the model's batch (the first
-        input's dim 0, as traced), and the schedule (gpipe or 1f1b; it needs a pp axis,
+        input's dim 0, as traced), and the schedule (gpipe, 1f1b or interleaved V; it needs a pp axis,
         checked once the mesh is known)."""
         schedule = st.schedule.lower() if st.schedule is not None else None
-        if schedule is not None and schedule not in ("gpipe", "1f1b"):
-            self.fail(E.NoPipelineStages, f"schedule {st.schedule}: the pipeline runs PyTorch's GPipe "
-                      "or 1F1B schedule (interleaved and zero-bubble schedules are not built yet)",
-                      f, st.line, st.schedule_column, fix="write schedule gpipe or schedule 1f1b")
+        if schedule is not None:
+            from autopar.compiler.errors import InputError
+            from autopar.compiler.stages import parse_schedule
+            try:
+                name, v = parse_schedule(schedule)
+            except InputError:
+                self.fail(E.NoPipelineStages, f"schedule {st.schedule}: the pipeline runs GPipe, 1F1B or "
+                          "interleaved 1F1B with V model chunks per rank (zero-bubble schedules are not "
+                          "built yet)", f, st.line, st.schedule_column,
+                          fix="write schedule gpipe, schedule 1f1b or schedule interleaved 2")
+            schedule = f"{name}:{v}" if name == "interleaved" else name
         n = self.whole(st.microbatches, f, st.line, st.microbatches_column, "the microbatch count",
                        E.BadMicrobatches)
         if n < 1:

@@ -65,7 +65,8 @@ def write_plan(plan: Plan, graph: Graph, activations: str = "modules") -> str:
     pp = getattr(plan, "pipeline", None) or {}
     if getattr(plan, "microbatches", 1) > 1 or pp:
         lines.append(f"pipeline microbatches {plan.microbatches}"
-                     + (f", schedule {pp['schedule']}" if pp else ""))
+                     + (f", schedule {pp['schedule']}" + (f" {pp['virtual']}" if pp.get("virtual", 1) > 1 else "")
+                        if pp else ""))
 
     def section(title: str, kind: str, items: dict[str, PinLayout], universe: list[str],
                 select: Callable[[str], list[str]], layout_of: Callable[[str], PinLayout | None]):

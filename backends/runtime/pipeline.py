@@ -105,147 +105,211 @@ def measured_stage_class():
     return MeasuredStage
 
 
-def PipelineStageOf(model: nn.Module, method: str, mesh, axis: str = "pp"):
-    """This rank's stage: stage index = the rank's coordinate on `axis`, the point-to-point
-    group = its slice of `axis`. A `PipelineStage` under torch.distributed, an `MpiStage`
-    under MPI."""
+def PipelineStageOf(model: nn.Module, method, mesh, axis: str = "pp"):
+    """This rank's stage: `method` names the model's method it runs (stage index = the rank's
+    coordinate on `axis`), or a list of them for an interleaved schedule (model chunk k of
+    the list is stage coordinate + k * size of `axis`). The point-to-point group is the
+    rank's slice of `axis`. `PipelineStage`s under torch.distributed, an `MpiStage` under MPI."""
+    methods = [method] if isinstance(method, str) else list(method)
+    p, me = mesh.size(axis), mesh.coord(axis)
+    modules = [StageModule(model, m) for m in methods]
     if mesh.backend == "mpi":
-        return MpiStage(StageModule(model, method), mesh, axis)
+        return MpiStage(modules, mesh, axis)
     cls = measured_stage_class()
-    return cls(StageModule(model, method), mesh.coord(axis), mesh.size(axis), mesh.device,
-               group=mesh.group(axis), mesh=mesh, axis=axis)
+    stages = [cls(mod, me + k * p, p * len(methods), mesh.device, group=mesh.group(axis), mesh=mesh, axis=axis)
+              for k, mod in enumerate(modules)]
+    return stages[0] if isinstance(method, str) else stages
+
+
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved")
 
 
 def pipeline_schedule(name: str, stage, microbatches: int, loss_fn):
-    """The schedule `name` (gpipe | 1f1b) over `stage`: PyTorch's under torch.distributed,
-    `MpiSchedule` under MPI. Each microbatch's loss is the mean over its part of the batch,
-    so the gradients are divided by the microbatch count (scale_grads): M microbatches of
-    equal size add up to the full batch's step."""
+    """The schedule `name` (gpipe | 1f1b | interleaved, the last over a list of stages) over
+    `stage`: PyTorch's under torch.distributed, `MpiSchedule` under MPI. Each microbatch's
+    loss is the mean over its part of the batch, so after the step the gradients of the
+    rank's parameters are divided by the microbatch count, once each (several chunks of one
+    rank share the model's parameters): M microbatches of equal size add up to the full
+    batch's step."""
     if name not in SCHEDULE_NAMES:
         raise ValueError(f"pipeline schedule {name!r}: use one of {', '.join(SCHEDULE_NAMES)}")
     if isinstance(stage, MpiStage):
         return MpiSchedule(name, stage, microbatches, loss_fn)
-    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
-    cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[name]
-    return cls(stage, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True)
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+    if name == "interleaved":
+        stages = list(stage) if isinstance(stage, (list, tuple)) else [stage]
+        inner = ScheduleInterleaved1F1B(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+    else:
+        stages = [stage]
+        inner = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[name](
+            stage, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+    return ScaledSchedule(inner, stages[0].submod.model, microbatches)
 
 
-SCHEDULE_NAMES = ("gpipe", "1f1b")
+class ScaledSchedule:
+    """A PyTorch schedule whose `step` then divides each parameter's gradient by the
+    microbatch count once (PyTorch's own scale_grads divides per stage, so twice a parameter
+    two chunks of one rank share)."""
+
+    def __init__(self, inner, model: nn.Module, microbatches: int):
+        self.inner, self.model, self.m = inner, model, int(microbatches)
+
+    def step(self, *args, **kwargs):
+        out = self.inner.step(*args, **kwargs)
+        scale_grads(self.model, self.m)
+        return out
 
 
-def schedule_order(name: str, stage: int, stages: int, microbatches: int) -> list[tuple[str, int]]:
-    """The order in which stage `stage` of `stages` runs its microbatches' forwards ("F", i)
-    and backwards ("B", i). GPipe: every forward, then every backward. 1F1B: as many
-    forwards as stages after this one (the warm-up), then one forward and one backward in
-    turn, then the remaining backwards, so at most `stages - stage` microbatches are in
-    flight (PyTorch's Schedule1F1B runs the same order).
+@torch.no_grad()
+def scale_grads(model: nn.Module, m: int) -> None:
+    if m > 1:
+        for p in model.parameters():            # each parameter once (tied names share one)
+            if p.grad is not None:
+                p.grad.div_(m)
+
+
+def schedule_order(name: str, stage: int, stages: int, microbatches: int,
+                   chunks: int = 1) -> list[tuple[str, int, int]]:
+    """The order in which the rank at pp coordinate `stage` of `stages` runs forwards
+    ("F", chunk, microbatch) and backwards ("B", chunk, microbatch) of its model chunks
+    (local index: chunk k is stage `stage + k * stages`; one chunk unless interleaved).
+    GPipe: every forward, then every backward. 1F1B: as many forwards as stages after this
+    one (the warm-up), then one forward and one backward in turn, then the remaining
+    backwards, so at most `stages - stage` microbatches are in flight. Interleaved 1F1B:
+    PyTorch's ScheduleInterleaved1F1B order -- the forwards cycle through the chunks a round
+    of microbatches at a time, the backwards through them in reverse, after a warm-up of
+    (chunks - 1) rounds plus 2 per stage after this one.
 
     >>> schedule_order("1f1b", 0, 2, 3)
-    [('F', 0), ('F', 1), ('B', 0), ('F', 2), ('B', 1), ('B', 2)]
+    [('F', 0, 0), ('F', 0, 1), ('B', 0, 0), ('F', 0, 2), ('B', 0, 1), ('B', 0, 2)]
     """
-    m = microbatches
+    m, p, v = microbatches, stages, chunks
     if name == "gpipe":
-        return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
-    warm = min(stages - 1 - stage, m)
-    order = [("F", i) for i in range(warm)]
-    for i in range(warm, m):
-        order += [("F", i), ("B", i - warm)]
-    return order + [("B", i) for i in range(m - warm, m)]
+        return [("F", 0, i) for i in range(m)] + [("B", 0, i) for i in range(m)]
+    if name == "1f1b":
+        warm = min(p - 1 - stage, m)
+        order = [("F", 0, i) for i in range(warm)]
+        for i in range(warm, m):
+            order += [("F", 0, i), ("B", 0, i - warm)]
+        return order + [("B", 0, i) for i in range(m - warm, m)]
+    per_round = m // max(1, m // p)
+    warm = min((v - 1) * per_round + 2 * (p - 1 - stage), m * v)
+    done = {"F": [0] * v, "B": [0] * v}
 
-
-_FORWARD, _BACKWARD, _SHAPES = 0, 1, 2          # message tags on the pp communicator
+    def op(kind, k):
+        i = done[kind][k]
+        done[kind][k] += 1
+        return (kind, k, i)
+    order = [op("F", (t // per_round) % v) for t in range(warm)]
+    for t in range(warm, m * v):
+        order.append(op("F", (t // per_round) % v))
+        order.append(op("B", v - 1 - ((t - warm) // per_round) % v))
+    for t in range(m * v, m * v + warm):
+        order.append(op("B", v - 1 - ((t - warm) // per_round) % v))
+    return order
 
 
 class MpiStage:
-    """This rank's stage of a pipeline over MPI: its module, its place on `axis` and the
-    communicator of its slice of `axis`. What the previous stage sends (shapes, dtypes,
-    which need a gradient) is learned from one message before the first step's first
-    activation and kept."""
+    """This rank's model chunks of a pipeline over MPI (one unless interleaved: chunk k of
+    `modules` is stage coordinate + k * size of `axis`), its place on `axis` and the
+    communicator of its slice of `axis`. What the previous stage sends each chunk (shapes,
+    dtypes, which need a gradient) is learned from one message before the first step's
+    first activation and kept."""
 
-    def __init__(self, module: StageModule, mesh, axis: str = "pp"):
-        self.submod = module
+    def __init__(self, modules, mesh, axis: str = "pp"):
+        self.modules = list(modules)
         self.mesh, self.axis = mesh, axis
-        self.stage_index, self.num_stages = mesh.coord(axis), mesh.size(axis)
-        self.is_first, self.is_last = self.stage_index == 0, self.stage_index == self.num_stages - 1
+        self.p = mesh.size(axis)
+        self.stage_index = mesh.coord(axis)
+        self.num_stages = self.p * len(self.modules)          # model chunks in all
         self.comm = mesh._comm(axis)
-        self.inputs_meta = None       # [(shape, dtype, requires_grad)] from the previous stage
-        self.outputs_sent = False     # whether the next stage has been told the shapes
+        self.inputs_meta = [None] * len(self.modules)   # per chunk: [(shape, dtype, requires_grad)]
+        self.outputs_sent = [False] * len(self.modules)  # whether the next chunk knows the shapes
+
+    def chunk(self, k: int) -> int:
+        return self.stage_index + k * self.p
 
 
 class MpiSchedule:
-    """A GPipe or 1F1B step over an `MpiStage` (the order: `schedule_order`). Forward: the
-    first stage splits the batch into microbatches (dim 0), the others receive each
-    microbatch's activations (`Irecv`, then wait); the stage's outputs go to the next stage
-    by `Isend`. The last stage computes each microbatch's loss. Backward: the gradients of
-    the outputs come back from the next stage, autograd runs the stage's backward, and the
-    gradients of its inputs go to the previous stage. Sends are waited on at the end of the
-    step; the parameters' gradients are then divided by the microbatch count."""
+    """A GPipe, 1F1B or interleaved 1F1B step over an `MpiStage` (the order:
+    `schedule_order`). Forward: chunk 0 splits the batch into microbatches (dim 0), the
+    others receive each microbatch's activations from the previous chunk's rank (`Irecv`,
+    then wait); a chunk's outputs go to the next chunk's rank by `Isend`. The last chunk
+    computes each microbatch's loss. Backward: the gradients of the outputs come back from
+    the next chunk, autograd runs the chunk's backward, and the gradients of its inputs go
+    to the previous chunk. Messages are tagged by the receiving chunk and direction, so
+    each channel keeps microbatch order. Sends are waited on at the end of the step; the
+    parameters' gradients are then divided by the microbatch count."""
 
     def __init__(self, name: str, stage: MpiStage, n_microbatches: int, loss_fn):
         self.name, self.stage, self.m, self.loss_fn = name, stage, int(n_microbatches), loss_fn
 
     def step(self, *args, target=None, losses=None):
         st, m = self.stage, self.m
-        mesh, axis, comm = st.mesh, st.axis, st.comm
-        me = st.stage_index
+        mesh, axis, comm, p = st.mesh, st.axis, st.comm, st.p
+        last_chunk = st.num_stages - 1
         sends = []                      # (request, buffer) of this step's Isends
-        saved = {}                      # microbatch -> (its inputs, what its backward starts from)
-        chunks = [a.tensor_split(m) for a in args] if st.is_first else None
-        targets = target.tensor_split(m) if st.is_last else None
+        saved = {}                      # (chunk, microbatch) -> (inputs, roots, outputs needing a gradient)
+        chunks = [a.tensor_split(m) for a in args] if st.stage_index == 0 else None
+        targets = target.tensor_split(m) if st.stage_index == last_chunk % p and target is not None else None
 
-        def send(t, dest, tag, phase):
-            sends.append(comm.isend(t, dest, tag))
+        def tag(chunk, what):           # what: 0 activations, 1 gradients, 2 shapes
+            return 3 * chunk + what
+
+        def send(t, chunk, what, phase):
+            sends.append(comm.isend(t, chunk % p, tag(chunk, what)))
             mesh._record("send", axis, t.numel() * t.element_size(), phase)
 
-        def recv(shape, dtype, source, tag, phase):
+        def recv(shape, dtype, chunk, me, what, phase):
             buf = torch.empty(shape, dtype=dtype)
-            comm.irecv(buf, source, tag).Wait()
+            comm.irecv(buf, chunk % p, tag(me, what)).Wait()
             mesh._record("recv", axis, buf.numel() * buf.element_size(), phase)
             return buf.to(mesh.device)
 
-        def forward(i):
-            if st.is_first:
+        def forward(k, i):
+            j = st.chunk(k)
+            if j == 0:
                 ins = tuple(c[i] for c in chunks)
             else:
-                if st.inputs_meta is None:
-                    st.inputs_meta = comm.recv_object(me - 1, _SHAPES)
-                ins = tuple(recv(shape, dtype, me - 1, _FORWARD, "forward").requires_grad_(grad)
-                            for shape, dtype, grad in st.inputs_meta)
-            out = st.submod(*ins)
+                if st.inputs_meta[k] is None:
+                    st.inputs_meta[k] = comm.recv_object((j - 1) % p, tag(j, 2))
+                ins = tuple(recv(shape, dtype, j - 1, j, 0, "forward").requires_grad_(grad)
+                            for shape, dtype, grad in st.inputs_meta[k])
+            out = st.modules[k](*ins)
             outs = out if isinstance(out, tuple) else (out,)
-            if st.is_last:
+            if j == last_chunk:
                 loss = self.loss_fn(*outs, targets[i])
                 if losses is not None:
                     losses.append(loss.detach())
-                saved[i] = (ins, [loss], None)
+                saved[k, i] = (ins, [loss], None)
                 return
-            if not st.outputs_sent:
-                comm.send_object([(tuple(o.shape), o.dtype, o.requires_grad) for o in outs], me + 1, _SHAPES)
-                st.outputs_sent = True
+            if not st.outputs_sent[k]:
+                comm.send_object([(tuple(o.shape), o.dtype, o.requires_grad) for o in outs],
+                                 (j + 1) % p, tag(j + 1, 2))
+                st.outputs_sent[k] = True
             for o in outs:
-                send(o, me + 1, _FORWARD, "forward")
-            saved[i] = (ins, [o for o in outs if o.requires_grad], [o for o in outs if o.requires_grad])
+                send(o, j + 1, 0, "forward")
+            need = [o for o in outs if o.requires_grad]
+            saved[k, i] = (ins, need, need)
 
-        def backward(i):
-            ins, roots, need = saved.pop(i)
+        def backward(k, i):
+            j = st.chunk(k)
+            ins, roots, need = saved.pop((k, i))
             grads = None
             if need is not None:
-                grads = [recv(tuple(o.shape), o.dtype, me + 1, _BACKWARD, "backward") for o in need]
+                grads = [recv(tuple(o.shape), o.dtype, j + 1, j, 1, "backward") for o in need]
             if roots:
                 torch.autograd.backward(roots, grads)
-            if not st.is_first:
+            if j > 0:
                 for x in ins:
                     if x.requires_grad:
-                        send(x.grad if x.grad is not None else torch.zeros_like(x), me - 1, _BACKWARD, "backward")
+                        send(x.grad if x.grad is not None else torch.zeros_like(x), j - 1, 1, "backward")
 
-        for kind, i in schedule_order(self.name, me, st.num_stages, m):
-            (forward if kind == "F" else backward)(i)
+        for kind, k, i in schedule_order(self.name, st.stage_index, p, m, len(st.modules)):
+            (forward if kind == "F" else backward)(k, i)
         for req, _ in sends:
             req.Wait()
-        if m > 1:
-            for p in st.submod.parameters():
-                if p.grad is not None:
-                    p.grad.div_(m)
+        scale_grads(st.modules[0].model, m)
 
 
 def tied_groups(mesh, axis: str, tied: dict) -> dict:
@@ -305,4 +369,4 @@ def first_last(mesh, axis: str) -> tuple[bool, bool]:
 
 
 __all__ = ["stage_grad_order", "reduce_grad_buckets", "keep_stage_params", "StageModule", "PipelineStageOf", "pipeline_schedule",
-           "MpiStage", "MpiSchedule", "schedule_order", "tied_groups", "reduce_tied_grads", "first_last"]
+           "MpiStage", "MpiSchedule", "ScaledSchedule", "schedule_order", "tied_groups", "reduce_tied_grads", "first_last"]
