@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from autopar.compiler import sharding
 from autopar.compiler.sharded import format_bytes
-from autopar.compiler.stages import owned_prefixes, stage_io, stage_traffic, tied, wire_bytes
+from autopar.compiler.stages import block_range, owned_prefixes, stage_io, stage_traffic, tied, wire_bytes
 
 
 def is_pipeline(s) -> bool:
@@ -39,8 +39,9 @@ class PipelineParts:
                  f"coordinate), schedule {pp['schedule']}, {self.m} microbatches per step"]
         for io in self.ios:
             st = io.stage
-            a, b = st.blocks
-            blocks = f"{pp['blocks']}.{a}" if b - a == 1 else f"{pp['blocks']}.{a}-{b - 1}"
+            blocks = block_range(pp["blocks"], st.blocks)
+            if st.index in pp.get("pinned", []):
+                blocks += " (pinned by the plan file)"
             lines.append(f"  stage {st.index}: {blocks}; owns {', '.join(st.modules)}"
                          + (f" (predicted {pp['stage_time'][st.index] * 1e3:.3g} ms fwd+bwd per step)"
                             if pp.get("stage_time") else ""))
