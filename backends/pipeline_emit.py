@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from autopar.compiler import sharding
 from autopar.compiler.sharded import format_bytes
-from autopar.compiler.stages import chunk_coord, owned_prefixes, stage_io, stage_traffic, tied, wire_bytes
+from autopar.compiler.stages import block_range, chunk_coord, owned_prefixes, stage_io, stage_traffic, tied, wire_bytes
 
 
 def is_pipeline(s) -> bool:
@@ -47,8 +47,9 @@ class PipelineParts:
         times = pp.get("stage_time") or []
         for io in self.ios:
             st = io.stage
-            a, b = st.blocks
-            blocks = f"{pp['blocks']}.{a}" if b - a == 1 else f"{pp['blocks']}.{a}-{b - 1}"
+            blocks = block_range(pp["blocks"], st.blocks)
+            if st.index in pp.get("pinned", []):
+                blocks += " (pinned by the plan file)"
             on = f" (on {self.axis}={chunk_coord(st.index, p)})" if self.v > 1 else ""
             lines.append(f"  {'chunk' if self.v > 1 else 'stage'} {st.index}{on}: {blocks}; owns {', '.join(st.modules)}"
                          + (f" (predicted {times[st.index] * 1e3:.3g} ms fwd+bwd per step)"

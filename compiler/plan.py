@@ -42,7 +42,8 @@ class Plan:
     # accumulating gradients (reduced once, after the last)
     microbatches: int = 1
     # pipeline parallelism over the mesh's pp axis (compiler/stages.py): axis, stages,
-    # schedule (gpipe | 1f1b), the block list cut and each stage's block range; empty: none
+    # schedule (gpipe | 1f1b), the block list cut, each stage's block range and the stages
+    # a plan file pinned; empty: none
     pipeline: dict[str, Any] = field(default_factory=dict)
     # training-state checkpoints from a plan file (the program's defaults): directory,
     # every (steps, 0 = only at the end), keep, async, resume (a directory); empty: none

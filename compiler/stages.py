@@ -12,9 +12,16 @@ and the loss head count where they fall.
     >>> [s.blocks for s in stages]                                 # doctest: +SKIP
     [(0, 1), (1, 2)]
 
+A plan file's `stage` statements pin some stages' ranges; the cut balances the other
+stages over the blocks the pins leave between them:
+
+    >>> balanced_ranges([1, 1, 1, 1, 1], 3, pinned={0: (0, 1)})    # doctest: +SKIP
+    [(0, 1), (1, 3), (3, 5)]
+
 The plan keeps the result as `Plan.pipeline`:
 `{"axis": "pp", "stages": p, "schedule": "1f1b", "blocks": "transformer.h",
-"ranges": [[0, 1], [1, 2]], "stage_time": [...]}`.
+"ranges": [[0, 1], [1, 2]], "pinned": [0], "stage_time": [...]}` (`pinned`: the stages a
+plan file fixed).
 """
 from __future__ import annotations
 
@@ -104,9 +111,28 @@ def node_blocks(nodes, kind: str) -> list[int]:
     return out
 
 
-def balanced_ranges(times: Sequence[float], p: int) -> list[tuple[int, int]]:
+def balanced_ranges(times: Sequence[float], p: int,
+                    pinned: dict[int, tuple[int, int]] | None = None) -> list[tuple[int, int]]:
     """Contiguous ranges of `times` (one per block, the pre/post nodes added to the first
-    and last) into `p` parts minimising the largest part; ties go to the earlier cut."""
+    and last) into `p` parts minimising the largest part; ties go to the earlier cut.
+    `pinned` fixes some parts' ranges (stage -> [first, end)); the parts between two pinned
+    ones (or before the first, after the last) are balanced over the blocks between them."""
+    if pinned:
+        out: list[tuple[int, int]] = []
+        k = lo = 0
+        for j in [*sorted(pinned), p]:
+            hi = pinned[j][0] if j < p else len(times)
+            free = j - k                          # stages k..j-1, blocks lo..hi-1 between pins
+            if free > hi - lo or (free == 0 and hi != lo):
+                raise InputError(f"pipeline stage pins {dict(sorted(pinned.items()))} leave blocks "
+                                 f"[{lo}, {hi}) to {free} stage(s) between them; every stage needs "
+                                 "at least one block and every block a stage")
+            if free:
+                out += [(a + lo, b + lo) for a, b in balanced_ranges(times[lo:hi], free)]
+            if j < p:
+                out.append(tuple(pinned[j]))
+                k, lo = j + 1, pinned[j][1]
+        return out
     n = len(times)
     prefix = [0.0]
     for t in times:
@@ -131,10 +157,11 @@ def balanced_ranges(times: Sequence[float], p: int) -> list[tuple[int, int]]:
 
 
 def cut_stages(graph, p: int, node_time: Callable[[int], float] | None = None,
-               ranges: Sequence[Sequence[int]] | None = None) -> list[Stage]:
+               ranges: Sequence[Sequence[int] | None] | None = None) -> list[Stage]:
     """`p` stages of `graph` (any object with .nodes, .params, .outputs; a prepared or a
     sharded graph), cut at block boundaries, balanced by `node_time(i)` (seconds of node i,
-    forward + backward), or at the given block `ranges`."""
+    forward + backward), or at the given block `ranges` (one per stage; a None entry is
+    balanced over the blocks the others leave)."""
     nodes = graph.nodes
     found = block_list(nodes)
     if found is None:
@@ -149,13 +176,20 @@ def cut_stages(graph, p: int, node_time: Callable[[int], float] | None = None,
         raise InputError(f"--mesh pp={p}: more stages than blocks -- {kind} has {nblocks} "
                          f"blocks and each stage needs at least one. Use pp <= {nblocks}.")
     where = node_blocks(nodes, kind)
-    if ranges is None:
+    if ranges is not None and len(ranges) != p:
+        raise InputError(f"{len(ranges)} stage ranges for pp={p}: give one per stage")
+    if ranges is None or any(r is None for r in ranges):
         times = [0.0] * nblocks
         for i, b in enumerate(where):
             t = node_time(i) if node_time is not None else 1.0
             times[min(max(b, 0), nblocks - 1)] += t
-        ranges = balanced_ranges(times, p)
+        pinned = {k: tuple(r) for k, r in enumerate(ranges or []) if r is not None}
+        ranges = balanced_ranges(times, p, pinned)
     ranges = [tuple(r) for r in ranges]
+    if [a for a, _ in ranges] != [0] + [b for _, b in ranges[:-1]] or ranges[-1][1] != nblocks \
+            or any(b <= a for a, b in ranges):
+        raise InputError(f"pipeline stage ranges {[list(r) for r in ranges]}: the stages must cover "
+                         f"the {nblocks} blocks of {kind} in order, each at least one block")
     stages = []
     for k, (a, b) in enumerate(ranges):
         idx = [i for i, w in enumerate(where)
@@ -171,7 +205,7 @@ def cut_stages(graph, p: int, node_time: Callable[[int], float] | None = None,
             if not m:
                 continue
             bb = block_of(m)
-            top = (f"{kind}.{a}" if b - a == 1 else f"{kind}.{a}-{b - 1}") if bb is not None and bb[0] == kind else m
+            top = block_range(kind, (a, b)) if bb is not None and bb[0] == kind else m
             if top not in mods:
                 mods.append(top)
         t = sum(node_time(i) for i in idx) if node_time is not None else 0.0
@@ -280,7 +314,8 @@ def price_pipeline(plan, graph, profile) -> dict:
         acts = sum(node_act[i] for i in idx)            # the whole batch's, this rank's shard
         flight = in_flight(pp["schedule"], r, p, m, v)
         parts = [sum(state.get(n, (0.0, 0.0, 0.0))[j] for n in held) for j in range(3)]
-        rows.append({"stage": r, "time": t, "compute": compute, "in_flight": flight,
+        blocks = [list(c.blocks) for c in mine]
+        rows.append({"stage": r, "blocks": blocks[0] if v == 1 else blocks, "time": t, "compute": compute, "in_flight": flight,
                      "activations": acts * flight / m, "state": sum(parts), "params": parts[0],
                      "grads": parts[1], "optimizer": parts[2], "memory": sum(parts) + acts * flight / m})
     # one microbatch's boundary activations (the largest cut), fp32 as traced
@@ -302,6 +337,7 @@ def price_pipeline(plan, graph, profile) -> dict:
     # the fill / drain path crosses every cut between chunks, forward and backward
     step = slowest * (1 + bubble) + 2 * (p * v - 1) * p2p + tied_t
     out = {"schedule": pp["schedule"], "virtual": v, "stages": p, "microbatches": m, "bubble": bubble,
+           "blocks": pp.get("blocks"), "pinned": list(pp.get("pinned", [])),
            "stage_rows": rows, "p2p_per_microbatch": p2p, "boundary_bytes": cut_bytes,
            "tied_all_reduce": tied_t, "unpipelined_step": pp["unpipelined_step"], "step_time": step,
            "microbatches_tried": pp.get("microbatches_tried")}
@@ -340,13 +376,25 @@ def pipeline_lines(c: dict) -> list[str]:
         out.append("  microbatches compared (predicted step): " + ", ".join(
             f"{m}: {format_time(t)}" for m, t in c["microbatches_tried"].items()))
     for r in c["stage_rows"]:
-        out.append(f"  stage {r['stage']}: {format_time(r['time'])} per step (compute {format_time(r['compute'])}), "
+        cut = ""
+        if c.get("blocks") and r.get("blocks") and v > 1:        # the rank's chunks
+            cut = f" ({', '.join(block_range(c['blocks'], b) for b in r['blocks'])})"
+        elif c.get("blocks") and r.get("blocks"):
+            cut = f" ({block_range(c['blocks'], r['blocks'])}, " \
+                  f"{'pinned' if r['stage'] in c.get('pinned', []) else 'balanced'})"
+        out.append(f"  stage {r['stage']}{cut}: {format_time(r['time'])} per step (compute {format_time(r['compute'])}), "
                    f"memory {format_bytes(r['memory'])} (state {format_bytes(r['state'])}, activations of "
                    f"{r['in_flight']:.3g} microbatch(es) in flight {format_bytes(r['activations'])})")
     out.append(f"  step = slowest stage x (1 + bubble) + {'2(pv-1)' if v > 1 else '2(p-1)'} sends of {format_bytes(c['boundary_bytes'])} "
                f"({format_time(c['p2p_per_microbatch'])} each) + tied-weight all_reduce "
                f"{format_time(c['tied_all_reduce'])} = {format_time(c['step_time'])}")
     return out
+
+
+def block_range(kind: str, blocks) -> str:
+    """`transformer.h.0` for one block, `transformer.h.0-2` for [0, 3)."""
+    a, b = blocks
+    return f"{kind}.{a}" if b - a == 1 else f"{kind}.{a}-{b - 1}"
 
 
 def pp_profile(name):
@@ -399,7 +447,8 @@ def pipeline_plan(graph, mesh: dict[str, int], search: Callable, profile, schedu
                   ranges=None):
     """The plan for a mesh with a pp axis: the search over the other axes (the intra-stage
     plan, one for every stage), lifted over pp, with the stages cut and balanced by its
-    per-node times."""
+    per-node times. `ranges` (one [first, end) block range or None per stage) pins the
+    stages that have one; the others are balanced around them."""
     p = mesh[PP_AXIS]
     if p < 2:
         raise InputError(f"--mesh pp={p}: one pipeline stage is no pipeline; drop the pp axis or use pp >= 2")
@@ -409,6 +458,10 @@ def pipeline_plan(graph, mesh: dict[str, int], search: Callable, profile, schedu
         raise InputError(f"--mesh pp={p} --schedule interleaved:{v}: {p * v} model chunks (pp x chunks per "
                          f"rank) but {found[0]} has {len(found[1])} blocks, and each chunk needs one; use "
                          f"interleaved:{max(1, len(found[1]) // p)} or fewer, or schedule 1f1b")
+    if v > 1 and any(r is not None for r in ranges or []):
+        raise InputError(f"stage pins with schedule interleaved {v}: a pin names the blocks of one pp "
+                         f"coordinate's stage, and the interleaved schedule cuts pp x {v} chunks; drop the "
+                         "stage statements or pin under schedule 1f1b / gpipe")
     intra = {a: n for a, n in mesh.items() if a != PP_AXIS}
     # ZeRO is not run under a pipeline yet: the search keeps stage 0
     plan = search(graph, intra, zero=0)
@@ -421,6 +474,7 @@ def pipeline_plan(graph, mesh: dict[str, int], search: Callable, profile, schedu
     plan.pipeline = {"axis": PP_AXIS, "stages": p, "virtual": v, "schedule": schedule or "1f1b",
                      "blocks": block_list(graph.nodes)[0],
                      "ranges": [list(s.blocks) for s in stages],
+                     "pinned": [k for k, r in enumerate(ranges or []) if r is not None],
                      "stage_time": [s.time for s in stages], "profile": profile.name}
     choose_microbatches(plan, graph, profile)
     return plan
@@ -710,4 +764,4 @@ def tied(ios: list[StageIO], s) -> dict[str, list[int]]:
 
 
 __all__ = ["parse_schedule", "chunk_coord", "in_flight", "StageIO", "stage_io", "stage_traffic", "wire_bytes", "owned_prefixes", "tied", "PP_AXIS", "SCHEDULES", "Stage", "cut_stages", "balanced_ranges", "owners",
-           "pipeline_plan", "lift_plan", "stage_node_times", "block_list", "node_blocks"]
+           "pipeline_plan", "lift_plan", "stage_node_times", "block_list", "node_blocks", "block_range"]

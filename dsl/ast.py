@@ -181,9 +181,11 @@ class Pipeline(Statement):
 
 @dataclass(frozen=True, kw_only=True)
 class Stage(Statement):
-    """`stage N "pattern", ...`: modules pinned to pipeline stage N."""
+    """`stage N "pattern", ...`: the blocks the patterns select pinned to pipeline stage N
+    (the index as written)."""
     index: str
-    patterns: tuple[str, ...]
+    index_column: int
+    patterns: tuple[Pattern, ...]
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Semantic checks of a plan file against a traced model, producing a `PlanSpec`: the
 normalised plan the search reads (mesh, device, memory limit, ZeRO, objective, pins,
-recompute patterns).
+recompute patterns, pipeline stage pins).
 
     >>> spec = resolve(load_plan("examples/plans/megatron_gpt.plan"), graph)   # doctest: +SKIP
     >>> spec.pins[0]                                                         # doctest: +SKIP
@@ -20,8 +20,8 @@ from autopar.compiler.ir import Graph, Value
 from autopar.compiler.sharding import Pin, format_mesh
 from autopar.dsl import ast
 from autopar.dsl import errors as E
-from autopar.dsl.emit import checkpoint_lines, overlap_line
-from autopar.compiler.patterns import PatternError, closest, generalize, model_index
+from autopar.dsl.emit import checkpoint_lines, overlap_line, stage_lines
+from autopar.compiler.patterns import PatternError, block_of, closest, generalize, model_index
 
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15,
          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "PiB": 2**50}
@@ -64,9 +64,19 @@ class PlanSpec:
     overlap: dict = field(default_factory=dict)
     microbatches: int | None = None            # None: no pipeline statement (one microbatch)
     schedule: str | None = None                # pipeline schedule over the pp axis (gpipe | 1f1b | interleaved:V)
+    # `stage` pins: stage -> its [first, end) range of the blocks of module list `blocks`
+    stages: dict[int, tuple[int, int]] = field(default_factory=dict)
+    blocks: str | None = None
 
     def pin(self, value: str) -> Pin | None:
         return next((p for p in self.pins if p.value == value), None)
+
+    def stage_ranges(self) -> list[tuple[int, int] | None] | None:
+        """One entry per pp stage: its pinned block range, or None (the cut balances it);
+        None without stage pins. What `compiler.stages.pipeline_plan(ranges=...)` reads."""
+        if not self.stages:
+            return None
+        return [self.stages.get(k) for k in range(self.mesh["pp"])]
 
     def format(self) -> str:
         """The normalised plan: a valid plan file with one line per pinned value."""
@@ -86,6 +96,8 @@ class PlanSpec:
         if self.microbatches is not None:
             lines.append(f"pipeline microbatches {self.microbatches}"
                          + (f", schedule {self.schedule.replace(':', ' ')}" if self.schedule else ""))
+        if self.stages:
+            lines += stage_lines(self.blocks, self.stages)
         if self.recompute:
             lines.append("recompute " + ", ".join(f'"{p}"' for p in self.recompute)
                          + f"    # {len(self.recompute_modules)} modules")
@@ -147,11 +159,6 @@ class Resolver:
             if isinstance(st, (ast.Mesh, ast.Device, ast.Memory, ast.Zero, ast.Objective,
                                ast.Checkpoint, ast.Resume, ast.Pipeline)):
                 self.setting(f, st)
-            elif isinstance(st, ast.Stage):
-                self.fail(E.NoPipelineStages, "stage pins are not supported yet: the pipeline stages "
-                          "of a pp axis are cut at block boundaries and balanced by the cost model",
-                          f, st.line, st.column,
-                          fix="remove the stage statement (a mesh with a pp axis cuts the stages itself)")
         mesh = self.resolve_mesh(cli_mesh)
         spec = PlanSpec(mesh=mesh, files=self.plan.files())
         self.mesh = mesh
@@ -175,6 +182,9 @@ class Resolver:
             self.check_stages(mesh)
         elif "pp" in mesh:
             self.check_stages(mesh)
+        pinned = [(f, st) for f, st in statements if isinstance(st, ast.Stage)]
+        if pinned:
+            spec.blocks, spec.stages = self.resolve_stage_pins(mesh, pinned)
         spec.overlap = self.resolve_overlap([(f, st) for f, st in statements if isinstance(st, ast.Overlap)])
 
         self.pins: dict[str, dict[str, tuple[str | None, str, ast.PlanFile, ast.Located]]] = {}
@@ -425,6 +435,109 @@ class Resolver:
             self.fail(E.NoPipelineStages, f"pp={mesh['pp']}: more stages than blocks ({what}; a stage "
                       "holds at least one whole block)", f, line, col,
                       fix=f"use pp={max(1, blocks)} or fewer" if blocks else "drop the pp axis")
+
+    def resolve_stage_pins(self, mesh, pinned) -> tuple[str, dict[int, tuple[int, int]]]:
+        """The module list of blocks and stage -> [first, end) block range the `stage`
+        statements pin. Each stage's blocks must be one run, the stages in order, every
+        block between two pinned stages in a stage, and every unpinned stage left a block."""
+        from autopar.compiler.stages import block_list, block_range
+        f0, st0 = pinned[0]
+        if "pp" not in mesh:
+            self.fail(E.StageWithoutPp, f"stage {st0.index} pins blocks to a pipeline stage, and the "
+                      f"mesh {format_mesh(mesh)} has no pp axis", f0, st0.line, st0.column,
+                      fix="add a pp axis to the mesh (mesh pp=2, ...), or remove the stage statements")
+        p = mesh["pp"]
+        kind, indices = block_list(self.graph.nodes)       # check_stages: pp <= blocks
+        nblocks = len(indices)
+        owner: dict[int, tuple[int, ast.PlanFile, ast.Pattern]] = {}    # block -> its stage's pin
+        first: dict[int, tuple[ast.PlanFile, ast.Stage]] = {}           # stage -> its first statement
+        for f, st in pinned:
+            k = self.whole(st.index, f, st.line, st.index_column, "the stage number", E.StageOutOfRange)
+            if k >= p:
+                self.fail(E.StageOutOfRange, f"stage {k}: the mesh's pp={p} has stages 0 to {p - 1}",
+                          f, st.line, st.index_column,
+                          fix=f"number the stages 0 to {p - 1}, or give the mesh pp={k + 1} or more")
+            first.setdefault(k, (f, st))
+            for pat in st.patterns:
+                for b in self.stage_blocks(f, pat, kind, k):
+                    if b in owner and owner[b][0] != k:
+                        k0, f1, pat1 = owner[b]
+                        self.fail(E.StageOverlap, f"{kind}.{b} is pinned to stage {k} here and to stage "
+                                  f"{k0} at {self.where(f1, pat1)}", f, pat.line, pat.column,
+                                  fix="pin each block to one stage")
+                    owner.setdefault(b, (k, f, pat))
+        ranges: dict[int, tuple[int, int]] = {}
+        for k in sorted(first):
+            mine = sorted(b for b, (j, _, _) in owner.items() if j == k)
+            a, b = mine[0], mine[-1] + 1
+            if len(mine) != b - a:
+                hole = next(i for i in range(a, b) if i not in mine)
+                _, f, pat = owner[next(i for i in mine if i > hole)]
+                self.fail(E.StageNotContiguous, f"stage {k} is pinned {kind}.{a} and {kind}.{b - 1} but "
+                          f"not {kind}.{hole} between them: a stage runs one contiguous range of blocks",
+                          f, pat.line, pat.column,
+                          fix=f'pin {kind}.{hole} to stage {k} too, or move the blocks after it to a later stage')
+            ranges[k] = (a, b)
+        order = sorted(ranges)
+        for j, k in zip(order, order[1:]):
+            if ranges[k][0] < ranges[j][1]:
+                f, st = first[k]
+                self.fail(E.StagesOutOfOrder, f"stage {k} is pinned {block_range(kind, ranges[k])}, before "
+                          f"stage {j}'s {block_range(kind, ranges[j])}: the stages run the blocks in order",
+                          f, st.line, st.column,
+                          fix=f"pin stage {k} to blocks after {kind}.{ranges[j][1] - 1}, or swap the two "
+                              "stage numbers")
+        # the blocks between two pinned stages go to the unpinned stages between them
+        prev, end = -1, 0
+        for k in [*order, p]:
+            start = ranges[k][0] if k < p else nblocks
+            f, st = first[k] if k < p else first[prev]
+            free = k - prev - 1                      # unpinned stages between
+            if free == 0 and start > end:
+                left = block_range(kind, (end, start))
+                where = (f"between stage {prev} ({block_range(kind, ranges[prev])}) and stage {k}"
+                         if 0 <= prev and k < p else f"before stage {k}" if k < p else f"after stage {prev}")
+                beside = [str(j) for j in (prev, k) if 0 <= j < p]
+                self.fail(E.StageGap, f"{left} would run on no stage: it lies {where} (the stages run "
+                          f"the blocks in order, stage 0 from {kind}.0, stage {p - 1} through "
+                          f"{kind}.{nblocks - 1})", f, st.line, st.column,
+                          fix=f"pin {left} to stage {' or '.join(beside)}")
+            if free > start - end:
+                empty = prev + 1 + (start - end)
+                self.fail(E.EmptyStage, f"stage {empty} would have no block: the pins leave "
+                          + (f"{block_range(kind, (end, start))}" if start > end else "no block")
+                          + f" to stage{'s' if free > 1 else ''} {prev + 1}"
+                          + (f" to {k - 1}" if free > 1 else ""), f, st.line, st.column,
+                          fix=f"leave at least {free} block(s) to the unpinned stages (each stage needs one), "
+                              "or pin fewer blocks")
+            if k < p:
+                prev, end = k, ranges[k][1]
+        return kind, ranges
+
+    def stage_blocks(self, f: ast.PlanFile, pat: ast.Pattern, kind: str, k: int) -> list[int]:
+        """The blocks of `kind` a stage pattern selects: whole blocks only."""
+        whole, part = set(), {}
+        for m in self.select_modules(f, pat):
+            b = block_of(m)
+            if b is None or b[0] != kind:
+                holds = m == kind or kind.startswith(m + ".")
+                self.fail(E.StageNotABlock, f'"{pat.text}" selects {m}, '
+                          + (f"which holds the blocks of {kind}" if holds else f"which is not a block of {kind}")
+                          + ": stage pins name blocks", f, pat.line, pat.column,
+                          fix=f'name the blocks: stage {k} "{kind}.0" or "{kind}.[0-3]"'
+                              + ("" if holds else "; the modules before the first block run on stage 0, "
+                                                  "those after the last on the last stage"))
+            i = int(b[1].rsplit(".", 1)[1])
+            if m == b[1]:
+                whole.add(i)
+            else:
+                part.setdefault(i, m)
+        for i, m in sorted(part.items()):
+            if i not in whole:
+                self.fail(E.StageSplitsBlock, f'"{pat.text}" selects {m}, part of block {kind}.{i}: '
+                          "a stage holds whole blocks", f, pat.line, pat.column,
+                          fix=f'pin the whole block: stage {k} "{kind}.{i}"')
+        return sorted(whole)
 
     def check_pipeline(self, f: ast.PlanFile, st: ast.Pipeline) -> tuple[int, str | None]:
         """The microbatch count: a whole number >= 1 dividing the model's batch (the first

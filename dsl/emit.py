@@ -67,6 +67,8 @@ def write_plan(plan: Plan, graph: Graph, activations: str = "modules") -> str:
         lines.append(f"pipeline microbatches {plan.microbatches}"
                      + (f", schedule {pp['schedule']}" + (f" {pp['virtual']}" if pp.get("virtual", 1) > 1 else "")
                         if pp else ""))
+    if pp.get("pinned"):          # the stages a plan file pinned (the others are balanced again)
+        lines += stage_lines(pp["blocks"], {k: pp["ranges"][k] for k in pp["pinned"]})
 
     def section(title: str, kind: str, items: dict[str, PinLayout], universe: list[str],
                 select: Callable[[str], list[str]], layout_of: Callable[[str], PinLayout | None]):
@@ -112,6 +114,13 @@ def checkpoint_lines(c: dict) -> list[str]:
     if c.get("resume"):
         lines.append(f'resume from "{c["resume"]}"')
     return lines
+
+
+def stage_lines(blocks: str, ranges: dict) -> list[str]:
+    """One `stage` statement per pinned stage: `ranges` maps a stage to its [first, end)
+    range of the blocks of module list `blocks`, each block written by name."""
+    return [f"stage {k} " + ", ".join(f'"{blocks}.{i}"' for i in range(a, b))
+            for k, (a, b) in sorted(ranges.items())]
 
 
 def overlap_line(o: dict) -> str:

@@ -256,7 +256,7 @@ class UnknownParameter(PlanFileError):
 
 
 class UnknownModule(PlanFileError):
-    """An `output of` / `recompute` pattern that matches no module path of the model."""
+    """An `output of` / `recompute` / `stage` pattern that matches no module path of the model."""
 
 
 class UnknownInput(PlanFileError):
@@ -296,8 +296,49 @@ class BadMicrobatches(PlanFileError):
 
 
 class NoPipelineStages(PlanFileError):
-    """A pipeline schedule or stage pin: stages over a pp axis are not built yet."""
+    """A pipeline the mesh cannot cut into stages: a schedule without a pp axis, a schedule
+    autopar does not run (interleaved, zero-bubble), or more stages than the model has blocks."""
 
+
+# `stage N "pattern"` pins whole blocks of the model's module list of repeated blocks to
+# pipeline stage N; the cut balances the other stages around the pinned ones.
+
+class StageWithoutPp(PlanFileError):
+    """A `stage` pin on a mesh with no pp axis (nothing to pin the blocks to)."""
+
+
+class StageOutOfRange(PlanFileError):
+    """`stage N` with N not a whole number below the pp axis's size."""
+
+
+class StageNotABlock(PlanFileError):
+    """A stage pattern selecting a module that is not one of the repeated blocks (the
+    embedding or head, which go with the first and last stage, or the list holding them)."""
+
+
+class StageSplitsBlock(PlanFileError):
+    """A stage pattern selecting part of a block (`transformer.h.0.attn`): stages hold whole blocks."""
+
+
+class StageNotContiguous(PlanFileError):
+    """One stage pinned to blocks with a gap between them: a stage runs one contiguous range."""
+
+
+class StagesOutOfOrder(PlanFileError):
+    """Stage pins whose blocks are not in stage order (stage 1 before stage 0's blocks)."""
+
+
+class StageOverlap(PlanFileError):
+    """A block pinned to two stages."""
+
+
+class StageGap(PlanFileError):
+    """Blocks the pins leave to no stage: between two consecutive pinned stages, before
+    stage 0's or after the last stage's."""
+
+
+class EmptyStage(PlanFileError):
+    """Pins that leave a stage without a block (each stage needs at least one)."""
 
 
 

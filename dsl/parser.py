@@ -288,7 +288,8 @@ class ToAst(Transformer):
         return ("schedule", ch)
 
     def stage(self, meta, ch):
-        return ast.Stage(index=str(ch[0]), patterns=tuple(unquote(t) for t in ch[1:]),
+        pats = tuple(ast.Pattern(text=unquote(t), line=t.line, column=t.column) for t in ch[1:])
+        return ast.Stage(index=str(ch[0]), index_column=ch[0].column, patterns=pats,
                          line=meta.line, column=meta.column, written=self.written(meta))
 
 

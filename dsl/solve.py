@@ -53,6 +53,7 @@ def search_with(spec: PlanSpec, graph: Graph, device: str | DeviceProfile | None
         elif key not in ("zero", "dp_axis", "memory_limit") or kw[key] is None:
             kw[key] = value
     if "pp" in spec.mesh:        # a pipeline: the search over the other axes, stages cut after
+        # (at the file's stage pins, the other stages balanced around them)
         from autopar.compiler.stages import pipeline_plan
         from autopar.compiler.cluster import DeviceProfile, load_profile
         profile = spec.device or device or "cpu"
@@ -66,7 +67,7 @@ def search_with(spec: PlanSpec, graph: Graph, device: str | DeviceProfile | None
                       for p in kw["pins"]]
         plan = pipeline_plan(graph, spec.mesh, lambda g, m, **more: search(g, m, profile, **{
             **kw, **more, "pins": kw["pins"] + list(more.get("pins", []))}),
-                             profile, schedule=spec.schedule)
+                             profile, schedule=spec.schedule, ranges=spec.stage_ranges())
     else:
         plan = search(graph, spec.mesh, spec.device or device or "cpu", **kw)
     plan.constraints = list(spec.constraints)

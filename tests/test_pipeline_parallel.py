@@ -36,6 +36,12 @@ def test_balanced_ranges_minimise_the_largest_stage():
     assert balanced_ranges([1, 1, 1, 3], 2) == [(0, 3), (3, 4)]
     assert balanced_ranges([5, 1, 1, 1], 2) == [(0, 1), (1, 4)]
     assert balanced_ranges([1, 2, 3, 4, 5], 3) == [(0, 3), (3, 4), (4, 5)]
+    # pinned stages keep their ranges; the others are balanced over the blocks between
+    assert balanced_ranges([1, 1, 1, 1, 1], 3, pinned={0: (0, 1)}) == [(0, 1), (1, 3), (3, 5)]
+    assert balanced_ranges([1, 1, 1, 1, 1], 3, pinned={1: (1, 4)}) == [(0, 1), (1, 4), (4, 5)]
+    assert balanced_ranges([1, 1, 1, 1], 2, pinned={0: (0, 3), 1: (3, 4)}) == [(0, 3), (3, 4)]
+    with pytest.raises(InputError, match="every stage needs at least one block"):
+        balanced_ranges([1, 1], 2, pinned={0: (0, 2)})
 
 
 def test_stages_cut_at_block_boundaries_with_embedding_first_and_head_last(gpt4):
@@ -342,7 +348,6 @@ def test_plan_file_interleaved_schedule_reaches_the_plan():
      "zero-bubble schedules are not"),
     ("mesh pp=2\npipeline microbatches 2, schedule interleaved 1\n", "NoPipelineStages", "2:26",
      "interleaved 1F1B with V"),
-    ('mesh pp=2\nstage 0 "transformer.h.0"\n', "NoPipelineStages", "2:1", "stage pins are not supported"),
 ])
 def test_plan_file_pipeline_errors_name_file_line_column(gpt2, text, cls, where, words):
     from autopar.dsl import errors as E
@@ -351,6 +356,81 @@ def test_plan_file_pipeline_errors_name_file_line_column(gpt2, text, cls, where,
         resolve(parse_plan(text), gpt2)
     msg = str(info.value)
     assert f"<string>:{where}" in msg and words in msg, msg
+
+
+def test_plan_file_stage_pins_fix_the_cut(gpt4):
+    """`stage` pins give exactly the pinned ranges; unpinned stages are balanced around them,
+    and the explanation, the normalised file and write_plan say which stages were pinned."""
+    from autopar.compiler.stages import pipeline_lines
+    from autopar.dsl import parse_plan, resolve, search_with, write_plan
+    _, _, g = gpt4
+    # both stages pinned, against the balanced cut ([0, 2], [2, 4] on four equal blocks)
+    spec = resolve(parse_plan('mesh pp=2\nstage 0 "transformer.h.[0-2]"\nstage 1 "transformer.h.3"\n'), g)
+    assert spec.stages == {0: (0, 3), 1: (3, 4)}
+    plan = search_with(spec, g, deterministic=True, time_limit=3)
+    assert plan.pipeline["ranges"] == [[0, 3], [3, 4]] and plan.pipeline["pinned"] == [0, 1]
+    # stage 0 alone pinned on pp=3: stages 1 and 2 balanced over blocks 1..3
+    text = 'mesh pp=3\npipeline microbatches 2, schedule 1f1b\nstage 0 "transformer.h.0"\n'
+    spec = resolve(parse_plan(text), g)
+    assert spec.stage_ranges() == [(0, 1), None, None]
+    assert 'stage 0 "transformer.h.0"\n' in spec.format()
+    plan = search_with(spec, g, deterministic=True, time_limit=3)
+    ranges = plan.pipeline["ranges"]
+    assert ranges[0] == [0, 1] and ranges[1][0] == 1 and ranges[2][1] == 4 and ranges[1][1] == ranges[2][0]
+    assert plan.pipeline["pinned"] == [0]
+    lines = "\n".join(pipeline_lines(plan.cost["pipeline"]))
+    assert "stage 0 (transformer.h.0, pinned):" in lines, lines
+    assert re.search(r"stage 1 \(transformer\.h\.1(-\d)?, balanced\):", lines), lines
+    written = write_plan(plan, g)
+    assert '\nstage 0 "transformer.h.0"\n' in written and "stage 1" not in written
+    assert resolve(parse_plan(written), g).stages == {0: (0, 1)}
+
+
+@pytest.mark.parametrize("text,cls,where,words", [
+    ('mesh dp=2\nstage 0 "transformer.h.0"\n', "StageWithoutPp", "2:1", "has no pp axis"),
+    ('mesh pp=2\nstage 2 "transformer.h.0"\n', "StageOutOfRange", "2:7", "has stages 0 to 1"),
+    ('mesh pp=2\nstage 0 "transformer.h.9"\n', "UnknownModule", "2:9", 'did you mean "transformer.h.'),
+    ('mesh pp=2\nstage 0 "lm_head"\n', "StageNotABlock", "2:9", "not a block of transformer.h"),
+    ('mesh pp=2\nstage 0 "transformer.h.0.attn"\n', "StageSplitsBlock", "2:9",
+     "part of block transformer.h.0"),
+    ('mesh pp=2\nstage 0 "transformer.h.0", "transformer.h.2"\n', "StageNotContiguous", "2:28",
+     "but not transformer.h.1"),
+    ('mesh pp=2\nstage 0 "transformer.h.2"\nstage 1 "transformer.h.0"\n', "StagesOutOfOrder", "3:1",
+     "before stage 0's transformer.h.2"),
+    ('mesh pp=2\nstage 0 "transformer.h.[0-1]"\nstage 1 "transformer.h.1"\n', "StageOverlap", "3:9",
+     "pinned to stage 1 here and to stage 0 at <string>:2:9"),
+    ('mesh pp=2\nstage 0 "transformer.h.[0-1]"\nstage 1 "transformer.h.3"\n', "StageGap", "3:1",
+     "transformer.h.2 would run on no stage"),
+    ('mesh pp=2\nstage 0 "transformer.h.1"\n', "StageGap", "2:1", "lies before stage 0"),
+    ('mesh pp=3\nstage 0 "transformer.h.[0-1]"\nstage 2 "transformer.h.[2-3]"\n', "EmptyStage", "3:1",
+     "stage 1 would have no block"),
+    ('mesh pp=5\nstage 0 "transformer.h.0"\n', "NoPipelineStages", "1:6", "more stages than blocks"),
+])
+def test_plan_file_stage_pin_errors_name_file_line_column(gpt4, text, cls, where, words):
+    from autopar.dsl import errors as E
+    from autopar.dsl import parse_plan, resolve
+    with pytest.raises(getattr(E, cls)) as info:
+        resolve(parse_plan(text), gpt4[2])
+    msg = str(info.value)
+    assert f"<string>:{where}: {cls}:" in msg and words in msg, msg
+    assert "\n  fix: " in msg
+
+
+def test_pp2_stage_pin_launch_runs_the_pinned_cut(tmp_path):
+    """A plan file pinning the first of four blocks to stage 0: the program runs that cut
+    (its header says so) and matches the single-device run."""
+    import json
+    plan = tmp_path / "pinned.plan"
+    plan.write_text('mesh pp=2\npipeline microbatches 2, schedule 1f1b\nstage 0 "transformer.h.0"\n')
+    rc, out = _run(["run", "tests/models/gpt_layers.py:four", "--plan", str(plan), "--steps", "2",
+                    "--check", "-o", str(tmp_path / "prog")])
+    assert rc == 0, out
+    assert "check: ok" in out
+    saved = json.loads(next((tmp_path / "prog").glob("*.plan.json")).read_text())
+    assert saved["pipeline"]["ranges"] == [[0, 1], [1, 4]] and saved["pipeline"]["pinned"] == [0]
+    src = next((tmp_path / "prog").glob("*.py")).read_text()
+    assert "stage 0: transformer.h.0 (pinned by the plan file); owns" in src
+    assert "stage 1: transformer.h.1-3; owns" in src
 
 
 def test_pp2_tp2_plan_file_launch_matches_one_device():
