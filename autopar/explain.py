@@ -57,8 +57,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int,
                    help="batch size: passed as batch=N to the SPEC function (it must take a batch argument)")
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="fix the ZeRO stage (default: searched)")
-    from autopar.run import _schedule
-    p.add_argument("--schedule", type=_schedule, default=None, metavar="{gpipe,1f1b,interleaved[:V]}",
+    from autopar.compiler.stages import schedule_arg
+    p.add_argument("--schedule", type=schedule_arg, default=None, metavar="{gpipe,1f1b,interleaved[:V]}",
                    help="pipeline schedule the plan is priced and cut for, with a pp axis (default 1f1b)")
     p.add_argument("--time-limit", type=float, default=10.0, help="solver time limit in seconds per mesh (default 10)")
     p.add_argument("--deterministic", action="store_true", help="one solver worker, fixed seed: same plan every run")

@@ -278,22 +278,13 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--microbatches", type=int, default=None, metavar="M",
                    help="run each step's batch as M microbatches, gradients accumulated (the "
                         "batch each rank holds must divide by M)")
-    p.add_argument("--schedule", type=_schedule, default=None, metavar="{gpipe,1f1b,interleaved[:V]}",
+    from autopar.compiler.stages import schedule_arg
+    p.add_argument("--schedule", type=schedule_arg, default=None, metavar="{gpipe,1f1b,interleaved[:V]}",
                    help="pipeline schedule of a mesh with a pp axis (default 1f1b); interleaved runs V "
                         "model chunks per rank (default 2)")
     p.add_argument("--weights", metavar="FILE.safetensors",
                    help="start from these weights: a single-device state dict under the model's own "
                         "names (a Hugging Face model.safetensors, `autopar checkpoint consolidate`)")
-
-
-def _schedule(text: str) -> str:
-    from autopar.compiler.errors import InputError
-    from autopar.compiler.stages import parse_schedule
-    try:
-        name, v = parse_schedule(text)
-    except InputError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return f"{name}:{v}" if name == "interleaved" else name
 
 
 def add_emit_args(p: argparse.ArgumentParser) -> None:

@@ -220,13 +220,9 @@ class PipelineParts:
         w(f'mesh = rt.init_mesh(MESH, backend="{backend.runtime}", device=args.device)', 1)
         w("full, example = rt.load_init(args.init)  # safetensors: nothing is unpickled", 1)
         w(f'stage = mesh.coord("{axis}")  # this rank runs pipeline stage `stage`', 1)
-        if self.v > 1:
-            w('chunks = [c for c in STAGES if c["coord"] == stage]  # its model chunks, in order', 1)
+        w('chunks = [c for c in STAGES if c["coord"] == stage]  # its model chunks, in order', 1)
         w(f"model = {cls}(mesh)", 1)
-        if self.v > 1:
-            w('elsewhere = rt.keep_stage_params(model, [o for c in chunks for o in c["owns"]])  # drop the other ranks\' parameters', 1)
-        else:
-            w('elsewhere = rt.keep_stage_params(model, STAGES[stage]["owns"])  # drop the other stages\' parameters', 1)
+        w('elsewhere = rt.keep_stage_params(model, [o for c in chunks for o in c["owns"]])  # drop the other ranks\' parameters', 1)
         w("model.load_full_state_dict(full)", 1)
         w("model.to(mesh.device)", 1)
         inputs = ", ".join(names[v] for v in s.inputs)
@@ -271,7 +267,7 @@ class PipelineParts:
             w(f"# {len(self.ios)}); the schedule alternates between them, chunk by chunk", 1)
             w(f'pipe = rt.PipelineStageOf(model, [c["forward"] for c in chunks], mesh, "{axis}")', 1)
         else:
-            w(f'pipe = rt.PipelineStageOf(model, STAGES[stage]["forward"], mesh, "{axis}")', 1)
+            w(f'pipe = rt.PipelineStageOf(model, chunks[0]["forward"], mesh, "{axis}")', 1)
         w("schedule = rt.pipeline_schedule(args.schedule, pipe, args.microbatches, loss_fn=model.loss)", 1)
         w(f'tied = rt.tied_groups(mesh, "{axis}", TIED)  # the ranks of each tied weight\'s stages', 1)
         w(f'first, last = stage == 0, stage == mesh.size("{axis}") - 1', 1)

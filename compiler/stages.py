@@ -57,6 +57,20 @@ def parse_schedule(text: str | None) -> tuple[str | None, int]:
     return name, int(v)
 
 
+def format_schedule(name: str, v: int = 1) -> str:
+    """The schedule as the plan and the flags carry it: `interleaved:V`, or the name."""
+    return f"{name}:{v}" if name == "interleaved" else name
+
+
+def schedule_arg(text: str) -> str:
+    """argparse type of --schedule: parse_schedule's check, the normalised text back."""
+    import argparse
+    try:
+        return format_schedule(*parse_schedule(text))
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def chunk_coord(chunk: int, p: int) -> int:
     """The pp coordinate that runs model chunk `chunk` of a pipeline over `p` ranks: chunk j
     on rank j mod p (one chunk per rank unless interleaved, v chunks j, j+p, ... on rank j)."""
@@ -763,5 +777,5 @@ def tied(ios: list[StageIO], s) -> dict[str, list[int]]:
     return out
 
 
-__all__ = ["parse_schedule", "chunk_coord", "in_flight", "StageIO", "stage_io", "stage_traffic", "wire_bytes", "owned_prefixes", "tied", "PP_AXIS", "SCHEDULES", "Stage", "cut_stages", "balanced_ranges", "owners",
+__all__ = ["parse_schedule", "format_schedule", "schedule_arg", "chunk_coord", "in_flight", "StageIO", "stage_io", "stage_traffic", "wire_bytes", "owned_prefixes", "tied", "PP_AXIS", "SCHEDULES", "Stage", "cut_stages", "balanced_ranges", "owners",
            "pipeline_plan", "lift_plan", "stage_node_times", "block_list", "node_blocks", "block_range"]

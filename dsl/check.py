@@ -546,7 +546,7 @@ class Resolver:
         schedule = st.schedule.lower() if st.schedule is not None else None
         if schedule is not None:
             from autopar.compiler.errors import InputError
-            from autopar.compiler.stages import parse_schedule
+            from autopar.compiler.stages import format_schedule, parse_schedule
             try:
                 name, v = parse_schedule(schedule)
             except InputError:
@@ -554,7 +554,7 @@ class Resolver:
                           "interleaved 1F1B with V model chunks per rank (zero-bubble schedules are not "
                           "built yet)", f, st.line, st.schedule_column,
                           fix="write schedule gpipe, schedule 1f1b or schedule interleaved 2")
-            schedule = f"{name}:{v}" if name == "interleaved" else name
+            schedule = format_schedule(name, v)
         n = self.whole(st.microbatches, f, st.line, st.microbatches_column, "the microbatch count",
                        E.BadMicrobatches)
         if n < 1:

@@ -199,6 +199,15 @@ def _table(out, k):
     return out.split(f"stage {k} (pp={k}")[1].split("\nstage")[0].split("job:")[0]
 
 
+def _row(out, k, kind, nbytes=None, calls=None):
+    """Stage k's row `kind` (e.g. send:pp) is ok: predicted == measured == `nbytes` (any
+    bytes if None), with `calls` predicted and measured calls when given."""
+    part = _table(out, k)
+    b = f"{nbytes:,}" if nbytes is not None else r"[\d,]+"
+    pattern = rf"{kind}\s+{b}\s+{b}\s+ok" + (rf".*{calls} / {calls}" if calls is not None else "")
+    assert re.search(pattern, part), part
+
+
 def test_pp2_gpipe_launch_matches_one_device_and_predicted_bytes():
     rc, out = _run(["run", "examples/gpt.py:build", "--mesh", "pp=2", "--microbatches", "4",
                     "--schedule", "gpipe", "--steps", "3", "--check"])
@@ -207,10 +216,9 @@ def test_pp2_gpipe_launch_matches_one_device_and_predicted_bytes():
     # each stage's send/recv: 4 microbatches of (1, 32, 64) fp32 = 8 KiB, both directions;
     # the tied embedding / head gradient (128 x 64 fp32) all_reduced over the two stages
     for k in (0, 1):
-        part = _table(out, k)
-        assert re.search(r"send:pp\s+32,768\s+32,768\s+ok.*4 / 4", part), part
-        assert re.search(r"recv:pp\s+32,768\s+32,768\s+ok.*4 / 4", part), part
-        assert re.search(r"all_reduce:pp\s+32,768\s+32,768\s+ok", part), part
+        _row(out, k, "send:pp", 32_768, 4)
+        _row(out, k, "recv:pp", 32_768, 4)
+        _row(out, k, "all_reduce:pp", 32_768)
 
 
 def test_pp4_1f1b_launch_middle_stages_send_both_ways():
@@ -221,13 +229,12 @@ def test_pp4_1f1b_launch_middle_stages_send_both_ways():
     assert rc == 0, out
     assert "check: ok" in out
     for k in (0, 3):
-        part = _table(out, k)
-        assert re.search(r"send:pp\s+32,768\s+32,768\s+ok.*4 / 4", part), part
-        assert re.search(r"all_reduce:pp\s+32,768\s+32,768\s+ok", part), part
+        _row(out, k, "send:pp", 32_768, 4)
+        _row(out, k, "all_reduce:pp", 32_768)
     for k in (1, 2):
         part = _table(out, k)
-        assert re.search(r"send:pp\s+65,536\s+65,536\s+ok.*8 / 8", part), part
-        assert re.search(r"recv:pp\s+65,536\s+65,536\s+ok.*8 / 8", part), part
+        _row(out, k, "send:pp", 65_536, 8)
+        _row(out, k, "recv:pp", 65_536, 8)
         assert "all_reduce:pp" not in part
 
 
@@ -240,11 +247,10 @@ def test_mpi_pp2_tp2_plan_file_launch_matches_one_device():
     assert rc == 0, out
     assert "(4 ranks, mpi)" in out and "check: ok" in out
     for k in (0, 1):
-        part = _table(out, k)
-        assert re.search(r"all_reduce:tp\s+[\d,]+\s+[\d,]+\s+ok", part), part
-        assert re.search(r"send:pp\s+32,768\s+32,768\s+ok.*2 / 2", part), part
-        assert re.search(r"recv:pp\s+32,768\s+32,768\s+ok.*2 / 2", part), part
-        assert re.search(r"all_reduce:pp\s+32,768\s+32,768\s+ok", part), part
+        _row(out, k, "all_reduce:tp", None)
+        _row(out, k, "send:pp", 32_768, 2)
+        _row(out, k, "recv:pp", 32_768, 2)
+        _row(out, k, "all_reduce:pp", 32_768)
 
 
 def test_pp4_interleaved_launch_on_eight_blocks_matches_one_device():
@@ -259,13 +265,12 @@ def test_pp4_interleaved_launch_on_eight_blocks_matches_one_device():
     # (2, 32, 64) fp32 = 16 KiB per microbatch and crossing
     for k in (1, 2):
         part = _table(out, k)
-        assert re.search(r"send:pp\s+262,144\s+262,144\s+ok.*16 / 16", part), part
-        assert re.search(r"recv:pp\s+262,144\s+262,144\s+ok.*16 / 16", part), part
+        _row(out, k, "send:pp", 262_144, 16)
+        _row(out, k, "recv:pp", 262_144, 16)
         assert "all_reduce:pp" not in part
     for k in (0, 3):
-        part = _table(out, k)
-        assert re.search(r"send:pp\s+196,608\s+196,608\s+ok.*12 / 12", part), part
-        assert re.search(r"all_reduce:pp\s+32,768\s+32,768\s+ok", part), part
+        _row(out, k, "send:pp", 196_608, 12)
+        _row(out, k, "all_reduce:pp", 32_768)
 
 
 def test_mpi_pp2_interleaved_launch_matches_one_device():
@@ -274,9 +279,8 @@ def test_mpi_pp2_interleaved_launch_matches_one_device():
     assert rc == 0, out
     assert "(2 ranks, mpi)" in out and "check: ok" in out
     for k in (0, 1):
-        part = _table(out, k)
         # 3 crossings of 4 chunks: rank 0 sends 2 (chunk 0, 2) forward + 1 back (chunk 2)
-        assert re.search(r"send:pp\s+98,304\s+98,304\s+ok.*12 / 12", part), part
+        _row(out, k, "send:pp", 98_304, 12)
 
 
 def test_mpi_pp4_gpipe_bf16_launch_matches_one_device():
@@ -288,13 +292,12 @@ def test_mpi_pp4_gpipe_bf16_launch_matches_one_device():
     assert rc == 0, out
     assert "(4 ranks, mpi)" in out and "check: ok" in out
     for k in (0, 3):
-        part = _table(out, k)
-        assert re.search(r"send:pp\s+16,384\s+16,384\s+ok.*4 / 4", part), part
-        assert re.search(r"all_reduce:pp\s+16,384\s+16,384\s+ok", part), part
+        _row(out, k, "send:pp", 16_384, 4)
+        _row(out, k, "all_reduce:pp", 16_384)
     for k in (1, 2):
         part = _table(out, k)
-        assert re.search(r"send:pp\s+32,768\s+32,768\s+ok.*8 / 8", part), part
-        assert re.search(r"recv:pp\s+32,768\s+32,768\s+ok.*8 / 8", part), part
+        _row(out, k, "send:pp", 32_768, 8)
+        _row(out, k, "recv:pp", 32_768, 8)
         assert "all_reduce:pp" not in part
 
 
@@ -442,10 +445,9 @@ def test_pp2_tp2_plan_file_launch_matches_one_device():
     assert rc == 0, out
     assert "check: ok" in out
     for k in (0, 1):
-        part = _table(out, k)
-        assert re.search(r"all_reduce:tp\s+[\d,]+\s+[\d,]+\s+ok", part), part
+        _row(out, k, "all_reduce:tp", None)
         # 2 microbatches of (2, 32, 64) fp32 = 16 KiB each
-        assert re.search(r"send:pp\s+32,768\s+32,768\s+ok.*2 / 2", part), part
+        _row(out, k, "send:pp", 32_768, 2)
 
 
 # ---- the cost model ---------------------------------------------------------------------------------
@@ -514,7 +516,7 @@ def test_pp2_dp2_launch_reduces_each_stages_gradients_over_dp():
         assert m and m.group(1) == m.group(2), part
         got.append(int(m.group(1).replace(",", "")))
         # 2 microbatches of this dp rank's (8, 32, 64) fp32 = 64 KiB each
-        assert re.search(r"send:pp\s+131,072\s+131,072\s+ok.*2 / 2", part), part
+        _row(out, k, "send:pp", 131_072, 2)
     # each stage reduces its own parameters' gradients (about half of the model's each, the
     # tied one on both), not the whole model's
     from autopar.pipeline import load_model

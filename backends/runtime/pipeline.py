@@ -249,7 +249,7 @@ class MpiSchedule:
         mesh, axis, comm, p = st.mesh, st.axis, st.comm, st.p
         last_chunk = st.num_stages - 1
         sends = []                      # (request, buffer) of this step's Isends
-        saved = {}                      # (chunk, microbatch) -> (inputs, roots, outputs needing a gradient)
+        saved = {}                      # (chunk, microbatch) -> (inputs, what its backward starts from)
         chunks = [a.tensor_split(m) for a in args] if st.stage_index == 0 else None
         targets = target.tensor_split(m) if st.stage_index == last_chunk % p and target is not None else None
 
@@ -281,7 +281,7 @@ class MpiSchedule:
                 loss = self.loss_fn(*outs, targets[i])
                 if losses is not None:
                     losses.append(loss.detach())
-                saved[k, i] = (ins, [loss], None)
+                saved[k, i] = (ins, [loss])
                 return
             if not st.outputs_sent[k]:
                 comm.send_object([(tuple(o.shape), o.dtype, o.requires_grad) for o in outs],
@@ -289,15 +289,14 @@ class MpiSchedule:
                 st.outputs_sent[k] = True
             for o in outs:
                 send(o, j + 1, 0, "forward")
-            need = [o for o in outs if o.requires_grad]
-            saved[k, i] = (ins, need, need)
+            saved[k, i] = (ins, [o for o in outs if o.requires_grad])
 
         def backward(k, i):
             j = st.chunk(k)
-            ins, roots, need = saved.pop((k, i))
-            grads = None
-            if need is not None:
-                grads = [recv(tuple(o.shape), o.dtype, j + 1, j, 1, "backward") for o in need]
+            ins, roots = saved.pop((k, i))
+            grads = None                # the loss starts its own backward; others the next chunk's gradients
+            if j != last_chunk:
+                grads = [recv(tuple(o.shape), o.dtype, j + 1, j, 1, "backward") for o in roots]
             if roots:
                 torch.autograd.backward(roots, grads)
             if j > 0:
