@@ -244,20 +244,26 @@ def render(s: dict) -> str:
     if cands:
         out.append("")
         out.append(f"mesh shapes of {s['devices']} devices:")
-        out.append(f"  {'mesh':<14} {'status':<11} {'step time':>11} {'compute':>11} {'comm':>11} "
+        w = max(14, *(len(r["mesh"]) for r in cands))
+        out.append(f"  {'mesh':<{w}} {'status':<11} {'step time':>11} {'compute':>11} {'comm':>11} "
                    f"{'memory':>11} {'zero':>4} {'FLOP/s':>14}")
         for r in cands:
-            if r["status"] == "infeasible":
-                least = f"needs {format_bytes(r['least_memory'])}" if r.get("least_memory") else r.get("reason", "")[:60]
+            if r["status"] in ("infeasible", "skipped"):
+                least = f"needs {format_bytes(r['least_memory'])}" if r.get("least_memory") else r.get("reason", "")[:90]
                 if r.get("least_memory_recompute"):
                     least += f" with recompute of {', '.join(r['least_memory_recompute'])}"
-                out.append(f"  {r['mesh']:<14} {'infeasible':<11} {least}")
+                out.append(f"  {r['mesh']:<{w}} {r['status']:<11} {least}")
                 continue
-            out.append(f"  {r['mesh']:<14} {r['status']:<11} {format_time(r['step_time']):>11} "
+            out.append(f"  {r['mesh']:<{w}} {r['status']:<11} {format_time(r['step_time']):>11} "
                        f"{format_time(r['compute']):>11} {format_time(r['communication']):>11} "
                        f"{format_bytes(r['memory']):>11} {r['zero']:>4} {format_rate(r['tflops_per_device']):>14}"
                        + ("  <- winner" if r.get("winner") else "")
+                       + (f"  {r['schedule']} x{r['microbatches']} microbatches, bubble {r['bubble']:.0%}"
+                          if r.get("schedule") else "")
                        + (f"  recompute {', '.join(r['recompute'])}" if r.get("recompute") else ""))
+        if any(r["status"] == "screened" for r in cands):
+            out.append("  (screened: priced with the strategies of a searched shape of the same tp size, "
+                       "not searched itself; pipelines: compute and comm of the slowest stage, before the bubble)")
     return "\n".join(out) + "\n"
 
 

@@ -208,11 +208,12 @@ def make_plan(graph: Graph, mesh=None, devices: int | None = None, plan=None, de
     if mesh is not None and "pp" in mesh:
         from autopar.compiler.stages import pipeline_plan
         plan = pipeline_plan(graph, mesh, lambda g, m, **more: search(g, m, profile, **{**kw, **more}), profile,
-                             schedule=schedule)
+                             schedule=schedule, memory_limit=memory)
     elif mesh is not None:
         plan = search(graph, mesh, profile, **kw)
     else:
-        plan, _ = search_devices(graph, devices, profile, **kw)
+        # every pp x dp x tp shape too (a pipeline where the model has repeated blocks)
+        plan, _ = search_devices(graph, devices, profile, pipeline=True, schedule=schedule, **kw)
     plan.solver["idle_axes"] = idle_axes(graph, plan, profile, kw)
     return plan, []
 

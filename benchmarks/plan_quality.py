@@ -33,7 +33,15 @@ Three rows plan with no plan file, recompute chosen by the search (passes/shard.
   had no sharding rule; with the rule it fits without recompute -- and the same under a
   40 GiB limit, where it needs recompute.
 
+Megatron-LM's pipelined rows of the same table (39.1B/512 ... 1T/3072, t=8, p=2...64, the
+paper's global batches) with `--pipelined PRESET...`: the paper's (t, p) mesh priced by
+the cost model (its tensor-parallel layouts pinned, stages and microbatches chosen by
+`pipeline_plan`), and `search_devices(..., pipeline=True)` over every pp x dp x tp shape,
+both with full recompute and 1F1B; the searched plan should be within +-15% of the paper's
+TFLOP/s per GPU and never below the paper's own configuration priced here.
+
     python benchmarks/plan_quality.py [--models 1.7b 3.6b] [--extra llama 100b 100b-searched gpt2-96 gpt2-96-40g]
+    python benchmarks/plan_quality.py --models --extra --pipelined 39.1b 76.1b 145.6b 310.1b 1t
 """
 from __future__ import annotations
 
@@ -56,6 +64,10 @@ CONFIGS = [("1.7b", 32, 512, 137), ("3.6b", 64, 512, 138), ("7.5b", 128, 512, 14
 # the tensor-parallel size the paper ran each size with (Table 1)
 PAPER_TP = {"1.7b": 1, "3.6b": 2, "7.5b": 4, "18.4b": 8}
 RECOMPUTE = ["transformer.h.*"]
+# the pipelined rows of the same table: (preset, GPUs, global batch, TFLOP/s/GPU, t, p)
+PP_CONFIGS = [("39.1b", 512, 1536, 138, 8, 2), ("76.1b", 1024, 1792, 140, 8, 4),
+              ("145.6b", 1536, 2304, 148, 8, 8), ("310.1b", 1920, 2160, 155, 8, 16),
+              ("529.6b", 2520, 2520, 163, 8, 35), ("1t", 3072, 3072, 163, 8, 64)]
 # the searched LLaMA-3-8B plan on 64 H100s as main predicted it before the overlap-aware
 # model (commit 2482a4a: search_devices(graph, 64, "h100"), batch 16 x 2048)
 MAIN_BASELINE = {"mesh": "dp=8,tp=8", "zero": 2, "step_time": 0.28847, "comm_time": 0.23603,
@@ -108,6 +120,9 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=10.0)
     ap.add_argument("--extra", nargs="*", default=["llama", "100b", "100b-searched", "gpt2-96", "gpt2-96-40g"],
                     help="the LLaMA-3-8B, 100B and searched-recompute rows")
+    ap.add_argument("--pipelined", nargs="*", default=[], metavar="PRESET",
+                    help="Table 1's pipelined rows to plan (39.1b 76.1b 145.6b 310.1b 529.6b 1t): the paper's "
+                         "(t, p) priced, and search_devices with pipelines")
     # 10 s per mesh leaves the solver far from optimal on LLaMA's dp=8,tp=8 (FEASIBLE, ~1.9x
     # the optimum's step); 40 s proves it
     ap.add_argument("--llama-time-limit", type=float, default=40.0)
@@ -192,6 +207,8 @@ def main() -> None:
         out.append({"model": preset, "gpus": n, "batch": batch, "megatron_tflops_per_gpu": anchor,
                     "rows": rows, "ok": ok, "within_15pct": within, "verdict": verdict})
     extra = extra_rows(args.extra, args.time_limit, args.llama_time_limit)
+    if args.pipelined:
+        extra["pipelined"] = pipelined_rows(args.pipelined, args.time_limit)
     RESULTS.mkdir(parents=True, exist_ok=True)
     # a run of some rows keeps the recorded results of the others
     old = RESULTS / "plan_quality.json"
@@ -200,6 +217,8 @@ def main() -> None:
         rerun = {m["model"] for m in out}
         out = sorted([m for m in prev.get("megatron", []) if m["model"] not in rerun] + out,
                      key=lambda m: [c[0] for c in CONFIGS].index(m["model"]))
+        if "pipelined" in extra and "pipelined" in prev:        # rows not rerun are kept
+            extra["pipelined"] = {**prev["pipelined"], **extra["pipelined"]}
         extra = {**{k: v for k, v in prev.items() if k != "megatron"}, **extra}
     (RESULTS / "plan_quality.json").write_text(json.dumps({"megatron": out, **extra}, indent=2) + "\n")
     md = ["# Searched vs hand plans on the cost model (A100-80G profile, full recompute)", ""]
@@ -242,6 +261,7 @@ def main() -> None:
                    f"step {r['step_time']:.3f} s"]
         md.append("")
     md += searched_recompute_md(extra)
+    md += pipelined_md(extra.get("pipelined") or {})
     (RESULTS / "plan_quality.md").write_text("\n".join(md) + "\n")
 
 
@@ -397,6 +417,91 @@ def extra_rows(which, time_limit: float, llama_time_limit: float = 40.0) -> dict
             out["hf_gpt2_96_40g"] = searched_row(graph, 64, load_profile("h100"), time_limit, 40 * 2**30)
             print(f"HF GPT-2 96 x 4096 on 64 H100s under 40 GiB: {out['hf_gpt2_96_40g']}", flush=True)
     return out
+
+
+def pipelined_rows(presets, time_limit: float) -> dict:
+    """Table 1's pipelined rows: the paper's (t, p) mesh priced by the cost model (Megatron's
+    tensor-parallel layouts pinned, the stages cut and the microbatch count chosen by
+    pipeline_plan), and search_devices over every pp x dp x tp shape; both with full
+    recompute of the blocks as the paper ran, 1F1B."""
+    from autopar.compiler.stages import pipeline_plan
+    gpt = load_gpt()
+    prof = load_profile("a100-80g")
+    out = {}
+    for preset, n, batch, anchor, t, p in PP_CONFIGS:
+        if preset not in presets:
+            continue
+        cfg = gpt.GPTConfig.from_preset(preset)
+        t0 = time.perf_counter()
+        graph = prepare(trace(*gpt.build_meta(preset, batch=batch), name=f"gpt-{preset}"))
+        t_trace = time.perf_counter() - t0
+        flops = megatron_flops(cfg, batch)
+        print(f"GPT {preset} on {n} A100s, batch {batch} (traced in {t_trace:.1f} s); Megatron-LM reports "
+              f"{anchor} TFLOP/s/GPU at t={t}, p={p}", flush=True)
+        rows = []
+
+        def record(name, fn):
+            t1 = time.perf_counter()
+            try:
+                plan = fn()
+            except PlanInfeasible as e:
+                rows.append({"plan": name, "status": "infeasible", "reason": str(e)[:300],
+                             "search_s": time.perf_counter() - t1})
+                print(f"  {name:<22} infeasible: {str(e)[:200]}", flush=True)
+                return
+            c = plan.cost
+            pc = c.get("pipeline") or {}
+            rows.append({"plan": name, "mesh": ",".join(f"{a}={k}" for a, k in plan.mesh.items()),
+                         "microbatches": plan.microbatches, "schedule": pc.get("schedule"),
+                         "bubble": pc.get("bubble"), "step_time": c["step_time"],
+                         "memory_gib": c["memory"]["total"] / 2**30,
+                         "tflops_per_gpu": flops / n / c["step_time"] / 1e12,
+                         "search_s": time.perf_counter() - t1, "status": plan.solver.get("status")})
+            r = rows[-1]
+            print(f"  {name:<22} {r['mesh']:<18} m={r['microbatches']} step {r['step_time']:.3f} s "
+                  f"{r['memory_gib']:.1f} GiB  {r['tflops_per_gpu']:.0f} TFLOP/s/GPU  [{r['search_s']:.1f} s]",
+                  flush=True)
+        kw = dict(recompute=RECOMPUTE, time_limit=time_limit)
+        record(f"paper t={t}, p={p}", lambda: pipeline_plan(
+            graph, {"pp": p, "dp": n // (p * t), "tp": t},
+            lambda g, m, **more: search(g, m, prof, **{**kw, **more, "pins": megatron_pins(g, t)}), prof))
+        record("searched", lambda: search_devices(graph, n, prof, pipeline=True, **kw)[0])
+        paper, found = rows[0], rows[1]
+        tf = found.get("tflops_per_gpu")
+        within = tf is not None and abs(tf / anchor - 1) <= 0.15
+        never_below = tf is not None and (paper.get("tflops_per_gpu") is None
+                                          or tf >= paper["tflops_per_gpu"] * (1 - 1e-6))
+        verdict = (f"searched {tf:.0f} TFLOP/s/GPU vs Megatron-LM's {anchor}: {tf / anchor - 1:+.0%} "
+                   f"({'within' if within else 'OUTSIDE'} +-15%); "
+                   + (f"the paper's config priced here {paper['tflops_per_gpu']:.0f}: "
+                      f"{'never below it: OK' if never_below else 'BELOW it'}"
+                      if paper.get("tflops_per_gpu") is not None else "the paper's config is infeasible here")
+                   if tf is not None else "searched: infeasible")
+        print("  " + verdict, flush=True)
+        out[preset] = {"gpus": n, "batch": batch, "megatron_tflops_per_gpu": anchor, "paper_t": t, "paper_p": p,
+                       "trace_s": t_trace, "rows": rows, "within_15pct": within, "never_below_paper": never_below,
+                       "verdict": verdict}
+    return out
+
+
+def pipelined_md(rows: dict) -> list[str]:
+    if not rows:
+        return []
+    md = ["## Megatron-LM Table 1, pipelined rows (A100-80G, full recompute, 1F1B)", "",
+          "| model | GPUs | batch | plan | mesh | microbatches | bubble | step s | memory GiB | TFLOP/s/GPU | paper | search s |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for preset, m in rows.items():
+        for r in m["rows"]:
+            head = f"| {preset} | {m['gpus']} | {m['batch']} | {r['plan']} |"
+            if r["status"] == "infeasible":
+                md.append(f"{head} infeasible | | | | | | {m['megatron_tflops_per_gpu']} | {r['search_s']:.1f} |")
+            else:
+                md.append(f"{head} {r['mesh']} | {r['microbatches']} | {r['bubble']:.1%} | {r['step_time']:.3f} | "
+                          f"{r['memory_gib']:.1f} | {r['tflops_per_gpu']:.0f} | {m['megatron_tflops_per_gpu']} | "
+                          f"{r['search_s']:.1f} |")
+    md.append("")
+    md += [f"- {preset}: {m['verdict']}" for preset, m in rows.items()]
+    return md + [""]
 
 
 if __name__ == "__main__":

@@ -249,7 +249,9 @@ def stage_node_times(graph, plan, profile) -> list[float]:
     from autopar.compiler.cost import CostModel
     intra = {a: n for a, n in plan.mesh.items() if a != PP_AXIS}
     keep = [i for i, a in enumerate(plan.mesh) if a != PP_AXIS]
-    cm = CostModel(graph, Cluster(intra, profile), precision=plan.cost.get("precision"))
+    # the plan's recompute regions run their forward again in backward: priced as it runs
+    cm = CostModel(graph, Cluster(intra, profile), precision=plan.cost.get("precision"),
+                   recompute=plan.recompute)
     out = []
     from autopar.compiler import sharding
     for n in graph.nodes:
@@ -274,28 +276,19 @@ def in_flight(schedule: str, r: int, p: int, m: int, v: int = 1) -> float:
     return min(m, p - r)
 
 
-def price_pipeline(plan, graph, profile) -> dict:
-    """The pipeline's step time and memory per device, from the intra-stage plan's cost
-    model, into plan.cost (step_time, memory: the worst stage) and plan.cost["pipeline"].
-
-    Stage k's time t_k: its nodes' forward + backward compute, plus its share of the
-    intra-stage plan's communication. GPipe and 1F1B idle each stage for (p-1) microbatch
-    slots while the pipeline fills and drains, so the step is the slowest stage stretched by
-    the bubble, max_k t_k * (1 + (p-1)/m), plus the point-to-point sends on the fill / drain
-    path (2 (p-1) microbatch activations, forward and backward) and the tied weights'
-    gradient all_reduce. Memory: a stage's parameters, gradients and optimizer state, plus
-    the activations of the microbatches in flight -- GPipe keeps all m, 1F1B at most p - k on
-    stage k (p on the first)."""
+def pipeline_base(plan, graph, profile) -> dict:
+    """What pricing a pipeline needs that does not depend on its microbatch count: every
+    node's compute time, launch overhead and activation bytes under the intra-stage plan,
+    each parameter's state, the cut into chunks."""
     from autopar.compiler import sharding
     from autopar.compiler.cluster import Cluster
-    from autopar.compiler.cost import CostModel, collective_time
+    from autopar.compiler.cost import CostModel
     pp = plan.pipeline
-    pp.setdefault("unpipelined_step", plan.cost.get("step_time"))   # the intra-stage plan's, whole model
-    p, m = pp["stages"], max(1, int(plan.microbatches or 1))
-    v = int(pp.get("virtual", 1))
+    p, v = pp["stages"], int(pp.get("virtual", 1))
     pos = list(plan.mesh).index(pp["axis"])
     intra = {a: n for a, n in plan.mesh.items() if a != pp["axis"]}
-    cm = CostModel(graph, Cluster(intra, profile), precision=plan.cost.get("precision"))
+    cm = CostModel(graph, Cluster(intra, profile), precision=plan.cost.get("precision"),
+                   recompute=plan.recompute)
     stages = cut_stages(graph, p * v, ranges=pp["ranges"])
 
     def strat(key):
@@ -311,13 +304,44 @@ def price_pipeline(plan, graph, profile) -> dict:
         ovh = 0.0 if REGISTRY[n.op].view else cm.profile.op_overhead * (2 if cm.has_backward(mi) else 1)
         node_ovh.append(ovh)
         node_act.append(cm.activation_bytes(mi, strat(cm.members[mi].key)))
-    total_compute = sum(node_t) or 1.0
-    comm = plan.cost.get("comm_time", 0.0)
     link = Cluster(dict(plan.mesh), profile).link(pp["axis"])
     state = {}
     for prm in graph.params:
         mi = cm.by_key[prm.name].index
         state[prm.name] = cm.param_state(mi, strat(prm.name), plan.zero)
+    return {"cm": cm, "link": link, "stages": stages, "node_t": node_t, "node_act": node_act,
+            "node_ovh": node_ovh, "state": state, "pos": pos}
+
+
+def price_pipeline(plan, graph, profile, base: dict | None = None) -> dict:
+    """The pipeline's step time and memory per device, from the intra-stage plan's cost
+    model, into plan.cost (step_time, memory: the worst stage, tflops_per_device over every
+    device of the mesh) and plan.cost["pipeline"]. `base`: `pipeline_base` of this plan,
+    when the caller prices several microbatch counts.
+
+    Stage k's time t_k: its nodes' forward + backward compute, plus its share of the
+    intra-stage plan's communication. GPipe and 1F1B idle each stage for (p-1) microbatch
+    slots while the pipeline fills and drains, so the step is the slowest stage stretched by
+    the bubble, max_k t_k * (1 + (p-1)/m), plus the point-to-point sends on the fill / drain
+    path (2 (p-1) microbatch activations, forward and backward) and the tied weights'
+    gradient all_reduce. Memory: a stage's parameters, gradients and optimizer state, plus
+    the activations of the microbatches in flight -- GPipe keeps all m, 1F1B at most p - k on
+    stage k (p on the first)."""
+    from autopar.compiler.cost import collective_time
+    pp = plan.pipeline
+    pp.setdefault("unpipelined_step", plan.cost.get("step_time"))   # the intra-stage plan's, whole model
+    # the intra-stage plan's FLOPs per device are the whole model's over the intra mesh;
+    # the pipeline spreads them over p times as many devices
+    if "flops_per_device" in plan.cost:
+        pp.setdefault("intra_flops_per_device", plan.cost["flops_per_device"])
+    p, m = pp["stages"], max(1, int(plan.microbatches or 1))
+    v = int(pp.get("virtual", 1))
+    b = base or pipeline_base(plan, graph, profile)
+    node_t, node_act, node_ovh, state, stages = b["node_t"], b["node_act"], b["node_ovh"], b["state"], b["stages"]
+    cm, link = b["cm"], b["link"]
+    total_compute = sum(node_t) or 1.0
+    comm = plan.cost.get("comm_time", 0.0)
+    pos = b["pos"]
     rows = []
     for r in range(p):                 # a row per rank: its chunk (its v chunks, interleaved)
         mine = [st for st in stages if chunk_coord(st.index, p) == r]
@@ -357,6 +381,9 @@ def price_pipeline(plan, graph, profile) -> dict:
            "microbatches_tried": pp.get("microbatches_tried")}
     plan.cost["pipeline"] = out
     plan.cost["step_time"] = step
+    if "intra_flops_per_device" in pp:
+        plan.cost["flops_per_device"] = pp["intra_flops_per_device"] / p
+        plan.cost["tflops_per_device"] = plan.cost["flops_per_device"] / step / 1e12 if step > 0 else 0.0
     worst = max(rows, key=lambda r: r["memory"])
     mem = dict(plan.cost.get("memory") or {})
     mem.update({k: int(worst[k]) for k in ("params", "grads", "optimizer", "activations")})
@@ -458,11 +485,19 @@ def lift_plan(plan, mesh: dict[str, int]):
 
 
 def pipeline_plan(graph, mesh: dict[str, int], search: Callable, profile, schedule: str | None = None,
-                  ranges=None):
+                  ranges=None, memory_limit: float | None = None, microbatches: int | None = None):
     """The plan for a mesh with a pp axis: the search over the other axes (the intra-stage
     plan, one for every stage), lifted over pp, with the stages cut and balanced by its
     per-node times. `ranges` (one [first, end) block range or None per stage) pins the
-    stages that have one; the others are balanced around them."""
+    stages that have one; the others are balanced around them.
+
+    Memory: a stage holds about 1/p of the model's state, and its activations are those of
+    the microbatches in flight (at most p of m on 1F1B's first stage), so the intra-stage
+    search sees the whole model against p times the per-device limit (`memory_limit`, the
+    profile's memory by default) -- the state then fits its 1/p exactly and the activations
+    with room -- and the microbatch count is chosen among those whose fullest stage fits
+    the limit itself (PlanInfeasible when none does); `microbatches` given (a plan file's),
+    that count only."""
     p = mesh[PP_AXIS]
     if p < 2:
         raise InputError(f"--mesh pp={p}: one pipeline stage is no pipeline; drop the pp axis or use pp >= 2")
@@ -478,19 +513,36 @@ def pipeline_plan(graph, mesh: dict[str, int], search: Callable, profile, schedu
                          "stage statements or pin under schedule 1f1b / gpipe")
     intra = {a: n for a, n in mesh.items() if a != PP_AXIS}
     # ZeRO is not run under a pipeline yet: the search keeps stage 0
-    plan = search(graph, intra, zero=0)
+    limit = float(memory_limit if memory_limit is not None else profile.memory)
+    plan = search(graph, intra, zero=0, memory_limit=limit * p)
     pins = same_batch_split(graph, plan)
     if pins:
-        plan = search(graph, intra, zero=0, pins=pins)
+        plan = search(graph, intra, zero=0, pins=pins, memory_limit=limit * p)
+    return pipelined(graph, plan, mesh, profile, format_schedule(schedule or "1f1b", v), ranges, limit,
+                     microbatches)
+
+
+def pipelined(graph, plan, mesh: dict[str, int], profile, schedule: str, ranges=None,
+              memory_limit: float | None = None, microbatches: int | None = None):
+    """An intra-stage plan (over `mesh` but its pp axis) made the pipeline over `mesh`: the
+    stages cut and balanced by its per-node times, lifted over pp, its microbatch count
+    chosen (see pipeline_plan). The plan is changed in place and returned."""
+    p = mesh[PP_AXIS]
+    name, v = parse_schedule(schedule)
     times = stage_node_times(graph, plan, profile)
     stages = cut_stages(graph, p * v, lambda i: times[i], ranges=ranges)
     lift_plan(plan, mesh)
-    plan.pipeline = {"axis": PP_AXIS, "stages": p, "virtual": v, "schedule": schedule or "1f1b",
+    plan.pipeline = {"axis": PP_AXIS, "stages": p, "virtual": v, "schedule": name,
                      "blocks": block_list(graph.nodes)[0],
                      "ranges": [list(s.blocks) for s in stages],
                      "pinned": [k for k, r in enumerate(ranges or []) if r is not None],
                      "stage_time": [s.time for s in stages], "profile": profile.name}
-    choose_microbatches(plan, graph, profile)
+    choose_microbatches(plan, graph, profile, memory_limit, only=microbatches)
+    if memory_limit is not None:
+        # the intra-stage search ran against p times the limit; the plan keeps the device's
+        plan.memory_limit = memory_limit
+        plan.cost["memory_limit"] = memory_limit
+        plan.cost["fits"] = plan.cost["memory"]["total"] <= memory_limit
     return plan
 
 
@@ -518,36 +570,62 @@ def same_batch_split(graph, plan) -> list:
 
 
 def rank_batch(plan, graph) -> int | None:
-    """The examples of the batch each rank holds (the first input's dim 0 over the axes it
-    is split on)."""
+    """The examples of the batch each rank holds, as microbatches may cut them: the
+    greatest common divisor, over every value whose dim 0 is the batch (the first input's
+    size), of its rows on one rank. A plan may keep the inputs whole and split the batch
+    later (an activation over dp): the microbatches cut the input, and each cut must still
+    split over dp there."""
+    import math
     if not graph.inputs or not graph.inputs[0].shape:
         return None
     batch = int(graph.inputs[0].shape[0])
-    lay = plan.layouts.get(graph.inputs[0].name, ())
-    for (axis, n), pl in zip(plan.mesh.items(), lay):
-        if pl == "S(0)":
-            batch //= n
-    return batch
+    rows = 0
+    for v in graph.values():
+        lay = plan.layouts.get(v.name)
+        if not v.shape or lay is None or v.shape[0] != batch:
+            continue
+        ways = math.prod(n for (axis, n), pl in zip(plan.mesh.items(), lay) if pl == "S(0)")
+        rows = math.gcd(rows, batch // ways)
+    return rows or batch
 
 
-def choose_microbatches(plan, graph, profile) -> int:
+def choose_microbatches(plan, graph, profile, memory_limit: float | None = None,
+                        only: int | None = None) -> int:
     """The microbatch count of the fastest predicted pipeline step among the divisors of the
-    batch each rank holds (more microbatches shrink the bubble, each costs its kernels'
-    launches once more); the plan keeps it and its price. A plan file or --microbatches
-    overrides it."""
+    batch each rank holds whose fullest stage fits `memory_limit` bytes (more microbatches
+    shrink the bubble and the activations in flight, each costs its kernels' launches once
+    more); the plan keeps it and its price. A plan file or --microbatches overrides it.
+    Raises PlanInfeasible, with the least memory any count needs, when none fits."""
     batch = rank_batch(plan, graph) or 1
-    tried = {}
+    tried, memory = {}, {}
     p = plan.pipeline["stages"]
-    for m in [d for d in range(1, batch + 1) if batch % d == 0]:
-        if plan.pipeline["schedule"] == "interleaved" and m % max(1, m // p):
+    intra = {a: n for a, n in plan.mesh.items() if a != PP_AXIS}
+    base = pipeline_base(plan, graph, profile)
+    for m in [only] if only else [d for d in range(1, batch + 1) if batch % d == 0]:
+        if plan.pipeline["schedule"] == "interleaved" and m % max(1, m // p) and not only:
             continue                  # PyTorch's interleaved rounds do not divide m
         plan.microbatches = m
-        tried[m] = price_pipeline(plan, graph, profile)["step_time"]
-    best = min(tried, key=lambda m: (tried[m], m))
-    plan.microbatches = best
+        out = price_pipeline(plan, graph, profile, base)
+        tried[m] = out["step_time"]
+        memory[m] = max(r["memory"] for r in out["stage_rows"])
+    fits = [m for m in tried if memory_limit is None or memory[m] <= memory_limit]
     plan.pipeline["microbatches_tried"] = {str(k): v for k, v in tried.items()}
-    price_pipeline(plan, graph, profile)
+    if not fits:
+        from autopar.compiler.cluster import format_bytes
+        from autopar.compiler.sharding import format_mesh
+        from autopar.passes.shard import PlanInfeasible
+        least = min(memory, key=lambda m: (memory[m], tried[m]))
+        err = PlanInfeasible(
+            f"pp={p} over {format_mesh(intra)}: no microbatch count fits {format_bytes(memory_limit)} per "
+            f"device; the fullest stage needs {format_bytes(memory[least])} at best ({least} microbatches). "
+            "Use more pipeline stages, more devices on the other axes or a larger --memory")
+        err.least_memory = memory[least]                 # type: ignore[attr-defined]
+        raise err
+    best = min(fits, key=lambda m: (tried[m], m))
+    plan.microbatches = best
+    price_pipeline(plan, graph, profile, base)
     return best
+
 
 
 @dataclass

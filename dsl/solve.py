@@ -67,7 +67,8 @@ def search_with(spec: PlanSpec, graph: Graph, device: str | DeviceProfile | None
                       for p in kw["pins"]]
         plan = pipeline_plan(graph, spec.mesh, lambda g, m, **more: search(g, m, profile, **{
             **kw, **more, "pins": kw["pins"] + list(more.get("pins", []))}),
-                             profile, schedule=spec.schedule, ranges=spec.stage_ranges())
+                             profile, schedule=spec.schedule, ranges=spec.stage_ranges(),
+                             memory_limit=kw["memory_limit"], microbatches=spec.microbatches)
     else:
         plan = search(graph, spec.mesh, spec.device or device or "cpu", **kw)
     plan.constraints = list(spec.constraints)

@@ -19,9 +19,9 @@ of the lowering.
 Builders:
 - `build()`: a two-layer model that runs in well under a second, with a fixed batch;
 - `build_meta(preset)`: a preset-sized model on the meta device (shapes, no storage);
-- `meta_1_7b()`, `meta_3_6b()`, `meta_7_5b()`, `meta_18_4b()`, `meta_100b()`: the
-  Megatron-LM sizes at their global batch as SPECs (they take `--batch`), e.g.
-  `autopar plan examples/gpt.py:meta_7_5b --devices 128 --device a100-80g`.
+- `meta_1_7b()`, `meta_3_6b()`, `meta_7_5b()`, `meta_18_4b()`, `meta_100b()`, `meta_39_1b()`,
+  `meta_1t()`: the Megatron-LM sizes at their global batch as SPECs (they take `--batch`),
+  e.g. `autopar plan examples/gpt.py:meta_7_5b --devices 128 --device a100-80g`.
 """
 
 import math
@@ -65,11 +65,19 @@ PRESETS = {
     "7.5b": GPTConfig(block_size=2048, vocab_size=51200, n_layer=36, n_head=32, n_embd=4096),
     "18.4b": GPTConfig(block_size=2048, vocab_size=51200, n_layer=40, n_head=48, n_embd=6144),
     "100b": GPTConfig(block_size=2048, vocab_size=51200, n_layer=55, n_head=96, n_embd=12288),
+    # the table's pipelined rows (t = 8, p = 2 ... 64)
+    "39.1b": GPTConfig(block_size=2048, vocab_size=51200, n_layer=48, n_head=64, n_embd=8192),
+    "76.1b": GPTConfig(block_size=2048, vocab_size=51200, n_layer=60, n_head=80, n_embd=10240),
+    "145.6b": GPTConfig(block_size=2048, vocab_size=51200, n_layer=80, n_head=96, n_embd=12288),
+    "310.1b": GPTConfig(block_size=2048, vocab_size=51200, n_layer=96, n_head=128, n_embd=16384),
+    "529.6b": GPTConfig(block_size=2048, vocab_size=51200, n_layer=105, n_head=128, n_embd=20480),
+    "1t": GPTConfig(block_size=2048, vocab_size=51200, n_layer=128, n_head=160, n_embd=25600),
 }
 
 # Global batch (sequences per step) that the same table trains each size with; "100b"
 # borrows the 18.4B row's. The meta_* SPECs use it unless --batch says otherwise.
-MEGATRON_BATCH = {"1.7b": 512, "3.6b": 512, "7.5b": 512, "18.4b": 1024, "100b": 1024}
+MEGATRON_BATCH = {"1.7b": 512, "3.6b": 512, "7.5b": 512, "18.4b": 1024, "100b": 1024,
+                  "39.1b": 1536, "76.1b": 1792, "145.6b": 2304, "310.1b": 2160, "529.6b": 2520, "1t": 3072}
 
 
 class LayerNorm(nn.Module):
@@ -294,6 +302,18 @@ def meta_100b(batch: int = MEGATRON_BATCH["100b"]):
     """GPT 100B on the meta device:
     `autopar plan examples/gpt.py:meta_100b --devices 1024 --batch 128 --device a100-80g`."""
     return build_meta("100b", batch=batch)
+
+
+def meta_39_1b(batch: int = MEGATRON_BATCH["39.1b"]):
+    """GPT 39.1B on the meta device; the mesh search includes pipelines:
+    `autopar plan examples/gpt.py:meta_39_1b --devices 512 --device a100-80g`."""
+    return build_meta("39.1b", batch=batch)
+
+
+def meta_1t(batch: int = MEGATRON_BATCH["1t"]):
+    """GPT 1T (128 layers of width 25600) on the meta device:
+    `autopar plan examples/gpt.py:meta_1t --devices 3072 --device a100-80g`."""
+    return build_meta("1t", batch=batch)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from math import prod
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -1455,10 +1456,12 @@ def mesh_shapes(n: int, axes: Sequence[str] = ("dp", "tp"), max_inner: int | Non
 
 
 def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Sequence[str] = ("dp", "tp"),
-                   max_inner: int | None = None, **kwargs) -> tuple[Plan, list[dict]]:
+                   max_inner: int | None = None, pipeline: bool = False, schedule: str | None = None,
+                   **kwargs) -> tuple[Plan, list[dict]]:
     """Search every mesh shape of `n` devices and return the fastest plan (the smallest,
     for objective="memory") and one row per shape (mesh, status, step time, compute,
-    communication, memory, ZeRO stage).
+    communication, memory, ZeRO stage). `pipeline`: the pp x dp x tp shapes too
+    (`search_pipelines`), under `schedule` (1f1b by default).
 
         >>> plan, rows = search_devices(graph, 8, "h100")               # doctest: +SKIP
     """
@@ -1471,8 +1474,9 @@ def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Seq
         if kwargs.get("objective", "time") == "memory":
             return plan.cost["memory"]["total"], plan.cost["step_time"]
         return (plan.cost["step_time"],)
-    rows, best = [], None
-    for mesh in mesh_shapes(n, axes, max_inner if max_inner is not None else profile.node_size):
+    rows, best, found = [], None, []
+    inner = max_inner if max_inner is not None else profile.node_size
+    for mesh in mesh_shapes(n, axes, inner):
         row = {"mesh": sharding.format_mesh(mesh)}
         try:
             beat = {} if best is None or kwargs.get("objective", "time") != "time" else \
@@ -1484,17 +1488,14 @@ def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Seq
                        least_memory_recompute=getattr(e, "least_memory_recompute", None))
             rows.append(row)
             continue
-        c = plan.cost
-        row.update(status=plan.solver["status"], step_time=c["step_time"], compute=c["compute_time"],
-                   communication=c["comm_time"], comm_by_axis=c["communication"],
-                   exposed=sum(c.get("exposed_comm", {}).values()),
-                   memory=c["memory"]["total"], zero=plan.zero,
-                   tflops_per_device=c["tflops_per_device"], solve_time=plan.solver["solve_time"],
-                   wall_time=plan.solver["wall_time"],
-                   recompute=(plan.solver.get("recompute_search") or {}).get("chosen", []))
-        rows.append(row)
+        rows.append(candidate_row(row, plan))
+        found.append(plan)
         if best is None or rank(plan) < rank(best):
             best = plan
+    if pipeline and kwargs.get("zero") in (None, 0) and kwargs.get("objective", "time") == "time":
+        for plan in search_pipelines(graph, n, profile, axes, inner, schedule, found, rows, kwargs):
+            if best is None or rank(plan) < rank(best):
+                best = plan
     if best is None:
 
         detail = "; ".join(f"{r['mesh']}: {r['reason']}" for r in rows)
@@ -1513,9 +1514,148 @@ def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Seq
         err.rows = rows                                     # type: ignore[attr-defined]
         raise err
     for r in rows:
-        r["winner"] = r["mesh"] == sharding.format_mesh(best.mesh)
+        r["winner"] = r["mesh"] == sharding.format_mesh(best.mesh) and r["status"] != "screened"
     best.solver["mesh_candidates"] = rows
     return best, rows
+
+
+def candidate_row(row: dict, plan: Plan) -> dict:
+    """search_devices' row of one mesh shape's plan."""
+    c = plan.cost
+    row.update(status=plan.solver["status"], step_time=c["step_time"], compute=c["compute_time"],
+               communication=c["comm_time"], comm_by_axis=c["communication"],
+               exposed=sum(c.get("exposed_comm", {}).values()),
+               memory=c["memory"]["total"], zero=plan.zero,
+               tflops_per_device=c["tflops_per_device"], solve_time=plan.solver["solve_time"],
+               wall_time=plan.solver["wall_time"],
+               recompute=(plan.solver.get("recompute_search") or {}).get("chosen", []))
+    if plan.pipeline:
+        pc = plan.cost["pipeline"]
+        slow = max(pc["stage_rows"], key=lambda r: r["time"])
+        # the slowest stage's work (the step is it stretched by the bubble, plus the sends)
+        row.update(microbatches=plan.microbatches, schedule=pc["schedule"], bubble=pc["bubble"],
+                   compute=slow["compute"], communication=slow["time"] - slow["compute"])
+    return row
+
+
+PIPELINE_REFINE = 2       # screened pipeline shapes searched in full, the fastest first
+
+
+def search_pipelines(graph: Graph, n: int, profile: DeviceProfile, axes: Sequence[str], max_inner: int,
+                     schedule: str | None, found: list[Plan], rows: list[dict], kwargs: dict) -> list[Plan]:
+    """The pp x dp x tp shapes of `n` devices, their rows appended to `rows`; returns the
+    plans searched in full.
+
+    A shape's intra-stage plan is a search of the whole model over its other axes, as
+    costly as a shape without pp; a search for every (pp, dp, tp) would multiply the
+    search time by the count of pp sizes. So the shapes are screened first and few searched:
+
+    - a shape whose parameter state alone cannot fit -- the whole model's state over pp
+      and the model-parallel axes (the outer axis replicates it) -- is skipped;
+    - the others are priced with a plan already at hand of the same inner (tensor-parallel)
+      size: the strategies of the dp x tp search of the same tp, or of the first pipeline
+      shape searched with it (a search is run when there is none), re-priced on the
+      shape's axes and cut into its stages, its microbatch count chosen -- the
+      strategies a tp size gives each value do not depend on how the other devices are
+      split;
+    - the PIPELINE_REFINE fastest screened shapes are searched in full (`pipeline_plan`),
+      and only fully searched plans compete with the shapes without pp.
+
+    Rows of shapes priced but not searched have status "screened"."""
+    from autopar.compiler import stages as st
+    blk = st.block_list(graph.nodes)
+    if blk is None:
+        return []
+    name, v = st.parse_schedule(schedule)
+    sched = st.format_schedule(name or "1f1b", v)
+    outer, inner_axis = axes
+    limit = float(kwargs.get("memory_limit") or profile.memory)
+    precision = kwargs.get("precision")
+    kw = {k: x for k, x in kwargs.items() if k not in ("memory_limit", "zero", "step_to_beat")}
+
+    def searcher(g, m, **more):
+        return search(g, m, profile, **{**kw, **more})
+    one = CostModel(graph, Cluster({outer: 1}, profile), precision=precision)
+    rep = (None,)
+    state = sum(sum(one.param_state(m.index, rep, 0)) for m in one.members if m.kind in ("param", "buffer"))
+    seeds: dict[int, Plan] = {p.mesh[inner_axis]: p for p in found if inner_axis in p.mesh}
+    screened: list[tuple[float, dict, dict]] = []
+    full: list[Plan] = []
+    for p in [d for d in range(2, n + 1) if n % d == 0 and d * v <= len(blk[1])]:
+        for intra in mesh_shapes(n // p, axes, max_inner):
+            mesh = {st.PP_AXIS: p, **intra}
+            row = {"mesh": sharding.format_mesh(mesh)}
+            bound = state / (p * prod(k for a, k in intra.items() if a != outer))
+            if bound > limit:
+                rows.append({**row, "status": "skipped", "reason": (
+                    f"the parameter state alone needs {format_bytes(bound)} per device at best "
+                    f"(over pp and {inner_axis}), more than {format_bytes(limit)}")})
+                continue
+            t = intra[inner_axis]
+            t0 = time.perf_counter()
+            try:
+                if t not in seeds:
+                    plan = st.pipeline_plan(graph, mesh, searcher, profile, schedule=sched, memory_limit=limit)
+                    seeds[t] = unlifted(plan)
+                    full.append(plan)
+                    rows.append(candidate_row(row, plan))
+                    continue
+                plan = repriced(graph, seeds[t], intra, profile, limit * p, precision)
+                st.pipelined(graph, plan, mesh, profile, sched, memory_limit=limit)
+            except (PlanInfeasible, InputError) as e:
+                rows.append({**row, "status": "infeasible", "reason": str(e),
+                             "least_memory": getattr(e, "least_memory", None)})
+                continue
+            plan.solver["wall_time"] = time.perf_counter() - t0
+            r = candidate_row(row, plan)
+            r["status"] = "screened"
+            rows.append(r)
+            screened.append((plan.cost["step_time"], mesh, r))
+    searched = {sharding.format_mesh(p.mesh) for p in full}
+    for _, mesh, r in sorted(screened, key=lambda x: x[0])[:PIPELINE_REFINE]:
+        if r["mesh"] in searched:
+            continue
+        try:
+            plan = st.pipeline_plan(graph, mesh, searcher, profile, schedule=sched, memory_limit=limit)
+        except (PlanInfeasible, InputError) as e:
+            r.update(status="infeasible", reason=f"screened at {r['step_time']:.4g} s, then: {e}")
+            continue
+        r.clear()
+        r["mesh"] = sharding.format_mesh(mesh)
+        candidate_row(r, plan)
+        full.append(plan)
+    return full
+
+
+def unlifted(plan: Plan) -> Plan:
+    """The intra-stage plan inside a pipelined plan (the pp axis dropped), a new Plan."""
+    pos = list(plan.mesh).index("pp")
+    return Plan(model=plan.model, mesh={a: k for a, k in plan.mesh.items() if a != "pp"}, device=plan.device,
+                memory_limit=plan.memory_limit,
+                strategies={k: v[:pos] + v[pos + 1:] for k, v in plan.strategies.items()},
+                layouts={k: v[:pos] + v[pos + 1:] for k, v in plan.layouts.items()}, zero=0,
+                dp_axis=plan.dp_axis, recompute=list(plan.recompute), overlap=dict(plan.overlap),
+                cost={}, solver={})
+
+
+def repriced(graph: Graph, seed: Plan, mesh: dict[str, int], profile: DeviceProfile, limit: float,
+             precision: str | None) -> Plan:
+    """`seed`'s strategies (and recompute) on another mesh of the same axes, priced there
+    without ZeRO: a plan for screening, not searched."""
+    cm = CostModel(graph, Cluster(dict(mesh), profile), precision=precision, recompute=seed.recompute,
+                   dp_axis=seed.dp_axis)
+    strategies = {k: tuple(v) for k, v in seed.strategies.items()}
+    layouts = sharding.derive_layouts(graph, dict(mesh), strategies)
+    for v in graph.values():
+        for (axis, k), pl in zip(mesh.items(), layouts.get(v.name, ())):
+            d = sharding.shard_dim(pl)
+            if d is not None and v.shape[d] % k:
+                raise InputError(f"%{v.name} {list(v.shape)}: dim {d} does not split {k} ways over {axis}")
+    t0 = time.perf_counter()
+    report = cm.evaluate(strategies, 0)
+    stats = {"status": "screened", "solve_time": 0.0, "wall_time": time.perf_counter() - t0,
+             "screened_from": sharding.format_mesh(seed.mesh)}
+    return make_plan(graph, cm, strategies, report, 0, limit, seed.recompute, stats)
 
 
 __all__ = ["search", "search_fixed", "search_devices", "PlanInfeasible", "mesh_shapes", "block_of",

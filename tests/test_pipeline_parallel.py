@@ -524,3 +524,59 @@ def test_pp2_dp2_launch_reduces_each_stages_gradients_over_dp():
     total = sum(p.numel() * 4 for p in model.parameters())
     assert all(0.4 * total < g < 0.6 * total for g in got), (got, total)
     assert sum(got) >= total + model.transformer.wte.weight.numel() * 4
+
+
+# ---- pipelines in the mesh search ------------------------------------------------------------------
+
+def test_search_devices_finds_a_pipeline_where_no_flat_mesh_fits():
+    """Under a limit no dp x tp shape meets, a pp x dp x tp shape does: the search over every
+    factorisation returns it, its fullest stage within the limit; shapes whose parameter
+    state alone cannot fit are skipped unsearched, and a limit nothing meets raises with
+    every shape's reason."""
+    from conftest import load_example
+    from autopar.passes.shard import PlanInfeasible, search_devices
+    from autopar.pipeline import prepared_graph
+    gpt = load_example("gpt")
+    cfg = gpt.GPTConfig(block_size=32, vocab_size=128, n_layer=4, n_head=4, n_embd=64)
+    g = prepared_graph(*gpt.build(cfg, batch=8), "gpt", symbolic=True)
+    kw = dict(max_inner=2, deterministic=True, zero=0)
+    with pytest.raises(PlanInfeasible) as flat:
+        search_devices(g, 8, "h100", memory_limit=1e5, **kw)
+    limit = 0.7 * flat.value.least_memory
+    with pytest.raises(PlanInfeasible):
+        search_devices(g, 8, "h100", memory_limit=limit, **kw)
+    plan, rows = search_devices(g, 8, "h100", memory_limit=limit, pipeline=True, **kw)
+    assert plan.pipeline and plan.mesh["pp"] >= 2
+    assert plan.cost["memory"]["total"] <= limit
+    assert plan.cost["pipeline"]["microbatches"] == plan.microbatches
+    by_mesh = {r["mesh"]: r for r in rows}
+    assert set(by_mesh) == {"dp=8,tp=1", "dp=4,tp=2", "pp=2,dp=4,tp=1", "pp=2,dp=2,tp=2",
+                            "pp=4,dp=2,tp=1", "pp=4,dp=1,tp=2"}      # pp <= 4 blocks, tp <= 2
+    assert all(by_mesh[m]["status"] == "infeasible" for m in ("dp=8,tp=1", "dp=4,tp=2"))
+    winner = [r for r in rows if r.get("winner")]
+    assert len(winner) == 1 and winner[0]["mesh"] == ",".join(f"{a}={n}" for a, n in plan.mesh.items())
+    assert winner[0]["status"] != "screened" and winner[0]["memory"] <= limit
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert skipped and all("parameter state alone" in r["reason"] for r in skipped)
+    with pytest.raises(PlanInfeasible) as none:
+        search_devices(g, 8, "h100", memory_limit=1e5, pipeline=True, **kw)
+    assert "pp=4,dp=1,tp=2: the parameter state alone needs" in str(none.value)
+
+
+def test_rank_batch_counts_a_batch_split_after_the_inputs(gpt4):
+    """A plan may keep the token ids whole and split an activation's batch over dp; the
+    microbatches cut the ids, so they must divide the rows each rank holds there."""
+    from autopar.compiler.stages import rank_batch
+    from autopar.passes.shard import search
+    _, _, g = gpt4
+    plan = search(g, {"dp": 2}, "h100", deterministic=True)
+    batch = int(g.inputs[0].shape[0])
+    plan.layouts = {k: ["S(0)" if k in ("idx", "targets") else "R"] for k in plan.layouts}
+    assert rank_batch(plan, g) == batch // 2
+    whole = {k: ["R"] for k in plan.layouts}
+    late = next(v.name for n in g.nodes for v in n.outputs if v.shape and v.shape[0] == batch)
+    whole[late] = ["S(0)"]
+    plan.layouts = whole
+    assert rank_batch(plan, g) == batch // 2
+    plan.layouts = {k: ["R"] for k in plan.layouts}
+    assert rank_batch(plan, g) == batch

@@ -67,11 +67,19 @@ def test_plan_devices_compares_mesh_shapes(capsys):
                  "--batch", "8"]) == 0
     text = capsys.readouterr().out
     assert "mesh shapes of 8 devices:" in text and "<- winner" in text
-    for mesh in ("dp=8,tp=1", "dp=4,tp=2", "dp=2,tp=4", "dp=1,tp=8"):
-        assert mesh in text
+    # the two-block GPT pipelines over pp=2 at most, its other 4 devices split dp x tp
+    for mesh in ("dp=8,tp=1", "dp=4,tp=2", "dp=2,tp=4", "dp=1,tp=8",
+                 "pp=2,dp=4,tp=1", "pp=2,dp=2,tp=2", "pp=2,dp=1,tp=4"):
+        assert f"  {mesh} " in text
+    assert "pp=4" not in text and "1f1b x" in text
     assert main(["plan", GPT, "--devices", "8", "--device", "a100-80g", "--deterministic", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert len(data["mesh_candidates"]) == 4 and sum(r["winner"] for r in data["mesh_candidates"]) == 1
+    rows = data["mesh_candidates"]
+    assert len(rows) == 7 and sum(r["winner"] for r in rows) == 1
+    pp = [r for r in rows if r["mesh"].startswith("pp=")]
+    # two screened shapes searched in full, the third priced from a searched plan's strategies
+    assert sum(r["status"] == "screened" for r in pp) == 1
+    assert all(r["schedule"] == "1f1b" and r["microbatches"] >= 1 for r in pp)
 
 
 def test_plan_user_errors(capsys, tmp_path):
