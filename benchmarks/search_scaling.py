@@ -14,7 +14,9 @@ What is measured, per (layers, devices):
   "plan" = search + diagnosis;
 - the same search with no memory limit (1 PiB), so the depth scaling of the solver is
   also seen with the memory constraint out of play;
-- all shapes: `search_devices()` over every dp x tp factorisation of the device count.
+- all shapes: `search_devices()` over every dp x tp factorisation of the device count;
+- with pp: `search_devices(pipeline=True)`, the pp x dp x tp shapes too (target: at most 2x
+  the time of all shapes without pp at 96 layers).
 
 The workload is chosen so that every size in the sweep is feasible on both device counts
 under the A100's 80 GiB: one sequence per device (global batch = devices) of 1024 tokens
@@ -56,6 +58,9 @@ MEASURED = {
     "no_limit": "the same search with a 1 PiB memory limit (the memory constraint never binds)",
     "all_shapes": "search_devices(): every dp x tp shape of the device count (tp <= 8), search and "
                   "diagnosis medians apart",
+    "with_pp": "search_devices(pipeline=True): the dp x tp shapes and every pp x dp x tp shape "
+               "(pp up to the layer count), screened and the two fastest searched in full; "
+               "wall time, diagnosis included",
 }
 NOTES = """## Where the time goes (cProfile, this machine)
 
@@ -190,7 +195,8 @@ def main() -> None:
             graph = prune(trace(model, inputs, name=f"gpt-{layers}l"))
             t_trace = time.perf_counter() - t0
             print(f"traced {layers} layers, batch {batch}: {len(graph.nodes)} nodes in {t_trace:.1f} s", flush=True)
-            cases.append((layers, n, batch, graph, t_trace, {"a100": [], "no_limit": [], "all_shapes": []}))
+            cases.append((layers, n, batch, graph, t_trace,
+                          {"a100": [], "no_limit": [], "all_shapes": [], "with_pp": []}))
     for rep in range(args.repeats):
         for layers, n, batch, graph, t_trace, runs in cases:
             mesh = {"dp": n // 8, "tp": 8}
@@ -205,6 +211,13 @@ def main() -> None:
                 except PlanInfeasible:
                     winner, infeasible = "infeasible", ["all"]
                 runs["all_shapes"].append((time.perf_counter() - t0, dt.seconds, winner, infeasible))
+            t0 = time.perf_counter()
+            try:
+                _, cands = search_devices(graph, n, prof, pipeline=True)
+                winner = next(r["mesh"] for r in cands if r.get("winner"))
+            except PlanInfeasible:
+                winner = "infeasible"
+            runs["with_pp"].append((time.perf_counter() - t0, winner))
         print(f"round {rep + 1}/{args.repeats} done", flush=True)
     rows = []
     for layers, n, batch, graph, t_trace, runs in cases:
@@ -216,6 +229,9 @@ def main() -> None:
                              "diagnosis_s": statistics.median(d for _, d, _, _ in sh),
                              "search_runs_s": [w - d for w, d, _, _ in sh],
                              "winner": sh[-1][2], "infeasible_shapes": sh[-1][3]}
+        pp = runs["with_pp"]
+        row["with_pp"] = {"wall_s": statistics.median(w for w, _ in pp), "runs_s": [w for w, _ in pp],
+                          "winner": pp[-1][1]}
         rows.append(row)
         a, u, s = row["a100"], row["no_limit"], row["all_shapes"]
         print(f"{layers:3d} layers {n:3d} devices: {row['nodes']:5d} nodes, trace {t_trace:5.1f} s | "
@@ -254,6 +270,13 @@ def main() -> None:
                               f"{by[(12, n)]['a100']['cpsat_bools']} -> {by[(96, n)]['a100']['cpsat_bools']}")
             a, b = by[(12, n)]["all_shapes"]["search_s"], by[(96, n)]["all_shapes"]["search_s"]
             checks.append(f"{n} devices, all mesh shapes: 96 layers / 12 layers = {b / a:.2f}x")
+    for (layers, n), r in sorted(by.items()):
+        flat = r["all_shapes"]["search_s"] + r["all_shapes"]["diagnosis_s"]
+        pp = r["with_pp"]["wall_s"]
+        checks.append(f"{layers} layers, {n} devices: every shape with pipelines / without = {pp:.2f} s / "
+                      f"{flat:.2f} s = {pp / flat:.2f}x" + (f" (target <= 2x: {'met' if pp <= 2 * flat else 'NOT met'})"
+                                                              if layers == 96 else "")
+                      + f"; winner with pipelines {r['with_pp']['winner']}")
     for c in checks:
         print(c)
     if args.no_write:
@@ -280,16 +303,17 @@ def write_md(data: dict) -> None:
           "(tp <= 8). " + ("Every size is feasible under 80 GiB on every shape of both device counts, "
                            "so every row compares a search with a search."
                            if not infeasible else f"Infeasible: {', '.join(infeasible)}."), "",
-          "| layers | devices | batch | nodes | trace s | mesh | status | vars before | merged | linked | after dominance | CP-SAT bools | build s | solve s | search s (min) | diag s | no-limit search s | all shapes search s | all shapes diag s | winner |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| layers | devices | batch | nodes | trace s | mesh | status | vars before | merged | linked | after dominance | CP-SAT bools | build s | solve s | search s (min) | diag s | no-limit search s | all shapes search s | all shapes diag s | winner | with pp s | winner with pp |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a, u, s = r["a100"], r["no_limit"], r["all_shapes"]
+        pp = r.get("with_pp", {})          # results written before the pipeline search have none
         md.append(f"| {r['layers']} | {r['devices']} | {r['batch']} | {r['nodes']} | {r['trace_s']:.1f} | {r['mesh']} | "
                   f"{a['status']} | {a.get('variables_before', '-')} | {a.get('variables_after_merging', '-')} | "
                   f"{a.get('variables_after_linking', '-')} | {a.get('variables_after_dominance', '-')} | "
                   f"{a.get('cpsat_bools', '-')} | {a.get('build_s', 0):.2f} | {a.get('solve_s', 0):.2f} | "
                   f"{a['search_s']:.2f} ({a['search_min_s']:.2f}) | {a['diagnosis_s']:.2f} | {u['search_s']:.2f} | {s['search_s']:.2f} | "
-                  f"{s['diagnosis_s']:.2f} | {s['winner']} |")
+                  f"{s['diagnosis_s']:.2f} | {s['winner']} | {pp.get('wall_s', float('nan')):.2f} | {pp.get('winner', '-')} |")
     md += [""] + [f"- {c}" for c in checks] + ["", NOTES]
     (RESULTS / "search_scaling.md").write_text("\n".join(md) + "\n")
 

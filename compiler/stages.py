@@ -242,16 +242,22 @@ def owners(stages: list[Stage]) -> dict[str, list[int]]:
     return out
 
 
-def stage_node_times(graph, plan, profile) -> list[float]:
-    """Forward + backward seconds of every node of `graph` under `plan` (its intra-stage
-    strategies; the pp axis left out), from the cost model."""
+def intra_cost_model(graph, plan, profile):
+    """The cost model of a pipelined plan's intra-stage mesh (every axis but pp), under the
+    plan's precision and recompute regions (their forward runs again in backward)."""
     from autopar.compiler.cluster import Cluster
     from autopar.compiler.cost import CostModel
     intra = {a: n for a, n in plan.mesh.items() if a != PP_AXIS}
+    return CostModel(graph, Cluster(intra, profile), precision=plan.cost.get("precision"),
+                     recompute=plan.recompute)
+
+
+def stage_node_times(graph, plan, profile, cm=None) -> list[float]:
+    """Forward + backward seconds of every node of `graph` under `plan` (its intra-stage
+    strategies; the pp axis left out), from the cost model (`cm`: intra_cost_model's)."""
+    intra = {a: n for a, n in plan.mesh.items() if a != PP_AXIS}
     keep = [i for i, a in enumerate(plan.mesh) if a != PP_AXIS]
-    # the plan's recompute regions run their forward again in backward: priced as it runs
-    cm = CostModel(graph, Cluster(intra, profile), precision=plan.cost.get("precision"),
-                   recompute=plan.recompute)
+    cm = cm or intra_cost_model(graph, plan, profile)
     out = []
     from autopar.compiler import sharding
     for n in graph.nodes:
@@ -276,19 +282,17 @@ def in_flight(schedule: str, r: int, p: int, m: int, v: int = 1) -> float:
     return min(m, p - r)
 
 
-def pipeline_base(plan, graph, profile) -> dict:
+def pipeline_base(plan, graph, profile, cm=None) -> dict:
     """What pricing a pipeline needs that does not depend on its microbatch count: every
     node's compute time, launch overhead and activation bytes under the intra-stage plan,
-    each parameter's state, the cut into chunks."""
+    each parameter's state, the cut into chunks (`cm`: intra_cost_model's)."""
     from autopar.compiler import sharding
     from autopar.compiler.cluster import Cluster
-    from autopar.compiler.cost import CostModel
     pp = plan.pipeline
     p, v = pp["stages"], int(pp.get("virtual", 1))
     pos = list(plan.mesh).index(pp["axis"])
     intra = {a: n for a, n in plan.mesh.items() if a != pp["axis"]}
-    cm = CostModel(graph, Cluster(intra, profile), precision=plan.cost.get("precision"),
-                   recompute=plan.recompute)
+    cm = cm or intra_cost_model(graph, plan, profile)
     stages = cut_stages(graph, p * v, ranges=pp["ranges"])
 
     def strat(key):
@@ -523,13 +527,15 @@ def pipeline_plan(graph, mesh: dict[str, int], search: Callable, profile, schedu
 
 
 def pipelined(graph, plan, mesh: dict[str, int], profile, schedule: str, ranges=None,
-              memory_limit: float | None = None, microbatches: int | None = None):
+              memory_limit: float | None = None, microbatches: int | None = None, cm=None):
     """An intra-stage plan (over `mesh` but its pp axis) made the pipeline over `mesh`: the
     stages cut and balanced by its per-node times, lifted over pp, its microbatch count
-    chosen (see pipeline_plan). The plan is changed in place and returned."""
+    chosen (see pipeline_plan). The plan is changed in place and returned. `cm`: the
+    plan's intra_cost_model, when the caller has it."""
     p = mesh[PP_AXIS]
     name, v = parse_schedule(schedule)
-    times = stage_node_times(graph, plan, profile)
+    cm = cm or intra_cost_model(graph, plan, profile)
+    times = stage_node_times(graph, plan, profile, cm)
     stages = cut_stages(graph, p * v, lambda i: times[i], ranges=ranges)
     lift_plan(plan, mesh)
     plan.pipeline = {"axis": PP_AXIS, "stages": p, "virtual": v, "schedule": name,
@@ -537,7 +543,7 @@ def pipelined(graph, plan, mesh: dict[str, int], profile, schedule: str, ranges=
                      "ranges": [list(s.blocks) for s in stages],
                      "pinned": [k for k, r in enumerate(ranges or []) if r is not None],
                      "stage_time": [s.time for s in stages], "profile": profile.name}
-    choose_microbatches(plan, graph, profile, memory_limit, only=microbatches)
+    choose_microbatches(plan, graph, profile, memory_limit, only=microbatches, cm=cm)
     if memory_limit is not None:
         # the intra-stage search ran against p times the limit; the plan keeps the device's
         plan.memory_limit = memory_limit
@@ -590,7 +596,7 @@ def rank_batch(plan, graph) -> int | None:
 
 
 def choose_microbatches(plan, graph, profile, memory_limit: float | None = None,
-                        only: int | None = None) -> int:
+                        only: int | None = None, cm=None) -> int:
     """The microbatch count of the fastest predicted pipeline step among the divisors of the
     batch each rank holds whose fullest stage fits `memory_limit` bytes (more microbatches
     shrink the bubble and the activations in flight, each costs its kernels' launches once
@@ -600,7 +606,7 @@ def choose_microbatches(plan, graph, profile, memory_limit: float | None = None,
     tried, memory = {}, {}
     p = plan.pipeline["stages"]
     intra = {a: n for a, n in plan.mesh.items() if a != PP_AXIS}
-    base = pipeline_base(plan, graph, profile)
+    base = pipeline_base(plan, graph, profile, cm)
     for m in [only] if only else [d for d in range(1, batch + 1) if batch % d == 0]:
         if plan.pipeline["schedule"] == "interleaved" and m % max(1, m // p) and not only:
             continue                  # PyTorch's interleaved rounds do not divide m

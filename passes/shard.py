@@ -1600,8 +1600,8 @@ def search_pipelines(graph: Graph, n: int, profile: DeviceProfile, axes: Sequenc
                     full.append(plan)
                     rows.append(candidate_row(row, plan))
                     continue
-                plan = repriced(graph, seeds[t], intra, profile, limit * p, precision)
-                st.pipelined(graph, plan, mesh, profile, sched, memory_limit=limit)
+                plan, cm = repriced(graph, seeds[t], intra, profile, limit * p, precision)
+                st.pipelined(graph, plan, mesh, profile, sched, memory_limit=limit, cm=cm)
             except (PlanInfeasible, InputError) as e:
                 rows.append({**row, "status": "infeasible", "reason": str(e),
                              "least_memory": getattr(e, "least_memory", None)})
@@ -1639,9 +1639,9 @@ def unlifted(plan: Plan) -> Plan:
 
 
 def repriced(graph: Graph, seed: Plan, mesh: dict[str, int], profile: DeviceProfile, limit: float,
-             precision: str | None) -> Plan:
+             precision: str | None) -> tuple[Plan, CostModel]:
     """`seed`'s strategies (and recompute) on another mesh of the same axes, priced there
-    without ZeRO: a plan for screening, not searched."""
+    without ZeRO: a plan for screening, not searched, and its cost model."""
     cm = CostModel(graph, Cluster(dict(mesh), profile), precision=precision, recompute=seed.recompute,
                    dp_axis=seed.dp_axis)
     strategies = {k: tuple(v) for k, v in seed.strategies.items()}
@@ -1655,7 +1655,7 @@ def repriced(graph: Graph, seed: Plan, mesh: dict[str, int], profile: DeviceProf
     report = cm.evaluate(strategies, 0)
     stats = {"status": "screened", "solve_time": 0.0, "wall_time": time.perf_counter() - t0,
              "screened_from": sharding.format_mesh(seed.mesh)}
-    return make_plan(graph, cm, strategies, report, 0, limit, seed.recompute, stats)
+    return make_plan(graph, cm, strategies, report, 0, limit, seed.recompute, stats), cm
 
 
 __all__ = ["search", "search_fixed", "search_devices", "PlanInfeasible", "mesh_shapes", "block_of",
