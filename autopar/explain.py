@@ -46,7 +46,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     where.add_argument("--mesh", help="mesh axes and sizes, e.g. dp=2,tp=4 (with --plan: must "
                                       "agree with the file's mesh, or name one the file leaves out)")
     where.add_argument("--devices", type=int, metavar="N",
-                       help="device count: every dp x tp shape (tp within a node) is searched and compared")
+                       help="device count: every dp x tp shape (tp within a node), and pp x dp x tp where the "
+                            "model has repeated blocks, is searched and compared")
     p.add_argument("--plan", metavar="FILE.plan",
                    help="search under this plan file's constraints (its mesh, device, memory, "
                         "ZeRO stage, layouts, recompute win over the flags)")
@@ -59,7 +60,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="fix the ZeRO stage (default: searched)")
     from autopar.compiler.stages import schedule_arg
     p.add_argument("--schedule", type=schedule_arg, default=None, metavar="{gpipe,1f1b,interleaved[:V]}",
-                   help="pipeline schedule the plan is priced and cut for, with a pp axis (default 1f1b)")
+                   help="pipeline schedule the plan is priced and cut for, with a pp axis or --devices (default 1f1b)")
     p.add_argument("--time-limit", type=float, default=10.0, help="solver time limit in seconds per mesh (default 10)")
     p.add_argument("--deterministic", action="store_true", help="one solver worker, fixed seed: same plan every run")
     p.add_argument("--trace", choices=["export", "fx"], default="export", help="front end (default export)")

@@ -294,7 +294,8 @@ def build_program(model, inputs, mesh=None, backend: str = "torch", plan=None, d
             raise InputError(f"--microbatches {microbatches}: give a count of at least 1")
         plan.microbatches = microbatches
     check_microbatches(graph, plan, inputs)
-    if plan.pipeline or schedule:
+    # with --devices the schedule prices the pipeline shapes; a flat winner runs without one
+    if plan.pipeline or (schedule and devices is None):
         from autopar.compiler.stages import check_pipeline
         check_pipeline(plan, schedule, backend, graph)      # and priced with the final M
     # the communication schedule: gradient buckets reduced while backward runs

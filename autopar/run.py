@@ -258,7 +258,8 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--mesh", help="mesh axes, e.g. dp=2,tp=2")
     where.add_argument("--devices", type=int, metavar="N",
-                       help="device count: the search compares the mesh shapes (dp x tp)")
+                       help="device count: the search compares the mesh shapes (dp x tp, and pp x dp x tp "
+                            "where the model has repeated blocks)")
     p.add_argument("--backend", choices=["torch", "mpi"], default="torch")
     p.add_argument("--plan", metavar="FILE",
                    help="a plan file (constraints, then the search) or a plan JSON (used as is)")
