@@ -27,21 +27,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "models"))
 
-from autopar.compiler.cluster import Cluster, DeviceProfile, Link          # noqa: E402
-from autopar.compiler.cost import CostModel                                 # noqa: E402
-from autopar.compiler.ir import Graph, Node, NodeMeta, Value                # noqa: E402
-from autopar.compiler.ops import VOCAB_PARALLEL_CE, node_anno               # noqa: E402
-from autopar.compiler.plan import Plan                                      # noqa: E402
-from autopar.compiler.sharding import split_class_collectives               # noqa: E402
-from autopar.compiler.verify import verify                                  # noqa: E402
-from autopar.passes.apply import apply_plan                                 # noqa: E402
-from autopar.passes.shard import search                                     # noqa: E402
-
 STEPS = 2
-# an H100-like device, fp32 bytes, so the bytes below are easy to write down
-H100ISH = DeviceProfile("h100ish", peak_flops=800e12, efficiency=0.5, hbm_bandwidth=3.35e12,
-                        memory=80e9, node_size=8, intra=Link(10e-6, 400e9), inter=Link(20e-6, 46e9),
-                        precision="fp32")
+
+# the compiler is imported by the tests, not by the ranks this file also runs as (a rank
+# starts light: the generated program imports only the runtime)
+if __name__ != "__main__":
+    from autopar.compiler.cluster import Cluster, DeviceProfile, Link
+    from autopar.compiler.cost import CostModel
+    from autopar.compiler.ir import Graph, Node, NodeMeta, Value
+    from autopar.compiler.ops import VOCAB_PARALLEL_CE, node_anno
+    from autopar.compiler.sharding import split_class_collectives
+    from autopar.compiler.verify import verify
+    from autopar.passes.apply import apply_plan
+    from autopar.passes.shard import search
+
+    # an H100-like device, fp32 bytes, so the bytes below are easy to write down
+    H100ISH = DeviceProfile("h100ish", peak_flops=800e12, efficiency=0.5, hbm_bandwidth=3.35e12,
+                            memory=80e9, node_size=8, intra=Link(10e-6, 400e9), inter=Link(20e-6, 46e9),
+                            precision="fp32")
 
 
 def lm_head_graph(rows=2048, width=1024, vocab=32768, reduction=2, **attrs) -> Graph:
