@@ -50,27 +50,29 @@ class _VocabParallelCE(torch.autograd.Function):
         exp = torch.exp(x - row_max[:, None])
         sum_exp = exp.sum(dim=-1).contiguous()
         _reduce(mesh, axis, sum_exp, "sum")           # all_reduce(sum) of N fp32 values
-        lse = row_max + sum_exp.log()
+        # log_softmax as torch forms it on one device, (x - max) - log(sum of exp), so a
+        # row's values differ from the single-device ones only by the sum's order
+        log_p = (x - row_max[:, None]) - sum_exp.log()[:, None]
         kept = target != ignore_index
         local = target - first
         mine = kept & (local >= 0) & (local < width)  # rows whose target this shard holds
         index = torch.where(mine, local, torch.zeros_like(local))
-        picked = x.gather(1, index[:, None]).squeeze(1)
-        rows = torch.where(mine, lse - picked, torch.zeros_like(lse))
-        # softmax as exp(x - lse), the way torch's log_softmax backward forms it
-        ctx.save_for_backward(torch.exp(x - lse[:, None]), index, mine, kept)
+        picked = log_p.gather(1, index[:, None]).squeeze(1)
+        rows = torch.where(mine, -picked, torch.zeros_like(picked))
+        ctx.save_for_backward(log_p, index, mine, kept)
         ctx.reduction, ctx.dtype = reduction, logits.dtype
         out = rows.sum() if reduction == "sum" else rows
         return out.to(logits.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        softmax, index, mine, kept = ctx.saved_tensors
-        grad = softmax
-        grad.scatter_add_(1, index[:, None], -mine[:, None].to(grad.dtype))
-        grad.mul_(kept[:, None].to(grad.dtype))
+        log_p, index, mine, kept = ctx.saved_tensors
+        # per row: g * softmax, less g at the target (log_softmax's backward as torch
+        # forms it); rows ignored get no gradient
         g = g.float()
-        grad.mul_(g if ctx.reduction == "sum" else g[:, None])
+        g_row = (g.expand(kept.shape) if ctx.reduction == "sum" else g) * kept
+        grad = log_p.exp().mul_(g_row[:, None])
+        grad.scatter_add_(1, index[:, None], -(g_row * mine)[:, None])
         return grad.to(ctx.dtype), None, None, None, None, None
 
 
