@@ -411,6 +411,7 @@ def traffic_under(sharded, precision: str) -> dict[str, int]:
     """Bytes per step and rank the program sends under `precision`. The sharded graph counts
     in its own dtypes (fp32); a bf16 program sends every floating collective buffer (and every
     gradient bucket) at half that, while integer ones (token ids, targets) keep their size."""
+    from autopar.compiler.ops import VOCAB_PARALLEL_CE
     from autopar.compiler.sharded import depends_on, is_collective, predict_traffic
     traffic = predict_traffic(sharded)
     if precision != "bf16":
@@ -420,7 +421,8 @@ def traffic_under(sharded, precision: str) -> dict[str, int]:
     again = sharded.recomputed()
     ints: dict[str, int] = {}
     for i, n in enumerate(sharded.nodes):     # as ShardedGraph.calls counts them
-        if not is_collective(n) or n.inputs[0].dtype.is_floating_point:
+        # integer buffers keep their size, and so do the vocab-parallel loss's fp32 statistics
+        if not (is_collective(n) and not n.inputs[0].dtype.is_floating_point or n.op == VOCAB_PARALLEL_CE):
             continue
         share = m if batch and depends_on(sharded.global_shapes.get(n.inputs[0].name, ()), batch) else 1
         for kind, axis, b, phase in sharded.node_traffic(n):

@@ -25,7 +25,7 @@ import torch
 from autopar.compiler import buckets, collectives, sharding
 from autopar.compiler.errors import InputError
 from autopar.compiler.ir import Node, SymInt, Value
-from autopar.compiler.ops import library_modules
+from autopar.compiler.ops import VOCAB_PARALLEL_CE, library_modules
 from autopar.compiler.patterns import block_of
 from autopar.compiler.sharded import (BIAS_SHARE, MEAN_SCALE, ShardedGraph, format_bytes,
                                       is_collective, is_inserted_scale, nbytes, region_io)
@@ -729,6 +729,13 @@ class Emitter:
         elif n.meta.source == BIAS_SHARE:
             w(f"# the output is a partial sum over {n.attr['other']} ranks: each adds 1/{n.attr['other']} of the bias", indent)
             code = f"{outs} = {operand[0]} / {n.attr['other']}"
+        elif n.op == VOCAB_PARALLEL_CE:
+            axis = n.attr["axis"]
+            sizes = sorted({format_bytes(b) for _, _, b, _ in s.node_traffic(n)})
+            w(f"# vocab-parallel loss: the logits stay split on {axis} (no gather). Inside, each row's max, then its", indent)
+            w(f"# sum of exp, is all_reduced over {axis} (all_reduce {' / '.join(sizes)} fwd x2, nothing in backward);", indent)
+            w(f"# the rank whose classes hold a row's target adds that row's loss: a partial sum over {axis}", indent)
+            code = f"{outs} = {render_op(self.with_sizes(n), operand)}"
         elif n.op.startswith("onnx."):   # an ONNX op without a lowering: ONNX's reference implementation
             code = f"{outs} = {onnx_node.call_source(n.op, operand, n.attr)}"
         else:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from autopar.compiler.ir import Node
-from autopar.compiler.ops import REGISTRY
+from autopar.compiler.ops import REGISTRY, VOCAB_PARALLEL_CE
 
 
 class Expr(str):
@@ -149,6 +149,10 @@ def render_op(node: Node, operand: list[str]) -> str:
         if a.get("reduction", 1) != 1:
             k["reduction"] = REDUCTION[a["reduction"]]
         return call("F.cross_entropy", [a["self"], a["target"]], k)
+    if op == VOCAB_PARALLEL_CE:
+        k = {"ignore_index": a["ignore_index"]} if a.get("ignore_index", -100) != -100 else {}
+        k["reduction"] = REDUCTION[a.get("reduction", 2)]
+        return call("rt.vocab_parallel_cross_entropy", [a["self"], a["target"], Expr("mesh"), Expr(f'"{a["axis"]}"')], k)
     if op == "mse_loss":
         k = {"reduction": REDUCTION[a["reduction"]]} if a.get("reduction", 1) != 1 else {}
         return call("F.mse_loss", [a["self"], a["target"]], k)

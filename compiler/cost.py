@@ -23,6 +23,10 @@ The facts (DESIGN.md, "Cost model"):
   here are the bytes the runtime counts.
 - every edge costs `sharding.reshard(producer layout -> consumer layout)`, forward and
   backward (backward only when the value needs a gradient).
+- a cross-entropy whose class dim an axis splits (the vocab-parallel loss: logits stay
+  split, no gather) costs its compute / split plus two all_reduces of one fp32 value per
+  local row on that axis, inside the op (`op_collectives`): the search sees them in the
+  node's forward time, the report as communication into the node.
 - the step time is the makespan of the step's schedule (compiler/schedule.py): gradient
   buckets reduced during backward, ZeRO-3 weights gathered `prefetch` blocks ahead, the
   other collectives synchronous, as passes/overlap.py has the program run them. With
@@ -414,6 +418,10 @@ class CostModel:
             # host overhead per op (measured on cpu; views cost no kernel)
             overhead = 0.0 if od.view else self.profile.op_overhead
             c.fwd_time += overhead
+            # communication inside the op (the vocab-parallel loss): synchronous, on the
+            # compute stream, so the search prices it with the node's forward
+            inner = self.op_collectives(mi, s)
+            c.fwd_time += sum(self.time_of(col) for col in inner if col.phase == "forward")
             if self.has_backward(mi):
                 if m.node.op in MATMUL_OPS and len(m.inputs) >= 2:
                     ways = sum(1 for v in m.inputs[:2] if v.name in self.needs_grad)
@@ -426,6 +434,22 @@ class CostModel:
                 c.recompute_time = c.fwd_time
         self._compute[k] = c
         return c
+
+    def op_collectives(self, mi: int, s: Strategy) -> list[Collective]:
+        """Collectives a node runs inside itself under `s`: a cross-entropy whose class dim
+        an axis splits (the vocab-parallel loss) all_reduces its local rows' max and sum of
+        exp on that axis (`sharding.split_class_collectives`), again when recomputed."""
+        m = self.members[mi]
+        if m.is_source:
+            return []
+        axis = sharding.split_class_axis(m.node.op, m.anno, s, self.mesh)
+        if axis is None:
+            return []
+        rows = sharding.local_shape(m.inputs[1].shape, self.in_layout(mi, s, 1), self.mesh)[0]
+        cols = sharding.split_class_collectives(axis, rows)
+        if m.key in self.regions:
+            cols += [Collective(c.kind, c.axis, c.bytes, "recompute") for c in cols]
+        return cols
 
     def activation_bytes(self, mi: int, s: Strategy) -> float:
         """Saved activations attributable to member `mi` alone (edges add their copies)."""
@@ -677,11 +701,17 @@ class CostModel:
         for m in self.members:
             s = strat[m.index]
             c = self.compute(m.index, s)
-            nodes[m.key] = NodeCost(c.fwd_time, c.bwd_time, c.recompute_time, c.flops, c.bwd_flops,
-                                    c.bytes, [])
-            comp["forward"] += c.fwd_time
+            # the op's own collectives are priced in its compute (what the search sees); the
+            # report lists them as communication into the node, run just before its compute
+            inner = [(col, count(col)) for col in self.op_collectives(m.index, s)]
+            t_fwd = sum(t for col, t in inner if col.phase == "forward")
+            t_re = sum(t for col, t in inner if col.phase == "recompute")
+            nodes[m.key] = NodeCost(c.fwd_time - t_fwd, c.bwd_time, c.recompute_time - t_re, c.flops,
+                                    c.bwd_flops, c.bytes, list(inner))
+            comms += [(col, t, m.index, m.index) for col, t in inner]
+            comp["forward"] += c.fwd_time - t_fwd
             comp["backward"] += c.bwd_time
-            comp["recompute"] += c.recompute_time
+            comp["recompute"] += c.recompute_time - t_re
             flops += (c.flops + c.bwd_flops) * self.split_factor(s) / self.cluster.devices
             mem["activations"] += self.activation_bytes(m.index, s)
             p, g, o = self.param_state(m.index, s, zero)

@@ -322,14 +322,28 @@ def a_reduce(mean: bool):
     return fn
 
 
+def class_splittable(ins, attrs) -> bool:
+    """Whether a cross-entropy can keep its class dim split (the vocab-parallel loss,
+    `VOCAB_PARALLEL_CE`): 2-D logits over class-index targets, reduction sum or none, no
+    class weights and no label smoothing. A mean (left when the batch mean could not be
+    written as sum / kept targets), weights and smoothing need per-class sums this op
+    does not reduce, so their class dim stays whole."""
+    return (len(ins) == 2 and len(ins[0]) == 2 and len(ins[1]) == 1
+            and attrs.get("reduction", 1) in (0, 2) and not attrs.get("label_smoothing", 0.0))
+
+
 def a_loss(ins, outs, attrs):
-    """cross_entropy(logits [N, C] or [N], target [N]); mean over N splits into partials."""
+    """cross_entropy(logits [N, C] or [N], target [N]); mean over N splits into partials.
+    Where `class_splittable`, an axis may split the class dim "c": each rank's result is
+    then a partial sum over that axis (plan application runs the vocab-parallel loss)."""
     logits, target = ins[0], ins[1]
     reduction = attrs.get("reduction", 1)
+    split_c = class_splittable(ins, attrs)
     if reduction == 0:
         lead = ("n",) + tuple(f"e{i}" for i in range(len(target) - 1))
         return DimAnno(((lead[0], "c") + lead[1:], lead) + tuple(("c",) for _ in ins[2:]),
-                       (lead,), frozen=frozenset({"c"}))
+                       (lead,), reduce=frozenset({"c"}) if split_c else frozenset(),
+                       frozen=frozenset() if split_c else frozenset({"c"}))
     lead = ("n",) + tuple(f"e{i}" for i in range(len(target) - 1))
     lab_logits = (lead[0], "c") + lead[1:] if len(logits) > len(target) else lead
     mean = reduction == 1
@@ -337,11 +351,12 @@ def a_loss(ins, outs, attrs):
     # whole batch: plan application sums each shard's losses and divides by the count of
     # kept targets all-reduced over the split axes (passes/apply.py). A class-weighted mean
     # divides by the kept targets' weights instead: its batch stays whole.
-    frozen = frozenset({"c"}) | frozenset(lead[1:])
+    frozen = (frozenset() if split_c else frozenset({"c"})) | frozenset(lead[1:])
     if mean and len(ins) > 2 and len(logits) > len(target):
         frozen |= frozenset(lead)
+    reduce = frozenset(lead) | (frozenset({"c"}) if split_c else frozenset())
     return DimAnno((lab_logits, lead) + tuple(("c",) for _ in ins[2:]), ((),),
-                   reduce=frozenset(lead), frozen=frozen,
+                   reduce=reduce, frozen=frozen,
                    mean=frozenset(lead) if mean else frozenset())
 
 
@@ -789,6 +804,16 @@ for _op in collectives.OPS.values():
     REGISTRY[_op.name] = OpDef(_op.name, None, (ArgSpec("x", "tensor"), ArgSpec("axis", "other"))
                                + tuple(ArgSpec(a, "other") for a in _op.attrs))
 
+# The vocab-parallel cross-entropy: what plan application writes for a `cross_entropy_loss`
+# whose class dim an axis splits (logits [N, C/k], targets [N] whole on that axis). Each
+# rank's result is its partial sum over the axis; inside, two all_reduces of N fp32 values
+# (the rows' max, then their sum of exp) make the log-sum-exp global
+# (`sharding.split_class_collectives` prices them, backends/runtime/losses.py runs them).
+VOCAB_PARALLEL_CE = "vocab_parallel_cross_entropy"
+REGISTRY[VOCAB_PARALLEL_CE] = OpDef(VOCAB_PARALLEL_CE, None, (
+    ArgSpec("self", "tensor"), ArgSpec("target", "tensor"), ArgSpec("axis", "other"),
+    ArgSpec("ignore_index", "other", -100, True), ArgSpec("reduction", "other", 1, True)))
+
 # Ops that never change values: pruning removes them (`same-dtype to` is checked there).
 NOOPS = {"alias", "detach", "lift_fresh_copy", "clone", "contiguous", "_assert_tensor_metadata"}
 
@@ -880,4 +905,5 @@ def counted_flops(d: OpDef, inputs, attrs) -> int:
 
 __all__ = ["OpDef", "REGISTRY", "opdef", "opdef_for_target", "register", "node_anno",
            "node_flops", "counted_flops", "bytes_moved", "NOOPS", "ir_name", "warn_opaque",
-           "functional_target", "NAMED_RULES"]
+           "functional_target", "NAMED_RULES", "VOCAB_PARALLEL_CE",
+           "class_splittable"]

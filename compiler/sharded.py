@@ -23,6 +23,7 @@ from typing import Any
 
 from autopar.compiler import collectives, sharding
 from autopar.compiler.ir import Graph, Node, Value, format_attr
+from autopar.compiler.ops import VOCAB_PARALLEL_CE
 from autopar.compiler.plan import Plan
 
 # `NodeMeta.source` of the scaling nodes plan application inserts (codegen comments on them)
@@ -32,6 +33,11 @@ BIAS_SHARE = "autopar:bias_share"
 
 def is_collective(node: Node) -> bool:
     return node.op in collectives.OPS
+
+
+def moves_data(node: Node) -> bool:
+    """A collective node, or an op that communicates inside (the vocab-parallel loss)."""
+    return is_collective(node) or node.op == VOCAB_PARALLEL_CE
 
 
 def is_inserted_scale(node: Node) -> bool:
@@ -96,7 +102,10 @@ class ShardedGraph:
         return self.graph.outputs
 
     def node_traffic(self, node: Node) -> list[tuple[str, str, int, str]]:
-        """(kind, axis, bytes, phase) the runtime records for one collective node."""
+        """(kind, axis, bytes, phase) the runtime records for one collective node, or for
+        the vocab-parallel loss (its two all_reduces inside the op)."""
+        if node.op == VOCAB_PARALLEL_CE:
+            return loss_traffic(node)
         return node_traffic(node, node.inputs[0].name in self.needs_grad)
 
     def recomputed(self) -> set[int]:
@@ -121,7 +130,7 @@ class ShardedGraph:
         m = max(1, int(getattr(self.plan, "microbatches", 1) or 1))
         batch = self.batch_symbols() if m > 1 else set()
         for i, n in enumerate(self.nodes):
-            if not is_collective(n):
+            if not moves_data(n):
                 continue
             # a microbatch moves 1/m of a value whose size comes from the batch
             share = m if batch and depends_on(self.global_shapes.get(n.inputs[0].name, ()), batch) else 1
@@ -196,6 +205,14 @@ def node_traffic(node: Node, needs_grad: bool) -> list[tuple[str, str, int, str]
             collectives.traffic(node.op, a, nbytes(node.inputs[0]), nbytes(node.outputs[0]), needs_grad)]
 
 
+def loss_traffic(node: Node) -> list[tuple[str, str, int, str]]:
+    """(kind, axis, bytes, phase) of the vocab-parallel loss: its rows' max and sum of exp
+    all_reduced on its axis (`sharding.split_class_collectives`)."""
+    rows = node.inputs[1].shape[0]
+    return [(c.kind, c.axis, c.bytes, c.phase)
+            for c in sharding.split_class_collectives(node.attr["axis"], rows)]
+
+
 def region_io(graph: Graph, start: int, end: int) -> tuple[list[Value], list[Value]]:
     """Activations a region reads from before it, and values it defines that are used after
     it (or returned). Parameters are not listed: the region reads them from the module."""
@@ -262,6 +279,8 @@ def print_sharded(sharded: ShardedGraph) -> str:
         indent = "    " if end is not None else "  "
         line = f"{indent}{lhs} = {node.op}({', '.join(args)})"
         comment = collective_comment(sharded, node) if is_collective(node) else node.meta.module
+        if node.op == VOCAB_PARALLEL_CE:
+            comment = f"{node.meta.module}; " * bool(node.meta.module) + collective_comment(sharded, node)
         if comment:
             line = f"{line:<90}  # {comment}"
         lines.append(line)
@@ -283,4 +302,4 @@ def predict_traffic(sharded: ShardedGraph) -> dict[str, int]:
 
 __all__ = ["ShardedGraph", "ZeroParams", "Region", "zero_chunk", "node_traffic", "region_io",
            "print_sharded", "predict_traffic", "format_bytes", "is_collective", "is_inserted_scale",
-           "MEAN_SCALE", "BIAS_SHARE", "nbytes"]
+           "MEAN_SCALE", "BIAS_SHARE", "nbytes", "moves_data", "loss_traffic"]

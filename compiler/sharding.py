@@ -232,6 +232,32 @@ def collective_bytes(cols: Iterable[Collective]) -> dict[tuple[str, str], int]:
     return out
 
 
+# ---- the vocab-parallel loss ----------------------------------------------------------------
+
+# the loss reduces its rows' statistics in fp32 whatever the logits' dtype
+LOSS_STAT_ITEMSIZE = 4
+
+
+def split_class_axis(op: str, anno: DimAnno, strategy: Strategy, mesh: dict[str, int]) -> str | None:
+    """The axis that splits a cross-entropy's class dim under `strategy` (its logits stay
+    split and the vocab-parallel loss runs), else None.
+
+        >>> split_class_axis("cross_entropy_loss", anno, ("n", "c"), {"dp": 2, "tp": 2})  # doctest: +SKIP
+        'tp'
+    """
+    if op != "cross_entropy_loss" or "c" not in anno.reduce:
+        return None
+    return next((a for lab, a in zip(strategy, mesh) if lab == "c" and mesh[a] > 1), None)
+
+
+def split_class_collectives(axis: str, rows: int) -> list[Collective]:
+    """What the vocab-parallel loss moves inside the op on `axis` for `rows` local rows: one
+    all_reduce(max) and one all_reduce(sum) of one fp32 value per row, in forward only (its
+    backward needs no communication; backends/runtime/losses.py)."""
+    b = rows * LOSS_STAT_ITEMSIZE
+    return [Collective("all_reduce", axis, b, "forward"), Collective("all_reduce", axis, b, "forward")]
+
+
 # ---- whole-graph derivation -------------------------------------------------------------
 
 def producer_key(node) -> str:

@@ -774,7 +774,7 @@ def stage_traffic(s, ios: list[StageIO], precision: str = "fp32") -> list[list[t
     out = []
     hold = owners([io.stage for io in ios])
     params = {v.name: v for v in s.params}
-    from autopar.compiler.sharded import depends_on, is_collective
+    from autopar.compiler.sharded import depends_on, is_collective, moves_data
     again = s.recomputed()
     batch = s.batch_symbols() if m > 1 else set()
     for k, io in enumerate(ios):
@@ -784,14 +784,14 @@ def stage_traffic(s, ios: list[StageIO], precision: str = "fp32") -> list[list[t
         per_mb = []
         for i in io.stage.nodes:
             n = s.nodes[i]
-            if not is_collective(n):
+            if not moves_data(n):
                 continue
             share = m if batch and depends_on(s.global_shapes.get(n.inputs[0].name, ()), batch) else 1
             dt = n.inputs[0].dtype
             for kind, ax, b, phase in s.node_traffic(n):
-                per_mb.append((f"{kind}:{ax}", sized(b // share, dt)))
-                if phase == "forward" and i in again:
-                    per_mb.append((f"{kind}:{ax}", sized(b // share, dt)))
+                # the vocab-parallel loss reduces fp32 statistics in every precision
+                b = sized(b // share, dt) if is_collective(n) else b // share
+                per_mb += [(f"{kind}:{ax}", b)] * (2 if phase == "forward" and i in again else 1)
         calls += per_mb * m
         if k > 0:
             for _ in range(m):

@@ -12,7 +12,9 @@ share; consumers in different recompute regions never share a step (each region 
 its own), exactly as the cost model prices it.
 
 A mean over a split dim leaves each rank the mean of its shard: the rewrite divides the
-partial result by the number of shards (`div.Scalar`). A bias added under a contraction
+partial result by the number of shards (`div.Scalar`). A cross-entropy whose class dim an
+axis splits becomes the vocab-parallel loss (`vocab_parallel_loss`): the logits stay split
+and each rank's result is a partial sum over that axis. A bias added under a contraction
 split (row-parallel linear) is added as 1/n of it on each rank. Shape attributes (view /
 reshape / expand sizes) become local sizes.
 
@@ -30,7 +32,7 @@ from autopar.compiler import sharding
 from autopar.compiler.errors import UserError
 from autopar.compiler.gradients import grad_info
 from autopar.compiler.ir import Graph, Node, NodeMeta, SymInt, Value, namer
-from autopar.compiler.ops import node_anno
+from autopar.compiler.ops import VOCAB_PARALLEL_CE, node_anno
 from autopar.compiler.patterns import recompute_runs
 from autopar.compiler.plan import Plan
 from autopar.compiler.sharded import (BIAS_SHARE, MEAN_SCALE, Region, ShardedGraph, ZeroParams,
@@ -161,8 +163,12 @@ def apply_plan(graph: Graph, plan: Plan) -> ShardedGraph:
                 x = y
             operands.append(x)
         outs = tuple(local(v, layouts[v.name]) for v in node.outputs)
-        append(node.replace(inputs=tuple(operands), outputs=outs, attrs=localize_attrs(node, outs),
-                            meta=meta), here)
+        local_node = node.replace(inputs=tuple(operands), outputs=outs, attrs=localize_attrs(node, outs),
+                                  meta=meta)
+        class_axis = sharding.split_class_axis(node.op, anno, strat, mesh)
+        if class_axis is not None:
+            local_node = vocab_parallel_loss(local_node, class_axis)
+        append(local_node, here)
         new.update(zip(node.outputs, outs))
         # a mean over a split dim: each rank holds the mean of its shard
         ways = prod(n for lab, n in zip(strat, mesh.values()) if lab is not None and lab in anno.mean)
@@ -186,6 +192,16 @@ def apply_plan(graph: Graph, plan: Plan) -> ShardedGraph:
                 regions.append(Region(node_region[start][0], start, i))
             start = i
     return ShardedGraph(g, mesh, plan, out_layouts, global_shapes, needs, zero, regions)
+
+
+def vocab_parallel_loss(node: Node, axis: str) -> Node:
+    """A cross-entropy whose class dim `axis` splits, as the vocab-parallel loss: the same
+    operands (logits [N, C/k], targets [N]) and result, now this rank's partial sum over
+    `axis`, with the global log-sum-exp reduced inside (compiler/ops.VOCAB_PARALLEL_CE)."""
+    a = node.attr
+    attrs = (("axis", axis), ("ignore_index", a.get("ignore_index", -100)),
+             ("reduction", a.get("reduction", 1)))
+    return node.replace(op=VOCAB_PARALLEL_CE, attrs=attrs)
 
 
 def dp_axis(plan: Plan) -> str | None:

@@ -60,6 +60,11 @@ when a split dimension is not divisible by the axis size:
 ``scatter(x, mesh, axis, dim)``, ``reduce_scatter(x, mesh, axis, dim)``,
 ``all_to_all(x, mesh, axis, split_dim, concat_dim)``.
 
+Losses (``losses.py``): ``vocab_parallel_cross_entropy(logits, target, mesh, axis,
+ignore_index=-100, reduction="sum"|"none")``, cross-entropy over logits split on the class
+dim, this rank's partial sum over ``axis``; two all_reduces of the rows' max and sum of exp
+inside (recorded), none in backward.
+
 ``Mesh``: ``rank``, ``world_size``, ``axes``, ``backend``, ``device``,
 ``coord(axis)``, ``coords``, ``size(axis)``, ``rank_of(coords)``,
 ``axis_ranks(axis)``, ``group(axis)``, ``chunk(t, axis, dim)``,
@@ -97,6 +102,7 @@ from .checkpoint import (CheckpointError, CheckpointHandle, LoadedCheckpoint, Sh
                          save_init, wait_checkpoint, zero_chunk, add_checkpoint_args,
                          stage_specs, TrainingCheckpoint)
 from .collectives import all_gather, all_reduce, all_to_all, copy_to, reduce_scatter, scatter
+from .losses import vocab_parallel_cross_entropy
 from .overlap import GradBuckets, ParamGather, gather_param
 from .precision import MasterWeights, to_compute
 from .timeline import Timeline
@@ -108,7 +114,7 @@ from .utils import log, one_thread, set_seed
 __all__ = [
     "init_mesh", "Mesh", "CommEvent", "KINDS", "PHASES", "in_backward",
     "copy_to", "all_reduce", "all_gather", "scatter", "reduce_scatter", "all_to_all",
-    "set_seed", "one_thread", "log", "GradBuckets", "ParamGather", "gather_param", "Timeline",
+    "vocab_parallel_cross_entropy", "set_seed", "one_thread", "log", "GradBuckets", "ParamGather", "gather_param", "Timeline",
     "ShardSpec", "CheckpointError", "CheckpointHandle", "LoadedCheckpoint", "save_checkpoint",
     "wait_checkpoint", "load_checkpoint", "latest_checkpoint", "read_tensor", "zero_chunk",
     "optimizer_shards", "optimizer_wanted", "restore_optimizer", "capture_rng_state",
