@@ -19,3 +19,8 @@ class InputError(UserError, ValueError):
 
 
 __all__ = ["UserError", "InputError"]
+
+
+class PlanInfeasible(UserError):
+    """No plan satisfies the pins / memory limit; the message names which and why (raised by
+    the search, passes/shard.py, and by the pipeline's microbatch choice, compiler/stages.py)."""

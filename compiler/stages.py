@@ -619,7 +619,7 @@ def choose_microbatches(plan, graph, profile, memory_limit: float | None = None,
     if not fits:
         from autopar.compiler.cluster import format_bytes
         from autopar.compiler.sharding import format_mesh
-        from autopar.passes.shard import PlanInfeasible
+        from autopar.compiler.errors import PlanInfeasible
         least = min(memory, key=lambda m: (memory[m], tried[m]))
         err = PlanInfeasible(
             f"pp={p} over {format_mesh(intra)}: no microbatch count fits {format_bytes(memory_limit)} per "

@@ -52,7 +52,7 @@ from ortools.sat.python import cp_model
 from autopar.compiler import sharding
 from autopar.compiler.cluster import Cluster, DeviceProfile, format_bytes, load_profile
 from autopar.compiler.cost import CostModel, CostReport, Edge, _steps_cached
-from autopar.compiler.errors import InputError, UserError
+from autopar.compiler.errors import InputError, PlanInfeasible, UserError
 from autopar.compiler.ir import Graph, format_attr
 from autopar.compiler.ops import REGISTRY
 from autopar.compiler.patterns import block_of, resolve_modules
@@ -60,8 +60,6 @@ from autopar.compiler.plan import Plan
 from autopar.compiler.sharding import Collective, Pin, Strategy
 
 
-class PlanInfeasible(UserError):
-    """No plan satisfies the pins / memory limit; the message names which and why."""
 
 
 PAIR_LIMIT = 1024             # edges with more (row class x column class) pairs use a table
