@@ -488,6 +488,19 @@ def lift_plan(plan, mesh: dict[str, int]):
     return plan
 
 
+def unlift_plan(plan):
+    """lift_plan undone on a copy: the intra-stage plan inside a pipelined plan, its pp axis
+    dropped (no cost, no pipeline)."""
+    from autopar.compiler.plan import Plan
+    pos = list(plan.mesh).index(PP_AXIS)
+    return Plan(model=plan.model, mesh={a: k for a, k in plan.mesh.items() if a != PP_AXIS},
+                device=plan.device, memory_limit=plan.memory_limit,
+                strategies={k: v[:pos] + v[pos + 1:] for k, v in plan.strategies.items()},
+                layouts={k: v[:pos] + v[pos + 1:] for k, v in plan.layouts.items()}, zero=0,
+                dp_axis=plan.dp_axis, recompute=list(plan.recompute), overlap=dict(plan.overlap),
+                cost={}, solver={})
+
+
 def pipeline_plan(graph, mesh: dict[str, int], search: Callable, profile, schedule: str | None = None,
                   ranges=None, memory_limit: float | None = None, microbatches: int | None = None):
     """The plan for a mesh with a pp axis: the search over the other axes (the intra-stage

@@ -60,8 +60,6 @@ from autopar.compiler.plan import Plan
 from autopar.compiler.sharding import Collective, Pin, Strategy
 
 
-
-
 PAIR_LIMIT = 1024             # edges with more (row class x column class) pairs use a table
 # (a table has no linear relaxation: the bound stalls -- 441-pair edges of lora on dp=2,tp=2
 # as tables took 3 s to prove at ZeRO-3, as pair booleans 0.15 s)
@@ -1594,7 +1592,7 @@ def search_pipelines(graph: Graph, n: int, profile: DeviceProfile, axes: Sequenc
             try:
                 if t not in seeds:
                     plan = st.pipeline_plan(graph, mesh, searcher, profile, schedule=sched, memory_limit=limit)
-                    seeds[t] = unlifted(plan)
+                    seeds[t] = st.unlift_plan(plan)
                     full.append(plan)
                     rows.append(candidate_row(row, plan))
                     continue
@@ -1623,17 +1621,6 @@ def search_pipelines(graph: Graph, n: int, profile: DeviceProfile, axes: Sequenc
         candidate_row(r, plan)
         full.append(plan)
     return full
-
-
-def unlifted(plan: Plan) -> Plan:
-    """The intra-stage plan inside a pipelined plan (the pp axis dropped), a new Plan."""
-    pos = list(plan.mesh).index("pp")
-    return Plan(model=plan.model, mesh={a: k for a, k in plan.mesh.items() if a != "pp"}, device=plan.device,
-                memory_limit=plan.memory_limit,
-                strategies={k: v[:pos] + v[pos + 1:] for k, v in plan.strategies.items()},
-                layouts={k: v[:pos] + v[pos + 1:] for k, v in plan.layouts.items()}, zero=0,
-                dp_axis=plan.dp_axis, recompute=list(plan.recompute), overlap=dict(plan.overlap),
-                cost={}, solver={})
 
 
 def repriced(graph: Graph, seed: Plan, mesh: dict[str, int], profile: DeviceProfile, limit: float,
