@@ -422,7 +422,8 @@ def traffic_under(sharded, precision: str) -> dict[str, int]:
     ints: dict[str, int] = {}
     for i, n in enumerate(sharded.nodes):     # as ShardedGraph.calls counts them
         # integer buffers keep their size, and so do the vocab-parallel loss's fp32 statistics
-        if not (is_collective(n) and not n.inputs[0].dtype.is_floating_point or n.op == VOCAB_PARALLEL_CE):
+        integer = is_collective(n) and not n.inputs[0].dtype.is_floating_point
+        if not (integer or n.op == VOCAB_PARALLEL_CE):
             continue
         share = m if batch and depends_on(sharded.global_shapes.get(n.inputs[0].name, ()), batch) else 1
         for kind, axis, b, phase in sharded.node_traffic(n):
