@@ -6,13 +6,21 @@ A rule is (module glob, op, {axis: placement of the node's first output}); the g
 planner (`autopar.passes.greedy.greedy_plan`) fills every other node with the cheapest
 strategy, parameters free to take whatever layout their first use wants. Inputs are
 sharded on their batch dim over `dp` when the mesh has it.
+
+Also the one multi-rank job the parity tests start (`launch_programs`): this file is its
+worker (`python tests/plan_helpers.py MANIFEST`), running every generated program of the
+manifest in turn in the same ranks, exactly as `python program.py ...` would (the programs
+share the job's process group: a group start costs seconds, one per job is enough). The
+compiler is imported lazily, so a rank starts light (the programs import only the runtime).
 """
 from __future__ import annotations
 
 import fnmatch
-
-from autopar.passes.greedy import greedy_plan
-from autopar.compiler.plan import Plan
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
 
 # Megatron tensor parallelism on `tp` (column-parallel c_attn / c_fc, heads split, row-parallel
 # c_proj), with the attention residual reduce_scattered over the sequence (sequence
@@ -52,9 +60,10 @@ LLAMA_TP = [
 
 
 def forced_plan(graph, mesh: dict, rules=(), zero: int = 0, recompute=(), batch_axis: str | None = "dp",
-                zero3: bool = False) -> Plan:
+                zero3: bool = False):
     """Greedy plan honouring `rules`; `zero3` shards every trainable parameter over dp
     (dim 0 when it divides, else the first dim that does)."""
+    from autopar.passes.greedy import greedy_plan
     mesh = dict(mesh)
     axes = list(mesh)
     outputs = {}
@@ -85,3 +94,69 @@ def forced_plan(graph, mesh: dict, rules=(), zero: int = 0, recompute=(), batch_
     plan.zero = 3 if zero3 else zero
     plan.recompute = list(recompute)
     return plan
+
+
+# ==========================================================================
+# one job of generated programs
+# ==========================================================================
+def program_entry(prog, directory: Path, steps: int, optimizer: str | None = "adamw", extra=()) -> dict:
+    """A manifest entry: run `prog` (written to `directory`) for `steps`, saving its final
+    shards to directory/shards and its statistics to directory/stats.rank<r>.json."""
+    args = ["--steps", str(steps)] + (["--optimizer", optimizer] if optimizer else [])
+    args += ["--save", str(directory / "shards"), "--stats", str(directory / "stats"), *extra]
+    return {"program": str(prog.files["program"]), "args": args}
+
+
+def launch_programs(directory: Path, entries: list[dict], world: int, backend: str = "torch",
+                    timeout: float = 240):
+    """Run every entry in ONE job of `world` ranks (this file is the worker); fails the
+    test with the launcher's message if any rank fails. Returns the JobResult.
+
+        res = launch_programs(tmp_path, [program_entry(prog, tmp_path / "a", 3)], 4)   # doctest: +SKIP
+    """
+    from autopar.backends.launch import launch
+    manifest = directory / "manifest.json"
+    manifest.write_text(json.dumps({"backend": backend, "cases": entries}))
+    with open(os.devnull, "w") as sink:
+        res = launch(Path(__file__), world, backend, [str(manifest)], timeout=timeout,
+                     log_dir=directory / "logs", out=sink)
+    assert res.ok, res.message
+    return res
+
+
+_references: dict = {}
+
+
+def shared_reference(key, init: dict, batch, compute):
+    """compute() -- a single-device reference run from `init` on `batch` -- once per `key`
+    for every backend that runs the same case; the stored result is reused only when the
+    initial state and batch are equal to the ones it was computed from.
+
+        losses, state = shared_reference("mlp_tp4", init, batch, lambda: reference_run(...))  # doctest: +SKIP
+    """
+    import torch
+    hit = _references.get(key)
+    if hit is not None:
+        h_init, h_batch, result = hit
+        if (h_init.keys() == init.keys() and all(torch.equal(h_init[k], init[k]) for k in init)
+                and len(h_batch) == len(batch) and all(torch.equal(a, b) for a, b in zip(h_batch, batch))):
+            return result
+    result = compute()
+    _references[key] = (init, tuple(batch), result)
+    return result
+
+
+def _worker(manifest_path: str) -> None:
+    manifest = json.loads(Path(manifest_path).read_text())
+    if manifest["backend"] == "torch":
+        import torch.distributed as dist
+        dist.init_process_group("gloo")        # every program's mesh reuses this world
+    for case in manifest["cases"]:
+        sys.argv = [case["program"], *case["args"]]
+        runpy.run_path(case["program"], run_name="__main__")
+    if manifest["backend"] == "torch":
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])

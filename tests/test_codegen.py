@@ -1,17 +1,17 @@
 """Generated programs: text (golden), and training-step parity on 4 ranks per backend.
 
-The multi-rank test launches ONE job per backend: this file is also the worker
-(`python tests/test_codegen.py MANIFEST`) that runs every generated program of the
-manifest in turn, in the same ranks, exactly as `python program.py ...` would (the
-programs share the job's process group). The parent then checks each program's losses
-and final shards against the single-device run, and the bytes every collective moved
-(every rank, every step) against `predict_traffic`.
+The multi-rank test launches ONE job per backend (`plan_helpers.launch_programs`: every
+generated program of the manifest in turn, in the same ranks, exactly as `python
+program.py ...` would). The parent then checks each program's losses and final shards
+against the single-device run, and the bytes every collective moved (every rank, every
+step) against `predict_traffic`. The single-device run of a case is made once and
+shared by both backends (`plan_helpers.shared_reference`: the same model, initial state
+and batch).
 """
 from __future__ import annotations
 
 import json
 import os
-import runpy
 import re
 import subprocess
 import sys
@@ -49,21 +49,6 @@ CASES = [
 
 
 # ==========================================================================
-# worker (runs inside each rank)
-# ==========================================================================
-def _worker(manifest_path: str) -> None:
-    manifest = json.loads(Path(manifest_path).read_text())
-    if manifest["backend"] == "torch":
-        import torch.distributed as dist
-        dist.init_process_group("gloo")        # every program's mesh reuses this world
-    for case in manifest["cases"]:
-        sys.argv = [case["program"], *case["args"]]
-        runpy.run_path(case["program"], run_name="__main__")
-    if manifest["backend"] == "torch":
-        dist.destroy_process_group()
-
-
-# ==========================================================================
 # tests (parent)
 # ==========================================================================
 def build_case(traced, name, example, mesh, rules, options, optimizer, backend):
@@ -93,8 +78,9 @@ def twice_the_batch(inputs):
 def test_parity_and_bytes_on_4_ranks(traced, tmp_path, backend):
     """Every case of CASES in one 4-rank job: losses and shards equal the single-device
     run, measured bytes equal the prediction, and every collective kind is used."""
-    from autopar.run import compare, launch, reference_run, traffic_table
+    from autopar.run import compare, reference_run, traffic_table
     from autopar.compiler.sharded import predict_traffic
+    from plan_helpers import launch_programs, program_entry, shared_reference
     if backend == "mpi":
         pytest.importorskip("mpi4py")
     programs, entries = [], []
@@ -111,15 +97,8 @@ def test_parity_and_bytes_on_4_ranks(traced, tmp_path, backend):
             state, _ = rt.load_init(prog.files["init"])
             rt.save_init(prog.files["init"], state, list(batch))
         programs.append((name, prog, d, optimizer, batch))
-        entries.append({"program": str(prog.files["program"]),
-                        "args": ["--steps", str(STEPS), "--optimizer", optimizer,
-                                 "--save", str(d / "shards"), "--stats", str(d / "stats")]})
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"backend": backend, "cases": entries}))
-    # the worker is this file; run it like any generated program
-    res = launch(Path(__file__), WORLD, backend, [str(manifest)], timeout=240, log_dir=tmp_path / "logs",
-                 out=open(os.devnull, "w"))
-    assert res.ok, res.message
+        entries.append(program_entry(prog, d, STEPS, optimizer))
+    res = launch_programs(tmp_path, entries, WORLD, backend)
     print(f"{backend}: {len(CASES)} programs on {WORLD} ranks in {res.seconds:.1f} s")
     kinds = set()
     for name, prog, d, optimizer, batch in programs:
@@ -143,7 +122,8 @@ def test_parity_and_bytes_on_4_ranks(traced, tmp_path, backend):
         elif name == "mlp_dp4_overlap_off":
             assert not o.buckets and "rt.GradBuckets(" not in prog.source and "rt.copy_to(self." in prog.source
         init, _ = rt.load_init(prog.files["init"])         # written before any reference run
-        losses, state = reference_run(prog.model, init, batch, STEPS, optimizer, 1e-3)
+        losses, state = shared_reference(("codegen", name), init, batch, lambda: reference_run(
+            prog.model, init, batch, STEPS, optimizer, 1e-3))
         chk = compare(prog, stats, d / "shards", losses, state)
         assert chk.ok, f"{name}: {chk.max_rel_err:.3g} at {chk.worst} {chk.problems}"
     assert kinds >= {"all_reduce", "all_gather", "reduce_scatter", "all_to_all"}, kinds
@@ -194,7 +174,8 @@ def test_launcher_stops_failed_jobs(tmp_path, mode):
     script = tmp_path / "crasher.py"
     script.write_text(CRASHER)
     t0 = time.monotonic()
-    res = launch(script, 3, "torch", [mode], timeout=4, log_dir=tmp_path / "logs", out=open(os.devnull, "w"))
+    with open(os.devnull, "w") as sink:
+        res = launch(script, 3, "torch", [mode], timeout=4, log_dir=tmp_path / "logs", out=sink)
     took = time.monotonic() - t0
     assert not res.ok
     if mode == "crash":
@@ -203,10 +184,6 @@ def test_launcher_stops_failed_jobs(tmp_path, mode):
         assert "timed out after 4 s" in res.message and took < 12
     left = subprocess.run(["pgrep", "-f", str(script)], capture_output=True, text=True).stdout.split()
     assert not left, f"orphan ranks: {left}"
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1])
 
 
 def test_compile_function_and_decorator(tmp_path, example):
@@ -260,8 +237,9 @@ def test_a_users_own_loop_around_compile_matches_the_single_device_loop(tmp_path
     sys.path.insert(0, str(ROOT / "tests" / "models"))
     import user_loop
     out = tmp_path / "loop.json"
-    res = launch(ROOT / "tests" / "models" / "user_loop.py", WORLD, "torch", [str(out)], timeout=300,
-                 log_dir=tmp_path / "logs", out=open(os.devnull, "w"))
+    with open(os.devnull, "w") as sink:
+        res = launch(ROOT / "tests" / "models" / "user_loop.py", WORLD, "torch", [str(out)], timeout=300,
+                     log_dir=tmp_path / "logs", out=sink)
     assert res.ok, res.message
     got = json.loads(out.read_text())
     gpt = example("gpt")

@@ -4,17 +4,16 @@ logits).
 
 No-process tests: which cross-entropies may split their class dim, the search choosing
 it for an LM head on tp, and the cost model and plan application agreeing on its bytes.
-Multi-rank tests (one job per mesh size and backend, every case in it; this file is also
-the worker, as in tests/test_codegen.py): GPT, Llama and Hugging Face GPT-2 with ignored
-targets, and a per-token loss (reduction='none'), on tp=2 and dp=2,tp=2; each program's
-losses and final shards equal the single-device run and its measured bytes and calls
-equal the prediction.
+Multi-rank tests (one job per mesh size and backend, every case in it, started by
+`plan_helpers.launch_programs` as in tests/test_codegen.py): GPT, Llama and Hugging Face
+GPT-2 with ignored targets, and a per-token loss (reduction='none'), on tp=2 and
+dp=2,tp=2; each program's losses and final shards equal the single-device run and its
+measured bytes and calls equal the prediction. Each model is built and traced once for the
+module, and each case's single-device run is shared by the two backends.
 """
 from __future__ import annotations
 
 import json
-import os
-import runpy
 import sys
 from pathlib import Path
 
@@ -29,22 +28,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "models"))
 
 STEPS = 2
 
-# the compiler is imported by the tests, not by the ranks this file also runs as (a rank
-# starts light: the generated program imports only the runtime)
-if __name__ != "__main__":
-    from autopar.compiler.cluster import Cluster, DeviceProfile, Link
-    from autopar.compiler.cost import CostModel
-    from autopar.compiler.ir import Graph, Node, NodeMeta, Value
-    from autopar.compiler.ops import VOCAB_PARALLEL_CE, node_anno
-    from autopar.compiler.sharding import split_class_collectives
-    from autopar.compiler.verify import verify
-    from autopar.passes.apply import apply_plan
-    from autopar.passes.shard import search
+from autopar.compiler.cluster import Cluster, DeviceProfile, Link
+from autopar.compiler.cost import CostModel
+from autopar.compiler.ir import Graph, Node, NodeMeta, Value
+from autopar.compiler.ops import VOCAB_PARALLEL_CE, node_anno
+from autopar.compiler.sharding import split_class_collectives
+from autopar.compiler.verify import verify
+from autopar.passes.apply import apply_plan
+from autopar.passes.shard import search
 
-    # an H100-like device, fp32 bytes, so the bytes below are easy to write down
-    H100ISH = DeviceProfile("h100ish", peak_flops=800e12, efficiency=0.5, hbm_bandwidth=3.35e12,
-                            memory=80e9, node_size=8, intra=Link(10e-6, 400e9), inter=Link(20e-6, 46e9),
-                            precision="fp32")
+# an H100-like device, fp32 bytes, so the bytes below are easy to write down
+H100ISH = DeviceProfile("h100ish", peak_flops=800e12, efficiency=0.5, hbm_bandwidth=3.35e12,
+                        memory=80e9, node_size=8, intra=Link(10e-6, 400e9), inter=Link(20e-6, 46e9),
+                        precision="fp32")
 
 
 def lm_head_graph(rows=2048, width=1024, vocab=32768, reduction=2, **attrs) -> Graph:
@@ -203,26 +199,25 @@ CASES_2 = [
 ]
 
 
-def _worker(manifest_path: str) -> None:
-    manifest = json.loads(Path(manifest_path).read_text())
-    if manifest["backend"] == "torch":
-        import torch.distributed as dist
-        dist.init_process_group("gloo")
-    for case in manifest["cases"]:
-        sys.argv = [case["program"], *case["args"]]
-        runpy.run_path(case["program"], run_name="__main__")
-    if manifest["backend"] == "torch":
-        dist.destroy_process_group()
+_built: dict = {}
+
+
+def built_model(example):
+    """(model, inputs, prepared graph) of `example`, built and traced once for the module."""
+    if example not in _built:
+        import warnings
+        from autopar.pipeline import prepared_graph
+        model, inputs = models()[example]()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _built[example] = (model, inputs, prepared_graph(model, inputs, example))
+    return _built[example]
 
 
 def _build(name, example, mesh, rules, backend):
-    import warnings
     import plan_helpers
-    from autopar.pipeline import build_program, prepared_graph
-    model, inputs = models()[example]()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph = prepared_graph(model, inputs, example)
+    from autopar.pipeline import build_program
+    model, inputs, graph = built_model(example)
     forced = (getattr(plan_helpers, rules) if rules else []) + LM_HEAD
     if example == "per_token":
         forced = [("lm_head", "linear", {"tp": "S(1)"})]
@@ -234,21 +229,16 @@ def _build(name, example, mesh, rules, backend):
 
 def _run_cases(tmp_path, cases, world, backend):
     from autopar.backends import runtime as rt
-    from autopar.run import compare, launch, reference_run, traffic_table
+    from autopar.run import compare, reference_run, traffic_table
+    from plan_helpers import launch_programs, program_entry, shared_reference
     programs, entries = [], []
     for name, example, mesh, rules in cases:
         prog = _build(name, example, mesh, rules, backend)
         d = tmp_path / name
         prog.write(d)
         programs.append((name, prog, d))
-        entries.append({"program": str(prog.files["program"]),
-                        "args": ["--steps", str(STEPS), "--optimizer", "adamw",
-                                 "--save", str(d / "shards"), "--stats", str(d / "stats")]})
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"backend": backend, "cases": entries}))
-    res = launch(Path(__file__), world, backend, [str(manifest)], timeout=240, log_dir=tmp_path / "logs",
-                 out=open(os.devnull, "w"))
-    assert res.ok, res.message
+        entries.append(program_entry(prog, d, STEPS, "adamw"))
+    launch_programs(tmp_path, entries, world, backend)
     for name, prog, d in programs:
         # the loss runs vocab-parallel: no gather of the logits on tp
         assert "rt.vocab_parallel_cross_entropy(" in prog.source, name
@@ -259,9 +249,12 @@ def _run_cases(tmp_path, cases, world, backend):
         init, _ = rt.load_init(prog.files["init"])
         # as `autopar run --check` compares: a parameter whose gradient is zero in exact
         # arithmetic (GPT's k bias) is held to AdamW's drift, the rest to TOLERANCE
-        peaks: dict = {}
-        losses, state = reference_run(prog.model, init, prog.inputs, STEPS, "adamw", 1e-3,
-                                      grad_peaks=peaks, pieces=prog.graph.pieces)
+        def single_device(prog=prog, init=init):
+            peaks: dict = {}
+            losses, state = reference_run(prog.model, init, prog.inputs, STEPS, "adamw", 1e-3,
+                                          grad_peaks=peaks, pieces=prog.graph.pieces)
+            return losses, state, peaks
+        losses, state, peaks = shared_reference(("vocab", name), init, prog.inputs, single_device)
         chk = compare(prog, stats, d / "shards", losses, state, grad_peaks=peaks, lr=1e-3,
                       steps=STEPS, optimizer="adamw")
         assert chk.ok, f"{name}: {chk.max_rel_err:.3g} at {chk.worst} {chk.problems}"
@@ -277,6 +270,3 @@ def test_parity_and_bytes_on_dp2_tp2(tmp_path, backend):
 def test_parity_and_bytes_on_tp2(tmp_path):
     _run_cases(tmp_path, CASES_2, 2, "torch")
 
-
-if __name__ == "__main__":
-    _worker(sys.argv[1])
