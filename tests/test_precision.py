@@ -2,17 +2,14 @@
 4 ranks against the bf16 single-device run, the bf16 bytes they are planned and predicted
 with, and the combinations bf16 refuses.
 
-The multi-rank test launches ONE 4-rank job: this file is also its worker (`python
-tests/test_precision.py MANIFEST`, as tests/test_codegen.py does), running each program of
-the manifest in turn in the same ranks: the bf16 program, and deliberately wrong ones (a
-wrong learning rate, bf16 weights that never follow their masters), so the bf16 tolerance
-is shown to reject what it must.
+The multi-rank test launches ONE 4-rank job (`plan_helpers.launch_programs`, as
+tests/test_codegen.py does), running each program of the manifest in turn in the same
+ranks: the bf16 program, and deliberately wrong ones (a wrong learning rate, bf16 weights
+that never follow their masters), so the bf16 tolerance is shown to reject what it must.
 """
 from __future__ import annotations
 
 import json
-import os
-import runpy
 import sys
 from pathlib import Path
 
@@ -24,16 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 WORLD = 4
 STEPS = 3
-
-
-def _worker(manifest_path: str) -> None:
-    manifest = json.loads(Path(manifest_path).read_text())
-    import torch.distributed as dist
-    dist.init_process_group("gloo")        # every program's mesh reuses this world
-    for case in manifest["cases"]:
-        sys.argv = [case["program"], *case["args"]]
-        runpy.run_path(case["program"], run_name="__main__")
-    dist.destroy_process_group()
 
 
 # ---- MasterWeights, no processes ------------------------------------------------------------
@@ -138,7 +125,7 @@ WRONG = {
 
 @pytest.fixture(scope="module")
 def bf16_job(traced, tmp_path_factory):
-    from autopar.run import launch
+    from plan_helpers import launch_programs, program_entry
     tmp = tmp_path_factory.mktemp("bf16")
     prog = bf16_program(traced)
     zero2 = bf16_program(traced, zero=2)
@@ -152,14 +139,8 @@ def bf16_job(traced, tmp_path_factory):
             assert src.count(edit[0]) == 1, edit
             prog.files["program"].write_text(src.replace(edit[0], edit[1]))
         dirs[name] = d
-        entries.append({"program": str(progs[name].files["program"]),
-                        "args": ["--steps", str(STEPS), "--optimizer", "adamw", "--save", str(d / "shards"),
-                                 "--stats", str(d / "stats"), *extra]})
-    manifest = tmp / "manifest.json"
-    manifest.write_text(json.dumps({"cases": entries}))
-    res = launch(Path(__file__), WORLD, "torch", [str(manifest)], timeout=240, log_dir=tmp / "logs",
-                 out=open(os.devnull, "w"))
-    assert res.ok, res.message
+        entries.append(program_entry(progs[name], d, STEPS, "adamw", extra))
+    launch_programs(tmp, entries, WORLD, "torch")
     stats = {name: [json.loads((d / f"stats.rank{r}.json").read_text()) for r in range(WORLD)]
              for name, d in dirs.items()}
     return progs, dirs, stats
@@ -405,6 +386,3 @@ def test_bf16_pipeline_steps_each_stages_masters(capsys):
     assert set(rows["bf16"]) == set(rows["fp32"]) == {(k, f"{kind}:pp") for k in (0, 1)
                                                        for kind in ("send", "recv", "all_reduce")}
     assert all(2 * rows["bf16"][k] == rows["fp32"][k] for k in rows["fp32"]), rows
-
-if __name__ == "__main__":
-    _worker(sys.argv[1])

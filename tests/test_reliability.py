@@ -343,20 +343,6 @@ CHECK_MODELS = ["user_models.py:straight_through", "user_models.py:loss_and_logi
 STEPS = 3
 
 
-def _worker(manifest_path: str) -> None:
-    """Inside each rank: run every program of the manifest in turn, as `python program.py`
-    would, in one process group (a group start costs seconds; one per test is enough)."""
-    import json
-    import runpy
-    import torch.distributed as dist
-    manifest = json.loads(Path(manifest_path).read_text())
-    dist.init_process_group("gloo")
-    for case in manifest:
-        sys.argv = [case["program"], *case["args"]]
-        runpy.run_path(case["program"], run_name="__main__")
-    dist.destroy_process_group()
-
-
 def test_user_models_match_single_device_on_2x2(tmp_path):
     """The straight-through model (dict output, a zero-gradient bias), `(loss, logits)` and a
     default-configured HF Llama returning its ModelOutput: each planned on dp=2,tp=2 with
@@ -368,6 +354,7 @@ def test_user_models_match_single_device_on_2x2(tmp_path):
     from autopar.pipeline import build_program
     from autopar.run import compare, dropout_sites, reference_run, traffic_table
     from autopar.spec import load_spec
+    from plan_helpers import launch_programs, program_entry
     progs = []
     for spec in CHECK_MODELS:
         model, inputs, name = load_spec(str(MODELS / spec))
@@ -377,14 +364,9 @@ def test_user_models_match_single_device_on_2x2(tmp_path):
         d = tmp_path / prog.name
         prog.write(d)
         progs.append((spec, prog, d, prog.initial_state()))
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps([
-        {"program": str(p.files["program"]),
-         "args": ["--steps", str(STEPS), "--save", str(d / "shards"), "--stats", str(d / "stats")]}
-        for _, p, d, _ in progs]))
-    res = launch(Path(__file__), 4, "torch", [str(manifest)], timeout=400, log_dir=tmp_path / "logs",
-                 out=open(os.devnull, "w"))
-    assert res.ok, res.message
+    # one 4-rank job runs the three programs in turn, in one process group
+    launch_programs(tmp_path, [program_entry(p, d, STEPS, None) for _, p, d, _ in progs], 4, "torch",
+                    timeout=400)
     for spec, prog, d, state in progs:
         stats = [json.loads((d / f"stats.rank{r}.json").read_text()) for r in range(4)]
         same, lines = traffic_table(predict_traffic(prog.sharded), {}, stats)
@@ -397,9 +379,6 @@ def test_user_models_match_single_device_on_2x2(tmp_path):
         if spec.endswith("straight_through"):
             assert chk.flat == ["up.bias"], chk.flat          # the bias before the normalisation
 
-
-if __name__ == "__main__":
-    _worker(sys.argv[1])
 
 
 
