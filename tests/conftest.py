@@ -80,3 +80,17 @@ def golden(request):
             pytest.fail(f"output differs from golden/{rel} (regenerate with "
                         f"pytest --update-golden if the change is intended):\n{diff}")
     return check
+
+
+@pytest.fixture(autouse=True)
+def forget_temporary_specs():
+    """A SPEC a test loads from its temporary folder stays in sys.modules (as
+    autopar_spec_<name>), and the trace cache keys every graph on the imported user modules
+    outside this repo (path, size, mtime): one left behind would make every later trace of
+    the session miss the cache and export again. Drop them after each test."""
+    yield
+    root = str(ROOT)
+    for name in [n for n in sys.modules if n.startswith("autopar_spec_")]:
+        f = getattr(sys.modules[name], "__file__", None)
+        if f and not str(pathlib.Path(f).resolve()).startswith(root):
+            del sys.modules[name]
