@@ -25,7 +25,7 @@ import torch
 from autopar.compiler import buckets, collectives, sharding
 from autopar.compiler.errors import InputError
 from autopar.compiler.ir import Node, SymInt, Value
-from autopar.compiler.ops import VOCAB_PARALLEL_CE, library_modules
+from autopar.compiler.ops import EXPERT_PARALLEL_MOE, VOCAB_PARALLEL_CE, library_modules
 from autopar.compiler.patterns import block_of
 from autopar.compiler.sharded import (BIAS_SHARE, MEAN_SCALE, ShardedGraph, format_bytes,
                                       is_collective, is_inserted_scale, nbytes, region_io)
@@ -735,6 +735,13 @@ class Emitter:
             w(f"# vocab-parallel loss: the logits stay split on {axis} (no gather). Inside, each row's max, then its", indent)
             w(f"# sum of exp, is all_reduced over {axis} (all_reduce {' / '.join(sizes)} fwd x2, nothing in backward);", indent)
             w(f"# the rank whose classes hold a row's target adds that row's loss: a partial sum over {axis}", indent)
+            code = f"{outs} = {render_op(self.with_sizes(n), operand)}"
+        elif n.op == EXPERT_PARALLEL_MOE:
+            axis = n.attr["axis"]
+            t = s.node_traffic(n)
+            w(f"# expert parallel on {axis}: this rank's tokens and experts. Inside, the rows' counts per expert", indent)
+            w(f"# (all_to_all {format_bytes(t[0][2])}), then each (token, expert) row goes to its expert's rank and its", indent)
+            w(f"# result comes back (all_to_all {format_bytes(t[1][2])} out, {format_bytes(t[2][2])} back; the same two in backward)", indent)
             code = f"{outs} = {render_op(self.with_sizes(n), operand)}"
         elif n.op.startswith("onnx."):   # an ONNX op without a lowering: ONNX's reference implementation
             code = f"{outs} = {onnx_node.call_source(n.op, operand, n.attr)}"

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from autopar.compiler.ir import Node
-from autopar.compiler.ops import REGISTRY, VOCAB_PARALLEL_CE
+from autopar.compiler.ops import EXPERT_PARALLEL_MOE, REGISTRY, VOCAB_PARALLEL_CE
 
 
 class Expr(str):
@@ -153,6 +153,11 @@ def render_op(node: Node, operand: list[str]) -> str:
         k = {"ignore_index": a["ignore_index"]} if a.get("ignore_index", -100) != -100 else {}
         k["reduction"] = REDUCTION[a.get("reduction", 2)]
         return call("rt.vocab_parallel_cross_entropy", [a["self"], a["target"], Expr("mesh"), Expr(f'"{a["axis"]}"')], k)
+    if op in ("moe_experts", EXPERT_PARALLEL_MOE):
+        args = [a[k] for k in ("hidden", "top_k_index", "top_k_weights", "gate", "up", "down")]
+        if op == EXPERT_PARALLEL_MOE:
+            args += [Expr("mesh"), Expr(f'"{a["axis"]}"')]
+        return call("rt.moe_experts", args, {})
     if op == "mse_loss":
         k = {"reduction": REDUCTION[a["reduction"]]} if a.get("reduction", 1) != 1 else {}
         return call("F.mse_loss", [a["self"], a["target"]], k)

@@ -430,6 +430,7 @@ class CostModel:
                     bwd = 2 * flops
                 c.bwd_flops = bwd
                 c.bwd_time = max(bwd / peak, 2 * nbytes / hbm) + overhead
+                c.bwd_time += sum(self.time_of(col) for col in inner if col.phase == "backward")
             if m.key in self.regions:
                 c.recompute_time = c.fwd_time
         self._compute[k] = c
@@ -438,17 +439,27 @@ class CostModel:
     def op_collectives(self, mi: int, s: Strategy) -> list[Collective]:
         """Collectives a node runs inside itself under `s`: a cross-entropy whose class dim
         an axis splits (the vocab-parallel loss) all_reduces its local rows' max and sum of
-        exp on that axis (`sharding.split_class_collectives`), again when recomputed."""
+        exp on that axis (`sharding.split_class_collectives`); an expert-parallel layer
+        exchanges its rows with all_to_all (`sharding.expert_collectives`); forward ones
+        again when recomputed."""
         m = self.members[mi]
         if m.is_source:
             return []
         axis = sharding.split_class_axis(m.node.op, m.anno, s, self.mesh)
-        if axis is None:
+        ep = sharding.split_expert_axis(m.node.op, m.anno, s, self.mesh)
+        if axis is not None:
+            rows = sharding.local_shape(m.inputs[1].shape, self.in_layout(mi, s, 1), self.mesh)[0]
+            cols = sharding.split_class_collectives(axis, rows)
+        elif ep is not None:
+            # an expert-parallel layer: its (token, expert) rows to the experts' ranks and back
+            T, k = sharding.local_shape(m.inputs[1].shape, self.in_layout(mi, s, 1), self.mesh)
+            hidden = m.inputs[0]
+            cols = sharding.expert_collectives(ep, m.inputs[3].shape[0], T * k, hidden.shape[1] * hidden.itemsize,
+                                               grads=2 if self.has_backward(mi) else 0)
+        else:
             return []
-        rows = sharding.local_shape(m.inputs[1].shape, self.in_layout(mi, s, 1), self.mesh)[0]
-        cols = sharding.split_class_collectives(axis, rows)
         if m.key in self.regions:
-            cols += [Collective(c.kind, c.axis, c.bytes, "recompute") for c in cols]
+            cols += [Collective(c.kind, c.axis, c.bytes, "recompute") for c in cols if c.phase == "forward"]
         return cols
 
     def activation_bytes(self, mi: int, s: Strategy) -> float:
@@ -706,11 +717,12 @@ class CostModel:
             inner = [(col, count(col)) for col in self.op_collectives(m.index, s)]
             t_fwd = sum(t for col, t in inner if col.phase == "forward")
             t_re = sum(t for col, t in inner if col.phase == "recompute")
-            nodes[m.key] = NodeCost(c.fwd_time - t_fwd, c.bwd_time, c.recompute_time - t_re, c.flops,
+            t_bwd = sum(t for col, t in inner if col.phase == "backward")
+            nodes[m.key] = NodeCost(c.fwd_time - t_fwd, c.bwd_time - t_bwd, c.recompute_time - t_re, c.flops,
                                     c.bwd_flops, c.bytes, list(inner))
             comms += [(col, t, m.index, m.index) for col, t in inner]
             comp["forward"] += c.fwd_time - t_fwd
-            comp["backward"] += c.bwd_time
+            comp["backward"] += c.bwd_time - t_bwd
             comp["recompute"] += c.recompute_time - t_re
             flops += (c.flops + c.bwd_flops) * self.split_factor(s) / self.cluster.devices
             mem["activations"] += self.activation_bytes(m.index, s)

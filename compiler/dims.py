@@ -12,6 +12,10 @@ replicated along any axis that splits the label it broadcasts against.
 
 `mean` labels are contracted labels whose partial result must be divided by the number
 of shards (a mean over a split dim): the sharding rewrite scales by 1/n.
+
+`joint` pairs (label, partner) name a label whose split also splits every dim labelled
+`partner`: the experts' dim of a mixture-of-experts layer splits together with its tokens
+(expert parallelism, compiler/moe.py), while the tokens alone may still split without it.
 """
 from __future__ import annotations
 
@@ -27,6 +31,11 @@ class DimAnno:
     reduce: frozenset[str] = frozenset()
     frozen: frozenset[str] = frozenset()
     mean: frozenset[str] = frozenset()
+    joint: tuple[tuple[str, str], ...] = ()
+
+    def partner(self, lab: str) -> str | None:
+        """The label `lab` splits along with it (`joint`), else None."""
+        return next((p for j, p in self.joint if j == lab), None)
 
     def labels(self) -> list[str]:
         """Every label, in first-appearance order (deterministic)."""
@@ -40,7 +49,8 @@ class DimAnno:
     def splittable(self) -> list[str]:
         outs = {lab for dims in self.outputs for lab in dims}
         return [lab for lab in self.labels()
-                if lab not in self.frozen and (lab in outs or lab in self.reduce)]
+                if lab not in self.frozen and (lab in outs or lab in self.reduce
+                                               or self.partner(lab) in outs)]
 
     def label_sizes(self, in_shapes, out_shapes) -> dict[str, list[int]]:
         """Every size a label takes (reshapes map one label onto dims of several sizes)."""
@@ -49,6 +59,8 @@ class DimAnno:
             for lab, s in zip(dims, shape):
                 if lab is not None:
                     sizes.setdefault(lab, []).append(s)
+        for lab, partner in self.joint:
+            sizes.setdefault(lab, []).extend(sizes.get(partner, []))
         return sizes
 
     def __str__(self) -> str:
@@ -56,7 +68,8 @@ class DimAnno:
             return " ".join(
                 "1" if lab is None else lab + ("+" if lab in self.reduce else "")
                 + ("^" if lab in self.frozen else "") for lab in dims)
-        return ", ".join(one(d) for d in self.inputs) + " -> " + ", ".join(one(d) for d in self.outputs)
+        text = ", ".join(one(d) for d in self.inputs) + " -> " + ", ".join(one(d) for d in self.outputs)
+        return text + "".join(f"; {lab} splits {partner}" for lab, partner in self.joint)
 
 
 def parse(text: str) -> DimAnno:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import collectives, dims
+from . import collectives, dims, moe
 from .dims import DimAnno
 
 aten = torch.ops.aten
@@ -639,6 +639,24 @@ def f_grouped_mm(ins, outs, attrs):
     return 2 * prod(outs[0]) * ins[0][-1]
 
 
+def a_moe_experts(ins, outs, attrs):
+    """moe_experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k], gate [E, I, H],
+    up [E, I, H], down [E, H, I]) -> [T, H] (compiler/moe.py). Three splits: the tokens "t"
+    (every expert on each rank's tokens), the experts' intermediate "i" (tensor-parallel
+    experts: a partial sum), and "x", the experts together with the tokens (expert
+    parallelism: plan application writes `EXPERT_PARALLEL_MOE`, which dispatches rows to
+    the experts' ranks with all_to_all). H and k stay whole."""
+    return DimAnno((("t", "h"), ("t", "k"), ("t", "k"), ("x", "i", "h"), ("x", "i", "h"), ("x", "h", "i")),
+                   (("t", "h"),), reduce=frozenset({"i"}), frozen=frozenset({"h", "k"}),
+                   joint=(("x", "t"),))
+
+
+def f_moe_experts(ins, outs, attrs):
+    """Each (token, expert) row: two [H] x [H, I] matmuls, the gate, one [I] x [I, H]."""
+    (T, H), (_, k), (_, I, _) = ins[0], ins[1], ins[3]
+    return 6 * T * k * H * I + 4 * T * k * I + 2 * T * k * H
+
+
 # ---- the table -------------------------------------------------------------------------
 #
 # What real model code emits. Every opaque-op warning (and lowering failure) of tiny HF
@@ -672,6 +690,8 @@ def f_grouped_mm(ins, outs, attrs):
 #   masked_fill_ (router, T5 shift)     slice_scatter / select_scatter for x[.., 1:] = y)
 #   cat of an empty (0,) tensor (T5)    the empty operand takes labels of its own
 #   wrap_with_set_grad_enabled (rotary) a no_grad region: inlined at lowering
+#   moe_experts (Mixtral's experts,      tokens, the experts' intermediate (partial sums) or
+#   traced through compiler/moe.py)     the experts with their tokens (expert parallelism)
 #   einsum, logcumsumexp, ...           no rule (not in these models): replicated, priced
 #                                       by FlopCounterMode (node_flops)
 
@@ -789,6 +809,7 @@ register(aten.baddbmm.default, a_baddbmm,
          lambda i, o, a: 2 * prod(o[0]) * i[1][-1] + prod(o[0]))
 register(aten.addmm.default, a_addmm, f_addmm)
 register(aten._grouped_mm.default, a_grouped_mm, f_grouped_mm)
+register(torch.ops.autopar.moe_experts.default, a_moe_experts, f_moe_experts)
 
 # Ops of other libraries' torch.library namespaces, by IR name: registered with their
 # rule the first time a traced graph holds one (the library must be imported by then).
@@ -813,6 +834,16 @@ VOCAB_PARALLEL_CE = "vocab_parallel_cross_entropy"
 REGISTRY[VOCAB_PARALLEL_CE] = OpDef(VOCAB_PARALLEL_CE, None, (
     ArgSpec("self", "tensor"), ArgSpec("target", "tensor"), ArgSpec("axis", "other"),
     ArgSpec("ignore_index", "other", -100, True), ArgSpec("reduction", "other", 1, True)))
+
+# Expert parallelism: what plan application writes for a `moe_experts` whose experts an
+# axis splits together with its tokens ("x"). The operands are this rank's tokens and its
+# E/n experts; inside, the per-expert row counts and then the rows go to the ranks holding
+# their experts and the results come back (all_to_all on `axis`; `sharded.moe_traffic`
+# counts them, backends/runtime/moe.py runs them).
+EXPERT_PARALLEL_MOE = "expert_parallel_moe"
+REGISTRY[EXPERT_PARALLEL_MOE] = OpDef(EXPERT_PARALLEL_MOE, None, tuple(
+    ArgSpec(a, "tensor") for a in ("hidden", "top_k_index", "top_k_weights", "gate", "up", "down"))
+    + (ArgSpec("axis", "other"),))
 
 # Ops that never change values: pruning removes them (`same-dtype to` is checked there).
 NOOPS = {"alias", "detach", "lift_fresh_copy", "clone", "contiguous", "_assert_tensor_metadata"}
@@ -905,5 +936,5 @@ def counted_flops(d: OpDef, inputs, attrs) -> int:
 
 __all__ = ["OpDef", "REGISTRY", "opdef", "opdef_for_target", "register", "node_anno",
            "node_flops", "counted_flops", "bytes_moved", "NOOPS", "ir_name", "warn_opaque",
-           "functional_target", "NAMED_RULES", "VOCAB_PARALLEL_CE",
+           "functional_target", "NAMED_RULES", "VOCAB_PARALLEL_CE", "EXPERT_PARALLEL_MOE",
            "class_splittable"]

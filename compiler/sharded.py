@@ -23,7 +23,7 @@ from typing import Any
 
 from autopar.compiler import collectives, sharding
 from autopar.compiler.ir import Graph, Node, Value, format_attr
-from autopar.compiler.ops import VOCAB_PARALLEL_CE
+from autopar.compiler.ops import EXPERT_PARALLEL_MOE, VOCAB_PARALLEL_CE
 from autopar.compiler.plan import Plan
 
 # `NodeMeta.source` of the scaling nodes plan application inserts (codegen comments on them)
@@ -36,8 +36,9 @@ def is_collective(node: Node) -> bool:
 
 
 def moves_data(node: Node) -> bool:
-    """A collective node, or an op that communicates inside (the vocab-parallel loss)."""
-    return is_collective(node) or node.op == VOCAB_PARALLEL_CE
+    """A collective node, or an op that communicates inside (the vocab-parallel loss, an
+    expert-parallel layer)."""
+    return is_collective(node) or node.op in (VOCAB_PARALLEL_CE, EXPERT_PARALLEL_MOE)
 
 
 def is_inserted_scale(node: Node) -> bool:
@@ -106,6 +107,9 @@ class ShardedGraph:
         the vocab-parallel loss (its two all_reduces inside the op)."""
         if node.op == VOCAB_PARALLEL_CE:
             return loss_traffic(node)
+        if node.op == EXPERT_PARALLEL_MOE:
+            grads = (node.outputs[0].name in self.needs_grad) + (node.inputs[0].name in self.needs_grad)
+            return moe_traffic(node, self.mesh, grads)
         return node_traffic(node, node.inputs[0].name in self.needs_grad)
 
     def recomputed(self) -> set[int]:
@@ -134,7 +138,10 @@ class ShardedGraph:
                 continue
             # a microbatch moves 1/m of a value whose size comes from the batch
             share = m if batch and depends_on(self.global_shapes.get(n.inputs[0].name, ()), batch) else 1
-            for kind, axis, b, phase in self.node_traffic(n):
+            for j, (kind, axis, b, phase) in enumerate(self.node_traffic(n)):
+                if n.op == EXPERT_PARALLEL_MOE and j == 0:
+                    per_microbatch.append((f"{kind}:{axis}", b))    # the counts: E values each time
+                    continue
                 per_microbatch.append((f"{kind}:{axis}", b // share))
                 if phase == "forward" and i in again:
                     per_microbatch.append((f"{kind}:{axis}", b // share))
@@ -213,6 +220,17 @@ def loss_traffic(node: Node) -> list[tuple[str, str, int, str]]:
             for c in sharding.split_class_collectives(node.attr["axis"], rows)]
 
 
+def moe_traffic(node: Node, mesh: dict[str, int], grads: int) -> list[tuple[str, str, int, str]]:
+    """(kind, axis, bytes, phase) of an expert-parallel layer: the counts, its rows out and
+    back, and `grads` gradients in backward (`sharding.expert_collectives`). The first entry,
+    the counts, does not shrink with a microbatch."""
+    hidden, index, gate = node.inputs[0], node.inputs[1], node.inputs[3]
+    axis = node.attr["axis"]
+    rows = index.shape[0] * index.shape[1]
+    return [(c.kind, c.axis, c.bytes, c.phase) for c in sharding.expert_collectives(
+        axis, gate.shape[0] * mesh[axis], rows, hidden.shape[1] * hidden.itemsize, grads)]
+
+
 def region_io(graph: Graph, start: int, end: int) -> tuple[list[Value], list[Value]]:
     """Activations a region reads from before it, and values it defines that are used after
     it (or returned). Parameters are not listed: the region reads them from the module."""
@@ -279,7 +297,7 @@ def print_sharded(sharded: ShardedGraph) -> str:
         indent = "    " if end is not None else "  "
         line = f"{indent}{lhs} = {node.op}({', '.join(args)})"
         comment = collective_comment(sharded, node) if is_collective(node) else node.meta.module
-        if node.op == VOCAB_PARALLEL_CE:
+        if node.op in (VOCAB_PARALLEL_CE, EXPERT_PARALLEL_MOE):
             comment = f"{node.meta.module}; " * bool(node.meta.module) + collective_comment(sharded, node)
         if comment:
             line = f"{line:<90}  # {comment}"

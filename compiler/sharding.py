@@ -92,7 +92,7 @@ def enumerate_strategies(anno: DimAnno, in_shapes, out_shapes, mesh: dict[str, i
     out = []
     for combo in itertools.product(*per_axis):
         labs = [c for c in combo if c is not None]
-        if len(labs) != len(set(labs)):
+        if len(labs) != len(set(labs)) or any(anno.partner(c) in labs for c in labs):
             continue
         out.append(tuple(combo))
     return out
@@ -106,17 +106,29 @@ def source_annotation(shape: Sequence[int]) -> DimAnno:
 
 def input_layout(anno: DimAnno, strategy: Strategy, i: int) -> Layout:
     labs = anno.inputs[i]
-    return tuple("R" if lab is None or lab not in labs else shard(labs.index(lab)) for lab in strategy)
+    return tuple("R" if (d := split_dim(anno, labs, lab)) is None else shard(d) for lab in strategy)
+
+
+def split_dim(anno: DimAnno, labs, lab) -> int | None:
+    """Which of a tensor's dims (labelled `labs`) the strategy label `lab` splits: its
+    own, else its joint partner's (`DimAnno.joint`), else None."""
+    if lab is None:
+        return None
+    if lab in labs:
+        return labs.index(lab)
+    partner = anno.partner(lab)
+    return labs.index(partner) if partner is not None and partner in labs else None
 
 
 def output_layout(anno: DimAnno, strategy: Strategy, j: int) -> Layout:
     labs = anno.outputs[j]
     out = []
     for lab in strategy:
+        d = split_dim(anno, labs, lab)
         if lab is None:
             out.append("R")
-        elif lab in labs:
-            out.append(shard(labs.index(lab)))
+        elif d is not None:
+            out.append(shard(d))
         elif lab in anno.reduce:
             out.append("P")
         else:
@@ -248,6 +260,31 @@ def split_class_axis(op: str, anno: DimAnno, strategy: Strategy, mesh: dict[str,
     if op != "cross_entropy_loss" or "c" not in anno.reduce:
         return None
     return next((a for lab, a in zip(strategy, mesh) if lab == "c" and mesh[a] > 1), None)
+
+
+def split_expert_axis(op: str, anno: DimAnno, strategy: Strategy, mesh: dict[str, int]) -> str | None:
+    """The axis that splits a `moe_experts` op's experts with its tokens (the joint label
+    "x") under `strategy`: the op runs expert-parallel there, else None."""
+    if op != "moe_experts":
+        return None
+    return next((a for lab, a in zip(strategy, mesh) if lab == "x" and mesh[a] > 1), None)
+
+
+# the per-expert row counts an expert-parallel layer exchanges first
+COUNT_ITEMSIZE = 8
+
+
+def expert_collectives(axis: str, experts: int, rows: int, row_bytes: int,
+                       grads: int = 2) -> list[Collective]:
+    """What an expert-parallel layer moves inside the op on `axis`: its (token, expert)
+    rows' counts per expert (`experts` int64s, all_to_all), the `rows` rows to the experts'
+    ranks and their results back (two all_to_alls in forward), and in backward the results'
+    gradient out and, when the tokens need one, the rows' gradient back (`grads`). Each is counted by this rank's own rows, the side whose size routing does
+    not change: the rows it sends, then the rows it gets back (backends/runtime/moe.py)."""
+    b = rows * row_bytes
+    cols = [Collective("all_to_all", axis, experts * COUNT_ITEMSIZE, "forward"),
+            Collective("all_to_all", axis, b, "forward"), Collective("all_to_all", axis, b, "forward")]
+    return cols + [Collective("all_to_all", axis, b, "backward") for _ in range(grads)]
 
 
 def split_class_collectives(axis: str, rows: int) -> list[Collective]:

@@ -83,7 +83,8 @@ def _trace(model: nn.Module, example_inputs: tuple, mode: str, name: str, symbol
         seen = OutputsSeen()
         ep, note = None, None
         try:
-            with quiet_torch(captured), loss_only(model, seen), refuse_custom_functions(seen):
+            with quiet_torch(captured), loss_only(model, seen), refuse_custom_functions(seen), \
+                    experts_as_one_op(model):
                 if symbolic:
                     ep, note = export_symbolic(model, example_inputs)
                 if ep is None:
@@ -118,6 +119,47 @@ def _trace(model: nn.Module, example_inputs: tuple, mode: str, name: str, symbol
     else:
         raise TraceError(f"unknown trace mode '{mode}': use 'export' or 'fx'")
     return graph
+
+
+def hf_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """A Hugging Face experts module (`use_experts_implementation`: gate and up stacked in
+    `gate_up_proj` [E, 2I, H], `down_proj` [E, H, I], SiLU) as one `moe_experts` op."""
+    from autopar.compiler.moe import moe_experts
+    half = self.gate_up_proj.shape[1] // 2
+    gate, up = self.gate_up_proj[:, :half], self.gate_up_proj[:, half:]
+    return moe_experts(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype),
+                       gate, up, self.down_proj)
+
+
+def one_op_experts(module: nn.Module) -> bool:
+    """Whether `module` is a Hugging Face experts layer `hf_experts_forward` computes
+    exactly: concatenated gate/up, not transposed, no biases, no norm after, SiLU."""
+    gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor)
+            and gu.dim() == 3 and down.dim() == 3):
+        return False
+    act = getattr(module, "act_fn", None)
+    silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    layout = (getattr(module, "has_gate", False) and getattr(module, "is_concatenated", False)
+              and not getattr(module, "is_transposed", True) and not getattr(module, "has_bias", True)
+              and not getattr(module, "has_post_expert_norm", True))
+    return silu and layout and gu.shape[1] == 2 * down.shape[2] and gu.shape[2] == down.shape[1]
+
+
+@contextlib.contextmanager
+def experts_as_one_op(model: nn.Module):
+    """While tracing, Hugging Face experts layers run as one `moe_experts` op
+    (compiler/moe.py), so the search can split them by tokens, by their intermediate or by
+    expert (with all_to_all dispatch); their sort-by-expert would otherwise gather every
+    token on every rank. The model itself is left as it was."""
+    patched = [m for m in model.modules() if one_op_experts(m)]
+    for m in patched:
+        m.forward = functools.partial(hf_experts_forward, m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
 
 
 class OutputsSeen:

@@ -32,7 +32,7 @@ from autopar.compiler import sharding
 from autopar.compiler.errors import UserError
 from autopar.compiler.gradients import grad_info
 from autopar.compiler.ir import Graph, Node, NodeMeta, SymInt, Value, namer
-from autopar.compiler.ops import VOCAB_PARALLEL_CE, node_anno
+from autopar.compiler.ops import EXPERT_PARALLEL_MOE, VOCAB_PARALLEL_CE, node_anno
 from autopar.compiler.patterns import recompute_runs
 from autopar.compiler.plan import Plan
 from autopar.compiler.sharded import (BIAS_SHARE, MEAN_SCALE, Region, ShardedGraph, ZeroParams,
@@ -168,6 +168,9 @@ def apply_plan(graph: Graph, plan: Plan) -> ShardedGraph:
         class_axis = sharding.split_class_axis(node.op, anno, strat, mesh)
         if class_axis is not None:
             local_node = vocab_parallel_loss(local_node, class_axis)
+        expert_axis = sharding.split_expert_axis(node.op, anno, strat, mesh)
+        if expert_axis is not None:
+            local_node = local_node.replace(op=EXPERT_PARALLEL_MOE, attrs=(("axis", expert_axis),))
         append(local_node, here)
         new.update(zip(node.outputs, outs))
         # a mean over a split dim: each rank holds the mean of its shard

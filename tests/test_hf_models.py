@@ -118,15 +118,16 @@ def test_hf_model_plans_on_a_2d_mesh(name, hf):
     assert len(sharded.nodes) >= len(g.nodes)
 
 
-def test_mixtral_router_and_dispatch_ops_have_rules(hf):
+def test_mixtral_router_and_experts_ops_have_rules(hf):
     _, _, g = hf("mixtral")
     ops = {n.op for n in g.nodes}
-    assert {"topk", "sort", "histc", "index_put", "index", "grouped_mm_fallback", "cumsum"} <= ops
-    gmm = [n for n in g.nodes if n.op == "grouped_mm_fallback"]
-    assert len(gmm) == 2 * LAYERS
-    for n in gmm:                     # experts split column- or row-wise (partial sums)
+    assert {"topk", "moe_experts"} <= ops and "sort" not in ops   # experts traced as one op
+    moe = [n for n in g.nodes if n.op == "moe_experts"]
+    assert len(moe) == LAYERS
+    for n in moe:                     # tokens, the experts' intermediate, experts with tokens
         anno = node_anno(n)
-        assert set(anno.splittable()) == {"k", "n"} and anno.reduce == {"k"}
+        assert set(anno.splittable()) == {"t", "x", "i"} and anno.reduce == {"i"}
+        assert anno.partner("x") == "t"
     topk = next(n for n in g.nodes if n.op == "topk")
     assert node_anno(topk).splittable() == ["d0"]          # tokens split, experts do not
 
@@ -229,4 +230,4 @@ def test_hf_models_run_sharded_and_match_the_single_device(tmp_path, capsys):
         assert code == 0 and "check: ok" in out and "DIFFERENT" not in out, f"{name}:\n{out[-3000:]}"
         program = next((tmp_path / name).glob("*_torch.py")).read_text()
         assert "rt.all_gather(" in program or "rt.all_reduce(" in program, name     # really sharded
-    assert "import transformers.integrations.moe" in program       # Mixtral's grouped_mm_fallback
+    assert "rt.moe_experts(" in program                               # Mixtral's experts as one op

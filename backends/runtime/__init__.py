@@ -60,6 +60,10 @@ when a split dimension is not divisible by the axis size:
 ``scatter(x, mesh, axis, dim)``, ``reduce_scatter(x, mesh, axis, dim)``,
 ``all_to_all(x, mesh, axis, split_dim, concat_dim)``.
 
+Experts (``moe.py``): ``moe_experts(h, top_k_index, top_k_weights, gate, up, down,
+mesh=None, axis=None)``, a layer of gated experts on this rank's tokens; with an axis,
+expert-parallel (rows sent to the experts' ranks and back with all_to_all, recorded).
+
 Losses (``losses.py``): ``vocab_parallel_cross_entropy(logits, target, mesh, axis,
 ignore_index=-100, reduction="sum"|"none")``, cross-entropy over logits split on the class
 dim, this rank's partial sum over ``axis``; two all_reduces of the rows' max and sum of exp
@@ -103,6 +107,7 @@ from .checkpoint import (CheckpointError, CheckpointHandle, LoadedCheckpoint, Sh
                          stage_specs, TrainingCheckpoint)
 from .collectives import all_gather, all_reduce, all_to_all, copy_to, reduce_scatter, scatter
 from .losses import vocab_parallel_cross_entropy
+from .moe import moe_experts
 from .overlap import GradBuckets, ParamGather, gather_param
 from .precision import MasterWeights, to_compute
 from .timeline import Timeline
@@ -114,7 +119,7 @@ from .utils import log, one_thread, set_seed
 __all__ = [
     "init_mesh", "Mesh", "CommEvent", "KINDS", "PHASES", "in_backward",
     "copy_to", "all_reduce", "all_gather", "scatter", "reduce_scatter", "all_to_all",
-    "vocab_parallel_cross_entropy", "set_seed", "one_thread", "log", "GradBuckets", "ParamGather", "gather_param", "Timeline",
+    "vocab_parallel_cross_entropy", "moe_experts", "set_seed", "one_thread", "log", "GradBuckets", "ParamGather", "gather_param", "Timeline",
     "ShardSpec", "CheckpointError", "CheckpointHandle", "LoadedCheckpoint", "save_checkpoint",
     "wait_checkpoint", "load_checkpoint", "latest_checkpoint", "read_tensor", "zero_chunk",
     "optimizer_shards", "optimizer_wanted", "restore_optimizer", "capture_rng_state",

@@ -19,6 +19,8 @@ lazily, mpi4py are used.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -91,6 +93,14 @@ class TorchComm:
     def alltoall0(self, t):
         out = torch.empty_like(t)
         dist.all_to_all_single(out, t, group=self.group)
+        return out
+
+    def alltoallv0(self, t, send_rows, recv_rows):
+        """Rows of `t` (dim 0) in runs: `send_rows[j]` rows to coordinate j; the rows
+        received, `recv_rows[j]` from coordinate j, in coordinate order."""
+        out = t.new_empty((sum(recv_rows),) + tuple(t.shape[1:]))
+        dist.all_to_all_single(out, t.contiguous(), output_split_sizes=list(recv_rows),
+                               input_split_sizes=list(send_rows), group=self.group)
         return out
 
     def broadcast_(self, t, root):
@@ -278,6 +288,18 @@ class MpiComm:
         out = torch.empty_like(src)
         B = self.MPI.BYTE
         self.comm.Alltoall([_bytes(src), B], [_bytes(out), B])
+        return out.to(t.device)
+
+    def alltoallv0(self, t, send_rows, recv_rows):
+        src = t.detach().cpu().contiguous()
+        out = src.new_empty((sum(recv_rows),) + tuple(src.shape[1:]))
+        row = math.prod(src.shape[1:]) * src.element_size()
+
+        def runs(rows):
+            counts = [r * row for r in rows]
+            return counts, [sum(counts[:j]) for j in range(len(counts))]
+        B = self.MPI.BYTE
+        self.comm.Alltoallv([_bytes(src), runs(send_rows), B], [_bytes(out), runs(recv_rows), B])
         return out.to(t.device)
 
     def broadcast_(self, t, root):
