@@ -24,8 +24,8 @@ ALLOWED = {
     "passes": {"autopar.compiler", "autopar.passes"},
     "dsl": {"autopar.compiler", "autopar.passes", "autopar.dsl"},
     "backends": {"autopar.compiler", "autopar.backends"},
-    # the runtime reads the compiler's two standard-library tables: collectives and buckets
-    "backends/runtime": {"autopar.compiler.collectives", "autopar.compiler.buckets", "autopar.backends.runtime"},
+    # the runtime reads the compiler's torch-only modules: the collective table, buckets, the experts math
+    "backends/runtime": {"autopar.compiler.collectives", "autopar.compiler.buckets", "autopar.compiler.moe", "autopar.backends.runtime"},
 }
 
 
