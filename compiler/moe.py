@@ -34,10 +34,11 @@ def expert_ffn(x: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor, up: to
     the gated MLP of each expert on its rows, results in the rows' order. Differentiable."""
     order = torch.argsort(expert, stable=True)
     counts = torch.bincount(expert, minlength=gate.shape[0]).tolist()
-    parts = []
-    for e, rows in enumerate(torch.split(x[order], counts)):
-        if counts[e]:
-            parts.append(F.linear(F.silu(F.linear(rows, gate[e])) * F.linear(rows, up[e]), down[e]))
+    # every expert runs, on zero rows too: the result then depends on every input, so on
+    # an expert-parallel rank that received no rows backward still reaches (and sends
+    # through) its exchanges, and unused experts get zero gradients, not none
+    parts = [F.linear(F.silu(F.linear(rows, gate[e])) * F.linear(rows, up[e]), down[e])
+             for e, rows in enumerate(torch.split(x[order], counts))]
     y = torch.cat(parts) if parts else x.new_zeros((0, down.shape[1]))
     return y[torch.argsort(order)]
 
