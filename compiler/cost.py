@@ -82,6 +82,7 @@ from typing import Any, Iterable
 
 from autopar.compiler import sharding
 from autopar.compiler.cluster import Cluster, DeviceProfile, format_bytes, format_time
+from autopar.compiler.errors import InputError
 from autopar.compiler.dims import DimAnno
 from autopar.compiler.ir import Graph, Node, Value, print_graph
 from autopar.compiler.ops import REGISTRY, node_anno, node_flops
@@ -365,8 +366,12 @@ class CostModel:
         s = self._strategies.get(mi)
         if s is None:
             m = self.members[mi]
-            s = sharding.enumerate_strategies(m.anno, [v.shape for v in m.inputs],
-                                              [v.shape for v in m.outputs], self.mesh)
+            try:
+                s = sharding.enumerate_strategies(m.anno, [v.shape for v in m.inputs],
+                                                  [v.shape for v in m.outputs], self.mesh)
+            except InputError as e:
+                where = f" (module {m.module})" if m.module else ""
+                raise InputError(f"{m.node.op if m.node is not None else m.kind} {m.key}{where}: {e}") from None
             self._strategies[mi] = s
         return s
 

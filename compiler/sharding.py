@@ -77,10 +77,18 @@ def format_layout(mesh: dict[str, int], layout: Layout) -> str:
 
 # ---- strategies -----------------------------------------------------------------------
 
+# An axis with this name is the expert axis: an op with experts (a joint label, the
+# mixture-of-experts op) is expert-parallel on it, its experts and their tokens split there,
+# as a user naming the axis asks; every other op may use it like any axis.
+EXPERT_AXIS = "ep"
+
+
 def enumerate_strategies(anno: DimAnno, in_shapes, out_shapes, mesh: dict[str, int]) -> list[Strategy]:
     """Every assignment of at most one splittable label per axis such that each label is
     split by at most one axis and the axis size divides every size the label takes.
-    Axes of size 1 never split. The all-replicated strategy comes first."""
+    Axes of size 1 never split; on EXPERT_AXIS an op with experts splits its experts
+    (InputError when the axis size does not divide them). The all-replicated strategy
+    comes first."""
     sizes = anno.label_sizes(in_shapes, out_shapes)
     cand = [lab for lab in anno.splittable()]
     per_axis = []
@@ -88,6 +96,14 @@ def enumerate_strategies(anno: DimAnno, in_shapes, out_shapes, mesh: dict[str, i
         opts: list = [None]
         if n > 1:
             opts += [lab for lab in cand if all(s % n == 0 and s >= n for s in sizes.get(lab, [0]))]
+        if axis == EXPERT_AXIS and n > 1 and anno.joint:
+            opts = [lab for lab, _ in anno.joint if lab in opts]
+            if not opts:
+                experts = [sizes.get(lab, [0])[0] for lab, _ in anno.joint]
+                raise InputError(f"mesh axis {axis}={n} is the expert axis, but it does not divide "
+                                 f"the {experts[0]} experts (and their tokens, sizes "
+                                 f"{sorted(set(sizes.get(anno.joint[0][1], [])))}) of this op; "
+                                 f"use an {axis} size that divides both, or name the axis otherwise")
         per_axis.append(opts)
     out = []
     for combo in itertools.product(*per_axis):

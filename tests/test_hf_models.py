@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import transformers as tf
 
+from autopar.compiler.errors import InputError
 from autopar.compiler.interpret import max_abs_error
 from autopar.compiler.ops import REGISTRY, node_anno
 from autopar.compiler.verify import verify
@@ -132,6 +133,22 @@ def test_mixtral_router_and_experts_ops_have_rules(hf):
     assert node_anno(topk).splittable() == ["d0"]          # tokens split, experts do not
 
 
+def test_an_ep_axis_makes_the_experts_expert_parallel(hf):
+    """On an axis named ep every experts op splits its experts with their tokens (the
+    expert-parallel rewrite with its all_to_alls); an ep size that does not divide the
+    experts is an error naming the op, not a silent fallback."""
+    _, _, g = hf("mixtral")
+    plan, _ = make_plan(g, "dp=2,ep=2", device="h100", deterministic=True, time_limit=3.0)
+    moe = [n for n in g.nodes if n.op == "moe_experts"]
+    assert [plan.strategies[n.outputs[0].name][1] for n in moe] == ["x"] * LAYERS     # mesh order dp, ep
+    sharded = apply_plan(g, plan)
+    verify(sharded.graph)
+    assert sum(n.op == "expert_parallel_moe" for n in sharded.graph.nodes) == LAYERS
+    with pytest.raises(InputError, match=r"moe_experts .*module model\.model\.layers\.0\.mlp\.experts.*"
+                                         r"ep=3 is the expert axis, but it does not divide the 4 experts"):
+        make_plan(g, "ep=3", device="h100", deterministic=True, time_limit=3.0)
+
+
 def test_gpt2_conv1d_projections_split_like_linear(hf):
     _, _, g = hf("gpt2")
     # Conv1D's bias add is folded back into addmm; c_attn is cut into its q, k, v columns
@@ -214,7 +231,8 @@ def test_hf_gpt2_runs_with_pieces_and_a_global_mean_over_kept_targets(tmp_path, 
 
 def test_hf_models_run_sharded_and_match_the_single_device(tmp_path, capsys):
     """Llama, Qwen2 and BERT on dp=2,tp=2 under the least-memory plan (every weight split),
-    Mixtral's router and experts on tp=2 (its grouped matmuls split): each a launched run
+    Mixtral's router and experts on tp=2 (its grouped matmuls split) and expert-parallel on
+    dp=2,ep=2 (MPI): each a launched run
     whose losses, final shards and collective bytes match the single-device run."""
     from pathlib import Path
     from autopar.cli import main
@@ -231,3 +249,13 @@ def test_hf_models_run_sharded_and_match_the_single_device(tmp_path, capsys):
         program = next((tmp_path / name).glob("*_torch.py")).read_text()
         assert "rt.all_gather(" in program or "rt.all_reduce(" in program, name     # really sharded
     assert "rt.moe_experts(" in program                               # Mixtral's experts as one op
+    # expert parallel under MPI: rows dispatched over ep by uneven all_to_all, bytes and
+    # calls (five per layer) as predicted
+    code = main(["run", f"{repo}/tests/models/hf_zoo.py:mixtral", "--mesh", "dp=2,ep=2", "--backend", "mpi",
+                 "--steps", "2", "--check", "-o", str(tmp_path / "ep")])
+    out = capsys.readouterr().out
+    assert code == 0 and "check: ok" in out and "DIFFERENT" not in out, out[-3000:]
+    row = next(line.split() for line in out.splitlines() if line.strip().startswith("all_to_all:ep"))
+    assert row[1] == row[2] and row[3] == "ok" and row[-3:] == [str(5 * LAYERS), "/", str(5 * LAYERS)], row
+    program = next((tmp_path / "ep").glob("*_mpi.py")).read_text()
+    assert program.count('rt.moe_experts(') == LAYERS and '"ep")' in program
