@@ -133,8 +133,36 @@ def plan_summary(graph, plan: Plan, profile: DeviceProfile | None = None,
         "modules": module_rows(graph, plan, report, model, pinned),
         "mesh_candidates": plan.solver.get("mesh_candidates"),
         "schedule": schedule_summary(report.schedule),
+        "experts": expert_rows(graph, plan),
     }
     return out
+
+
+# what a split of a moe_experts op means, by the label its strategy splits on an axis
+EXPERT_SPLITS = {"t": "by tokens (every expert on each rank)",
+                 "i": "tensor-parallel experts (each expert's intermediate split, partial sums)",
+                 "x": "expert-parallel ({per} of {E} experts per rank, rows sent with all_to_all)"}
+
+
+def expert_rows(graph, plan: Plan) -> list[dict]:
+    """Each mixture-of-experts layer and how each mesh axis splits it (repeated blocks
+    folded like the module table): what `plan` prints under "experts"."""
+    from autopar.compiler.patterns import fold_modules
+    axes = list(plan.mesh)
+    by_split: dict[str, list[str]] = {}
+    for n in graph.nodes:
+        if n.op != "moe_experts":
+            continue
+        E = n.inputs[3].shape[0]
+        labels = plan.strategies.get(n.outputs[0].name) or (None,) * len(axes)
+        how = []
+        for a, lab in zip(axes, labels):
+            if lab in EXPERT_SPLITS and plan.mesh[a] > 1:
+                how.append(f"{a}: " + EXPERT_SPLITS[lab].format(per=E // plan.mesh[a], E=E))
+        key = "; ".join(how) or "whole on every rank"
+        by_split.setdefault(key, []).append(n.meta.module or "(root)")
+    return [{"modules": fold_modules(mods, graph), "layers": len(mods), "split": split}
+            for split, mods in by_split.items()]
 
 
 def plan_report(graph, plan: Plan, profile: DeviceProfile | None = None) -> CostReport:
@@ -221,6 +249,10 @@ def render(s: dict) -> str:
         for k, agg in r["collectives"].items():
             out.append(f"  {'':<{width}}   {k}: {format_bytes(agg['bytes'])} {format_time(agg['time'])}"
                        + (f" (x{r['count']} blocks)" if r["count"] > 1 else ""))
+    for r in s.get("experts") or ():
+        out.append("")
+        out.append(f"experts ({r['layers']} layer{'s' * (r['layers'] > 1)}: {', '.join(r['modules'])}):")
+        out.extend(f"  {part}" for part in r["split"].split("; "))
     out.append("")
     comp = c["compute"]
     out.append("totals per training step:")

@@ -628,16 +628,15 @@ def comment_pad(code: str, comment: str, width: int = 72) -> str:
 
 def plan_summary(s: ShardedGraph) -> list[str]:
     plan, mesh = s.plan, s.mesh
-    counts: dict[str, int] = {}
-    for n in s.nodes:
-        if is_collective(n):
-            counts[n.op] = counts.get(n.op, 0) + 1
+    # calls as the ranks make them: both passes, bucketed gradients, and the exchanges
+    # inside expert-parallel and vocab-parallel ops
+    counts = s.call_counts()
     lines = [f"mesh {sharding.format_mesh(mesh)} ({world_size(mesh)} ranks), ZeRO stage {plan.zero}"
              + (f" over {s.zero.axis}" if plan.zero else "")]
     if plan.recompute:
         lines.append(f"recompute (activation checkpointing): {', '.join(plan.recompute)}")
     if counts:
-        lines.append("collectives per step: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+        lines.append("collective calls per step and rank: " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
     traffic = s.traffic()
     if traffic:
         lines.append("bytes per step and rank: " + ", ".join(f"{k} {format_bytes(b)}" for k, b in traffic.items()))

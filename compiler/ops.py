@@ -499,6 +499,16 @@ def a_along(attr: str = "dim", default: int = -1):
     return fn
 
 
+def a_one_hot(ins, outs, attrs):
+    """one_hot(index, num_classes): each index element becomes a row of classes, so every
+    index dim keeps its split and the new class dim is whole. With num_classes -1 the
+    class count is the largest index, a global value: nothing may split then."""
+    labs = tuple(f"d{i}" for i in range(len(ins[0])))
+    out = labs + ("c",)
+    frozen = {"c"} | (set(labs) if attrs.get("num_classes", -1) < 0 else set())
+    return DimAnno((labs,), (out,), frozen=frozenset(frozen))
+
+
 def a_pad(ins, outs, attrs):
     """pad / constant_pad_nd: `pad` lists (before, after) pairs from the last dim back;
     padded dims are frozen, untouched dims split freely."""
@@ -796,6 +806,7 @@ register(aten.sort.default, a_along())
 register(aten.sort.stable, a_along())
 register(aten.argsort.default, a_along())
 register(aten.topk.default, a_along())
+register(aten.one_hot.default, a_one_hot, lambda i, o, a: 0)
 register(aten.pad.default, a_pad)
 register(aten.constant_pad_nd.default, a_pad)
 register(aten.histc.default, a_histc)

@@ -15,7 +15,7 @@ def run(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.parametrize("name", ["mlp", "gpt", "llama", "lora"])
+@pytest.mark.parametrize("name", ["mlp", "gpt", "llama", "lora", "moe"])
 def test_ir_verify_ok(capsys, name):
     code, out, err = run(capsys, "ir", str(EXAMPLES / f"{name}.py") + ":build", "--verify")
     assert code == 0, err

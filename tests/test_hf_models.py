@@ -18,6 +18,7 @@ from autopar.compiler.errors import InputError
 from autopar.compiler.interpret import max_abs_error
 from autopar.compiler.ops import REGISTRY, node_anno
 from autopar.compiler.verify import verify
+from autopar.explain import explain
 from autopar.passes.apply import apply_plan
 from autopar.pipeline import make_plan, prepared_graph
 
@@ -141,6 +142,9 @@ def test_an_ep_axis_makes_the_experts_expert_parallel(hf):
     plan, _ = make_plan(g, "dp=2,ep=2", device="h100", deterministic=True, time_limit=3.0)
     moe = [n for n in g.nodes if n.op == "moe_experts"]
     assert [plan.strategies[n.outputs[0].name][1] for n in moe] == ["x"] * LAYERS     # mesh order dp, ep
+    text = explain(plan, g)
+    assert f"experts ({LAYERS} layers: model.model.layers.*.mlp.experts):" in text
+    assert "  ep: expert-parallel (2 of 4 experts per rank, rows sent with all_to_all)" in text
     sharded = apply_plan(g, plan)
     verify(sharded.graph)
     assert sum(n.op == "expert_parallel_moe" for n in sharded.graph.nodes) == LAYERS

@@ -2,7 +2,7 @@
 
 Plan:
     mesh dp=2,tp=2 (4 ranks), ZeRO stage 0
-    collectives per step: all_gather x6, all_reduce x3, all_to_all x7, reduce_scatter x4, scatter x1
+    collective calls per step and rank: all_gather:dp x1, all_gather:tp x9, all_reduce:dp x8, all_reduce:tp x5, all_to_all:tp x14, reduce_scatter:dp x1, reduce_scatter:tp x9
     bytes per step and rank: all_gather:dp 4 KiB, all_gather:tp 160 KiB, all_reduce:dp 213.3 KiB, all_reduce:tp 8.0 KiB, all_to_all:tp 312 KiB, reduce_scatter:dp 4 KiB, reduce_scatter:tp 160 KiB
     gradient buckets: 7 (all_reduce:dp x6, all_reduce:tp x2), launched asynchronously in backward
     transformer.h.*: 2 blocks of one class (Block), its forward written once
