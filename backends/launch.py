@@ -140,8 +140,9 @@ def _start(program: Path, world: int, backend: str, args: list[str], env: dict, 
         cmd = [str(mpiexec) if mpiexec.exists() else "mpiexec", "-n", str(world),
                sys.executable, str(program), *args]
         logs.append(log_dir / "mpiexec.log")
-        p = subprocess.Popen(cmd, env=env, cwd=program.parent, stdout=subprocess.PIPE,
-                             stderr=open(logs[0], "w"), text=True, start_new_session=True)
+        with open(logs[0], "w") as err:     # the child keeps its own copy of the descriptor
+            p = subprocess.Popen(cmd, env=env, cwd=program.parent, stdout=subprocess.PIPE,
+                                 stderr=err, text=True, start_new_session=True)
         procs.append(p)
         readers = [_stream(p.stdout, out)]
     else:
@@ -154,10 +155,11 @@ def _start(program: Path, world: int, backend: str, args: list[str], env: dict, 
             log = log_dir / f"rank{r}.log"
             logs.append(log)
             kw = {"process_group": 0 if pgid is None else pgid}
-            p = subprocess.Popen([sys.executable, str(program), *args], env=renv, cwd=program.parent,
-                                 stdout=subprocess.PIPE if r == 0 else open(log, "w"),
-                                 stderr=open(log if r else log_dir / "rank0.err", "w")
-                                 if r == 0 else subprocess.STDOUT, text=True, **kw)
+            # rank 0: stdout streamed, stderr to rank0.err; the others: both into their log
+            with open(log_dir / "rank0.err" if r == 0 else log, "w") as f:
+                p = subprocess.Popen([sys.executable, str(program), *args], env=renv, cwd=program.parent,
+                                     stdout=subprocess.PIPE if r == 0 else f,
+                                     stderr=f if r == 0 else subprocess.STDOUT, text=True, **kw)
             if pgid is None:
                 pgid = p.pid
             procs.append(p)

@@ -131,8 +131,12 @@ class ShardedGraph:
         out: list[tuple[str, int]] = []
         again = self.recomputed()
         per_microbatch: list[tuple[str, int]] = []
+        seen_gathered: set[str] = set()
         m = max(1, int(getattr(self.plan, "microbatches", 1) or 1))
         batch = self.batch_symbols() if m > 1 else set()
+        o = self.overlap
+        groups = o.gather_groups if o is not None and o.gathers else {}
+        flat: dict[str, int] = {}           # ZeRO-3 unit -> index of its one forward gather
         for i, n in enumerate(self.nodes):
             if not moves_data(n):
                 continue
@@ -142,6 +146,18 @@ class ShardedGraph:
                 if n.op == EXPERT_PARALLEL_MOE and j == 0:
                     per_microbatch.append((f"{kind}:{axis}", b))    # the counts: E values each time
                     continue
+                g = groups.get(n.inputs[0].name) if groups and n.outputs[0].name in o.gathers else None
+                if g is not None and kind == "all_gather" and phase == "forward":
+                    # ZeRO-3 gathers a unit's weights of one dtype in one flat all_gather
+                    # (the first gather of each weight; a second one runs on its own)
+                    if g not in flat:
+                        flat[g] = len(per_microbatch)
+                        per_microbatch.append((f"{kind}:{axis}", 0))
+                    if n.inputs[0].name not in seen_gathered:
+                        seen_gathered.add(n.inputs[0].name)
+                        k, total = per_microbatch[flat[g]]
+                        per_microbatch[flat[g]] = (k, total + b // share)
+                        continue
                 per_microbatch.append((f"{kind}:{axis}", b // share))
                 if phase == "forward" and i in again:
                     per_microbatch.append((f"{kind}:{axis}", b // share))

@@ -67,6 +67,9 @@ class Overlap:
     zero3_axis: str | None = None
     zero3_blocks: list[str] = field(default_factory=list)
     regathered: list[tuple[str, int]] = field(default_factory=list)     # (parameter, bytes)
+    # parameter -> its flat gather: a unit (block, or "" for the root) and a dtype; the
+    # runtime gathers each unit's weights of one dtype in one all_gather
+    gather_groups: dict[str, str] = field(default_factory=dict)
 
     def scattered(self) -> set[str]:
         """ZeRO-2 parameters whose reduce_scatter runs in a bucket (not after backward)."""
@@ -93,8 +96,12 @@ class Overlap:
         return [(f"{b.kind}:{a}", b.nbytes) for b in self.buckets for a in b.axes]
 
     def per_microbatch(self) -> list[tuple[str, int]]:
-        """ZeRO-3's gathers again in backward (every microbatch)."""
-        return [(f"all_gather:{self.zero3_axis}", b) for _, b in self.regathered]
+        """ZeRO-3's gathers again in backward (every microbatch), one per block and dtype."""
+        groups: dict[str, int] = {}
+        for p, b in self.regathered:
+            g = self.gather_groups.get(p, p)
+            groups[g] = groups.get(g, 0) + b
+        return [(f"all_gather:{self.zero3_axis}", b) for b in groups.values()]
 
 
 def settings(plan_overlap: dict | None) -> Overlap:
@@ -169,17 +176,23 @@ def zero3(s: ShardedGraph, sched: Overlap) -> None:
     sched.zero3_axis, sched.zero3_blocks = axis, blocks
     n_ax = s.mesh[axis]
     sched.regathered = [(p.name, nbytes(p) * n_ax) for p in sharded if in_blocks(p.name, blocks)]
+    sched.gather_groups = {p.name: f"{unit_of(p.name, blocks)}|{p.dtype}" for p in sharded}
 
 
-def in_blocks(name: str, blocks: list[str]) -> bool:
-    """Whether parameter `name` belongs to a block of one of the module lists (the runtime's
-    rule: `list.<index>.rest`)."""
+def unit_of(name: str, blocks: list[str]) -> str:
+    """The ZeRO-3 unit of parameter `name`: its block `list.<index>` in one of the module
+    lists (the runtime's rule: `list.<index>.rest`), or "" for the root."""
     for lst in blocks:
         if name.startswith(lst + "."):
             head, _, rest = name[len(lst) + 1:].partition(".")
             if head.isdigit() and rest:
-                return True
-    return False
+                return f"{lst}.{head}"
+    return ""
+
+
+def in_blocks(name: str, blocks: list[str]) -> bool:
+    """Whether parameter `name` belongs to a block of one of the module lists."""
+    return unit_of(name, blocks) != ""
 
 
 def chain_axes(nodes):

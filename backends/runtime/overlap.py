@@ -211,6 +211,41 @@ class _Gathered(torch.autograd.Function):
         return None, None, None
 
 
+class _FlatGather:
+    """Several parameters' shards in one all_gather: each shard with its split dim moved to
+    the front, flattened and concatenated; after the wait each parameter's full value is
+    cut back out of every rank's part (in rank order along its split dim)."""
+
+    def __init__(self, owner: "ParamGather", group: list, phase: str):
+        self.owner = owner
+        xs = [p.detach().movedim(d, 0).contiguous() for p, d in group]
+        self.parts = [(id(p), x.shape, d) for (p, d), x in zip(group, xs)]
+        flat = xs[0].reshape(-1) if len(xs) == 1 else torch.cat([x.reshape(-1) for x in xs])
+        c = owner.mesh._comm(owner.axis)
+        self.size = c.size
+        owner.mesh._record("all_gather", owner.axis, flat.numel() * flat.element_size() * c.size, phase)
+        self.handle = c.iallgather0(flat)
+        self.log = {"kind": "all_gather", "axis": owner.axis, "what": phase, "shape": [flat.numel()],
+                    "params": len(xs), "dtype": str(flat.dtype), "launched": time.perf_counter()}
+        self.full: dict | None = None
+
+    def take(self, p) -> torch.Tensor:
+        """`p` gathered whole (waits for the collective the first time)."""
+        if self.full is None:
+            t0 = time.perf_counter()
+            rows = self.handle.wait().view(self.size, -1)
+            self.owner.mesh.async_log.append({**self.log, "blocked_s": time.perf_counter() - t0})
+            self.full, off = {}, 0
+            for key, shape, d in self.parts:
+                n = shape.numel()
+                piece = rows[:, off:off + n].reshape((self.size * shape[0],) + tuple(shape[1:]))
+                self.full[key] = piece.movedim(0, d).contiguous()
+                off += n
+            if len(self.parts) > 1:
+                self.handle.result = None       # the flat buffer: every weight is cut out of it
+        return self.full.pop(id(p))
+
+
 class _Unit:
     def __init__(self, index: int, name: str | None, params: list):
         self.index, self.name, self.params = index, name, params    # [(param, dim)]
@@ -219,9 +254,11 @@ class _Unit:
 class ParamGather:
     """ZeRO-3 as FSDP runs it, for the parameters the plan shards over `axis`.
 
-    Units are the model's blocks (in forward order) plus the root (everything else). In
-    forward, the first gather of a block's parameter launches the nonblocking all_gathers of
-    the next `prefetch` blocks; a block's gathered weights are not kept for backward (saved
+    Units are the model's blocks (in forward order) plus the root (everything else); a unit
+    is gathered by one flat all_gather per dtype (`_FlatGather`), as FSDP gathers its flat
+    parameter, not one per weight. In forward, the first gather of a unit's parameter
+    gathers the whole unit and launches the nonblocking gathers of the next `prefetch`
+    blocks; a block's gathered weights are not kept for backward (saved
     tensors are packed as a reference), so after the block only its shards stay in memory.
     In backward the first access to a block's weight gathers the whole block again and
     launches the previous `prefetch` blocks' gathers; each weight is dropped once its
@@ -284,41 +321,40 @@ class ParamGather:
             self._saving.__exit__(None, None, None)
             self._saving = None
 
-    def _launch_gather(self, p, dim, phase):
-        c = self.mesh._comm(self.axis)
-        x = p.detach().movedim(dim, 0).contiguous()
-        self.mesh._record("all_gather", self.axis, x.numel() * x.element_size() * c.size, phase)
-        h = c.iallgather0(x)
-        h.log = {"kind": "all_gather", "axis": self.axis, "what": phase, "shape": list(x.shape),
-                 "dtype": str(x.dtype), "launched": time.perf_counter()}
-        return h
-
-    def _finish_gather(self, h, dim):
-        t0 = time.perf_counter()
-        out = h.wait()
-        self.mesh.async_log.append({**h.log, "blocked_s": time.perf_counter() - t0})
-        return out.movedim(0, dim).contiguous()
+    def _launch_group(self, params, phase: str, table: dict) -> None:
+        """One flat all_gather per dtype for `params` [(param, dim)] (FSDP's flat parameter:
+        one collective per block, not one per weight); table[id(p)] = its gather."""
+        by_dtype: dict = {}
+        for p, d in params:
+            by_dtype.setdefault(p.dtype, []).append((p, d))
+        for group in by_dtype.values():
+            g = _FlatGather(self, group, phase)
+            for p, _ in group:
+                table[id(p)] = g
 
     def _prefetch(self, start: int, step: int, phase: str, table: dict):
         for k in range(1, self.prefetch + 1):
             j = start + step * k
             if not 0 <= j < len(self.units):
                 break
-            for p, dim in self.units[j].params:
-                if id(p) not in table and (phase == "forward" or id(p) not in self._backward):
-                    table[id(p)] = self._launch_gather(p, dim, phase)
+            self._launch_group([(p, dim) for p, dim in self.units[j].params
+                                if id(p) not in table and (phase == "forward" or id(p) not in self._backward)],
+                               phase, table)
 
     def _forward_full(self, p):
         u, dim = self._unit_of[id(p)], self._dim[id(p)]
-        if u.index >= 0 and u.index not in self._entered:
-            # entering a block: gather all of it at once, and the next `prefetch` blocks
+        if u.index not in self._entered:
+            # entering a unit (a block, or the root at its first weight): gather all of it
+            # at once, and the next `prefetch` blocks
             self._entered.add(u.index)
-            for q, d in u.params:
-                if id(q) not in self._inflight and q is not p:
-                    self._inflight[id(q)] = self._launch_gather(q, d, "forward")
-            self._prefetch(u.index, +1, "forward", self._inflight)
-        h = self._inflight.pop(id(p), None)
-        full = self._finish_gather(h if h is not None else self._launch_gather(p, dim, "forward"), dim)
+            self._launch_group([(q, d) for q, d in u.params if id(q) not in self._inflight],
+                               "forward", self._inflight)
+            # the root prefetches the first blocks only when it comes first (an embedding)
+            if u.index >= 0 or self._entered == {-1}:
+                self._prefetch(u.index, +1, "forward", self._inflight)
+        g = self._inflight.pop(id(p), None)
+        # a weight gathered a second time in one forward: on its own
+        full = (g or _FlatGather(self, [(p, dim)], "forward")).take(p)
         if u.index >= 0:
             self._live[full.untyped_storage().data_ptr()] = (weakref.ref(full), p)
         return full
@@ -343,12 +379,12 @@ class ParamGather:
             u = self._unit_of[key]
             if u.index not in self._bw_entered:
                 self._bw_entered.add(u.index)
-                for q, dim in u.params:             # the whole block, as FSDP's pre-backward
-                    if id(q) not in self._backward and id(q) not in self._bw_inflight:
-                        self._bw_inflight[id(q)] = self._launch_gather(q, dim, "backward")
+                # the whole block in one gather, as FSDP's pre-backward
+                self._launch_group([(q, d) for q, d in u.params
+                                    if id(q) not in self._backward and id(q) not in self._bw_inflight],
+                                   "backward", self._bw_inflight)
                 self._prefetch(u.index, -1, "backward", self._bw_inflight)
-            h = self._bw_inflight.pop(key)
-            self._backward[key] = self._finish_gather(h, self._dim[key])
+            self._backward[key] = self._bw_inflight.pop(key).take(p)
         return self._backward[key]
 
     # gradients
@@ -388,6 +424,6 @@ class ParamGather:
             else:
                 p.grad.add_(g)
         self._grads = []
-        for h in [*self._bw_inflight.values(), *self._inflight.values()]:
-            h.wait()                                # a prefetch nobody used (not expected)
+        for g in {id(g): g for g in [*self._bw_inflight.values(), *self._inflight.values()]}.values():
+            g.handle.wait()                         # a prefetch nobody used (not expected)
         self._inflight, self._bw_inflight, self._backward, self._live = {}, {}, {}, {}
