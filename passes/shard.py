@@ -382,7 +382,39 @@ def shared_terms(prob: Problem, full_dom, key, src: int, j: int, edges, mult: in
     """The trie of steps of one shared value: a node per (producer layout, region, step
     prefix), priced once however many consumers read through it. Positions are grouped by
     the layout they give (many strategies give one), so each distinct (producer layout,
-    consumer layout) pair is walked once."""
+    consumer layout) pair is walked once. The trie does not depend on the prices (overlap
+    or additive, `cm.overlap_prices`): it is built once per value and domains
+    (`prob.shared_cache`) and priced for each."""
+    cm = prob.cm
+    tk = ("trie", key, tuple(tuple(full_dom[c]) for c in
+                             sorted({key[0], *(prob.class_of[prob.group_of[e.dst]] for e in edges)})))
+    trie = prob.shared_cache.get(tk)
+    if trie is None:
+        trie = prob.shared_cache[tk] = shared_trie(prob, full_dom, key, src, j, edges)
+    v = edges[0].value
+    grad = v.name in cm.needs_grad
+    # a step's price depends on the step and on what the value is (solver_time)
+    price = cm.__dict__.setdefault("_shared_step_memo", {})      # lives and dies with `cm`
+    sm = cm.members[src]
+    src_kind = (sm.kind, sm.trainable, src in cm._window, cm.overlap_prices)
+    out = []
+    for st, in_region, A, Bs in trie:
+        pk = (st, grad, in_region, src_kind)
+        t = price.get(pk)
+        if t is None:
+            cols = st.collectives(grad)
+            t = sum(cm.solver_time(c, src) for c in cols)
+            if in_region:
+                t += sum(cm.time_of(c) for c in cols if c.phase == "forward")
+            price[pk] = t
+        if t:
+            out.append((mult * t, 0.0, key[0], A, Bs))
+    return out
+
+
+def shared_trie(prob: Problem, full_dom, key, src: int, j: int, edges) -> list:
+    """shared_terms' trie, unpriced: per node (its last step, whether the consumer
+    recomputes it inside a region, producer positions, [(consumer class, positions)])."""
     cm, groups = prob.cm, prob.groups
     ga = groups[prob.group_of[src]]
     ca = key[0]
@@ -403,10 +435,6 @@ def shared_terms(prob: Problem, full_dom, key, src: int, j: int, edges, mult: in
             splits = frozenset(a for a, lab in enumerate(sc) if lab is not None)
             by_dst.setdefault((cm.in_layout(e.dst, sc, e.arg), splits), []).append(pb)
         ends.append((cb, region, by_dst))
-    # a step's price depends on the step and on what the value is (solver_time)
-    price = cm.__dict__.setdefault("_shared_step_memo", {})      # lives and dies with `cm`
-    sm = cm.members[src]
-    src_kind = (sm.kind, sm.trainable, src in cm._window, cm.overlap_prices)
     nodes: dict[tuple, dict] = {}
     for lay, pas in by_lay.items():
         for i, (cb, region, by_dst) in enumerate(ends):
@@ -417,19 +445,11 @@ def shared_terms(prob: Problem, full_dom, key, src: int, j: int, edges, mult: in
                     prefix = prefix + ((st.axis, st.op, st.attrs),)
                     node = nodes.get(prefix)
                     if node is None:
-                        pk = (st, grad, region is not None, src_kind)
-                        t = price.get(pk)
-                        if t is None:
-                            cols = st.collectives(grad)
-                            t = sum(cm.solver_time(c, src) for c in cols)
-                            if region is not None:
-                                t += sum(cm.time_of(c) for c in cols if c.phase == "forward")
-                            price[pk] = t
-                        node = nodes[prefix] = {"t": t, "m": 0.0, "A": set(), "B": {}}
+                        node = nodes[prefix] = {"st": st, "r": region is not None, "A": set(), "B": {}}
                     node["A"].update(pas)
                     node["B"].setdefault((i, cb), set()).update(pbs)
-    return [(mult * n["t"], mult * n["m"], ca, sorted(n["A"]), [(cb, sorted(b)) for (_, cb), b in n["B"].items()])
-            for n in nodes.values() if n["t"] or n["m"]]
+    return [(n["st"], n["r"], sorted(n["A"]), [(cb, sorted(b)) for (_, cb), b in n["B"].items()])
+            for n in nodes.values()]
 
 
 def merge_shared(terms: list) -> list:
@@ -1119,10 +1139,14 @@ def search_fixed(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfil
     best = None
     exact = {}
     reranked = 0
+    priced: dict[tuple, tuple] = {}     # one evaluation per distinct (stage, choice)
     for r, t in ok:
         for k, choice in enumerate([r.choice] + r.alternatives):
-            strategies = choice_strategies(prob, choice)
-            report = cm.evaluate(strategies, r.zero)
+            hit = priced.get((r.zero, tuple(choice)))
+            if hit is None:
+                hit = priced[(r.zero, tuple(choice))] = (choice_strategies(prob, choice),
+                                                         cm.evaluate(choice_strategies(prob, choice), r.zero))
+            strategies, report = hit
             if k and report.memory["total"] > limit:
                 continue
             if k == 0 or report.step_time < exact[r.zero]:
