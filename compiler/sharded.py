@@ -136,7 +136,8 @@ class ShardedGraph:
         batch = self.batch_symbols() if m > 1 else set()
         o = self.overlap
         groups = o.gather_groups if o is not None and o.gathers else {}
-        flat: dict[str, int] = {}           # ZeRO-3 unit -> index of its one forward gather
+        flat: dict[tuple, int] = {}         # (ZeRO-3 unit, kind) -> index of its one flat call
+        seen_scattered: set[str] = set()
         for i, n in enumerate(self.nodes):
             if not moves_data(n):
                 continue
@@ -147,16 +148,21 @@ class ShardedGraph:
                     per_microbatch.append((f"{kind}:{axis}", b))    # the counts: E values each time
                     continue
                 g = groups.get(n.inputs[0].name) if groups and n.outputs[0].name in o.gathers else None
-                if g is not None and kind == "all_gather" and phase == "forward":
+                if g is not None and (kind, phase) in (("all_gather", "forward"), ("reduce_scatter", "backward")):
                     # ZeRO-3 gathers a unit's weights of one dtype in one flat all_gather
-                    # (the first gather of each weight; a second one runs on its own)
-                    if g not in flat:
-                        flat[g] = len(per_microbatch)
+                    # (the first gather of each weight; a second one runs on its own), and
+                    # reduce_scatters their gradients in one flat call (a weight used twice
+                    # sends its summed gradient once)
+                    seen = seen_gathered if kind == "all_gather" else seen_scattered
+                    if (g, kind) not in flat:
+                        flat[(g, kind)] = len(per_microbatch)
                         per_microbatch.append((f"{kind}:{axis}", 0))
-                    if n.inputs[0].name not in seen_gathered:
-                        seen_gathered.add(n.inputs[0].name)
-                        k, total = per_microbatch[flat[g]]
-                        per_microbatch[flat[g]] = (k, total + b // share)
+                    if n.inputs[0].name not in seen:
+                        seen.add(n.inputs[0].name)
+                        k, total = per_microbatch[flat[(g, kind)]]
+                        per_microbatch[flat[(g, kind)]] = (k, total + b // share)
+                        continue
+                    if kind == "reduce_scatter":
                         continue
                 per_microbatch.append((f"{kind}:{axis}", b // share))
                 if phase == "forward" and i in again:

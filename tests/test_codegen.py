@@ -113,6 +113,10 @@ def test_parity_and_bytes_on_4_ranks(traced, tmp_path, backend):
         o = prog.sharded.overlap
         if name == "gpt_dp4_zero3_prefetch":
             assert "rt.gather_param(" in prog.source and o.regathered, name
+            # one flat reduce_scatter per unit (root and each block), not one per weight
+            units = set(o.gather_groups.values())
+            assert 1 < len(units) < len(o.gather_groups)
+            assert prog.sharded.call_counts()["reduce_scatter:dp"] == len(units)
         elif name == "gpt_dp4_small_buckets":
             assert len(o.buckets) > 3 and "rt.GradBuckets(" in prog.source and "rt.copy_to(self." not in prog.source
         elif name == "gpt_dp4_zero2_recompute":

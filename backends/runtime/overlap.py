@@ -25,6 +25,7 @@ seen done and how long `wait()` blocked on it (the exposed part).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import weakref
 
@@ -196,6 +197,8 @@ def gather_param(p: torch.Tensor, mesh: Mesh, axis, dim: int = 0, partial_grad: 
     if owner is None or mesh.size(axis) == 1:
         from .collectives import all_gather
         return all_gather(p, mesh, axis, dim=dim, partial_grad=partial_grad)
+    if partial_grad and owner._saving is not None and torch.is_grad_enabled():
+        owner._used(p)                      # a use whose partial gradient backward will send
     return _Gathered.apply(p, owner, partial_grad)
 
 
@@ -262,9 +265,12 @@ class ParamGather:
     tensors are packed as a reference), so after the block only its shards stay in memory.
     In backward the first access to a block's weight gathers the whole block again and
     launches the previous `prefetch` blocks' gathers; each weight is dropped once its
-    gradient is reduced. Every gradient is reduce_scattered asynchronously and added to the
-    shard's `.grad` when backward ends. The root's weights stay gathered until backward
-    (FSDP does not reshard the root either).
+    gradient is reduced. Gradients are reduce_scattered asynchronously a unit at a time:
+    once the last of a unit's weights (of one dtype) has its gradient -- every use that
+    forward counted, summed -- one flat reduce_scatter sends them all (FSDP reduces its
+    flat parameter's gradient the same way); each rank's part is added to the shards'
+    `.grad` when backward ends. The root's weights stay gathered until backward (FSDP does
+    not reshard the root either).
     """
 
     def __init__(self, mesh: Mesh, axis: str, module: torch.nn.Module, layout_of, blocks, prefetch: int = 1):
@@ -301,7 +307,9 @@ class ParamGather:
         self._entered: set[int] = set()
         self._bw_entered: set[int] = set()
         self._live: dict[int, tuple] = {}           # storage ptr -> (weakref to full, param)
-        self._grads: list[tuple] = []               # (param, handle, dim)
+        self._grads: list[tuple] = []               # (handle, [(param, local shape, dim)])
+        self._owed: dict[int, int] = {}             # id(param) -> uses whose gradient is still due
+        self._slots: dict[tuple, dict] = {}         # (unit, dtype) -> {id(param): [param, grad, dim]}
         self._queued = False
         self._saving = None
         module.register_forward_pre_hook(lambda m, args: self._begin_forward())
@@ -311,6 +319,7 @@ class ParamGather:
     # forward
     def _begin_forward(self):
         self._entered, self._bw_entered = set(), set()
+        self._owed, self._slots = {}, {}
         # weights of a forward that had no backward (evaluation) are gone: forget them
         self._live = {k: v for k, v in self._live.items() if v[0]() is not None}
         self._saving = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
@@ -388,22 +397,43 @@ class ParamGather:
         return self._backward[key]
 
     # gradients
+    def _used(self, p):
+        self._owed[id(p)] = self._owed.get(id(p), 0) + 1
+
     def _reduce_grad(self, p, g, partial=True):
         self._queue_finish()
         self._backward.pop(id(p), None)             # its weight is no longer needed
         dim = self._dim[id(p)]
         c = self.mesh._comm(self.axis)
+        x = g.movedim(dim, 0)
         if not partial:                             # a whole gradient: keep this rank's slice
             from ._comm import Handle
-            mine = g.movedim(dim, 0).chunk(c.size, 0)[c.coord].contiguous()
-            self._grads.append((p, Handle(lambda: None, result=mine), dim))
+            mine = x.chunk(c.size, 0)[c.coord].contiguous()
+            self._grads.append((Handle(lambda: None, result=mine), [(p, mine.shape, dim)]))
             return
-        x = g.movedim(dim, 0).contiguous()
-        self.mesh._record("reduce_scatter", self.axis, x.numel() * x.element_size(), "backward")
-        h = c.ireduce_scatter0(x)
-        h.log = {"kind": "reduce_scatter", "axis": self.axis, "what": "gradient", "shape": list(x.shape),
-                 "dtype": str(x.dtype), "launched": time.perf_counter()}
-        self._grads.append((p, h, dim))
+        if id(p) not in self._owed:                 # a use forward did not count: on its own
+            self._launch_scatter([[p, x, dim]])
+            return
+        u = self._unit_of[id(p)]
+        slot = self._slots.setdefault((u.index, p.dtype), {})
+        if id(p) in slot:                           # a weight used twice: one gradient, summed
+            slot[id(p)][1] = slot[id(p)][1] + x
+        else:
+            slot[id(p)] = [p, x, dim]
+        self._owed[id(p)] -= 1
+        if all(self._owed.get(id(q), 0) <= 0 for q, _ in u.params if q.dtype == p.dtype):
+            self._launch_scatter(list(self._slots.pop((u.index, p.dtype)).values()))
+
+    def _launch_scatter(self, parts):
+        """One reduce_scatter of `parts` [[param, gradient with the split dim first, dim]]:
+        row r of the flat buffer holds chunk r of each, so each rank receives its chunks."""
+        c = self.mesh._comm(self.axis)
+        flat = torch.cat([x.reshape(c.size, -1) for _, x, _ in parts], 1)
+        self.mesh._record("reduce_scatter", self.axis, flat.numel() * flat.element_size(), "backward")
+        h = c.ireduce_scatter0(flat)
+        h.log = {"kind": "reduce_scatter", "axis": self.axis, "what": "gradient", "shape": list(flat.shape),
+                 "params": len(parts), "dtype": str(flat.dtype), "launched": time.perf_counter()}
+        self._grads.append((h, [(p, (x.shape[0] // c.size,) + tuple(x.shape[1:]), dim) for p, x, dim in parts]))
 
     def _queue_finish(self):
         if not self._queued:
@@ -414,15 +444,23 @@ class ParamGather:
     def wait(self):
         """Add every reduce_scattered gradient to its shard; drop what backward gathered."""
         self._queued = False
-        for p, h, dim in self._grads:
+        for slot in self._slots.values():           # units whose every gradient never came
+            self._launch_scatter(list(slot.values()))
+        self._slots, self._owed = {}, {}
+        for h, parts in self._grads:
             t0 = time.perf_counter()
-            g = h.wait().movedim(0, dim)
+            row = h.wait().reshape(-1)
             if hasattr(h, "log"):
                 self.mesh.async_log.append({**h.log, "blocked_s": time.perf_counter() - t0})
-            if p.grad is None:
-                p.grad = g.contiguous()
-            else:
-                p.grad.add_(g)
+            off = 0
+            for p, shape, dim in parts:
+                n = math.prod(shape)
+                g = row[off:off + n].view(shape).movedim(0, dim)
+                off += n
+                if p.grad is None:
+                    p.grad = g.contiguous()
+                else:
+                    p.grad.add_(g)
         self._grads = []
         for g in {id(g): g for g in [*self._bw_inflight.values(), *self._inflight.values()]}.values():
             g.handle.wait()                         # a prefetch nobody used (not expected)
