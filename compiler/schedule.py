@@ -27,11 +27,12 @@ it is simulated:
   is one collective per axis, launched on that axis's stream when its last gradient is
   produced (after the backward of the earliest first use of its parameters) and waited for
   before the optimizer step;
-- ZeRO-3 (FSDP's schedule, when the overlap pass applies it: no recompute regions): the
-  all_gathers of a block's parameters are issued when the compute stream enters the block
+- ZeRO-3 (FSDP's schedule, when the overlap pass applies it: no recompute regions): a
+  block's parameters are gathered by one all_gather per dtype (their bytes summed, one
+  latency: the runtime's flat gather), issued when the compute stream enters the block
   `prefetch` blocks earlier (parameters outside blocks at the start), gathered again in
-  backward in reverse block order the same way, and each use's gradient reduce_scatter is
-  launched asynchronously after that use's backward;
+  backward in reverse block order the same way; a block's gradients are reduce_scattered
+  by one asynchronous call per dtype when backward leaves the block (the root's at the end);
 - optimizer-phase collectives (ZeRO-1/2's all_gather of updated parameters) run after every
   gradient collective has finished, synchronously;
 - hiding is not free: compute beside a collective runs slower (the profile's
@@ -208,10 +209,32 @@ def simulate(model, report, zero: int = 0, overlap=None) -> Schedule:
             gather_of_block.setdefault(param_block(item[3]), []).append(item)
     done_gather: dict[int, float] = {}          # consumer -> when its gathers are done
 
+    def by_dtype(items):
+        groups: dict = {}
+        for item in items:
+            groups.setdefault(str(members[item[3]].outputs[0].dtype), []).append(item)
+        return groups.values()
+
+    def flat_call(kind, group, what, phase):
+        """One collective for a unit's weights of one dtype, as the runtime runs it: their
+        bytes summed, the latency paid once."""
+        axis = group[0][0].axis
+        t = model.time_of_bytes(kind, axis, sum(c.bytes for c, *_ in group))
+        keys = [members[src].key for *_, src in group]
+        name = f"{kind}({axis}) {keys[0]}" + (f" +{len(keys) - 1}" if len(keys) > 1 else "") + what
+        return comm(_Col(kind, axis), t, name, phase, tc, False)
+
     def issue_gathers(block, phase, tag=""):
-        for col, t, dst, src in gather_of_block.pop(block, []) if phase == "forward" else regather.pop(block, []):
-            ev = comm(col, t, f"{col.kind}({col.axis}) {members[src].key}{tag}", phase, tc, False)
-            done_gather[dst] = max(done_gather.get(dst, 0.0), ev.end)
+        for group in by_dtype(gather_of_block.pop(block, []) if phase == "forward" else regather.pop(block, [])):
+            ev = flat_call("all_gather", group, tag, phase)
+            for _, _, dst, _ in group:
+                done_gather[dst] = max(done_gather.get(dst, 0.0), ev.end)
+
+    pending_rs: dict = {}                       # ZeRO-3 unit -> its gradients' reduce_scatters so far
+
+    def scatter_unit(block):
+        for group in by_dtype(pending_rs.pop(block, [])):
+            flat_call("reduce_scatter", group, " grads", "backward")
 
     # ---- forward -------------------------------------------------------------------------
     regather = {b: list(items) for b, items in gather_of_block.items() if b is not None}
@@ -278,6 +301,7 @@ def simulate(model, report, zero: int = 0, overlap=None) -> Schedule:
             continue
         b = block_index_of(m.index)
         if zero3 and b is not None and b != current:
+            scatter_unit(current)               # the block backward just left: all its gradients are in
             current = b
             k = pos[b] - prefetch
             if k >= 0:
@@ -293,8 +317,8 @@ def simulate(model, report, zero: int = 0, overlap=None) -> Schedule:
             if col.phase == "backward":
                 comm(col, t, f"{col.kind}({col.axis}) grad of {members[src].key} at {m.key}",
                      "backward", tc, True)
-        for col, t, dst, src in async_rs.get(m.index, []):
-            comm(col, t, f"{col.kind}({col.axis}) grad {members[src].key}", "backward", tc, False)
+        for item in async_rs.get(m.index, []):
+            pending_rs.setdefault(param_block(item[3]), []).append(item)
         for bk in launch_after.get(m.index, []):
             bk.launch = tc
             for a in bk.axes:
@@ -302,6 +326,8 @@ def simulate(model, report, zero: int = 0, overlap=None) -> Schedule:
                 t = model.time_of_bytes(bk.kind, a, bk.nbytes)
                 name = f"bucket {bk.index} {bk.kind}({a}) {len(bk.params)} grads"
                 bk.events.append(comm(col, t, name, "backward", bk.events[-1].end if bk.events else tc, False))
+    for b in list(pending_rs):                  # the last block, then the root's (after the embedding)
+        scatter_unit(b)
     # ---- optimizer step: every gradient reduced first -----------------------------------
     tc = max([tc] + list(free.values()))
     for col, t, dst, src in optimizer:
