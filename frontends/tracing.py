@@ -12,6 +12,7 @@ import contextlib
 import functools
 import io
 import logging
+import os
 import re
 import time
 import warnings
@@ -92,11 +93,15 @@ def _trace(model: nn.Module, example_inputs: tuple, mode: str, name: str, symbol
         except Exception as e:  # torch raises many kinds; the user needs the cause and line
             if seen.error is not None:
                 raise seen.error from None
-            at = user_location(str(e) + "\n" + captured.getvalue())
+            at = user_location(str(e) + "\n" + captured.getvalue()) or user_frame(e)
+            if data_dependent(e):
+                fix = ("Rewrite that line without data-dependent Python control flow (or try "
+                       "trace='fx' for simple modules).")
+            else:
+                fix = ("The model's own code fails there on the example inputs (calling it "
+                       "without autopar fails the same way): fix that line or the inputs.")
             raise TraceError(f"torch.export could not trace {type(model).__name__}"
-                             f"{' at ' + at if at else ''}: {first_line(e)}. Rewrite that "
-                             "line without data-dependent Python control flow (or try "
-                             "trace='fx' for simple modules).") from e
+                             f"{' at ' + at if at else ''}: {first_line(e).rstrip('.')}. {fix}") from e
         if seen.error is not None:
             raise seen.error
         graph = lower_export(ep, model, name)
@@ -264,10 +269,17 @@ def export_symbolic(model: nn.Module, example_inputs: tuple):
 
 @contextlib.contextmanager
 def quiet_torch(sink: io.StringIO):
-    """torch.export prints graphs and warnings while it fails; keep them for the error."""
+    """torch.export prints graphs, warnings and error logs while it fails; keep them for
+    the error (torch's log handlers hold the real stderr, so they are swapped out too)."""
     logger = logging.getLogger("torch")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    into_sink = logging.StreamHandler(sink)
+    swapped = [lg for name, lg in logging.root.manager.loggerDict.items()
+               if isinstance(lg, logging.Logger) and lg.handlers and (name == "torch" or name.startswith("torch."))]
+    saved = [lg.handlers for lg in swapped]
+    for lg in swapped:
+        lg.handlers = [into_sink]
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink), \
                 contextlib.redirect_stderr(sink):
@@ -275,6 +287,35 @@ def quiet_torch(sink: io.StringIO):
             yield
     finally:
         logger.setLevel(level)
+        for lg, handlers in zip(swapped, saved):
+            lg.handlers = handlers
+
+
+_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, contextlib))
+
+
+def user_frame(e: BaseException) -> str:
+    """`file.py:12 (code)`: the innermost frame of the traceback in the user's own files
+    (not torch's, the standard library's or autopar's), or ""."""
+    import traceback
+    import autopar
+    from autopar import backends, compiler, passes
+    ours = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                 for m in (autopar, backends, compiler, passes)) + (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+    for fr in reversed(traceback.extract_tb(e.__traceback__)):
+        path = os.path.abspath(fr.filename)
+        if fr.filename.startswith("<") or "site-packages" in path or path.startswith(_LIBRARY_DIRS) \
+                or path.startswith(ours):
+            continue
+        return f"{fr.filename}:{fr.lineno}" + (f" ({fr.line.strip()})" if fr.line else "")
+    return ""
+
+
+def data_dependent(e: BaseException) -> bool:
+    """Whether torch.export failed on Python control flow over tensor values."""
+    text = f"{type(e).__name__} {e}".lower()
+    return any(k in text for k in ("datadependent", "data-dependent", "data dependent",
+                                   "dynamic control flow"))
 
 
 def user_location(text: str) -> str:

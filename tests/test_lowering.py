@@ -125,10 +125,38 @@ def test_untraceable_model_gives_a_trace_error():
                 return x * 2
             return x
 
-    with pytest.raises(TraceError, match="torch.export could not trace Branchy"):
+    with pytest.raises(TraceError, match="torch.export could not trace Branchy.*control flow"):
         trace(Branchy(), (torch.randn(3),))
     with pytest.raises(TraceError, match="fx"):
         trace(Branchy(), (torch.randn(3),), mode="fx")
+
+
+def test_a_model_that_fails_on_its_inputs_is_not_told_about_control_flow(capfd):
+    """An error of the model's own code (a missing import, a shape mismatch) names the
+    user's line and says to fix it, not to rewrite control flow; torch's error logs stay
+    out of the terminal."""
+    class Importing(nn.Module):
+        def forward(self, x):
+            import autopar_no_such_module
+            return x
+
+    class Mismatched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x.t())
+
+    here = __file__.rsplit("/", 1)[-1]
+    for model, x, line, what in [(Importing(), torch.randn(3), "import autopar_no_such_module", "ModuleNotFoundError"),
+                                 (Mismatched(), torch.randn(4, 8), "return self.fc(x.t())", "RuntimeError")]:
+        with pytest.raises(TraceError) as err:
+            trace(model, (x,))
+        msg = str(err.value)
+        assert f"{here}:" in msg and f"({line})" in msg and what in msg, msg
+        assert "control flow" not in msg and "fix that line or the inputs" in msg and ".." not in msg, msg
+    assert "fake_tensor" not in capfd.readouterr().err
 
 
 # ---- op rules: each splittable label really splits ---------------------------------------
