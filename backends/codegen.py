@@ -1631,6 +1631,7 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w("ckpt.finish(start + args.steps)  # the last save; waits for background writers", 1)
     w()
     w("timeline.write()", 1)
+    w("peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # training's peak: before the final save", 1)
     w("os.makedirs(args.save, exist_ok=True)", 1)
     state, note = ("model.state_dict()", "")
     if bf16:
@@ -1639,7 +1640,7 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w("if args.stats:", 1)
     w('with open(f"{args.stats}.rank{mesh.rank}.json", "w") as f:', 2)
     w('json.dump({"rank": mesh.rank, "coords": mesh.coords, "losses": losses, "traffic": traffic, "calls": calls,', 3)
-    w('"times": times, "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,', 3 + 2)
+    w('"times": times, "max_rss_kib": peak_kib,', 3 + 2)
     w('"checkpoint": ckpt.stats()}, f)', 3 + 2)
     w("mesh.shutdown()", 1)
     w()

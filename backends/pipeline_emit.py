@@ -309,6 +309,7 @@ class PipelineParts:
         w("ckpt.finish(start + args.steps)  # the last save; waits for background writers", 1)
         w()
         w("timeline.write()", 1)
+        w("peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # training's peak: before the final save", 1)
         w("os.makedirs(args.save, exist_ok=True)", 1)
         if bf16:
             w('rt.save_file(os.path.join(args.save, f"rank{mesh.rank}.safetensors"), masters.state_dict())  # the fp32 masters', 1)
@@ -317,7 +318,7 @@ class PipelineParts:
         w("if args.stats:", 1)
         w('with open(f"{args.stats}.rank{mesh.rank}.json", "w") as f:', 2)
         w('json.dump({"rank": mesh.rank, "coords": mesh.coords, "losses": losses, "traffic": traffic, "calls": calls,', 3)
-        w('"times": times, "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,', 5)
+        w('"times": times, "max_rss_kib": peak_kib,', 5)
         w('"checkpoint": ckpt.stats()}, f)', 5)
         w("mesh.shutdown()", 1)
         w()

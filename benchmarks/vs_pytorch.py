@@ -16,8 +16,9 @@ other in one run:
 The model is a small GPT (examples/gpt.py, 4 layers, 256 wide, vocab 2048, 8 x 64 tokens:
 "GPT small" scaled so 2 ranks on 2 cores finish in seconds) trained with AdamW. Reported:
 median step time after warm-up, the ratio autopar / PyTorch, peak resident memory per rank
-(ru_maxrss, includes the ~0.3 GB of an imported torch), and both runs' losses (they should
-agree). Results go to benchmarks/results/vs_pytorch.{json,md}.
+(ru_maxrss over the training steps, includes the ~0.3 GB of an imported torch; the
+generated program's final save of its shards, which PyTorch's side does not do, comes
+after it), and both runs' losses (they should agree). Results go to benchmarks/results/vs_pytorch.{json,md}.
 """
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ def torch_worker(mode: str, init: str, steps: int, stats: str, lr: float) -> Non
     with open(f"{stats}.rank{rank}.json", "w") as f:
         json.dump({"losses": losses, "times": times,
                    "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}, f)
+    dist.barrier()           # both ranks done with every collective before gloo is torn down
     dist.destroy_process_group()
 
 

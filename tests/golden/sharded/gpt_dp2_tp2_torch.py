@@ -379,12 +379,13 @@ def main():
     ckpt.finish(start + args.steps)  # the last save; waits for background writers
 
     timeline.write()
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # training's peak: before the final save
     os.makedirs(args.save, exist_ok=True)
     rt.save_file(os.path.join(args.save, f"rank{mesh.rank}.safetensors"), model.state_dict())
     if args.stats:
         with open(f"{args.stats}.rank{mesh.rank}.json", "w") as f:
             json.dump({"rank": mesh.rank, "coords": mesh.coords, "losses": losses, "traffic": traffic, "calls": calls,
-                    "times": times, "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                    "times": times, "max_rss_kib": peak_kib,
                     "checkpoint": ckpt.stats()}, f)
     mesh.shutdown()
 
