@@ -690,11 +690,12 @@ class CostModel:
                 out.add(m.index)
         return out
 
-    def evaluate(self, strategies: dict[str, Strategy], zero: int = 0) -> CostReport:
+    def evaluate(self, strategies: dict[str, Strategy], zero: int = 0, schedule: bool = True) -> CostReport:
         """The step time, bytes per collective and memory of a plan (missing keys are
         all-replicated). Collectives are counted as the program runs them: a step shared by
         several consumers of a value once (collective CSE). The step time is the simulated
-        schedule's makespan (compiler/schedule.py), `additive_time` compute + communication."""
+        schedule's makespan (compiler/schedule.py), `additive_time` compute + communication.
+        `schedule=False`: no simulation, the step is the additive time (all of it exposed)."""
         strat = self.full_strategies(strategies)
         nodes: dict[str, NodeCost] = {}
         comp = {"forward": 0.0, "backward": 0.0, "recompute": 0.0}
@@ -771,6 +772,9 @@ class CostModel:
                             dict(sorted(by_kind.items())),
                             {p: dict(sorted(b.items())) for p, b in by_phase.items()},
                             mem, flops, nodes, zcols, comms, compute_time + comm_time)
+        if not schedule:
+            report.exposed, report.hidden = dict(comm_axis), {a: 0.0 for a in self.axes}
+            return report
         from autopar.compiler.schedule import simulate
         sched = simulate(self, report, zero, self.overlap)
         report.schedule = sched

@@ -298,10 +298,8 @@ def user_frame(e: BaseException) -> str:
     """`file.py:12 (code)`: the innermost frame of the traceback in the user's own files
     (not torch's, the standard library's or autopar's), or ""."""
     import traceback
-    import autopar
-    from autopar import backends, compiler, passes
-    ours = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-                 for m in (autopar, backends, compiler, passes)) + (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ours = tuple(os.path.join(root, stage) + os.sep for stage in ("autopar", "frontends", "compiler", "passes", "backends"))
     for fr in reversed(traceback.extract_tb(e.__traceback__)):
         path = os.path.abspath(fr.filename)
         if fr.filename.startswith("<") or "site-packages" in path or path.startswith(_LIBRARY_DIRS) \

@@ -50,7 +50,7 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from autopar.compiler import sharding
-from autopar.compiler.cluster import Cluster, DeviceProfile, format_bytes, load_profile
+from autopar.compiler.cluster import Cluster, DeviceProfile, format_bytes, format_time, load_profile
 from autopar.compiler.cost import CostModel, CostReport, Edge, _steps_cached
 from autopar.compiler.errors import InputError, PlanInfeasible, UserError
 from autopar.compiler.ir import Graph, format_attr
@@ -1432,9 +1432,10 @@ def better(a: CostReport, b: CostReport, objective: str) -> bool:
 
 
 def make_plan(graph: Graph, cm: CostModel, strategies: dict[str, Strategy], report: CostReport,
-              zero: int, limit: float | None, recompute, solver_stats: dict, constraints=()) -> Plan:
+              zero: int, limit: float | None, recompute, solver_stats: dict, constraints=(),
+              layouts=None) -> Plan:
     mesh = dict(cm.mesh)
-    layouts = sharding.derive_layouts(graph, mesh, strategies)
+    layouts = layouts if layouts is not None else sharding.derive_layouts(graph, mesh, strategies)
     cost = report.to_dict()
     cost["memory_limit"] = limit
     cost["fits"] = limit is None or report.memory["total"] <= limit
@@ -1643,6 +1644,13 @@ def search_pipelines(graph: Graph, n: int, profile: DeviceProfile, axes: Sequenc
     seeds: dict[int, Plan] = {p.mesh[inner_axis]: p for p in found if inner_axis in p.mesh}
     screened: list[tuple[float, dict, dict]] = []
     full: list[Plan] = []
+    # no pipeline steps faster than the model's FLOPs over all n devices stretched by its
+    # least bubble, (p-1)/(v m) with m at most the batch: a shape whose bound is slower than
+    # a plan already found can never win, nor can its full search
+    fastest = min(found, key=lambda q: q.cost["step_time"]) if found else None
+    if fastest is not None:
+        flops_bound = compute_bound(graph, Cluster({outer: n}, profile), kwargs.get("recompute") or (), precision)
+        batch = int(graph.inputs[0].shape[0]) if graph.inputs and graph.inputs[0].shape else 1
     for p in [d for d in range(2, n + 1) if n % d == 0 and d * v <= len(blk[1])]:
         for intra in mesh_shapes(n // p, axes, max_inner):
             mesh = {st.PP_AXIS: p, **intra}
@@ -1653,6 +1661,14 @@ def search_pipelines(graph: Graph, n: int, profile: DeviceProfile, axes: Sequenc
                     f"the parameter state alone needs {format_bytes(bound)} per device at best "
                     f"(over pp and {inner_axis}), more than {format_bytes(limit)}")})
                 continue
+            if fastest is not None:
+                lb = row["bound"] = flops_bound * (1 + (p - 1) / (v * batch))
+                if lb >= fastest.cost["step_time"]:
+                    rows.append({**row, "status": "skipped", "reason": (
+                        f"at least {format_time(lb)} a step (the FLOPs over {n} devices, bubble at least "
+                        f"{p - 1}/{v * batch}), slower than {sharding.format_mesh(fastest.mesh)}'s "
+                        f"{format_time(fastest.cost['step_time'])}")})
+                    continue
             t = intra[inner_axis]
             t0 = time.perf_counter()
             try:
@@ -1682,8 +1698,11 @@ def search_pipelines(graph: Graph, n: int, profile: DeviceProfile, axes: Sequenc
         except (PlanInfeasible, InputError) as e:
             r.update(status="infeasible", reason=f"screened at {r['step_time']:.4g} s, then: {e}")
             continue
+        bound = r.get("bound")
         r.clear()
         r["mesh"] = sharding.format_mesh(mesh)
+        if bound is not None:
+            r["bound"] = bound
         candidate_row(r, plan)
         full.append(plan)
     return full
@@ -1703,10 +1722,12 @@ def repriced(graph: Graph, seed: Plan, mesh: dict[str, int], profile: DeviceProf
             if d is not None and v.shape[d] % k:
                 raise InputError(f"%{v.name} {list(v.shape)}: dim {d} does not split {k} ways over {axis}")
     t0 = time.perf_counter()
-    report = cm.evaluate(strategies, 0)
+    # the pipeline's price counts the intra-stage communication whole (compiler/stages.py):
+    # the overlap schedule of the unpipelined step is not needed
+    report = cm.evaluate(strategies, 0, schedule=False)
     stats = {"status": "screened", "solve_time": 0.0, "wall_time": time.perf_counter() - t0,
              "screened_from": sharding.format_mesh(seed.mesh)}
-    return make_plan(graph, cm, strategies, report, 0, limit, seed.recompute, stats), cm
+    return make_plan(graph, cm, strategies, report, 0, limit, seed.recompute, stats, layouts=layouts), cm
 
 
 __all__ = ["search", "search_fixed", "search_devices", "PlanInfeasible", "mesh_shapes", "block_of",

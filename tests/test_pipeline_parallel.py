@@ -580,3 +580,24 @@ def test_rank_batch_counts_a_batch_split_after_the_inputs(gpt4):
     assert rank_batch(plan, g) == batch // 2
     plan.layouts = {k: ["R"] for k in plan.layouts}
     assert rank_batch(plan, g) == batch
+
+
+def test_pipeline_shapes_slower_than_their_flops_bound_are_skipped():
+    """A pp shape can step no faster than the model's FLOPs over every device stretched by
+    its least bubble, (p-1)/m with m at most the batch. On a 12-layer GPT-7.5B at batch 8
+    on 8 A100s, pp=4 and pp=8 are bounded above the best flat plan and skipped unpriced;
+    every shape that is priced or searched steps no faster than its own bound."""
+    from conftest import load_example
+    from autopar.frontends.tracing import trace
+    from autopar.passes.prune import prune
+    from autopar.passes.shard import search_devices
+    gpt = load_example("gpt")
+    g = prune(trace(*gpt.build_meta("7.5b", batch=8, seq=1024, n_layer=12), name="gpt12"))
+    plan, rows = search_devices(g, 8, "a100-80g", pipeline=True, deterministic=True)
+    flat = min(r["step_time"] for r in rows if "pp" not in r["mesh"] and r.get("step_time"))
+    bounded = [r for r in rows if r["status"] == "skipped" and "bubble at least" in r["reason"]]
+    assert {r["mesh"].split(",")[0] for r in bounded} == {"pp=4", "pp=8"}, rows
+    assert all(r["bound"] >= flat for r in bounded)
+    priced = [r for r in rows if r["mesh"].startswith("pp=") and r.get("step_time")]
+    assert priced and all(r["step_time"] >= r["bound"] for r in priced), priced
+    assert plan.cost["step_time"] <= flat
