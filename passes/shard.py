@@ -37,12 +37,14 @@ reported with the least memory per device any plan needs (a second model minimis
 """
 from __future__ import annotations
 
+import concurrent.futures
+import copy
 import functools
 import gc
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 from typing import Iterable, Sequence
 
@@ -680,10 +682,11 @@ class _Improving(cp_model.CpSolverSolutionCallback):
 def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | None,
                  time_limit: float, deterministic: bool, minimize: str = "time",
                  hint: dict[int, int] | None = None, diagnose: bool = False,
-                 then_time: bool = False) -> Solved:
+                 then_time: bool = False, workers: int | None = None) -> Solved:
     """Build and solve the CP-SAT model of one ZeRO level. `hint`: class -> position in
     its remaining domain. `minimize="memory", then_time=True`: the least memory, then the
-    fastest plan that needs no more (a second solve of the same model)."""
+    fastest plan that needs no more (a second solve of the same model). `workers`: CP-SAT's
+    worker threads (default: one per CPU)."""
     model = cp_model.CpModel()
     ncls = len(tab.dom)
     # integer scaling: the objective's upper bound maps to ~1e9
@@ -829,7 +832,7 @@ def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | No
         solver.parameters.num_workers = 1
         solver.parameters.random_seed = 0
     else:
-        solver.parameters.num_workers = max(os.cpu_count() or 1, 1)
+        solver.parameters.num_workers = workers or max(os.cpu_count() or 1, 1)
     # probing and symmetry detection cost more than they save on these models
     solver.parameters.cp_model_probing_level = 0
     solver.parameters.symmetry_level = 0
@@ -1100,16 +1103,33 @@ def search_fixed(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfil
     results: list[tuple[Solved, Tables]] = []
     hint = None
     t_build = time.perf_counter() - t_start
+    priced: dict[tuple, tuple] = {}     # one evaluation per distinct (stage, choice)
+
+    def price(zero: int, choice: list[int]) -> tuple:
+        hit = priced.get((zero, tuple(choice)))
+        if hit is None:
+            strategies = choice_strategies(prob, choice)
+            hit = priced[(zero, tuple(choice))] = (strategies, cm.evaluate(strategies, zero))
+        return hit
+    side: dict[int, concurrent.futures.Future] = {}
+    workers = None
+    if cm.overlapped and objective == "time":
+        # the additive prices' candidates of every stage are solved beside the search (they
+        # need nothing from it), each solver on half the CPUs; the Python that builds one's
+        # tables runs while the other's CP-SAT has released the GIL
+        workers = max(1, (os.cpu_count() or 1) // 2)
+        extra_budget = max(0.25 * time_limit / len(levels), 0.1)
+        for z in levels:
+            side[z] = _SIDE.submit(additive_candidate, prob, z, limit, extra_budget, deterministic,
+                                   protected, workers)
     for i, z in enumerate(levels):
         tab = build_tables(prob, z)
         before = sum(len(d) for d in tab.dom)
         removed = remove_dominated(prob, tab, protected | tab.shared_classes)
         left = time_limit - (time.perf_counter() - t_start)
         budget = max(left / (len(levels) - i), 0.1)
-        extra_budget = 0.0
-        if cm.overlapped and objective == "time":
-            # a quarter for the additive prices' candidate below (a hint to refine, mostly)
-            budget, extra_budget = 0.75 * budget, 0.25 * budget
+        if side:
+            budget = 0.75 * budget      # a quarter went to the additive candidate beside
         starts = [[int(np.argmin(u)) for u in tab.ut], [0] * len(tab.dom)]
         if hint is not None:
             starts.append([tab.dom[c].index(k) if k in tab.dom[c] else 0 for c, k in enumerate(hint)])
@@ -1117,16 +1137,23 @@ def search_fixed(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfil
         if objective == "time":
             # the fastest by local search rarely fits a binding limit: start from one that does
             h = memory_hint(tab, limit * (1 - 1e-4), h) or h
-        res = solve_tables(prob, tab, z, limit, budget, deterministic, minimize=objective,
-                           hint=dict(enumerate(h)), then_time=True)
+        try:
+            res = solve_tables(prob, tab, z, limit, budget, deterministic, minimize=objective,
+                               hint=dict(enumerate(h)), then_time=True, workers=workers)
+        except BaseException:
+            for f in side.values():
+                f.cancel()
+            raise
+        if side and res.choice is not None:
+            for choice in [res.choice] + res.alternatives:     # while the candidates beside solve
+                price(z, choice)
+        extra = side[z].result() if z in side else None
         if res.status == "UNKNOWN" and objective == "time":
             res = hint_plan(prob, tab, z, h, limit, res)
         res.stats.update(variables_before_dominance=before, dominated_removed=removed,
                          variables_after_dominance=before - removed)
-        if cm.overlapped and objective == "time" and res.choice is not None:
-            extra = additive_candidate(prob, z, limit, extra_budget, deterministic, protected)
-            if extra is not None and extra != res.choice:
-                res.alternatives.append(extra)
+        if res.choice is not None and extra is not None and extra != res.choice:
+            res.alternatives.append(extra)
         results.append((res, tab))
         if res.choice is not None:
             hint = res.choice
@@ -1139,14 +1166,9 @@ def search_fixed(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfil
     best = None
     exact = {}
     reranked = 0
-    priced: dict[tuple, tuple] = {}     # one evaluation per distinct (stage, choice)
     for r, t in ok:
         for k, choice in enumerate([r.choice] + r.alternatives):
-            hit = priced.get((r.zero, tuple(choice)))
-            if hit is None:
-                hit = priced[(r.zero, tuple(choice))] = (choice_strategies(prob, choice),
-                                                         cm.evaluate(choice_strategies(prob, choice), r.zero))
-            strategies, report = hit
+            strategies, report = price(r.zero, choice)
             if k and report.memory["total"] > limit:
                 continue
             if k == 0 or report.step_time < exact[r.zero]:
@@ -1404,22 +1426,26 @@ def recompute_infeasible(graph: Graph, mesh, base_err: PlanInfeasible | None,
     return err
 
 
+# one thread beside the search for the additive prices' candidate (search_fixed)
+_SIDE = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="autopar-additive")
+
+
 def additive_candidate(prob: Problem, zero: int, limit: float, budget: float, deterministic: bool,
-                       protected: set[int]) -> list[int] | None:
+                       protected: set[int], workers: int | None = None) -> list[int] | None:
     """The fastest plan by the additive prices (every collective exposed): a candidate for
     the schedule's re-ranking that the overlap prices may undervalue -- a plan that
-    communicates nothing where the schedule cannot hide the gradients' latency."""
-    cm = prob.cm
-    cm.overlap_prices = False
-    try:
-        tab = build_tables(prob, zero)
-        remove_dominated(prob, tab, protected | tab.shared_classes)
-        h = local_search_hint(tab, [[int(np.argmin(u)) for u in tab.ut], [0] * len(tab.dom)])
-        h = memory_hint(tab, limit * (1 - 1e-4), h) or h
-        res = solve_tables(prob, tab, zero, limit, budget, deterministic, hint=dict(enumerate(h)))
-        return res.choice
-    finally:
-        cm.overlap_prices = True
+    communicates nothing where the schedule cannot hide the gradients' latency. It prices
+    through its own shallow copy of the cost model (the caches shared, keyed by the price
+    mode), so it can run beside the search's own solves."""
+    side = replace(prob, cm=copy.copy(prob.cm))
+    side.cm.overlap_prices = False
+    tab = build_tables(side, zero)
+    remove_dominated(side, tab, protected | tab.shared_classes)
+    h = local_search_hint(tab, [[int(np.argmin(u)) for u in tab.ut], [0] * len(tab.dom)])
+    h = memory_hint(tab, limit * (1 - 1e-4), h) or h
+    res = solve_tables(side, tab, zero, limit, budget, deterministic, hint=dict(enumerate(h)),
+                       workers=workers)
+    return res.choice
 
 
 def better(a: CostReport, b: CostReport, objective: str) -> bool:
