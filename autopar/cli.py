@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         print(f"autopar {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:    # launch.Interrupted carries 143 for SIGTERM
-        print(f"autopar {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        print(f"autopar {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
     except Exception:
         traceback.print_exc()

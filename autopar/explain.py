@@ -46,8 +46,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     where.add_argument("--mesh", help="mesh axes and sizes, e.g. dp=2,tp=4 (with --plan: must "
                                       "agree with the file's mesh, or name one the file leaves out)")
     where.add_argument("--devices", type=int, metavar="N",
-                       help="device count: every dp x tp shape (tp within a node), and pp x dp x tp where the "
-                            "model has repeated blocks, is searched and compared")
+                       help="device count: every dp x tp shape (tp within a node), dp x ep where the model "
+                            "has experts, and pp x dp x tp where it has repeated blocks, is searched and compared")
     p.add_argument("--plan", metavar="FILE.plan",
                    help="search under this plan file's constraints (its mesh, device, memory, "
                         "ZeRO stage, layouts, recompute win over the flags)")

@@ -42,7 +42,9 @@ import copy
 import functools
 import gc
 import json
+import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from math import prod
@@ -679,14 +681,28 @@ class _Improving(cp_model.CpSolverSolutionCallback):
         del self.found[:-self.keep]
 
 
+_ACTIVE: set = set()        # CP-SAT solvers solving now, in any thread
+_ACTIVE_LOCK = threading.Lock()
+
+
+def stop_solvers(stop: threading.Event) -> None:
+    """Stop every solve in flight and, through `stop`, the side thread's solves not yet
+    started (an interrupt ends the search without waiting for them)."""
+    with _ACTIVE_LOCK:
+        stop.set()
+        for solver in list(_ACTIVE):
+            solver.stop_search()
+
+
 def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | None,
                  time_limit: float, deterministic: bool, minimize: str = "time",
                  hint: dict[int, int] | None = None, diagnose: bool = False,
-                 then_time: bool = False, workers: int | None = None) -> Solved:
+                 then_time: bool = False, workers: int | None = None,
+                 stop: threading.Event | None = None) -> Solved:
     """Build and solve the CP-SAT model of one ZeRO level. `hint`: class -> position in
     its remaining domain. `minimize="memory", then_time=True`: the least memory, then the
     fastest plan that needs no more (a second solve of the same model). `workers`: CP-SAT's
-    worker threads (default: one per CPU)."""
+    worker threads (default: one per CPU); `stop` set: no solve (UNKNOWN, nothing found)."""
     model = cp_model.CpModel()
     ncls = len(tab.dom)
     # integer scaling: the objective's upper bound maps to ~1e9
@@ -833,6 +849,9 @@ def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | No
         solver.parameters.random_seed = 0
     else:
         solver.parameters.num_workers = workers or max(os.cpu_count() or 1, 1)
+    # Ctrl-C is the user's, not the solver's: CP-SAT would stop this solve and let the search
+    # go on to the next; left to Python it ends the command once this solve returns
+    solver.parameters.catch_sigint_signal = False
     # probing and symmetry detection cost more than they save on these models
     solver.parameters.cp_model_probing_level = 0
     solver.parameters.symmetry_level = 0
@@ -848,7 +867,14 @@ def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | No
             f.write(str(model.Proto()))
     t0 = time.perf_counter()
     keep = _Improving(x, ALTERNATIVES + 1) if minimize == "time" and not diagnose and prob.cm.overlapped else None
-    status = solver.Solve(model, keep) if keep is not None else solver.Solve(model)
+    with _ACTIVE_LOCK:
+        if stop is not None and stop.is_set():
+            return Solved("UNKNOWN", zero, None, None, 0.0)
+        _ACTIVE.add(solver)
+    try:
+        status = solver.Solve(model, keep) if keep is not None else solver.Solve(model)
+    finally:
+        _ACTIVE.discard(solver)
     dt = time.perf_counter() - t0
     sname = solver.StatusName(status)
     stats = {"bools": sum(len(v) for v in x), "pair_bools": n_pair_bools, "tables": n_tables,
@@ -1112,6 +1138,7 @@ def search_fixed(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfil
             hit = priced[(zero, tuple(choice))] = (strategies, cm.evaluate(strategies, zero))
         return hit
     side: dict[int, concurrent.futures.Future] = {}
+    stop = threading.Event()
     workers = None
     if cm.overlapped and objective == "time":
         # the additive prices' candidates of every stage are solved beside the search (they
@@ -1121,42 +1148,44 @@ def search_fixed(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfil
         extra_budget = max(0.25 * time_limit / len(levels), 0.1)
         for z in levels:
             side[z] = _SIDE.submit(additive_candidate, prob, z, limit, extra_budget, deterministic,
-                                   protected, workers)
-    for i, z in enumerate(levels):
-        tab = build_tables(prob, z)
-        before = sum(len(d) for d in tab.dom)
-        removed = remove_dominated(prob, tab, protected | tab.shared_classes)
-        left = time_limit - (time.perf_counter() - t_start)
-        budget = max(left / (len(levels) - i), 0.1)
-        if side:
-            budget = 0.75 * budget      # a quarter went to the additive candidate beside
-        starts = [[int(np.argmin(u)) for u in tab.ut], [0] * len(tab.dom)]
-        if hint is not None:
-            starts.append([tab.dom[c].index(k) if k in tab.dom[c] else 0 for c, k in enumerate(hint)])
-        h = local_search_hint(tab, starts)
-        if objective == "time":
-            # the fastest by local search rarely fits a binding limit: start from one that does
-            h = memory_hint(tab, limit * (1 - 1e-4), h) or h
-        try:
+                                   protected, workers, stop)
+    try:
+        for i, z in enumerate(levels):
+            tab = build_tables(prob, z)
+            before = sum(len(d) for d in tab.dom)
+            removed = remove_dominated(prob, tab, protected | tab.shared_classes)
+            left = time_limit - (time.perf_counter() - t_start)
+            budget = max(left / (len(levels) - i), 0.1)
+            if side:
+                budget = 0.75 * budget      # a quarter went to the additive candidate beside
+            starts = [[int(np.argmin(u)) for u in tab.ut], [0] * len(tab.dom)]
+            if hint is not None:
+                starts.append([tab.dom[c].index(k) if k in tab.dom[c] else 0 for c, k in enumerate(hint)])
+            h = local_search_hint(tab, starts)
+            if objective == "time":
+                # the fastest by local search rarely fits a binding limit: start from one that does
+                h = memory_hint(tab, limit * (1 - 1e-4), h) or h
             res = solve_tables(prob, tab, z, limit, budget, deterministic, minimize=objective,
                                hint=dict(enumerate(h)), then_time=True, workers=workers)
-        except BaseException:
-            for f in side.values():
-                f.cancel()
-            raise
-        if side and res.choice is not None:
-            for choice in [res.choice] + res.alternatives:     # while the candidates beside solve
-                price(z, choice)
-        extra = side[z].result() if z in side else None
-        if res.status == "UNKNOWN" and objective == "time":
-            res = hint_plan(prob, tab, z, h, limit, res)
-        res.stats.update(variables_before_dominance=before, dominated_removed=removed,
-                         variables_after_dominance=before - removed)
-        if res.choice is not None and extra is not None and extra != res.choice:
-            res.alternatives.append(extra)
-        results.append((res, tab))
-        if res.choice is not None:
-            hint = res.choice
+            if side and res.choice is not None:
+                for choice in [res.choice] + res.alternatives:     # while the candidates beside solve
+                    price(z, choice)
+            extra = side[z].result() if z in side else None
+            if res.status == "UNKNOWN" and objective == "time":
+                res = hint_plan(prob, tab, z, h, limit, res)
+            res.stats.update(variables_before_dominance=before, dominated_removed=removed,
+                             variables_after_dominance=before - removed)
+            if res.choice is not None and extra is not None and extra != res.choice:
+                res.alternatives.append(extra)
+            results.append((res, tab))
+            if res.choice is not None:
+                hint = res.choice
+    except BaseException:          # an interrupt or an error: nothing is left solving beside
+        for f in side.values():
+            f.cancel()
+        stop_solvers(stop)
+        concurrent.futures.wait(list(side.values()))    # stopped: returns at once
+        raise
     ok = [(r, t) for r, t in results if r.choice is not None]
     if not ok:
         raise infeasible_error(prob, results, limit, deterministic, time_limit)
@@ -1431,12 +1460,15 @@ _SIDE = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=
 
 
 def additive_candidate(prob: Problem, zero: int, limit: float, budget: float, deterministic: bool,
-                       protected: set[int], workers: int | None = None) -> list[int] | None:
+                       protected: set[int], workers: int | None = None,
+                       stop: threading.Event | None = None) -> list[int] | None:
     """The fastest plan by the additive prices (every collective exposed): a candidate for
     the schedule's re-ranking that the overlap prices may undervalue -- a plan that
     communicates nothing where the schedule cannot hide the gradients' latency. It prices
     through its own shallow copy of the cost model (the caches shared, keyed by the price
     mode), so it can run beside the search's own solves."""
+    if stop is not None and stop.is_set():
+        return None
     side = replace(prob, cm=copy.copy(prob.cm))
     side.cm.overlap_prices = False
     tab = build_tables(side, zero)
@@ -1444,7 +1476,7 @@ def additive_candidate(prob: Problem, zero: int, limit: float, budget: float, de
     h = local_search_hint(tab, [[int(np.argmin(u)) for u in tab.ut], [0] * len(tab.dom)])
     h = memory_hint(tab, limit * (1 - 1e-4), h) or h
     res = solve_tables(side, tab, zero, limit, budget, deterministic, hint=dict(enumerate(h)),
-                       workers=workers)
+                       workers=workers, stop=stop)
     return res.choice
 
 
@@ -1549,7 +1581,8 @@ def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Seq
                    **kwargs) -> tuple[Plan, list[dict]]:
     """Search every mesh shape of `n` devices and return the fastest plan (the smallest,
     for objective="memory") and one row per shape (mesh, status, step time, compute,
-    communication, memory, ZeRO stage). `pipeline`: the pp x dp x tp shapes too
+    communication, memory, ZeRO stage). A model with experts (moe_experts) gets the dp x ep
+    shapes too, ep dividing the expert count. `pipeline`: the pp x dp x tp shapes too
     (`search_pipelines`), under `schedule` (1f1b by default).
 
         >>> plan, rows = search_devices(graph, 8, "h100")               # doctest: +SKIP
@@ -1565,7 +1598,15 @@ def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Seq
         return (plan.cost["step_time"],)
     rows, best, found = [], None, []
     inner = max_inner if max_inner is not None else profile.node_size
-    for mesh in mesh_shapes(n, axes, inner):
+    shapes = mesh_shapes(n, axes, inner)
+    experts = [nd.inputs[3].shape[0] for nd in graph.nodes if nd.op == "moe_experts"]
+    if experts and sharding.EXPERT_AXIS not in axes:
+        # a model with experts: the expert-parallel shapes too (the experts and their tokens
+        # split over ep, all_to_all between), weighed against tensor-parallel experts
+        e = math.gcd(*experts)
+        shapes += [m for m in mesh_shapes(n, (axes[0], sharding.EXPERT_AXIS), inner)
+                   if 1 < m[sharding.EXPERT_AXIS] and e % m[sharding.EXPERT_AXIS] == 0]
+    for mesh in shapes:
         row = {"mesh": sharding.format_mesh(mesh)}
         try:
             beat = {} if best is None or kwargs.get("objective", "time") != "time" else \

@@ -412,3 +412,49 @@ def test_dp2_small_gpt_picks_bucketed_data_parallelism(small_gpt):
     total = sum(b.nbytes for b in sched.buckets)
     assert 0.9 * c["bytes"]["all_reduce:dp"] <= total <= c["bytes"]["all_reduce:dp"]
     assert sum(len(b.params) for b in sched.buckets) > 20
+
+
+def test_a_model_with_experts_searches_expert_parallel_shapes_too():
+    """On a model with experts, `search_devices` weighs dp x ep shapes (ep dividing the
+    expert count) against the dp x tp ones: each is searched, its plan splits the experts
+    over ep and exchanges tokens with all_to_all there, and the winner is the fastest."""
+    from conftest import load_example
+    from autopar.frontends.tracing import trace
+    from autopar.passes.prune import prune
+    moe = load_example("moe")
+    g = prune(trace(*moe.build(), name="moe"))
+    experts = next(n.inputs[3].shape[0] for n in g.nodes if n.op == "moe_experts")
+    plan, rows = search_devices(g, 4, "h100", deterministic=True)
+    ep = [r for r in rows if "ep=" in r["mesh"]]
+    want = {f"dp={4 // k},ep={k}" for k in (2, 4) if experts % k == 0 and k <= 8}
+    assert {r["mesh"] for r in ep} == want and all(r.get("step_time") for r in ep), rows
+    assert plan.cost["step_time"] == min(r["step_time"] for r in rows if r.get("step_time"))
+    ep_plan = search(g, {"dp": 2, "ep": 2}, "h100", deterministic=True)
+    assert ep_plan.cost["bytes"].get("all_to_all:ep", 0) > 0
+    by_mesh = {r["mesh"]: r for r in rows}
+    assert by_mesh["dp=2,ep=2"]["step_time"] == pytest.approx(ep_plan.cost["step_time"], rel=1e-9)
+
+
+def test_an_interrupt_ends_the_search_with_nothing_left_solving():
+    """Ctrl-C during a mesh search raises KeyboardInterrupt in the caller (CP-SAT does not
+    swallow it and go on to the next solve), and the additive candidates solving in the
+    side thread are stopped with it: no solver is left running, no side work queued."""
+    import os
+    import signal
+    import threading
+
+    from conftest import load_example
+    from autopar.frontends.tracing import trace
+    from autopar.passes import shard
+    from autopar.passes.prune import prune
+    gpt = load_example("gpt")
+    g = prune(trace(*gpt.build_meta("7.5b", batch=64, seq=1024, n_layer=12), name="gpt12"))
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))    # a real Ctrl-C
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            search_devices(g, 64, "a100-80g", pipeline=True)
+    finally:
+        timer.cancel()
+    assert not shard._ACTIVE
+    assert shard._SIDE._work_queue.empty()
