@@ -326,7 +326,7 @@ def simulate(model, report, zero: int = 0, overlap=None) -> Schedule:
                 t = model.time_of_bytes(bk.kind, a, bk.nbytes)
                 name = f"bucket {bk.index} {bk.kind}({a}) {len(bk.params)} grads"
                 bk.events.append(comm(col, t, name, "backward", bk.events[-1].end if bk.events else tc, False))
-    for b in list(pending_rs):                  # the last block, then the root's (after the embedding)
+    for b in sorted(pending_rs, key=lambda b: b is None):   # the last block, then the root's
         scatter_unit(b)
     # ---- optimizer step: every gradient reduced first -----------------------------------
     tc = max([tc] + list(free.values()))

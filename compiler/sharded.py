@@ -131,13 +131,12 @@ class ShardedGraph:
         out: list[tuple[str, int]] = []
         again = self.recomputed()
         per_microbatch: list[tuple[str, int]] = []
-        seen_gathered: set[str] = set()
+        seen: set[tuple] = set()           # (weight, kind) already in its unit's flat call
         m = max(1, int(getattr(self.plan, "microbatches", 1) or 1))
         batch = self.batch_symbols() if m > 1 else set()
         o = self.overlap
         groups = o.gather_groups if o is not None and o.gathers else {}
         flat: dict[tuple, int] = {}         # (ZeRO-3 unit, kind) -> index of its one flat call
-        seen_scattered: set[str] = set()
         for i, n in enumerate(self.nodes):
             if not moves_data(n):
                 continue
@@ -153,12 +152,11 @@ class ShardedGraph:
                     # (the first gather of each weight; a second one runs on its own), and
                     # reduce_scatters their gradients in one flat call (a weight used twice
                     # sends its summed gradient once)
-                    seen = seen_gathered if kind == "all_gather" else seen_scattered
                     if (g, kind) not in flat:
                         flat[(g, kind)] = len(per_microbatch)
                         per_microbatch.append((f"{kind}:{axis}", 0))
-                    if n.inputs[0].name not in seen:
-                        seen.add(n.inputs[0].name)
+                    if (n.inputs[0].name, kind) not in seen:
+                        seen.add((n.inputs[0].name, kind))
                         k, total = per_microbatch[flat[(g, kind)]]
                         per_microbatch[flat[(g, kind)]] = (k, total + b // share)
                         continue

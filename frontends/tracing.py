@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import time
+import traceback
 import warnings
 
 import torch
@@ -292,18 +293,16 @@ def quiet_torch(sink: io.StringIO):
 
 
 _LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, contextlib))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OWN_DIRS = tuple(os.path.join(_ROOT, stage) + os.sep for stage in ("autopar", "frontends", "compiler", "passes", "backends"))
 
 
 def user_frame(e: BaseException) -> str:
     """`file.py:12 (code)`: the innermost frame of the traceback in the user's own files
     (not torch's, the standard library's or autopar's), or ""."""
-    import traceback
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ours = tuple(os.path.join(root, stage) + os.sep for stage in ("autopar", "frontends", "compiler", "passes", "backends"))
     for fr in reversed(traceback.extract_tb(e.__traceback__)):
         path = os.path.abspath(fr.filename)
-        if fr.filename.startswith("<") or "site-packages" in path or path.startswith(_LIBRARY_DIRS) \
-                or path.startswith(ours):
+        if fr.filename.startswith("<") or "site-packages" in path or path.startswith(_LIBRARY_DIRS + _OWN_DIRS):
             continue
         return f"{fr.filename}:{fr.lineno}" + (f" ({fr.line.strip()})" if fr.line else "")
     return ""

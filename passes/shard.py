@@ -42,12 +42,11 @@ import copy
 import functools
 import gc
 import json
-import math
 import os
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from math import prod
+from math import gcd, prod
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -874,7 +873,8 @@ def solve_tables(prob: Problem, tab: Tables, zero: int, memory_limit: float | No
     try:
         status = solver.Solve(model, keep) if keep is not None else solver.Solve(model)
     finally:
-        _ACTIVE.discard(solver)
+        with _ACTIVE_LOCK:
+            _ACTIVE.discard(solver)
     dt = time.perf_counter() - t0
     sname = solver.StatusName(status)
     stats = {"bools": sum(len(v) for v in x), "pair_bools": n_pair_bools, "tables": n_tables,
@@ -1603,7 +1603,7 @@ def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Seq
     if experts and sharding.EXPERT_AXIS not in axes:
         # a model with experts: the expert-parallel shapes too (the experts and their tokens
         # split over ep, all_to_all between), weighed against tensor-parallel experts
-        e = math.gcd(*experts)
+        e = gcd(*experts)
         shapes += [m for m in mesh_shapes(n, (axes[0], sharding.EXPERT_AXIS), inner)
                    if 1 < m[sharding.EXPERT_AXIS] and e % m[sharding.EXPERT_AXIS] == 0]
     for mesh in shapes:
@@ -1765,11 +1765,9 @@ def search_pipelines(graph: Graph, n: int, profile: DeviceProfile, axes: Sequenc
         except (PlanInfeasible, InputError) as e:
             r.update(status="infeasible", reason=f"screened at {r['step_time']:.4g} s, then: {e}")
             continue
-        bound = r.get("bound")
+        kept = {k: r[k] for k in ("mesh", "bound") if k in r}      # the screened numbers go
         r.clear()
-        r["mesh"] = sharding.format_mesh(mesh)
-        if bound is not None:
-            r["bound"] = bound
+        r.update(kept)
         candidate_row(r, plan)
         full.append(plan)
     return full
