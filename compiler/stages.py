@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from autopar.compiler.errors import InputError
+from autopar.compiler.errors import InputError, PlanInfeasible
 from autopar.compiler.patterns import block_of
 
 PP_AXIS = "pp"
@@ -502,7 +502,8 @@ def unlift_plan(plan):
 
 
 def pipeline_plan(graph, mesh: dict[str, int], search: Callable, profile, schedule: str | None = None,
-                  ranges=None, memory_limit: float | None = None, microbatches: int | None = None):
+                  ranges=None, memory_limit: float | None = None, microbatches: int | None = None,
+                  like=None):
     """The plan for a mesh with a pp axis: the search over the other axes (the intra-stage
     plan, one for every stage), lifted over pp, with the stages cut and balanced by its
     per-node times. `ranges` (one [first, end) block range or None per stage) pins the
@@ -514,7 +515,12 @@ def pipeline_plan(graph, mesh: dict[str, int], search: Callable, profile, schedu
     profile's memory by default) -- the state then fits its 1/p exactly and the activations
     with room -- and the microbatch count is chosen among those whose fullest stage fits
     the limit itself (PlanInfeasible when none does); `microbatches` given (a plan file's),
-    that count only."""
+    that count only.
+
+    The batch inputs must be split alike (`same_batch_split`): a search that splits them
+    differently is run again with them pinned to the first one's layout. `like`, a plan of
+    the same intra-stage axes (another shape's) that split them differently, pins them to
+    its first input's layout from the start, saving that second search."""
     p = mesh[PP_AXIS]
     if p < 2:
         raise InputError(f"--mesh pp={p}: one pipeline stage is no pipeline; drop the pp axis or use pp >= 2")
@@ -531,7 +537,14 @@ def pipeline_plan(graph, mesh: dict[str, int], search: Callable, profile, schedu
     intra = {a: n for a, n in mesh.items() if a != PP_AXIS}
     # ZeRO is not run under a pipeline yet: the search keeps stage 0
     limit = float(memory_limit if memory_limit is not None else profile.memory)
-    plan = search(graph, intra, zero=0, memory_limit=limit * p)
+    pins = same_batch_split(graph, like) if like is not None and list(like.mesh) == list(intra) else []
+    if pins:
+        try:
+            plan = search(graph, intra, zero=0, pins=pins, memory_limit=limit * p)
+        except PlanInfeasible:
+            pins = []          # that layout does not serve this shape: searched free, as without `like`
+    if not pins:
+        plan = search(graph, intra, zero=0, memory_limit=limit * p)
     pins = same_batch_split(graph, plan)
     if pins:
         plan = search(graph, intra, zero=0, pins=pins, memory_limit=limit * p)
@@ -632,7 +645,6 @@ def choose_microbatches(plan, graph, profile, memory_limit: float | None = None,
     if not fits:
         from autopar.compiler.cluster import format_bytes
         from autopar.compiler.sharding import format_mesh
-        from autopar.compiler.errors import PlanInfeasible
         least = min(memory, key=lambda m: (memory[m], tried[m]))
         err = PlanInfeasible(
             f"pp={p} over {format_mesh(intra)}: no microbatch count fits {format_bytes(memory_limit)} per "

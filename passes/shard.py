@@ -1576,6 +1576,7 @@ def mesh_shapes(n: int, axes: Sequence[str] = ("dp", "tp"), max_inner: int | Non
     return out
 
 
+@_gc_paused
 def search_devices(graph: Graph, n: int, profile: DeviceProfile | str, axes: Sequence[str] = ("dp", "tp"),
                    max_inner: int | None = None, pipeline: bool = False, schedule: str | None = None,
                    **kwargs) -> tuple[Plan, list[dict]]:
@@ -1761,7 +1762,8 @@ def search_pipelines(graph: Graph, n: int, profile: DeviceProfile, axes: Sequenc
         if r["mesh"] in searched:
             continue
         try:
-            plan = st.pipeline_plan(graph, mesh, searcher, profile, schedule=sched, memory_limit=limit)
+            plan = st.pipeline_plan(graph, mesh, searcher, profile, schedule=sched, memory_limit=limit,
+                                    like=seeds.get(mesh[inner_axis]))
         except (PlanInfeasible, InputError) as e:
             r.update(status="infeasible", reason=f"screened at {r['step_time']:.4g} s, then: {e}")
             continue

@@ -601,3 +601,33 @@ def test_pipeline_shapes_slower_than_their_flops_bound_are_skipped():
     priced = [r for r in rows if r["mesh"].startswith("pp=") and r.get("step_time")]
     assert priced and all(r["step_time"] >= r["bound"] for r in priced), priced
     assert plan.cost["step_time"] <= flat
+
+
+def test_a_plan_that_split_the_batch_inputs_apart_pins_them_in_the_first_search(gpt4):
+    """The pipeline needs every batch input split like the first. A search that splits
+    them apart is run again with them pinned; `like`, another shape's plan that split them
+    apart, pins them from the start: one search, its inputs alike, none of it lost."""
+    import copy
+    from autopar.compiler.cluster import load_profile
+    from autopar.compiler.stages import batch_inputs, pipeline_plan
+    from autopar.passes.shard import search
+    _, _, g = gpt4
+    calls = []
+
+    def searcher(graph, mesh, **kw):
+        calls.append(kw.get("pins") or [])
+        return search(graph, mesh, "h100", deterministic=True, **kw)
+    apart = copy.copy(search(g, {"dp": 2}, "h100", deterministic=True))
+    first, second = (v.name for v in batch_inputs(g)[:2])
+    apart.layouts = {**apart.layouts, first: ["S(0)"], second: ["R"]}
+    h100 = load_profile("h100")
+    plan = pipeline_plan(g, {"pp": 2, "dp": 2}, searcher, h100, like=apart)
+    assert len(calls) == 1 and {p.value for p in calls[0]} == {v.name for v in batch_inputs(g)}
+    assert all(tuple(p.layout) == ("S(0)",) for p in calls[0])
+    assert plan.layouts[first] == plan.layouts[second] == ["R", "S(0)"]      # lifted over pp
+    # `like` on other axes is no guide: searched free (then pinned only if it splits apart)
+    calls.clear()
+    other = copy.copy(apart)
+    other.mesh = {"tp": 2}
+    pipeline_plan(g, {"pp": 2, "dp": 2}, searcher, h100, like=other)
+    assert calls[0] == []
