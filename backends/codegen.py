@@ -1505,6 +1505,11 @@ def _emit_checkpoint_args(w: Writer, s: ShardedGraph) -> None:
     w(f"rt.add_checkpoint_args(parser, {c!r})  # --checkpoint, --every, --keep, --async, --resume", 1)
 
 
+# after set-up: the single-device state dict would otherwise stay alive through training,
+# the whole model on every rank
+DROP_INIT = "del full, example  # every rank holds its shards now: the whole model's tensors go"
+
+
 def _emit_checkpoint_resume(w: Writer, opts: EmitOptions, zero: bool, specs: str = "checkpoint_specs(model, full)",
                             extra: str = "") -> None:
     plan_file = opts.init_file.removesuffix(".init.safetensors") + ".plan.json"
@@ -1578,6 +1583,7 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w("else:", 1)
     w("optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)", 2)
     _emit_checkpoint_resume(w, opts, bool(zero.params), extra=", masters=masters" if bf16 else "")
+    w(DROP_INIT, 1)
     w()
     w("losses, traffic, calls, times = [], [], [], []", 1)
     w("timeline = rt.Timeline(mesh, args.timeline, args.steps)  # --timeline DIR: the last step, profiled", 1)

@@ -390,7 +390,15 @@ def overlap_checks(mesh, gen) -> None:
     gc.collect()
     # each block's weights are gone once the next block runs: only this block's two are alive
     assert live == [2, 2, 2], live
+    # one reduce_scatter in flight: a unit's full-size gradients are freed at the next's
+    inflight, launch = [], gather._launch_scatter
+
+    def counted(parts):
+        launch(parts)
+        inflight.append(len(gather._grads))
+    gather._launch_scatter = counted
     loss.backward()
+    assert inflight == [1] * 4 and not gather._grads, inflight     # 3 blocks and the root
     block_bytes = sum(p.numel() * 2 * 4 for p in z3.h.parameters())
     assert mesh.traffic[("reduce_scatter", "dp")] == before[("reduce_scatter", "dp")]
     assert mesh.traffic[("all_gather", "dp")] == before[("all_gather", "dp")] + block_bytes

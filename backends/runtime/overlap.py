@@ -269,7 +269,9 @@ class ParamGather:
     once the last of a unit's weights (of one dtype) has its gradient -- every use that
     forward counted, summed -- one flat reduce_scatter sends them all (FSDP reduces its
     flat parameter's gradient the same way); each rank's part is added to the shards'
-    `.grad` when backward ends. The root's weights stay gathered until backward (FSDP does
+    `.grad` when the next unit's reduce_scatter is launched (one in flight, as FSDP, so a
+    unit's full-size gradients do not outlive the next unit's backward), the last when
+    backward ends. The root's weights stay gathered until backward (FSDP does
     not reshard the root either).
     """
 
@@ -434,20 +436,16 @@ class ParamGather:
         h.log = {"kind": "reduce_scatter", "axis": self.axis, "what": "gradient", "shape": list(flat.shape),
                  "params": len(parts), "dtype": str(flat.dtype), "launched": time.perf_counter()}
         self._grads.append((h, [(p, (x.shape[0] // c.size,) + tuple(x.shape[1:]), dim) for p, x, dim in parts]))
-
-    def _queue_finish(self):
-        if not self._queued:
-            torch.autograd.Variable._execution_engine.queue_callback(self.wait)
-            self._queued = True
+        # the one before is done with: its full-size gradients freed now, not when backward
+        # ends (FSDP keeps one reduce_scatter in flight the same way)
+        self._drain(keep=1)
 
     @torch.no_grad()
-    def wait(self):
-        """Add every reduce_scattered gradient to its shard; drop what backward gathered."""
-        self._queued = False
-        for slot in self._slots.values():           # units whose every gradient never came
-            self._launch_scatter(list(slot.values()))
-        self._slots, self._owed = {}, {}
-        for h, parts in self._grads:
+    def _drain(self, keep: int) -> None:
+        """Wait for the reduce_scatters in flight but the newest `keep`, oldest first, and
+        add each rank's part to its shards' `.grad`; their buffers go with their handles."""
+        while len(self._grads) > keep:
+            h, parts = self._grads.pop(0)
             t0 = time.perf_counter()
             row = h.wait().reshape(-1)
             if hasattr(h, "log"):
@@ -461,7 +459,20 @@ class ParamGather:
                     p.grad = g.contiguous()
                 else:
                     p.grad.add_(g)
-        self._grads = []
+
+    def _queue_finish(self):
+        if not self._queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self.wait)
+            self._queued = True
+
+    @torch.no_grad()
+    def wait(self):
+        """Add every reduce_scattered gradient to its shard; drop what backward gathered."""
+        self._queued = False
+        for slot in self._slots.values():           # units whose every gradient never came
+            self._launch_scatter(list(slot.values()))
+        self._slots, self._owed = {}, {}
+        self._drain(keep=0)
         for g in {id(g): g for g in [*self._bw_inflight.values(), *self._inflight.values()]}.values():
             g.handle.wait()                         # a prefetch nobody used (not expected)
         self._inflight, self._bw_inflight, self._backward, self._live = {}, {}, {}, {}

@@ -358,6 +358,7 @@ def main():
     ckpt = rt.TrainingCheckpoint(args, mesh, model, optimizer, checkpoint_specs(model, full),
                                  plan=os.path.join(os.path.dirname(__file__), 'gpt_dp2_tp2_torch.plan.json'))
     start = ckpt.resume()  # 0, or the steps the --resume checkpoint was saved after
+    del full, example  # every rank holds its shards now: the whole model's tensors go
 
     losses, traffic, calls, times = [], [], [], []
     timeline = rt.Timeline(mesh, args.timeline, args.steps)  # --timeline DIR: the last step, profiled
