@@ -22,6 +22,11 @@ sharding rule) are recorded and issued again on a hit. A graph the codec cannot 
 (an attribute of an unknown type, a tensor constant on `meta`) is simply not cached.
 `AUTOPAR_TRACE_CACHE=0` turns the cache off.
 
+The folder is bounded: after each store, the least recently used entries (a hit counts as
+a use) go until at most MAX_ENTRIES remain, holding at most MAX_BYTES together
+(`AUTOPAR_TRACE_CACHE_MB` sets the latter), and temporary files a crashed writer left
+behind are removed after an hour.
+
 No pickle: the JSON holds only plain values with tagged dtypes, devices, layouts, memory
 formats and symbolic sizes, decoded by a fixed table.
 """
@@ -43,6 +48,9 @@ import torch.nn as nn
 from autopar.compiler.ir import Graph, Node, NodeMeta, SymInt, Value
 
 FORMAT = 1
+MAX_ENTRIES = 64                  # graphs kept (the least recently used go first)
+MAX_BYTES = 1 << 30               # and their bytes together; AUTOPAR_TRACE_CACHE_MB overrides
+STALE_TMP_S = 3600                # a writer's temporary file older than this was abandoned
 _ROOT = Path(__file__).resolve().parent.parent          # autopar's source tree
 _OWN_SOURCES = ("frontends", "compiler")                 # what a traced graph depends on
 _PLAIN = (int, float, bool, str, type(None))
@@ -371,7 +379,12 @@ def load(key: str) -> tuple[Graph, list] | None:
             constants = load_file(str(path.with_suffix(".safetensors")))
             if sorted(constants) != data["graph"]["constants"]:
                 return None
-        return decode(data["graph"], constants), data["warnings"]
+        graph = decode(data["graph"], constants), data["warnings"]
+        try:
+            os.utime(path)                        # used now: the last to be evicted
+        except OSError:
+            pass
+        return graph
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError):
         return None                               # missing, partial or stale: trace again
 
@@ -398,9 +411,52 @@ def store(key: str, graph: Graph, warned: list) -> bool:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, root / f"{key}.json")     # the JSON last: a reader trusts only it
-        return True
     except OSError:
         return False                              # a read-only home: tracing still works
+    evict(root, keep=key)
+    return True
+
+
+def max_bytes() -> int:
+    mb = os.environ.get("AUTOPAR_TRACE_CACHE_MB")
+    try:
+        return int(float(mb) * (1 << 20)) if mb else MAX_BYTES
+    except ValueError:
+        from autopar.compiler.errors import InputError
+        raise InputError(f"AUTOPAR_TRACE_CACHE_MB={mb!r}: give the traced-graph cache's size in MiB, "
+                         "a number such as 512") from None
+
+
+def evict(root: Path, keep: str | None = None) -> list[str]:
+    """Remove the least recently used entries of `root` beyond MAX_ENTRIES or max_bytes()
+    (never `keep`, the entry just stored) and abandoned temporary files; returns the keys
+    removed. Races with another process are harmless: a file already gone is skipped."""
+    import time
+    entries = []
+    now = time.time()
+    for p in root.iterdir() if root.is_dir() else ():
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if p.suffix == ".tmp":
+            if now - st.st_mtime > STALE_TMP_S:
+                p.unlink(missing_ok=True)
+            continue
+        if p.suffix == ".json":
+            side = p.with_suffix(".safetensors")
+            size = st.st_size + (side.stat().st_size if side.exists() else 0)
+            entries.append((st.st_mtime, p.stem, size))
+    entries.sort(reverse=True)                    # the most recently used first
+    limit, total, gone = max_bytes(), 0, []
+    for k, (_, stem, size) in enumerate(entries):
+        total += size
+        if stem != keep and (k >= MAX_ENTRIES or total > limit):
+            for suffix in (".json", ".safetensors"):
+                (root / f"{stem}{suffix}").unlink(missing_ok=True)
+            gone.append(stem)
+            total -= size
+    return gone
 
 
 def replay(warned: list) -> None:
@@ -415,4 +471,4 @@ def replay(warned: list) -> None:
                           "replicated on every rank.", stacklevel=3)
 
 
-__all__ = ["key_of", "load", "store", "replay", "encode", "decode", "enabled", "cache_root"]
+__all__ = ["key_of", "load", "store", "replay", "encode", "decode", "enabled", "cache_root", "evict"]

@@ -211,3 +211,41 @@ def test_the_key_is_the_same_in_another_process(tmp_path):
                            env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout.split()
             for seed in ("1", "2")]
     assert len(keys[0]) == 2 and keys[0] == keys[1]
+
+
+def test_the_folder_keeps_the_most_recently_used_entries(cache_dir, monkeypatch):
+    """Each store evicts the least recently used entries beyond the count and byte caps (a
+    hit is a use), never the entry just stored, and a crashed writer's old temporary file."""
+    import os
+    import time
+    from autopar.compiler.errors import InputError
+    monkeypatch.setattr(cache, "MAX_ENTRIES", 2)
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    models = [Scaled(scale=float(k)) for k in range(3)]
+    keys = []
+
+    def stored(m):                                      # trace `m`, note its new entry
+        before = {p.stem for p in cache_dir.glob("*.json")}
+        trace(m, (x, y))
+        keys.append(({p.stem for p in cache_dir.glob("*.json")} - before).pop())
+    for k, m in enumerate(models[:2]):
+        stored(m)
+        os.utime(cache_dir / f"{keys[-1]}.json", (1000 + k, 1000 + k))     # stored in this order
+    assert cached(trace(models[0], (x, y)))            # the older one used again: now the newest
+    stale = cache_dir / "left.tmp"
+    stale.write_text("")
+    os.utime(stale, (time.time() - 2 * cache.STALE_TMP_S,) * 2)
+    fresh = cache_dir / "writing.tmp"
+    fresh.write_text("")
+    stored(models[2])                                  # a third: the least recently used goes
+    assert {p.stem for p in cache_dir.glob("*.json")} == {keys[0], keys[2]}
+    assert not stale.exists() and fresh.exists()
+    assert cached(trace(models[0], (x, y))) and not cached(trace(models[1], (x, y)))
+    # a byte cap below two entries keeps one: the one just stored
+    size = max(p.stat().st_size for p in cache_dir.glob("*.json"))
+    monkeypatch.setenv("AUTOPAR_TRACE_CACHE_MB", str(1.5 * size / 2**20))
+    trace(Scaled(scale=9.0), (x, y))
+    assert len(list(cache_dir.glob("*.json"))) == 1
+    monkeypatch.setenv("AUTOPAR_TRACE_CACHE_MB", "lots")
+    with pytest.raises(InputError, match="AUTOPAR_TRACE_CACHE_MB='lots'"):
+        cache.evict(cache_dir)
