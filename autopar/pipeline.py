@@ -113,6 +113,7 @@ class Program:
         ns: dict = {"__name__": f"autopar_program_{self.stem}"}
         exec(compile(self.source, f"<autopar {self.stem}.py>", "exec"), ns)
         mesh = rt.init_mesh(self.plan.mesh, backend=backend_named(self.backend).runtime, device=self.opts.device)
+        self.check_same_program(mesh)
         local = ns[self.opts.class_name](mesh)
         self.model = model
         local.load_full_state_dict(self.initial_state())
@@ -125,6 +126,21 @@ class Program:
         run.module, run.mesh = local, mesh
         return run
 
+
+    def check_same_program(self, mesh) -> None:
+        """Each rank of a job that compiles in its own loop traces and plans on its own; they
+        must have built the same program, or its collectives would pair up wrongly and hang
+        or compute garbage. One reduction of the program's digest at start-up says so."""
+        import hashlib
+        mine = float(int(hashlib.sha256(self.source.encode()).hexdigest()[:13], 16))   # exact in a float
+        low, high = mesh.all_reduce_scalar(mine, None, "min"), mesh.all_reduce_scalar(mine, None, "max")
+        if low != high:
+            raise InputError(
+                "the ranks of this job planned different programs (each rank traces and plans the "
+                "model it is given): give every rank the same model, example inputs and options, "
+                "and a plan all of them read: compile(..., plan=FILE) with the plan JSON that "
+                "`autopar emit` writes beside its program (or `.plan.save(FILE)` of one compile), or "
+                "a named device profile (device=\"h100\", ...) instead of the measured cpu one")
 
 def mesh_tag(mesh: dict) -> str:
     return "_".join(f"{a}{n}" for a, n in mesh.items())

@@ -17,6 +17,7 @@ file is missing. A user profile is a `.json` or `.toml` file with the same field
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -250,24 +251,56 @@ CPU_PROFILE_VERSION = 2
 
 
 def cpu_profile(remeasure: bool = False) -> DeviceProfile:
-    """This machine as a device, measured once and cached (see `measure_cpu`)."""
+    """This machine as a device, measured once and cached (see `measure_cpu`). One process
+    measures at a time (a lock file beside the cache): the ranks of a launched job that
+    each plan on a fresh machine wait for the first one's numbers instead of measuring
+    apart -- on cores they share, into different profiles and so different plans."""
     path = cache_dir() / "cpu.json"
-    if path.is_file() and not remeasure:
-        try:
-            data = json.loads(path.read_text())
-            # stale: measured by an older measure_cpu (a profile written by hand, e.g. a
-            # test's fixed one, has no version and is used as it is)
-            version = data.get("version", 1 if "measured" in str(data.get("sources", "")) else None)
-            if version in (None, CPU_PROFILE_VERSION):
-                return read_profile_file(path)
-        except (ProfileError, ValueError, OSError):
-            pass                  # a stale or broken cache is measured again
-    data = {**measure_cpu(), "version": CPU_PROFILE_VERSION}
+    if not remeasure and (cached := _cached_cpu(path)) is not None:
+        return cached
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    with _file_lock(path.with_suffix(".lock")) as waited:
+        # another process measured while this one waited: its numbers, even for `remeasure`
+        if (not remeasure or waited) and (cached := _cached_cpu(path)) is not None:
+            return cached
+        data = {**measure_cpu(), "version": CPU_PROFILE_VERSION}
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
     return profile_from_dict(data, str(path))
+
+
+def _cached_cpu(path: Path) -> DeviceProfile | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        # stale: measured by an older measure_cpu (a profile written by hand, e.g. a
+        # test's fixed one, has no version and is used as it is)
+        version = data.get("version", 1 if "measured" in str(data.get("sources", "")) else None)
+        if version in (None, CPU_PROFILE_VERSION):
+            return read_profile_file(path)
+    except (ProfileError, ValueError, OSError):
+        pass                      # a stale or broken cache is measured again
+    return None
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock on `path` between processes (flock); yields whether another
+    process held it first."""
+    import fcntl
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            waited = True
+        try:
+            yield waited
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def measure_cpu() -> dict:

@@ -245,3 +245,30 @@ def test_cpu_cache_of_an_older_measurement_is_measured_again(tmp_path, monkeypat
     assert load_profile("cpu").peak_flops == 6e10 and calls == [1]      # cached now
     (tmp_path / "cpu.json").write_text(json.dumps(old))                 # by hand: kept
     assert load_profile("cpu").peak_flops == 5e10 and calls == [1]
+
+
+def test_ranks_planning_on_a_fresh_machine_measure_the_cpu_once(tmp_path, monkeypatch):
+    """The ranks of a launched job each plan, so each reads the cpu profile: on a fresh
+    machine the first measures under a lock and the others wait and read its numbers (two
+    measurements, on shared cores, differ, and so would the ranks' plans)."""
+    import threading
+    import time
+    from autopar.compiler.cluster import cpu_profile
+    monkeypatch.setenv("AUTOPAR_CACHE", str(tmp_path))
+    calls = []
+
+    def slow_measure():
+        calls.append(1)
+        time.sleep(0.3)
+        return {"name": "cpu", "peak_flops": 1e10 * len(calls), "efficiency": 1.0, "hbm_bandwidth": 1e10,
+                "memory": 8e9, "node_size": 2, "intra": {"alpha": 5e-5, "bandwidth": 2e9},
+                "inter": {"alpha": 5e-5, "bandwidth": 2e9}, "precision": "fp32"}
+    monkeypatch.setattr("autopar.compiler.cluster.measure_cpu", slow_measure)
+    got = []
+    ranks = [threading.Thread(target=lambda: got.append(cpu_profile().peak_flops)) for _ in range(3)]
+    for t in ranks:
+        t.start()
+    for t in ranks:
+        t.join()
+    assert len(calls) == 1 and got == [1e10] * 3
+    assert cpu_profile(remeasure=True).peak_flops == 2e10       # asked for: measured again

@@ -408,3 +408,29 @@ def test_the_check_leaves_the_users_model_untouched():
         assert len(losses) == 3 and losses[-1] < losses[0], losses
         assert not torch.equal(after["net.0.weight"], start["net.0.weight"])
         assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items()), precision
+
+
+def test_ranks_that_planned_different_programs_stop_at_start_up():
+    """Every rank of a job compiling in its own loop plans on its own. Before any weight is
+    loaded, the ranks compare their programs' digests (one min and one max reduction):
+    programs that differ -- another profile, another model -- stop every rank with what to
+    do, instead of collectives that pair up wrongly."""
+    from types import SimpleNamespace
+    from autopar.compiler.errors import InputError
+    from autopar.pipeline import Program
+
+    class World:                      # this rank's value reduced with the other ranks'
+        def __init__(self, others, seen=None):
+            self.others, self.seen = others, seen
+
+        def all_reduce_scalar(self, value, axis=None, op="sum"):
+            assert axis is None                   # over the whole job
+            if self.seen is not None:
+                self.seen.append(value)
+            return {"min": min, "max": max}[op]([value, *self.others])
+    source = "class GPTShard: ...\n"
+    seen = []
+    Program.check_same_program(SimpleNamespace(source=source), World([], seen))
+    Program.check_same_program(SimpleNamespace(source=source), World([seen[0]]))
+    with pytest.raises(InputError, match="planned different programs.*plan=FILE"):
+        Program.check_same_program(SimpleNamespace(source=source + "# tp=2\n"), World([seen[0]]))
