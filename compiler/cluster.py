@@ -259,7 +259,7 @@ def cpu_profile(remeasure: bool = False) -> DeviceProfile:
     if not remeasure and (cached := _cached_cpu(path)) is not None:
         return cached
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(path.with_suffix(".lock")) as waited:
+    with file_lock(path.with_suffix(".lock")) as waited:
         # another process measured while this one waited: its numbers, even for `remeasure`
         if (not remeasure or waited) and (cached := _cached_cpu(path)) is not None:
             return cached
@@ -286,11 +286,16 @@ def _cached_cpu(path: Path) -> DeviceProfile | None:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
     """An exclusive lock on `path` between processes (flock); yields whether another
-    process held it first."""
+    process held it first. Where the file cannot be made (a read-only cache), no lock."""
     import fcntl
-    with open(path, "a") as f:
+    try:
+        f = open(path, "a")
+    except OSError:
+        yield False
+        return
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             waited = False

@@ -25,7 +25,8 @@ sharding rule) are recorded and issued again on a hit. A graph the codec cannot 
 The folder is bounded: after each store, the least recently used entries (a hit counts as
 a use) go until at most MAX_ENTRIES remain, holding at most MAX_BYTES together
 (`AUTOPAR_TRACE_CACHE_MB` sets the latter), and temporary files a crashed writer left
-behind are removed after an hour.
+behind are removed after an hour. One process traces a key at a time (a lock file per key):
+the ranks of a job that each compile the same model wait for the first one's graph.
 
 No pickle: the JSON holds only plain values with tagged dtypes, devices, layouts, memory
 formats and symbolic sizes, decoded by a fixed table.
@@ -51,6 +52,7 @@ FORMAT = 1
 MAX_ENTRIES = 64                  # graphs kept (the least recently used go first)
 MAX_BYTES = 1 << 30               # and their bytes together; AUTOPAR_TRACE_CACHE_MB overrides
 STALE_TMP_S = 3600                # a writer's temporary file older than this was abandoned
+STALE_LOCK_S = 86400              # a tracing lock (empty) unused this long is removed
 _ROOT = Path(__file__).resolve().parent.parent          # autopar's source tree
 _OWN_SOURCES = ("frontends", "compiler")                 # what a traced graph depends on
 _PLAIN = (int, float, bool, str, type(None))
@@ -417,6 +419,18 @@ def store(key: str, graph: Graph, warned: list) -> bool:
     return True
 
 
+def tracing(key: str):
+    """A lock held while `key` is traced and stored (yields whether another process held it
+    first: then its graph is likely stored)."""
+    from autopar.compiler.cluster import file_lock
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass                                      # no folder: file_lock locks nothing
+    return file_lock(root / f"{key}.lock")
+
+
 def max_bytes() -> int:
     mb = os.environ.get("AUTOPAR_TRACE_CACHE_MB")
     try:
@@ -439,8 +453,8 @@ def evict(root: Path, keep: str | None = None) -> list[str]:
             st = p.stat()
         except OSError:
             continue
-        if p.suffix == ".tmp":
-            if now - st.st_mtime > STALE_TMP_S:
+        if p.suffix in (".tmp", ".lock"):
+            if now - st.st_mtime > (STALE_TMP_S if p.suffix == ".tmp" else STALE_LOCK_S):
                 p.unlink(missing_ok=True)
             continue
         if p.suffix == ".json":
@@ -471,4 +485,4 @@ def replay(warned: list) -> None:
                           "replicated on every rank.", stacklevel=3)
 
 
-__all__ = ["key_of", "load", "store", "replay", "encode", "decode", "enabled", "cache_root", "evict"]
+__all__ = ["key_of", "load", "store", "replay", "encode", "decode", "enabled", "cache_root", "evict", "tracing"]

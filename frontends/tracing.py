@@ -52,17 +52,32 @@ def trace(model: nn.Module, example_inputs: tuple, mode: str = "export",
     key = None
     if cache.enabled() and mode in ("export", "fx"):
         key = cache.key_of(model, example_inputs, mode, name, symbolic)
-        hit = cache.load(key)
-        if hit is not None:
-            graph, warned = hit
-            cache.replay(warned)
+        graph = _cached(key, t0)
+        if graph is not None:
+            return graph
+        # one process traces a key at a time: the ranks of a job compiling the same model
+        # wait for the first one's graph instead of all tracing it on the cores they share
+        with cache.tracing(key) as waited:
+            graph = _cached(key, t0) if waited else None
+            if graph is not None:
+                return graph
+            graph = _trace(model, example_inputs, mode, name, symbolic)
             graph.trace_seconds = time.perf_counter() - t0   # type: ignore[attr-defined]
-            graph.trace_cached = True                        # type: ignore[attr-defined]
+            cache.store(key, graph, opaque_ops(graph))
             return graph
     graph = _trace(model, example_inputs, mode, name, symbolic)
     graph.trace_seconds = time.perf_counter() - t0   # type: ignore[attr-defined]
-    if key is not None:
-        cache.store(key, graph, opaque_ops(graph))
+    return graph
+
+
+def _cached(key: str, t0: float) -> Graph | None:
+    hit = cache.load(key)
+    if hit is None:
+        return None
+    graph, warned = hit
+    cache.replay(warned)
+    graph.trace_seconds = time.perf_counter() - t0   # type: ignore[attr-defined]
+    graph.trace_cached = True                        # type: ignore[attr-defined]
     return graph
 
 

@@ -249,3 +249,27 @@ def test_the_folder_keeps_the_most_recently_used_entries(cache_dir, monkeypatch)
     monkeypatch.setenv("AUTOPAR_TRACE_CACHE_MB", "lots")
     with pytest.raises(InputError, match="AUTOPAR_TRACE_CACHE_MB='lots'"):
         cache.evict(cache_dir)
+
+
+def test_ranks_tracing_the_same_model_at_once_trace_it_once(monkeypatch):
+    """The ranks of a job that compiles in its own loop all trace the same model at start:
+    one traces it (a lock per key), the others wait and read its graph."""
+    import threading
+    from autopar.frontends import tracing
+    real, traced = tracing._trace, []
+
+    def counted(*args):
+        traced.append(1)
+        return real(*args)
+    monkeypatch.setattr(tracing, "_trace", counted)
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    graphs = []
+    ranks = [threading.Thread(target=lambda: graphs.append(trace(Scaled(scale=3.0), (x, y)))) for _ in range(3)]
+    for t in ranks:
+        t.start()
+    for t in ranks:
+        t.join()
+    assert len(traced) == 1 and len(graphs) == 3
+    assert sorted(cached(g) for g in graphs) == [False, True, True]
+    for g in graphs[1:]:
+        same(graphs[0], g)
