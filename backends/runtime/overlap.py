@@ -221,9 +221,16 @@ class _FlatGather:
 
     def __init__(self, owner: "ParamGather", group: list, phase: str):
         self.owner = owner
-        xs = [p.detach().movedim(d, 0).contiguous() for p, d in group]
+        xs = [p.detach().movedim(d, 0) for p, d in group]
         self.parts = [(id(p), x.shape, d) for (p, d), x in zip(group, xs)]
-        flat = xs[0].reshape(-1) if len(xs) == 1 else torch.cat([x.reshape(-1) for x in xs])
+        if len(xs) == 1 and xs[0].is_contiguous():
+            flat = xs[0].reshape(-1)                 # the shard itself: no copy
+        else:                                        # each shard copied once, into its place
+            flat = torch.empty(sum(x.numel() for x in xs), dtype=xs[0].dtype, device=xs[0].device)
+            off = 0
+            for x in xs:
+                flat[off:off + x.numel()].view(x.shape).copy_(x)
+                off += x.numel()
         c = owner.mesh._comm(owner.axis)
         self.size = c.size
         owner.mesh._record("all_gather", owner.axis, flat.numel() * flat.element_size() * c.size, phase)
@@ -241,8 +248,11 @@ class _FlatGather:
             self.full, off = {}, 0
             for key, shape, d in self.parts:
                 n = shape.numel()
-                piece = rows[:, off:off + n].reshape((self.size * shape[0],) + tuple(shape[1:]))
-                self.full[key] = piece.movedim(0, d).contiguous()
+                ranks = rows[:, off:off + n].unflatten(1, shape)       # (rank, split dim, rest)
+                if d == 0:
+                    self.full[key] = ranks.reshape((self.size * shape[0],) + tuple(shape[1:]))
+                else:                                # one copy: the ranks' blocks side by side on d
+                    self.full[key] = torch.cat(ranks.movedim(1, d + 1).unbind(0), dim=d)
                 off += n
             if len(self.parts) > 1:
                 self.handle.result = None       # the flat buffer: every weight is cut out of it
@@ -430,7 +440,14 @@ class ParamGather:
         """One reduce_scatter of `parts` [[param, gradient with the split dim first, dim]]:
         row r of the flat buffer holds chunk r of each, so each rank receives its chunks."""
         c = self.mesh._comm(self.axis)
-        flat = torch.cat([x.reshape(c.size, -1) for _, x, _ in parts], 1)
+        x0 = parts[0][1]
+        flat = torch.empty((c.size, sum(x.numel() for _, x, _ in parts) // c.size), dtype=x0.dtype, device=x0.device)
+        off = 0
+        for _, x, _ in parts:                        # one copy each, chunk r into row r
+            m = x.numel() // c.size
+            flat[:, off:off + m].unflatten(1, (x.shape[0] // c.size,) + tuple(x.shape[1:])).copy_(
+                x.unflatten(0, (c.size, -1)))
+            off += m
         self.mesh._record("reduce_scatter", self.axis, flat.numel() * flat.element_size(), "backward")
         h = c.ireduce_scatter0(flat)
         h.log = {"kind": "reduce_scatter", "axis": self.axis, "what": "gradient", "shape": list(flat.shape),
