@@ -438,7 +438,11 @@ class ParamGather:
 
     def _launch_scatter(self, parts):
         """One reduce_scatter of `parts` [[param, gradient with the split dim first, dim]]:
-        row r of the flat buffer holds chunk r of each, so each rank receives its chunks."""
+        row r of the flat buffer holds chunk r of each, so each rank receives its chunks.
+        The one before is finished first (it had this unit's backward to run behind): one
+        reduce_scatter in flight, as FSDP, so a unit's full-size gradients are freed before
+        the next unit's are packed, not when backward ends."""
+        self._drain(keep=0)
         c = self.mesh._comm(self.axis)
         x0 = parts[0][1]
         flat = torch.empty((c.size, sum(x.numel() for _, x, _ in parts) // c.size), dtype=x0.dtype, device=x0.device)
@@ -453,9 +457,8 @@ class ParamGather:
         h.log = {"kind": "reduce_scatter", "axis": self.axis, "what": "gradient", "shape": list(flat.shape),
                  "params": len(parts), "dtype": str(flat.dtype), "launched": time.perf_counter()}
         self._grads.append((h, [(p, (x.shape[0] // c.size,) + tuple(x.shape[1:]), dim) for p, x, dim in parts]))
-        # the one before is done with: its full-size gradients freed now, not when backward
-        # ends (FSDP keeps one reduce_scatter in flight the same way)
-        self._drain(keep=1)
+        for part in parts:
+            part[1] = None                           # packed: the gradients themselves go
 
     @torch.no_grad()
     def _drain(self, keep: int) -> None:
