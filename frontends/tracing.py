@@ -49,7 +49,6 @@ def trace(model: nn.Module, example_inputs: tuple, mode: str = "export",
         example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
     name = name or type(model).__name__.lower()
     t0 = time.perf_counter()
-    key = None
     if cache.enabled() and mode in ("export", "fx"):
         key = cache.key_of(model, example_inputs, mode, name, symbolic)
         graph = _cached(key, t0)
