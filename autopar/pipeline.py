@@ -126,7 +126,6 @@ class Program:
         run.module, run.mesh = local, mesh
         return run
 
-
     def check_same_program(self, mesh) -> None:
         """Each rank of a job that compiles in its own loop traces and plans on its own; they
         must have built the same program, or its collectives would pair up wrongly and hang
@@ -141,6 +140,7 @@ class Program:
                 "and a plan all of them read: compile(..., plan=FILE) with the plan JSON that "
                 "`autopar emit` writes beside its program (or `.plan.save(FILE)` of one compile), or "
                 "a named device profile (device=\"h100\", ...) instead of the measured cpu one")
+
 
 def mesh_tag(mesh: dict) -> str:
     return "_".join(f"{a}{n}" for a, n in mesh.items())

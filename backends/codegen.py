@@ -1505,11 +1505,6 @@ def _emit_checkpoint_args(w: Writer, s: ShardedGraph) -> None:
     w(f"rt.add_checkpoint_args(parser, {c!r})  # --checkpoint, --every, --keep, --async, --resume", 1)
 
 
-# after set-up: the single-device state dict would otherwise stay alive through training,
-# the whole model on every rank
-DROP_INIT = "del full, example  # every rank holds its shards now: the whole model's tensors go"
-
-
 def _emit_checkpoint_resume(w: Writer, opts: EmitOptions, zero: bool, specs: str = "checkpoint_specs(model, full)",
                             extra: str = "") -> None:
     plan_file = opts.init_file.removesuffix(".init.safetensors") + ".plan.json"
@@ -1518,6 +1513,9 @@ def _emit_checkpoint_resume(w: Writer, opts: EmitOptions, zero: bool, specs: str
       f"{zero_args},", 1)
     w(" " * len("ckpt = rt.TrainingCheckpoint(") + f"plan=os.path.join(os.path.dirname(__file__), {plan_file!r}))", 1)
     w("start = ckpt.resume()  # 0, or the steps the --resume checkpoint was saved after", 1)
+    # the specs were the single-device state dict's last reader: it would otherwise stay
+    # alive through training, the whole model on every rank
+    w("del full, example  # every rank holds its shards now: the whole model's tensors go", 1)
 
 
 def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: EmitOptions, names) -> None:
@@ -1583,7 +1581,6 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w("else:", 1)
     w("optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)", 2)
     _emit_checkpoint_resume(w, opts, bool(zero.params), extra=", masters=masters" if bf16 else "")
-    w(DROP_INIT, 1)
     w()
     w("losses, traffic, calls, times = [], [], [], []", 1)
     w("timeline = rt.Timeline(mesh, args.timeline, args.steps)  # --timeline DIR: the last step, profiled", 1)

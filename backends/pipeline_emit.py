@@ -250,7 +250,6 @@ class PipelineParts:
         w("# from any plan", 1)
         emit_checkpoint_resume(w, opts, False, f'rt.stage_specs(checkpoint_specs(model, full), "{axis}", stage, TIED)',
                                ", elsewhere=elsewhere" + (", masters=masters" if bf16 else ""))
-        w("del full, example  # every rank holds its stage's shards now: the whole model's tensors go", 1)
         w()
         if backend.runtime == "mpi":
             w("# the pipeline over MPI: this rank's stage method in an rt.MpiStage; the schedule splits the", 1)

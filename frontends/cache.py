@@ -40,6 +40,7 @@ import os
 import sys
 import sysconfig
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -441,11 +442,10 @@ def max_bytes() -> int:
                          "a number such as 512") from None
 
 
-def evict(root: Path, keep: str | None = None) -> list[str]:
+def evict(root: Path, keep: str | None = None) -> None:
     """Remove the least recently used entries of `root` beyond MAX_ENTRIES or max_bytes()
-    (never `keep`, the entry just stored) and abandoned temporary files; returns the keys
-    removed. Races with another process are harmless: a file already gone is skipped."""
-    import time
+    (never `keep`, the entry just stored) and abandoned temporary and lock files. Races
+    with another process are harmless: a file already gone is skipped."""
     entries = []
     now = time.time()
     for p in root.iterdir() if root.is_dir() else ():
@@ -462,15 +462,13 @@ def evict(root: Path, keep: str | None = None) -> list[str]:
             size = st.st_size + (side.stat().st_size if side.exists() else 0)
             entries.append((st.st_mtime, p.stem, size))
     entries.sort(reverse=True)                    # the most recently used first
-    limit, total, gone = max_bytes(), 0, []
+    limit, total = max_bytes(), 0
     for k, (_, stem, size) in enumerate(entries):
         total += size
         if stem != keep and (k >= MAX_ENTRIES or total > limit):
             for suffix in (".json", ".safetensors"):
                 (root / f"{stem}{suffix}").unlink(missing_ok=True)
-            gone.append(stem)
             total -= size
-    return gone
 
 
 def replay(warned: list) -> None:

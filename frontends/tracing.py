@@ -49,23 +49,24 @@ def trace(model: nn.Module, example_inputs: tuple, mode: str = "export",
         example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
     name = name or type(model).__name__.lower()
     t0 = time.perf_counter()
-    if cache.enabled() and mode in ("export", "fx"):
-        key = cache.key_of(model, example_inputs, mode, name, symbolic)
-        graph = _cached(key, t0)
-        if graph is not None:
-            return graph
-        # one process traces a key at a time: the ranks of a job compiling the same model
-        # wait for the first one's graph instead of all tracing it on the cores they share
-        with cache.tracing(key) as waited:
-            graph = _cached(key, t0) if waited else None
-            if graph is not None:
-                return graph
-            graph = _trace(model, example_inputs, mode, name, symbolic)
-            graph.trace_seconds = time.perf_counter() - t0   # type: ignore[attr-defined]
+
+    def traced() -> Graph:
+        graph = _trace(model, example_inputs, mode, name, symbolic)
+        graph.trace_seconds = time.perf_counter() - t0   # type: ignore[attr-defined]
+        return graph
+    if not (cache.enabled() and mode in ("export", "fx")):
+        return traced()
+    key = cache.key_of(model, example_inputs, mode, name, symbolic)
+    graph = _cached(key, t0)
+    if graph is not None:
+        return graph
+    # one process traces a key at a time: the ranks of a job compiling the same model wait
+    # for the first one's graph instead of all tracing it on the cores they share
+    with cache.tracing(key) as waited:
+        graph = _cached(key, t0) if waited else None
+        if graph is None:
+            graph = traced()
             cache.store(key, graph, opaque_ops(graph))
-            return graph
-    graph = _trace(model, example_inputs, mode, name, symbolic)
-    graph.trace_seconds = time.perf_counter() - t0   # type: ignore[attr-defined]
     return graph
 
 

@@ -442,7 +442,7 @@ class ParamGather:
         The one before is finished first (it had this unit's backward to run behind): one
         reduce_scatter in flight, as FSDP, so a unit's full-size gradients are freed before
         the next unit's are packed, not when backward ends."""
-        self._drain(keep=0)
+        self._drain()
         c = self.mesh._comm(self.axis)
         x0 = parts[0][1]
         flat = torch.empty((c.size, sum(x.numel() for _, x, _ in parts) // c.size), dtype=x0.dtype, device=x0.device)
@@ -461,10 +461,10 @@ class ParamGather:
             part[1] = None                           # packed: the gradients themselves go
 
     @torch.no_grad()
-    def _drain(self, keep: int) -> None:
-        """Wait for the reduce_scatters in flight but the newest `keep`, oldest first, and
-        add each rank's part to its shards' `.grad`; their buffers go with their handles."""
-        while len(self._grads) > keep:
+    def _drain(self) -> None:
+        """Wait for the reduce_scatters in flight, oldest first, and add each rank's part to
+        its shards' `.grad`; their buffers go with their handles."""
+        while self._grads:
             h, parts = self._grads.pop(0)
             t0 = time.perf_counter()
             row = h.wait().reshape(-1)
@@ -492,7 +492,7 @@ class ParamGather:
         for slot in self._slots.values():           # units whose every gradient never came
             self._launch_scatter(list(slot.values()))
         self._slots, self._owed = {}, {}
-        self._drain(keep=0)
+        self._drain()
         for g in {id(g): g for g in [*self._bw_inflight.values(), *self._inflight.values()]}.values():
             g.handle.wait()                         # a prefetch nobody used (not expected)
         self._inflight, self._bw_inflight, self._backward, self._live = {}, {}, {}, {}
