@@ -1582,7 +1582,14 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
     w("optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)", 2)
     _emit_checkpoint_resume(w, opts, bool(zero.params), extra=", masters=masters" if bf16 else "")
     w()
+    # the last gradient buckets finish behind the optimizer step: the other parameters step
+    # while they are in flight (a ZeRO or mixed-precision step needs every gradient first)
+    step_behind = bool(s.overlap is not None and s.overlap.buckets and not zero.params and not bf16)
     w("losses, traffic, calls, times = [], [], [], []", 1)
+    if step_behind:
+        w("# backward leaves its last gradient buckets in flight; model.grad_buckets.step steps the", 1)
+        w("# parameters of the reduced ones while those finish, then the rest", 1)
+        w("model.grad_buckets.defer = True", 1)
     w("timeline = rt.Timeline(mesh, args.timeline, args.steps)  # --timeline DIR: the last step, profiled", 1)
     w("for step in range(start, start + args.steps):", 1)
     w("mesh.reset_traffic()", 2)
@@ -1615,7 +1622,10 @@ def _emit_main(w: Writer, s: ShardedGraph, backend: Backend, cls: str, opts: Emi
             w("zero.reduce_grads()", 2)
     if bf16:
         w("masters.grads_to_masters()  # bf16 gradients (already reduced) widened onto the fp32 masters", 2)
-    w("optimizer.step()", 2)
+    if step_behind:
+        w("model.grad_buckets.step(optimizer)  # optimizer.step(), the last buckets' all_reduce hidden behind it", 2)
+    else:
+        w("optimizer.step()", 2)
     w("optimizer.zero_grad(set_to_none=True)", 2)
     if bf16:
         w("masters.refresh()  # bf16 weights rounded from the stepped masters", 2)

@@ -598,6 +598,33 @@ class CostModel:
             return GATHER_EXPOSED * t * (2 if src in self._window else 1)
         return t
 
+    def grad_through(self, mi: int, strat: list[Strategy], steps) -> tuple[int, int] | None:
+        """(param member, its local bytes) when the program reduces that parameter's gradient
+        in a bucket instead of the gradient of member `mi`'s output (passes/overlap.py's
+        `through_op`): `mi`'s output is only all_reduced in backward (it is replicated on
+        those axes, so `mi` computes the same on every rank), its one input that needs a
+        gradient is a trainable parameter used by `mi` alone as stored, no larger than the
+        output. The solver still prices the output's all_reduce (a small overestimate)."""
+        m = self.members[mi]
+        if m.is_source or len(m.outputs) != 1 or not steps:
+            return None
+        if any(c.kind != "all_reduce" or c.phase != "backward"
+               for st, _, _, g in steps for c in st.collectives(g)):
+            return None
+        grads = [k for k, v in enumerate(m.inputs) if v.name in self.needs_grad]
+        if len(grads) != 1:
+            return None
+        p, _ = self.producer[m.inputs[grads[0]]]
+        if not self.members[p].trainable or len(self.out_edges[p]) != 1:
+            return None
+        lay = self.out_layouts(p, strat[p])[0]
+        if self.in_layout(mi, strat[mi], grads[0]) != lay:
+            return None
+        pb = self.local_bytes(self.members[p].outputs[0], lay)
+        if pb > self.local_bytes(m.outputs[0], self.out_layouts(mi, strat[mi])[0]):
+            return None
+        return p, pb
+
     def is_param_grad_reduce(self, e: Edge, c: Collective) -> bool:
         """The per-edge dp gradient all_reduce of a trainable param (ZeRO-2 replaces it)."""
         return (c.kind == "all_reduce" and c.phase == "backward" and c.axis == self.dp_axis
@@ -740,6 +767,7 @@ class CostModel:
         for m in self.members:
             for j in range(len(m.outputs)):
                 steps, saved = self.value_chains(m.index, j, strat, rs)
+                via = self.grad_through(m.index, strat, steps) if self.overlapped else None
                 for st, region, consumer, grad in steps:
                     cols = st.collectives(grad)
                     if region is not None:
@@ -747,9 +775,12 @@ class CostModel:
                                  for c in cols if c.phase == "forward"]
                     target = nodes[self.members[consumer].key]
                     for col in cols:
+                        src = m.index
+                        if via is not None:       # the parameter's gradient, bucketed
+                            src, col = via[0], Collective(col.kind, col.axis, via[1], col.phase)
                         t = count(col)
                         target.collectives.append((col, t))
-                        comms.append((col, t, consumer, m.index))
+                        comms.append((col, t, consumer, src))
                 for _, b in saved:
                     mem["activations"] += b
         for m in self.members:

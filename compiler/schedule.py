@@ -26,7 +26,11 @@ it is simulated:
   order backward finishes them (latest first use first), the first bucket small; a bucket
   is one collective per axis, launched on that axis's stream when its last gradient is
   produced (after the backward of the earliest first use of its parameters) and waited for
-  before the optimizer step;
+  before the optimizer step (a parameter whose gradient the program reduces one op down,
+  `CostModel.grad_through`, counts as that parameter's). The program does a little better:
+  it steps the parameters of the finished buckets while the last ones are still in flight
+  (`GradBuckets.step`). The cost model does not price the optimizer's compute, so here
+  those last buckets stay exposed: the predicted exposed time is an upper bound by them;
 - ZeRO-3 (FSDP's schedule, when the overlap pass applies it: no recompute regions): a
   block's parameters are gathered by one all_gather per dtype (their bytes summed, one
   latency: the runtime's flat gather), issued when the compute stream enters the block

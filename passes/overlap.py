@@ -117,13 +117,18 @@ def overlap(s: ShardedGraph) -> ShardedGraph:
         return replace(s, overlap=sched)
     zero3(s, sched)
     chains = grad_chains(s)
+    via = through_op(s, chains)
     scattered = zero2_params(s)
-    if not chains and not scattered:
+    if not chains and not via and not scattered:
         return replace(s, overlap=sched)
-    dropped: dict[Value, Value] = {}            # removed copy_to output -> the parameter
+    dropped: dict[Value, Value] = {}            # removed copy_to output -> what it copied
     for p, nodes in chains.items():
         for n in nodes:
             dropped[n.outputs[0]] = p
+    for p, (y, nodes) in via.items():
+        for n in nodes:
+            dropped[n.outputs[0]] = y
+        chains[p] = nodes
     keep, index = [], {}
     for i, n in enumerate(s.nodes):
         if n.op == "copy_to" and n.outputs[0] in dropped:
@@ -232,6 +237,54 @@ def grad_chains(s: ShardedGraph) -> dict[Value, list]:
         if ok and chain:
             out[p] = chain
     return out
+
+
+def through_op(s: ShardedGraph, taken: dict) -> dict[Value, tuple[Value, list]]:
+    """Trainable parameters whose gradient is reduced one op further down: the parameter's
+    only use is an op whose inputs are all replicated over the axes of the `copy_to` chain
+    its output goes through (a GPT's position embedding, `wpe(arange(T))`, added to a
+    batch-split activation). The op computes the same on every rank of those axes, so its
+    backward is the same linear map of the output's gradient on each: reducing the
+    parameter's gradient equals reducing the output's. When the parameter is no larger than
+    that output, it joins a bucket (asynchronous, in backward) instead of a synchronous
+    all_reduce of the output's gradient on backward's critical path -- DDP's choice.
+    parameter -> (the op's output, its copy_to chain)."""
+    users: dict[Value, list] = {}
+    for n in s.nodes:
+        for v in n.inputs:
+            users.setdefault(v, []).append(n)
+    axes = list(s.mesh)
+    out = {}
+    for p in s.params:
+        if p in taken or p.kind != "param" or not p.requires_grad or p.name not in s.needs_grad:
+            continue
+        uses = users.get(p, [])
+        if len(uses) != 1 or uses[0].op == "copy_to" or len(uses[0].outputs) != 1:
+            continue
+        op, y = uses[0], uses[0].outputs[0]
+        if any(v is not p and v.name in s.needs_grad for v in op.inputs) or nbytes(p) > nbytes(y):
+            continue
+        chain = walk_chain(users, y)
+        if not chain:
+            continue
+        on = [axes.index(n.attr["axis"]) for n in chain_axes(chain)]
+        if all(str(s.layouts[v.name][i]) == "R" for v in (*op.inputs, y) for i in on):
+            out[p] = (y, chain)
+    return out
+
+
+def walk_chain(users: dict, start: Value) -> list:
+    """The copy_to nodes below `start` when its every use goes through copy_to steps with
+    the same axis sequence (chain order), else []."""
+    chain, frontier = [], [start]
+    while frontier:
+        level = [n for v in frontier for n in users.get(v, [])]
+        if level and all(n.op == "copy_to" for n in level) and len({n.attr["axis"] for n in level}) == 1:
+            chain.extend(level)
+            frontier = [n.outputs[0] for n in level]
+            continue
+        break
+    return chain
 
 
 def first_use(s: ShardedGraph) -> dict[str, int]:

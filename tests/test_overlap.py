@@ -34,12 +34,16 @@ def test_buckets_follow_backward_order_and_sizes(gpt):
     plain = apply_plan(g, dp_plan(g))
     s = overlap(apply_plan(g, dp_plan(g, bucket_bytes=20_000, first_bucket_bytes=2_000)))
     o = s.overlap
-    # every parameter whose gradient the plan all_reduced per use is bucketed, once (wpe's
-    # gradient is reduced on its activation: the embedding's output is replicated over dp)
+    # every parameter whose gradient the plan all_reduced per use is bucketed, once, and so is
+    # wpe: the plan reduced the gradient of its embedding's output (replicated over dp, no
+    # larger than wpe), which the bucket now does on wpe's own gradient
     bucketed = [p for b in o.buckets for p in b.params]
     per_use = {n.inputs[0].name for n in plain.nodes if n.op == "copy_to" and n.inputs[0].kind == "param"}
-    assert sorted(bucketed) == sorted(per_use) and len(per_use) > 20
-    assert not any(n.op == "copy_to" and n.inputs[0].kind == "param" for n in s.nodes)
+    on_output = [n for n in plain.nodes if n.op == "copy_to" and n.inputs[0].kind != "param"]
+    assert [n.inputs[0].name for n in on_output] == ["embedding_1"]
+    assert "transformer.wpe.weight" not in per_use
+    assert sorted(bucketed) == sorted(per_use | {"transformer.wpe.weight"}) and len(per_use) > 20
+    assert not any(n.op == "copy_to" for n in s.nodes)
     # buckets launch in the order backward completes them: later first use, earlier launch
     first = {}
     for i, n in enumerate(s.nodes):
@@ -57,8 +61,28 @@ def test_buckets_follow_backward_order_and_sizes(gpt):
     # bytes are the per-use steps' bytes; calls drop to one per bucket
     assert s.traffic() == plain.traffic()
     assert s.call_counts()["all_reduce:dp"] == len(o.buckets) + plain.call_counts()["all_reduce:dp"] - sum(
-        1 for n in plain.nodes if n.op == "copy_to" and n.inputs[0].kind == "param")
+        1 for n in plain.nodes if n.op == "copy_to")
     assert len(o.buckets) < plain.call_counts()["all_reduce:dp"]
+
+
+def test_the_schedule_buckets_what_the_program_buckets(gpt):
+    """The cost model's simulated buckets (compiler/schedule.py) hold the gradients the overlap
+    pass buckets, wpe's among them (reduced on the parameter, not on its embedding's
+    output), and the priced bytes are the program's."""
+    from autopar.compiler.cluster import Cluster, load_profile
+    from autopar.compiler.cost import CostModel
+    _, _, _, g = gpt
+    plan = dp_plan(g, bucket_bytes=20_000, first_bucket_bytes=2_000)
+    s = overlap(apply_plan(g, plan))
+    cm = CostModel(g, Cluster(dict(plan.mesh), load_profile("cpu")), precision="fp32",
+                   dp_axis=plan.dp_axis, overlap=plan.overlap)
+    rep = cm.evaluate({k: tuple(v) for k, v in plan.strategies.items()}, plan.zero)
+    assert [b.params for b in rep.schedule.buckets] == [b.params for b in s.overlap.buckets]
+    assert "transformer.wpe.weight" in rep.schedule.buckets[-1].params + rep.schedule.buckets[-2].params
+    assert rep.bytes == s.traffic()
+    # no synchronous all_reduce is left in backward: every dp reduction is a bucket's
+    assert not [e for e in rep.schedule.events if e.kind == "all_reduce" and e.phase == "backward"
+                and not e.name.startswith("bucket")]
 
 
 def test_overlap_off_keeps_the_plan_as_applied(gpt):
@@ -85,6 +109,25 @@ def test_frozen_and_whole_gradients_join_no_bucket(traced):
     o = overlap(s)
     assert p.name not in {q for b in o.overlap.buckets for q in b.params} and o.overlap.buckets
     assert any(n.op == "copy_to" and n.inputs[0] is p for n in o.nodes)
+
+
+def test_a_parameter_larger_than_its_ops_output_keeps_the_output_reduction(traced):
+    """wpe of a GPT run on fewer tokens than its block size: the embedding's output (T rows)
+    is smaller than wpe (block-size rows), so the synchronous all_reduce of the output's
+    gradient moves fewer bytes than bucketing wpe would, and stays."""
+    from plan_helpers import DDP, forced_plan
+    from conftest import load_example
+    from autopar.frontends.tracing import trace
+    from autopar.passes.prepare import prepare
+    gpt = load_example("gpt")
+    model, inputs = gpt.build(gpt.GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=16),
+                              batch=4, seq=8)
+    g = prepare(trace(model, inputs, name="gpt_short"))
+    s = overlap(apply_plan(g, forced_plan(g, {"dp": 2}, DDP)))
+    steps = [n for n in s.nodes if n.op == "copy_to"]
+    assert [n.inputs[0].shape for n in steps] == [(8, 16)]
+    assert "transformer.wpe.weight" not in {p for b in s.overlap.buckets for p in b.params}
+    assert "transformer.wte.weight" in {p for b in s.overlap.buckets for p in b.params}
 
 
 def test_zero3_schedule_regathers_block_weights_only(gpt):

@@ -353,6 +353,50 @@ def overlap_checks(mesh, gen) -> None:
         dp_loss(bucketed, lambda p: p).backward()
         assert not mesh.events
 
+    # the optimizer step behind the last bucket (`defer`): the same update as waiting first
+    class Late:                                         # a bucket still in flight at step()
+        def __init__(self, h):
+            self.h = h
+
+        def done(self):
+            return False
+
+        def wait(self):
+            return self.h.wait()
+    deferred, waited = blocks(), blocks()
+    gd = rt.GradBuckets(mesh, order, deferred, bucket_bytes=300, first_bucket_bytes=40)
+    gw = rt.GradBuckets(mesh, order, waited, bucket_bytes=300, first_bucket_bytes=40)
+    gd.defer = True
+    opt_d = torch.optim.AdamW(deferred.parameters(), lr=0.1, weight_decay=0.1)
+    opt_w = torch.optim.AdamW(waited.parameters(), lr=0.1, weight_decay=0.1)
+    steps = []
+    opt_d.register_step_post_hook(lambda opt, args, kw: steps.append(
+        sum(p.grad is not None for p in deferred.parameters())))
+    for it in range(3):
+        mesh.reset_traffic()
+        dp_loss(deferred, lambda p: p).backward()
+        flying = sorted((b for b in gd.buckets if b.handle is not None), key=lambda b: b.launched)
+        assert len(flying) == len(gd.buckets) and gd._deferred     # backward waited for none
+        for b in flying[:-1]:
+            b.handle.wait()
+        flying[-1].handle = Late(flying[-1].handle)
+        late = len(flying[-1].params)
+        steps.clear()
+        gd.step(opt_d)
+        # two steps: every parameter but the late bucket's, then those
+        assert steps == [sum(1 for _ in deferred.parameters()) - late, late], steps
+        assert sum(e.kind == "all_reduce" for e in mesh.events) == len(gd.buckets)
+        dp_loss(waited, lambda p: p).backward()
+        opt_w.step()
+        for (name, a), b in zip(waited.named_parameters(), deferred.parameters()):
+            assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
+            assert_close(b, a, rtol=0, atol=0, msg=name)
+        opt_d.zero_grad(set_to_none=True)
+        opt_w.zero_grad(set_to_none=True)
+    steps.clear()
+    gd.step(opt_d)                                      # nothing in flight: one plain step
+    assert len(steps) == 1
+
     # ZeRO-3: plain all_gather per use vs ParamGather (prefetch, reshard after forward)
     def shards(m):
         for p in m.parameters():

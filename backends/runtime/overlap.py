@@ -21,6 +21,16 @@ are recorded like every collective (phase "backward"), one call per bucket and a
 `no_sync()` turns the hooks off (gradient accumulation over microbatches: reduce once, on the
 last one). `timeline` keeps, per bucket of the last step, when it was launched, when it was
 seen done and how long `wait()` blocked on it (the exposed part).
+
+A generated training loop does better than waiting at the end of backward. The last bucket
+is launched when backward's last op (the embedding, in a GPT) has run, so the compute stream
+has nothing left to hide it behind -- except the optimizer step. With `defer = True`,
+backward returns with the buckets still in flight and the loop calls `step(optimizer)`: the
+parameters of the buckets already reduced step first, while the others' all_reduce finishes,
+then those step. Adam, AdamW and SGD update each parameter on its own, so stepping them in
+two calls is the same arithmetic as one call (and a parameter without a gradient is skipped,
+its state untouched). A user's own loop keeps `defer` off: `loss.backward()` returns with
+every gradient reduced.
 """
 from __future__ import annotations
 
@@ -68,6 +78,8 @@ class GradBuckets:
         self.reduced: dict[str, torch.Tensor] = {}
         self._queued = False
         self.enabled = True
+        self.defer = False                       # backward leaves the buckets to step()
+        self._deferred = False                   # a backward ended with buckets in flight
         self.timeline: list[dict] = []
         self._inflight: list[_Bucket] = []
         self._hooks = []
@@ -98,13 +110,15 @@ class GradBuckets:
     def _accumulated(self, b: _Bucket) -> None:
         if not self.enabled:
             return
+        if self._deferred:                       # a new backward before step(): finish the last
+            self.wait()
         for other in self._inflight:             # drive progress, note completions
             if other.seen_done is None and other.handle.done():
                 other.seen_done = time.perf_counter()
         if not self._queued:
             # finish every bucket when this backward ends, so that `loss.backward()` returns
             # with reduced gradients (a user's own loop needs no extra call)
-            torch.autograd.Variable._execution_engine.queue_callback(self.wait)
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
             self._queued = True
         b.pending -= 1
         if b.pending == 0:
@@ -132,49 +146,106 @@ class GradBuckets:
             b.handle = c.ireduce_scatter0(b.flat) if b.kind == "reduce_scatter" else c.iallreduce_(b.flat, "sum")
             self._inflight.append(b)
 
+    def _backward_done(self) -> None:
+        if self.defer:
+            self._queued = False
+            self._launch_rest()
+            self._deferred = True
+        else:
+            self.wait()
+
+    def _launch_rest(self) -> None:
+        for b in self.buckets:
+            if b.flat is None:                   # a bucket whose gradients never all arrived
+                self._launch(b)
+
     @torch.no_grad()
     def wait(self) -> None:
         """Finish every bucket (in launch order) and write the sums back into `.grad`."""
         self._queued = False
+        self._deferred = False
         if all(b.flat is None and b.pending == len(b.params) for b in self.buckets):
             return                               # nothing accumulated since the last wait
         self.timeline = []
-        for b in self.buckets:
-            if b.flat is None:                   # a bucket whose gradients never all arrived
-                self._launch(b)
+        self._launch_rest()
         for b in sorted(self.buckets, key=lambda b: b.launched):
-            t0 = time.perf_counter()
-            if b.handle is not None:
-                if b.seen_done is None and b.handle.done():
-                    b.seen_done = t0
-                b.handle.wait()
-            t1 = time.perf_counter()
-            if b.kind == "reduce_scatter":
-                row = (b.handle.wait() if b.handle is not None else b.flat[:1]).reshape(-1)
-                off = 0
-                for name, k in zip(b.names, b.chunks):
-                    self.reduced[name] = row[off:off + k].clone()
-                    off += k
-            else:
-                for axis in b.axes[1:]:          # further axes: partial sums there too
-                    self.mesh.all_reduce_(b.flat, axis, phase="backward")
-                off = 0
-                for p in b.params:               # the gradients become views of the sums
-                    n = p.numel()
-                    p.grad = b.flat[off:off + n].view_as(p)
-                    off += n
-            self.timeline.append({"bucket": b.index, "axes": list(b.axes),
-                                  "bytes": b.flat.numel() * b.flat.element_size(),
-                                  "launched": b.launched, "done": b.seen_done or t1,
-                                  "blocked_s": t1 - t0})
-            if b.handle is not None:
-                self.mesh.async_log.append({"kind": b.kind, "axis": b.axes[0], "what": f"bucket {b.index}",
-                                            "shape": list(b.flat.shape), "dtype": str(b.flat.dtype),
-                                            "launched": b.launched, "blocked_s": t1 - t0})
-            b.flat = b.handle = None
-            b.pending = len(b.params)
-            b.launched = b.seen_done = None
+            self._finish(b)
         self._inflight = []
+
+    @torch.no_grad()
+    def step(self, optimizer) -> None:
+        """`optimizer.step()` with the buckets still in flight hidden behind it (`defer`): the
+        parameters of every bucket already reduced step first, then the rest are waited for
+        and step. Without buckets in flight, one `optimizer.step()`."""
+        if not self._deferred:
+            optimizer.step()
+            return
+        self._deferred = False
+        self.timeline = []
+        launched = sorted((b for b in self.buckets if b.flat is not None), key=lambda b: b.launched)
+        # the reduced buckets: the longest finished prefix in launch order, so that a further
+        # axis' all_reduces (in _finish) run in the same order on every rank
+        k = next((i for i, b in enumerate(launched) if b.handle is not None and not b.handle.done()),
+                 len(launched))
+        early, late = launched[:k], launched[k:]
+        for b in early:
+            self._finish(b)
+        if not early or not late:
+            for b in late:
+                self._finish(b)
+            self._inflight = []
+            optimizer.step()
+            return
+        late_params = {id(p) for b in late for p in b.params}
+        for b in late:                           # their local gradients are not yet sums:
+            for p in b.params:                   # those parameters sit this step out
+                p.grad = None
+        optimizer.step()
+        for b in late:
+            self._finish(b)
+        self._inflight = []
+        stepped = {}                             # then the others sit out
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in late_params and p.grad is not None:
+                    stepped[p], p.grad = p.grad, None
+        optimizer.step()
+        for p, g in stepped.items():
+            p.grad = g
+
+    def _finish(self, b: _Bucket) -> None:
+        """Wait for bucket `b`, reduce it over its further axes, write the sums into `.grad`."""
+        t0 = time.perf_counter()
+        if b.handle is not None:
+            if b.seen_done is None and b.handle.done():
+                b.seen_done = t0
+            b.handle.wait()
+        t1 = time.perf_counter()
+        if b.kind == "reduce_scatter":
+            row = (b.handle.wait() if b.handle is not None else b.flat[:1]).reshape(-1)
+            off = 0
+            for name, k in zip(b.names, b.chunks):
+                self.reduced[name] = row[off:off + k].clone()
+                off += k
+        else:
+            for axis in b.axes[1:]:              # further axes: partial sums there too
+                self.mesh.all_reduce_(b.flat, axis, phase="backward")
+            off = 0
+            for p in b.params:                   # the gradients become views of the sums
+                n = p.numel()
+                p.grad = b.flat[off:off + n].view_as(p)
+                off += n
+        self.timeline.append({"bucket": b.index, "axes": list(b.axes),
+                              "bytes": b.flat.numel() * b.flat.element_size(),
+                              "launched": b.launched, "done": b.seen_done or t1,
+                              "blocked_s": t1 - t0})
+        if b.handle is not None:
+            self.mesh.async_log.append({"kind": b.kind, "axis": b.axes[0], "what": f"bucket {b.index}",
+                                        "shape": list(b.flat.shape), "dtype": str(b.flat.dtype),
+                                        "launched": b.launched, "blocked_s": t1 - t0})
+        b.flat = b.handle = None
+        b.pending = len(b.params)
+        b.launched = b.seen_done = None
 
     def remove(self) -> None:
         for h in self._hooks:

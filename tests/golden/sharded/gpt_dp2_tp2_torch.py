@@ -361,6 +361,9 @@ def main():
     del full, example  # every rank holds its shards now: the whole model's tensors go
 
     losses, traffic, calls, times = [], [], [], []
+    # backward leaves its last gradient buckets in flight; model.grad_buckets.step steps the
+    # parameters of the reduced ones while those finish, then the rest
+    model.grad_buckets.defer = True
     timeline = rt.Timeline(mesh, args.timeline, args.steps)  # --timeline DIR: the last step, profiled
     for step in range(start, start + args.steps):
         mesh.reset_traffic()
@@ -368,7 +371,7 @@ def main():
         t0 = time.perf_counter()
         loss = model(idx, targets)  # this rank's loss (replicated)
         loss.backward()  # activations' collectives run inside backward; gradient buckets reduce behind it
-        optimizer.step()
+        model.grad_buckets.step(optimizer)  # optimizer.step(), the last buckets' all_reduce hidden behind it
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
         timeline.end(step)
