@@ -700,15 +700,41 @@ class Emitter:
         def ref(v):       # a parameter of another module reaches a block as an argument
             return names[v] if v in names or v.kind not in ("param", "buffer") else param_ref(v)
         operand = [ref(v) for v in n.inputs]
+        o = s.overlap
+        hiding = o.async_inputs if o is not None else {}
+        if n.op == "copy_to" and n.outputs[0].name in hiding:
+            names[n.outputs[0]] = operand[0]    # the linear it feeds runs the step (below)
+            return
         outs = ", ".join(names[v] for v in n.outputs)
-        if is_collective(n):
+        if n.op == "linear" and n.inputs[0].name in hiding:
+            x = n.inputs[0]
+            group = [s.nodes[i] for i in sorted(self.users[x])]     # the linears of this input
+            if group[0] is not n:
+                return                          # run with the first of them
+            axis = hiding[x.name]
+            traffic = ", ".join(f"{k} {format_bytes(b)}" for k, _, b, _ in s.node_traffic(self.copy_of(x)))
+            these = "this linear" if len(group) == 1 else f"these {len(group)} linears"
+            w(f"# {axis} splits {these}: the input's gradient is a partial sum, all_reduced in backward", indent)
+            w(f"# while the weight gradients are computed ({traffic} bwd, async)", indent)
+
+            def layer(m):
+                ops = [ref(v) for v in m.inputs]
+                return ops[1], (ops[2] if len(ops) > 2 else "None")
+            if len(group) == 1:
+                code = f'{outs} = rt.copy_to_linear({operand[0]}, {", ".join(layer(n))}, mesh, "{axis}")'
+            else:
+                w(f'{", ".join(names[m.outputs[0]] for m in group)} = rt.copy_to_linears({operand[0]}, [', indent)
+                for m in group:
+                    w("(%s, %s),  # %s" % (*layer(m), shape_comment(s, m.outputs[0])), indent + 1)
+                w(f'], mesh, "{axis}")', indent)
+                return
+        elif is_collective(n):
             x = n.inputs[0]
             src = sharding.format_layout(s.mesh, s.layouts[x.name])
             dst = sharding.format_layout(s.mesh, s.layouts[n.outputs[0].name])
             traffic = ", ".join(f"{k} {format_bytes(b)} {'fwd' if ph == 'forward' else 'bwd'}"
                                 for k, _, b, ph in s.node_traffic(n))
             axis = n.attr["axis"]
-            o = s.overlap
             if n.op == "copy_to":
                 w(f"# {axis} splits the next op: the gradient is a partial sum, all_reduce it in backward ({traffic})", indent)
             elif o is not None and n.outputs[0].name in o.gathers:
@@ -748,6 +774,10 @@ class Emitter:
             code = f"{outs} = {render_op(self.with_sizes(n), operand)}"
         comment = shape_comment(s, n.outputs[0]) if len(n.outputs) == 1 else ""
         w(comment_pad(code, comment, 72 - 4 * indent), indent)
+
+    def copy_of(self, v: Value) -> Node:
+        """The copy_to node that makes `v`."""
+        return next(n for n in self.s.nodes if n.op == "copy_to" and n.outputs[0] is v)
 
     def with_sizes(self, n: Node) -> Node:
         """`n` with its sizes from the batch written over the size names in scope."""

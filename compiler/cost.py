@@ -625,6 +625,29 @@ class CostModel:
             return None
         return p, pb
 
+    def hiding_linears(self, c: Collective, dst: int, src: int) -> list[int]:
+        """The linears whose weight gradients collective `c` (into member `dst`, on a value
+        of `src`) runs behind in the program (passes/overlap.py's `async_input_grads`): the
+        backward all_reduce of an input that feeds only linears (as their input; one, or
+        the query, key and value projections), each weight needing a gradient. [] when it
+        is synchronous."""
+        if c.kind != "all_reduce" or c.phase != "backward":
+            return []
+        m = self.members[dst]
+        p = self.producer.get(m.inputs[0]) if not m.is_source and m.inputs else None
+        if p is None or p[0] != src:
+            return []
+        out = []
+        for e in self.out_edges[src]:
+            if e.out != p[1]:
+                continue
+            n = self.members[e.dst]
+            if (e.arg != 0 or n.node.op != "linear" or len(n.inputs) < 2 or n.inputs[0] in n.inputs[1:]
+                    or n.inputs[1].name not in self.needs_grad):
+                return []
+            out.append(e.dst)
+        return out
+
     def is_param_grad_reduce(self, e: Edge, c: Collective) -> bool:
         """The per-edge dp gradient all_reduce of a trainable param (ZeRO-2 replaces it)."""
         return (c.kind == "all_reduce" and c.phase == "backward" and c.axis == self.dp_axis

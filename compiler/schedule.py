@@ -20,7 +20,10 @@ it is simulated:
   recompute time when it lies in a recompute region;
 - a collective into a node that is not parameter communication (an activation reshard, a
   tensor-parallel reduction) is synchronous in the program: the compute stream waits for it
-  (forward collectives before the node's forward, backward ones after its backward);
+  (forward collectives before the node's forward, backward ones after its backward) --
+  except the backward all_reduce of the input of linears (`CostModel.hiding_linears`),
+  which the program launches once the input's gradient is made, half-way through the
+  linears' backward, and waits for after the weights' gradients;
 - gradient buckets: parameters whose gradient is reduced (the per-use dp/tp all_reduce of
   a replicated parameter, ZeRO-2's reduce_scatter) are grouped with `buckets.fill` in the
   order backward finishes them (latest first use first), the first bucket small; a bucket
@@ -318,9 +321,18 @@ def simulate(model, report, zero: int = 0, overlap=None) -> Schedule:
         run(f"{m.module or '(root)'} {m.node.op} %{m.key} (recompute)", nc.recompute_time, "recompute")
         run(f"{m.module or '(root)'} {m.node.op} %{m.key} (backward)", nc.bwd_time, "backward")
         for col, t, dst, src in by_consumer.get(m.index, []):
-            if col.phase == "backward":
-                comm(col, t, f"{col.kind}({col.axis}) grad of {members[src].key} at {m.key}",
-                     "backward", tc, True)
+            if col.phase != "backward":
+                continue
+            name = f"{col.kind}({col.axis}) grad of {members[src].key} at {m.key}"
+            behind = model.hiding_linears(col, dst, src) if on else []
+            if behind:
+                # launched once the input's gradient is made (the first half of the linears'
+                # backward: the program computes it first), waited for after the weights'
+                half = sum(report.nodes[members[k].key].bwd_time for k in behind) / 2
+                ev = comm(col, t, name + " (async)", "backward", tc - half, False)
+                tc = max(tc, ev.end)
+            else:
+                comm(col, t, name, "backward", tc, True)
         for item in async_rs.get(m.index, []):
             pending_rs.setdefault(param_block(item[3]), []).append(item)
         for bk in launch_after.get(m.index, []):

@@ -70,6 +70,9 @@ class Overlap:
     # parameter -> its flat gather: a unit (block, or "" for the root) and a dtype; the
     # runtime gathers each unit's weights of one dtype in one all_gather
     gather_groups: dict[str, str] = field(default_factory=dict)
+    # copy_to output -> axis: a linear's input whose gradient all_reduce runs while the
+    # linear's weight gradient is computed (rt.copy_to_linear)
+    async_inputs: dict[str, str] = field(default_factory=dict)
 
     def scattered(self) -> set[str]:
         """ZeRO-2 parameters whose reduce_scatter runs in a bucket (not after backward)."""
@@ -120,6 +123,7 @@ def overlap(s: ShardedGraph) -> ShardedGraph:
     via = through_op(s, chains)
     scattered = zero2_params(s)
     if not chains and not via and not scattered:
+        sched.async_inputs = async_input_grads(s)
         return replace(s, overlap=sched)
     dropped: dict[Value, Value] = {}            # removed copy_to output -> what it copied
     for p, nodes in chains.items():
@@ -151,6 +155,7 @@ def overlap(s: ShardedGraph) -> ShardedGraph:
     total = sum(grad_bytes(out, p.name, kinds[p.name]) for p in [*chains, *scattered])
     sched.first_cap, sched.cap = buckets.caps(total, sched.bucket_bytes, sched.first_bucket_bytes)
     sched.buckets = assign_buckets(out, axes_of, sched.cap, sched.first_cap, kinds)
+    sched.async_inputs = async_input_grads(out)
     out.overlap = sched
     return out
 
@@ -182,6 +187,36 @@ def zero3(s: ShardedGraph, sched: Overlap) -> None:
     n_ax = s.mesh[axis]
     sched.regathered = [(p.name, nbytes(p) * n_ax) for p in sharded if in_blocks(p.name, blocks)]
     sched.gather_groups = {p.name: f"{unit_of(p.name, blocks)}|{p.dtype}" for p in sharded}
+
+
+def async_input_grads(s: ShardedGraph) -> dict[str, str]:
+    """`copy_to` steps whose backward all_reduce can hide behind the weight gradients of the
+    linears they feed (Megatron-LM's asynchronous input-gradient all-reduce): the step's
+    input feeds nothing else, its output only linears (as their input: one, or the query,
+    key and value projections) whose weights need a gradient (the compute to hide behind)
+    and whose other operands exist before the first of them (the program runs them there
+    as one step, rt.copy_to_linears). copy_to output name -> its axis."""
+    users: dict[Value, list] = {}
+    made: dict[Value, int] = {}
+    for i, n in enumerate(s.nodes):
+        for v in n.inputs:
+            users.setdefault(v, []).append(n)
+        for v in n.outputs:
+            made[v] = i
+    at = {id(n): i for i, n in enumerate(s.nodes)}
+    out = {}
+    for n in s.nodes:
+        y = n.outputs[0] if n.op == "copy_to" else None
+        if y is None or y.name not in s.needs_grad or len(users.get(n.inputs[0], [])) != 1:
+            continue
+        lins = users.get(y, [])
+        if not lins or not all(m.op == "linear" and m.inputs[0] is y and y not in m.inputs[1:]
+                               and m.inputs[1].name in s.needs_grad for m in lins):
+            continue
+        first = min(at[id(m)] for m in lins)
+        if all(made.get(v, -1) < first for m in lins for v in m.inputs[1:]):
+            out[y.name] = n.attr["axis"]
+    return out
 
 
 def unit_of(name: str, blocks: list[str]) -> str:

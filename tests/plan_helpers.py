@@ -38,6 +38,21 @@ MEGATRON_SP = [
     ("*.mlp.c_proj", "linear", {"tp": "P"}),
 ]
 
+# Megatron-LM's tensor parallelism without sequence parallelism: the block's input and the
+# layer norms replicated on `tp`, so a copy_to feeds the query / key / value projections
+# and c_fc (their input gradient's all_reduce hides behind their weight gradients).
+MEGATRON = [
+    ("*.attn.c_attn", "linear", {"tp": "S(2)"}),
+    ("*.attn", "view", {"tp": "S(2)"}),
+    ("*.attn", "scaled_dot_product_attention", {"tp": "S(1)"}),
+    ("*.attn.c_proj", "linear", {"tp": "P"}),
+    ("transformer.h.*", "add", {"tp": "R"}),
+    ("*.ln_[12]", "layer_norm", {"tp": "R"}),
+    ("*.mlp.c_fc", "linear", {"tp": "S(2)"}),
+    ("*.mlp.gelu", "gelu", {"tp": "S(2)"}),
+    ("*.mlp.c_proj", "linear", {"tp": "P"}),
+]
+
 # DDP's layout of the GPT: every activation split on the batch, the position embedding (no
 # batch dim) replicated rather than split on its width.
 DDP = [("transformer.wpe", "embedding", {"dp": "R"})]

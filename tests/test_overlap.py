@@ -85,6 +85,40 @@ def test_the_schedule_buckets_what_the_program_buckets(gpt):
                 and not e.name.startswith("bucket")]
 
 
+def test_a_linears_input_gradient_all_reduce_hides_behind_its_weight_gradient(gpt):
+    """Megatron TP: the copy_to before the column-parallel linears (q, k, v of c_attn
+    together; c_fc) runs its backward all_reduce while the weight gradients are computed;
+    the schedule prices those and only those as asynchronous; bytes unchanged."""
+    from plan_helpers import MEGATRON, forced_plan
+    from autopar.compiler.cluster import Cluster, load_profile
+    from autopar.compiler.cost import CostModel
+    _, _, _, g = gpt
+    plan = forced_plan(g, {"dp": 2, "tp": 2}, MEGATRON)
+    plain = apply_plan(g, plan)
+    s = overlap(apply_plan(g, plan))
+    hiding = s.overlap.async_inputs
+    feeds = {}                                  # input -> the first linear it feeds
+    for n in s.nodes:
+        if n.op == "linear":
+            feeds.setdefault(n.inputs[0].name, n)
+    assert hiding and set(hiding.values()) == {"tp"}
+    assert sorted({feeds[v].meta.module.rsplit(".", 1)[-1] for v in hiding}) == ["c_attn", "c_fc"]
+    blocks = {feeds[v].meta.module.split(".")[2] for v in hiding}
+    assert len(hiding) == 2 * len(blocks) == 2 * 2
+    assert s.traffic() == plain.traffic()
+    cm = CostModel(g, Cluster(dict(plan.mesh), load_profile("cpu")), precision="fp32",
+                   dp_axis=plan.dp_axis, overlap=plan.overlap)
+    rep = cm.evaluate({k: tuple(v) for k, v in plan.strategies.items()}, plan.zero)
+    async_events = [e for e in rep.schedule.events if e.name.endswith("(async)")]
+    assert sorted(e.name.rsplit(" at ", 1)[1].split()[0] for e in async_events) == sorted(
+        feeds[v].outputs[0].name for v in hiding)
+    assert all(e.kind == "all_reduce" and e.axis == "tp" for e in async_events)
+    # each hides part of itself behind the weight gradients, but for one queued behind a
+    # gradient bucket on the same stream
+    assert sum(e.hidden > 0 for e in async_events) >= len(async_events) - 1
+    assert rep.bytes == s.traffic()
+
+
 def test_overlap_off_keeps_the_plan_as_applied(gpt):
     _, _, _, g = gpt
     s = apply_plan(g, dp_plan(g, enabled=False))

@@ -105,7 +105,8 @@ from .checkpoint import (CheckpointError, CheckpointHandle, LoadedCheckpoint, Sh
                          restore_optimizer, restore_rng_state, save_checkpoint, save_file,
                          save_init, wait_checkpoint, zero_chunk, add_checkpoint_args,
                          stage_specs, TrainingCheckpoint)
-from .collectives import all_gather, all_reduce, all_to_all, copy_to, reduce_scatter, scatter
+from .collectives import (all_gather, all_reduce, all_to_all, copy_to, copy_to_linear, copy_to_linears,
+                          reduce_scatter, scatter)
 from .losses import vocab_parallel_cross_entropy
 from .moe import moe_experts
 from .overlap import GradBuckets, ParamGather, gather_param
@@ -118,7 +119,7 @@ from .utils import log, one_thread, set_seed
 
 __all__ = [
     "init_mesh", "Mesh", "CommEvent", "KINDS", "PHASES", "in_backward",
-    "copy_to", "all_reduce", "all_gather", "scatter", "reduce_scatter", "all_to_all",
+    "copy_to", "copy_to_linear", "copy_to_linears", "all_reduce", "all_gather", "scatter", "reduce_scatter", "all_to_all",
     "vocab_parallel_cross_entropy", "moe_experts", "set_seed", "one_thread", "log", "GradBuckets", "ParamGather", "gather_param", "Timeline",
     "ShardSpec", "CheckpointError", "CheckpointHandle", "LoadedCheckpoint", "save_checkpoint",
     "wait_checkpoint", "load_checkpoint", "latest_checkpoint", "read_tensor", "zero_chunk",
