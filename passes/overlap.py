@@ -196,13 +196,8 @@ def async_input_grads(s: ShardedGraph) -> dict[str, str]:
     key and value projections) whose weights need a gradient (the compute to hide behind)
     and whose other operands exist before the first of them (the program runs them there
     as one step, rt.copy_to_linears). copy_to output name -> its axis."""
-    users: dict[Value, list] = {}
-    made: dict[Value, int] = {}
-    for i, n in enumerate(s.nodes):
-        for v in n.inputs:
-            users.setdefault(v, []).append(n)
-        for v in n.outputs:
-            made[v] = i
+    users = users_of(s)
+    made = {v: i for i, n in enumerate(s.nodes) for v in n.outputs}
     at = {id(n): i for i, n in enumerate(s.nodes)}
     out = {}
     for n in s.nodes:
@@ -249,29 +244,23 @@ def chain_axes(nodes):
 def grad_chains(s: ShardedGraph) -> dict[Value, list]:
     """Trainable parameters whose every use goes through `copy_to` steps, all with the same
     axis sequence: parameter -> those copy_to nodes (chain order)."""
-    users: dict[Value, list] = {}
-    for n in s.nodes:
-        for v in n.inputs:
-            users.setdefault(v, []).append(n)
+    users = users_of(s)
     out = {}
     for p in s.params:
         if p.kind != "param" or not p.requires_grad or p.name not in s.needs_grad:
             continue
-        chain, frontier, ok = [], [p], True
-        while frontier:
-            level = [n for v in frontier for n in users.get(v, [])]
-            if level and all(n.op == "copy_to" for n in level) and len({n.attr["axis"] for n in level}) == 1:
-                chain.extend(level)
-                frontier = [n.outputs[0] for n in level]
-                continue
-            # a first use without copy_to has a whole gradient: reducing the sum would count
-            # it n times. Deeper down, the axes the chain has so far are common to every use
-            # (the steps that follow stay in the graph, per use)
-            ok = bool(chain)
-            break
-        if ok and chain:
+        chain = walk_chain(users, p)
+        if chain:
             out[p] = chain
     return out
+
+
+def users_of(s: ShardedGraph) -> dict[Value, list]:
+    users: dict[Value, list] = {}
+    for n in s.nodes:
+        for v in n.inputs:
+            users.setdefault(v, []).append(n)
+    return users
 
 
 def through_op(s: ShardedGraph, taken: dict) -> dict[Value, tuple[Value, list]]:
@@ -284,10 +273,7 @@ def through_op(s: ShardedGraph, taken: dict) -> dict[Value, tuple[Value, list]]:
     that output, it joins a bucket (asynchronous, in backward) instead of a synchronous
     all_reduce of the output's gradient on backward's critical path -- DDP's choice.
     parameter -> (the op's output, its copy_to chain)."""
-    users: dict[Value, list] = {}
-    for n in s.nodes:
-        for v in n.inputs:
-            users.setdefault(v, []).append(n)
+    users = users_of(s)
     axes = list(s.mesh)
     out = {}
     for p in s.params:
@@ -309,16 +295,18 @@ def through_op(s: ShardedGraph, taken: dict) -> dict[Value, tuple[Value, list]]:
 
 
 def walk_chain(users: dict, start: Value) -> list:
-    """The copy_to nodes below `start` when its every use goes through copy_to steps with
-    the same axis sequence (chain order), else []."""
+    """The copy_to nodes below `start`, level by level while every use at a level is a
+    copy_to over one axis (chain order); [] when a first use is not a copy_to -- that use's
+    gradient is whole, and reducing the sum would count it n times. Deeper down, the axes
+    the chain has so far are common to every use (the steps that follow stay in the graph,
+    per use)."""
     chain, frontier = [], [start]
     while frontier:
         level = [n for v in frontier for n in users.get(v, [])]
-        if level and all(n.op == "copy_to" for n in level) and len({n.attr["axis"] for n in level}) == 1:
-            chain.extend(level)
-            frontier = [n.outputs[0] for n in level]
-            continue
-        break
+        if not (level and all(n.op == "copy_to" for n in level) and len({n.attr["axis"] for n in level}) == 1):
+            break
+        chain.extend(level)
+        frontier = [n.outputs[0] for n in level]
     return chain
 
 
