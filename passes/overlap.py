@@ -198,7 +198,6 @@ def async_input_grads(s: ShardedGraph) -> dict[str, str]:
     as one step, rt.copy_to_linears). copy_to output name -> its axis."""
     users = users_of(s)
     made = {v: i for i, n in enumerate(s.nodes) for v in n.outputs}
-    at = {id(n): i for i, n in enumerate(s.nodes)}
     out = {}
     for n in s.nodes:
         y = n.outputs[0] if n.op == "copy_to" else None
@@ -208,7 +207,7 @@ def async_input_grads(s: ShardedGraph) -> dict[str, str]:
         if not lins or not all(m.op == "linear" and m.inputs[0] is y and y not in m.inputs[1:]
                                and m.inputs[1].name in s.needs_grad for m in lins):
             continue
-        first = min(at[id(m)] for m in lins)
+        first = min(made[m.outputs[0]] for m in lins)
         if all(made.get(v, -1) < first for m in lins for v in m.inputs[1:]):
             out[y.name] = n.attr["axis"]
     return out

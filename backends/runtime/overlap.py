@@ -190,25 +190,19 @@ class GradBuckets:
         early, late = launched[:k], launched[k:]
         for b in early:
             self._finish(b)
-        if not early or not late:
-            for b in late:
-                self._finish(b)
-            self._inflight = []
+        stepped = {}
+        if early and late:
+            for b in late:                       # their local gradients are not yet sums:
+                for p in b.params:               # those parameters sit this step out
+                    p.grad = None
             optimizer.step()
-            return
-        late_params = {id(p) for b in late for p in b.params}
-        for b in late:                           # their local gradients are not yet sums:
-            for p in b.params:                   # those parameters sit this step out
-                p.grad = None
-        optimizer.step()
+            for group in optimizer.param_groups:     # then the others sit out
+                for p in group["params"]:
+                    if p.grad is not None:
+                        stepped[p], p.grad = p.grad, None
         for b in late:
             self._finish(b)
         self._inflight = []
-        stepped = {}                             # then the others sit out
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if id(p) not in late_params and p.grad is not None:
-                    stepped[p], p.grad = p.grad, None
         optimizer.step()
         for p, g in stepped.items():
             p.grad = g
