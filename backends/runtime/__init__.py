@@ -106,6 +106,7 @@ from .checkpoint import (CheckpointError, CheckpointHandle, LoadedCheckpoint, Sh
                          save_init, wait_checkpoint, zero_chunk, add_checkpoint_args,
                          stage_specs, TrainingCheckpoint)
 from .collectives import (all_gather, all_reduce, all_to_all, copy_to, copy_to_linear, copy_to_linears,
+                          all_gather_linears, linear_reduce_scatter,
                           reduce_scatter, scatter)
 from .losses import vocab_parallel_cross_entropy
 from .moe import moe_experts
@@ -119,7 +120,8 @@ from .utils import log, one_thread, set_seed
 
 __all__ = [
     "init_mesh", "Mesh", "CommEvent", "KINDS", "PHASES", "in_backward",
-    "copy_to", "copy_to_linear", "copy_to_linears", "all_reduce", "all_gather", "scatter", "reduce_scatter", "all_to_all",
+    "copy_to", "copy_to_linear", "copy_to_linears", "all_gather_linears", "linear_reduce_scatter",
+    "all_reduce", "all_gather", "scatter", "reduce_scatter", "all_to_all",
     "vocab_parallel_cross_entropy", "moe_experts", "set_seed", "one_thread", "log", "GradBuckets", "ParamGather", "gather_param", "Timeline",
     "ShardSpec", "CheckpointError", "CheckpointHandle", "LoadedCheckpoint", "save_checkpoint",
     "wait_checkpoint", "load_checkpoint", "latest_checkpoint", "read_tensor", "zero_chunk",

@@ -20,6 +20,22 @@ bias' gradients meanwhile and waits only then (Megatron-LM's asynchronous input-
 all-reduce of a column-parallel linear). ``copy_to_linears`` does it for several linears
 of one input (query, key, value). The same sums, the same bytes, one call.
 
+Chunked collective matmuls (async tensor parallelism), for sequence-parallel blocks whose
+activations are split on a dim other than the features ``dim`` over ``axis``:
+
+- ``all_gather_linears(x, layers, mesh, axis, dim, chunks)`` is ``all_gather`` (with
+  ``partial_grad=True``) followed by the linears it feeds. Forward cuts this rank's shard
+  into ``chunks`` pieces along ``dim`` and gathers piece j+1 while the linears run on the
+  gathered piece j; backward sums the input gradient of every linear, launches its
+  reduce_scatter and computes the weights' gradients meanwhile.
+- ``linear_reduce_scatter(x, weight, bias, mesh, axis, dim, chunks)`` is a linear whose
+  (partial) output is reduce_scattered along ``dim``. Forward computes the output rows of
+  piece j and reduce_scatters them while piece j+1 is computed; backward gathers the
+  gradient piece by piece, computing the input gradient of each gathered piece meanwhile.
+
+Chunking moves the same bytes in ``chunks`` calls of 1/``chunks`` each (the unchunked
+direction in one call); the rows are the same rows, so the sums are the unchunked ones.
+
 Every function takes ``(x, mesh, axis, ...)``; ``axis`` is a mesh axis name or ``None``
 for the whole world. On a size-1 axis every function returns ``x`` unchanged (no
 communication, nothing accounted). What each direction does and records is the table's:
@@ -36,7 +52,7 @@ from autopar.compiler.collectives import ACTION_BYTES, Move, moves
 from .mesh import (Mesh, _all_to_all, _check_divisible, _gather, _nbytes, _norm_dim,
                    _reduce_scatter, _resolve_phase, backward_scope)
 
-__all__ = ["copy_to", "copy_to_linear", "copy_to_linears", "all_reduce", "all_gather", "scatter", "reduce_scatter", "all_to_all"]
+__all__ = ["copy_to", "copy_to_linear", "copy_to_linears", "all_gather_linears", "linear_reduce_scatter", "all_reduce", "all_gather", "scatter", "reduce_scatter", "all_to_all"]
 
 
 def run_move(move: Move, mesh: Mesh, axis, t: torch.Tensor, dims: tuple, phase: str) -> torch.Tensor:
@@ -145,6 +161,179 @@ class _CopyToLinears(torch.autograd.Function):
                                        "shape": list(gx.shape), "dtype": str(gx.dtype), "launched": launched,
                                        "blocked_s": time.perf_counter() - t0})
         return (gx, None, None, *out)
+
+
+def _log(mesh: Mesh, kind: str, axis, what: str, sent: torch.Tensor, launched: float, t0: float) -> None:
+    mesh.async_log.append({"kind": kind, "axis": axis, "what": what, "shape": list(sent.shape),
+                           "dtype": str(sent.dtype), "launched": launched,
+                           "blocked_s": time.perf_counter() - t0})
+
+
+def _interleave(pieces: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Gathered pieces (piece j: rank r's j-th rows for every r, rank-major, on dim 0) as
+    the whole gathered tensor: rank r's rows in order, r = 0..n-1."""
+    c = len(pieces)
+    t = torch.stack([p.reshape(n, p.shape[0] // n, *p.shape[1:]) for p in pieces], 1)
+    return t.reshape(n * c * t.shape[2], *t.shape[3:])
+
+
+def _rows(t: torch.Tensor, n: int, c: int, j: int) -> torch.Tensor:
+    """Of a gathered tensor (dim 0 = n ranks' shards of c pieces each), the rows of piece j
+    of every rank, rank-major: what gathering piece j makes."""
+    v = t.reshape(n, c, t.shape[0] // (n * c), *t.shape[1:])
+    return v[:, j].reshape(-1, *t.shape[1:])
+
+
+def _check_chunks(x: torch.Tensor, d: int, chunks: int, op: str, whole: int) -> int:
+    chunks = int(chunks)
+    if chunks < 1 or x.shape[d] % (whole * chunks) != 0:
+        raise ValueError(f"{op}: size {x.shape[d]} of dim {d} (shape {tuple(x.shape)}) does not split "
+                         f"into {whole} x {chunks} chunks")
+    if d == x.dim() - 1:
+        raise ValueError(f"{op}: dim {d} is the linear's feature dim; chunking needs another dim")
+    return chunks
+
+
+def all_gather_linears(x: torch.Tensor, layers, mesh: Mesh, axis, dim: int, chunks: int = 2) -> list[torch.Tensor]:
+    """`[F.linear(all_gather(x, mesh, axis, dim, partial_grad=True), w, b) for w, b in
+    layers]`, the gather cut into `chunks` pieces that hide behind the linears (see the
+    module docstring)."""
+    mesh._comm(axis)
+    d = _norm_dim(x, dim)
+    if mesh.size(axis) == 1:
+        return [torch.nn.functional.linear(x, w, b) for w, b in layers]
+    chunks = _check_chunks(x, d, chunks, "all_gather_linears", 1)
+    flat = [t for w, b in layers for t in (w, b)]
+    return list(_AllGatherLinears.apply(x, mesh, axis, d, chunks, *flat))
+
+
+class _AllGatherLinears(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mesh, axis, d, chunks, *flat):
+        ws, bs = flat[0::2], flat[1::2]
+        c, n = mesh._comm(axis), mesh.size(axis)
+        pieces = x.detach().movedim(d, 0).contiguous().chunk(chunks, 0)
+        handles = [None] * chunks
+        launched = [0.0] * chunks
+
+        def launch(j):
+            launched[j] = time.perf_counter()
+            handles[j] = c.iallgather0(pieces[j])
+        launch(0)
+        gathered, outs = [], [[] for _ in ws]
+        for j in range(chunks):
+            t0 = time.perf_counter()
+            g = handles[j].wait()
+            if j + 1 < chunks:
+                launch(j + 1)                   # in flight while piece j's linears run
+            _log(mesh, "all_gather", axis, "input of linears, a chunk", pieces[j], launched[j], t0)
+            mesh._record("all_gather", axis, _nbytes(g), "forward")
+            gathered.append(g)
+            for k, (w, b) in enumerate(zip(ws, bs)):
+                outs[k].append(torch.nn.functional.linear(g, w, b))
+        full = _interleave(gathered, n)         # (n*s, ...), this layout's dim 0 is `d`
+        ctx.save_for_backward(full, *ws)
+        ctx.mesh, ctx.axis, ctx.d, ctx.biases = mesh, axis, d, [b is not None for b in bs]
+        return tuple(_interleave(o, n).movedim(0, d) for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        full, *ws = ctx.saved_tensors
+        mesh, axis, d = ctx.mesh, ctx.axis, ctx.d
+        out = [None] * (2 * len(ws))
+        gx = handle = None
+        with backward_scope():
+            g2 = [g.movedim(d, 0).reshape(-1, g.shape[-1]) for g in grads]
+            if ctx.needs_input_grad[0]:
+                gx = g2[0].mm(ws[0])                     # a partial sum over `axis`
+                for g, w in zip(g2[1:], ws[1:]):
+                    gx.addmm_(g, w)
+                gx = gx.view(full.shape)
+                mesh._record("reduce_scatter", axis, _nbytes(gx), "backward")
+                launched = time.perf_counter()
+                handle = mesh._comm(axis).ireduce_scatter0(gx, "sum")
+            x2 = full.reshape(-1, full.shape[-1])
+            for k, (g, has_bias) in enumerate(zip(g2, ctx.biases)):   # while the reduce_scatter runs
+                if ctx.needs_input_grad[5 + 2 * k]:
+                    out[2 * k] = g.t().mm(x2)
+                if has_bias and ctx.needs_input_grad[6 + 2 * k]:
+                    out[2 * k + 1] = g.sum(0)
+            if handle is not None:
+                t0 = time.perf_counter()
+                gx = handle.wait().movedim(0, d)
+                _log(mesh, "reduce_scatter", axis, "input gradient of linears", full, launched, t0)
+        return (gx, None, None, None, None, *out)
+
+
+def linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, bias, mesh: Mesh, axis, dim: int,
+                          chunks: int = 2) -> torch.Tensor:
+    """`reduce_scatter(F.linear(x, weight, bias), mesh, axis, dim)`, the output's rows
+    reduce_scattered in `chunks` pieces while the next piece is computed (see the module
+    docstring)."""
+    mesh._comm(axis)
+    d = _norm_dim(x, dim)
+    n = mesh.size(axis)
+    if n == 1:
+        return torch.nn.functional.linear(x, weight, bias)
+    chunks = _check_chunks(x, d, chunks, "linear_reduce_scatter", n)
+    return _LinearReduceScatter.apply(x, weight, bias, mesh, axis, d, chunks)
+
+
+class _LinearReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mesh, axis, d, chunks):
+        c, n = mesh._comm(axis), mesh.size(axis)
+        xm = x.detach().movedim(d, 0)
+        handles, launched, parts = [], [], []
+
+        def finish(j):
+            t0 = time.perf_counter()
+            parts.append(handles[j].wait())
+            _log(mesh, "reduce_scatter", axis, "output of a linear, a chunk", sent[j], launched[j], t0)
+        sent = []
+        for j in range(chunks):
+            y = torch.nn.functional.linear(_rows(xm, n, chunks, j), weight, bias).contiguous()
+            mesh._record("reduce_scatter", axis, _nbytes(y), "forward")
+            sent.append(y)
+            launched.append(time.perf_counter())
+            handles.append(c.ireduce_scatter0(y, "sum"))
+            if j:
+                finish(j - 1)                   # piece j was computed while j-1 was in flight
+        finish(chunks - 1)
+        ctx.save_for_backward(x, weight)
+        ctx.mesh, ctx.axis, ctx.d, ctx.chunks, ctx.bias = mesh, axis, d, chunks, bias is not None
+        return torch.cat(parts, 0).movedim(0, d)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        mesh, axis, d, chunks = ctx.mesh, ctx.axis, ctx.d, ctx.chunks
+        c, n = mesh._comm(axis), mesh.size(axis)
+        with backward_scope():
+            pieces = g.movedim(d, 0).contiguous().chunk(chunks, 0)
+            handles, launched = [None] * chunks, [0.0] * chunks
+
+            def launch(j):
+                launched[j] = time.perf_counter()
+                handles[j] = c.iallgather0(pieces[j])
+            launch(0)
+            gathered, gxs = [], []
+            for j in range(chunks):
+                t0 = time.perf_counter()
+                gj = handles[j].wait()
+                if j + 1 < chunks:
+                    launch(j + 1)               # in flight while piece j's input gradient is made
+                _log(mesh, "all_gather", axis, "gradient of a linear's output, a chunk", pieces[j], launched[j], t0)
+                mesh._record("all_gather", axis, _nbytes(gj), "backward")
+                gathered.append(gj)
+                if ctx.needs_input_grad[0]:
+                    gxs.append(gj.matmul(weight))
+            gx = _interleave(gxs, n).movedim(0, d) if gxs else None
+            gfull = _interleave(gathered, n)
+            g2 = gfull.reshape(-1, gfull.shape[-1])
+            gw = g2.t().mm(x.movedim(d, 0).reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+            gb = g2.sum(0) if ctx.bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None, None, None, None
 
 
 def all_reduce(x: torch.Tensor, mesh: Mesh, axis) -> torch.Tensor:
