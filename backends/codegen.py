@@ -702,6 +702,14 @@ class Emitter:
         operand = [ref(v) for v in n.inputs]
         o = s.overlap
         hiding = o.async_inputs if o is not None else {}
+        chunked = o.async_tp if o is not None else {}
+        if n.op in ("all_gather", "reduce_scatter") and n.outputs[0].name in chunked:
+            if n.op == "all_gather":
+                names[n.outputs[0]] = operand[0]    # the linears it feeds run the step (below)
+            return                                  # a reduce_scatter: run by its linear (below)
+        if n.op == "linear" and (n.inputs[0].name in chunked or self.chunked_output(n) is not None):
+            self.collective_matmul(n, names, indent, ref)
+            return
         if n.op == "copy_to" and n.outputs[0].name in hiding:
             names[n.outputs[0]] = operand[0]    # the linear it feeds runs the step (below)
             return
@@ -774,6 +782,60 @@ class Emitter:
             code = f"{outs} = {render_op(self.with_sizes(n), operand)}"
         comment = shape_comment(s, n.outputs[0]) if len(n.outputs) == 1 else ""
         w(comment_pad(code, comment, 72 - 4 * indent), indent)
+
+    def chunked_output(self, n: Node) -> Node | None:
+        """The async-TP reduce_scatter that linear `n`'s output feeds, if any."""
+        o = self.s.overlap
+        if o is None or not o.async_tp:
+            return None
+        for i in self.users.get(n.outputs[0], ()):
+            m = self.s.nodes[i]
+            if m.op == "reduce_scatter" and m.outputs[0].name in o.async_tp:
+                return m
+        return None
+
+    def collective_matmul(self, n: Node, names: dict, indent: int, ref) -> None:
+        """A chunked collective matmul (async TP): the gathered input's linears as one
+        rt.all_gather_linears, or a linear and its output's reduce_scatter as one
+        rt.linear_reduce_scatter."""
+        s, w = self.s, self.w
+
+        def layer(m):
+            ops = [ref(v) for v in m.inputs]
+            return ops[1], (ops[2] if len(ops) > 2 else "None")
+
+        def traffic(node):
+            return "; ".join(f"{k} {format_bytes(b)} {'fwd' if ph == 'forward' else 'bwd'}" for k, _, b, ph
+                             in s.node_traffic(node))
+        rs = self.chunked_output(n)
+        if rs is not None:
+            axis, dim, chunks = s.overlap.async_tp[rs.outputs[0].name]
+            src = sharding.format_layout(s.mesh, s.layouts[n.outputs[0].name])
+            dst = sharding.format_layout(s.mesh, s.layouts[rs.outputs[0].name])
+            w(f"# {src} -> {dst} in {chunks} chunks (async TP): each chunk of the output's rows is", indent)
+            w(f"# reduce_scattered while the next is computed; backward gathers the gradient chunk by", indent)
+            w(f"# chunk beside the input gradient ({traffic(rs)}, each in {chunks} calls)", indent)
+            code = (f'{names[rs.outputs[0]]} = rt.linear_reduce_scatter({ref(n.inputs[0])}, {", ".join(layer(n))}, '
+                    f'mesh, "{axis}", dim={dim}, chunks={chunks})')
+            w(comment_pad(code, shape_comment(s, rs.outputs[0]), 72 - 4 * indent), indent)
+            return
+        x = n.inputs[0]
+        group = [s.nodes[i] for i in sorted(self.users[x])]         # the linears of this input
+        if group[0] is not n:
+            return                                  # run with the first of them
+        axis, dim, chunks = s.overlap.async_tp[x.name]
+        gather = next(m for m in s.nodes if m.op == "all_gather" and m.outputs[0] is x)
+        src = sharding.format_layout(s.mesh, s.layouts[gather.inputs[0].name])
+        dst = sharding.format_layout(s.mesh, s.layouts[x.name])
+        these = "the linear runs" if len(group) == 1 else f"the {len(group)} linears run"
+        w(f"# {src} -> {dst} in {chunks} chunks (async TP): chunk j+1 is gathered while {these} on", indent)
+        w(f"# chunk j ({traffic(gather)}; the forward in {chunks} calls, the backward's launched", indent)
+        w("# before the weight gradients are computed)", indent)
+        outs = ", ".join(names[m.outputs[0]] for m in group)
+        w(f"{outs}{',' if len(group) == 1 else ''} = rt.all_gather_linears({names[x]}, [", indent)
+        for m in group:
+            w("(%s, %s),  # %s" % (*layer(m), shape_comment(s, m.outputs[0])), indent + 1)
+        w(f'], mesh, "{axis}", dim={dim}, chunks={chunks})', indent)
 
     def copy_of(self, v: Value) -> Node:
         """The copy_to node that makes `v`."""

@@ -15,9 +15,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
-# DDP's defaults: 25 MiB buckets, a 1 MiB first bucket (the last gradients of backward)
+# DDP's defaults: 25 MiB buckets, a 1 MiB first bucket (the last gradients of backward);
+# tp_chunks: how many pieces a sequence-parallel all_gather / reduce_scatter beside a linear
+# is cut into (async TP) -- "auto": the search simulates 1 and the axis' size and keeps the
+# faster (a plan made without the search runs 1); 1: one synchronous collective
 OVERLAP_DEFAULTS = {"enabled": True, "bucket_bytes": 25 << 20, "first_bucket_bytes": 1 << 20,
-                    "prefetch": 1}
+                    "prefetch": 1, "tp_chunks": "auto"}
 
 
 @dataclass

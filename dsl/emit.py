@@ -137,6 +137,9 @@ def overlap_line(o: dict) -> str:
                      f"first {format_bytes(o['first_bucket_bytes'])}")
     if "prefetch" in o:
         words.append(f"prefetch {o['prefetch']}")
+    if "tp_chunks" in o:
+        c = o["tp_chunks"]
+        words.append(f"tp_chunks {'off' if c in (1, 0, False) else c}")
     return "overlap " + " ".join(words)
 
 

@@ -272,6 +272,11 @@ class ToAst(Transformer):
         return [ast.OverlapItem(key="prefetch", amount=str(amount), amount_column=amount.column,
                                 line=word.line, column=word.column)]
 
+    def overlap_tp_chunks(self, meta, ch):
+        word, amount = ch
+        return [ast.OverlapItem(key="tp_chunks", amount=str(amount), amount_column=amount.column,
+                                line=word.line, column=word.column)]
+
     def pipeline(self, meta, ch):
         items = dict(i for i in ch)
         mb, sched = items.get("microbatches"), items.get("schedule")

@@ -38,6 +38,22 @@ MEGATRON_SP = [
     ("*.mlp.c_proj", "linear", {"tp": "P"}),
 ]
 
+# Megatron-LM's sequence parallelism: the block's input, its layer norms and residual adds
+# split on the sequence over `tp`; all_gathered before the column-parallel linears (c_attn,
+# c_fc), reduce_scattered after the row-parallel ones (c_proj) -- the collective matmuls
+# async TP chunks.
+SEQUENCE_PARALLEL = [
+    ("*.attn.c_attn", "linear", {"tp": "S(2)"}),
+    ("*.attn", "view", {"tp": "S(2)"}),
+    ("*.attn", "scaled_dot_product_attention", {"tp": "S(1)"}),
+    ("*.attn.c_proj", "linear", {"tp": "P"}),
+    ("transformer.h.*", "add", {"tp": "S(1)"}),
+    ("*.ln_[12]", "layer_norm", {"tp": "S(1)"}),
+    ("*.mlp.c_fc", "linear", {"tp": "S(2)"}),
+    ("*.mlp.gelu", "gelu", {"tp": "S(2)"}),
+    ("*.mlp.c_proj", "linear", {"tp": "P"}),
+]
+
 # Megatron-LM's tensor parallelism without sequence parallelism: the block's input and the
 # layer norms replicated on `tp`, so a copy_to feeds the query / key / value projections
 # and c_fc (their input gradient's all_reduce hides behind their weight gradients).
