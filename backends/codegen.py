@@ -795,7 +795,7 @@ class Emitter:
         return None
 
     def collective_matmul(self, n: Node, names: dict, indent: int, ref) -> None:
-        """A chunked collective matmul (async TP): the gathered input's linears as one
+        """A collective matmul (async TP): the gathered input's linears as one
         rt.all_gather_linears, or a linear and its output's reduce_scatter as one
         rt.linear_reduce_scatter."""
         s, w = self.s, self.w
@@ -809,33 +809,33 @@ class Emitter:
                              in s.node_traffic(node))
         rs = self.chunked_output(n)
         if rs is not None:
-            axis, dim, chunks = s.overlap.async_tp[rs.outputs[0].name]
+            axis, dim = s.overlap.async_tp[rs.outputs[0].name]
             src = sharding.format_layout(s.mesh, s.layouts[n.outputs[0].name])
             dst = sharding.format_layout(s.mesh, s.layouts[rs.outputs[0].name])
-            w(f"# {src} -> {dst} in {chunks} chunks (async TP): each chunk of the output's rows is", indent)
-            w(f"# reduce_scattered while the next is computed; backward gathers the gradient chunk by", indent)
-            w(f"# chunk beside the input gradient ({traffic(rs)}, each in {chunks} calls)", indent)
+            w(f"# {src} -> {dst}, a collective matmul (async TP): the running sum of each rank's rows", indent)
+            w("# travels the ring while this rank computes its part of the next; backward gathers the", indent)
+            w(f"# gradient around the ring beside the input gradient ({traffic(rs)})", indent)
             code = (f'{names[rs.outputs[0]]} = rt.linear_reduce_scatter({ref(n.inputs[0])}, {", ".join(layer(n))}, '
-                    f'mesh, "{axis}", dim={dim}, chunks={chunks})')
+                    f'mesh, "{axis}", dim={dim})')
             w(comment_pad(code, shape_comment(s, rs.outputs[0]), 72 - 4 * indent), indent)
             return
         x = n.inputs[0]
         group = [s.nodes[i] for i in sorted(self.users[x])]         # the linears of this input
         if group[0] is not n:
             return                                  # run with the first of them
-        axis, dim, chunks = s.overlap.async_tp[x.name]
+        axis, dim = s.overlap.async_tp[x.name]
         gather = next(m for m in s.nodes if m.op == "all_gather" and m.outputs[0] is x)
         src = sharding.format_layout(s.mesh, s.layouts[gather.inputs[0].name])
         dst = sharding.format_layout(s.mesh, s.layouts[x.name])
         these = "the linear runs" if len(group) == 1 else f"the {len(group)} linears run"
-        w(f"# {src} -> {dst} in {chunks} chunks (async TP): chunk j+1 is gathered while {these} on", indent)
-        w(f"# chunk j ({traffic(gather)}; the forward in {chunks} calls, the backward's launched", indent)
-        w("# before the weight gradients are computed)", indent)
+        w(f"# {src} -> {dst}, a collective matmul (async TP): the shards travel the ring and {these}", indent)
+        w(f"# on each as it arrives ({traffic(gather)}; backward's reduce_scatter runs while", indent)
+        w("# the weight gradients are computed)", indent)
         outs = ", ".join(names[m.outputs[0]] for m in group)
         w(f"{outs}{',' if len(group) == 1 else ''} = rt.all_gather_linears({names[x]}, [", indent)
         for m in group:
             w("(%s, %s),  # %s" % (*layer(m), shape_comment(s, m.outputs[0])), indent + 1)
-        w(f'], mesh, "{axis}", dim={dim}, chunks={chunks})', indent)
+        w(f'], mesh, "{axis}", dim={dim})', indent)
 
     def copy_of(self, v: Value) -> Node:
         """The copy_to node that makes `v`."""

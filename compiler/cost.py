@@ -258,6 +258,7 @@ class CostReport:
             "exposed_comm": dict(self.exposed),
             "hidden_comm": dict(self.hidden),
             "overlap": bool(self.schedule is not None and self.schedule.overlap),
+            "async_tp": bool(self.schedule is not None and self.schedule.async_tp),
         }
 
 

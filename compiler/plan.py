@@ -16,11 +16,12 @@ from typing import Any
 
 
 # DDP's defaults: 25 MiB buckets, a 1 MiB first bucket (the last gradients of backward);
-# tp_chunks: how many pieces a sequence-parallel all_gather / reduce_scatter beside a linear
-# is cut into (async TP) -- "auto": the search simulates 1 and the axis' size and keeps the
-# faster (a plan made without the search runs 1); 1: one synchronous collective
+# async_tp: a sequence-parallel all_gather into linears, or a linear's reduce_scatter, run
+# as a collective matmul (its ring steps behind the matmul) -- "auto": the search simulates
+# both and writes True where that is faster (a plan made without the search runs the plain
+# collectives); True / False
 OVERLAP_DEFAULTS = {"enabled": True, "bucket_bytes": 25 << 20, "first_bucket_bytes": 1 << 20,
-                    "prefetch": 1, "tp_chunks": "auto"}
+                    "prefetch": 1, "async_tp": "auto"}
 
 
 @dataclass

@@ -109,6 +109,8 @@ class Schedule:
     interference: float = 0.0       # compute slowed by the hidden communication (in makespan)
     prefetch: int = 0
     gathered_blocks: int = 0        # ZeRO-3: blocks whose full weights are alive at once
+    async_tp: bool = False          # the sequence-parallel collectives run as collective matmuls
+    collective_matmuls: int = 0     # how many
 
     def streams(self) -> list[str]:
         out = ["compute"]
@@ -121,9 +123,67 @@ class Schedule:
 def simulate(model, report, zero: int = 0, overlap=None) -> Schedule:
     """Run one training step of the plan `report` prices (CostModel.evaluate's breakdown,
     with its `comms` list) on the streams; `overlap`: Plan.overlap (default: DDP's
-    defaults), False or {"enabled": False} for the synchronous program."""
+    defaults), False or {"enabled": False} for the synchronous program. With `async_tp`
+    "auto" the step is simulated with the plain collectives and with the collective matmuls;
+    the faster is the schedule (its `async_tp` the choice)."""
     from autopar.compiler.cost import overlap_settings
     cfg = overlap_settings(overlap)
+    want = cfg.get("async_tp", "auto")
+    if not cfg["enabled"] or want is False:
+        return _simulate(model, report, zero, cfg, False)
+    if want is True:
+        return _simulate(model, report, zero, cfg, True)
+    plain = _simulate(model, report, zero, cfg, False)
+    if not matmul_sites(model, report):
+        return plain
+    ring = _simulate(model, report, zero, cfg, True)
+    return ring if ring.makespan < plain.makespan else plain
+
+
+def matmul_sites(model, report) -> dict[tuple, tuple]:
+    """The collective matmuls of async TP, as passes/overlap.py's `async_tp` finds them in
+    the program: a forward all_gather of an activation into linears (every use of the value
+    a linear's input; its gradient reduce_scattered), or a forward reduce_scatter of a
+    linear's output, on a dim other than the last. (kind, consumer member, source member)
+    -> the forward item of report.comms."""
+    members = model.members
+    out = {}
+    backward = {(c.kind, d, s) for c, _, d, s in report.comms if c.phase == "backward"}
+    for item in report.comms:
+        col, _, dst, src = item
+        if col.phase != "forward" or col.kind not in ("all_gather", "reduce_scatter") or col.dim is None:
+            continue
+        sm = members[src]
+        if sm.kind != "node" or model.mesh.get(col.axis, 1) == 1 or not sm.outputs \
+                or col.dim >= len(sm.outputs[0].shape) - 1:
+            continue
+        if col.kind == "all_gather":
+            if ("reduce_scatter", dst, src) in backward and linears_of(model, src, dst):
+                out[("all_gather", dst, src)] = item
+        elif sm.node.op == "linear" and ("all_gather", dst, src) in backward:
+            out[("reduce_scatter", dst, src)] = item
+    return out
+
+
+def linears_of(model, src: int, dst: int) -> list[int]:
+    """The linears a gathered value of `src` feeds (into `dst`, the first of them): every
+    use of that output, each as the linear's input. [] when one use is something else."""
+    m = model.members[dst]
+    p = model.producer.get(m.inputs[0]) if not m.is_source and m.inputs else None
+    if m.node.op != "linear" or p is None or p[0] != src:
+        return []
+    out = []
+    for e in model.out_edges[src]:
+        if e.out != p[1]:
+            continue
+        n = model.members[e.dst]
+        if e.arg != 0 or n.node.op != "linear" or n.inputs[0] in n.inputs[1:]:
+            return []
+        out.append(e.dst)
+    return sorted(out)
+
+
+def _simulate(model, report, zero: int, cfg: dict, ring: bool) -> Schedule:
     on = bool(cfg["enabled"])
     prefetch = max(int(cfg["prefetch"]), 0)
     members = model.members
@@ -195,6 +255,53 @@ def simulate(model, report, zero: int = 0, overlap=None) -> Schedule:
             by_consumer[dst] = keep
         zero3 = bool(gathers)
 
+    # ---- async TP: collective matmuls (rt.all_gather_linears, rt.linear_reduce_scatter) ----
+    # the collective runs as its ring's n - 1 steps, each 1/(n-1) of its time, and the
+    # linear computes on one rank's rows (1/n of it) per step
+    gather_at: dict[int, tuple] = {}            # first linear -> (forward all_gather item, its linears)
+    scatter_at: dict[int, tuple] = {}           # linear -> its output's forward reduce_scatter item
+    behind_of: dict[int, list[int]] = {}        # id(backward reduce_scatter item) -> the linears it hides behind
+    gathered_grad: dict[int, int] = {}          # id(backward all_gather item) -> the linear that consumes it
+    if on and ring:
+        sites = matmul_sites(model, report)
+        fused = {k for (kind, dst, src) in sites if kind == "all_gather" for k in linears_of(model, src, dst)}
+        for (kind, dst, src), item in sites.items():
+            if kind == "reduce_scatter" and src in fused:
+                continue                        # the program fuses the linear with its gather
+            back = "reduce_scatter" if kind == "all_gather" else "all_gather"
+            bitem = next(x for x in by_consumer.get(dst, []) if x[0].phase == "backward"
+                         and x[0].kind == back and x[3] == src)
+            by_consumer[dst] = [x for x in by_consumer[dst] if x is not item]
+            if kind == "all_gather":
+                gather_at[dst] = (item, linears_of(model, src, dst))
+                behind_of[id(bitem)] = gather_at[dst][1]
+            else:
+                scatter_at[src] = item
+                gathered_grad[id(bitem)] = src
+    ring_grad: dict[int, tuple] = {}            # linear -> the backward all_gather item its backward runs
+
+    def ring_gather(item, work, name, phase):
+        """Each rank's rows through `work` seconds of compute as they arrive around the ring."""
+        nonlocal tc
+        col, t = item[0], item[1]
+        n = model.mesh[col.axis]
+        for k in range(n):
+            ev = comm(col, t / (n - 1), f"{name} step {k + 1}/{n - 1}", phase, tc, False) if k < n - 1 else None
+            run(f"{name} rows {k + 1}/{n}", work / n, phase)
+            if ev is not None:
+                tc = max(tc, ev.end)
+
+    def ring_scatter(item, work, name):
+        """The running sums around the ring, this rank's partial rows computed meanwhile."""
+        nonlocal tc
+        col, t = item[0], item[1]
+        n = model.mesh[col.axis]
+        run(f"{name} rows 1/{n}", work / n, "forward")
+        for k in range(1, n):
+            ev = comm(col, t / (n - 1), f"{name} step {k}/{n - 1}", "forward", tc, False)
+            run(f"{name} rows {k + 1}/{n}", work / n, "forward")
+            tc = max(tc, ev.end)
+
     def block_index_of(mi):
         b = block_of(members[mi].module) if members[mi].module else None
         return b[1] if b else None
@@ -250,6 +357,7 @@ def simulate(model, report, zero: int = 0, overlap=None) -> Schedule:
         for b in order[:prefetch + 1]:
             issue_gathers(b, "forward")
     current = None
+    fused_done: set[int] = set()                # linears run by their gather's ring
     for m in nodes:
         nc = report.nodes[m.key]
         b = block_index_of(m.index)
@@ -263,7 +371,19 @@ def simulate(model, report, zero: int = 0, overlap=None) -> Schedule:
         for col, t, dst, src in by_consumer.get(m.index, []):
             if col.phase == "forward":
                 comm(col, t, f"{col.kind}({col.axis}) -> {m.key}", "forward", tc, True)
-        run(f"{m.module or '(root)'} {m.node.op} %{m.key}", nc.fwd_time, "forward")
+        where = f"{m.module or '(root)'} {m.node.op} %{m.key}"
+        if m.index in gather_at:                # the linears on each rank's rows as they arrive
+            item, lins = gather_at[m.index]
+            work = sum(report.nodes[members[k].key].fwd_time for k in lins)
+            ring_gather(item, work, f"all_gather({item[0].axis}) x {where} +{len(lins) - 1}", "forward")
+            fused_done.update(lins)
+            continue
+        if m.index in fused_done:
+            continue
+        if m.index in scatter_at:
+            ring_scatter(scatter_at[m.index], nc.fwd_time, f"{where} x reduce_scatter({scatter_at[m.index][0].axis})")
+            continue
+        run(where, nc.fwd_time, "forward")
     # ---- buckets -------------------------------------------------------------------------
     bucket_list: list[Bucket] = []
     launch_after: dict[int, list[Bucket]] = {}
@@ -319,12 +439,21 @@ def simulate(model, report, zero: int = 0, overlap=None) -> Schedule:
             if col.phase == "recompute":
                 comm(col, t, f"{col.kind}({col.axis}) -> {m.key} (recompute)", "recompute", tc, True)
         run(f"{m.module or '(root)'} {m.node.op} %{m.key} (recompute)", nc.recompute_time, "recompute")
-        run(f"{m.module or '(root)'} {m.node.op} %{m.key} (backward)", nc.bwd_time, "backward")
-        for col, t, dst, src in by_consumer.get(m.index, []):
+        if m.index in ring_grad:                # the input gradient of each rank's rows as they arrive, then the weights'
+            ring_gather(ring_grad.pop(m.index), nc.bwd_time / 2,
+                        f"all_gather({m.key} grad) x {m.module or '(root)'} {m.node.op} %{m.key} (backward)", "backward")
+            run(f"{m.module or '(root)'} {m.node.op} %{m.key} (backward, weights)", nc.bwd_time / 2, "backward")
+        else:
+            run(f"{m.module or '(root)'} {m.node.op} %{m.key} (backward)", nc.bwd_time, "backward")
+        for item in by_consumer.get(m.index, []):
+            col, t, dst, src = item
             if col.phase != "backward":
                 continue
             name = f"{col.kind}({col.axis}) grad of {members[src].key} at {m.key}"
-            behind = model.hiding_linears(col, dst, src) if on else []
+            if id(item) in gathered_grad:       # gathered around the ring in the linear's backward
+                ring_grad[src] = item
+                continue
+            behind = behind_of.get(id(item)) or (model.hiding_linears(col, dst, src) if on else [])
             if behind:
                 # launched once the input's gradient is made (the first half of the linears'
                 # backward: the program computes it first), waited for after the weights'
@@ -365,8 +494,10 @@ def simulate(model, report, zero: int = 0, overlap=None) -> Schedule:
     if zero3:
         blocks = min(prefetch + 1, len(order))
     interference = getattr(model.profile, "overlap_slowdown", 0.0) * sum(hidden.values())
+    n_sites = len(gather_at) + len(scatter_at)
     return Schedule(makespan + interference, events, bucket_list, exposed, hidden,
-                    sum(e.dur for e in compute_events), on, interference, prefetch, blocks)
+                    sum(e.dur for e in compute_events), on, interference, prefetch, blocks,
+                    bool(n_sites), n_sites)
 
 
 @dataclass(frozen=True)

@@ -125,10 +125,10 @@ class ShardedGraph:
     def calls(self) -> list[tuple[str, int]]:
         """Every collective call of one training step and rank as (`kind:axis`, bytes), the
         runtime's accounting: forward and backward collectives (and ZeRO-3's gathers again in
-        backward) once per microbatch, an async-TP collective as its chunks, the forward
-        collectives of recompute regions again in backward, the gradient buckets of the
-        overlap schedule once per step, and ZeRO-1/2's reduce_scatter / all_gather around
-        the optimizer step."""
+        backward) once per microbatch (a collective matmul's ring as the one collective it
+        replaces), the forward collectives of recompute regions again in backward, the
+        gradient buckets of the overlap schedule once per step, and ZeRO-1/2's
+        reduce_scatter / all_gather around the optimizer step."""
         out: list[tuple[str, int]] = []
         again = self.recomputed()
         per_microbatch: list[tuple[str, int]] = []
@@ -137,7 +137,6 @@ class ShardedGraph:
         batch = self.batch_symbols() if m > 1 else set()
         o = self.overlap
         groups = o.gather_groups if o is not None and o.gathers else {}
-        chunked = o.async_tp if o is not None else {}
         flat: dict[tuple, int] = {}         # (ZeRO-3 unit, kind) -> index of its one flat call
         for i, n in enumerate(self.nodes):
             if not moves_data(n):
@@ -164,12 +163,9 @@ class ShardedGraph:
                         continue
                     if kind == "reduce_scatter":
                         continue
-                # async TP cuts a collective matmul's gather / reduce_scatter into chunks: both
-                # directions of a linear's reduce_scatter, the forward of an all_gather
-                site = chunked.get(n.outputs[0].name)
-                pieces = site[2] if site is not None and (n.op == "reduce_scatter" or phase == "forward") else 1
-                for _ in range(1 + (phase == "forward" and i in again)):
-                    per_microbatch += [(f"{kind}:{axis}", b // share // pieces)] * pieces
+                per_microbatch.append((f"{kind}:{axis}", b // share))
+                if phase == "forward" and i in again:
+                    per_microbatch.append((f"{kind}:{axis}", b // share))
         if self.overlap is not None:
             per_microbatch += self.overlap.per_microbatch()
         for _ in range(m):          # every microbatch runs the graph's collectives

@@ -155,7 +155,7 @@ class Resume(Statement):
 class OverlapItem(Located):
     """One setting of an `overlap` statement: key `enabled` (amount "on"/"off"),
     `bucket_bytes`, `first_bucket_bytes` (amount and unit as written), `prefetch` or
-    `tp_chunks` (a number, "off" or "auto")."""
+    `async_tp` ("on", "off" or "auto")."""
     key: str
     amount: str
     unit: str | None = None
@@ -167,7 +167,7 @@ class OverlapItem(Located):
 @dataclass(frozen=True, kw_only=True)
 class Overlap(Statement):
     """`overlap off`, `overlap bucket 25MB [first 1MB]`, `overlap prefetch 2`,
-    `overlap tp_chunks 4` (several
+    `overlap async_tp on` (several
     settings may share one statement)."""
     items: tuple[OverlapItem, ...]
 

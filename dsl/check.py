@@ -27,7 +27,7 @@ UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**
          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "PiB": 2**50}
 OBJECTIVES = ("time", "memory")
 OVERLAP_WORDS = {"enabled": "on/off", "bucket_bytes": "bucket", "first_bucket_bytes": "first",
-                 "prefetch": "prefetch", "tp_chunks": "tp_chunks"}
+                 "prefetch": "prefetch", "async_tp": "async_tp"}
 PLACEMENT_WORDS = ("R", "S", "auto", "P")
 PLACEMENT_SYNONYMS = {"replicate": "R", "replicated": "R", "Replicate": "R", "r": "R",
                       "shard": "S", "Shard": "S", "s": "S", "split": "S",
@@ -592,17 +592,8 @@ class Resolver:
             n = self.whole(item.amount, f, item.line, item.amount_column, "the prefetch depth",
                            E.BadOverlapSetting)
             return n                       # the grammar has no sign: >= 0 by construction
-        if item.key == "tp_chunks":
-            if item.amount in ("off", "auto"):
-                return 1 if item.amount == "off" else "auto"
-            n = self.whole(item.amount, f, item.line, item.amount_column, "the number of tp chunks",
-                           E.BadOverlapSetting)
-            if not 1 <= n <= 64:
-                self.fail(E.BadOverlapSetting, f"overlap tp_chunks {n}: a collective matmul runs in 1 to 64 chunks",
-                          f, item.line, item.amount_column,
-                          fix="write overlap tp_chunks 2 (or the tp axis' size), tp_chunks off for one "
-                              "synchronous collective, or tp_chunks auto to let the search decide")
-            return n
+        if item.key == "async_tp":
+            return {"on": True, "off": False}.get(item.amount, "auto")     # the grammar: on | off | auto
         word = OVERLAP_WORDS[item.key]
         if item.unit is None:
             self.fail(E.UnknownUnit, f"overlap {word} {item.amount} has no unit", f, item.unit_line,

@@ -137,9 +137,8 @@ def overlap_line(o: dict) -> str:
                      f"first {format_bytes(o['first_bucket_bytes'])}")
     if "prefetch" in o:
         words.append(f"prefetch {o['prefetch']}")
-    if "tp_chunks" in o:
-        c = o["tp_chunks"]
-        words.append(f"tp_chunks {'off' if c in (1, 0, False) else c}")
+    if "async_tp" in o:
+        words.append("async_tp " + {True: "on", False: "off"}.get(o["async_tp"], "auto"))
     return "overlap " + " ".join(words)
 
 

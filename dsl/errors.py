@@ -154,7 +154,7 @@ class BadResume(PlanSyntaxError):
 
 
 class BadOverlap(PlanSyntaxError):
-    """`overlap` not followed by off, on, bucket SIZE [first SIZE], prefetch N or tp_chunks N|off|auto."""
+    """`overlap` not followed by off, on, bucket SIZE [first SIZE], prefetch N or async_tp on|off|auto."""
 
 
 class BadPipeline(PlanSyntaxError):
@@ -288,8 +288,7 @@ class BadCheckpointSetting(PlanFileError):
 
 
 class BadOverlapSetting(PlanFileError):
-    """A bucket size that is not positive, a prefetch depth or tp chunk count that is not a
-    whole number (tp_chunks: 1 to 64)."""
+    """A bucket size that is not positive, or a prefetch depth that is not a whole number."""
 
 
 class BadMicrobatches(PlanFileError):
@@ -529,8 +528,8 @@ SYNTAX_EXAMPLES: dict[type[PlanSyntaxError], list[str]] = {
         'overlap prefetch',
         'overlap prefetch -1',
         'overlap prefetch "2"',
-        'overlap tp_chunks',
-        'overlap tp_chunks two',
+        'overlap async_tp',
+        'overlap async_tp 4',
         'overlap first 1MB',
         'overlap yes',
         'overlap = off',
@@ -593,7 +592,7 @@ FIXES: dict[type[PlanSyntaxError], str] = {
     BadCheckpoint: 'write checkpoint [every N steps] to "DIR" [keep K] [async], e.g. '
                    'checkpoint every 100 steps to "ckpt/" keep 3 async',
     BadResume: 'write resume from "DIR"',
-    BadOverlap: "write overlap off, overlap bucket 25MB [first 1MB], overlap prefetch 2 or overlap tp_chunks 4",
+    BadOverlap: "write overlap off, overlap bucket 25MB [first 1MB], overlap prefetch 2 or overlap async_tp on",
     BadPipeline: "write pipeline microbatches 4 (the batch of each step as 4 microbatches)",
     BadStage: 'write stage 0 "transformer.h.[0-5]" (a stage number, then quoted module patterns)',
     PlanSyntaxError: "compare with the examples in examples/plans/",
@@ -618,7 +617,7 @@ MESSAGES: dict[type[PlanSyntaxError], str] = {
     BadDevice: "expected a device profile name",
     BadCheckpoint: 'expected checkpoint [every N steps] to "DIR" [keep K] [async]',
     BadResume: 'expected resume from "DIR"',
-    BadOverlap: "expected off, on, bucket SIZE [first SIZE], prefetch N or tp_chunks N after overlap",
+    BadOverlap: "expected off, on, bucket SIZE [first SIZE], prefetch N or async_tp on|off after overlap",
     BadPipeline: "expected pipeline microbatches N [, schedule NAME]",
     BadStage: 'expected stage N "pattern"',
     PlanSyntaxError: "unexpected {token_desc}",

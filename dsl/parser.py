@@ -272,9 +272,9 @@ class ToAst(Transformer):
         return [ast.OverlapItem(key="prefetch", amount=str(amount), amount_column=amount.column,
                                 line=word.line, column=word.column)]
 
-    def overlap_tp_chunks(self, meta, ch):
+    def overlap_async_tp(self, meta, ch):
         word, amount = ch
-        return [ast.OverlapItem(key="tp_chunks", amount=str(amount), amount_column=amount.column,
+        return [ast.OverlapItem(key="async_tp", amount=str(amount), amount_column=amount.column,
                                 line=word.line, column=word.column)]
 
     def pipeline(self, meta, ch):

@@ -74,10 +74,10 @@ class Overlap:
     # linear's weight gradient is computed (rt.copy_to_linear)
     async_inputs: dict[str, str] = field(default_factory=dict)
     # async TP (rt.all_gather_linears, rt.linear_reduce_scatter): an all_gather feeding
-    # linears, or a reduce_scatter of a linear's output, cut into `tp_chunks` pieces that
-    # hide behind the linears' compute. Collective output name -> (axis, dim, chunks).
-    tp_chunks: int = 1
-    async_tp: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    # linears, or a reduce_scatter of a linear's output, run as a collective matmul (its
+    # ring steps behind the matmul). Collective output name -> (axis, dim).
+    collective_matmuls: bool = False
+    async_tp: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def scattered(self) -> set[str]:
         """ZeRO-2 parameters whose reduce_scatter runs in a bucket (not after backward)."""
@@ -115,17 +115,7 @@ class Overlap:
 def settings(plan_overlap: dict | None) -> Overlap:
     s = {**OVERLAP_DEFAULTS, **(plan_overlap or {})}
     return Overlap(bool(s["enabled"]), int(s["bucket_bytes"]), int(s["first_bucket_bytes"]), int(s["prefetch"]),
-                   tp_chunks=tp_chunks_of(s))
-
-
-def tp_chunks_of(overlap: dict) -> int:
-    """The number of chunks of a collective matmul that Plan.overlap asks for: "auto" left
-    unresolved (a plan not made by the search, which writes its choice) runs 1 -- the
-    synchronous collective, the program the plan's cost was computed for."""
-    c = overlap.get("tp_chunks", 1)
-    if c in (None, False, "off", "auto"):
-        return 1
-    return max(int(c), 1)
+                   collective_matmuls=s.get("async_tp") is True)
 
 
 def overlap(s: ShardedGraph) -> ShardedGraph:
@@ -140,7 +130,7 @@ def overlap(s: ShardedGraph) -> ShardedGraph:
     scattered = zero2_params(s)
     if not chains and not via and not scattered:
         sched.async_inputs = async_input_grads(s)
-        sched.async_tp = async_tp(s, sched.tp_chunks)
+        sched.async_tp = async_tp(s) if sched.collective_matmuls else {}
         return replace(s, overlap=sched)
     dropped: dict[Value, Value] = {}            # removed copy_to output -> what it copied
     for p, nodes in chains.items():
@@ -173,7 +163,7 @@ def overlap(s: ShardedGraph) -> ShardedGraph:
     sched.first_cap, sched.cap = buckets.caps(total, sched.bucket_bytes, sched.first_bucket_bytes)
     sched.buckets = assign_buckets(out, axes_of, sched.cap, sched.first_cap, kinds)
     sched.async_inputs = async_input_grads(out)
-    sched.async_tp = async_tp(out, sched.tp_chunks)
+    sched.async_tp = async_tp(out) if sched.collective_matmuls else {}
     out.overlap = sched
     return out
 
@@ -231,36 +221,32 @@ def async_input_grads(s: ShardedGraph) -> dict[str, str]:
     return out
 
 
-def async_tp(s: ShardedGraph, chunks: int) -> dict[str, tuple[str, int, int]]:
-    """The collectives the program runs as chunked collective matmuls (async TP): an
+def async_tp(s: ShardedGraph) -> dict[str, tuple[str, int]]:
+    """The collectives the program runs as collective matmuls (async TP; Plan.overlap's
+    `async_tp` True -- "auto" is the search's to resolve, and unresolved runs none): an
     activation's all_gather (its gradient reduce_scattered: `partial_grad`) whose output
     feeds only linears, as their input, their other operands made before the first of them
     (rt.all_gather_linears, one call for the query, key and value projections); and a
     reduce_scatter of the output of a linear that feeds nothing else
-    (rt.linear_reduce_scatter). The dim must not be the features' (the rows are what is
-    cut), its local size a whole number of `chunks` pieces (per rank of the axis, for a
-    reduce_scatter), and the collective in the same recompute region as its linears.
-    Collective output name -> (axis, dim, chunks); {} when `chunks` is 1."""
-    if chunks < 2:
-        return {}
+    (rt.linear_reduce_scatter). The dim must not be the features' (rows are what moves),
+    and the collective must lie in the same recompute region as its linears.
+    Collective output name -> (axis, dim)."""
     users = users_of(s)
     made = {v: i for i, n in enumerate(s.nodes) for v in n.outputs}
     at = {id(n): i for i, n in enumerate(s.nodes)}
     region = {i: k for k, r in enumerate(s.regions) for i in range(r.start, r.end)}
     outputs = set(s.graph.outputs)
-    whole = int(getattr(s.plan, "microbatches", 1) or 1) > 1   # a batch-sized dim is cut again
 
-    def cuts(v: Value, d: int, pieces: int) -> bool:
-        size = v.shape[d] if 0 <= d < len(v.shape) - 1 else None
-        return isinstance(size, int) and size % pieces == 0 and not (whole and d == 0)
-    out: dict[str, tuple[str, int, int]] = {}
+    def rows(v: Value, d: int) -> bool:
+        return 0 <= d < len(v.shape) - 1
+    out: dict[str, tuple[str, int]] = {}
     fused: set[int] = set()                  # the linears of the all_gathers taken
     for i, n in enumerate(s.nodes):
         if n.op != "all_gather" or not n.attr.get("partial_grad"):
             continue
         x, y, axis, d = n.inputs[0], n.outputs[0], n.attr["axis"], n.attr["dim"]
         lins = users.get(y, [])
-        if (s.mesh.get(axis, 1) == 1 or x.kind != "act" or y in outputs or not cuts(x, d, chunks) or not lins
+        if (s.mesh.get(axis, 1) == 1 or x.kind != "act" or y in outputs or not rows(x, d) or not lins
                 or not all(m.op == "linear" and m.inputs[0] is y and y not in m.inputs[1:] for m in lins)):
             continue
         first = min(made[m.outputs[0]] for m in lins)
@@ -268,7 +254,7 @@ def async_tp(s: ShardedGraph, chunks: int) -> dict[str, tuple[str, int, int]]:
             continue
         if any(region.get(at[id(m)]) != region.get(i) for m in lins):
             continue
-        out[y.name] = (axis, d, chunks)
+        out[y.name] = (axis, d)
         fused.update(at[id(m)] for m in lins)
     for i, n in enumerate(s.nodes):
         if n.op != "reduce_scatter":
@@ -277,11 +263,12 @@ def async_tp(s: ShardedGraph, chunks: int) -> dict[str, tuple[str, int, int]]:
         k = made.get(x)
         if k is None or k in fused or s.nodes[k].op != "linear" or len(users.get(x, [])) != 1 or x in outputs:
             continue
-        if s.nodes[made[s.nodes[k].inputs[0]]].op == "copy_to" if s.nodes[k].inputs[0] in made else False:
+        fed = made.get(s.nodes[k].inputs[0])
+        if fed is not None and s.nodes[fed].op == "copy_to":
             continue                         # rt.copy_to_linears runs this linear
-        if s.mesh.get(axis, 1) == 1 or not cuts(x, d, s.mesh[axis] * chunks) or region.get(k) != region.get(i):
+        if s.mesh.get(axis, 1) == 1 or not rows(x, d) or region.get(k) != region.get(i):
             continue
-        out[n.outputs[0].name] = (axis, d, chunks)
+        out[n.outputs[0].name] = (axis, d)
     return out
 
 

@@ -1500,11 +1500,15 @@ def make_plan(graph: Graph, cm: CostModel, strategies: dict[str, Strategy], repo
     cost["links"] = {a: {"kind": cm.cluster.link_kind(a), "alpha": cm.cluster.link(a).alpha,
                          "bandwidth": cm.cluster.link(a).bandwidth} for a in mesh}
     cost["precision"] = cm.precision
+    overlap = dict(cm.overlap)
+    sched = report.schedule
+    if overlap.get("async_tp", "auto") == "auto" and sched is not None and sched.async_tp:
+        overlap["async_tp"] = True          # the schedule found that the collective matmuls pay
     return Plan(model=graph.name, mesh=mesh, device=cm.profile.name, memory_limit=limit,
                 strategies={k: list(v) for k, v in strategies.items()},
                 layouts={k: list(v) for k, v in layouts.items()}, zero=zero,
                 dp_axis=cm.dp_axis if cm.dp_index() is not None else None,
-                recompute=list(recompute), overlap=dict(cm.overlap), cost=cost, solver=solver_stats,
+                recompute=list(recompute), overlap=overlap, cost=cost, solver=solver_stats,
                 constraints=list(constraints))
 
 

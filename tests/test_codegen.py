@@ -33,10 +33,10 @@ CASES = [
     # input-gradient all_reduces behind the weight gradients, in a plain and a recomputed block
     ("gpt_dp2_tp2_megatron", "gpt", {"dp": 2, "tp": 2}, "MEGATRON", {"recompute": ["transformer.h.1"]}, "adamw"),
     ("gpt_dp4_zero2_recompute", "gpt", {"dp": 4}, None, {"zero": 2, "recompute": ["transformer.h.*"]}, "adamw"),
-    # async TP: the sequence-parallel gathers and reduce_scatters chunked beside their linears,
-    # in a plain and a recomputed block
+    # async TP: the sequence-parallel gathers and reduce_scatters as collective matmuls, in a
+    # plain and a recomputed block
     ("gpt_dp2_tp2_async_tp", "gpt", {"dp": 2, "tp": 2}, "SEQUENCE_PARALLEL",
-     {"overlap": {"tp_chunks": 2}, "recompute": ["transformer.h.1"]}, "adamw"),
+     {"overlap": {"async_tp": True}, "recompute": ["transformer.h.1"]}, "adamw"),
     ("gpt_dp2_tp2_zero3_recompute", "gpt", {"dp": 2, "tp": 2}, "MEGATRON_SP",
      {"zero3": True, "recompute": ["transformer.h.1"]}, "sgd"),
     ("lora_dp2_tp2_zero1", "lora", {"dp": 2, "tp": 2}, None, {"zero": 1}, "adamw"),
@@ -134,7 +134,7 @@ def test_parity_and_bytes_on_4_ranks(traced, tmp_path, backend):
             assert prog.source.count("q, k, v = rt.copy_to_linears(") == prog.source.count("rt.copy_to_linear(") == 2
             assert len(o.async_inputs) == 4 and "rt.copy_to(" not in prog.source and prog.sharded.regions
         elif name == "gpt_dp2_tp2_async_tp":
-            # each block's two gathers and two reduce_scatters chunked beside their linears
+            # each block's two gathers and two reduce_scatters as collective matmuls
             assert len(o.async_tp) == 8 and prog.sharded.regions
             assert not re.search(r'rt\.(all_gather|reduce_scatter)\(\w+, mesh, "tp"', prog.source)
             # the plain block and the recomputed one's checkpointed function

@@ -559,6 +559,14 @@ def test_checkpoint_and_overlap_forms(graph):
     # `first` is a word of the statement, not a unit; sizes take either spelling of units
     assert settings("overlap bucket 25mb first 1MiB prefetch 0 off") == (
         {}, {"bucket_bytes": 25_000_000, "first_bucket_bytes": 1 << 20, "prefetch": 0, "enabled": False})
+    # async TP: on, off, or the search's choice
+    assert settings("overlap async_tp on prefetch 1") == ({}, {"async_tp": True, "prefetch": 1})
+    assert settings("overlap async_tp off") == ({}, {"async_tp": False})
+    assert settings("overlap async_tp auto") == ({}, {"async_tp": "auto"})
+    from autopar.dsl.emit import overlap_line
+    assert overlap_line({"async_tp": True, "prefetch": 2}) == "overlap prefetch 2 async_tp on"
+    with pytest.raises(E.ConflictingSetting, match="overlap async_tp is set twice"):
+        settings("overlap async_tp on\noverlap async_tp off")
     # words of these statements stay free as names elsewhere (a mesh axis called `on`)
     assert resolve(parse_plan("mesh on=2, first=2\noverlap on"), g).mesh == {"on": 2, "first": 2}
     # the same setting twice agrees, or it is a ConflictingSetting naming both places

@@ -221,3 +221,52 @@ def test_zero2_gradients_are_reduce_scattered_in_buckets(gpt):
     assert rs and s.overlap.scattered() == set(plain.zero.reduce_scatter)
     assert s.traffic() == off.traffic() == plain.traffic()
     assert s.call_counts()["reduce_scatter:dp"] == len(rs) < off.call_counts()["reduce_scatter:dp"]
+
+
+def test_async_tp_runs_sequence_parallel_collectives_as_collective_matmuls(gpt):
+    """Sequence parallelism: with async_tp on, every block's gather before c_attn / c_fc and
+    reduce_scatter after the c_proj linears become collective matmuls (bytes and calls
+    unchanged: a ring is one collective); "auto" unresolved and off keep the collectives.
+    The schedule prices them as ring steps beside the linears: the same communication time
+    on the tp stream, less of it exposed, and "auto" keeps the faster of the two."""
+    from plan_helpers import SEQUENCE_PARALLEL, forced_plan
+    from autopar.compiler.cluster import Cluster, load_profile
+    from autopar.compiler.cost import CostModel
+    _, _, _, g = gpt
+    plan = forced_plan(g, {"dp": 2, "tp": 2}, SEQUENCE_PARALLEL)
+    plain = overlap(apply_plan(g, plan))
+    assert plan.overlap["async_tp"] == "auto" and not plain.overlap.async_tp
+    plan.overlap["async_tp"] = True
+    s = overlap(apply_plan(g, plan))
+    kinds = {}
+    for n in s.nodes:
+        if n.outputs[0].name in s.overlap.async_tp:
+            kinds[n.op] = kinds.get(n.op, 0) + 1
+            fed = [m.meta.module.rsplit(".", 1)[-1] for m in s.nodes if n.outputs[0] in m.inputs]
+            made = next(m for m in s.nodes if n.inputs[0] in m.outputs)
+            if n.op == "all_gather":       # into the linears of c_attn's q, k, v pieces, or c_fc
+                assert set(fed) in ({"c_attn"}, {"c_fc"}) and len(fed) in (3, 1)
+            else:                          # of the row-parallel c_proj's output
+                assert made.op == "linear" and made.meta.module.endswith("c_proj")
+    assert kinds == {"all_gather": 4, "reduce_scatter": 4}
+    assert set(s.overlap.async_tp.values()) == {("tp", 1)}
+    assert s.traffic() == plain.traffic() and s.call_counts() == plain.call_counts()
+    plan.overlap["async_tp"] = False
+    assert not overlap(apply_plan(g, plan)).overlap.async_tp
+
+    def schedule(async_tp):
+        cm = CostModel(g, Cluster(dict(plan.mesh), load_profile("h100")), dp_axis=plan.dp_axis,
+                       overlap={**plan.overlap, "async_tp": async_tp})
+        return cm.evaluate({k: tuple(v) for k, v in plan.strategies.items()}, plan.zero).schedule
+    off, on, auto = schedule(False), schedule(True), schedule("auto")
+    assert (off.async_tp, on.async_tp, on.collective_matmuls) == (False, True, 8)
+    tp_time = [sum(e.dur for e in x.events if e.axis == "tp") for x in (off, on)]
+    assert tp_time[0] == pytest.approx(tp_time[1], rel=1e-9)
+    assert on.exposed["tp"] < off.exposed["tp"] and on.hidden["tp"] > off.hidden["tp"]
+    steps = [e for e in on.events if e.axis == "tp" and " step " in e.name]
+    # forward: each of the 8 rings' n - 1 = 1 step; backward: the 4 c_proj gradients' gathers
+    # (the gathers' gradient reduce_scatters run beside the weight gradients, not as rings)
+    assert len(steps) == 8 + 4
+    assert sum(e.name.endswith("(async)") and e.kind == "reduce_scatter" for e in on.events) == 4
+    assert auto.makespan == min(off.makespan, on.makespan)
+    assert auto.async_tp == (on.makespan < off.makespan)

@@ -44,6 +44,7 @@ def _torch_op(op: str):
 
 # prefer the non-deprecated spellings when this torch has them
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+RING_TAG = 7301          # MPI tag of the ring steps of collective matmuls (pipelines use others)
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
@@ -120,6 +121,18 @@ class TorchComm:
         out = t.new_empty((t.shape[0] // self.size,) + tuple(t.shape[1:]))
         work = _REDUCE_SCATTER(out, t.contiguous(), op=_torch_op(op), group=self.group, async_op=True)
         return Handle(work.wait, work.is_completed, out)
+
+    def ishift(self, t):
+        """Send `t` to the next coordinate of the ring and receive the previous one's tensor
+        of the same shape, without waiting (one step of a ring collective)."""
+        t = t.contiguous()
+        out = torch.empty_like(t)
+        nxt, prev = self.ranks[(self.coord + 1) % self.size], self.ranks[(self.coord - 1) % self.size]
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, t, nxt, self.group),
+                                        dist.P2POp(dist.irecv, out, prev, self.group)])
+        h = Handle(lambda: [w.wait() for w in works], lambda: all(w.is_completed() for w in works), out)
+        h._keep = t
+        return h
 
     def allreduce_scalar(self, value, op="sum", device=None):
         t = torch.tensor([float(value)], dtype=torch.float64, device=device)
@@ -321,6 +334,18 @@ class MpiComm:
     def irecv(self, buf, source, tag=0):
         """Receive into the contiguous CPU tensor `buf` from coordinate `source`."""
         return self.comm.Irecv([_bytes(buf), self.MPI.BYTE], source=source, tag=tag)
+
+    def ishift(self, t):
+        """One ring step: `t` to the next coordinate, the previous one's into a new tensor."""
+        src = t.detach().cpu().contiguous()
+        out = torch.empty_like(src)
+        B = self.MPI.BYTE
+        reqs = [self.comm.Isend([_bytes(src), B], dest=(self.coord + 1) % self.size, tag=RING_TAG),
+                self.comm.Irecv([_bytes(out), B], source=(self.coord - 1) % self.size, tag=RING_TAG)]
+        h = Handle(None, lambda: self.MPI.Request.Testall(reqs))
+        h._wait = lambda: (self.MPI.Request.Waitall(reqs), setattr(h, "result", out.to(t.device)))
+        h._keep = src
+        return h
 
     def send_object(self, obj, dest, tag):
         self.comm.send(obj, dest=dest, tag=tag)

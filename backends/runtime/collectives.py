@@ -20,21 +20,23 @@ bias' gradients meanwhile and waits only then (Megatron-LM's asynchronous input-
 all-reduce of a column-parallel linear). ``copy_to_linears`` does it for several linears
 of one input (query, key, value). The same sums, the same bytes, one call.
 
-Chunked collective matmuls (async tensor parallelism), for sequence-parallel blocks whose
-activations are split on a dim other than the features ``dim`` over ``axis``:
+Collective matmuls (async tensor parallelism), for sequence-parallel blocks whose
+activations are split over ``axis`` on a dim other than the features, ``dim``: the
+collective runs as its ring's n - 1 steps (each rank hands one shard to the next), and the
+linear computes on the shard that has arrived while the next one travels -- the bytes and
+the latency of the ring all_gather / reduce_scatter, hidden behind the matmul.
 
-- ``all_gather_linears(x, layers, mesh, axis, dim, chunks)`` is ``all_gather`` (with
-  ``partial_grad=True``) followed by the linears it feeds. Forward cuts this rank's shard
-  into ``chunks`` pieces along ``dim`` and gathers piece j+1 while the linears run on the
-  gathered piece j; backward sums the input gradient of every linear, launches its
+- ``all_gather_linears(x, layers, mesh, axis, dim)`` is ``all_gather`` (with
+  ``partial_grad=True``) followed by the linears it feeds: each shard's rows go through the
+  linears as they arrive. Backward sums every linear's input gradient, launches its
   reduce_scatter and computes the weights' gradients meanwhile.
-- ``linear_reduce_scatter(x, weight, bias, mesh, axis, dim, chunks)`` is a linear whose
-  (partial) output is reduce_scattered along ``dim``. Forward computes the output rows of
-  piece j and reduce_scatters them while piece j+1 is computed; backward gathers the
-  gradient piece by piece, computing the input gradient of each gathered piece meanwhile.
+- ``linear_reduce_scatter(x, weight, bias, mesh, axis, dim)`` is a linear whose partial
+  output is reduce_scattered along ``dim``: the running sum of each rank's rows travels the
+  ring, every rank adding its partial rows, computed while the sum is on its way. Backward
+  gathers the gradient around the ring, computing each shard's input gradient as it arrives.
 
-Chunking moves the same bytes in ``chunks`` calls of 1/``chunks`` each (the unchunked
-direction in one call); the rows are the same rows, so the sums are the unchunked ones.
+Each is accounted as the one collective it replaces (its bytes, one call); the sums are the
+collective's, added in ring order.
 
 Every function takes ``(x, mesh, axis, ...)``; ``axis`` is a mesh axis name or ``None``
 for the whole world. On a size-1 axis every function returns ``x`` unchanged (no
@@ -163,78 +165,66 @@ class _CopyToLinears(torch.autograd.Function):
         return (gx, None, None, *out)
 
 
-def _log(mesh: Mesh, kind: str, axis, what: str, sent: torch.Tensor, launched: float, t0: float) -> None:
+def _log(mesh: Mesh, kind: str, axis, what: str, sent: torch.Tensor, launched: float, blocked: float) -> None:
     mesh.async_log.append({"kind": kind, "axis": axis, "what": what, "shape": list(sent.shape),
-                           "dtype": str(sent.dtype), "launched": launched,
-                           "blocked_s": time.perf_counter() - t0})
+                           "dtype": str(sent.dtype), "launched": launched, "blocked_s": blocked})
 
 
-def _interleave(pieces: list[torch.Tensor], n: int) -> torch.Tensor:
-    """Gathered pieces (piece j: rank r's j-th rows for every r, rank-major, on dim 0) as
-    the whole gathered tensor: rank r's rows in order, r = 0..n-1."""
-    c = len(pieces)
-    t = torch.stack([p.reshape(n, p.shape[0] // n, *p.shape[1:]) for p in pieces], 1)
-    return t.reshape(n * c * t.shape[2], *t.shape[3:])
-
-
-def _rows(t: torch.Tensor, n: int, c: int, j: int) -> torch.Tensor:
-    """Of a gathered tensor (dim 0 = n ranks' shards of c pieces each), the rows of piece j
-    of every rank, rank-major: what gathering piece j makes."""
-    v = t.reshape(n, c, t.shape[0] // (n * c), *t.shape[1:])
-    return v[:, j].reshape(-1, *t.shape[1:])
-
-
-def _check_chunks(x: torch.Tensor, d: int, chunks: int, op: str, whole: int) -> int:
-    chunks = int(chunks)
-    if chunks < 1 or x.shape[d] % (whole * chunks) != 0:
-        raise ValueError(f"{op}: size {x.shape[d]} of dim {d} (shape {tuple(x.shape)}) does not split "
-                         f"into {whole} x {chunks} chunks")
+def _check_rows(x: torch.Tensor, d: int, op: str) -> None:
     if d == x.dim() - 1:
-        raise ValueError(f"{op}: dim {d} is the linear's feature dim; chunking needs another dim")
-    return chunks
+        raise ValueError(f"{op}: dim {d} is the linear's feature dim; a collective matmul moves rows "
+                         "(another dim)")
 
 
-def all_gather_linears(x: torch.Tensor, layers, mesh: Mesh, axis, dim: int, chunks: int = 2) -> list[torch.Tensor]:
+def _ring_gather(mesh: Mesh, axis, shard: torch.Tensor, use, what: str) -> list[torch.Tensor]:
+    """All shards of `axis` (dim 0 = rows; index = coordinate), passed around the ring: at
+    step k this rank holds coordinate (r - k)'s shard, hands it to the next rank and calls
+    `use(coordinate, shard)` while the previous rank's arrives. n - 1 transfers of a shard:
+    an all_gather's bytes, its ring's latency."""
+    c, n, r = mesh._comm(axis), mesh.size(axis), mesh.coord(axis)
+    blocks: list = [None] * n
+    cur, blocked, launched = shard.contiguous(), 0.0, time.perf_counter()
+    for k in range(n):
+        src = (r - k) % n
+        h = c.ishift(cur) if k < n - 1 else None
+        blocks[src] = cur
+        use(src, cur)
+        if h is not None:
+            t0 = time.perf_counter()
+            cur = h.wait()
+            blocked += time.perf_counter() - t0
+    _log(mesh, "all_gather", axis, what, shard, launched, blocked)
+    return blocks
+
+
+def all_gather_linears(x: torch.Tensor, layers, mesh: Mesh, axis, dim: int) -> list[torch.Tensor]:
     """`[F.linear(all_gather(x, mesh, axis, dim, partial_grad=True), w, b) for w, b in
-    layers]`, the gather cut into `chunks` pieces that hide behind the linears (see the
-    module docstring)."""
+    layers]` as a collective matmul (see the module docstring)."""
     mesh._comm(axis)
     d = _norm_dim(x, dim)
     if mesh.size(axis) == 1:
         return [torch.nn.functional.linear(x, w, b) for w, b in layers]
-    chunks = _check_chunks(x, d, chunks, "all_gather_linears", 1)
+    _check_rows(x, d, "all_gather_linears")
     flat = [t for w, b in layers for t in (w, b)]
-    return list(_AllGatherLinears.apply(x, mesh, axis, d, chunks, *flat))
+    return list(_AllGatherLinears.apply(x, mesh, axis, d, *flat))
 
 
 class _AllGatherLinears(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, mesh, axis, d, chunks, *flat):
+    def forward(ctx, x, mesh, axis, d, *flat):
         ws, bs = flat[0::2], flat[1::2]
-        c, n = mesh._comm(axis), mesh.size(axis)
-        pieces = x.detach().movedim(d, 0).contiguous().chunk(chunks, 0)
-        handles = [None] * chunks
-        launched = [0.0] * chunks
+        n = mesh.size(axis)
+        outs = [[None] * n for _ in ws]
 
-        def launch(j):
-            launched[j] = time.perf_counter()
-            handles[j] = c.iallgather0(pieces[j])
-        launch(0)
-        gathered, outs = [], [[] for _ in ws]
-        for j in range(chunks):
-            t0 = time.perf_counter()
-            g = handles[j].wait()
-            if j + 1 < chunks:
-                launch(j + 1)                   # in flight while piece j's linears run
-            _log(mesh, "all_gather", axis, "input of linears, a chunk", pieces[j], launched[j], t0)
-            mesh._record("all_gather", axis, _nbytes(g), "forward")
-            gathered.append(g)
+        def use(src, rows):                     # while the next shard travels
             for k, (w, b) in enumerate(zip(ws, bs)):
-                outs[k].append(torch.nn.functional.linear(g, w, b))
-        full = _interleave(gathered, n)         # (n*s, ...), this layout's dim 0 is `d`
+                outs[k][src] = torch.nn.functional.linear(rows, w, b)
+        blocks = _ring_gather(mesh, axis, x.detach().movedim(d, 0), use, "input of linears, ring")
+        full = torch.cat(blocks, 0)             # (n*s, ...): this layout's dim 0 is `d`
+        mesh._record("all_gather", axis, _nbytes(full), "forward")
         ctx.save_for_backward(full, *ws)
         ctx.mesh, ctx.axis, ctx.d, ctx.biases = mesh, axis, d, [b is not None for b in bs]
-        return tuple(_interleave(o, n).movedim(0, d) for o in outs)
+        return tuple(torch.cat(o, 0).movedim(0, d) for o in outs)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -254,86 +244,76 @@ class _AllGatherLinears(torch.autograd.Function):
                 handle = mesh._comm(axis).ireduce_scatter0(gx, "sum")
             x2 = full.reshape(-1, full.shape[-1])
             for k, (g, has_bias) in enumerate(zip(g2, ctx.biases)):   # while the reduce_scatter runs
-                if ctx.needs_input_grad[5 + 2 * k]:
+                if ctx.needs_input_grad[4 + 2 * k]:
                     out[2 * k] = g.t().mm(x2)
-                if has_bias and ctx.needs_input_grad[6 + 2 * k]:
+                if has_bias and ctx.needs_input_grad[5 + 2 * k]:
                     out[2 * k + 1] = g.sum(0)
             if handle is not None:
                 t0 = time.perf_counter()
                 gx = handle.wait().movedim(0, d)
-                _log(mesh, "reduce_scatter", axis, "input gradient of linears", full, launched, t0)
-        return (gx, None, None, None, None, *out)
+                _log(mesh, "reduce_scatter", axis, "input gradient of linears", full, launched,
+                     time.perf_counter() - t0)
+        return (gx, None, None, None, *out)
 
 
-def linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, bias, mesh: Mesh, axis, dim: int,
-                          chunks: int = 2) -> torch.Tensor:
-    """`reduce_scatter(F.linear(x, weight, bias), mesh, axis, dim)`, the output's rows
-    reduce_scattered in `chunks` pieces while the next piece is computed (see the module
-    docstring)."""
+def linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, bias, mesh: Mesh, axis, dim: int) -> torch.Tensor:
+    """`reduce_scatter(F.linear(x, weight, bias), mesh, axis, dim)` as a collective matmul
+    (see the module docstring)."""
     mesh._comm(axis)
     d = _norm_dim(x, dim)
     n = mesh.size(axis)
     if n == 1:
         return torch.nn.functional.linear(x, weight, bias)
-    chunks = _check_chunks(x, d, chunks, "linear_reduce_scatter", n)
-    return _LinearReduceScatter.apply(x, weight, bias, mesh, axis, d, chunks)
+    _check_rows(x, d, "linear_reduce_scatter")
+    _check_divisible(x, d, n, "linear_reduce_scatter", axis)
+    return _LinearReduceScatter.apply(x, weight, bias, mesh, axis, d)
 
 
 class _LinearReduceScatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, mesh, axis, d, chunks):
-        c, n = mesh._comm(axis), mesh.size(axis)
+    def forward(ctx, x, weight, bias, mesh, axis, d):
+        c, n, r = mesh._comm(axis), mesh.size(axis), mesh.coord(axis)
         xm = x.detach().movedim(d, 0)
-        handles, launched, parts = [], [], []
+        s = xm.shape[0] // n
 
-        def finish(j):
+        def partial(block):
+            return torch.nn.functional.linear(xm[block * s:(block + 1) * s], weight, bias)
+        # the running sum of block b starts at rank b + 1 and travels the ring to rank b,
+        # each rank adding its partial rows of b: n - 1 transfers of a block
+        acc = partial((r - 1) % n).contiguous()
+        mesh._record("reduce_scatter", axis, _nbytes(acc) * n, "forward")
+        blocked, launched = 0.0, time.perf_counter()
+        for k in range(1, n):
+            h = c.ishift(acc)
+            mine = partial((r - k - 1) % n)      # while the running sum travels
             t0 = time.perf_counter()
-            parts.append(handles[j].wait())
-            _log(mesh, "reduce_scatter", axis, "output of a linear, a chunk", sent[j], launched[j], t0)
-        sent = []
-        for j in range(chunks):
-            y = torch.nn.functional.linear(_rows(xm, n, chunks, j), weight, bias).contiguous()
-            mesh._record("reduce_scatter", axis, _nbytes(y), "forward")
-            sent.append(y)
-            launched.append(time.perf_counter())
-            handles.append(c.ireduce_scatter0(y, "sum"))
-            if j:
-                finish(j - 1)                   # piece j was computed while j-1 was in flight
-        finish(chunks - 1)
+            acc = h.wait() + mine
+            blocked += time.perf_counter() - t0
+        _log(mesh, "reduce_scatter", axis, "output of a linear, ring", xm[:s].new_empty(
+            (n * s,) + tuple(acc.shape[1:])), launched, blocked)
         ctx.save_for_backward(x, weight)
-        ctx.mesh, ctx.axis, ctx.d, ctx.chunks, ctx.bias = mesh, axis, d, chunks, bias is not None
-        return torch.cat(parts, 0).movedim(0, d)
+        ctx.mesh, ctx.axis, ctx.d, ctx.bias = mesh, axis, d, bias is not None
+        return acc.movedim(0, d)
 
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
-        mesh, axis, d, chunks = ctx.mesh, ctx.axis, ctx.d, ctx.chunks
-        c, n = mesh._comm(axis), mesh.size(axis)
+        mesh, axis, d = ctx.mesh, ctx.axis, ctx.d
+        n = mesh.size(axis)
         with backward_scope():
-            pieces = g.movedim(d, 0).contiguous().chunk(chunks, 0)
-            handles, launched = [None] * chunks, [0.0] * chunks
+            gxs: list = [None] * n
 
-            def launch(j):
-                launched[j] = time.perf_counter()
-                handles[j] = c.iallgather0(pieces[j])
-            launch(0)
-            gathered, gxs = [], []
-            for j in range(chunks):
-                t0 = time.perf_counter()
-                gj = handles[j].wait()
-                if j + 1 < chunks:
-                    launch(j + 1)               # in flight while piece j's input gradient is made
-                _log(mesh, "all_gather", axis, "gradient of a linear's output, a chunk", pieces[j], launched[j], t0)
-                mesh._record("all_gather", axis, _nbytes(gj), "backward")
-                gathered.append(gj)
+            def use(src, rows):                 # the input gradient of those rows meanwhile
                 if ctx.needs_input_grad[0]:
-                    gxs.append(gj.matmul(weight))
-            gx = _interleave(gxs, n).movedim(0, d) if gxs else None
-            gfull = _interleave(gathered, n)
+                    gxs[src] = rows.matmul(weight)
+            blocks = _ring_gather(mesh, axis, g.movedim(d, 0), use, "gradient of a linear's output, ring")
+            gfull = torch.cat(blocks, 0)
+            mesh._record("all_gather", axis, _nbytes(gfull), "backward")
+            gx = torch.cat(gxs, 0).movedim(0, d) if ctx.needs_input_grad[0] else None
             g2 = gfull.reshape(-1, gfull.shape[-1])
             gw = g2.t().mm(x.movedim(d, 0).reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
             gb = g2.sum(0) if ctx.bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None
 
 
 def all_reduce(x: torch.Tensor, mesh: Mesh, axis) -> torch.Tensor:
