@@ -191,7 +191,7 @@ def schedule_summary(sched) -> dict:
     return {
         "overlap": sched.overlap, "makespan": sched.makespan, "compute": sched.compute,
         "exposed": dict(sched.exposed), "hidden": dict(sched.hidden), "prefetch": sched.prefetch,
-        "gathered_blocks": sched.gathered_blocks,
+        "gathered_blocks": sched.gathered_blocks, "collective_matmuls": sched.collective_matmuls,
         "buckets": [{"index": b.index, "kind": b.kind, "axes": list(b.axes), "params": len(b.params),
                      "first": b.params[0], "last": b.params[-1], "bytes": b.nbytes,
                      "ready_after": b.ready, "launch": b.launch,
@@ -359,6 +359,9 @@ def render_schedule(sc: dict) -> list[str]:
     if sc.get("gathered_blocks"):
         out.append(f"  ZeRO-3: weights gathered {sc['prefetch']} block(s) ahead, "
                    f"{sc['gathered_blocks']} block(s) gathered at once, gathered again in backward")
+    if sc.get("collective_matmuls"):
+        out.append(f"  async TP: {sc['collective_matmuls']} sequence-parallel gathers / reduce_scatters run as "
+                   "collective matmuls (ring steps beside the linears)")
     for b in sc["buckets"]:
         what = f"{b['params']} gradients ({b['first']} ... {b['last']})" if b["params"] > 2 else \
             (f"{b['first']}, {b['last']}" if b["params"] == 2 else b["first"])

@@ -40,6 +40,13 @@ it is simulated:
   `prefetch` blocks earlier (parameters outside blocks at the start), gathered again in
   backward in reverse block order the same way; a block's gradients are reduce_scattered
   by one asynchronous call per dtype when backward leaves the block (the root's at the end);
+- async TP (Plan.overlap's `async_tp`; "auto": simulated both ways, the faster kept): a
+  sequence-parallel all_gather into linears and a linear's reduce_scatter run as their
+  ring's n - 1 steps (each 1/(n-1) of the collective's time) beside the linear's n pieces of
+  rows -- a step's transfer is waited for before the next piece; the gather's backward
+  reduce_scatter runs beside the linears' weight gradients, a reduce_scatter's backward
+  gather around the ring beside the input gradient's pieces (rt.all_gather_linears,
+  rt.linear_reduce_scatter);
 - optimizer-phase collectives (ZeRO-1/2's all_gather of updated parameters) run after every
   gradient collective has finished, synchronously;
 - hiding is not free: compute beside a collective runs slower (the profile's
@@ -280,26 +287,28 @@ def _simulate(model, report, zero: int, cfg: dict, ring: bool) -> Schedule:
                 gathered_grad[id(bitem)] = src
     ring_grad: dict[int, tuple] = {}            # linear -> the backward all_gather item its backward runs
 
-    def ring_gather(item, work, name, phase):
+    def ring_gather(item, work, where, phase):
         """Each rank's rows through `work` seconds of compute as they arrive around the ring."""
         nonlocal tc
         col, t = item[0], item[1]
         n = model.mesh[col.axis]
         for k in range(n):
-            ev = comm(col, t / (n - 1), f"{name} step {k + 1}/{n - 1}", phase, tc, False) if k < n - 1 else None
-            run(f"{name} rows {k + 1}/{n}", work / n, phase)
+            ev = comm(col, t / (n - 1), f"{col.kind}({col.axis}) ring step {k + 1}/{n - 1} -> {where}", phase,
+                      tc, False) if k < n - 1 else None
+            run(f"{where} rows {k + 1}/{n}", work / n, phase)
             if ev is not None:
                 tc = max(tc, ev.end)
 
-    def ring_scatter(item, work, name):
+    def ring_scatter(item, work, where):
         """The running sums around the ring, this rank's partial rows computed meanwhile."""
         nonlocal tc
         col, t = item[0], item[1]
         n = model.mesh[col.axis]
-        run(f"{name} rows 1/{n}", work / n, "forward")
+        run(f"{where} rows 1/{n}", work / n, "forward")
         for k in range(1, n):
-            ev = comm(col, t / (n - 1), f"{name} step {k}/{n - 1}", "forward", tc, False)
-            run(f"{name} rows {k + 1}/{n}", work / n, "forward")
+            ev = comm(col, t / (n - 1), f"{col.kind}({col.axis}) ring step {k}/{n - 1} <- {where}", "forward",
+                      tc, False)
+            run(f"{where} rows {k + 1}/{n}", work / n, "forward")
             tc = max(tc, ev.end)
 
     def block_index_of(mi):
@@ -375,13 +384,13 @@ def _simulate(model, report, zero: int, cfg: dict, ring: bool) -> Schedule:
         if m.index in gather_at:                # the linears on each rank's rows as they arrive
             item, lins = gather_at[m.index]
             work = sum(report.nodes[members[k].key].fwd_time for k in lins)
-            ring_gather(item, work, f"all_gather({item[0].axis}) x {where} +{len(lins) - 1}", "forward")
+            ring_gather(item, work, where + (f" +{len(lins) - 1} linears" if len(lins) > 1 else ""), "forward")
             fused_done.update(lins)
             continue
         if m.index in fused_done:
             continue
         if m.index in scatter_at:
-            ring_scatter(scatter_at[m.index], nc.fwd_time, f"{where} x reduce_scatter({scatter_at[m.index][0].axis})")
+            ring_scatter(scatter_at[m.index], nc.fwd_time, where)
             continue
         run(where, nc.fwd_time, "forward")
     # ---- buckets -------------------------------------------------------------------------
@@ -441,7 +450,7 @@ def _simulate(model, report, zero: int, cfg: dict, ring: bool) -> Schedule:
         run(f"{m.module or '(root)'} {m.node.op} %{m.key} (recompute)", nc.recompute_time, "recompute")
         if m.index in ring_grad:                # the input gradient of each rank's rows as they arrive, then the weights'
             ring_gather(ring_grad.pop(m.index), nc.bwd_time / 2,
-                        f"all_gather({m.key} grad) x {m.module or '(root)'} {m.node.op} %{m.key} (backward)", "backward")
+                        f"{m.module or '(root)'} {m.node.op} %{m.key} (backward, input gradient)", "backward")
             run(f"{m.module or '(root)'} {m.node.op} %{m.key} (backward, weights)", nc.bwd_time / 2, "backward")
         else:
             run(f"{m.module or '(root)'} {m.node.op} %{m.key} (backward)", nc.bwd_time, "backward")

@@ -11,7 +11,7 @@ from autopar.compiler.errors import InputError
 
 from autopar.compiler.cluster import DeviceProfile
 from autopar.compiler.ir import Graph
-from autopar.compiler.plan import OVERLAP_DEFAULTS, Plan
+from autopar.compiler.plan import Plan
 from autopar.dsl.check import PlanSpec, resolve
 from autopar.dsl.parser import load_plan
 
@@ -42,8 +42,9 @@ def search_with(spec: PlanSpec, graph: Graph, device: str | DeviceProfile | None
     kw = dict(memory_limit=spec.memory_limit if spec.memory_limit is not None else memory,
               zero=spec.zero, pins=list(spec.pins), recompute=list(spec.recompute_modules),
               dp_axis=spec.dp_axis, objective=spec.objective,
-              # the schedule the file sets is the one the cost model ranks plans by
-              overlap={**OVERLAP_DEFAULTS, **spec.overlap})
+              # the schedule the file sets is the one the cost model ranks plans by (what it
+              # leaves out -- the bucket size, async TP -- the search may choose)
+              overlap=dict(spec.overlap))
     for key, value in search_kw.items():
         if key in ("pins", "recompute"):
             kw[key] += list(value)
@@ -74,7 +75,8 @@ def search_with(spec: PlanSpec, graph: Graph, device: str | DeviceProfile | None
     plan.constraints = list(spec.constraints)
     # settings the search does not read: the program's checkpoints; the schedule it priced
     plan.checkpoint = dict(spec.checkpoint)
-    plan.overlap = dict(kw["overlap"])
+    # the search's plan holds the schedule it priced, with what it chose (bucket size, async TP)
+    plan.overlap = {**overlap_settings(kw["overlap"]), **(plan.overlap or {}), **spec.overlap}
     if spec.microbatches is not None:
         plan.microbatches = spec.microbatches
     return plan

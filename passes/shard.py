@@ -1207,6 +1207,8 @@ def search_fixed(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfil
                     reranked += 1
                 best = (r, strategies, report, t)
     r, strategies, report, tab = best
+    if objective == "time" and cm.overlapped and not (isinstance(overlap, dict) and "bucket_bytes" in overlap):
+        report = tune_buckets(cm, strategies, r.zero, report)
     chosen_zero = r.zero
     d = cm.dp_index()
     if chosen_zero == 3 and not any(strategies[m.key][d] is not None for m in cm.members
@@ -1487,6 +1489,28 @@ def better(a: CostReport, b: CostReport, objective: str) -> bool:
         if abs(ma - mb) > 1e-9 * max(ma, mb):
             return ma < mb
     return a.step_time < b.step_time * (1 - 1e-9)
+
+
+# gradient bucket sizes the search tries on its chosen plan (DDP's 25 MiB first): on a slow
+# link a bucket's latency, 2 (n - 1) alpha, adds up over a large model's many buckets
+BUCKET_CHOICES = (25 << 20, 50 << 20, 100 << 20, 200 << 20)
+
+
+def tune_buckets(cm: CostModel, strategies: dict, zero: int, report: CostReport) -> CostReport:
+    """The plan's schedule under each of BUCKET_CHOICES; the fastest (by more than 0.1%, so
+    that a tie keeps DDP's size) becomes `cm.overlap["bucket_bytes"]`, the plan's setting.
+    Called when the caller left the bucket size to the search; its report is returned."""
+    base = dict(cm.overlap)
+    best = (report.step_time, base["bucket_bytes"], report)
+    for b in BUCKET_CHOICES:
+        if b == base["bucket_bytes"]:
+            continue
+        cm.overlap = {**base, "bucket_bytes": b}
+        rep = cm.evaluate(strategies, zero)
+        if rep.step_time < best[0] * (1 - 1e-3) and rep.memory["total"] <= report.memory["total"] * (1 + 1e-9):
+            best = (rep.step_time, b, rep)
+    cm.overlap = {**base, "bucket_bytes": best[1]}
+    return best[2]
 
 
 def make_plan(graph: Graph, cm: CostModel, strategies: dict[str, Strategy], report: CostReport,
