@@ -137,37 +137,49 @@ class _CopyToLinears(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         x, *ws = ctx.saved_tensors
-        mesh, axis = ctx.mesh, ctx.axis
-        gx = handle = None
-        out = [None] * (2 * len(ws))
-        with backward_scope():
-            g2 = [g.reshape(-1, g.shape[-1]) for g in grads]
-            if ctx.needs_input_grad[0]:
-                gx = g2[0].mm(ws[0])                     # a partial sum over `axis`
-                for g, w in zip(g2[1:], ws[1:]):
-                    gx.addmm_(g, w)
-                gx = gx.view(x.shape)
-                mesh._record("all_reduce", axis, _nbytes(gx), "backward")
-                launched = time.perf_counter()
-                handle = mesh._comm(axis).iallreduce_(gx, "sum")
-            x2 = x.reshape(-1, x.shape[-1])
-            for k, (g, has_bias) in enumerate(zip(g2, ctx.biases)):   # while the all_reduce runs
-                if ctx.needs_input_grad[3 + 2 * k]:
-                    out[2 * k] = g.t().mm(x2)
-                if has_bias and ctx.needs_input_grad[4 + 2 * k]:
-                    out[2 * k + 1] = g.sum(0)
-            if handle is not None:
-                t0 = time.perf_counter()
-                handle.wait()
-                mesh.async_log.append({"kind": "all_reduce", "axis": axis, "what": "input gradient of a linear",
-                                       "shape": list(gx.shape), "dtype": str(gx.dtype), "launched": launched,
-                                       "blocked_s": time.perf_counter() - t0})
+        g2 = [g.reshape(-1, g.shape[-1]) for g in grads]
+        gx, out = _input_grad_behind_weights(ctx, "all_reduce", "input gradient of a linear", x, ws, g2, 3)
         return (gx, None, None, *out)
 
 
-def _log(mesh: Mesh, kind: str, axis, what: str, sent: torch.Tensor, launched: float, blocked: float) -> None:
-    mesh.async_log.append({"kind": kind, "axis": axis, "what": what, "shape": list(sent.shape),
-                           "dtype": str(sent.dtype), "launched": launched, "blocked_s": blocked})
+def _input_grad_behind_weights(ctx, kind: str, what: str, x: torch.Tensor, ws, g2, first: int):
+    """Backward of linears of one input `x` (its rows in the order of the gradients' `g2`):
+    the input's gradient -- a partial sum over `ctx.axis` -- first, its `kind` collective
+    (all_reduce, or reduce_scatter of the rows) launched asynchronously, the weights' and
+    biases' gradients computed meanwhile, then the wait. `first`: the position of the first
+    weight among the Function's inputs. Returns (the reduced input gradient or None, the
+    weight and bias gradients)."""
+    mesh, axis = ctx.mesh, ctx.axis
+    out = [None] * (2 * len(ws))
+    gx = handle = None
+    with backward_scope():
+        if ctx.needs_input_grad[0]:
+            gx = g2[0].mm(ws[0])                     # a partial sum over `axis`
+            for g, w in zip(g2[1:], ws[1:]):
+                gx.addmm_(g, w)
+            gx = gx.view(x.shape)
+            mesh._record(kind, axis, _nbytes(gx), "backward")
+            launched = time.perf_counter()
+            c = mesh._comm(axis)
+            handle = c.iallreduce_(gx, "sum") if kind == "all_reduce" else c.ireduce_scatter0(gx, "sum")
+        x2 = x.reshape(-1, x.shape[-1])
+        for k, (g, has_bias) in enumerate(zip(g2, ctx.biases)):   # while the collective runs
+            if ctx.needs_input_grad[first + 2 * k]:
+                out[2 * k] = g.t().mm(x2)
+            if has_bias and ctx.needs_input_grad[first + 1 + 2 * k]:
+                out[2 * k + 1] = g.sum(0)
+        if handle is not None:
+            sent, t0 = gx, time.perf_counter()
+            gx = handle.wait()
+            _log(mesh, kind, axis, what, sent.shape, sent.dtype, launched, time.perf_counter() - t0)
+    return gx, out
+
+
+def _log(mesh: Mesh, kind: str, axis, what: str, shape, dtype, launched: float, blocked: float) -> None:
+    """An asynchronous collective for the timeline: what it sent (the input of the
+    collective it is, or stands for) and how long the program blocked waiting for it."""
+    mesh.async_log.append({"kind": kind, "axis": axis, "what": what, "shape": list(shape),
+                           "dtype": str(dtype), "launched": launched, "blocked_s": blocked})
 
 
 def _check_rows(x: torch.Tensor, d: int, op: str) -> None:
@@ -193,7 +205,7 @@ def _ring_gather(mesh: Mesh, axis, shard: torch.Tensor, use, what: str) -> list[
             t0 = time.perf_counter()
             cur = h.wait()
             blocked += time.perf_counter() - t0
-    _log(mesh, "all_gather", axis, what, shard, launched, blocked)
+    _log(mesh, "all_gather", axis, what, shard.shape, shard.dtype, launched, blocked)
     return blocks
 
 
@@ -229,31 +241,9 @@ class _AllGatherLinears(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         full, *ws = ctx.saved_tensors
-        mesh, axis, d = ctx.mesh, ctx.axis, ctx.d
-        out = [None] * (2 * len(ws))
-        gx = handle = None
-        with backward_scope():
-            g2 = [g.movedim(d, 0).reshape(-1, g.shape[-1]) for g in grads]
-            if ctx.needs_input_grad[0]:
-                gx = g2[0].mm(ws[0])                     # a partial sum over `axis`
-                for g, w in zip(g2[1:], ws[1:]):
-                    gx.addmm_(g, w)
-                gx = gx.view(full.shape)
-                mesh._record("reduce_scatter", axis, _nbytes(gx), "backward")
-                launched = time.perf_counter()
-                handle = mesh._comm(axis).ireduce_scatter0(gx, "sum")
-            x2 = full.reshape(-1, full.shape[-1])
-            for k, (g, has_bias) in enumerate(zip(g2, ctx.biases)):   # while the reduce_scatter runs
-                if ctx.needs_input_grad[4 + 2 * k]:
-                    out[2 * k] = g.t().mm(x2)
-                if has_bias and ctx.needs_input_grad[5 + 2 * k]:
-                    out[2 * k + 1] = g.sum(0)
-            if handle is not None:
-                t0 = time.perf_counter()
-                gx = handle.wait().movedim(0, d)
-                _log(mesh, "reduce_scatter", axis, "input gradient of linears", full, launched,
-                     time.perf_counter() - t0)
-        return (gx, None, None, None, *out)
+        g2 = [g.movedim(ctx.d, 0).reshape(-1, g.shape[-1]) for g in grads]
+        gx, out = _input_grad_behind_weights(ctx, "reduce_scatter", "input gradient of linears", full, ws, g2, 4)
+        return (gx.movedim(0, ctx.d) if gx is not None else None, None, None, None, *out)
 
 
 def linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, bias, mesh: Mesh, axis, dim: int) -> torch.Tensor:
@@ -289,8 +279,8 @@ class _LinearReduceScatter(torch.autograd.Function):
             t0 = time.perf_counter()
             acc = h.wait() + mine
             blocked += time.perf_counter() - t0
-        _log(mesh, "reduce_scatter", axis, "output of a linear, ring", xm[:s].new_empty(
-            (n * s,) + tuple(acc.shape[1:])), launched, blocked)
+        _log(mesh, "reduce_scatter", axis, "output of a linear, ring", (n * s,) + tuple(acc.shape[1:]), acc.dtype,
+             launched, blocked)
         ctx.save_for_backward(x, weight)
         ctx.mesh, ctx.axis, ctx.d, ctx.bias = mesh, axis, d, bias is not None
         return acc.movedim(0, d)
