@@ -24,6 +24,16 @@ OVERLAP_DEFAULTS = {"enabled": True, "bucket_bytes": 25 << 20, "first_bucket_byt
                     "prefetch": 1, "async_tp": "auto"}
 
 
+def check_overlap(overlap: dict, where: str) -> None:
+    """Refuse overlap settings a program cannot run: keys outside OVERLAP_DEFAULTS (a typo, or
+    a peer's schedule the cost model prices for benchmarks, compiler/schedule.py)."""
+    unknown = sorted(set(overlap or {}) - set(OVERLAP_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{where}: unknown overlap settings {unknown}; a program runs "
+                         f"{sorted(OVERLAP_DEFAULTS)} (a peer's schedule, such as peer_unoverlapped, "
+                         f"only prices another system's program and cannot be generated)")
+
+
 @dataclass
 class Plan:
     model: str
@@ -67,6 +77,7 @@ class Plan:
         if unknown:
             raise ValueError(f"plan JSON has unknown fields {sorted(unknown)}")
         plan = cls(**data)
+        check_overlap(plan.overlap, "plan JSON")
         plan.overlap = {**OVERLAP_DEFAULTS, **plan.overlap}
         return plan
 

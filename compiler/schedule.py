@@ -66,6 +66,14 @@ from autopar.compiler.patterns import block_of
 
 # Bucket caps, as passes/overlap.py sets them: gradients that would fill fewer than
 MIN_BUCKETS = buckets.MIN_BUCKETS
+# A peer's schedule, for pricing other systems' programs on the same streams (not a plan
+# setting: the programs autopar writes overlap). With this key true in `overlap`, nothing is
+# overlapped -- every collective synchronous, ZeRO-3 weights gathered per use, no collective
+# matmuls -- but gradients are reduced as one collective per buffer (kind, axes, dtype) after
+# backward ends, not one per parameter use: Megatron-LM's own DDP of 2021
+# (benchmarks/plan_quality.py prices the paper's runs so).
+PEER_UNOVERLAPPED = "peer_unoverlapped"
+AFTER_BACKWARD = -1                     # launch_after's key for "when backward has ended"
 
 
 def bucket_caps(total: int, bucket_bytes: int, first_bucket_bytes: int) -> tuple[int, int]:
@@ -136,7 +144,7 @@ def simulate(model, report, zero: int = 0, overlap=None) -> Schedule:
     from autopar.compiler.cost import overlap_settings
     cfg = overlap_settings(overlap)
     want = cfg.get("async_tp", "auto")
-    if not cfg["enabled"] or want is False:
+    if not cfg["enabled"] or want is False or cfg.get(PEER_UNOVERLAPPED):
         return _simulate(model, report, zero, cfg, False)
     if want is True:
         return _simulate(model, report, zero, cfg, True)
@@ -192,6 +200,8 @@ def linears_of(model, src: int, dst: int) -> list[int]:
 
 def _simulate(model, report, zero: int, cfg: dict, ring: bool) -> Schedule:
     on = bool(cfg["enabled"])
+    after = on and bool(cfg.get(PEER_UNOVERLAPPED))
+    ring = ring and not after
     prefetch = max(int(cfg["prefetch"]), 0)
     members = model.members
     dp = model.dp_axis
@@ -247,7 +257,7 @@ def _simulate(model, report, zero: int, cfg: dict, ring: bool) -> Schedule:
             if members[p].kind == "param":
                 first_use.setdefault(p, m.index)
     # ZeRO-3's schedule: forward all_gathers of dp-sharded parameters become prefetches
-    zero3 = (on and zero == 3 and dp is not None and model.mesh.get(dp, 1) > 1 and not model.regions)
+    zero3 = (on and not after and zero == 3 and dp is not None and model.mesh.get(dp, 1) > 1 and not model.regions)
     gathers: dict[int, list] = {}               # consumer -> gather items
     if zero3:
         for dst, items in by_consumer.items():
@@ -415,15 +425,25 @@ def _simulate(model, report, zero: int, cfg: dict, ring: bool) -> Schedule:
     if bucketed:
         bucketed.sort(key=lambda x: (-first_use.get(x[0], -1), members[x[0]].key))
         total = sum(x[3] for x in bucketed)
-        first, cap = bucket_caps(total, int(cfg["bucket_bytes"]), int(cfg["first_bucket_bytes"]))
+        if after:                               # one contiguous buffer per group
+            first = cap = total
+        else:
+            first, cap = bucket_caps(total, int(cfg["bucket_bytes"]), int(cfg["first_bucket_bytes"]))
         items = [((kind, axes, str(members[p].outputs[0].dtype)), size) for p, kind, axes, size in bucketed]
         for i, group in enumerate(buckets.fill(items, first, cap)):
             ps = [bucketed[j] for j in group]
-            ready = min(first_use.get(p, 0) for p, *_ in ps)
+            ready = AFTER_BACKWARD if after else min(first_use.get(p, 0) for p, *_ in ps)
             bk = Bucket(i, ps[0][1], ps[0][2], tuple(members[p].key for p, *_ in ps),
-                        sum(x[3] for x in ps), members[ready].key)
+                        sum(x[3] for x in ps), "(after backward)" if after else members[ready].key)
             bucket_list.append(bk)
             launch_after.setdefault(ready, []).append(bk)
+    def launch(bk):
+        bk.launch = tc
+        for a in bk.axes:
+            col = _Col(bk.kind, a)
+            t = model.time_of_bytes(bk.kind, a, bk.nbytes)
+            name = f"bucket {bk.index} {bk.kind}({a}) {len(bk.params)} grads"
+            bk.events.append(comm(col, t, name, "backward", bk.events[-1].end if bk.events else tc, False))
     # ---- backward ------------------------------------------------------------------------
     if zero3:
         rev = order[::-1]
@@ -462,7 +482,7 @@ def _simulate(model, report, zero: int, cfg: dict, ring: bool) -> Schedule:
             if id(item) in gathered_grad:       # gathered around the ring in the linear's backward
                 ring_grad[src] = item
                 continue
-            behind = behind_of.get(id(item)) or (model.hiding_linears(col, dst, src) if on else [])
+            behind = behind_of.get(id(item)) or (model.hiding_linears(col, dst, src) if on and not after else [])
             if behind:
                 # launched once the input's gradient is made (the first half of the linears'
                 # backward: the program computes it first), waited for after the weights'
@@ -474,12 +494,9 @@ def _simulate(model, report, zero: int, cfg: dict, ring: bool) -> Schedule:
         for item in async_rs.get(m.index, []):
             pending_rs.setdefault(param_block(item[3]), []).append(item)
         for bk in launch_after.get(m.index, []):
-            bk.launch = tc
-            for a in bk.axes:
-                col = _Col(bk.kind, a)
-                t = model.time_of_bytes(bk.kind, a, bk.nbytes)
-                name = f"bucket {bk.index} {bk.kind}({a}) {len(bk.params)} grads"
-                bk.events.append(comm(col, t, name, "backward", bk.events[-1].end if bk.events else tc, False))
+            launch(bk)
+    for bk in launch_after.get(AFTER_BACKWARD, []):
+        launch(bk)
     for b in sorted(pending_rs, key=lambda b: b is None):   # the last block, then the root's
         scatter_unit(b)
     # ---- optimizer step: every gradient reduced first -----------------------------------

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 
 from autopar.compiler import buckets, patterns
 from autopar.compiler.ir import Value
-from autopar.compiler.plan import OVERLAP_DEFAULTS
+from autopar.compiler.plan import OVERLAP_DEFAULTS, check_overlap
 from autopar.compiler.sharded import Region, ShardedGraph, nbytes, zero_chunk
 
 
@@ -113,6 +113,7 @@ class Overlap:
 
 
 def settings(plan_overlap: dict | None) -> Overlap:
+    check_overlap(plan_overlap, "Plan.overlap")
     s = {**OVERLAP_DEFAULTS, **(plan_overlap or {})}
     return Overlap(bool(s["enabled"]), int(s["bucket_bytes"]), int(s["first_bucket_bytes"]), int(s["prefetch"]),
                    collective_matmuls=s.get("async_tp") is True)

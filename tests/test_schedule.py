@@ -198,3 +198,39 @@ def test_a_weight_gathered_in_forward_keeps_its_gradient_reductions_synchronous(
         f"blocks.{i}.fc.weight" for i in range(BLOCKS) if i != 2)
     sync = [e for e in sched.events if e.axis == "dp" and w.key in e.name]
     assert sync and all(e.hidden == 0.0 for e in sync)
+
+
+def test_a_peer_that_reduces_one_gradient_buffer_after_backward_hides_nothing():
+    # Megatron-LM's own DDP of 2021 (benchmarks/plan_quality.py prices the paper's runs so):
+    # every gradient in one all_reduce once backward has ended, one latency for all of them
+    from autopar.compiler.schedule import PEER_UNOVERLAPPED
+    peer = model({PEER_UNOVERLAPPED: True})
+    rep = peer.evaluate(dp_strategies(peer, False), 0)
+    sched = rep.schedule
+    assert len(sched.buckets) == 1 and sched.buckets[0].ready == "(after backward)"
+    assert sorted(sched.buckets[0].params) == sorted(f"blocks.{i}.fc.weight" for i in range(BLOCKS))
+    assert sched.buckets[0].nbytes == rep.bytes["all_reduce:dp"]        # bytes unchanged, one call
+    last_compute = max(e.end for e in sched.events if e.stream == "compute")
+    assert sched.buckets[0].events[0].start == pytest.approx(last_compute)
+    assert sched.hidden["dp"] == 0.0 and sched.interference == 0.0
+    one_call = peer.time_of_bytes("all_reduce", "dp", rep.bytes["all_reduce:dp"])
+    assert sched.makespan == pytest.approx(sched.compute + one_call)
+    # between autopar's overlapped program and its per-parameter synchronous one
+    on, off = model(), model(False)
+    t_on = on.evaluate(dp_strategies(on, False), 0).step_time
+    t_off = off.evaluate(dp_strategies(off, False), 0).step_time
+    assert t_on < sched.makespan < t_off
+
+
+def test_a_plan_cannot_carry_a_peer_schedule_or_an_unknown_overlap_setting():
+    from autopar.compiler.plan import Plan
+    from autopar.passes.overlap import settings
+    plan = Plan("m", {"dp": 2})
+    plan.overlap = {**plan.overlap, "peer_unoverlapped": True}
+    with pytest.raises(ValueError, match=r"unknown overlap settings \['peer_unoverlapped'\]"):
+        Plan.from_json(plan.to_json())
+    with pytest.raises(ValueError, match="cannot be generated"):
+        settings(plan.overlap)
+    plan.overlap = {"bucket_byts": 1 << 20}
+    with pytest.raises(ValueError, match="bucket_byts"):
+        Plan.from_json(plan.to_json())
