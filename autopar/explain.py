@@ -258,7 +258,8 @@ def render(s: dict) -> str:
     out.append("totals per training step:")
     out.append(f"  step time      {format_time(c['step_time'])}  ({format_rate(c['tflops_per_device'])} per device)")
     out.append(f"  compute        {format_time(c['compute_time'])}  (forward {format_time(comp['forward'])}, "
-               f"backward {format_time(comp['backward'])}, recompute {format_time(comp['recompute'])})")
+               f"backward {format_time(comp['backward'])}, recompute {format_time(comp['recompute'])}, "
+               f"optimizer step {format_time(comp.get('optimizer', 0.0))})")
     per_axis = ", ".join(f"{a} {format_time(t)} ({c['links'][a]['kind']})" for a, t in c["communication"].items())
     out.append(f"  communication  {format_time(c['comm_time'])}  ({per_axis})")
     m = c["memory"]

@@ -81,7 +81,7 @@ def reference_run(model: torch.nn.Module, state: dict, inputs: tuple, steps: int
         inputs = tuple(rt.to_compute(t) if isinstance(t, torch.Tensor) else t for t in inputs)
     trainable = [p for p in model.parameters() if p.requires_grad]
     stepped = masters.params() if masters is not None else trainable
-    opt = (torch.optim.AdamW(stepped, lr=lr) if optimizer == "adamw"
+    opt = (torch.optim.AdamW(stepped, lr=lr, fused=True) if optimizer == "adamw"
            else torch.optim.SGD(stepped, lr=lr, momentum=0.9))
     losses = []
     names = {id(p): n for n, p in model.named_parameters()}

@@ -242,7 +242,7 @@ class PipelineParts:
             w("                                    BUCKET_BYTES, FIRST_BUCKET_BYTES)", 1)
         w("trainable = masters.params()  # fp32" if bf16 else "trainable = [p for p in model.parameters() if p.requires_grad]", 1)
         w('if args.optimizer == "adamw":', 1)
-        w("optimizer = torch.optim.AdamW(trainable, lr=args.lr)", 2)
+        w("optimizer = torch.optim.AdamW(trainable, lr=args.lr, fused=True)  # one pass over each tensor's state", 2)
         w("else:", 1)
         w("optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)", 2)
         w("# a checkpoint holds each tensor once: this stage writes its own, a tied weight's first stage", 1)

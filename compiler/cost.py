@@ -60,6 +60,14 @@ in bytes by the code generator:
   every state is / n because the param is. A param no dim of which divides by n stays
   R on dp and is treated as z=2.
 
+The optimizer step (the programs' fused torch.optim.AdamW) is memory-bound: per element of
+a trainable parameter's local state (/ n under ZeRO >= 1) it streams ADAMW_BYTES, plus
+MASTER_BYTES under mixed precision (the bf16 gradient widened onto its fp32 master, the bf16
+weight rounded from it), and it costs a few of the profile's op overheads per tensor. It is
+compute after backward in the schedule, the parameters of the gradient buckets already
+reduced first where the program steps them so (`GradBuckets.step`), and a per-parameter
+unary term of the search's objective. (`--optimizer sgd` programs are priced as AdamW.)
+
 Memory per device = params + grads + optimizer state + saved activations:
 outputs of nodes whose outputs need a gradient (views are free), the graph inputs, and
 the operand copies a forward collective makes for a consumer that runs a backward (an
@@ -90,6 +98,15 @@ from autopar.compiler.patterns import recompute_runs
 from autopar.compiler.sharding import Collective, Strategy
 
 MATMUL_OPS = {"linear", "matmul", "mm", "bmm"}
+# One fused torch.optim.AdamW step (the programs' optimizer) per element: it reads the
+# parameter, its gradient and both moments and writes back all but the gradient (fp32: 28 B),
+# and costs two op overheads per tensor of host work (measured on the 2-core CPU: 0.18 ms for
+# the small GPT's 28 tensors, 110k elements -- 4.5 us a tensor beyond the bytes; 2.7 us op
+# overhead)
+ADAMW_BYTES, ADAMW_OPS = 28, 2
+# mixed precision (runtime/precision.py): the bf16 gradient widened onto the fp32 master
+# (2 + 4) and the bf16 weight copied from it after the step (4 + 2), one op each
+MASTER_BYTES, MASTER_OPS = 12, 2
 PHASES = ("forward", "backward", "recompute", "optimizer")
 # the solver's linear prices of communication the schedule overlaps (see the docstring)
 GRAD_EXPOSED = 0.5
@@ -224,7 +241,7 @@ class CostReport:
     step_time: float
     compute_time: float
     comm_time: float
-    compute: dict[str, float]                 # forward / backward / recompute
+    compute: dict[str, float]                 # forward / backward / recompute / optimizer
     comm_by_axis: dict[str, float]
     bytes: dict[str, int]                     # "kind:axis" -> bytes per step per rank
     bytes_by_phase: dict[str, dict[str, int]]
@@ -238,6 +255,7 @@ class CostReport:
     exposed: dict[str, float] = field(default_factory=dict)   # per axis (schedule)
     hidden: dict[str, float] = field(default_factory=dict)
     schedule: Any = None                      # compiler/schedule.Schedule
+    optimizer: dict[str, float] = field(default_factory=dict)   # param key -> its step's seconds
 
     def tflops_per_device(self) -> float:
         return self.flops / self.step_time / 1e12 if self.step_time > 0 else 0.0
@@ -543,6 +561,21 @@ class CostModel:
         v = self.members[mi].outputs[0]
         return Collective("all_gather", self.dp_axis, self.local_bytes(v, self.out_layouts(mi, s)[0]), "optimizer")
 
+    def optimizer_time(self, mi: int, s: Strategy, zero: int) -> float:
+        """Seconds of the optimizer step for a trainable parameter under `s` (see the module
+        docstring): its local elements (/ n when ZeRO shards its state), memory-bound."""
+        m = self.members[mi]
+        if m.kind != "param" or not m.trainable or not m.outputs[0].dtype.is_floating_point:
+            return 0.0
+        v = m.outputs[0]
+        elems = prod(sharding.local_shape(v.shape, self.out_layouts(mi, s)[0], self.mesh))
+        if self.zero_applies(mi, s, zero):
+            elems /= self.mesh[self.dp_axis]
+        nbytes, ops = elems * ADAMW_BYTES, ADAMW_OPS
+        if self.precision == "mixed":
+            nbytes, ops = nbytes + elems * MASTER_BYTES, ops + MASTER_OPS
+        return nbytes / self.profile.hbm_bandwidth + ops * self.profile.op_overhead
+
     def grad_reduce_scatter(self, mi: int, s: Strategy) -> Collective:
         """z>=2: the one reduce_scatter replacing a param's per-edge gradient all_reduces."""
         v = self.members[mi].outputs[0]
@@ -749,7 +782,8 @@ class CostModel:
         `schedule=False`: no simulation, the step is the additive time (all of it exposed)."""
         strat = self.full_strategies(strategies)
         nodes: dict[str, NodeCost] = {}
-        comp = {"forward": 0.0, "backward": 0.0, "recompute": 0.0}
+        comp = {"forward": 0.0, "backward": 0.0, "recompute": 0.0, "optimizer": 0.0}
+        optimizer: dict[str, float] = {}
         comm_axis = {a: 0.0 for a in self.axes}
         by_kind: dict[str, int] = {}
         by_phase: dict[str, dict[str, int]] = {p: {} for p in PHASES}
@@ -783,6 +817,10 @@ class CostModel:
             comp["recompute"] += c.recompute_time - t_re
             flops += (c.flops + c.bwd_flops) * self.split_factor(s) / self.cluster.devices
             mem["activations"] += self.activation_bytes(m.index, s)
+            t_opt = self.optimizer_time(m.index, s, zero)
+            if t_opt:
+                optimizer[m.key] = t_opt
+                comp["optimizer"] += t_opt
             p, g, o = self.param_state(m.index, s, zero)
             mem["params"] += p
             mem["grads"] += g
@@ -826,7 +864,7 @@ class CostModel:
         report = CostReport(compute_time + comm_time, compute_time, comm_time, comp, comm_axis,
                             dict(sorted(by_kind.items())),
                             {p: dict(sorted(b.items())) for p, b in by_phase.items()},
-                            mem, flops, nodes, zcols, comms, compute_time + comm_time)
+                            mem, flops, nodes, zcols, comms, compute_time + comm_time, optimizer=optimizer)
         if not schedule:
             report.exposed, report.hidden = dict(comm_axis), {a: 0.0 for a in self.axes}
             return report
@@ -888,4 +926,4 @@ def annotate_costs(graph: Graph, plan, profile: DeviceProfile | str | None = Non
 
 __all__ = ["CostModel", "CostReport", "NodeCost", "Member", "Edge", "collective_time",
            "annotate_costs", "recompute_regions", "recompute_savings", "PHASES", "GRAD_EXPOSED", "GATHER_EXPOSED",
-           "overlap_settings"]
+           "overlap_settings", "ADAMW_BYTES", "MASTER_BYTES"]

@@ -29,11 +29,13 @@ it is simulated:
   order backward finishes them (latest first use first), the first bucket small; a bucket
   is one collective per axis, launched on that axis's stream when its last gradient is
   produced (after the backward of the earliest first use of its parameters) and waited for
-  before the optimizer step (a parameter whose gradient the program reduces one op down,
-  `CostModel.grad_through`, counts as that parameter's). The program does a little better:
-  it steps the parameters of the finished buckets while the last ones are still in flight
-  (`GradBuckets.step`). The cost model does not price the optimizer's compute, so here
-  those last buckets stay exposed: the predicted exposed time is an upper bound by them;
+  before its parameters step (a parameter whose gradient the program reduces one op down,
+  `CostModel.grad_through`, counts as that parameter's);
+- the optimizer step (`CostModel.optimizer_time`, memory-bound AdamW) is compute after
+  backward: a ZeRO-0 fp32 program with buckets still in flight steps the parameters of the
+  longest reduced prefix of them first (and those in no bucket), waits for the rest, then
+  steps theirs; otherwise every collective is waited for first. ZeRO-1/2's all_gather of
+  the updated parameters follows it;
 - ZeRO-3 (FSDP's schedule, when the overlap pass applies it: no recompute regions): a
   block's parameters are gathered by one all_gather per dtype (their bytes summed, one
   latency: the runtime's flat gather), issued when the compute stream enters the block
@@ -47,8 +49,8 @@ it is simulated:
   reduce_scatter runs beside the linears' weight gradients, a reduce_scatter's backward
   gather around the ring beside the input gradient's pieces (rt.all_gather_linears,
   rt.linear_reduce_scatter);
-- optimizer-phase collectives (ZeRO-1/2's all_gather of updated parameters) run after every
-  gradient collective has finished, synchronously;
+- optimizer-phase collectives (ZeRO-1/2's all_gather of updated parameters) run after the
+  optimizer step, synchronously;
 - hiding is not free: compute beside a collective runs slower (the profile's
   `overlap_slowdown`), so the makespan adds that fraction of the hidden time (`interference`;
   the trace's events are not stretched).
@@ -499,8 +501,25 @@ def _simulate(model, report, zero: int, cfg: dict, ring: bool) -> Schedule:
         launch(bk)
     for b in sorted(pending_rs, key=lambda b: b is None):   # the last block, then the root's
         scatter_unit(b)
-    # ---- optimizer step: every gradient reduced first -----------------------------------
+    # ---- optimizer step ------------------------------------------------------------------
+    opt = report.optimizer
+
+    def step(keys, what):
+        if keys:
+            run(f"optimizer step: {len(keys)} parameters{what}", sum(opt[k] for k in keys), "optimizer")
+    # as GradBuckets.step: a ZeRO-0 fp32 program with buckets in flight steps the parameters
+    # of the longest reduced prefix of them (and those of no bucket) first, then waits
+    behind = on and not after and bool(bucket_list) and not optimizer and model.precision != "mixed"
+    if behind:
+        ends = [max((e.end for e in b.events), default=b.launch) for b in bucket_list]
+        k = next((i for i, e in enumerate(ends) if e > tc), len(bucket_list))
+        late = {p for b in bucket_list[k:] for p in b.params}
+        step([p for p in opt if p not in late], " (their gradients reduced)" if late else "")
+        tc = max([tc] + ends[k:])
+        step([p for p in opt if p in late], " (the last buckets')")
     tc = max([tc] + list(free.values()))
+    if not behind:
+        step(list(opt), "")
     for col, t, dst, src in optimizer:
         comm(col, t, f"{col.kind}({col.axis}) {members[src].key} (optimizer)", "optimizer", tc, True)
     makespan = max([tc] + [e.end for e in events])

@@ -309,12 +309,13 @@ def pipeline_base(plan, graph, profile, cm=None) -> dict:
         node_ovh.append(ovh)
         node_act.append(cm.activation_bytes(mi, strat(cm.members[mi].key)))
     link = Cluster(dict(plan.mesh), profile).link(pp["axis"])
-    state = {}
+    state, opt = {}, {}
     for prm in graph.params:
         mi = cm.by_key[prm.name].index
         state[prm.name] = cm.param_state(mi, strat(prm.name), plan.zero)
+        opt[prm.name] = cm.optimizer_time(mi, strat(prm.name), plan.zero)
     return {"cm": cm, "link": link, "stages": stages, "node_t": node_t, "node_act": node_act,
-            "node_ovh": node_ovh, "state": state, "pos": pos}
+            "node_ovh": node_ovh, "state": state, "optimizer": opt, "pos": pos}
 
 
 def price_pipeline(plan, graph, profile, base: dict | None = None) -> dict:
@@ -327,8 +328,9 @@ def price_pipeline(plan, graph, profile, base: dict | None = None) -> dict:
     intra-stage plan's communication. GPipe and 1F1B idle each stage for (p-1) microbatch
     slots while the pipeline fills and drains, so the step is the slowest stage stretched by
     the bubble, max_k t_k * (1 + (p-1)/m), plus the point-to-point sends on the fill / drain
-    path (2 (p-1) microbatch activations, forward and backward) and the tied weights'
-    gradient all_reduce. Memory: a stage's parameters, gradients and optimizer state, plus
+    path (2 (p-1) microbatch activations, forward and backward), the tied weights'
+    gradient all_reduce and the optimizer step of the rank holding the most. Memory: a
+    stage's parameters, gradients and optimizer state, plus
     the activations of the microbatches in flight -- GPipe keeps all m, 1F1B at most p - k on
     stage k (p on the first)."""
     from autopar.compiler.cost import collective_time
@@ -357,9 +359,11 @@ def price_pipeline(plan, graph, profile, base: dict | None = None) -> dict:
         flight = in_flight(pp["schedule"], r, p, m, v)
         parts = [sum(state.get(n, (0.0, 0.0, 0.0))[j] for n in held) for j in range(3)]
         blocks = [list(c.blocks) for c in mine]
-        rows.append({"stage": r, "blocks": blocks[0] if v == 1 else blocks, "time": t, "compute": compute, "in_flight": flight,
+        step_t = sum(b["optimizer"].get(n, 0.0) for n in held)     # after the flush, not stretched
+        rows.append({"stage": r, "blocks": blocks[0] if v == 1 else blocks, "time": t, "compute": compute,
+                     "optimizer": step_t, "in_flight": flight,
                      "activations": acts * flight / m, "state": sum(parts), "params": parts[0],
-                     "grads": parts[1], "optimizer": parts[2], "memory": sum(parts) + acts * flight / m})
+                     "grads": parts[1], "optimizer_state": parts[2], "memory": sum(parts) + acts * flight / m})
     # one microbatch's boundary activations (the largest cut), fp32 as traced
     from autopar.compiler.sharded import depends_on
     cut_bytes = 0.0
@@ -376,8 +380,9 @@ def price_pipeline(plan, graph, profile, base: dict | None = None) -> dict:
     # the fill and drain idle each rank (p-1) microbatch slots of one chunk: 1/v of its work
     bubble = (p - 1) / (v * m)
     slowest = max(r["time"] for r in rows)
-    # the fill / drain path crosses every cut between chunks, forward and backward
-    step = slowest * (1 + bubble) + 2 * (p * v - 1) * p2p + tied_t
+    # the fill / drain path crosses every cut between chunks, forward and backward; then each
+    # rank steps the parameters it holds
+    step = slowest * (1 + bubble) + 2 * (p * v - 1) * p2p + tied_t + max(r["optimizer"] for r in rows)
     out = {"schedule": pp["schedule"], "virtual": v, "stages": p, "microbatches": m, "bubble": bubble,
            "blocks": pp.get("blocks"), "pinned": list(pp.get("pinned", [])),
            "stage_rows": rows, "p2p_per_microbatch": p2p, "boundary_bytes": cut_bytes,
@@ -390,7 +395,8 @@ def price_pipeline(plan, graph, profile, base: dict | None = None) -> dict:
         plan.cost["tflops_per_device"] = plan.cost["flops_per_device"] / step / 1e12 if step > 0 else 0.0
     worst = max(rows, key=lambda r: r["memory"])
     mem = dict(plan.cost.get("memory") or {})
-    mem.update({k: int(worst[k]) for k in ("params", "grads", "optimizer", "activations")})
+    mem.update({k: int(worst[k]) for k in ("params", "grads", "activations")})
+    mem["optimizer"] = int(worst["optimizer_state"])
     mem["total"] = int(worst["memory"])            # the fullest stage's device
     plan.cost["memory"] = mem
     pp["stage_time"] = [r["time"] for r in rows]
@@ -432,7 +438,9 @@ def pipeline_lines(c: dict) -> list[str]:
                    f"{r['in_flight']:.3g} microbatch(es) in flight {format_bytes(r['activations'])})")
     out.append(f"  step = slowest stage x (1 + bubble) + {'2(pv-1)' if v > 1 else '2(p-1)'} sends of {format_bytes(c['boundary_bytes'])} "
                f"({format_time(c['p2p_per_microbatch'])} each) + tied-weight all_reduce "
-               f"{format_time(c['tied_all_reduce'])} = {format_time(c['step_time'])}")
+               f"{format_time(c['tied_all_reduce'])} + optimizer step "
+               f"{format_time(max((r.get('optimizer', 0.0) for r in c['stage_rows']), default=0.0))} "
+               f"= {format_time(c['step_time'])}")
     return out
 
 

@@ -504,6 +504,7 @@ def build_tables(prob: Problem, zero: int) -> Tables:
                 col = cm.optimizer_gather(mi, s, zero)
                 if col is not None:
                     t += cm.time_of(col)
+                t += cm.optimizer_time(mi, s, zero)
             ut[cid][k_i] += mult * t
             um[cid][k_i] += mult * mm
     # values several consumers read: their steps are priced once (collective CSE)

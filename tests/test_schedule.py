@@ -84,8 +84,14 @@ def test_a_bucket_launched_early_hides_behind_backward_and_the_last_cannot():
     first, last = sched.buckets[0], sched.buckets[-1]
     assert first.events[0].hidden == pytest.approx(first.events[0].dur)    # backward of blocks 2..0 follows
     assert first.events[0].behind is not None and "blocks." in first.events[0].behind[0]
-    assert last.events[0].hidden == 0.0               # nothing is left to compute after block 0's backward
-    assert sched.exposed["dp"] >= last.events[0].dur - 1e-15
+    # nothing of backward is left after block 0's: the last bucket hides only behind the
+    # optimizer step of the parameters whose buckets are reduced (GradBuckets.step)
+    early = next(e for e in sched.events if e.name.startswith("optimizer step") and "reduced" in e.name)
+    assert last.events[0].start >= max(e.end for e in sched.events if e.phase == "backward"
+                                       and e.stream == "compute") - 1e-15
+    assert last.events[0].behind == (early.name, early.name)
+    assert 0 < last.events[0].hidden <= early.dur + 1e-15
+    assert sched.exposed["dp"] >= last.events[0].dur - early.dur - 1e-15
     assert sched.hidden["dp"] > 0
     total = sum(e.dur for e in sched.events if e.stream == "comm:dp")
     assert sched.exposed["dp"] + sched.hidden["dp"] == pytest.approx(total)
@@ -210,8 +216,10 @@ def test_a_peer_that_reduces_one_gradient_buffer_after_backward_hides_nothing():
     assert len(sched.buckets) == 1 and sched.buckets[0].ready == "(after backward)"
     assert sorted(sched.buckets[0].params) == sorted(f"blocks.{i}.fc.weight" for i in range(BLOCKS))
     assert sched.buckets[0].nbytes == rep.bytes["all_reduce:dp"]        # bytes unchanged, one call
-    last_compute = max(e.end for e in sched.events if e.stream == "compute")
-    assert sched.buckets[0].events[0].start == pytest.approx(last_compute)
+    backward_done = max(e.end for e in sched.events if e.stream == "compute" and e.phase == "backward")
+    assert sched.buckets[0].events[0].start == pytest.approx(backward_done)
+    step = [e for e in sched.events if e.phase == "optimizer"]     # after the reduction, whole
+    assert len(step) == 1 and step[0].start == pytest.approx(sched.buckets[0].events[0].end)
     assert sched.hidden["dp"] == 0.0 and sched.interference == 0.0
     one_call = peer.time_of_bytes("all_reduce", "dp", rep.bytes["all_reduce:dp"])
     assert sched.makespan == pytest.approx(sched.compute + one_call)

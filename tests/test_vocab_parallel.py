@@ -131,7 +131,9 @@ def test_per_token_losses_are_partial_sums_over_the_class_axis():
 def test_generated_call_is_visible_and_commented():
     from autopar.backends.codegen import backend_named, emit_program
     g = lm_head_graph(ignore_index=-1)
-    plan = search(g, {"dp": 2, "tp": 2}, H100ISH, deterministic=True, overlap=False)
+    # ZeRO-0: the weight stays whole on dp (ZeRO-3 halves its optimizer step and would
+    # gather it -- an all_gather that is not the loss's)
+    plan = search(g, {"dp": 2, "tp": 2}, H100ISH, deterministic=True, overlap=False, zero=0)
     src = emit_program(apply_plan(g, plan), backend_named("torch"), "lm")
     assert 'rt.vocab_parallel_cross_entropy(lm_head, targets, mesh, "tp", ignore_index=-1, ' \
            "reduction='sum')" in src

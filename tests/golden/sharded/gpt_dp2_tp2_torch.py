@@ -352,7 +352,7 @@ def main():
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(trainable, lr=args.lr)
+        optimizer = torch.optim.AdamW(trainable, lr=args.lr, fused=True)  # one pass over each tensor's state
     else:
         optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)
     ckpt = rt.TrainingCheckpoint(args, mesh, model, optimizer, checkpoint_specs(model, full),
