@@ -83,7 +83,13 @@ def torch_worker(mode: str, init: str, steps: int, stats: str, lr: float) -> Non
         for block in model.transformer.h:
             fully_shard(block)
         fully_shard(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)     # as autopar's programs step
+    # fused, as autopar's programs step; one fused call cannot mix DTensor and plain tensor
+    # parameters (tp leaves the norms and embeddings plain), so each kind is its own group
+    from torch.distributed.tensor import DTensor
+    params = list(model.parameters())
+    groups = [g for g in ([p for p in params if isinstance(p, DTensor)],
+                          [p for p in params if not isinstance(p, DTensor)]) if g]
+    opt = torch.optim.AdamW([{"params": g} for g in groups], lr=lr, fused=True)
     losses, times = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
