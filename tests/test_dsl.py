@@ -33,7 +33,7 @@ DEVICES = ["a100-80g", "cpu", "h100", "h200", "mi250x"]
 # example plan -> the model it is written for
 PLAN_MODELS = {"tensor_parallel_mlp": "mlp", "megatron_gpt": "gpt", "gpt_blocks": "gpt",
                "zero3_llama": "llama", "recompute_gpt": "gpt", "lora_gpt": "lora",
-               "pipeline_gpt": "gpt"}
+               "pipeline_gpt": "gpt", "data_parallel_gpt": "gpt"}
 
 
 @pytest.fixture(scope="module")
