@@ -488,6 +488,14 @@ def timeline_lines(prog, directory: Path, stats: list[dict]) -> list[str]:
             if e or h:
                 per_axis.append(f"{axis} {format_time(h)} hidden, {format_time(e)} exposed ({h / (e + h):.0%})")
         lines.append("  predicted: " + "; ".join(per_axis))
+    measured = [(row["rank"], row["memory"]) for row in rows if row.get("memory")]
+    if measured:
+        from autopar.compiler.cluster import format_bytes
+        want = (prog.plan.cost.get("memory") or {}).get("total")
+        lines.append("  tensor memory per rank (held at the step's start + its peak on top): "
+                     + ", ".join(f"{r}: {format_bytes(m['peak'])} ({format_bytes(m['held_at_start'])} + "
+                                 f"{format_bytes(m['step_extra'])})" for r, m in measured)
+                     + (f"; predicted {format_bytes(want)}" if want else ""))
     fractions = [row["hidden_fraction"] for row in rows if row["hidden_fraction"] is not None]
     if fractions:
         lines.append(f"  hidden behind compute: {min(fractions):.0%} (worst rank) of the asynchronous "

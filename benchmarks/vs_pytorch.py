@@ -19,7 +19,10 @@ The model is a small GPT (examples/gpt.py, 4 layers, 256 wide, vocab 2048, 8 x 6
 median step time after warm-up, the ratio autopar / PyTorch, peak resident memory per rank
 (ru_maxrss over the training steps, includes the ~0.3 GB of an imported torch; the
 generated program's final save of its shards, which PyTorch's side does not do, comes
-after it), and both runs' losses (they should agree). Results go to benchmarks/results/vs_pytorch.{json,md}.
+after it), the peak tensor memory per rank of one step after warm-up (the tensors alive
+when the step begins plus the most it allocates on top, backends/runtime/timeline.py's
+MemoryProbe on both sides: what a plan's memory prediction counts, without the interpreter
+and the C allocator's slack that RSS adds), and both runs' losses (they should agree). Results go to benchmarks/results/vs_pytorch.{json,md}.
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ def build():
 
 # ---- the PyTorch side (runs inside each rank) ------------------------------------------------
 
-def torch_worker(mode: str, init: str, steps: int, stats: str, lr: float) -> None:
+def torch_worker(mode: str, init: str, steps: int, stats: str, lr: float, timeline: str | None = None) -> None:
     import resource
 
     import torch
@@ -91,20 +94,36 @@ def torch_worker(mode: str, init: str, steps: int, stats: str, lr: float) -> Non
                           [p for p in params if not isinstance(p, DTensor)]) if g]
     opt = torch.optim.AdamW([{"params": g} for g in groups], lr=lr, fused=True)
     losses, times = [], []
-    for _ in range(steps):
+    from torch.profiler import ProfilerActivity, profile
+
+    from autopar.backends.runtime.timeline import MemoryProbe
+    probe, prof, memory = MemoryProbe(torch.device("cpu")), None, None
+    for step in range(steps):
+        if timeline and step == steps - 1:          # the last step's tensor memory, as autopar's Timeline
+            probe.begin()
+            prof = profile(activities=[ProfilerActivity.CPU], **probe.profile_kwargs())
+            prof.start()
         t0 = time.perf_counter()
         loss = model(idx, targets)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
+        if prof is not None:
+            prof.stop()
+            os.makedirs(timeline, exist_ok=True)
+            trace = os.path.join(timeline, f"rank{rank}.trace.json")
+            prof.export_chrome_trace(trace)
+            with open(trace) as f:
+                memory = probe.peak(json.load(f).get("traceEvents", []))
+            prof = None
         value = loss.detach().clone()
         if mode in ("ddp", "fsdp"):
             dist.all_reduce(value)
             value /= world
         losses.append(value.item())
     with open(f"{stats}.rank{rank}.json", "w") as f:
-        json.dump({"losses": losses, "times": times,
+        json.dump({"losses": losses, "times": times, "memory": memory,
                    "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}, f)
     dist.barrier()           # both ranks done with every collective before gloo is torn down
     dist.destroy_process_group()
@@ -153,9 +172,10 @@ def main() -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--init", help=argparse.SUPPRESS)
     p.add_argument("--stats", help=argparse.SUPPRESS)
+    p.add_argument("--timeline", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        torch_worker(args.worker, args.init, args.steps, args.stats, args.lr)
+        torch_worker(args.worker, args.init, args.steps, args.stats, args.lr, args.timeline)
         return
 
     import torch
@@ -191,6 +211,21 @@ def main() -> None:
                 assert res.ok, res.message
                 theirs_runs.append(summarize([json.loads((d / f"pt{r}.rank{k}.json").read_text())
                                               for k in range(WORLD)], args.warmup))
+            # one more short run each, its last step profiled for tensor memory (not timed)
+            mem_args = ["--steps", str(max(args.warmup + 1, 2)), "--lr", repr(args.lr)]
+            res = launch(prog.files["program"], WORLD, "torch",
+                         mem_args + ["--save", str(d / "shards"), "--timeline", str(d / "tl-ap")], 600,
+                         d / "logs", out=open(os.devnull, "w"))
+            assert res.ok, res.message
+            ours_mem = max(json.loads((d / "tl-ap" / f"rank{k}.overlap.json").read_text())["memory"]["peak"]
+                           for k in range(WORLD))
+            res = launch(Path(__file__), WORLD, "torch",
+                         mem_args + ["--worker", mode, "--init", str(prog.files["init"]),
+                                     "--stats", str(d / "pt-mem"), "--timeline", str(d / "tl-pt")], 600,
+                         d / "logs-pt", out=open(os.devnull, "w"))
+            assert res.ok, res.message
+            theirs_mem = max(json.loads((d / f"pt-mem.rank{k}.json").read_text())["memory"]["peak"]
+                             for k in range(WORLD))
             ratios = [a["step_ms"] / b["step_ms"] for a, b in zip(ours_runs, theirs_runs)]
             ours, theirs = ours_runs[0], theirs_runs[0]
             ours = {**ours, "step_ms": statistics.median(x["step_ms"] for x in ours_runs),
@@ -204,12 +239,14 @@ def main() -> None:
                          "autopar_step_ms": ours["step_ms"], "pytorch_step_ms": theirs["step_ms"],
                          "time_ratio": statistics.median(ratios), "round_ratios": ratios,
                          "autopar_peak_rss_mib": ours["peak_rss_mib"], "pytorch_peak_rss_mib": theirs["peak_rss_mib"],
+                         "autopar_peak_tensor_mib": ours_mem / 2**20, "pytorch_peak_tensor_mib": theirs_mem / 2**20,
                          "max_loss_rel_diff": loss_gap,
                          "autopar_losses": ours["losses"], "pytorch_losses": theirs["losses"]})
             print(f"{label:<16} autopar {ours['step_ms']:8.1f} ms   {rows[-1]['pytorch_api']:<34} "
                   f"{theirs['step_ms']:8.1f} ms   ratio {rows[-1]['time_ratio']:.2f} "
                   f"(rounds {', '.join(f'{x:.2f}' for x in ratios)})   "
-                  f"rss {ours['peak_rss_mib']:.0f} / {theirs['peak_rss_mib']:.0f} MiB   loss gap {loss_gap:.1e}",
+                  f"rss {ours['peak_rss_mib']:.0f} / {theirs['peak_rss_mib']:.0f} MiB   "
+                  f"tensors {ours_mem / 2**20:.1f} / {theirs_mem / 2**20:.1f} MiB   loss gap {loss_gap:.1e}",
                   flush=True)
     meta = {"model": "GPT (examples/gpt.py) n_layer=4 n_embd=256 n_head=4 vocab=2048, batch 8 x 64 tokens",
             "ranks": WORLD, "backend": "gloo on CPU, OMP_NUM_THREADS=1", "optimizer": "AdamW (fused, both sides)",
@@ -223,15 +260,19 @@ def main() -> None:
              f"{meta['model']}; {WORLD} ranks, {meta['backend']}; fused AdamW; median step after "
              f"{args.warmup} warm-up steps of {args.steps}, {args.rounds} alternating rounds (ratio: "
              f"median of the rounds' ratios); torch {meta['torch']}; {meta['cpus']} CPUs.", "",
-             "| layout | PyTorch API | autopar ms/step | PyTorch ms/step | ratio | autopar peak RSS MiB "
-             "| PyTorch peak RSS MiB | max loss rel. diff |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| layout | PyTorch API | autopar ms/step | PyTorch ms/step | ratio | autopar peak tensors MiB "
+             "| PyTorch peak tensors MiB | autopar peak RSS MiB | PyTorch peak RSS MiB | max loss rel. diff |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['layout']} | {r['pytorch_api']} | {r['autopar_step_ms']:.1f} | {r['pytorch_step_ms']:.1f} "
-                     f"| {r['time_ratio']:.2f} | {r['autopar_peak_rss_mib']:.0f} | {r['pytorch_peak_rss_mib']:.0f} "
+                     f"| {r['time_ratio']:.2f} | {r['autopar_peak_tensor_mib']:.1f} | {r['pytorch_peak_tensor_mib']:.1f} "
+                     f"| {r['autopar_peak_rss_mib']:.0f} | {r['pytorch_peak_rss_mib']:.0f} "
                      f"| {r['max_loss_rel_diff']:.1e} |")
     lines += ["", "Ratio = autopar / PyTorch step time (lower is better for autopar). Timings on a shared",
-              "2-core machine are noisy; the loss column checks that both run the same computation."]
+              "2-core machine are noisy; the loss column checks that both run the same computation.",
+              "Peak tensors: the tensors alive when a step after warm-up begins plus the most that step",
+              "allocates on top (the same probe on both sides); peak RSS adds torch itself and the C",
+              "allocator's slack, which moves by 10-20 MiB from run to run."]
     (RESULTS / "vs_pytorch.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {RESULTS / 'vs_pytorch.json'} and {RESULTS / 'vs_pytorch.md'}")
 

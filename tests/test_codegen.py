@@ -152,8 +152,8 @@ def test_parity_and_bytes_on_4_ranks(traced, tmp_path, backend):
 
 def test_cli_run_check(tmp_path):
     """`autopar run ... --check --timeline` end to end (2 ranks: data parallel MLP, its
-    gradients in asynchronous buckets): parity, bytes and calls, each rank's trace and the
-    hidden fraction of its gradient communication."""
+    gradients in asynchronous buckets): parity, bytes and calls, each rank's trace, the
+    hidden fraction of its gradient communication and the step's tensor memory."""
     plan = tmp_path / "dp.plan"
     plan.write_text('mesh dp=2\nlayout input "x", input "target" { dp: S(0) }\n'
                     'layout output of "net.*" { dp: S(0) }\n')
@@ -175,6 +175,17 @@ def test_cli_run_check(tmp_path):
         summary = json.loads((tmp_path / "tl" / f"rank{r}.overlap.json").read_text())
         assert summary["async_collectives"] and 0 <= summary["hidden_fraction"] <= 1
         assert all(c["kind"] == "all_reduce" and c["alone_s"] > 0 for c in summary["async_collectives"])
+        # the profiled step's tensor memory: what was alive at its start (parameters, AdamW's
+        # state) plus its peak on top, against the plan's predicted memory per device (the
+        # cost model counts the same tensors, so not far off: a retained gathered model or
+        # activations kept past backward would be)
+        mem = summary["memory"]
+        assert mem["held_at_start"] > 0 and mem["step_extra"] > 0
+        assert mem["peak"] == mem["held_at_start"] + mem["step_extra"]
+        predicted = json.loads(next((tmp_path / "run").glob("*.plan.json")).read_text())["cost"]["memory"]["total"]
+        assert predicted / 1.5 <= mem["peak"] <= predicted * 1.5, (mem, predicted)
+    assert re.search(r"  tensor memory per rank \(held at the step's start \+ its peak on top\): 0: .*; predicted ",
+                     out.stdout), out.stdout
 
 
 

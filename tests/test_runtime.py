@@ -629,3 +629,35 @@ def test_mpi_backend_4_ranks(env):
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+def test_memory_probe_counts_live_storages_once_and_the_step_peak(tmp_path):
+    """backends/runtime/timeline.py's MemoryProbe: the storages alive at begin() (a view
+    shares its base's storage, counted once), plus the most the profiled step held on top
+    of them -- a temporary freed before the step ends still counts, a tensor freed that was
+    allocated before the step lowers the running total."""
+    import json as _json
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from autopar.backends.runtime.timeline import MemoryProbe, live_tensor_bytes
+    before = live_tensor_bytes(torch.device("cpu"))
+    keep = torch.zeros(1 << 20)                       # 4 MiB
+    view = keep[: 1 << 10]                            # same storage
+    assert live_tensor_bytes(torch.device("cpu")) - before == 4 << 20
+    probe = MemoryProbe(torch.device("cpu"))
+    probe.begin()
+    assert probe.held - before == 4 << 20
+    with profile(activities=[ProfilerActivity.CPU], **probe.profile_kwargs()) as prof:
+        tmp = torch.ones(2 << 20)                     # 8 MiB, freed inside the step
+        out = tmp * 2                                 # 8 MiB more at the peak
+        del tmp
+        total = out.sum()
+        del out, keep, view                           # allocated before the step: -4 MiB
+    path = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(path))
+    mem = probe.peak(_json.loads(path.read_text())["traceEvents"])
+    assert (16 << 20) <= mem["step_extra"] < (16 << 20) + (1 << 16)
+    assert mem["peak"] == mem["held_at_start"] + mem["step_extra"]
+    assert total.item() == 2 * (2 << 20)
