@@ -502,6 +502,11 @@ def _init_torch(axes, need, device, timeout_s) -> Mesh:
             comms[axis] = None
             continue
         mine = mesh.axis_ranks(axis)
+        if mine == list(range(world)):
+            # the axis is the whole world in rank order: the default group serves it (another
+            # group of the same ranks would only add its own connections, threads and buffers)
+            comms[axis] = TorchComm(None, mine, mesh.coord(axis))
+            continue
         for base in _slice_bases(axes, axis):
             ranks = mesh.axis_ranks(axis, base)
             g = dist.new_group(ranks)
