@@ -83,7 +83,7 @@ candidates ordered by `recompute_savings`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from math import prod
 from typing import Any, Iterable
@@ -868,13 +868,18 @@ class CostModel:
         if not schedule:
             report.exposed, report.hidden = dict(comm_axis), {a: 0.0 for a in self.axes}
             return report
+        return self.reschedule(report, zero)
+
+    def reschedule(self, report: CostReport, zero: int = 0) -> CostReport:
+        """`report` (an `evaluate` of this model) with its schedule simulated again under
+        the current `self.overlap` -- the bucket size and async TP change the schedule only,
+        not the collectives, bytes or memory `evaluate` priced (the ZeRO-3 prefetch depth
+        does change memory: this model's window was fixed when it was made), so tuning them
+        needs no new evaluation. A new report; `report` is left as it was."""
         from autopar.compiler.schedule import simulate
         sched = simulate(self, report, zero, self.overlap)
-        report.schedule = sched
-        report.exposed, report.hidden = dict(sched.exposed), dict(sched.hidden)
-        if sched.overlap:
-            report.step_time = sched.makespan
-        return report
+        return replace(report, exposed=dict(sched.exposed), hidden=dict(sched.hidden), schedule=sched,
+                       step_time=sched.makespan if sched.overlap else report.additive_time)
 
 
 # ---- annotated IR -------------------------------------------------------------------------

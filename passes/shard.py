@@ -1515,12 +1515,15 @@ def tune_buckets(cm: CostModel, strategies: dict, zero: int, report: CostReport)
     Called when the caller left the bucket size to the search; its report is returned."""
     base = dict(cm.overlap)
     best = (report.step_time, base["bucket_bytes"], report)
+    trial = dict(base)
+    if trial.get("async_tp", "auto") == "auto" and report.schedule is not None:
+        trial["async_tp"] = bool(report.schedule.async_tp)   # the ring choice stays: one simulation each
     for b in BUCKET_CHOICES:
         if b == base["bucket_bytes"]:
             continue
-        cm.overlap = {**base, "bucket_bytes": b}
-        rep = cm.evaluate(strategies, zero)
-        if rep.step_time < best[0] * (1 - 1e-3) and rep.memory["total"] <= report.memory["total"] * (1 + 1e-9):
+        cm.overlap = {**trial, "bucket_bytes": b}
+        rep = cm.reschedule(report, zero)         # the schedule only: bytes and memory stay
+        if rep.step_time < best[0] * (1 - 1e-3):
             best = (rep.step_time, b, rep)
     cm.overlap = {**base, "bucket_bytes": best[1]}
     return best[2]

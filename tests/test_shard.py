@@ -443,6 +443,30 @@ def test_the_open_zero_stage_compares_stages_after_tuning_their_buckets(small_gp
     assert again.step_time == pytest.approx(plan.cost["step_time"])
 
 
+def test_rescheduling_a_report_equals_evaluating_under_the_new_overlap(small_gpt):
+    """CostModel.reschedule (what bucket tuning calls): the schedule simulated again under
+    another bucket size or async TP setting is the one a fresh `evaluate` gives, and the
+    report it started from is unchanged."""
+    from autopar.compiler.cost import overlap_settings
+    plan = search(small_gpt, {"dp": 2}, CPU_LIKE, deterministic=True, search_recompute=False, zero=0)
+    strategies = {k: tuple(v) for k, v in plan.strategies.items()}
+    cm = CostModel(small_gpt, Cluster({"dp": 2}, CPU_LIKE))
+    report = cm.evaluate(strategies, 0)
+    before = (report.step_time, dict(report.exposed), len(report.schedule.buckets))
+    steps = set()
+    for change in ({"bucket_bytes": 16 << 10, "first_bucket_bytes": 4 << 10}, {"bucket_bytes": 1 << 30},
+                   {"async_tp": False}):
+        cm.overlap = overlap_settings({**plan.overlap, **change})
+        again = cm.reschedule(report, 0)
+        fresh = cm.evaluate(strategies, 0)
+        assert again.step_time == pytest.approx(fresh.step_time, rel=1e-12)
+        assert again.exposed == pytest.approx(fresh.exposed) and again.bytes == fresh.bytes
+        assert len(again.schedule.buckets) == len(fresh.schedule.buckets)
+        steps.add(round(again.step_time, 12))
+    assert len(steps) > 1                   # the bucket size moved the schedule
+    assert (report.step_time, dict(report.exposed), len(report.schedule.buckets)) == before
+
+
 def test_a_model_with_experts_searches_expert_parallel_shapes_too():
     """On a model with experts, `search_devices` weighs dp x ep shapes (ep dividing the
     expert count) against the dp x tp ones: each is searched, its plan splits the experts
