@@ -101,7 +101,7 @@ def torch_worker(mode: str, init: str, steps: int, stats: str, lr: float, timeli
     for step in range(steps):
         if timeline and step == steps - 1:          # the last step's tensor memory, as autopar's Timeline
             probe.begin()
-            prof = profile(activities=[ProfilerActivity.CPU], **probe.profile_kwargs())
+            prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             prof.start()
         t0 = time.perf_counter()
         loss = model(idx, targets)
@@ -114,8 +114,7 @@ def torch_worker(mode: str, init: str, steps: int, stats: str, lr: float, timeli
             os.makedirs(timeline, exist_ok=True)
             trace = os.path.join(timeline, f"rank{rank}.trace.json")
             prof.export_chrome_trace(trace)
-            with open(trace) as f:
-                memory = probe.peak(json.load(f).get("traceEvents", []))
+            memory = probe.peak(trace)
             prof = None
         value = loss.detach().clone()
         if mode in ("ddp", "fsdp"):

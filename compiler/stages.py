@@ -382,11 +382,12 @@ def price_pipeline(plan, graph, profile, base: dict | None = None) -> dict:
     slowest = max(r["time"] for r in rows)
     # the fill / drain path crosses every cut between chunks, forward and backward; then each
     # rank steps the parameters it holds
-    step = slowest * (1 + bubble) + 2 * (p * v - 1) * p2p + tied_t + max(r["optimizer"] for r in rows)
+    opt_t = max(r["optimizer"] for r in rows)
+    step = slowest * (1 + bubble) + 2 * (p * v - 1) * p2p + tied_t + opt_t
     out = {"schedule": pp["schedule"], "virtual": v, "stages": p, "microbatches": m, "bubble": bubble,
            "blocks": pp.get("blocks"), "pinned": list(pp.get("pinned", [])),
            "stage_rows": rows, "p2p_per_microbatch": p2p, "boundary_bytes": cut_bytes,
-           "tied_all_reduce": tied_t, "unpipelined_step": pp["unpipelined_step"], "step_time": step,
+           "tied_all_reduce": tied_t, "optimizer_step": opt_t, "unpipelined_step": pp["unpipelined_step"], "step_time": step,
            "microbatches_tried": pp.get("microbatches_tried")}
     plan.cost["pipeline"] = out
     plan.cost["step_time"] = step
@@ -439,7 +440,7 @@ def pipeline_lines(c: dict) -> list[str]:
     out.append(f"  step = slowest stage x (1 + bubble) + {'2(pv-1)' if v > 1 else '2(p-1)'} sends of {format_bytes(c['boundary_bytes'])} "
                f"({format_time(c['p2p_per_microbatch'])} each) + tied-weight all_reduce "
                f"{format_time(c['tied_all_reduce'])} + optimizer step "
-               f"{format_time(max((r.get('optimizer', 0.0) for r in c['stage_rows']), default=0.0))} "
+               f"{format_time(c.get('optimizer_step', 0.0))} "
                f"= {format_time(c['step_time'])}")
     return out
 

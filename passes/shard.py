@@ -1195,7 +1195,7 @@ def search_fixed(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfil
     # solutions before it, by the simulated makespan
     exact = {}
     reranked = 0
-    stage_best = []             # per ZeRO stage: (result, strategies, report, tables, overlap)
+    stage_best = []             # per ZeRO stage: [result, strategies, report, tables, bucket bytes]
     for r, t in ok:
         top = None
         for k, choice in enumerate([r.choice] + r.alternatives):
@@ -1207,21 +1207,20 @@ def search_fixed(graph: Graph, mesh: dict[str, int] | str, profile: DeviceProfil
             if top is None or better(report, top[2], objective):
                 if k:
                     reranked += 1
-                top = (r, strategies, report, t, dict(cm.overlap))
+                top = [r, strategies, report, t, cm.overlap["bucket_bytes"]]
         stage_best.append(top)
     if objective == "time" and cm.overlapped and not (isinstance(overlap, dict) and "bucket_bytes" in overlap):
         # the bucket size is tuned on each stage's best before the stages are compared: a
         # size that suits ZeRO-0's all-reduces can beat ZeRO-3 that DDP's 25 MiB lost to
-        base = dict(cm.overlap)
-        for i, (r, strategies, report, t, _) in enumerate(stage_best):
-            cm.overlap = dict(base)
-            stage_best[i] = (r, strategies, tune_buckets(cm, strategies, r.zero, report), t, dict(cm.overlap))
-            exact[r.zero] = stage_best[i][2].step_time
+        for cand in stage_best:
+            cand[2], cand[4] = tune_buckets(cm, cand[0].zero, cand[2])
+            exact[cand[0].zero] = cand[2].step_time
     best = None
     for cand in stage_best:
         if best is None or better(cand[2], best[2], objective):
             best = cand
-    r, strategies, report, tab, cm.overlap = best
+    r, strategies, report, tab, bucket_bytes = best
+    cm.overlap = {**cm.overlap, "bucket_bytes": bucket_bytes}
     chosen_zero = r.zero
     d = cm.dp_index()
     if chosen_zero == 3 and not any(strategies[m.key][d] is not None for m in cm.members
@@ -1509,10 +1508,11 @@ def better(a: CostReport, b: CostReport, objective: str) -> bool:
 BUCKET_CHOICES = (25 << 20, 50 << 20, 100 << 20, 200 << 20)
 
 
-def tune_buckets(cm: CostModel, strategies: dict, zero: int, report: CostReport) -> CostReport:
-    """The plan's schedule under each of BUCKET_CHOICES; the fastest (by more than 0.1%, so
-    that a tie keeps DDP's size) becomes `cm.overlap["bucket_bytes"]`, the plan's setting.
-    Called when the caller left the bucket size to the search; its report is returned."""
+def tune_buckets(cm: CostModel, zero: int, report: CostReport) -> tuple[CostReport, int]:
+    """The plan's schedule (`report`, an evaluation under `cm.overlap`) under each of
+    BUCKET_CHOICES: (the fastest's report, its bucket size) -- faster by more than 0.1%, so
+    that a tie keeps DDP's size. For a caller that left the bucket size to the search;
+    `cm.overlap` is left as it was."""
     base = dict(cm.overlap)
     best = (report.step_time, base["bucket_bytes"], report)
     trial = dict(base)
@@ -1525,8 +1525,8 @@ def tune_buckets(cm: CostModel, strategies: dict, zero: int, report: CostReport)
         rep = cm.reschedule(report, zero)         # the schedule only: bytes and memory stay
         if rep.step_time < best[0] * (1 - 1e-3):
             best = (rep.step_time, b, rep)
-    cm.overlap = {**base, "bucket_bytes": best[1]}
-    return best[2]
+    cm.overlap = base
+    return best[2], best[1]
 
 
 def make_plan(graph: Graph, cm: CostModel, strategies: dict[str, Strategy], report: CostReport,

@@ -636,7 +636,6 @@ def test_memory_probe_counts_live_storages_once_and_the_step_peak(tmp_path):
     shares its base's storage, counted once), plus the most the profiled step held on top
     of them -- a temporary freed before the step ends still counts, a tensor freed that was
     allocated before the step lowers the running total."""
-    import json as _json
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -649,7 +648,7 @@ def test_memory_probe_counts_live_storages_once_and_the_step_peak(tmp_path):
     probe = MemoryProbe(torch.device("cpu"))
     probe.begin()
     assert probe.held - before == 4 << 20
-    with profile(activities=[ProfilerActivity.CPU], **probe.profile_kwargs()) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         tmp = torch.ones(2 << 20)                     # 8 MiB, freed inside the step
         out = tmp * 2                                 # 8 MiB more at the peak
         del tmp
@@ -657,7 +656,7 @@ def test_memory_probe_counts_live_storages_once_and_the_step_peak(tmp_path):
         del out, keep, view                           # allocated before the step: -4 MiB
     path = tmp_path / "trace.json"
     prof.export_chrome_trace(str(path))
-    mem = probe.peak(_json.loads(path.read_text())["traceEvents"])
+    mem = probe.peak(str(path))
     assert (16 << 20) <= mem["step_extra"] < (16 << 20) + (1 << 16)
     assert mem["peak"] == mem["held_at_start"] + mem["step_extra"]
     assert total.item() == 2 * (2 << 20)

@@ -425,9 +425,9 @@ def test_the_open_zero_stage_compares_stages_after_tuning_their_buckets(small_gp
     tuned = []
     real = shard.tune_buckets
 
-    def recording(cm, strategies, zero, report):
+    def recording(cm, zero, report):
         tuned.append(zero)
-        return real(cm, strategies, zero, report)
+        return real(cm, zero, report)
     monkeypatch.setattr(shard, "tune_buckets", recording)
     mesh = {"dp": 2}
     plan = search(small_gpt, mesh, CPU_LIKE, deterministic=True, search_recompute=False)

@@ -55,12 +55,14 @@ def live_tensor_bytes(device: torch.device) -> int:
 
 class MemoryProbe:
     """The peak tensor memory of one step: `begin()` before it (counts what is alive, on CUDA
-    resets the allocator's peak), `profile_kwargs()` for the torch.profiler around it, and
-    `peak(trace_events)` after it, from the CPU profiler's memory events."""
+    resets the allocator's peak), a torch.profiler with profile_memory=True around it, and
+    `peak(trace_path)` after it, from the Chrome trace the profiler exported (its CPU
+    memory events)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.held = 0
+        self._cuda_start = 0
 
     def begin(self) -> None:
         self.held = live_tensor_bytes(self.device)
@@ -69,18 +71,16 @@ class MemoryProbe:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._cuda_start = torch.cuda.memory_allocated(self.device)
 
-    @staticmethod
-    def profile_kwargs() -> dict:
-        return {"profile_memory": True}
-
-    def peak(self, trace_events: list[dict]) -> dict:
+    def peak(self, trace_path: str) -> dict:
         """{"held_at_start", "step_extra", "peak"} in bytes. CPU: the profiler's "Total
         Allocated" counts from the profile's start (tensors freed that were allocated
         before it count negative), so its maximum is what the step added at its peak."""
         if self.device.type == "cuda":
             extra = max(0, torch.cuda.max_memory_allocated(self.device) - self._cuda_start)
         else:
-            totals = [e["args"]["Total Allocated"] for e in trace_events
+            with open(trace_path) as f:
+                events = json.load(f).get("traceEvents", [])
+            totals = [e["args"]["Total Allocated"] for e in events
                       if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
             extra = max([0] + totals)
         return {"held_at_start": self.held, "step_extra": extra, "peak": self.held + extra}
@@ -109,7 +109,7 @@ class Timeline:
         if self.mesh.device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
         self.memory.begin()
-        self.prof = profile(activities=activities, **self.memory.profile_kwargs())
+        self.prof = profile(activities=activities, profile_memory=True)
         self.prof.start()
         self._t0 = time.perf_counter()
 
@@ -145,8 +145,7 @@ class Timeline:
         r = self.mesh.rank
         trace_path = os.path.join(self.dir, f"rank{r}.trace.json")
         self.prof.export_chrome_trace(trace_path)
-        with open(trace_path) as f:
-            memory = self.memory.peak(json.load(f).get("traceEvents", []))
+        memory = self.memory.peak(trace_path)
         rows = []
         for e in self.log:                       # every rank logged the same sequence
             rows.append({**{k: e[k] for k in ("kind", "axis", "what", "shape", "dtype")},
